@@ -1,0 +1,94 @@
+use harbor_types::{Generation, LogIndex, NodeId, ShardId, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// One log entry. An empty payload is a barrier (a new leader's first entry):
+/// it commits the earlier generations' entries and changes no state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub index: LogIndex,
+    pub generation: Generation,
+    /// The leader's HLC time when it ordered the entry. The state machine
+    /// uses it as "now" (hold expiry), so apply stays deterministic.
+    pub at: Timestamp,
+    pub payload: Vec<u8>,
+}
+
+impl Entry {
+    pub fn is_barrier(&self) -> bool {
+        self.payload.is_empty()
+    }
+}
+
+/// What a snapshot covers: every entry up to and including `last_index`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub last_index: LogIndex,
+    pub last_generation: Generation,
+}
+
+/// Replication messages between the replicas of one group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    Append(Append),
+    AppendAck(AppendAck),
+    InstallSnapshot(InstallSnapshot),
+}
+
+impl Message {
+    pub fn generation(&self) -> Generation {
+        match self {
+            Message::Append(m) => m.generation,
+            Message::AppendAck(m) => m.generation,
+            Message::InstallSnapshot(m) => m.generation,
+        }
+    }
+
+    pub fn shard(&self) -> ShardId {
+        match self {
+            Message::Append(m) => m.shard,
+            Message::AppendAck(m) => m.shard,
+            Message::InstallSnapshot(m) => m.shard,
+        }
+    }
+}
+
+/// Leader → follower: entries after `prev_index` (possibly none: a heartbeat).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Append {
+    pub shard: ShardId,
+    pub generation: Generation,
+    pub leader: NodeId,
+    pub prev_index: LogIndex,
+    pub prev_generation: Generation,
+    pub entries: Vec<Entry>,
+    pub commit_index: LogIndex,
+    /// Closed timestamp: the leader will order no new entry at or below this
+    /// time, and every entry at or below it has index <= `leader_last_index`.
+    pub closed: Timestamp,
+    pub leader_last_index: LogIndex,
+}
+
+/// Follower → leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendAck {
+    pub shard: ShardId,
+    /// The follower's generation; a newer one than the leader's fences it.
+    pub generation: Generation,
+    pub success: bool,
+    /// Durable on the follower and known to match the leader's log.
+    pub match_index: LogIndex,
+    /// On failure: the highest index known to match; resend after it.
+    pub hint: LogIndex,
+}
+
+/// Leader → follower too far behind the leader's in-memory log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallSnapshot {
+    pub shard: ShardId,
+    pub generation: Generation,
+    pub leader: NodeId,
+    pub meta: SnapshotMeta,
+    pub data: Vec<u8>,
+    pub commit_index: LogIndex,
+    pub closed: Timestamp,
+}

@@ -1,0 +1,893 @@
+use std::collections::{BTreeMap, VecDeque};
+
+use harbor_types::{Generation, Hlc, LogIndex, NodeId, Timestamp};
+use serde::Serialize;
+
+use crate::config::{Config, Member};
+use crate::message::{Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotMeta};
+
+/// What the runtime must do, in the order given.
+///
+/// Ordering rules (the runtime keeps them, the simulator checks them):
+/// - `PersistGeneration` and `PersistSnapshot` are durable when executed
+///   (before the next effect runs): a replica must never ack in a generation
+///   it could forget, or claim a snapshot it does not hold.
+/// - `Persist` is buffered; it becomes durable at the next fsync, after which
+///   the runtime calls [`Replica::persisted`] with the last entry written.
+///   Nothing is acknowledged to a client or a leader before that.
+/// - `Send` may go out before earlier `Persist` effects are durable: a leader
+///   streams entries to followers while its own fsync runs.
+/// - `Commit` means every entry up to `upto` is committed: apply them in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    PersistGeneration(Generation),
+    Persist {
+        truncate_from: Option<LogIndex>,
+        entries: Vec<Entry>,
+    },
+    PersistSnapshot {
+        meta: SnapshotMeta,
+        data: Vec<u8>,
+    },
+    Send {
+        to: NodeId,
+        message: Message,
+    },
+    Commit {
+        upto: LogIndex,
+    },
+    /// A follower is behind the in-memory log: the runtime builds a snapshot
+    /// of the state machine and hands it to [`Replica::send_snapshot`].
+    SnapshotNeeded {
+        to: NodeId,
+    },
+    /// This replica was leader and learned of a newer generation: proposals
+    /// it had not committed have an unknown outcome now.
+    SteppedDown {
+        generation: Generation,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Leader,
+    Follower,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader of generation {generation}; leader is {leader:?}")]
+    NotLeader {
+        generation: Generation,
+        leader: Option<NodeId>,
+    },
+    #[error("remote follower {node} is {lag_ms} ms behind, over the RPO budget of {budget_ms} ms")]
+    RpoBudgetExceeded {
+        node: NodeId,
+        lag_ms: u64,
+        budget_ms: u64,
+    },
+    #[error("{uncommitted} entries are waiting to commit (limit {max})")]
+    Overloaded { uncommitted: u64, max: u64 },
+    #[error("entry of {bytes} bytes is over the limit of {max}")]
+    TooLarge { bytes: usize, max: usize },
+}
+
+/// What a replica recovered from its WAL.
+#[derive(Clone, Debug, Default)]
+pub struct Recovered {
+    pub generation: Generation,
+    pub snapshot: SnapshotMeta,
+    /// Durable entries after the snapshot, contiguous.
+    pub entries: Vec<Entry>,
+}
+
+/// The leader's view of one follower.
+#[derive(Clone, Debug)]
+struct Progress {
+    local: bool,
+    /// Durable on the follower and matching the leader's log.
+    match_index: LogIndex,
+    /// Next entry to send. `next_index - 1 - match_index` entries are in flight.
+    next_index: LogIndex,
+    last_sent_ms: u64,
+    last_ack_ms: Option<u64>,
+    /// When `match_index` last advanced (or a retransmit started).
+    last_progress_ms: u64,
+    snapshot_pending: bool,
+    /// The commit index in the last message sent.
+    sent_commit: LogIndex,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FollowerStatus {
+    pub node: NodeId,
+    pub local: bool,
+    pub match_index: LogIndex,
+    pub lag_entries: u64,
+    pub lag_ms: u64,
+    pub last_ack_ms_ago: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaStatus {
+    pub role: Role,
+    pub generation: Generation,
+    pub leader: Option<NodeId>,
+    pub last_index: LogIndex,
+    pub durable_index: LogIndex,
+    pub commit_index: LogIndex,
+    pub followers: Vec<FollowerStatus>,
+    /// Follower side: the newest closed timestamp heard from the leader and
+    /// the leader's last index when it was sent.
+    pub closed: Option<(Timestamp, LogIndex)>,
+}
+
+/// One replica of one group.
+pub struct Replica {
+    config: Config,
+    members: Vec<Member>,
+    role: Role,
+    /// The newest generation made durable here. Invariant: never decreases.
+    generation: Generation,
+    leader: Option<NodeId>,
+    hlc: Hlc,
+
+    /// Entries up to `compacted.last_index` are dropped from memory; they are
+    /// committed and covered by a state-machine snapshot.
+    compacted: SnapshotMeta,
+    /// Entries `compacted.last_index + 1 ..= last_index()`.
+    entries: VecDeque<Entry>,
+    /// Entries up to here are durable locally. Invariant: <= last_index().
+    durable: LogIndex,
+    /// Invariant: commit <= durable on a follower; on the leader commit <=
+    /// durable as well (the leader counts itself only once durable).
+    commit: LogIndex,
+
+    // Follower side.
+    /// Highest index known to match the current leader's log.
+    leader_matched: LogIndex,
+    leader_commit: LogIndex,
+    closed: Option<(Timestamp, LogIndex)>,
+
+    // Leader side.
+    progress: BTreeMap<NodeId, Progress>,
+    /// First leader entry not yet handed to the runtime in a `Persist`.
+    unflushed_from: Option<LogIndex>,
+
+    effects: Vec<Effect>,
+}
+
+impl Replica {
+    /// A replica restarted from its WAL. It is a follower without a leader
+    /// until the metadata plane names one.
+    pub fn new(config: Config, members: Vec<Member>, recovered: Recovered) -> Replica {
+        if let Err(e) = config.validate(&members) {
+            panic!("invalid replica config for {}: {e}", config.shard);
+        }
+        let mut expect = recovered.snapshot.last_index;
+        for entry in &recovered.entries {
+            expect = expect.next();
+            assert_eq!(entry.index, expect, "recovered log is not contiguous");
+            assert!(
+                entry.generation <= recovered.generation,
+                "entry {} of generation {} is newer than the durable generation {}",
+                entry.index,
+                entry.generation,
+                recovered.generation
+            );
+        }
+        let last = expect;
+        let mut hlc = Hlc::new();
+        if let Some(entry) = recovered.entries.last() {
+            hlc.observe(entry.at);
+        }
+        Replica {
+            config,
+            members,
+            role: Role::Follower,
+            generation: recovered.generation,
+            leader: None,
+            hlc,
+            compacted: recovered.snapshot,
+            entries: recovered.entries.into(),
+            durable: last,
+            commit: recovered.snapshot.last_index,
+            leader_matched: recovered.snapshot.last_index,
+            leader_commit: recovered.snapshot.last_index,
+            closed: None,
+            progress: BTreeMap::new(),
+            unflushed_from: None,
+            effects: Vec::new(),
+        }
+    }
+
+    // ----- Accessors -------------------------------------------------------
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    pub fn leader(&self) -> Option<&NodeId> {
+        self.leader.as_ref()
+    }
+
+    pub fn commit_index(&self) -> LogIndex {
+        self.commit
+    }
+
+    pub fn durable_index(&self) -> LogIndex {
+        self.durable
+    }
+
+    pub fn last_index(&self) -> LogIndex {
+        LogIndex(self.compacted.last_index.0 + self.entries.len() as u64)
+    }
+
+    pub fn compacted(&self) -> SnapshotMeta {
+        self.compacted
+    }
+
+    /// The entry at `index`, if it is still in memory.
+    pub fn entry(&self, index: LogIndex) -> Option<&Entry> {
+        if index <= self.compacted.last_index {
+            return None;
+        }
+        let offset = (index.0 - self.compacted.last_index.0 - 1) as usize;
+        let entry = self.entries.get(offset)?;
+        assert_eq!(entry.index, index, "in-memory log is misindexed");
+        Some(entry)
+    }
+
+    /// Entries `from ..= to` still in memory.
+    pub fn entries(&self, from: LogIndex, to: LogIndex) -> impl Iterator<Item = &Entry> {
+        let start = from.0.max(self.compacted.last_index.0 + 1);
+        (start..=to.0).map_while(move |i| self.entry(LogIndex(i)))
+    }
+
+    /// The generation of the entry at `index`, when known.
+    pub fn generation_at(&self, index: LogIndex) -> Option<Generation> {
+        if index == self.compacted.last_index {
+            return Some(self.compacted.last_generation);
+        }
+        self.entry(index).map(|e| e.generation)
+    }
+
+    pub fn status(&self, now_ms: u64) -> ReplicaStatus {
+        let followers = self
+            .progress
+            .iter()
+            .map(|(node, p)| FollowerStatus {
+                node: node.clone(),
+                local: p.local,
+                match_index: p.match_index,
+                lag_entries: p.match_index.distance_to(self.last_index()),
+                lag_ms: self.lag_ms(p, now_ms),
+                last_ack_ms_ago: p.last_ack_ms.map(|t| now_ms.saturating_sub(t)),
+            })
+            .collect();
+        ReplicaStatus {
+            role: self.role,
+            generation: self.generation,
+            leader: self.leader.clone(),
+            last_index: self.last_index(),
+            durable_index: self.durable,
+            commit_index: self.commit,
+            followers,
+            closed: self.closed,
+        }
+    }
+
+    /// Effects produced since the last drain, in execution order.
+    pub fn drain_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    // ----- Generations -----------------------------------------------------
+
+    /// The metadata plane named this replica leader of `generation`.
+    pub fn become_leader(&mut self, now_ms: u64, generation: Generation) {
+        assert!(
+            generation > self.generation,
+            "{}: leader of generation {generation} must be newer than the known {}",
+            self.config.shard,
+            self.generation
+        );
+        if self.role == Role::Leader {
+            self.step_down(generation);
+        }
+        self.adopt_generation(generation, Some(self.config.me.clone()));
+        self.role = Role::Leader;
+        let last = self.last_index();
+        self.progress = self
+            .members
+            .iter()
+            .filter(|m| m.node != self.config.me)
+            .map(|m| {
+                let p = Progress {
+                    local: m.local,
+                    match_index: LogIndex::ZERO,
+                    next_index: last.next(),
+                    last_sent_ms: now_ms,
+                    last_ack_ms: None,
+                    last_progress_ms: now_ms,
+                    snapshot_pending: false,
+                    sent_commit: LogIndex::ZERO,
+                };
+                (m.node.clone(), p)
+            })
+            .collect();
+        // The barrier commits everything earlier generations left behind.
+        self.append_local(now_ms, Vec::new());
+        self.flush(now_ms);
+    }
+
+    /// The metadata plane named `leader` for `generation`.
+    pub fn become_follower(&mut self, generation: Generation, leader: NodeId) {
+        assert!(
+            generation >= self.generation,
+            "{}: cannot follow generation {generation}, already at {}",
+            self.config.shard,
+            self.generation
+        );
+        assert_ne!(leader, self.config.me, "use become_leader to lead");
+        if generation > self.generation {
+            if self.role == Role::Leader {
+                self.step_down(generation);
+            }
+            self.adopt_generation(generation, Some(leader));
+        } else {
+            self.leader = Some(leader);
+        }
+    }
+
+    fn adopt_generation(&mut self, generation: Generation, leader: Option<NodeId>) {
+        assert!(generation > self.generation);
+        self.generation = generation;
+        self.leader = leader;
+        // Only the committed prefix is known to be in every later leader's log.
+        self.leader_matched = self.commit;
+        self.closed = None;
+        self.effects.push(Effect::PersistGeneration(generation));
+    }
+
+    fn step_down(&mut self, newer: Generation) {
+        assert_eq!(self.role, Role::Leader);
+        self.role = Role::Follower;
+        self.progress.clear();
+        self.leader_matched = self.commit;
+        if self.unflushed_from.is_some() {
+            // Entries still unflushed must reach the WAL: the runtime's
+            // in-memory log and its WAL must agree.
+            self.flush_persist();
+        }
+        self.effects.push(Effect::SteppedDown { generation: newer });
+    }
+
+    // ----- Leader: proposals -----------------------------------------------
+
+    /// Orders `payload` into the log. The entry is not durable, not sent and
+    /// not committed yet: call [`Replica::flush`] after a batch of proposals
+    /// (group commit), then wait for `Commit`.
+    pub fn propose(&mut self, now_ms: u64, payload: Vec<u8>) -> Result<LogIndex, ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader {
+                generation: self.generation,
+                leader: self.leader.clone(),
+            });
+        }
+        assert!(!payload.is_empty(), "an empty payload is a barrier, not a proposal");
+        if payload.len() > self.config.entry_bytes_max {
+            return Err(ProposeError::TooLarge {
+                bytes: payload.len(),
+                max: self.config.entry_bytes_max,
+            });
+        }
+        let uncommitted = self.commit.distance_to(self.last_index());
+        if uncommitted >= self.config.uncommitted_entries_max {
+            return Err(ProposeError::Overloaded {
+                uncommitted,
+                max: self.config.uncommitted_entries_max,
+            });
+        }
+        for (node, p) in &self.progress {
+            if p.local {
+                continue;
+            }
+            let lag_ms = self.lag_ms(p, now_ms);
+            if lag_ms > self.config.rpo_budget_ms {
+                return Err(ProposeError::RpoBudgetExceeded {
+                    node: node.clone(),
+                    lag_ms,
+                    budget_ms: self.config.rpo_budget_ms,
+                });
+            }
+        }
+        Ok(self.append_local(now_ms, payload))
+    }
+
+    fn append_local(&mut self, now_ms: u64, payload: Vec<u8>) -> LogIndex {
+        assert_eq!(self.role, Role::Leader);
+        let index = self.last_index().next();
+        let entry = Entry {
+            index,
+            generation: self.generation,
+            at: self.hlc.now(now_ms),
+            payload,
+        };
+        self.entries.push_back(entry);
+        self.unflushed_from.get_or_insert(index);
+        index
+    }
+
+    /// Hands the entries proposed since the last flush to the WAL (one
+    /// `Persist`, so one fsync for the batch), streams them to followers, and
+    /// tells followers a commit index they have not heard yet. The runtime
+    /// calls it once per batch of inputs, so a burst costs one message per
+    /// follower, not one per proposal or ack.
+    pub fn flush(&mut self, now_ms: u64) {
+        if self.role != Role::Leader {
+            return;
+        }
+        self.flush_persist();
+        let last = self.last_index();
+        let nodes: Vec<NodeId> = self.progress.keys().cloned().collect();
+        for node in nodes {
+            let p = &self.progress[&node];
+            let news = p.next_index <= last || p.sent_commit < self.commit;
+            if news && !p.snapshot_pending {
+                self.send_append(now_ms, &node);
+            }
+        }
+    }
+
+    fn flush_persist(&mut self) {
+        if let Some(from) = self.unflushed_from.take() {
+            let entries: Vec<Entry> = self.entries(from, self.last_index()).cloned().collect();
+            assert!(!entries.is_empty());
+            self.effects.push(Effect::Persist {
+                truncate_from: None,
+                entries,
+            });
+        }
+    }
+
+    fn send_append(&mut self, now_ms: u64, to: &NodeId) {
+        assert_eq!(self.role, Role::Leader);
+        let last = self.last_index();
+        let p = self.progress.get_mut(to).expect("unknown follower");
+        if p.next_index <= self.compacted.last_index {
+            if !p.snapshot_pending {
+                p.snapshot_pending = true;
+                p.last_sent_ms = now_ms;
+                self.effects.push(Effect::SnapshotNeeded { to: to.clone() });
+            }
+            return;
+        }
+        let inflight = p.match_index.distance_to(p.next_index.prev());
+        let room = self.config.inflight_entries_max.saturating_sub(inflight);
+        let count_max = (self.config.append_entries_max as u64).min(room);
+        let prev_index = p.next_index.prev();
+        let prev_generation = match prev_index {
+            i if i == self.compacted.last_index => self.compacted.last_generation,
+            i => {
+                let offset = (i.0 - self.compacted.last_index.0 - 1) as usize;
+                self.entries[offset].generation
+            }
+        };
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        let mut index = p.next_index;
+        while index <= last && (batch.len() as u64) < count_max {
+            let offset = (index.0 - self.compacted.last_index.0 - 1) as usize;
+            let entry = &self.entries[offset];
+            if !batch.is_empty() && bytes + entry.payload.len() > self.config.append_bytes_max {
+                break;
+            }
+            bytes += entry.payload.len();
+            batch.push(entry.clone());
+            index = index.next();
+        }
+        p.next_index = index;
+        p.last_sent_ms = now_ms;
+        p.sent_commit = self.commit;
+        let message = Message::Append(Append {
+            shard: self.config.shard,
+            generation: self.generation,
+            leader: self.config.me.clone(),
+            prev_index,
+            prev_generation,
+            entries: batch,
+            commit_index: self.commit,
+            closed: self.hlc.now(now_ms),
+            leader_last_index: last,
+        });
+        self.effects.push(Effect::Send {
+            to: to.clone(),
+            message,
+        });
+    }
+
+    /// Sends a state-machine snapshot the runtime built after `SnapshotNeeded`.
+    pub fn send_snapshot(&mut self, now_ms: u64, to: &NodeId, meta: SnapshotMeta, data: Vec<u8>) {
+        if self.role != Role::Leader {
+            return;
+        }
+        assert!(
+            meta.last_index <= self.commit,
+            "snapshot at {} is past the commit index {}",
+            meta.last_index,
+            self.commit
+        );
+        let Some(p) = self.progress.get_mut(to) else {
+            return;
+        };
+        p.next_index = meta.last_index.next();
+        p.last_sent_ms = now_ms;
+        let message = Message::InstallSnapshot(InstallSnapshot {
+            shard: self.config.shard,
+            generation: self.generation,
+            leader: self.config.me.clone(),
+            meta,
+            data,
+            commit_index: self.commit,
+            closed: self.hlc.now(now_ms),
+        });
+        self.effects.push(Effect::Send {
+            to: to.clone(),
+            message,
+        });
+    }
+
+    fn lag_ms(&self, p: &Progress, now_ms: u64) -> u64 {
+        if p.match_index >= self.last_index() {
+            return 0;
+        }
+        // The age of the oldest entry the follower does not hold durably.
+        let oldest_missing = self
+            .entry(p.match_index.next())
+            .or_else(|| self.entries.front());
+        oldest_missing
+            .map(|e| now_ms.saturating_sub(e.at.wall_ms))
+            .unwrap_or(0)
+    }
+
+    fn maybe_commit(&mut self) {
+        assert_eq!(self.role, Role::Leader);
+        let mut acks: Vec<LogIndex> = self
+            .progress
+            .values()
+            .filter(|p| p.local)
+            .map(|p| p.match_index)
+            .collect();
+        acks.sort_unstable_by(|a, b| b.cmp(a));
+        let candidate = match self.config.sync_acks {
+            0 => self.durable,
+            n => self.durable.min(acks[n - 1]),
+        };
+        // Like Raft, only an entry of our own generation commits by counting;
+        // earlier entries commit with it.
+        if candidate > self.commit && self.generation_at(candidate) == Some(self.generation) {
+            self.commit = candidate;
+            self.effects.push(Effect::Commit { upto: candidate });
+        }
+    }
+
+    // ----- Durability ------------------------------------------------------
+
+    /// The runtime made everything up to `index` (an entry of `generation`)
+    /// durable. Stale reports (the entry was truncated since) are ignored.
+    pub fn persisted(&mut self, now_ms: u64, index: LogIndex, generation: Generation) {
+        if index <= self.durable || self.generation_at(index) != Some(generation) {
+            return;
+        }
+        assert!(index <= self.last_index());
+        self.durable = index;
+        match self.role {
+            Role::Leader => self.maybe_commit(),
+            Role::Follower => {
+                self.follower_advance_commit();
+                self.ack_leader(true);
+            }
+        }
+        let _ = now_ms;
+    }
+
+    // ----- Messages --------------------------------------------------------
+
+    pub fn receive(&mut self, now_ms: u64, from: &NodeId, message: Message) {
+        assert_eq!(message.shard(), self.config.shard, "message for another shard");
+        match message {
+            Message::Append(m) => self.on_append(now_ms, m),
+            Message::AppendAck(m) => self.on_ack(now_ms, from, m),
+            Message::InstallSnapshot(m) => self.on_install_snapshot(m),
+        }
+    }
+
+    /// Common fencing for leader → follower messages. Returns false when the
+    /// message must be refused.
+    fn accept_from_leader(&mut self, generation: Generation, leader: &NodeId) -> bool {
+        if generation < self.generation {
+            // Fenced: tell the old leader about the newer generation.
+            self.effects.push(Effect::Send {
+                to: leader.clone(),
+                message: Message::AppendAck(AppendAck {
+                    shard: self.config.shard,
+                    generation: self.generation,
+                    success: false,
+                    match_index: LogIndex::ZERO,
+                    hint: LogIndex::ZERO,
+                }),
+            });
+            return false;
+        }
+        if generation > self.generation {
+            if self.role == Role::Leader {
+                self.step_down(generation);
+            }
+            self.adopt_generation(generation, Some(leader.clone()));
+        }
+        assert!(
+            !(self.role == Role::Leader && *leader != self.config.me),
+            "{}: two leaders in generation {generation}: {} and {leader}",
+            self.config.shard,
+            self.config.me
+        );
+        self.leader = Some(leader.clone());
+        true
+    }
+
+    fn on_append(&mut self, _now_ms: u64, m: Append) {
+        if !self.accept_from_leader(m.generation, &m.leader) {
+            return;
+        }
+        self.hlc.observe(m.closed);
+        let mut prev_index = m.prev_index;
+        let mut prev_generation = m.prev_generation;
+        let mut entries = m.entries;
+        // Entries at or below our compaction point are committed, hence match.
+        if prev_index < self.compacted.last_index {
+            let skip = entries
+                .iter()
+                .take_while(|e| e.index <= self.compacted.last_index)
+                .count();
+            entries.drain(..skip);
+            prev_index = self.compacted.last_index;
+            prev_generation = self.compacted.last_generation;
+            if let Some(first) = entries.first() {
+                assert_eq!(first.index, prev_index.next());
+            }
+        }
+        if prev_index > self.last_index() || self.generation_at(prev_index) != Some(prev_generation)
+        {
+            assert!(
+                prev_index > self.commit || prev_index > self.last_index(),
+                "{}: committed entry {prev_index} conflicts with the leader's log",
+                self.config.shard
+            );
+            self.ack_leader(false);
+            return;
+        }
+        // After this message our log matches the leader's through its last
+        // entry (or through prev_index for a heartbeat).
+        let matched = entries.last().map_or(prev_index, |e| e.index);
+        let mut truncate_from = None;
+        let mut appended = Vec::new();
+        for entry in entries {
+            if entry.index <= self.last_index() {
+                if self.generation_at(entry.index) == Some(entry.generation) {
+                    continue;
+                }
+                assert!(
+                    entry.index > self.commit,
+                    "{}: truncating committed entry {} (commit {})",
+                    self.config.shard,
+                    entry.index,
+                    self.commit
+                );
+                self.truncate_from(entry.index);
+                truncate_from = Some(entry.index);
+            }
+            assert_eq!(entry.index, self.last_index().next());
+            self.entries.push_back(entry.clone());
+            appended.push(entry);
+        }
+        self.leader_matched = self.leader_matched.max(matched);
+        assert!(self.leader_matched <= self.last_index());
+        self.leader_commit = self.leader_commit.max(m.commit_index);
+        self.closed = Some((m.closed, m.leader_last_index));
+        let persisting = truncate_from.is_some() || !appended.is_empty();
+        if persisting {
+            self.effects.push(Effect::Persist {
+                truncate_from,
+                entries: appended,
+            });
+        }
+        self.follower_advance_commit();
+        if !persisting {
+            self.ack_leader(true);
+        }
+    }
+
+    fn truncate_from(&mut self, from: LogIndex) {
+        assert!(from > self.commit, "truncating committed entries");
+        assert!(from > self.compacted.last_index);
+        let keep = (from.0 - self.compacted.last_index.0 - 1) as usize;
+        self.entries.truncate(keep);
+        self.durable = self.durable.min(from.prev());
+        self.leader_matched = self.leader_matched.min(from.prev());
+    }
+
+    fn follower_advance_commit(&mut self) {
+        let candidate = self.leader_commit.min(self.leader_matched).min(self.durable);
+        if candidate > self.commit {
+            self.commit = candidate;
+            self.effects.push(Effect::Commit { upto: candidate });
+        }
+    }
+
+    fn ack_leader(&mut self, success: bool) {
+        let Some(leader) = self.leader.clone() else {
+            return;
+        };
+        if leader == self.config.me {
+            return;
+        }
+        self.effects.push(Effect::Send {
+            to: leader,
+            message: Message::AppendAck(AppendAck {
+                shard: self.config.shard,
+                generation: self.generation,
+                success,
+                match_index: self.durable.min(self.leader_matched),
+                hint: self.leader_matched,
+            }),
+        });
+    }
+
+    fn on_install_snapshot(&mut self, m: InstallSnapshot) {
+        if !self.accept_from_leader(m.generation, &m.leader) {
+            return;
+        }
+        self.hlc.observe(m.closed);
+        self.leader_commit = self.leader_commit.max(m.commit_index);
+        if m.meta.last_index <= self.commit {
+            self.ack_leader(true);
+            return;
+        }
+        // Replace the log: the snapshot covers committed entries we lack.
+        self.entries.clear();
+        self.compacted = m.meta;
+        self.durable = m.meta.last_index;
+        self.commit = m.meta.last_index;
+        self.leader_matched = m.meta.last_index;
+        self.effects.push(Effect::PersistSnapshot {
+            meta: m.meta,
+            data: m.data,
+        });
+        self.ack_leader(true);
+    }
+
+    fn on_ack(&mut self, now_ms: u64, from: &NodeId, m: AppendAck) {
+        if m.generation > self.generation {
+            // A newer generation exists: we are fenced. The metadata plane
+            // tells us who leads it.
+            if self.role == Role::Leader {
+                self.step_down(m.generation);
+            }
+            self.adopt_generation(m.generation, None);
+            return;
+        }
+        if m.generation < self.generation || self.role != Role::Leader {
+            return;
+        }
+        let last = self.last_index();
+        let Some(p) = self.progress.get_mut(from) else {
+            return;
+        };
+        p.last_ack_ms = Some(now_ms);
+        if m.success {
+            assert!(
+                m.match_index <= last,
+                "{from} acked {} past the leader's last index {last}",
+                m.match_index
+            );
+            if m.match_index > p.match_index {
+                p.match_index = m.match_index;
+                p.last_progress_ms = now_ms;
+            }
+            if p.snapshot_pending && p.match_index >= self.compacted.last_index {
+                p.snapshot_pending = false;
+            }
+            if p.next_index <= p.match_index {
+                p.next_index = p.match_index.next();
+            }
+            self.maybe_commit();
+            let p = &self.progress[from];
+            if p.next_index <= last && !p.snapshot_pending {
+                self.send_append(now_ms, from);
+            }
+        } else {
+            let resend_from = p.match_index.max(m.hint).next();
+            if resend_from < p.next_index {
+                p.next_index = resend_from;
+                p.last_progress_ms = now_ms;
+                p.snapshot_pending = false;
+                self.send_append(now_ms, from);
+            }
+        }
+    }
+
+    // ----- Time --------------------------------------------------------------
+
+    /// Heartbeats and retransmissions. Call every few milliseconds.
+    pub fn tick(&mut self, now_ms: u64) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let heartbeat = self.config.heartbeat_interval_ms;
+        let retransmit = self.config.retransmit_timeout_ms;
+        let nodes: Vec<NodeId> = self.progress.keys().cloned().collect();
+        for node in nodes {
+            let p = self.progress.get_mut(&node).unwrap();
+            let inflight = p.next_index.prev() > p.match_index;
+            let stuck = now_ms.saturating_sub(p.last_progress_ms) >= retransmit;
+            if inflight && stuck {
+                // Lost or reordered appends: start again after the last ack.
+                p.next_index = p.match_index.next();
+                p.last_progress_ms = now_ms;
+                p.snapshot_pending = false;
+                self.send_append(now_ms, &node);
+            } else if now_ms.saturating_sub(p.last_sent_ms) >= heartbeat {
+                if p.snapshot_pending {
+                    // Ask again: the snapshot or its ack may have been lost.
+                    if now_ms.saturating_sub(p.last_sent_ms) >= retransmit {
+                        p.snapshot_pending = false;
+                        self.send_append(now_ms, &node);
+                    }
+                } else {
+                    self.send_append(now_ms, &node);
+                }
+            }
+        }
+    }
+
+    // ----- Compaction ------------------------------------------------------
+
+    /// The state machine is durably snapshotted at `upto`: drop in-memory
+    /// entries that no follower still needs (or, past `retained_entries_max`,
+    /// that only a snapshot can serve now).
+    pub fn compact(&mut self, upto: LogIndex) {
+        let mut limit = upto.min(self.commit);
+        if self.role == Role::Leader {
+            if let Some(slowest) = self.progress.values().map(|p| p.match_index).min() {
+                if slowest.distance_to(self.last_index()) <= self.config.retained_entries_max {
+                    limit = limit.min(slowest);
+                }
+            }
+        }
+        if limit <= self.compacted.last_index {
+            return;
+        }
+        let generation = self.generation_at(limit).expect("compaction point in memory");
+        let drop = (limit.0 - self.compacted.last_index.0) as usize;
+        self.entries.drain(..drop);
+        self.compacted = SnapshotMeta {
+            last_index: limit,
+            last_generation: generation,
+        };
+    }
+}

@@ -1,0 +1,424 @@
+//! Scenario tests of the replication core: a handful of replicas, a message
+//! queue we control by hand, and a "disk" that persists when told to.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use harbor_replication::{
+    Config, Effect, Entry, Member, Message, ProposeError, Recovered, Replica, Role,
+};
+use harbor_types::{Generation, LogIndex, NodeId, ShardId};
+
+fn node(name: &str) -> NodeId {
+    NodeId::new(name).unwrap()
+}
+
+/// Three local replicas (l1 leads) and one remote (r1).
+struct Group {
+    now_ms: u64,
+    replicas: BTreeMap<NodeId, Replica>,
+    /// Messages in flight: (from, to, message).
+    network: VecDeque<(NodeId, NodeId, Message)>,
+    /// Per node: entries written but not yet fsynced.
+    unsynced: BTreeMap<NodeId, Vec<Entry>>,
+    /// Per node: the durable log as the fake WAL holds it.
+    disk: BTreeMap<NodeId, Vec<Entry>>,
+    committed: BTreeMap<NodeId, LogIndex>,
+    down: Vec<NodeId>,
+    snapshots_needed: Vec<(NodeId, NodeId)>,
+    snapshots_installed: Vec<(NodeId, LogIndex)>,
+}
+
+impl Group {
+    fn new() -> Group {
+        Group::with_config(|_| {})
+    }
+
+    fn with_config(tune: impl Fn(&mut Config)) -> Group {
+        let members = vec![
+            Member { node: node("l1"), local: true },
+            Member { node: node("l2"), local: true },
+            Member { node: node("l3"), local: true },
+            Member { node: node("r1"), local: false },
+        ];
+        let mut replicas = BTreeMap::new();
+        for m in &members {
+            let mut config = Config::new(ShardId(7), m.node.clone());
+            tune(&mut config);
+            replicas.insert(
+                m.node.clone(),
+                Replica::new(config, members.clone(), Recovered::default()),
+            );
+        }
+        let mut group = Group {
+            now_ms: 1_000,
+            replicas,
+            network: VecDeque::new(),
+            unsynced: BTreeMap::new(),
+            disk: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            down: Vec::new(),
+            snapshots_needed: Vec::new(),
+            snapshots_installed: Vec::new(),
+        };
+        group.elect(node("l1"), Generation(1));
+        group
+    }
+
+    fn elect(&mut self, leader: NodeId, generation: Generation) {
+        let now = self.now_ms;
+        for (name, replica) in self.replicas.iter_mut() {
+            if *name == leader {
+                replica.become_leader(now, generation);
+            } else {
+                replica.become_follower(generation, leader.clone());
+            }
+        }
+        self.run_effects();
+    }
+
+    fn replica(&mut self, name: &str) -> &mut Replica {
+        self.replicas.get_mut(&node(name)).unwrap()
+    }
+
+    fn run_effects(&mut self) {
+        let names: Vec<NodeId> = self.replicas.keys().cloned().collect();
+        for name in names {
+            let effects = self.replicas.get_mut(&name).unwrap().drain_effects();
+            for effect in effects {
+                match effect {
+                    Effect::Persist { truncate_from, entries } => {
+                        let unsynced = self.unsynced.entry(name.clone()).or_default();
+                        let disk = self.disk.entry(name.clone()).or_default();
+                        if let Some(from) = truncate_from {
+                            disk.retain(|e| e.index < from);
+                            unsynced.retain(|e| e.index < from);
+                        }
+                        unsynced.extend(entries);
+                    }
+                    Effect::Send { to, message } => {
+                        self.network.push_back((name.clone(), to, message))
+                    }
+                    Effect::Commit { upto } => {
+                        self.committed.insert(name.clone(), upto);
+                    }
+                    Effect::SnapshotNeeded { to } => {
+                        self.snapshots_needed.push((name.clone(), to));
+                    }
+                    Effect::PersistSnapshot { meta, .. } => {
+                        self.disk.entry(name.clone()).or_default().clear();
+                        self.committed.insert(name.clone(), meta.last_index);
+                        self.snapshots_installed.push((name.clone(), meta.last_index));
+                    }
+                    Effect::PersistGeneration(_) | Effect::SteppedDown { .. } => {}
+                }
+            }
+        }
+    }
+
+    /// fsync on one node.
+    fn sync(&mut self, name: &str) {
+        let n = node(name);
+        let unsynced = std::mem::take(self.unsynced.entry(n.clone()).or_default());
+        let Some(last) = unsynced.last().cloned() else {
+            return;
+        };
+        self.disk.entry(n.clone()).or_default().extend(unsynced);
+        let now = self.now_ms;
+        self.replicas
+            .get_mut(&n)
+            .unwrap()
+            .persisted(now, last.index, last.generation);
+        self.run_effects();
+    }
+
+    /// Delivers every message in flight (and those they cause), syncing every
+    /// node's disk after each delivery round, until the network is quiet.
+    fn settle(&mut self) {
+        for _ in 0..100 {
+            let names: Vec<String> = self.replicas.keys().map(|n| n.to_string()).collect();
+            for name in &names {
+                if !self.down.contains(&node(name)) {
+                    self.sync(name);
+                }
+            }
+            if self.network.is_empty() {
+                return;
+            }
+            let batch: Vec<_> = self.network.drain(..).collect();
+            for (from, to, message) in batch {
+                if self.down.contains(&to) || self.down.contains(&from) {
+                    continue;
+                }
+                let now = self.now_ms;
+                self.replicas.get_mut(&to).unwrap().receive(now, &from, message);
+            }
+            self.flush_all();
+        }
+        panic!("network did not settle");
+    }
+
+    /// What the runtime does after each batch of inputs.
+    fn flush_all(&mut self) {
+        let now = self.now_ms;
+        for replica in self.replicas.values_mut() {
+            replica.flush(now);
+        }
+        self.run_effects();
+    }
+
+    fn deliver_to(&mut self, to: &str) {
+        let target = node(to);
+        let mut keep = VecDeque::new();
+        while let Some((from, dest, message)) = self.network.pop_front() {
+            if dest == target {
+                let now = self.now_ms;
+                self.replicas.get_mut(&dest).unwrap().receive(now, &from, message);
+            } else {
+                keep.push_back((from, dest, message));
+            }
+        }
+        self.network = keep;
+        self.run_effects();
+    }
+
+    fn propose(&mut self, payload: &str) -> LogIndex {
+        let now = self.now_ms;
+        let leader = self.leader_name();
+        let r = self.replicas.get_mut(&leader).unwrap();
+        let index = r.propose(now, payload.as_bytes().to_vec()).unwrap();
+        r.flush(now);
+        self.run_effects();
+        index
+    }
+
+    fn leader_name(&self) -> NodeId {
+        self.replicas
+            .iter()
+            .find(|(_, r)| r.role() == Role::Leader)
+            .map(|(n, _)| n.clone())
+            .expect("a leader")
+    }
+
+    fn committed(&self, name: &str) -> LogIndex {
+        self.committed.get(&node(name)).copied().unwrap_or_default()
+    }
+
+    fn tick(&mut self, ms: u64) {
+        self.now_ms += ms;
+        let now = self.now_ms;
+        for replica in self.replicas.values_mut() {
+            replica.tick(now);
+        }
+        self.run_effects();
+    }
+}
+
+#[test]
+fn leader_barrier_commits_once_a_local_follower_is_durable() {
+    let mut g = Group::new();
+    g.settle();
+    assert_eq!(g.committed("l1"), LogIndex(1), "the generation's barrier commits");
+}
+
+#[test]
+fn commit_waits_for_a_same_region_follower() {
+    let mut g = Group::new();
+    g.settle();
+    let index = g.propose("reserve 600");
+    // The leader's own fsync is not enough.
+    g.sync("l1");
+    assert!(g.committed("l1") < index, "committed on the leader alone");
+    // The remote follower's ack does not count either.
+    g.deliver_to("r1");
+    g.sync("r1");
+    g.deliver_to("l1");
+    assert!(g.committed("l1") < index, "committed on a remote ack");
+    // A local follower that received but has not fsynced does not count.
+    g.deliver_to("l2");
+    g.deliver_to("l1");
+    assert!(g.committed("l1") < index, "committed before the follower's fsync");
+    g.sync("l2");
+    g.deliver_to("l1");
+    assert_eq!(g.committed("l1"), index);
+}
+
+#[test]
+fn a_down_remote_follower_never_delays_commits() {
+    let mut g = Group::new();
+    g.settle();
+    g.down.push(node("r1"));
+    for i in 0..20 {
+        let index = g.propose(&format!("write {i}"));
+        g.settle();
+        assert_eq!(g.committed("l1"), index, "write {i} did not commit");
+    }
+    let now = g.now_ms;
+    let status = g.replica("l1").status(now);
+    let remote = status.followers.iter().find(|f| !f.local).unwrap();
+    // r1 holds the generation's barrier only.
+    assert_eq!(remote.lag_entries, 20);
+}
+
+#[test]
+fn writes_are_refused_when_the_remote_copy_is_over_the_rpo_budget() {
+    let mut g = Group::new();
+    g.settle();
+    g.down.push(node("r1"));
+    g.propose("write");
+    g.settle();
+    g.tick(6_000);
+    let now = g.now_ms;
+    let err = g.replica("l1").propose(now, b"late".to_vec()).unwrap_err();
+    match err {
+        ProposeError::RpoBudgetExceeded { node: n, lag_ms, budget_ms } => {
+            assert_eq!(n, node("r1"));
+            assert!(lag_ms > budget_ms);
+        }
+        other => panic!("expected RpoBudgetExceeded, got {other:?}"),
+    }
+    // The remote comes back, catches up on retransmission, and writes resume.
+    g.down.clear();
+    g.network.clear();
+    g.tick(600);
+    g.settle();
+    let now = g.now_ms;
+    assert!(g.replica("l1").propose(now, b"again".to_vec()).is_ok());
+}
+
+#[test]
+fn followers_refuse_older_generations_and_fence_the_old_leader() {
+    let mut g = Group::new();
+    g.settle();
+    g.propose("one");
+    g.settle();
+    // Generation 2: l2 leads. l1 does not hear about it.
+    let now = g.now_ms;
+    for name in ["l2", "l3", "r1"] {
+        if name == "l2" {
+            g.replica(name).become_leader(now, Generation(2));
+        } else {
+            g.replica(name).become_follower(Generation(2), node("l2"));
+        }
+    }
+    g.run_effects();
+    g.network.clear();
+    // The old leader still believes it leads and proposes.
+    let now = g.now_ms;
+    let stale = {
+        let r = g.replica("l1");
+        let index = r.propose(now, b"stale".to_vec()).unwrap();
+        r.flush(now);
+        index
+    };
+    g.run_effects();
+    g.settle();
+    g.tick(600);
+    g.settle();
+    assert_eq!(g.replica("l1").role(), Role::Follower, "old leader was not fenced");
+    assert!(g.replica("l1").generation() >= Generation(2));
+    // The stale entry never committed anywhere, and l1 adopted the new log.
+    let l2_commit = g.replica("l2").commit_index();
+    let l2_entry = g.replica("l2").entry(stale).map(|e| e.generation);
+    assert_ne!(l2_entry, Some(Generation(1)), "a generation-1 entry got in after the fence");
+    assert!(l2_commit >= LogIndex(3));
+    g.elect_followers_of_l2();
+    let index = g.propose("new");
+    g.settle();
+    assert_eq!(g.committed("l1"), index);
+    assert_eq!(
+        g.replica("l1").entry(stale).unwrap().generation,
+        Generation(2),
+        "old suffix truncated and replaced"
+    );
+}
+
+impl Group {
+    fn elect_followers_of_l2(&mut self) {
+        self.replica("l1").become_follower(Generation(2), node("l2"));
+        self.run_effects();
+    }
+}
+
+#[test]
+fn lost_messages_are_retransmitted() {
+    let mut g = Group::new();
+    g.settle();
+    let index = g.propose("lost");
+    g.network.clear();
+    g.settle();
+    assert!(g.committed("l1") < index);
+    g.tick(600);
+    g.settle();
+    assert_eq!(g.committed("l1"), index);
+    for name in ["l2", "l3", "r1"] {
+        assert_eq!(g.committed(name), index, "{name} did not learn the commit");
+    }
+}
+
+#[test]
+fn uncommitted_proposals_are_bounded() {
+    let mut g = Group::new();
+    g.settle();
+    let now = g.now_ms;
+    let limit = g.replica("l1").config().uncommitted_entries_max;
+    let mut refused = None;
+    for i in 0..=limit {
+        if let Err(e) = g.replica("l1").propose(now, vec![1]) {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (at, err) = refused.expect("proposals were never refused");
+    assert!(matches!(err, ProposeError::Overloaded { .. }), "{err:?}");
+    assert_eq!(at, limit);
+}
+
+#[test]
+fn compaction_keeps_entries_a_lagging_follower_still_needs() {
+    let mut g = Group::new();
+    g.settle();
+    g.down.push(node("r1"));
+    for i in 0..10 {
+        g.propose(&format!("w{i}"));
+    }
+    g.settle();
+    let commit = g.replica("l1").commit_index();
+    g.replica("l1").compact(commit);
+    assert!(g.replica("l1").compacted().last_index < commit);
+    g.down.clear();
+    g.tick(600);
+    g.settle();
+    g.replica("l1").compact(commit);
+    assert_eq!(g.replica("l1").compacted().last_index, commit);
+    assert!(g.snapshots_needed.is_empty());
+}
+
+#[test]
+fn a_follower_behind_the_retention_window_gets_a_snapshot() {
+    let mut g = Group::with_config(|c| c.retained_entries_max = 2);
+    g.settle();
+    g.down.push(node("r1"));
+    for i in 0..10 {
+        g.propose(&format!("w{i}"));
+    }
+    g.settle();
+    let commit = g.replica("l1").commit_index();
+    g.replica("l1").compact(commit);
+    assert_eq!(g.replica("l1").compacted().last_index, commit);
+    g.down.clear();
+    g.tick(600);
+    g.settle();
+    assert_eq!(g.snapshots_needed, vec![(node("l1"), node("r1"))]);
+    let meta = g.replica("l1").compacted();
+    let now = g.now_ms;
+    g.replica("l1").send_snapshot(now, &node("r1"), meta, b"state".to_vec());
+    g.run_effects();
+    g.settle();
+    assert_eq!(g.snapshots_installed, vec![(node("r1"), commit)]);
+    let index = g.propose("after");
+    g.settle();
+    assert_eq!(g.committed("r1"), index);
+    let now = g.now_ms;
+    let status = g.replica("l1").status(now);
+    assert!(status.followers.iter().all(|f| f.lag_entries == 0), "{status:?}");
+}
