@@ -24,6 +24,4 @@ mod replica;
 
 pub use config::{Config, ConfigError, Member};
 pub use message::{Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotMeta};
-pub use replica::{
-    Effect, FollowerStatus, ProposeError, Recovered, Replica, ReplicaStatus, Role,
-};
+pub use replica::{Effect, FollowerStatus, ProposeError, Recovered, Replica, ReplicaStatus, Role};

@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use harbor_types::{Generation, Hlc, LogIndex, NodeId, Timestamp};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Member};
 use crate::message::{Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotMeta};
@@ -48,7 +48,7 @@ pub enum Effect {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Leader,
@@ -100,7 +100,7 @@ struct Progress {
     sent_commit: LogIndex,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FollowerStatus {
     pub node: NodeId,
     pub local: bool,
@@ -110,7 +110,7 @@ pub struct FollowerStatus {
     pub last_ack_ms_ago: Option<u64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReplicaStatus {
     pub role: Role,
     pub generation: Generation,
@@ -389,7 +389,10 @@ impl Replica {
                 leader: self.leader.clone(),
             });
         }
-        assert!(!payload.is_empty(), "an empty payload is a barrier, not a proposal");
+        assert!(
+            !payload.is_empty(),
+            "an empty payload is a barrier, not a proposal"
+        );
         if payload.len() > self.config.entry_bytes_max {
             return Err(ProposeError::TooLarge {
                 bytes: payload.len(),
@@ -609,7 +612,11 @@ impl Replica {
     // ----- Messages --------------------------------------------------------
 
     pub fn receive(&mut self, now_ms: u64, from: &NodeId, message: Message) {
-        assert_eq!(message.shard(), self.config.shard, "message for another shard");
+        assert_eq!(
+            message.shard(),
+            self.config.shard,
+            "message for another shard"
+        );
         match message {
             Message::Append(m) => self.on_append(now_ms, m),
             Message::AppendAck(m) => self.on_ack(now_ms, from, m),
@@ -732,7 +739,10 @@ impl Replica {
     }
 
     fn follower_advance_commit(&mut self) {
-        let candidate = self.leader_commit.min(self.leader_matched).min(self.durable);
+        let candidate = self
+            .leader_commit
+            .min(self.leader_matched)
+            .min(self.durable);
         if candidate > self.commit {
             self.commit = candidate;
             self.effects.push(Effect::Commit { upto: candidate });
@@ -882,7 +892,9 @@ impl Replica {
         if limit <= self.compacted.last_index {
             return;
         }
-        let generation = self.generation_at(limit).expect("compaction point in memory");
+        let generation = self
+            .generation_at(limit)
+            .expect("compaction point in memory");
         let drop = (limit.0 - self.compacted.last_index.0) as usize;
         self.entries.drain(..drop);
         self.compacted = SnapshotMeta {

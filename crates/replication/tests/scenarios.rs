@@ -35,10 +35,22 @@ impl Group {
 
     fn with_config(tune: impl Fn(&mut Config)) -> Group {
         let members = vec![
-            Member { node: node("l1"), local: true },
-            Member { node: node("l2"), local: true },
-            Member { node: node("l3"), local: true },
-            Member { node: node("r1"), local: false },
+            Member {
+                node: node("l1"),
+                local: true,
+            },
+            Member {
+                node: node("l2"),
+                local: true,
+            },
+            Member {
+                node: node("l3"),
+                local: true,
+            },
+            Member {
+                node: node("r1"),
+                local: false,
+            },
         ];
         let mut replicas = BTreeMap::new();
         for m in &members {
@@ -86,7 +98,10 @@ impl Group {
             let effects = self.replicas.get_mut(&name).unwrap().drain_effects();
             for effect in effects {
                 match effect {
-                    Effect::Persist { truncate_from, entries } => {
+                    Effect::Persist {
+                        truncate_from,
+                        entries,
+                    } => {
                         let unsynced = self.unsynced.entry(name.clone()).or_default();
                         let disk = self.disk.entry(name.clone()).or_default();
                         if let Some(from) = truncate_from {
@@ -107,7 +122,8 @@ impl Group {
                     Effect::PersistSnapshot { meta, .. } => {
                         self.disk.entry(name.clone()).or_default().clear();
                         self.committed.insert(name.clone(), meta.last_index);
-                        self.snapshots_installed.push((name.clone(), meta.last_index));
+                        self.snapshots_installed
+                            .push((name.clone(), meta.last_index));
                     }
                     Effect::PersistGeneration(_) | Effect::SteppedDown { .. } => {}
                 }
@@ -150,7 +166,10 @@ impl Group {
                     continue;
                 }
                 let now = self.now_ms;
-                self.replicas.get_mut(&to).unwrap().receive(now, &from, message);
+                self.replicas
+                    .get_mut(&to)
+                    .unwrap()
+                    .receive(now, &from, message);
             }
             self.flush_all();
         }
@@ -172,7 +191,10 @@ impl Group {
         while let Some((from, dest, message)) = self.network.pop_front() {
             if dest == target {
                 let now = self.now_ms;
-                self.replicas.get_mut(&dest).unwrap().receive(now, &from, message);
+                self.replicas
+                    .get_mut(&dest)
+                    .unwrap()
+                    .receive(now, &from, message);
             } else {
                 keep.push_back((from, dest, message));
             }
@@ -217,7 +239,11 @@ impl Group {
 fn leader_barrier_commits_once_a_local_follower_is_durable() {
     let mut g = Group::new();
     g.settle();
-    assert_eq!(g.committed("l1"), LogIndex(1), "the generation's barrier commits");
+    assert_eq!(
+        g.committed("l1"),
+        LogIndex(1),
+        "the generation's barrier commits"
+    );
 }
 
 #[test]
@@ -236,7 +262,10 @@ fn commit_waits_for_a_same_region_follower() {
     // A local follower that received but has not fsynced does not count.
     g.deliver_to("l2");
     g.deliver_to("l1");
-    assert!(g.committed("l1") < index, "committed before the follower's fsync");
+    assert!(
+        g.committed("l1") < index,
+        "committed before the follower's fsync"
+    );
     g.sync("l2");
     g.deliver_to("l1");
     assert_eq!(g.committed("l1"), index);
@@ -270,7 +299,11 @@ fn writes_are_refused_when_the_remote_copy_is_over_the_rpo_budget() {
     let now = g.now_ms;
     let err = g.replica("l1").propose(now, b"late".to_vec()).unwrap_err();
     match err {
-        ProposeError::RpoBudgetExceeded { node: n, lag_ms, budget_ms } => {
+        ProposeError::RpoBudgetExceeded {
+            node: n,
+            lag_ms,
+            budget_ms,
+        } => {
             assert_eq!(n, node("r1"));
             assert!(lag_ms > budget_ms);
         }
@@ -314,12 +347,20 @@ fn followers_refuse_older_generations_and_fence_the_old_leader() {
     g.settle();
     g.tick(600);
     g.settle();
-    assert_eq!(g.replica("l1").role(), Role::Follower, "old leader was not fenced");
+    assert_eq!(
+        g.replica("l1").role(),
+        Role::Follower,
+        "old leader was not fenced"
+    );
     assert!(g.replica("l1").generation() >= Generation(2));
     // The stale entry never committed anywhere, and l1 adopted the new log.
     let l2_commit = g.replica("l2").commit_index();
     let l2_entry = g.replica("l2").entry(stale).map(|e| e.generation);
-    assert_ne!(l2_entry, Some(Generation(1)), "a generation-1 entry got in after the fence");
+    assert_ne!(
+        l2_entry,
+        Some(Generation(1)),
+        "a generation-1 entry got in after the fence"
+    );
     assert!(l2_commit >= LogIndex(3));
     g.elect_followers_of_l2();
     let index = g.propose("new");
@@ -334,7 +375,8 @@ fn followers_refuse_older_generations_and_fence_the_old_leader() {
 
 impl Group {
     fn elect_followers_of_l2(&mut self) {
-        self.replica("l1").become_follower(Generation(2), node("l2"));
+        self.replica("l1")
+            .become_follower(Generation(2), node("l2"));
         self.run_effects();
     }
 }
@@ -411,7 +453,8 @@ fn a_follower_behind_the_retention_window_gets_a_snapshot() {
     assert_eq!(g.snapshots_needed, vec![(node("l1"), node("r1"))]);
     let meta = g.replica("l1").compacted();
     let now = g.now_ms;
-    g.replica("l1").send_snapshot(now, &node("r1"), meta, b"state".to_vec());
+    g.replica("l1")
+        .send_snapshot(now, &node("r1"), meta, b"state".to_vec());
     g.run_effects();
     g.settle();
     assert_eq!(g.snapshots_installed, vec![(node("r1"), commit)]);
@@ -420,5 +463,8 @@ fn a_follower_behind_the_retention_window_gets_a_snapshot() {
     assert_eq!(g.committed("r1"), index);
     let now = g.now_ms;
     let status = g.replica("l1").status(now);
-    assert!(status.followers.iter().all(|f| f.lag_entries == 0), "{status:?}");
+    assert!(
+        status.followers.iter().all(|f| f.lag_entries == 0),
+        "{status:?}"
+    );
 }

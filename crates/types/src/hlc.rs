@@ -59,10 +59,18 @@ impl Hlc {
         } else {
             Timestamp {
                 wall_ms: self.last.wall_ms,
-                logical: self.last.logical.checked_add(1).expect("HLC logical overflow"),
+                logical: self
+                    .last
+                    .logical
+                    .checked_add(1)
+                    .expect("HLC logical overflow"),
             }
         };
-        assert!(next > self.last, "HLC went backwards: {next} <= {}", self.last);
+        assert!(
+            next > self.last,
+            "HLC went backwards: {next} <= {}",
+            self.last
+        );
         self.last = next;
         next
     }

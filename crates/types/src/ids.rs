@@ -223,7 +223,14 @@ mod tests {
         let id = ReservationId::new(IssuerId::new("MUNI-77").unwrap(), 17);
         assert_eq!(id.to_string(), "MUNI-77:r17");
         assert_eq!(ReservationId::parse("MUNI-77:r17").unwrap(), id);
-        for bad in ["MUNI-77", "MUNI-77:r", "MUNI-77:r0", ":r1", "a b:r1", "M:rx"] {
+        for bad in [
+            "MUNI-77",
+            "MUNI-77:r",
+            "MUNI-77:r0",
+            ":r1",
+            "a b:r1",
+            "M:rx",
+        ] {
             assert!(ReservationId::parse(bad).is_err(), "{bad:?} parsed");
         }
     }

@@ -67,7 +67,10 @@ impl fmt::Display for LogIndex {
 /// Where a write committed: `shard184@g3:982441`. Handed to clients with every
 /// write so they can later ask for a read that includes it (session reads) or
 /// name it as a dependency (causal reads).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+///
+/// In human-readable formats (JSON) it is its text form; in binary formats
+/// (the WAL, the wire) a compact tuple.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CommitToken {
     pub shard: ShardId,
     pub generation: Generation,
@@ -76,7 +79,37 @@ pub struct CommitToken {
 
 impl fmt::Display for CommitToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "shard{}@g{}:{}", self.shard.0, self.generation.0, self.index.0)
+        write!(
+            f,
+            "shard{}@g{}:{}",
+            self.shard.0, self.generation.0, self.index.0
+        )
+    }
+}
+
+impl Serialize for CommitToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            (self.shard.0, self.generation.0, self.index.0).serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CommitToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let text = String::deserialize(d)?;
+            text.parse().map_err(serde::de::Error::custom)
+        } else {
+            let (shard, generation, index) = <(u32, u64, u64)>::deserialize(d)?;
+            Ok(CommitToken {
+                shard: ShardId(shard),
+                generation: Generation(generation),
+                index: LogIndex(index),
+            })
+        }
     }
 }
 
@@ -136,5 +169,25 @@ mod tests {
         ] {
             assert!(bad.parse::<CommitToken>().is_err(), "{bad:?} parsed");
         }
+    }
+}
+
+#[cfg(test)]
+mod serde_tests {
+    use super::*;
+
+    #[test]
+    fn commit_token_is_text_in_json_and_a_tuple_in_postcard() {
+        let token = CommitToken {
+            shard: ShardId(3),
+            generation: Generation(2),
+            index: LogIndex(99),
+        };
+        let json = serde_json::to_string(&token).unwrap();
+        assert_eq!(json, "\"shard3@g2:99\"");
+        assert_eq!(serde_json::from_str::<CommitToken>(&json).unwrap(), token);
+        let bytes = postcard::to_allocvec(&token).unwrap();
+        assert!(bytes.len() <= 4, "{bytes:?}");
+        assert_eq!(postcard::from_bytes::<CommitToken>(&bytes).unwrap(), token);
     }
 }

@@ -1,0 +1,812 @@
+//! The `/v1` HTTP API. Handlers validate everything before anything is sent
+//! to a node: bad input gets a 4xx with a machine-readable code and changes
+//! nothing.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, Query as QueryParams, Request as HttpRequest, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use harbor_meta::store::DirectoryEntry;
+use harbor_meta::DirectoryError;
+use harbor_node::wire::{Query, QueryResult, Request, Response, Served};
+use harbor_reservation::{
+    Command, IssuerView, Outcome, ReservationView, TokenOutcome, TokenView, HOLD_TTL_MS_MAX,
+};
+use harbor_types::{
+    Amount, IdError, IssuerId, Region, ReservationId, ReservationToken, ShardId, AMOUNT_MAX,
+    ID_LEN_MAX,
+};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::router::Gateway;
+
+type Gw = State<Arc<Gateway>>;
+type ApiResult = Result<HttpResponse, ApiError>;
+
+/// The gateway's routes.
+pub fn routes(gateway: Arc<Gateway>) -> Router {
+    let body_limit = gateway.config.body_bytes_max;
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/issuers/{issuer_id}", put(put_issuer).get(get_issuer))
+        .route(
+            "/v1/issuers/{issuer_id}/open-reservations",
+            get(open_reservations),
+        )
+        .route("/v1/reservations", post(reserve))
+        .route("/v1/reservations/{reservation_id}", get(get_reservation))
+        .route("/v1/reservations/{reservation_id}/confirm", post(confirm))
+        .route("/v1/reservations/{reservation_id}/release", post(release))
+        .route("/v1/reservation-tokens/{token}", get(get_token))
+        .route(
+            "/v1/reservation-tokens/{token}/resolve",
+            post(resolve_token),
+        )
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .with_state(gateway)
+}
+
+// ----- Request bodies ---------------------------------------------------------
+
+/// A JSON body parsed strictly: unknown fields, wrong types, malformed JSON
+/// and oversized bodies are all refused with our error format.
+struct JsonBody<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: HttpRequest, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is over the size limit",
+                )
+            } else {
+                ApiError::bad_request("invalid_body", e.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+            }
+            Category::Data => ApiError::unprocessable("invalid_request", e.to_string()),
+        }
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutIssuerBody {
+    home_region: String,
+    limit: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReserveBody {
+    reservation_token: String,
+    issuer_id: String,
+    amount: u64,
+    desk: String,
+    trader: String,
+    #[serde(default)]
+    hold_ttl_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    #[serde(default)]
+    issuer_id: Option<String>,
+}
+
+/// Query parameters of reads.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReadParams {
+    #[serde(default)]
+    consistency: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TokenParams {
+    #[serde(default)]
+    issuer_id: Option<String>,
+    #[serde(default)]
+    consistency: Option<String>,
+}
+
+fn query_params<T: DeserializeOwned + Default>(
+    params: Result<QueryParams<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    params
+        .map(|QueryParams(p)| p)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+}
+
+fn check_consistency(consistency: Option<&str>) -> Result<(), ApiError> {
+    match consistency {
+        None | Some("strong") => Ok(()),
+        Some(other) => Err(ApiError::bad_request(
+            "unsupported_consistency",
+            format!("consistency={other:?} is not supported yet; use strong"),
+        )
+        .with("supported", ["strong"])),
+    }
+}
+
+// ----- Validation -------------------------------------------------------------
+
+fn invalid(field: &'static str, e: IdError) -> ApiError {
+    ApiError::unprocessable("invalid_field", e.to_string()).with("field", field)
+}
+
+fn issuer_id(text: &str) -> Result<IssuerId, ApiError> {
+    IssuerId::new(text).map_err(|e| invalid("issuer_id", e))
+}
+
+fn reservation_id(text: &str) -> Result<ReservationId, ApiError> {
+    ReservationId::parse(text).map_err(|_| {
+        ApiError::unprocessable(
+            "invalid_field",
+            format!("reservation_id must look like ISSUER:r17, got {text:?}"),
+        )
+        .with("field", "reservation_id")
+    })
+}
+
+fn token(text: &str) -> Result<ReservationToken, ApiError> {
+    ReservationToken::new(text).map_err(|e| invalid("reservation_token", e))
+}
+
+fn amount(field: &'static str, value: u64, min: u64) -> Result<Amount, ApiError> {
+    if value < min || value > AMOUNT_MAX {
+        return Err(ApiError::unprocessable(
+            "invalid_amount",
+            format!(
+                "{field} must be an integer from {min} to {AMOUNT_MAX} (minor units), got {value}"
+            ),
+        )
+        .with("field", field));
+    }
+    Ok(Amount(value))
+}
+
+fn label(field: &'static str, value: &str) -> Result<String, ApiError> {
+    let ok =
+        !value.is_empty() && value.len() <= ID_LEN_MAX && value.chars().all(|c| !c.is_control());
+    if !ok {
+        return Err(ApiError::unprocessable(
+            "invalid_field",
+            format!("{field} must be 1 to {ID_LEN_MAX} bytes of printable text"),
+        )
+        .with("field", field));
+    }
+    Ok(value.to_string())
+}
+
+// ----- Routing helpers ----------------------------------------------------------
+
+impl Gateway {
+    fn directory(&self, issuer: &IssuerId) -> Result<(DirectoryEntry, ShardId), ApiError> {
+        let entry = self.meta.lookup(issuer).ok_or_else(|| {
+            ApiError::not_found("unknown_issuer", format!("unknown issuer {issuer}"))
+                .with("issuer_id", issuer)
+        })?;
+        let shard = self.meta.map().shard_of_bucket(entry.bucket);
+        Ok((entry, shard))
+    }
+
+    /// Fields every answer carries: who served it, from where.
+    fn stamp(&self, body: &mut Map<String, Value>, served: &Served) {
+        let region = self
+            .region_of(&served.node)
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        body.insert("region".into(), json!(region));
+        body.insert("node".into(), json!(served.node));
+        body.insert("served_by".into(), json!("leader"));
+        body.insert("gateway_region".into(), json!(self.region));
+        body.insert("shard".into(), json!(served.shard.0));
+        body.insert("generation".into(), json!(served.generation.0));
+        body.insert("applied".into(), json!(served.applied));
+        body.insert("staleness_ms".into(), json!(0));
+        body.insert("stale".into(), json!(false));
+    }
+
+    /// Error answers carry the same "who answered" fields.
+    fn stamp_error(&self, mut e: ApiError) -> ApiError {
+        for (key, value) in [
+            ("region", json!(self.region)),
+            ("node", json!(self.me)),
+            ("served_by", json!("gateway")),
+        ] {
+            e.details.entry(key).or_insert(value);
+        }
+        e
+    }
+
+    async fn write(&self, shard: ShardId, command: Command) -> Result<Applied, ApiError> {
+        match self.call(Request::Write { shard, command }).await {
+            Ok(Response::Applied {
+                outcome,
+                issuer,
+                commit_token,
+                served,
+            }) => Ok(Applied {
+                outcome,
+                issuer,
+                commit_token,
+                served,
+            }),
+            Ok(Response::Error(e)) => Err(ApiError::node(&e)),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(ApiError::node(&e)),
+        }
+    }
+
+    async fn read(&self, shard: ShardId, query: Query) -> Result<(QueryResult, Served), ApiError> {
+        match self.call(Request::Read { shard, query }).await {
+            Ok(Response::Read { result, served }) => Ok((result, served)),
+            Ok(Response::Error(e)) => Err(ApiError::node(&e)),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(ApiError::node(&e)),
+        }
+    }
+}
+
+struct Applied {
+    outcome: Outcome,
+    issuer: Option<IssuerView>,
+    commit_token: harbor_types::CommitToken,
+    served: Served,
+}
+
+fn unexpected(response: Response) -> ApiError {
+    tracing::error!(?response, "node answered with the wrong kind of response");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the node answered with the wrong kind of response",
+    )
+}
+
+fn object(value: impl serde::Serialize) -> Map<String, Value> {
+    match serde_json::to_value(value).expect("views serialize") {
+        Value::Object(map) => map,
+        other => panic!("expected a JSON object, got {other}"),
+    }
+}
+
+fn reply(status: StatusCode, body: Map<String, Value>) -> HttpResponse {
+    (status, Json(Value::Object(body))).into_response()
+}
+
+fn issuer_body(issuer: &IssuerView, entry: &DirectoryEntry) -> Map<String, Value> {
+    let mut body = object(issuer);
+    body.insert("bucket".into(), json!(entry.bucket.0));
+    body
+}
+
+fn reservation_body(
+    reservation: &ReservationView,
+    issuer: Option<&IssuerView>,
+) -> Map<String, Value> {
+    let mut body = object(reservation);
+    if let Some(issuer) = issuer {
+        body.insert("remaining".into(), json!(issuer.remaining));
+        body.insert("reserved".into(), json!(issuer.reserved));
+        body.insert("limit".into(), json!(issuer.limit));
+    }
+    body
+}
+
+fn token_body(
+    view: Option<&TokenView>,
+    issuer: Option<&IssuerId>,
+    token: &ReservationToken,
+) -> Map<String, Value> {
+    let mut body = Map::new();
+    body.insert("reservation_token".into(), json!(token));
+    body.insert(
+        "issuer_id".into(),
+        json!(view.map(|v| &v.issuer_id).or(issuer)),
+    );
+    match view.map(|v| &v.outcome) {
+        None => {
+            body.insert("status".into(), json!("unknown"));
+        }
+        Some(TokenOutcome::Committed {
+            reservation_id,
+            commit_token,
+        }) => {
+            body.insert("status".into(), json!("committed"));
+            body.insert("reservation_id".into(), json!(reservation_id));
+            body.insert("commit_token".into(), json!(commit_token));
+        }
+        Some(TokenOutcome::Rejected { code, commit_token }) => {
+            body.insert("status".into(), json!("rejected"));
+            body.insert("reason".into(), json!(code));
+            body.insert("commit_token".into(), json!(commit_token));
+        }
+        Some(TokenOutcome::Abandoned { commit_token }) => {
+            body.insert("status".into(), json!("abandoned"));
+            body.insert("commit_token".into(), json!(commit_token));
+        }
+    }
+    body
+}
+
+// ----- Handlers -----------------------------------------------------------------
+
+async fn not_found(State(gw): Gw) -> HttpResponse {
+    gw.stamp_error(ApiError::not_found(
+        "not_found",
+        "no such endpoint; see the README for the API",
+    ))
+    .into_response()
+}
+
+async fn health(State(gw): Gw) -> HttpResponse {
+    let map = gw.meta.map();
+    let checks = map.groups.keys().map(|shard| {
+        let gw = gw.clone();
+        let shard = *shard;
+        async move {
+            let ready = match gw
+                .call(Request::Read {
+                    shard,
+                    query: Query::Status,
+                })
+                .await
+            {
+                Ok(Response::Read {
+                    result: QueryResult::Status(status),
+                    ..
+                }) => status.ready,
+                _ => false,
+            };
+            (shard, ready)
+        }
+    });
+    let results = futures::future::join_all(checks).await;
+    let not_ready: Vec<u32> = results
+        .iter()
+        .filter(|(_, r)| !r)
+        .map(|(s, _)| s.0)
+        .collect();
+    let mut body = Map::new();
+    body.insert("groups".into(), json!(results.len()));
+    body.insert("groups_not_ready".into(), json!(not_ready));
+    body.insert("region".into(), json!(gw.region));
+    body.insert("node".into(), json!(gw.me));
+    body.insert("served_by".into(), json!("gateway"));
+    body.insert("map_version".into(), json!(map.map_version));
+    if not_ready.is_empty() {
+        body.insert("status".into(), json!("ok"));
+        reply(StatusCode::OK, body)
+    } else {
+        body.insert("status".into(), json!("starting"));
+        body.insert("error".into(), json!("unavailable"));
+        body.insert("retryable".into(), json!(true));
+        body.insert(
+            "message".into(),
+            json!(format!(
+                "{} groups have no ready leader yet",
+                not_ready.len()
+            )),
+        );
+        reply(StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}
+
+async fn put_issuer(
+    State(gw): Gw,
+    Path(id): Path<String>,
+    body: Result<JsonBody<PutIssuerBody>, ApiError>,
+) -> HttpResponse {
+    put_issuer_inner(&gw, id, body)
+        .await
+        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+}
+
+async fn put_issuer_inner(
+    gw: &Gateway,
+    id: String,
+    body: Result<JsonBody<PutIssuerBody>, ApiError>,
+) -> ApiResult {
+    let issuer = issuer_id(&id)?;
+    let JsonBody(body) = body?;
+    let region = Region::new(&body.home_region).map_err(|e| invalid("home_region", e))?;
+    let limit = amount("limit", body.limit, 0)?;
+    let (entry, _) = match gw.meta.assign(&issuer, &region) {
+        Ok(Ok(placed)) => placed,
+        Ok(Err(DirectoryError::HomeRegionMismatch { existing, .. })) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "home_region_mismatch",
+                format!(
+                    "issuer {issuer} is homed in {existing}; moving an issuer is not supported yet"
+                ),
+            )
+            .with("home_region", existing))
+        }
+        Ok(Err(DirectoryError::UnknownRegion { region })) => {
+            return Err(ApiError::unprocessable(
+                "unknown_region",
+                format!("region {region} is not part of this cluster"),
+            )
+            .with("regions", gw.meta.map().regions()))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "metadata store failed");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "metadata_unavailable",
+                e.to_string(),
+            ));
+        }
+    };
+    let shard = gw.meta.map().shard_of_bucket(entry.bucket);
+    let command = Command::UpsertIssuer {
+        issuer_id: issuer,
+        home_region: region,
+        limit,
+    };
+    let applied = gw.write(shard, command).await?;
+    match &applied.outcome {
+        Outcome::Issuer {
+            issuer,
+            created,
+            changed,
+        } => {
+            let mut body = issuer_body(issuer, &entry);
+            body.insert("created".into(), json!(created));
+            body.insert("changed".into(), json!(changed));
+            body.insert("commit_token".into(), json!(applied.commit_token));
+            gw.stamp(&mut body, &applied.served);
+            let status = if *created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(reply(status, body))
+        }
+        Outcome::Rejected(r) => Err(ApiError::rejection(r)),
+        other => Err(unexpected_outcome(other)),
+    }
+}
+
+fn unexpected_outcome(outcome: &Outcome) -> ApiError {
+    tracing::error!(?outcome, "unexpected outcome");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "unexpected outcome",
+    )
+}
+
+async fn get_issuer(
+    State(gw): Gw,
+    Path(id): Path<String>,
+    params: Result<QueryParams<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> HttpResponse {
+    let run = async {
+        let issuer = issuer_id(&id)?;
+        let params = query_params(params)?;
+        check_consistency(params.consistency.as_deref())?;
+        let (entry, shard) = gw.directory(&issuer)?;
+        let (result, served) = gw.read(shard, Query::Issuer(issuer.clone())).await?;
+        let QueryResult::Issuer(Some(view)) = result else {
+            return Err(ApiError::not_found(
+                "unknown_issuer",
+                format!("unknown issuer {issuer}"),
+            ));
+        };
+        let mut body = issuer_body(&view, &entry);
+        gw.stamp(&mut body, &served);
+        Ok(reply(StatusCode::OK, body))
+    };
+    run.await
+        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+}
+
+async fn open_reservations(
+    State(gw): Gw,
+    Path(id): Path<String>,
+    params: Result<QueryParams<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> HttpResponse {
+    let run = async {
+        let issuer = issuer_id(&id)?;
+        let params = query_params(params)?;
+        check_consistency(params.consistency.as_deref())?;
+        let (_, shard) = gw.directory(&issuer)?;
+        let (result, served) = gw
+            .read(shard, Query::OpenReservations(issuer.clone()))
+            .await?;
+        let QueryResult::OpenReservations(Some(list)) = result else {
+            return Err(ApiError::not_found(
+                "unknown_issuer",
+                format!("unknown issuer {issuer}"),
+            ));
+        };
+        let mut body = Map::new();
+        body.insert("issuer_id".into(), json!(issuer));
+        body.insert("count".into(), json!(list.len()));
+        body.insert("reservations".into(), json!(list));
+        gw.stamp(&mut body, &served);
+        Ok(reply(StatusCode::OK, body))
+    };
+    run.await
+        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+}
+
+async fn reserve(State(gw): Gw, body: Result<JsonBody<ReserveBody>, ApiError>) -> HttpResponse {
+    let run = async {
+        let JsonBody(body) = body?;
+        let token = token(&body.reservation_token)?;
+        let issuer = issuer_id(&body.issuer_id)?;
+        let amount = amount("amount", body.amount, 1)?;
+        let desk = label("desk", &body.desk)?;
+        let trader = label("trader", &body.trader)?;
+        if let Some(ttl) = body.hold_ttl_ms {
+            if ttl == 0 || ttl > HOLD_TTL_MS_MAX {
+                return Err(ApiError::unprocessable(
+                    "invalid_field",
+                    format!("hold_ttl_ms must be from 1 to {HOLD_TTL_MS_MAX}, or null for a confirmed reservation"),
+                )
+                .with("field", "hold_ttl_ms"));
+            }
+        }
+        let (_, shard) = gw.directory(&issuer)?;
+        let command = Command::Reserve {
+            token: token.clone(),
+            issuer_id: issuer,
+            amount,
+            desk,
+            trader,
+            hold_ttl_ms: body.hold_ttl_ms,
+        };
+        let applied = gw.write(shard, command).await?;
+        reservation_reply(&gw, applied, StatusCode::CREATED)
+            .map_err(|e| e.with("reservation_token", &token))
+    };
+    run.await
+        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+}
+
+fn reservation_reply(gw: &Gateway, applied: Applied, status: StatusCode) -> ApiResult {
+    match &applied.outcome {
+        Outcome::Reservation {
+            reservation,
+            replayed,
+        } => {
+            let mut body = reservation_body(reservation, applied.issuer.as_ref());
+            body.insert("replayed".into(), json!(replayed));
+            body.insert("commit_token".into(), json!(applied.commit_token));
+            gw.stamp(&mut body, &applied.served);
+            Ok(reply(status, body))
+        }
+        Outcome::Rejected(r) => {
+            let mut e = ApiError::rejection(r).with("commit_token", applied.commit_token);
+            if let Some(issuer) = &applied.issuer {
+                e = e.with("remaining", issuer.remaining);
+            }
+            Err(e)
+        }
+        other => Err(unexpected_outcome(other)),
+    }
+}
+
+async fn get_reservation(
+    State(gw): Gw,
+    Path(id): Path<String>,
+    params: Result<QueryParams<ReadParams>, axum::extract::rejection::QueryRejection>,
+) -> HttpResponse {
+    let run = async {
+        let id = reservation_id(&id)?;
+        let params = query_params(params)?;
+        check_consistency(params.consistency.as_deref())?;
+        let (_, shard) = gw.directory(id.issuer())?;
+        let (result, served) = gw.read(shard, Query::Reservation(id.clone())).await?;
+        let QueryResult::Reservation(Some(view)) = result else {
+            return Err(ApiError::not_found(
+                "unknown_reservation",
+                format!("unknown reservation {id}"),
+            ));
+        };
+        let mut body = reservation_body(&view, None);
+        gw.stamp(&mut body, &served);
+        Ok(reply(StatusCode::OK, body))
+    };
+    run.await
+        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+}
+
+async fn confirm(State(gw): Gw, Path(id): Path<String>, body: Bytes) -> HttpResponse {
+    transition(gw, id, body, true).await
+}
+
+async fn release(State(gw): Gw, Path(id): Path<String>, body: Bytes) -> HttpResponse {
+    transition(gw, id, body, false).await
+}
+
+async fn transition(gw: Arc<Gateway>, id: String, body: Bytes, confirm: bool) -> HttpResponse {
+    let run = async {
+        let reservation_id = reservation_id(&id)?;
+        if !body.is_empty() {
+            // No fields are defined; an empty object is fine, anything else is refused.
+            let _: EmptyBody = parse_json(&body)?;
+        }
+        let (_, shard) = gw.directory(reservation_id.issuer())?;
+        let command = if confirm {
+            Command::Confirm { reservation_id }
+        } else {
+            Command::Release { reservation_id }
+        };
+        let applied = gw.write(shard, command).await?;
+        reservation_reply(&gw, applied, StatusCode::OK)
+    };
+    run.await
+        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+async fn get_token(
+    State(gw): Gw,
+    Path(text): Path<String>,
+    params: Result<QueryParams<TokenParams>, axum::extract::rejection::QueryRejection>,
+) -> HttpResponse {
+    let run = async {
+        let token = token(&text)?;
+        let params = query_params(params)?;
+        check_consistency(params.consistency.as_deref())?;
+        match params.issuer_id {
+            Some(issuer) => {
+                let issuer = issuer_id(&issuer)?;
+                let (_, shard) = gw.directory(&issuer)?;
+                let (result, served) = gw
+                    .read(shard, Query::Token(issuer.clone(), token.clone()))
+                    .await?;
+                let QueryResult::Token(view) = result else {
+                    return Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "wrong result",
+                    ));
+                };
+                let mut body = token_body(view.as_ref(), Some(&issuer), &token);
+                gw.stamp(&mut body, &served);
+                Ok(reply(StatusCode::OK, body))
+            }
+            None => token_everywhere(&gw, token).await,
+        }
+    };
+    run.await
+        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+}
+
+/// A token lookup without its issuer asks every group's leader. Slower, but
+/// a client that lost everything but its token can still learn the outcome.
+async fn token_everywhere(gw: &Gateway, token: ReservationToken) -> ApiResult {
+    let map = gw.meta.map();
+    let asks = map
+        .groups
+        .keys()
+        .map(|shard| gw.read(*shard, Query::TokenAnyIssuer(token.clone())));
+    let mut found: Vec<(TokenView, Served)> = Vec::new();
+    let mut last_served = None;
+    for result in futures::future::join_all(asks).await {
+        let (result, served) = result?;
+        if let QueryResult::Tokens(views) = result {
+            found.extend(views.into_iter().map(|v| (v, served.clone())));
+        }
+        last_served = Some(served);
+    }
+    match found.len() {
+        0 => {
+            let mut body = token_body(None, None, &token);
+            if let Some(served) = last_served {
+                gw.stamp(&mut body, &served);
+            }
+            body.insert("served_by".into(), json!("leaders"));
+            Ok(reply(StatusCode::OK, body))
+        }
+        1 => {
+            let (view, served) = &found[0];
+            let mut body = token_body(Some(view), None, &token);
+            gw.stamp(&mut body, served);
+            Ok(reply(StatusCode::OK, body))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ambiguous_token",
+            format!(
+                "token {token} was used with {} issuers; pass ?issuer_id=",
+                found.len()
+            ),
+        )
+        .with(
+            "issuers",
+            found
+                .iter()
+                .map(|(v, _)| v.issuer_id.clone())
+                .collect::<Vec<_>>(),
+        )),
+    }
+}
+
+async fn resolve_token(
+    State(gw): Gw,
+    Path(text): Path<String>,
+    params: Result<QueryParams<TokenParams>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> HttpResponse {
+    let run = async {
+        let token = token(&text)?;
+        let params = query_params(params)?;
+        let body: ResolveBody = if body.is_empty() {
+            ResolveBody::default()
+        } else {
+            parse_json(&body)?
+        };
+        let issuer = match (params.issuer_id, body.issuer_id) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ApiError::unprocessable(
+                    "invalid_request",
+                    "issuer_id in the query and in the body differ",
+                ))
+            }
+            (Some(a), _) | (None, Some(a)) => issuer_id(&a)?,
+            (None, None) => {
+                return Err(ApiError::unprocessable(
+                    "issuer_required",
+                    "resolve needs the issuer the token was used with: ?issuer_id=... or {\"issuer_id\": ...}",
+                ))
+            }
+        };
+        let (_, shard) = gw.directory(&issuer)?;
+        let applied = gw
+            .write(
+                shard,
+                Command::ResolveToken {
+                    issuer_id: issuer.clone(),
+                    token: token.clone(),
+                },
+            )
+            .await?;
+        match &applied.outcome {
+            Outcome::Token(view) => {
+                let mut body = token_body(Some(view), Some(&issuer), &token);
+                body.insert("resolved_at".into(), json!(applied.commit_token));
+                gw.stamp(&mut body, &applied.served);
+                Ok(reply(StatusCode::OK, body))
+            }
+            Outcome::Rejected(r) => Err(ApiError::rejection(r)),
+            other => Err(unexpected_outcome(other)),
+        }
+    };
+    run.await
+        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+}

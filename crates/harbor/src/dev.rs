@@ -1,0 +1,238 @@
+//! `harbor dev`: the whole cluster in one process. Two regions, three nodes
+//! each, sixteen groups, one gateway per region, and an in-process network
+//! that delays traffic between regions like a WAN.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use harbor_gateway::{Gateway, GatewayConfig};
+use harbor_meta::{MetaStore, ShardMap, Topology};
+use harbor_node::wire::{Query, QueryResult, Request, Response};
+use harbor_node::{Control, InProcNetwork, Node, NodeConfig};
+use harbor_replication::Member;
+use harbor_types::{NodeId, Region};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Envelopes queued for one node or gateway.
+const ENDPOINT_INBOX_CAPACITY: usize = 262_144;
+
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    pub data_dir: PathBuf,
+    pub bind: IpAddr,
+    /// The first region's gateway listens here, the next on `port + 1`. 0
+    /// picks free ports (tests).
+    pub port: u16,
+    pub wan_delay_ms: u64,
+    pub gateway: GatewayConfig,
+    /// Applied to every node's config (tests shorten limits with it).
+    pub tune_node: fn(&mut NodeConfig),
+}
+
+impl DevOptions {
+    pub fn new(data_dir: PathBuf) -> DevOptions {
+        DevOptions {
+            data_dir,
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 7400,
+            wan_delay_ms: 35,
+            gateway: GatewayConfig::default(),
+            tune_node: |_| {},
+        }
+    }
+}
+
+pub struct GatewayHandle {
+    pub region: Region,
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    server: JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub struct DevCluster {
+    pub meta: Arc<MetaStore>,
+    pub network: InProcNetwork,
+    pub map: Arc<ShardMap>,
+    pub gateways: Vec<GatewayHandle>,
+    nodes: Vec<Node>,
+    stop: watch::Sender<bool>,
+}
+
+impl DevCluster {
+    /// Starts every node (recovering from `data_dir`), names the leaders of
+    /// a new generation, opens the gateways, and waits until every group's
+    /// leader is ready.
+    pub async fn start(options: DevOptions) -> anyhow::Result<DevCluster> {
+        let meta_dir = options.data_dir.join("meta");
+        let meta = Arc::new(
+            MetaStore::open(&meta_dir, &Topology::dev())
+                .with_context(|| format!("opening metadata in {}", meta_dir.display()))?,
+        );
+        let map = meta.begin_epoch()?;
+        let network = InProcNetwork::new(tokio::runtime::Handle::current(), options.wan_delay_ms);
+        let transport = network.transport();
+
+        let mut nodes = Vec::new();
+        for info in &map.nodes {
+            let inbox = network.register(
+                info.node.clone(),
+                info.region.clone(),
+                ENDPOINT_INBOX_CAPACITY,
+            );
+            let groups = map
+                .groups_of(&info.node)
+                .into_iter()
+                .map(|g| {
+                    let members = g
+                        .members
+                        .iter()
+                        .map(|m| Member {
+                            node: m.clone(),
+                            local: map.region_of(m) == Some(&g.home_region),
+                        })
+                        .collect();
+                    (g.shard, members)
+                })
+                .collect();
+            let mut config =
+                NodeConfig::new(options.data_dir.join("nodes").join(info.node.as_str()));
+            (options.tune_node)(&mut config);
+            let (id, region, transport) =
+                (info.node.clone(), info.region.clone(), transport.clone());
+            let node = tokio::task::spawn_blocking(move || {
+                Node::start(id, region, groups, config, transport, inbox)
+            })
+            .await??;
+            nodes.push(node);
+        }
+        for group in map.groups.values() {
+            for node in &nodes {
+                if !group.members.contains(node.id()) {
+                    continue;
+                }
+                let control = if *node.id() == group.leader {
+                    Control::Lead(group.generation)
+                } else {
+                    Control::Follow(group.generation, group.leader.clone())
+                };
+                node.control(group.shard, control);
+            }
+        }
+
+        let (stop, stopped) = watch::channel(false);
+        let mut gateways = Vec::new();
+        for (i, region) in map.regions().into_iter().enumerate() {
+            let id = NodeId::new(format!("gateway-{region}")).unwrap();
+            let inbox = network.register(id.clone(), region.clone(), ENDPOINT_INBOX_CAPACITY);
+            let gateway = Gateway::start(
+                id,
+                region.clone(),
+                meta.clone(),
+                transport.clone(),
+                inbox,
+                options.gateway.clone(),
+            );
+            let port = if options.port == 0 {
+                0
+            } else {
+                options.port + i as u16
+            };
+            let listener = tokio::net::TcpListener::bind((options.bind, port))
+                .await
+                .with_context(|| {
+                    format!("binding the {region} gateway to {}:{port}", options.bind)
+                })?;
+            let addr = listener.local_addr()?;
+            let app = harbor_gateway::routes(gateway.clone());
+            let mut stopped = stopped.clone();
+            let server = tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    tracing::error!(error = %e, "gateway server failed");
+                }
+            });
+            gateways.push(GatewayHandle {
+                region,
+                addr,
+                gateway,
+                server,
+            });
+        }
+        let cluster = DevCluster {
+            meta,
+            network,
+            map,
+            gateways,
+            nodes,
+            stop,
+        };
+        cluster.wait_ready(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    /// Waits until every group's leader has committed its first entry.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let gateway = &self.gateways[0].gateway;
+        loop {
+            let mut waiting = 0;
+            for shard in self.map.groups.keys() {
+                let ready = matches!(
+                    gateway.call(Request::Read { shard: *shard, query: Query::Status }).await,
+                    Ok(Response::Read { result: QueryResult::Status(s), .. }) if s.ready
+                );
+                if !ready {
+                    waiting += 1;
+                }
+            }
+            if waiting == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{waiting} groups have no ready leader after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, region: &str) -> String {
+        self.gateways
+            .iter()
+            .find(|g| g.region.as_str() == region)
+            .map(|g| g.url())
+            .unwrap_or_else(|| panic!("no gateway in {region}"))
+    }
+
+    /// Stops the gateways, then every replica after its current batch.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for gateway in self.gateways {
+            let _ = gateway.server.await;
+        }
+        for node in &self.nodes {
+            self.network.unregister(node.id());
+        }
+        let nodes = self.nodes;
+        let _ = tokio::task::spawn_blocking(move || {
+            for node in nodes {
+                node.shutdown();
+            }
+        })
+        .await;
+    }
+}

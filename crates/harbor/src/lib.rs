@@ -1,0 +1,3 @@
+//! The pieces of the `harbor` binary that tests use too.
+
+pub mod dev;

@@ -1,0 +1,13 @@
+//! The metadata plane: who owns each shard, at which generation.
+//!
+//! [`placement`] is pure: it builds topologies and maps issuers to buckets.
+//! [`store`] keeps the shard map and the issuer directory durable on local
+//! disk. This is the embedded, single-voter form the write-path issue needs;
+//! the control-plane issue replaces the store with a Raft state machine
+//! without changing what it holds.
+
+pub mod placement;
+pub mod store;
+
+pub use placement::{GroupInfo, NodeInfo, ShardMap, Topology, BUCKETS_DEFAULT};
+pub use store::{DirectoryError, MetaError, MetaStore};

@@ -1,0 +1,264 @@
+use std::collections::BTreeMap;
+
+use harbor_types::{BucketId, Generation, IssuerId, NodeId, Region, ShardId};
+use serde::{Deserialize, Serialize};
+
+/// Logical buckets in a cluster. Fixed for the life of a cluster: buckets
+/// move between groups, their number never changes.
+pub const BUCKETS_DEFAULT: u32 = 2048;
+
+/// The shape of a cluster to create: regions, nodes, groups.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Topology {
+    pub regions: Vec<Region>,
+    pub nodes_per_region: usize,
+    pub groups_per_region: usize,
+    /// Replicas of a group in its home region (leader included).
+    pub local_replicas: usize,
+    /// Replicas of a group in each other region (asynchronous).
+    pub remote_replicas: usize,
+    pub buckets: u32,
+}
+
+impl Topology {
+    /// `harbor dev`: madrid and newyork, 3 nodes each, 16 groups, each with 3
+    /// local replicas and 1 remote.
+    pub fn dev() -> Topology {
+        Topology {
+            regions: vec![
+                Region::new("madrid").unwrap(),
+                Region::new("newyork").unwrap(),
+            ],
+            nodes_per_region: 3,
+            groups_per_region: 8,
+            local_replicas: 3,
+            remote_replicas: 1,
+            buckets: BUCKETS_DEFAULT,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.regions.is_empty() {
+            return Err("at least one region is needed".into());
+        }
+        if self.local_replicas == 0 || self.local_replicas > self.nodes_per_region {
+            return Err(format!(
+                "local_replicas = {} must be between 1 and nodes_per_region = {}",
+                self.local_replicas, self.nodes_per_region
+            ));
+        }
+        if self.regions.len() > 1 && self.remote_replicas > self.nodes_per_region {
+            return Err("remote_replicas is larger than a region".into());
+        }
+        let groups = self.groups_per_region * self.regions.len();
+        if groups == 0 || self.buckets < groups as u32 {
+            return Err(format!(
+                "{} buckets cannot cover {groups} groups",
+                self.buckets
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node: NodeId,
+    pub region: Region,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub shard: ShardId,
+    pub home_region: Region,
+    /// Home-region replicas first, leader among them.
+    pub members: Vec<NodeId>,
+    pub leader: NodeId,
+    pub generation: Generation,
+}
+
+/// Bucket → group, group → members, leader and generation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMap {
+    /// Bumped on every change; routers compare it to refresh.
+    pub map_version: u64,
+    pub nodes: Vec<NodeInfo>,
+    pub groups: BTreeMap<ShardId, GroupInfo>,
+    /// Index = bucket id.
+    pub buckets: Vec<ShardId>,
+}
+
+impl ShardMap {
+    /// Lays a topology out: groups are homed round-robin over regions,
+    /// replicas and leaders are spread over each region's nodes, and buckets
+    /// are dealt to groups round-robin.
+    pub fn from_topology(topology: &Topology) -> ShardMap {
+        topology.validate().expect("valid topology");
+        let mut nodes = Vec::new();
+        let mut by_region: BTreeMap<&Region, Vec<NodeId>> = BTreeMap::new();
+        for region in &topology.regions {
+            for i in 1..=topology.nodes_per_region {
+                let node = NodeId::new(format!("{region}-{i}")).unwrap();
+                nodes.push(NodeInfo {
+                    node: node.clone(),
+                    region: region.clone(),
+                });
+                by_region.entry(region).or_default().push(node);
+            }
+        }
+        let mut groups = BTreeMap::new();
+        let group_count = topology.groups_per_region * topology.regions.len();
+        for g in 0..group_count {
+            let home = &topology.regions[g / topology.groups_per_region];
+            let k = g % topology.groups_per_region;
+            let local = &by_region[home];
+            let mut members: Vec<NodeId> = (0..topology.local_replicas)
+                .map(|i| local[(k + i) % local.len()].clone())
+                .collect();
+            for region in topology.regions.iter().filter(|r| *r != home) {
+                let remote = &by_region[region];
+                members.extend(
+                    (0..topology.remote_replicas).map(|i| remote[(k + i) % remote.len()].clone()),
+                );
+            }
+            let shard = ShardId(g as u32);
+            groups.insert(
+                shard,
+                GroupInfo {
+                    shard,
+                    home_region: home.clone(),
+                    leader: members[0].clone(),
+                    members,
+                    generation: Generation::ZERO,
+                },
+            );
+        }
+        let buckets = (0..topology.buckets)
+            .map(|b| ShardId(b % group_count as u32))
+            .collect();
+        ShardMap {
+            map_version: 1,
+            nodes,
+            groups,
+            buckets,
+        }
+    }
+
+    pub fn region_of(&self, node: &NodeId) -> Option<&Region> {
+        self.nodes
+            .iter()
+            .find(|n| n.node == *node)
+            .map(|n| &n.region)
+    }
+
+    pub fn regions(&self) -> Vec<Region> {
+        let mut regions: Vec<Region> = self.nodes.iter().map(|n| n.region.clone()).collect();
+        regions.sort();
+        regions.dedup();
+        regions
+    }
+
+    pub fn shard_of_bucket(&self, bucket: BucketId) -> ShardId {
+        self.buckets[bucket.0 as usize]
+    }
+
+    /// The buckets whose group is homed in `region`, in bucket order.
+    pub fn buckets_homed_in(&self, region: &Region) -> Vec<BucketId> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, shard)| self.groups[shard].home_region == *region)
+            .map(|(b, _)| BucketId(b as u32))
+            .collect()
+    }
+
+    /// The bucket for a new issuer: chosen among the buckets homed in its
+    /// home region by a stable hash of its id, so the choice is the same on
+    /// every router and in every release.
+    pub fn place_issuer(&self, issuer: &IssuerId, home_region: &Region) -> Option<BucketId> {
+        let candidates = self.buckets_homed_in(home_region);
+        if candidates.is_empty() {
+            return None;
+        }
+        let slot = fnv1a64(issuer.as_str().as_bytes()) % candidates.len() as u64;
+        Some(candidates[slot as usize])
+    }
+
+    /// Groups a node hosts a replica of.
+    pub fn groups_of(&self, node: &NodeId) -> Vec<&GroupInfo> {
+        self.groups
+            .values()
+            .filter(|g| g.members.contains(node))
+            .collect()
+    }
+}
+
+/// FNV-1a: tiny, stable across platforms and Rust releases (unlike
+/// `DefaultHasher`), good enough to spread ids over buckets.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= *b as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_topology_has_the_documented_shape() {
+        let map = ShardMap::from_topology(&Topology::dev());
+        assert_eq!(map.nodes.len(), 6);
+        assert_eq!(map.groups.len(), 16);
+        assert_eq!(map.buckets.len(), 2048);
+        let madrid = Region::new("madrid").unwrap();
+        for group in map.groups.values() {
+            assert_eq!(group.members.len(), 4, "{group:?}");
+            let local = group
+                .members
+                .iter()
+                .filter(|n| map.region_of(n) == Some(&group.home_region))
+                .count();
+            assert_eq!(local, 3);
+            assert_eq!(map.region_of(&group.leader), Some(&group.home_region));
+        }
+        let homed_in_madrid = map
+            .groups
+            .values()
+            .filter(|g| g.home_region == madrid)
+            .count();
+        assert_eq!(homed_in_madrid, 8);
+        // Leaders are spread over the region's nodes.
+        let mut leaders: Vec<_> = map.groups.values().map(|g| g.leader.clone()).collect();
+        leaders.sort();
+        leaders.dedup();
+        assert_eq!(leaders.len(), 6);
+    }
+
+    #[test]
+    fn issuers_land_in_their_home_region_and_spread() {
+        let map = ShardMap::from_topology(&Topology::dev());
+        let newyork = Region::new("newyork").unwrap();
+        let mut shards = std::collections::BTreeSet::new();
+        for i in 0..200 {
+            let issuer = IssuerId::new(format!("ISS-{i}")).unwrap();
+            let bucket = map.place_issuer(&issuer, &newyork).unwrap();
+            let shard = map.shard_of_bucket(bucket);
+            assert_eq!(map.groups[&shard].home_region, newyork);
+            assert_eq!(map.place_issuer(&issuer, &newyork), Some(bucket), "stable");
+            shards.insert(shard);
+        }
+        assert_eq!(
+            shards.len(),
+            8,
+            "200 issuers should touch every New York group"
+        );
+        assert_eq!(
+            map.place_issuer(&IssuerId::new("X").unwrap(), &Region::new("tokyo").unwrap()),
+            None
+        );
+    }
+}

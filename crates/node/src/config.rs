@@ -1,0 +1,46 @@
+use std::path::PathBuf;
+
+use harbor_wal::WalOptions;
+
+/// Limits and timings of a node's replicas. Every one is configurable and
+/// has a default sized for the 2-region dev cluster.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Each replica keeps its WAL in `data_dir/shard-{id}`.
+    pub data_dir: PathBuf,
+    /// Local followers that must hold an entry durably before it commits.
+    pub sync_acks: usize,
+    /// Writes are refused while a remote copy is further behind than this.
+    pub rpo_budget_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub retransmit_timeout_ms: u64,
+    /// How long a replica thread sleeps waiting for input before ticking.
+    pub tick_interval_ms: u64,
+    /// Applied entries between state-machine snapshots.
+    pub snapshot_interval_entries: u64,
+    /// Inputs queued for one replica before new ones are refused.
+    pub replica_inbox_capacity: usize,
+    /// Inputs taken in one batch (one fsync) by a replica.
+    pub batch_inputs_max: usize,
+    /// Proposals waiting to commit before the leader refuses new ones.
+    pub uncommitted_entries_max: u64,
+    pub wal: WalOptions,
+}
+
+impl NodeConfig {
+    pub fn new(data_dir: PathBuf) -> NodeConfig {
+        NodeConfig {
+            data_dir,
+            sync_acks: 1,
+            rpo_budget_ms: 5_000,
+            heartbeat_interval_ms: 50,
+            retransmit_timeout_ms: 500,
+            tick_interval_ms: 10,
+            snapshot_interval_entries: 100_000,
+            replica_inbox_capacity: 65_536,
+            batch_inputs_max: 8_192,
+            uncommitted_entries_max: 65_536,
+            wal: WalOptions::default(),
+        }
+    }
+}

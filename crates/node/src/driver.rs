@@ -1,0 +1,660 @@
+//! One replica's thread: the replication core, the state machine and the WAL,
+//! driven by real time and real IO.
+//!
+//! The loop: take a batch of inputs (up to `batch_inputs_max`), step the core
+//! with each, flush, execute the effects in order (WAL writes are buffered),
+//! fsync once for the whole batch, report durability back to the core, apply
+//! what committed and answer the clients whose entries were applied. A write
+//! is answered only after its entry is applied, so an acknowledged write is
+//! durable on the leader and on `sync_acks` local followers.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use harbor_replication::{
+    Config as CoreConfig, Effect, Entry, Member, ProposeError, Recovered, Replica, SnapshotMeta,
+};
+use harbor_reservation::{ApplyContext, Command, StateMachine};
+use harbor_types::{CommitToken, Generation, LogIndex, NodeId, ShardId, Timestamp};
+use harbor_wal::{FileStorage, HardState, Record, Snapshot, Wal, WalError};
+use serde::{Deserialize, Serialize};
+
+use crate::config::NodeConfig;
+use crate::transport::Transport;
+use crate::wire::{
+    Body, Envelope, ErrorCode, GroupStatus, NodeError, Query, QueryResult, Request, Response,
+    Served,
+};
+
+/// Orders from the metadata plane (and the node) to one replica.
+#[derive(Debug)]
+pub enum Control {
+    Lead(Generation),
+    Follow(Generation, NodeId),
+    Shutdown,
+}
+
+pub enum ReplicaInput {
+    Envelope(Envelope),
+    Control(Control),
+}
+
+/// What the WAL stores per entry besides index and generation.
+#[derive(Serialize, Deserialize)]
+struct WalPayload {
+    at: Timestamp,
+    payload: Vec<u8>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock before 1970")
+        .as_millis() as u64
+}
+
+/// A client waiting for its entry to apply.
+struct Waiter {
+    reply_to: NodeId,
+    request_id: u64,
+}
+
+pub struct Driver {
+    me: NodeId,
+    shard: ShardId,
+    config: NodeConfig,
+    core: Replica,
+    machine: StateMachine,
+    wal: Wal<FileStorage>,
+    transport: Arc<dyn Transport>,
+    /// Last entry applied to `machine` (barriers included).
+    applied: LogIndex,
+    /// Index of the snapshot the WAL holds.
+    snapshot_index: LogIndex,
+    waiters: BTreeMap<LogIndex, Waiter>,
+    /// The barrier of our generation; reads wait until it applied.
+    barrier: Option<LogIndex>,
+    /// An `ExpireHolds` proposal not yet applied.
+    expiry_pending: Option<LogIndex>,
+    /// Set after an IO failure: the replica stops taking part.
+    failed: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverStartError {
+    #[error("WAL of {shard}: {source}")]
+    Wal { shard: ShardId, source: WalError },
+    #[error("{shard}: {what}")]
+    Recovery { shard: ShardId, what: String },
+}
+
+impl Driver {
+    /// Opens (or creates) the replica's WAL and rebuilds its state.
+    pub fn open(
+        me: NodeId,
+        shard: ShardId,
+        members: Vec<Member>,
+        config: NodeConfig,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Driver, DriverStartError> {
+        let wal_err = |source| DriverStartError::Wal { shard, source };
+        let dir = config.data_dir.join(format!("shard-{}", shard.0));
+        let storage = FileStorage::new(&dir).map_err(|source| {
+            wal_err(WalError::Io {
+                op: "create_dir",
+                file: dir.display().to_string(),
+                source,
+            })
+        })?;
+        let (wal, recovered) = Wal::open(storage, config.wal.clone()).map_err(wal_err)?;
+        if recovered.torn_tail_bytes_cut > 0 {
+            tracing::warn!(%shard, node = %me, bytes = recovered.torn_tail_bytes_cut, "cut a torn WAL tail");
+        }
+        let (machine, snapshot) = match &recovered.snapshot {
+            Some(s) => {
+                let machine =
+                    StateMachine::restore(&s.data).map_err(|e| DriverStartError::Recovery {
+                        shard,
+                        what: format!("snapshot at {} does not decode: {e}", s.last_index),
+                    })?;
+                let meta = SnapshotMeta {
+                    last_index: s.last_index,
+                    last_generation: s.last_generation,
+                };
+                (machine, meta)
+            }
+            None => (StateMachine::new(), SnapshotMeta::default()),
+        };
+        let mut entries = Vec::with_capacity(recovered.records.len());
+        for record in &recovered.records {
+            let decoded: WalPayload =
+                postcard::from_bytes(&record.payload).map_err(|e| DriverStartError::Recovery {
+                    shard,
+                    what: format!("WAL entry {} does not decode: {e}", record.index),
+                })?;
+            entries.push(Entry {
+                index: record.index,
+                generation: record.generation,
+                at: decoded.at,
+                payload: decoded.payload,
+            });
+        }
+        let mut core_config = CoreConfig::new(shard, me.clone());
+        core_config.sync_acks = config.sync_acks;
+        core_config.rpo_budget_ms = config.rpo_budget_ms;
+        core_config.heartbeat_interval_ms = config.heartbeat_interval_ms;
+        core_config.retransmit_timeout_ms = config.retransmit_timeout_ms;
+        core_config.uncommitted_entries_max = config.uncommitted_entries_max;
+        core_config
+            .validate(&members)
+            .map_err(|e| DriverStartError::Recovery {
+                shard,
+                what: e.to_string(),
+            })?;
+        let core = Replica::new(
+            core_config,
+            members,
+            Recovered {
+                generation: recovered.hard_state.generation,
+                snapshot,
+                entries,
+            },
+        );
+        Ok(Driver {
+            me,
+            shard,
+            config,
+            core,
+            machine,
+            wal,
+            transport,
+            applied: snapshot.last_index,
+            snapshot_index: snapshot.last_index,
+            waiters: BTreeMap::new(),
+            barrier: None,
+            expiry_pending: None,
+            failed: None,
+        })
+    }
+
+    /// The replica's loop; returns on `Control::Shutdown` or when every
+    /// sender is gone.
+    pub fn run(mut self, inbox: Receiver<ReplicaInput>) {
+        let tick = Duration::from_millis(self.config.tick_interval_ms);
+        let mut last_tick_ms = 0;
+        loop {
+            let first = match inbox.recv_timeout(tick) {
+                Ok(input) => Some(input),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let now = now_ms();
+            let mut batch = 0;
+            let mut next = first;
+            while let Some(input) = next {
+                if let ReplicaInput::Control(Control::Shutdown) = input {
+                    self.finish_batch(now);
+                    return;
+                }
+                self.handle(now, input);
+                batch += 1;
+                next = if batch < self.config.batch_inputs_max {
+                    inbox.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            if now.saturating_sub(last_tick_ms) >= self.config.tick_interval_ms {
+                last_tick_ms = now;
+                if self.failed.is_none() {
+                    self.core.tick(now);
+                    self.propose_expiry(now);
+                }
+            }
+            self.finish_batch(now);
+        }
+    }
+
+    fn handle(&mut self, now: u64, input: ReplicaInput) {
+        match input {
+            ReplicaInput::Control(control) => self.control(now, control),
+            ReplicaInput::Envelope(envelope) => match envelope.body {
+                Body::Replication(message) => {
+                    if self.failed.is_none() {
+                        self.core.receive(now, &envelope.from, message);
+                    }
+                }
+                Body::Request { id, request } => self.request(now, envelope.from, id, request),
+                Body::Response { .. } => {
+                    tracing::warn!(shard = %self.shard, "replica got a response; dropped");
+                }
+            },
+        }
+    }
+
+    fn control(&mut self, now: u64, control: Control) {
+        if self.failed.is_some() {
+            return;
+        }
+        match control {
+            Control::Lead(generation) => {
+                self.core.become_leader(now, generation);
+                self.barrier = Some(self.core.last_index());
+                tracing::info!(shard = %self.shard, node = %self.me, %generation, "leading");
+            }
+            Control::Follow(generation, leader) => {
+                self.barrier = None;
+                self.core.become_follower(generation, leader);
+            }
+            Control::Shutdown => unreachable!("handled by the loop"),
+        }
+    }
+
+    /// Runs effects until the core is quiet: one fsync per round of writes.
+    fn finish_batch(&mut self, now: u64) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.core.flush(now);
+        for _round in 0..8 {
+            let effects = self.core.drain_effects();
+            if effects.is_empty() {
+                break;
+            }
+            let mut wrote = false;
+            for effect in effects {
+                match self.execute(now, effect) {
+                    Ok(w) => wrote |= w,
+                    Err(e) => return self.fail(e),
+                }
+            }
+            if wrote {
+                if let Err(e) = self.wal.sync() {
+                    return self.fail(e);
+                }
+                let last = self.core.last_index();
+                if let Some(generation) = self.core.generation_at(last) {
+                    self.core.persisted(now, last, generation);
+                }
+            }
+            self.apply_committed();
+            self.core.flush(now);
+        }
+        self.maybe_snapshot();
+    }
+
+    /// Returns whether the WAL needs an fsync.
+    fn execute(&mut self, now: u64, effect: Effect) -> Result<bool, WalError> {
+        match effect {
+            Effect::PersistGeneration(generation) => {
+                self.wal.set_hard_state(&HardState { generation })?;
+                Ok(false)
+            }
+            Effect::Persist {
+                truncate_from,
+                entries,
+            } => {
+                if let Some(from) = truncate_from {
+                    tracing::info!(shard = %self.shard, node = %self.me, %from, "truncating a suffix from an older generation");
+                    self.wal.truncate_from(from)?;
+                }
+                let records: Vec<Record> = entries
+                    .into_iter()
+                    .map(|e| Record {
+                        index: e.index,
+                        generation: e.generation,
+                        payload: postcard::to_allocvec(&WalPayload {
+                            at: e.at,
+                            payload: e.payload,
+                        })
+                        .expect("entries serialize"),
+                    })
+                    .collect();
+                self.wal.append(&records)?;
+                Ok(true)
+            }
+            Effect::PersistSnapshot { meta, data } => {
+                let machine = match StateMachine::restore(&data) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.failed =
+                            Some(format!("snapshot from the leader does not decode: {e}"));
+                        return Ok(false);
+                    }
+                };
+                self.wal.install_snapshot(&Snapshot {
+                    last_index: meta.last_index,
+                    last_generation: meta.last_generation,
+                    data,
+                })?;
+                self.machine = machine;
+                self.applied = meta.last_index;
+                self.snapshot_index = meta.last_index;
+                Ok(false)
+            }
+            Effect::Send { to, message } => {
+                self.transport.send(Envelope {
+                    from: self.me.clone(),
+                    to,
+                    body: Body::Replication(message),
+                });
+                Ok(false)
+            }
+            Effect::Commit { .. } => Ok(false),
+            Effect::SnapshotNeeded { to } => {
+                let meta = SnapshotMeta {
+                    last_index: self.applied,
+                    last_generation: self
+                        .core
+                        .generation_at(self.applied)
+                        .expect("applied entry is in memory or the compaction point"),
+                };
+                let data = self.machine.snapshot();
+                self.core.send_snapshot(now, &to, meta, data);
+                Ok(false)
+            }
+            Effect::SteppedDown { generation } => {
+                tracing::info!(shard = %self.shard, node = %self.me, %generation, "stepped down");
+                self.barrier = None;
+                self.expiry_pending = None;
+                let waiters = std::mem::take(&mut self.waiters);
+                for (_, waiter) in waiters {
+                    self.reply_error(
+                        &waiter.reply_to,
+                        waiter.request_id,
+                        error(
+                            ErrorCode::LeadershipChanged,
+                            format!("leadership of {} changed to generation {generation}; the write may or may not commit", self.shard),
+                            true,
+                            true,
+                        ),
+                    );
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    fn fail(&mut self, e: WalError) {
+        tracing::error!(shard = %self.shard, node = %self.me, error = %e, "WAL failure: replica stopped");
+        self.failed = Some(e.to_string());
+        let waiters = std::mem::take(&mut self.waiters);
+        for (_, waiter) in waiters {
+            self.reply_error(
+                &waiter.reply_to,
+                waiter.request_id,
+                error(
+                    ErrorCode::ReplicaFailed,
+                    format!("the leader of {} stopped after a storage failure; the write may or may not commit", self.shard),
+                    true,
+                    true,
+                ),
+            );
+        }
+    }
+
+    fn apply_committed(&mut self) {
+        let commit = self.core.commit_index();
+        while self.applied < commit {
+            let index = self.applied.next();
+            let entry = self
+                .core
+                .entry(index)
+                .unwrap_or_else(|| panic!("{}: committed entry {index} not in memory", self.shard));
+            let command = if entry.is_barrier() {
+                Command::Noop
+            } else {
+                match postcard::from_bytes::<Command>(&entry.payload) {
+                    Ok(command) => command,
+                    Err(e) => panic!(
+                        "{}: committed entry {index} does not decode ({e}); a build that cannot read its own log must not run",
+                        self.shard
+                    ),
+                }
+            };
+            let position = CommitToken {
+                shard: self.shard,
+                generation: entry.generation,
+                index,
+            };
+            let ctx = ApplyContext {
+                position,
+                at: entry.at,
+            };
+            let applied = self.machine.apply(&ctx, &command);
+            self.applied = index;
+            if self.expiry_pending == Some(index) {
+                self.expiry_pending = None;
+            }
+            if let Some(waiter) = self.waiters.remove(&index) {
+                let issuer = command_issuer(&command).and_then(|id| self.machine.issuer(id));
+                let response = Response::Applied {
+                    outcome: applied.outcome,
+                    issuer,
+                    commit_token: position,
+                    served: self.served(),
+                };
+                self.reply(&waiter.reply_to, waiter.request_id, response);
+            }
+        }
+    }
+
+    fn maybe_snapshot(&mut self) {
+        if self.failed.is_some()
+            || self.snapshot_index.distance_to(self.applied) < self.config.snapshot_interval_entries
+        {
+            return;
+        }
+        let Some(generation) = self.core.generation_at(self.applied) else {
+            return;
+        };
+        let snapshot = Snapshot {
+            last_index: self.applied,
+            last_generation: generation,
+            data: self.machine.snapshot(),
+        };
+        if let Err(e) = self.wal.install_snapshot(&snapshot) {
+            return self.fail(e);
+        }
+        self.snapshot_index = self.applied;
+        self.core.compact(self.applied);
+    }
+
+    fn propose_expiry(&mut self, now: u64) {
+        if !self.is_ready() || self.expiry_pending.is_some() {
+            return;
+        }
+        let Some(due) = self.machine.next_hold_expiry_ms() else {
+            return;
+        };
+        if due > now {
+            return;
+        }
+        let payload = postcard::to_allocvec(&Command::ExpireHolds).unwrap();
+        if let Ok(index) = self.core.propose(now, payload) {
+            self.expiry_pending = Some(index);
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.core.is_leader() && self.barrier.is_some_and(|b| self.applied >= b)
+    }
+
+    fn served(&self) -> Served {
+        Served {
+            node: self.me.clone(),
+            shard: self.shard,
+            generation: self.core.generation(),
+            applied: self.machine.applied(),
+        }
+    }
+
+    fn request(&mut self, now: u64, from: NodeId, id: u64, request: Request) {
+        if let Some(why) = &self.failed {
+            let e = error(
+                ErrorCode::ReplicaFailed,
+                format!("replica of {} on {} stopped: {why}", self.shard, self.me),
+                true,
+                false,
+            );
+            return self.reply_error(&from, id, e);
+        }
+        if let Request::Read {
+            query: Query::Status,
+            ..
+        } = request
+        {
+            let status = GroupStatus {
+                shard: self.shard,
+                node: self.me.clone(),
+                replica: self.core.status(now),
+                ready: self.is_ready(),
+                applied: self.machine.applied(),
+                issuers: self.machine.issuers().count() as u64,
+            };
+            let response = Response::Read {
+                result: QueryResult::Status(status),
+                served: self.served(),
+            };
+            return self.reply(&from, id, response);
+        }
+        if !self.core.is_leader() {
+            let mut e = error(
+                ErrorCode::NotLeader,
+                format!("{} is not the leader of {}", self.me, self.shard),
+                true,
+                false,
+            );
+            e.leader_hint = self.core.leader().cloned();
+            return self.reply_error(&from, id, e);
+        }
+        match request {
+            Request::Write { command, .. } => {
+                let payload = postcard::to_allocvec(&command).expect("commands serialize");
+                match self.core.propose(now, payload) {
+                    Ok(index) => {
+                        let previous = self.waiters.insert(
+                            index,
+                            Waiter {
+                                reply_to: from,
+                                request_id: id,
+                            },
+                        );
+                        assert!(previous.is_none(), "two waiters for entry {index}");
+                    }
+                    Err(e) => {
+                        let e = propose_error(self.shard, e);
+                        self.reply_error(&from, id, e);
+                    }
+                }
+            }
+            Request::Read { query, .. } => {
+                if !self.is_ready() {
+                    let e = error(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "the leader of {} has not committed its first entry yet",
+                            self.shard
+                        ),
+                        true,
+                        false,
+                    );
+                    return self.reply_error(&from, id, e);
+                }
+                let result = self.query(query);
+                let response = Response::Read {
+                    result,
+                    served: self.served(),
+                };
+                self.reply(&from, id, response);
+            }
+        }
+    }
+
+    fn query(&self, query: Query) -> QueryResult {
+        match query {
+            Query::Issuer(issuer) => QueryResult::Issuer(self.machine.issuer(&issuer)),
+            Query::Reservation(id) => QueryResult::Reservation(self.machine.reservation(&id)),
+            Query::OpenReservations(issuer) => {
+                QueryResult::OpenReservations(self.machine.open_reservations(&issuer))
+            }
+            Query::Token(issuer, token) => QueryResult::Token(self.machine.token(&issuer, &token)),
+            Query::TokenAnyIssuer(token) => QueryResult::Tokens(
+                self.machine
+                    .issuers()
+                    .filter_map(|issuer| self.machine.token(issuer, &token))
+                    .collect(),
+            ),
+            Query::Status => unreachable!("answered before the leader check"),
+        }
+    }
+
+    fn reply(&self, to: &NodeId, id: u64, response: Response) {
+        self.transport.send(Envelope {
+            from: self.me.clone(),
+            to: to.clone(),
+            body: Body::Response { id, response },
+        });
+    }
+
+    fn reply_error(&self, to: &NodeId, id: u64, e: NodeError) {
+        self.reply(to, id, Response::Error(e));
+    }
+}
+
+/// The issuer a command is about, if any.
+fn command_issuer(command: &Command) -> Option<&harbor_types::IssuerId> {
+    match command {
+        Command::UpsertIssuer { issuer_id, .. }
+        | Command::Reserve { issuer_id, .. }
+        | Command::ResolveToken { issuer_id, .. } => Some(issuer_id),
+        Command::Confirm { reservation_id } | Command::Release { reservation_id } => {
+            Some(reservation_id.issuer())
+        }
+        Command::ExpireHolds | Command::Noop => None,
+    }
+}
+
+pub fn error(
+    code: ErrorCode,
+    message: String,
+    retryable: bool,
+    outcome_unknown: bool,
+) -> NodeError {
+    NodeError {
+        code,
+        message,
+        retryable,
+        outcome_unknown,
+        leader_hint: None,
+        retry_after_ms: None,
+    }
+}
+
+fn propose_error(shard: ShardId, e: ProposeError) -> NodeError {
+    match e {
+        ProposeError::NotLeader { ref leader, .. } => {
+            let mut err = error(ErrorCode::NotLeader, e.to_string(), true, false);
+            err.leader_hint = leader.clone();
+            err
+        }
+        ProposeError::RpoBudgetExceeded { budget_ms, .. } => {
+            let mut err = error(
+                ErrorCode::RpoBudgetExceeded,
+                format!("{shard}: {e}; writes resume when the remote copy catches up"),
+                true,
+                false,
+            );
+            err.retry_after_ms = Some((budget_ms / 5).max(100));
+            err
+        }
+        ProposeError::Overloaded { .. } => {
+            let mut err = error(ErrorCode::Overloaded, format!("{shard}: {e}"), true, false);
+            err.retry_after_ms = Some(50);
+            err
+        }
+        ProposeError::TooLarge { .. } => error(ErrorCode::TooLarge, e.to_string(), false, false),
+    }
+}

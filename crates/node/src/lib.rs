@@ -1,0 +1,18 @@
+//! The node runtime: one process-level host for replicas of many groups.
+//!
+//! Each replica runs on its own thread ([`driver`]), which owns the
+//! replication core, the reservation state machine and the WAL, and executes
+//! the core's effects with real IO: a batch of inputs becomes one WAL write
+//! and one fsync (group commit). [`transport`] moves envelopes between
+//! nodes and gateways, in-process or over TCP.
+
+pub mod config;
+pub mod driver;
+pub mod node;
+pub mod transport;
+pub mod wire;
+
+pub use config::NodeConfig;
+pub use driver::Control;
+pub use node::{Node, NodeStartError};
+pub use transport::{InProcNetwork, Inbox, LinkFaults, TcpTransport, Transport};

@@ -1,0 +1,178 @@
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use harbor_types::{NodeId, Region};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{Inbox, Transport};
+use crate::wire::Envelope;
+
+/// Envelopes queued on one cross-region link before new ones are dropped.
+const LINK_QUEUE_MAX: usize = 65_536;
+
+/// Faults between regions, changed at run time (dev mode, tests).
+#[derive(Clone, Debug, Default)]
+pub struct LinkFaults {
+    /// One-way delay between different regions.
+    pub wan_delay_ms: u64,
+    /// Extra one-way delay per ordered region pair.
+    pub extra_delay_ms: HashMap<(Region, Region), u64>,
+    /// Ordered region pairs whose envelopes are dropped.
+    pub partitioned: HashSet<(Region, Region)>,
+    /// Endpoints that neither send nor receive.
+    pub isolated: HashSet<NodeId>,
+}
+
+struct Endpoint {
+    region: Region,
+    tx: mpsc::Sender<Envelope>,
+}
+
+/// Every endpoint in one process, connected by channels. Envelopes between
+/// regions pass through a per-link delay line, which keeps them in order.
+#[derive(Clone)]
+pub struct InProcNetwork {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoints: RwLock<HashMap<NodeId, Endpoint>>,
+    links: Mutex<HashMap<(NodeId, NodeId), mpsc::Sender<(Instant, Envelope)>>>,
+    faults: RwLock<LinkFaults>,
+    runtime: tokio::runtime::Handle,
+    dropped: AtomicU64,
+}
+
+impl InProcNetwork {
+    /// Needs a tokio runtime for the delay lines.
+    pub fn new(runtime: tokio::runtime::Handle, wan_delay_ms: u64) -> InProcNetwork {
+        InProcNetwork {
+            inner: Arc::new(Inner {
+                endpoints: RwLock::new(HashMap::new()),
+                links: Mutex::new(HashMap::new()),
+                faults: RwLock::new(LinkFaults {
+                    wan_delay_ms,
+                    ..LinkFaults::default()
+                }),
+                runtime,
+                dropped: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Adds an endpoint and returns its inbox (`capacity` envelopes).
+    pub fn register(&self, node: NodeId, region: Region, capacity: usize) -> Inbox {
+        let (tx, rx) = mpsc::channel(capacity);
+        let previous = self
+            .inner
+            .endpoints
+            .write()
+            .unwrap()
+            .insert(node.clone(), Endpoint { region, tx });
+        assert!(previous.is_none(), "endpoint {node} registered twice");
+        rx
+    }
+
+    /// Removes an endpoint: envelopes to it are dropped from now on.
+    pub fn unregister(&self, node: &NodeId) {
+        self.inner.endpoints.write().unwrap().remove(node);
+    }
+
+    pub fn faults(&self) -> LinkFaults {
+        self.inner.faults.read().unwrap().clone()
+    }
+
+    pub fn set_faults(&self, faults: LinkFaults) {
+        *self.inner.faults.write().unwrap() = faults;
+    }
+
+    /// Envelopes dropped so far (full queues, partitions, unknown endpoints).
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        Arc::new(self.clone())
+    }
+
+    fn drop_one(&self) {
+        self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Transport for InProcNetwork {
+    fn send(&self, envelope: Envelope) {
+        let (from_region, to_region, tx) = {
+            let endpoints = self.inner.endpoints.read().unwrap();
+            let (Some(from), Some(to)) =
+                (endpoints.get(&envelope.from), endpoints.get(&envelope.to))
+            else {
+                drop(endpoints);
+                self.drop_one();
+                return;
+            };
+            (from.region.clone(), to.region.clone(), to.tx.clone())
+        };
+        let delay_ms = {
+            let faults = self.inner.faults.read().unwrap();
+            if faults.isolated.contains(&envelope.from)
+                || faults.isolated.contains(&envelope.to)
+                || faults
+                    .partitioned
+                    .contains(&(from_region.clone(), to_region.clone()))
+            {
+                drop(faults);
+                self.drop_one();
+                return;
+            }
+            let pair = (from_region.clone(), to_region.clone());
+            let extra = faults.extra_delay_ms.get(&pair).copied().unwrap_or(0);
+            let wan = if from_region == to_region {
+                0
+            } else {
+                faults.wan_delay_ms
+            };
+            wan + extra
+        };
+        if delay_ms == 0 {
+            if tx.try_send(envelope).is_err() {
+                self.drop_one();
+            }
+            return;
+        }
+        let deliver_at = Instant::now() + Duration::from_millis(delay_ms);
+        let key = (envelope.from.clone(), envelope.to.clone());
+        let link = {
+            let mut links = self.inner.links.lock().unwrap();
+            links
+                .entry(key)
+                .or_insert_with(|| spawn_delay_line(&self.inner.runtime, tx, self.clone()))
+                .clone()
+        };
+        if link.try_send((deliver_at, envelope)).is_err() {
+            self.drop_one();
+        }
+    }
+}
+
+/// One task per directed link: holds each envelope until its delivery time,
+/// in send order.
+fn spawn_delay_line(
+    runtime: &tokio::runtime::Handle,
+    tx: mpsc::Sender<Envelope>,
+    network: InProcNetwork,
+) -> mpsc::Sender<(Instant, Envelope)> {
+    let (link_tx, mut link_rx) = mpsc::channel::<(Instant, Envelope)>(LINK_QUEUE_MAX);
+    runtime.spawn(async move {
+        while let Some((deliver_at, envelope)) = link_rx.recv().await {
+            tokio::time::sleep_until(deliver_at).await;
+            if tx.try_send(envelope).is_err() {
+                network.drop_one();
+            }
+        }
+    });
+    link_tx
+}

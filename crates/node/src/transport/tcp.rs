@@ -1,0 +1,160 @@
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use harbor_types::NodeId;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use super::Transport;
+use crate::wire::Envelope;
+
+/// The largest frame accepted or sent: a full append batch plus headroom.
+pub const FRAME_BYTES_MAX: usize = 64 << 20;
+/// Envelopes queued for one peer before new ones are dropped.
+const PEER_QUEUE_MAX: usize = 65_536;
+const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
+
+/// Envelopes as length-delimited postcard frames over TCP, one outbound
+/// connection per peer (reconnecting with backoff), any number inbound.
+pub struct TcpTransport {
+    me: NodeId,
+    peers: HashMap<NodeId, SocketAddr>,
+    local: mpsc::Sender<Envelope>,
+    outbound: Mutex<HashMap<NodeId, mpsc::Sender<Envelope>>>,
+    runtime: tokio::runtime::Handle,
+    dropped: Arc<AtomicU64>,
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(FRAME_BYTES_MAX)
+        .new_codec()
+}
+
+impl TcpTransport {
+    /// Listens on `listener`, delivering what arrives (and what this
+    /// endpoint sends itself) to `local`.
+    pub fn start(
+        me: NodeId,
+        listener: TcpListener,
+        peers: HashMap<NodeId, SocketAddr>,
+        local: mpsc::Sender<Envelope>,
+    ) -> Arc<TcpTransport> {
+        let runtime = tokio::runtime::Handle::current();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let inbound = local.clone();
+        let accept_dropped = dropped.clone();
+        runtime.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(read_frames(stream, inbound.clone(), accept_dropped.clone()));
+            }
+        });
+        Arc::new(TcpTransport {
+            me,
+            peers,
+            local,
+            outbound: Mutex::new(HashMap::new()),
+            runtime,
+            dropped,
+        })
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+async fn read_frames(stream: TcpStream, inbox: mpsc::Sender<Envelope>, dropped: Arc<AtomicU64>) {
+    let mut frames = FramedRead::new(stream, codec());
+    while let Some(frame) = frames.next().await {
+        let Ok(frame) = frame else {
+            return; // Oversized or broken frame: drop the connection.
+        };
+        match postcard::from_bytes::<Envelope>(&frame) {
+            Ok(envelope) => {
+                if inbox.try_send(envelope).is_err() {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable frame; closing connection");
+                return;
+            }
+        }
+    }
+}
+
+async fn write_frames(addr: SocketAddr, mut queue: mpsc::Receiver<Envelope>) {
+    let mut backoff = Duration::from_millis(10);
+    let mut pending: Option<Envelope> = None;
+    loop {
+        let stream = match TcpStream::connect(addr).await {
+            Ok(stream) => stream,
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_DELAY_MAX);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(10);
+        let _ = stream.set_nodelay(true);
+        let mut sink = FramedWrite::new(stream, codec());
+        loop {
+            let envelope = match pending.take() {
+                Some(envelope) => envelope,
+                None => match queue.recv().await {
+                    Some(envelope) => envelope,
+                    None => return,
+                },
+            };
+            let bytes = postcard::to_allocvec(&envelope).expect("envelopes serialize");
+            if bytes.len() > FRAME_BYTES_MAX {
+                tracing::error!(bytes = bytes.len(), "envelope over the frame limit dropped");
+                continue;
+            }
+            if sink.send(bytes::Bytes::from(bytes)).await.is_err() {
+                // Connection broke: the envelope may or may not have arrived;
+                // the protocol above tolerates both. Reconnect.
+                break;
+            }
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&self, envelope: Envelope) {
+        if envelope.to == self.me {
+            if self.local.try_send(envelope).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let Some(addr) = self.peers.get(&envelope.to).copied() else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let queue = {
+            let mut outbound = self.outbound.lock().unwrap();
+            outbound
+                .entry(envelope.to.clone())
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+                    self.runtime.spawn(write_frames(addr, rx));
+                    tx
+                })
+                .clone()
+        };
+        if queue.try_send(envelope).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

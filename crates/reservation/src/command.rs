@@ -1,0 +1,65 @@
+use harbor_types::{
+    Amount, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
+};
+use serde::{Deserialize, Serialize};
+
+/// The longest hold a client may ask for: 7 days. Longer exposure is a
+/// confirmed reservation, not a hold.
+pub const HOLD_TTL_MS_MAX: u64 = 7 * 24 * 60 * 60 * 1000;
+/// The longest `desk` or `trader` accepted, in bytes.
+pub const FIELD_LEN_MAX: usize = harbor_types::ID_LEN_MAX;
+
+/// One command of a group's replicated log, encoded with postcard.
+///
+/// Commands carry raw client input: the state machine validates it when it
+/// applies the entry and answers bad input with a [`crate::Rejection`], so a
+/// malformed command can never wedge a replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Register an issuer, or change the limit of an existing one.
+    UpsertIssuer {
+        issuer_id: IssuerId,
+        home_region: Region,
+        limit: Amount,
+    },
+    /// Reserve `amount` against the issuer's limit. With `hold_ttl_ms` the
+    /// reservation is a hold that expires unless confirmed; without it the
+    /// reservation is confirmed at once.
+    Reserve {
+        token: ReservationToken,
+        issuer_id: IssuerId,
+        amount: Amount,
+        desk: String,
+        trader: String,
+        hold_ttl_ms: Option<u64>,
+    },
+    Confirm {
+        reservation_id: ReservationId,
+    },
+    Release {
+        reservation_id: ReservationId,
+    },
+    /// Expire every hold whose `expires_at_ms <= at.wall_ms` of this entry.
+    /// The leader proposes it when [`crate::StateMachine::next_hold_expiry_ms`]
+    /// has passed.
+    ExpireHolds,
+    /// Make a token's outcome final: report the existing one, or commit
+    /// "abandoned" so a late request with that token can never commit.
+    ResolveToken {
+        issuer_id: IssuerId,
+        token: ReservationToken,
+    },
+    /// A new leader's first entry.
+    Noop,
+}
+
+/// Where and when an entry sits in the log.
+///
+/// `at` is the HLC time the leader assigned when it proposed the entry. Hold
+/// expiry reads only `at.wall_ms`, never a local clock, so every replica
+/// expires the same holds at the same entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApplyContext {
+    pub position: CommitToken,
+    pub at: Timestamp,
+}

@@ -1,0 +1,984 @@
+use crate::command::{ApplyContext, Command, FIELD_LEN_MAX, HOLD_TTL_MS_MAX};
+use crate::outcome::{
+    Applied, Event, IssuerView, Outcome, Rejection, ReservationView, Status, TokenOutcome,
+    TokenView,
+};
+use harbor_types::{
+    Amount, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp, AMOUNT_MAX,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The first byte of every snapshot. Bump it when the encoding changes.
+pub const SNAPSHOT_FORMAT: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot is empty")]
+    Empty,
+    #[error("snapshot format {found} is not supported; expected {expected}")]
+    UnsupportedFormat { found: u8, expected: u8 },
+    #[error("snapshot does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("snapshot has {count} bytes after its end")]
+    TrailingBytes { count: usize },
+    #[error("snapshot decodes to an inconsistent state: {reason}")]
+    Inconsistent { reason: String },
+}
+
+/// The request a token was first decided with. Kept verbatim rather than
+/// hashed: a hash collision would turn a 409 into a silently wrong replay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ReserveRequest {
+    amount: Amount,
+    desk: String,
+    trader: String,
+    hold_ttl_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Reservation {
+    pub(crate) token: ReservationToken,
+    pub(crate) amount: Amount,
+    desk: String,
+    trader: String,
+    /// As requested; also the committed token's payload fingerprint.
+    hold_ttl_ms: Option<u64>,
+    pub(crate) status: Status,
+    /// `Some` exactly while `status == Held`: `created_at.wall_ms + hold_ttl_ms`.
+    expires_at_ms: Option<u64>,
+    created: CommitToken,
+    created_at: Timestamp,
+    updated: CommitToken,
+}
+
+impl Reservation {
+    fn request(&self) -> ReserveRequest {
+        ReserveRequest {
+            amount: self.amount,
+            desk: self.desk.clone(),
+            trader: self.trader.clone(),
+            hold_ttl_ms: self.hold_ttl_ms,
+        }
+    }
+}
+
+/// A token's durable outcome. A committed token's payload is its
+/// reservation's, so only rejections keep their request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum TokenRecord {
+    Committed {
+        seq: u64,
+        commit_token: CommitToken,
+    },
+    /// Rejected for insufficient exposure; `remaining` as it was then.
+    Rejected {
+        request: ReserveRequest,
+        remaining: Amount,
+        commit_token: CommitToken,
+    },
+    /// Resolved before any request arrived, so it has no payload.
+    Abandoned {
+        commit_token: CommitToken,
+    },
+}
+
+/// One issuer and every row that belongs to it. Tokens are scoped per issuer
+/// because the issuer is the unit of placement: the exposure decision and
+/// its token outcome must be written by the same entry in the same bucket,
+/// and a global token table would span shards.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Issuer {
+    home_region: Region,
+    limit: Amount,
+    /// Sum of held and confirmed amounts; `<= limit`.
+    pub(crate) reserved: Amount,
+    /// The seq of the next reservation; reservation ids are `{issuer}:r{seq}`.
+    next_seq: u64,
+    updated: CommitToken,
+    /// Every reservation ever made, closed ones included, by seq.
+    pub(crate) reservations: BTreeMap<u64, Reservation>,
+    /// Every token ever decided. Kept forever for now; retention is a later
+    /// feature, and until then memory grows with the number of requests.
+    pub(crate) tokens: BTreeMap<ReservationToken, TokenRecord>,
+    /// Index: seqs of held and confirmed reservations. Rebuilt on restore.
+    #[serde(skip)]
+    open: BTreeSet<u64>,
+}
+
+impl Issuer {
+    fn remaining(&self) -> Amount {
+        self.limit
+            .checked_sub(self.reserved)
+            .unwrap_or_else(|| panic!("reserved {} exceeds limit {}", self.reserved, self.limit))
+    }
+}
+
+/// The reservation state machine of one replica group. Every replica applies
+/// the same committed entries in log order and so holds the same state:
+/// apply is a pure function of (state, entry), with no clock, randomness or
+/// hash-order iteration. Serial apply in log order is what makes the
+/// exposure check safe without locks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateMachine {
+    pub(crate) applied: Option<CommitToken>,
+    pub(crate) issuers: BTreeMap<IssuerId, Issuer>,
+    /// Index: `(expires_at_ms, id)` of every held reservation, so the next
+    /// expiry and each `ExpireHolds` cost O(log n) per hold. Rebuilt on restore.
+    #[serde(skip)]
+    holds_by_expiry: BTreeSet<(u64, ReservationId)>,
+}
+
+fn check_amount(field: &'static str, value: Amount, min: Amount) -> Result<(), Rejection> {
+    if value < min || value.0 > AMOUNT_MAX {
+        return Err(Rejection::InvalidAmount {
+            field: field.to_string(),
+            value,
+            min,
+            max: Amount(AMOUNT_MAX),
+        });
+    }
+    Ok(())
+}
+
+fn check_text(field: &'static str, value: &str) -> Result<(), Rejection> {
+    let reason = if value.is_empty() {
+        "must not be empty".to_string()
+    } else if value.len() > FIELD_LEN_MAX {
+        format!(
+            "is {} bytes long; at most {FIELD_LEN_MAX} are allowed",
+            value.len()
+        )
+    } else if value.chars().any(char::is_control) {
+        "must not contain control characters".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(Rejection::InvalidField {
+        field: field.to_string(),
+        reason,
+    })
+}
+
+fn check_hold_ttl(hold_ttl_ms: Option<u64>) -> Result<(), Rejection> {
+    match hold_ttl_ms {
+        Some(ttl) if ttl == 0 || ttl > HOLD_TTL_MS_MAX => Err(Rejection::InvalidField {
+            field: "hold_ttl_ms".to_string(),
+            reason: format!("must be within 1..={HOLD_TTL_MS_MAX}, got {ttl}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn issuer_view(issuer_id: &IssuerId, issuer: &Issuer) -> IssuerView {
+    IssuerView {
+        issuer_id: issuer_id.clone(),
+        home_region: issuer.home_region.clone(),
+        limit: issuer.limit,
+        reserved: issuer.reserved,
+        remaining: issuer.remaining(),
+        reservations_open: u64::try_from(issuer.open.len()).expect("open count fits u64"),
+        updated: Some(issuer.updated),
+    }
+}
+
+fn reservation_view(issuer_id: &IssuerId, seq: u64, r: &Reservation) -> ReservationView {
+    ReservationView {
+        reservation_id: ReservationId::new(issuer_id.clone(), seq),
+        issuer_id: issuer_id.clone(),
+        reservation_token: r.token.clone(),
+        amount: r.amount,
+        desk: r.desk.clone(),
+        trader: r.trader.clone(),
+        status: r.status,
+        expires_at_ms: r.expires_at_ms,
+        created: r.created,
+        created_at: r.created_at,
+        updated: r.updated,
+    }
+}
+
+fn token_view(issuer_id: &IssuerId, token: &ReservationToken, record: &TokenRecord) -> TokenView {
+    let outcome = match record {
+        TokenRecord::Committed { seq, commit_token } => TokenOutcome::Committed {
+            reservation_id: ReservationId::new(issuer_id.clone(), *seq),
+            commit_token: *commit_token,
+        },
+        TokenRecord::Rejected { commit_token, .. } => TokenOutcome::Rejected {
+            code: "insufficient_exposure".to_string(),
+            commit_token: *commit_token,
+        },
+        TokenRecord::Abandoned { commit_token } => TokenOutcome::Abandoned {
+            commit_token: *commit_token,
+        },
+    };
+    TokenView {
+        issuer_id: issuer_id.clone(),
+        token: token.clone(),
+        outcome,
+    }
+}
+
+/// Close an open reservation (`to` is released or expired): free its amount
+/// and drop it from the indexes. Returns the amount freed.
+fn close(
+    issuer: &mut Issuer,
+    holds_by_expiry: &mut BTreeSet<(u64, ReservationId)>,
+    id: &ReservationId,
+    to: Status,
+    position: CommitToken,
+) -> Amount {
+    assert!(
+        matches!(to, Status::Released | Status::Expired),
+        "close to {to}"
+    );
+    let r = issuer
+        .reservations
+        .get_mut(&id.seq())
+        .expect("closing a known reservation");
+    assert!(r.status.is_open(), "closing {id} which is {}", r.status);
+    if let Some(expires_at_ms) = r.expires_at_ms.take() {
+        assert_eq!(
+            r.status,
+            Status::Held,
+            "{id} has an expiry but is {}",
+            r.status
+        );
+        let removed = holds_by_expiry.remove(&(expires_at_ms, id.clone()));
+        assert!(
+            removed,
+            "hold {id} missing from the expiry index at {expires_at_ms}"
+        );
+    }
+    r.status = to;
+    r.updated = position;
+    assert!(
+        issuer.open.remove(&id.seq()),
+        "{id} missing from the open index"
+    );
+    issuer.reserved = issuer.reserved.checked_sub(r.amount).unwrap_or_else(|| {
+        panic!(
+            "freeing {} of {id} but only {} reserved",
+            r.amount, issuer.reserved
+        )
+    });
+    issuer.updated = position;
+    r.amount
+}
+
+impl StateMachine {
+    pub fn new() -> StateMachine {
+        StateMachine::default()
+    }
+
+    /// Apply one committed entry. Deterministic. Bad command content is
+    /// answered with [`Outcome::Rejected`]; only a broken internal invariant
+    /// (or positions out of order, a bug in the caller) panics.
+    pub fn apply(&mut self, ctx: &ApplyContext, cmd: &Command) -> Applied {
+        if let Some(prev) = self.applied {
+            assert_eq!(
+                prev.shard, ctx.position.shard,
+                "entry of another shard applied"
+            );
+            assert!(
+                ctx.position.index > prev.index,
+                "positions must strictly increase: {} after {prev}",
+                ctx.position
+            );
+            assert!(
+                ctx.position.generation >= prev.generation,
+                "generation went backwards: {} after {prev}",
+                ctx.position
+            );
+        }
+        self.applied = Some(ctx.position);
+        let mut events = Vec::new();
+        let result = match cmd {
+            Command::UpsertIssuer {
+                issuer_id,
+                home_region,
+                limit,
+            } => self.upsert_issuer(ctx, &mut events, issuer_id, home_region, *limit),
+            Command::Reserve {
+                token,
+                issuer_id,
+                amount,
+                desk,
+                trader,
+                hold_ttl_ms,
+            } => {
+                let request = ReserveRequest {
+                    amount: *amount,
+                    desk: desk.clone(),
+                    trader: trader.clone(),
+                    hold_ttl_ms: *hold_ttl_ms,
+                };
+                self.reserve(ctx, &mut events, issuer_id, token, request)
+            }
+            Command::Confirm { reservation_id } => self.confirm(ctx, &mut events, reservation_id),
+            Command::Release { reservation_id } => self.release(ctx, &mut events, reservation_id),
+            Command::ExpireHolds => Ok(self.expire_holds(ctx, &mut events)),
+            Command::ResolveToken { issuer_id, token } => {
+                self.resolve_token(ctx, &mut events, issuer_id, token)
+            }
+            Command::Noop => Ok(Outcome::Noop),
+        };
+        let outcome = result.unwrap_or_else(Outcome::Rejected);
+        assert!(
+            events.iter().all(|e| e.position() == ctx.position),
+            "event positions differ from entry {}",
+            ctx.position
+        );
+        Applied { outcome, events }
+    }
+
+    fn upsert_issuer(
+        &mut self,
+        ctx: &ApplyContext,
+        events: &mut Vec<Event>,
+        issuer_id: &IssuerId,
+        home_region: &Region,
+        limit: Amount,
+    ) -> Result<Outcome, Rejection> {
+        check_amount("limit", limit, Amount::ZERO)?;
+        let Some(issuer) = self.issuers.get_mut(issuer_id) else {
+            let issuer = Issuer {
+                home_region: home_region.clone(),
+                limit,
+                reserved: Amount::ZERO,
+                next_seq: 1,
+                updated: ctx.position,
+                reservations: BTreeMap::new(),
+                tokens: BTreeMap::new(),
+                open: BTreeSet::new(),
+            };
+            let view = issuer_view(issuer_id, &issuer);
+            self.issuers.insert(issuer_id.clone(), issuer);
+            events.push(Event::IssuerRegistered {
+                position: ctx.position,
+                at: ctx.at,
+                issuer_id: issuer_id.clone(),
+                home_region: home_region.clone(),
+                limit,
+            });
+            return Ok(Outcome::Issuer {
+                issuer: view,
+                created: true,
+                changed: true,
+            });
+        };
+        if issuer.home_region != *home_region {
+            return Err(Rejection::HomeRegionMismatch {
+                issuer_id: issuer_id.clone(),
+                home_region: issuer.home_region.clone(),
+            });
+        }
+        let limit_before = issuer.limit;
+        if limit != limit_before {
+            if limit < issuer.reserved {
+                return Err(Rejection::LimitBelowReserved {
+                    issuer_id: issuer_id.clone(),
+                    limit,
+                    reserved: issuer.reserved,
+                });
+            }
+            issuer.limit = limit;
+            issuer.updated = ctx.position;
+            events.push(Event::LimitChanged {
+                position: ctx.position,
+                at: ctx.at,
+                issuer_id: issuer_id.clone(),
+                limit_before,
+                limit,
+            });
+        }
+        Ok(Outcome::Issuer {
+            issuer: issuer_view(issuer_id, issuer),
+            created: false,
+            changed: limit != limit_before,
+        })
+    }
+
+    fn reserve(
+        &mut self,
+        ctx: &ApplyContext,
+        events: &mut Vec<Event>,
+        issuer_id: &IssuerId,
+        token: &ReservationToken,
+        request: ReserveRequest,
+    ) -> Result<Outcome, Rejection> {
+        check_amount("amount", request.amount, Amount(1))?;
+        check_text("desk", &request.desk)?;
+        check_text("trader", &request.trader)?;
+        check_hold_ttl(request.hold_ttl_ms)?;
+        let issuer = self
+            .issuers
+            .get_mut(issuer_id)
+            .ok_or_else(|| Rejection::UnknownIssuer {
+                issuer_id: issuer_id.clone(),
+            })?;
+        if let Some(record) = issuer.tokens.get(token) {
+            return replay(issuer_id, issuer, token, record, &request);
+        }
+
+        let remaining = issuer.remaining();
+        if request.amount > remaining {
+            issuer.tokens.insert(
+                token.clone(),
+                TokenRecord::Rejected {
+                    request: request.clone(),
+                    remaining,
+                    commit_token: ctx.position,
+                },
+            );
+            let rejection = Rejection::InsufficientExposure {
+                issuer_id: issuer_id.clone(),
+                requested: request.amount,
+                remaining,
+            };
+            events.push(Event::ReservationRejected {
+                position: ctx.position,
+                at: ctx.at,
+                issuer_id: issuer_id.clone(),
+                token: token.clone(),
+                code: rejection.code().to_string(),
+                requested: request.amount,
+                remaining,
+            });
+            return Err(rejection);
+        }
+
+        let seq = issuer.next_seq;
+        issuer.next_seq = seq.checked_add(1).expect("reservation seq overflow");
+        let id = ReservationId::new(issuer_id.clone(), seq);
+        let (status, expires_at_ms) = match request.hold_ttl_ms {
+            Some(ttl) => {
+                let expires_at_ms =
+                    ctx.at.wall_ms.checked_add(ttl).unwrap_or_else(|| {
+                        panic!("entry time {} + hold ttl {ttl} overflows", ctx.at)
+                    });
+                assert!(
+                    self.holds_by_expiry.insert((expires_at_ms, id.clone())),
+                    "new hold {id} already in the expiry index"
+                );
+                (Status::Held, Some(expires_at_ms))
+            }
+            None => (Status::Confirmed, None),
+        };
+        issuer.reserved = issuer
+            .reserved
+            .checked_add(request.amount)
+            .unwrap_or_else(|| {
+                panic!(
+                    "reserved {} + {} overflows",
+                    issuer.reserved, request.amount
+                )
+            });
+        assert!(
+            issuer.reserved <= issuer.limit,
+            "reserved {} over limit {} after {id}",
+            issuer.reserved,
+            issuer.limit
+        );
+        issuer.updated = ctx.position;
+        let reservation = Reservation {
+            token: token.clone(),
+            amount: request.amount,
+            desk: request.desk,
+            trader: request.trader,
+            hold_ttl_ms: request.hold_ttl_ms,
+            status,
+            expires_at_ms,
+            created: ctx.position,
+            created_at: ctx.at,
+            updated: ctx.position,
+        };
+        let view = reservation_view(issuer_id, seq, &reservation);
+        assert!(
+            issuer.reservations.insert(seq, reservation).is_none(),
+            "{id} reused"
+        );
+        assert!(issuer.open.insert(seq), "{id} already open");
+        let committed = TokenRecord::Committed {
+            seq,
+            commit_token: ctx.position,
+        };
+        assert!(
+            issuer.tokens.insert(token.clone(), committed).is_none(),
+            "token {token} reused"
+        );
+        events.push(Event::ReservationCreated {
+            position: ctx.position,
+            at: ctx.at,
+            reservation: view.clone(),
+        });
+        Ok(Outcome::Reservation {
+            reservation: view,
+            replayed: false,
+        })
+    }
+
+    fn confirm(
+        &mut self,
+        ctx: &ApplyContext,
+        events: &mut Vec<Event>,
+        id: &ReservationId,
+    ) -> Result<Outcome, Rejection> {
+        let issuer = issuer_of(&mut self.issuers, id)?;
+        let r = issuer.reservations.get_mut(&id.seq()).expect("looked up");
+        match r.status {
+            Status::Confirmed => {
+                return Ok(Outcome::Reservation {
+                    reservation: reservation_view(id.issuer(), id.seq(), r),
+                    replayed: true,
+                })
+            }
+            from @ (Status::Released | Status::Expired) => {
+                return Err(Rejection::InvalidTransition {
+                    reservation_id: id.clone(),
+                    from,
+                    action: "confirm".to_string(),
+                })
+            }
+            Status::Held => {}
+        }
+        let expires_at_ms = r.expires_at_ms.expect("a hold has an expiry");
+        if ctx.at.wall_ms >= expires_at_ms {
+            // Due but not yet swept: expire it in this entry so the answer and
+            // the state agree.
+            let amount = close(
+                issuer,
+                &mut self.holds_by_expiry,
+                id,
+                Status::Expired,
+                ctx.position,
+            );
+            events.push(Event::ReservationExpired {
+                position: ctx.position,
+                at: ctx.at,
+                reservation_id: id.clone(),
+                amount,
+            });
+            return Err(Rejection::HoldExpired {
+                reservation_id: id.clone(),
+                expires_at_ms,
+            });
+        }
+        let removed = self.holds_by_expiry.remove(&(expires_at_ms, id.clone()));
+        assert!(
+            removed,
+            "hold {id} missing from the expiry index at {expires_at_ms}"
+        );
+        r.status = Status::Confirmed;
+        r.expires_at_ms = None;
+        r.updated = ctx.position;
+        events.push(Event::ReservationConfirmed {
+            position: ctx.position,
+            at: ctx.at,
+            reservation_id: id.clone(),
+            amount: r.amount,
+        });
+        Ok(Outcome::Reservation {
+            reservation: reservation_view(id.issuer(), id.seq(), r),
+            replayed: false,
+        })
+    }
+
+    /// Releasing a hold that is due but not yet swept releases it: the entry
+    /// order decides, and either way its amount is freed.
+    fn release(
+        &mut self,
+        ctx: &ApplyContext,
+        events: &mut Vec<Event>,
+        id: &ReservationId,
+    ) -> Result<Outcome, Rejection> {
+        let issuer = issuer_of(&mut self.issuers, id)?;
+        let status = issuer.reservations[&id.seq()].status;
+        let replayed = match status {
+            Status::Released => true,
+            Status::Expired => {
+                return Err(Rejection::InvalidTransition {
+                    reservation_id: id.clone(),
+                    from: status,
+                    action: "release".to_string(),
+                })
+            }
+            Status::Held | Status::Confirmed => {
+                let amount = close(
+                    issuer,
+                    &mut self.holds_by_expiry,
+                    id,
+                    Status::Released,
+                    ctx.position,
+                );
+                events.push(Event::ReservationReleased {
+                    position: ctx.position,
+                    at: ctx.at,
+                    reservation_id: id.clone(),
+                    amount,
+                });
+                false
+            }
+        };
+        Ok(Outcome::Reservation {
+            reservation: reservation_view(id.issuer(), id.seq(), &issuer.reservations[&id.seq()]),
+            replayed,
+        })
+    }
+
+    /// Expires every due hold. Complete rather than bounded: a partial sweep
+    /// would still be deterministic, but would leave due holds counting
+    /// against the limit for an unknown number of entries.
+    fn expire_holds(&mut self, ctx: &ApplyContext, events: &mut Vec<Event>) -> Outcome {
+        let mut count: u64 = 0;
+        while let Some((expires_at_ms, id)) = self.holds_by_expiry.first().cloned() {
+            if expires_at_ms > ctx.at.wall_ms {
+                break;
+            }
+            let issuer = self
+                .issuers
+                .get_mut(id.issuer())
+                .expect("hold of a known issuer");
+            let amount = close(
+                issuer,
+                &mut self.holds_by_expiry,
+                &id,
+                Status::Expired,
+                ctx.position,
+            );
+            events.push(Event::ReservationExpired {
+                position: ctx.position,
+                at: ctx.at,
+                reservation_id: id,
+                amount,
+            });
+            count = count.checked_add(1).expect("expired count overflow");
+        }
+        Outcome::Expired { count }
+    }
+
+    fn resolve_token(
+        &mut self,
+        ctx: &ApplyContext,
+        events: &mut Vec<Event>,
+        issuer_id: &IssuerId,
+        token: &ReservationToken,
+    ) -> Result<Outcome, Rejection> {
+        let issuer = self
+            .issuers
+            .get_mut(issuer_id)
+            .ok_or_else(|| Rejection::UnknownIssuer {
+                issuer_id: issuer_id.clone(),
+            })?;
+        let record = issuer.tokens.entry(token.clone()).or_insert_with(|| {
+            events.push(Event::TokenAbandoned {
+                position: ctx.position,
+                at: ctx.at,
+                issuer_id: issuer_id.clone(),
+                token: token.clone(),
+            });
+            TokenRecord::Abandoned {
+                commit_token: ctx.position,
+            }
+        });
+        Ok(Outcome::Token(token_view(issuer_id, token, record)))
+    }
+
+    /// The position of the last applied entry.
+    pub fn applied(&self) -> Option<CommitToken> {
+        self.applied
+    }
+
+    pub fn issuer(&self, id: &IssuerId) -> Option<IssuerView> {
+        self.issuers.get(id).map(|issuer| issuer_view(id, issuer))
+    }
+
+    pub fn issuers(&self) -> impl Iterator<Item = &IssuerId> {
+        self.issuers.keys()
+    }
+
+    pub fn reservation(&self, id: &ReservationId) -> Option<ReservationView> {
+        let r = self.issuers.get(id.issuer())?.reservations.get(&id.seq())?;
+        Some(reservation_view(id.issuer(), id.seq(), r))
+    }
+
+    /// Held and confirmed reservations of an issuer, by id; `None` if the
+    /// issuer is unknown.
+    pub fn open_reservations(&self, id: &IssuerId) -> Option<Vec<ReservationView>> {
+        let issuer = self.issuers.get(id)?;
+        let views = issuer
+            .open
+            .iter()
+            .map(|seq| reservation_view(id, *seq, &issuer.reservations[seq]))
+            .collect();
+        Some(views)
+    }
+
+    pub fn token(&self, issuer: &IssuerId, token: &ReservationToken) -> Option<TokenView> {
+        let record = self.issuers.get(issuer)?.tokens.get(token)?;
+        Some(token_view(issuer, token, record))
+    }
+
+    /// The earliest `expires_at_ms` of any held reservation: the leader
+    /// proposes `ExpireHolds` once its clock has passed it.
+    pub fn next_hold_expiry_ms(&self) -> Option<u64> {
+        self.holds_by_expiry
+            .first()
+            .map(|(expires_at_ms, _)| *expires_at_ms)
+    }
+
+    /// Encode the whole state: a format byte, then postcard. Deterministic:
+    /// equal states give equal bytes.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut bytes = vec![SNAPSHOT_FORMAT];
+        let body = postcard::to_stdvec(self).expect("state machine encodes");
+        bytes.extend_from_slice(&body);
+        bytes
+    }
+
+    /// Decode a snapshot, rebuild the indexes and check every invariant, so
+    /// corrupt bytes give an error rather than a replica that panics later.
+    pub fn restore(bytes: &[u8]) -> Result<StateMachine, SnapshotError> {
+        let (&format, body) = bytes.split_first().ok_or(SnapshotError::Empty)?;
+        if format != SNAPSHOT_FORMAT {
+            return Err(SnapshotError::UnsupportedFormat {
+                found: format,
+                expected: SNAPSHOT_FORMAT,
+            });
+        }
+        let (mut machine, rest): (StateMachine, _) = postcard::take_from_bytes(body)?;
+        if !rest.is_empty() {
+            return Err(SnapshotError::TrailingBytes { count: rest.len() });
+        }
+        for (issuer_id, issuer) in &mut machine.issuers {
+            for (seq, r) in &issuer.reservations {
+                if r.status.is_open() {
+                    issuer.open.insert(*seq);
+                }
+                // Seq 0 is corrupt: leave it to verify() rather than panic here.
+                if let Some(expires_at_ms) = r.expires_at_ms.filter(|_| *seq > 0) {
+                    let id = ReservationId::new(issuer_id.clone(), *seq);
+                    machine.holds_by_expiry.insert((expires_at_ms, id));
+                }
+            }
+        }
+        machine
+            .verify()
+            .map_err(|reason| SnapshotError::Inconsistent { reason })?;
+        Ok(machine)
+    }
+
+    /// Panic if any invariant is broken. O(state); for tests, the simulator
+    /// and after restore, not for every apply.
+    pub fn check_invariants(&self) {
+        if let Err(reason) = self.verify() {
+            panic!("reservation state machine invariant broken: {reason}");
+        }
+    }
+
+    /// Every invariant of the state, as an error naming the first broken one
+    /// with its values. Must not panic, whatever the state: it also judges
+    /// decoded snapshots.
+    fn verify(&self) -> Result<(), String> {
+        macro_rules! ensure {
+            ($cond:expr, $($fmt:tt)+) => {
+                if !$cond {
+                    return Err(format!($($fmt)+));
+                }
+            };
+        }
+        let at_or_before_applied = |p: CommitToken| self.applied.is_some_and(|a| p <= a);
+        let mut holds: usize = 0;
+        for (issuer_id, issuer) in &self.issuers {
+            ensure!(
+                issuer.limit.0 <= AMOUNT_MAX,
+                "{issuer_id}: limit {} over AMOUNT_MAX",
+                issuer.limit
+            );
+            ensure!(
+                issuer.reserved <= issuer.limit,
+                "{issuer_id}: reserved {} over limit {}",
+                issuer.reserved,
+                issuer.limit
+            );
+            ensure!(issuer.next_seq >= 1, "{issuer_id}: next_seq is 0");
+            ensure!(
+                at_or_before_applied(issuer.updated),
+                "{issuer_id}: updated {} after applied {:?}",
+                issuer.updated,
+                self.applied
+            );
+            let mut open_sum = Amount::ZERO;
+            let mut open_count: usize = 0;
+            for (&seq, r) in &issuer.reservations {
+                let id = format!("{issuer_id}:r{seq}");
+                ensure!(
+                    seq >= 1 && seq < issuer.next_seq,
+                    "{id}: seq outside 1..{}",
+                    issuer.next_seq
+                );
+                let request = r.request();
+                let valid = check_amount("amount", request.amount, Amount(1))
+                    .and_then(|()| check_text("desk", &request.desk))
+                    .and_then(|()| check_text("trader", &request.trader))
+                    .and_then(|()| check_hold_ttl(request.hold_ttl_ms));
+                ensure!(valid.is_ok(), "{id}: invalid request: {valid:?}");
+                ensure!(
+                    r.created <= r.updated && at_or_before_applied(r.updated),
+                    "{id}: created {} updated {} applied {:?}",
+                    r.created,
+                    r.updated,
+                    self.applied
+                );
+                match (r.status, r.expires_at_ms, r.hold_ttl_ms) {
+                    (Status::Held, Some(expires_at_ms), Some(ttl)) => {
+                        ensure!(
+                            r.created_at.wall_ms.checked_add(ttl) == Some(expires_at_ms),
+                            "{id}: expires at {expires_at_ms}, created at {} with ttl {ttl}",
+                            r.created_at
+                        );
+                        let key = (expires_at_ms, ReservationId::new(issuer_id.clone(), seq));
+                        ensure!(
+                            self.holds_by_expiry.contains(&key),
+                            "{id}: hold missing from the expiry index"
+                        );
+                        holds += 1;
+                    }
+                    (Status::Held, expires_at_ms, ttl) => {
+                        return Err(format!(
+                            "{id}: held with expiry {expires_at_ms:?}, ttl {ttl:?}"
+                        ))
+                    }
+                    (status, Some(expires_at_ms), _) => {
+                        return Err(format!("{id}: {status} with expiry {expires_at_ms}"))
+                    }
+                    (_, None, _) => {}
+                }
+                ensure!(
+                    r.status.is_open() == issuer.open.contains(&seq),
+                    "{id}: {} but open index says {}",
+                    r.status,
+                    issuer.open.contains(&seq)
+                );
+                if r.status.is_open() {
+                    open_count += 1;
+                    open_sum = open_sum
+                        .checked_add(r.amount)
+                        .ok_or_else(|| format!("{issuer_id}: open amounts overflow at {id}"))?;
+                }
+                let expected = TokenRecord::Committed {
+                    seq,
+                    commit_token: r.created,
+                };
+                ensure!(
+                    issuer.tokens.get(&r.token) == Some(&expected),
+                    "{id}: token {} maps to {:?}",
+                    r.token,
+                    issuer.tokens.get(&r.token)
+                );
+            }
+            ensure!(
+                open_sum == issuer.reserved,
+                "{issuer_id}: reserved {} but held + confirmed sum to {open_sum}",
+                issuer.reserved
+            );
+            ensure!(
+                open_count == issuer.open.len(),
+                "{issuer_id}: {open_count} open reservations, open index has {}",
+                issuer.open.len()
+            );
+            for (token, record) in &issuer.tokens {
+                match record {
+                    TokenRecord::Committed { seq, commit_token } => {
+                        let owner = issuer.reservations.get(seq).map(|r| (&r.token, r.created));
+                        ensure!(
+                            owner == Some((token, *commit_token)),
+                            "{issuer_id}: token {token} committed as r{seq} at {commit_token}, \
+                             but r{seq} is {owner:?}"
+                        );
+                    }
+                    TokenRecord::Rejected {
+                        request,
+                        remaining,
+                        commit_token,
+                    } => {
+                        ensure!(
+                            request.amount > *remaining && at_or_before_applied(*commit_token),
+                            "{issuer_id}: token {token} rejected {} with {remaining} remaining at \
+                             {commit_token}",
+                            request.amount
+                        );
+                    }
+                    TokenRecord::Abandoned { commit_token } => {
+                        ensure!(
+                            at_or_before_applied(*commit_token),
+                            "{issuer_id}: token {token} abandoned at {commit_token} after applied"
+                        );
+                    }
+                }
+            }
+        }
+        ensure!(
+            holds == self.holds_by_expiry.len(),
+            "{holds} holds but the expiry index has {}",
+            self.holds_by_expiry.len()
+        );
+        Ok(())
+    }
+}
+
+/// The issuer of a reservation that exists.
+fn issuer_of<'a>(
+    issuers: &'a mut BTreeMap<IssuerId, Issuer>,
+    id: &ReservationId,
+) -> Result<&'a mut Issuer, Rejection> {
+    match issuers.get_mut(id.issuer()) {
+        Some(issuer) if issuer.reservations.contains_key(&id.seq()) => Ok(issuer),
+        _ => Err(Rejection::UnknownReservation {
+            reservation_id: id.clone(),
+        }),
+    }
+}
+
+/// The answer to a reserve whose token was already decided: the original
+/// outcome, never a new decision.
+fn replay(
+    issuer_id: &IssuerId,
+    issuer: &Issuer,
+    token: &ReservationToken,
+    record: &TokenRecord,
+    request: &ReserveRequest,
+) -> Result<Outcome, Rejection> {
+    let mismatch = || Rejection::TokenPayloadMismatch {
+        token: token.clone(),
+    };
+    match record {
+        TokenRecord::Abandoned { .. } => Err(Rejection::TokenAbandoned {
+            token: token.clone(),
+        }),
+        TokenRecord::Committed { seq, .. } => {
+            let r = &issuer.reservations[seq];
+            if r.request() != *request {
+                return Err(mismatch());
+            }
+            Ok(Outcome::Reservation {
+                reservation: reservation_view(issuer_id, *seq, r),
+                replayed: true,
+            })
+        }
+        TokenRecord::Rejected {
+            request: original,
+            remaining,
+            ..
+        } => {
+            if original != request {
+                return Err(mismatch());
+            }
+            Err(Rejection::InsufficientExposure {
+                issuer_id: issuer_id.clone(),
+                requested: original.amount,
+                remaining: *remaining,
+            })
+        }
+    }
+}

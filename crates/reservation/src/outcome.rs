@@ -1,0 +1,281 @@
+use harbor_types::{
+    Amount, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
+};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The life cycle of a reservation: `held` → `confirmed` | `released` |
+/// `expired`, `confirmed` → `released`, or created directly `confirmed`.
+/// `held` and `confirmed` count against the issuer's limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Held,
+    Confirmed,
+    Released,
+    Expired,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Held => "held",
+            Status::Confirmed => "confirmed",
+            Status::Released => "released",
+            Status::Expired => "expired",
+        }
+    }
+
+    /// Whether a reservation in this status counts against the limit.
+    pub fn is_open(self) -> bool {
+        matches!(self, Status::Held | Status::Confirmed)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuerView {
+    pub issuer_id: IssuerId,
+    pub home_region: Region,
+    pub limit: Amount,
+    /// Sum of the amounts of held and confirmed reservations; `<= limit`.
+    pub reserved: Amount,
+    pub remaining: Amount,
+    pub reservations_open: u64,
+    /// The last entry that changed `limit` or `reserved`. Always `Some` for a
+    /// view read from a [`crate::StateMachine`].
+    pub updated: Option<CommitToken>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationView {
+    pub reservation_id: ReservationId,
+    pub issuer_id: IssuerId,
+    pub reservation_token: ReservationToken,
+    pub amount: Amount,
+    pub desk: String,
+    pub trader: String,
+    pub status: Status,
+    /// `Some` exactly while the reservation is held.
+    pub expires_at_ms: Option<u64>,
+    /// The entry that created the reservation (the commit token the client got).
+    pub created: CommitToken,
+    pub created_at: Timestamp,
+    /// The last entry that changed the reservation.
+    pub updated: CommitToken,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub issuer_id: IssuerId,
+    pub token: ReservationToken,
+    pub outcome: TokenOutcome,
+}
+
+/// The durable, final outcome of a reservation token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenOutcome {
+    Committed {
+        reservation_id: ReservationId,
+        commit_token: CommitToken,
+    },
+    /// `code` is a [`Rejection::code`] for which `is_token_outcome()` holds.
+    Rejected {
+        code: String,
+        commit_token: CommitToken,
+    },
+    Abandoned {
+        commit_token: CommitToken,
+    },
+}
+
+/// What applying one entry did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub outcome: Outcome,
+    /// Changes made by this entry, in the order made. Empty when the entry
+    /// changed nothing (replays, idempotent repeats, most rejections).
+    pub events: Vec<Event>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Issuer {
+        issuer: IssuerView,
+        created: bool,
+        changed: bool,
+    },
+    /// A reserve, confirm or release. `replayed` is true when the entry
+    /// changed nothing and returned an earlier result: a same-token reserve
+    /// replay, or a confirm/release of a reservation already in that status.
+    Reservation {
+        reservation: ReservationView,
+        replayed: bool,
+    },
+    Token(TokenView),
+    Expired {
+        count: u64,
+    },
+    Noop,
+    Rejected(Rejection),
+}
+
+/// An expected refusal. Only [`Rejection::InsufficientExposure`] is recorded
+/// as a token's durable outcome; every other rejection leaves state unchanged
+/// except [`Rejection::HoldExpired`], whose entry also expires the hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
+    #[error("issuer {issuer_id} has {remaining} left of its limit; {requested} requested")]
+    InsufficientExposure {
+        issuer_id: IssuerId,
+        requested: Amount,
+        remaining: Amount,
+    },
+    #[error("reservation token {token} was already used with a different request")]
+    TokenPayloadMismatch { token: ReservationToken },
+    #[error("reservation token {token} was resolved as abandoned and can never commit")]
+    TokenAbandoned { token: ReservationToken },
+    #[error("unknown issuer {issuer_id}")]
+    UnknownIssuer { issuer_id: IssuerId },
+    #[error("unknown reservation {reservation_id}")]
+    UnknownReservation { reservation_id: ReservationId },
+    #[error("cannot {action} reservation {reservation_id}: it is {from}")]
+    InvalidTransition {
+        reservation_id: ReservationId,
+        from: Status,
+        action: String,
+    },
+    #[error("hold {reservation_id} expired at {expires_at_ms} ms")]
+    HoldExpired {
+        reservation_id: ReservationId,
+        expires_at_ms: u64,
+    },
+    #[error("issuer {issuer_id} is homed in {home_region}; moving an issuer is not supported")]
+    HomeRegionMismatch {
+        issuer_id: IssuerId,
+        home_region: Region,
+    },
+    #[error("limit {limit} of issuer {issuer_id} is below its reserved {reserved}")]
+    LimitBelowReserved {
+        issuer_id: IssuerId,
+        limit: Amount,
+        reserved: Amount,
+    },
+    #[error("{field} must be within {min}..={max}, got {value}")]
+    InvalidAmount {
+        field: String,
+        value: Amount,
+        min: Amount,
+        max: Amount,
+    },
+    #[error("{field} is invalid: {reason}")]
+    InvalidField { field: String, reason: String },
+}
+
+impl Rejection {
+    /// A stable machine-readable code for APIs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::InsufficientExposure { .. } => "insufficient_exposure",
+            Rejection::TokenPayloadMismatch { .. } => "token_payload_mismatch",
+            Rejection::TokenAbandoned { .. } => "token_abandoned",
+            Rejection::UnknownIssuer { .. } => "unknown_issuer",
+            Rejection::UnknownReservation { .. } => "unknown_reservation",
+            Rejection::InvalidTransition { .. } => "invalid_transition",
+            Rejection::HoldExpired { .. } => "hold_expired",
+            Rejection::HomeRegionMismatch { .. } => "home_region_mismatch",
+            Rejection::LimitBelowReserved { .. } => "limit_below_reserved",
+            Rejection::InvalidAmount { .. } => "invalid_amount",
+            Rejection::InvalidField { .. } => "invalid_field",
+        }
+    }
+
+    /// Whether this rejection is a token's durable outcome: a replay of the
+    /// token gets it again, even after headroom frees up.
+    pub fn is_token_outcome(&self) -> bool {
+        matches!(self, Rejection::InsufficientExposure { .. })
+    }
+}
+
+/// One change made by an applied entry: the outbox, and later the CDC stream.
+/// Every event carries the entry's position and time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    IssuerRegistered {
+        position: CommitToken,
+        at: Timestamp,
+        issuer_id: IssuerId,
+        home_region: Region,
+        limit: Amount,
+    },
+    LimitChanged {
+        position: CommitToken,
+        at: Timestamp,
+        issuer_id: IssuerId,
+        limit_before: Amount,
+        limit: Amount,
+    },
+    ReservationCreated {
+        position: CommitToken,
+        at: Timestamp,
+        reservation: ReservationView,
+    },
+    /// A token's durable rejection; `code` as in [`TokenOutcome::Rejected`].
+    ReservationRejected {
+        position: CommitToken,
+        at: Timestamp,
+        issuer_id: IssuerId,
+        token: ReservationToken,
+        code: String,
+        requested: Amount,
+        remaining: Amount,
+    },
+    ReservationConfirmed {
+        position: CommitToken,
+        at: Timestamp,
+        reservation_id: ReservationId,
+        amount: Amount,
+    },
+    ReservationReleased {
+        position: CommitToken,
+        at: Timestamp,
+        reservation_id: ReservationId,
+        amount: Amount,
+    },
+    ReservationExpired {
+        position: CommitToken,
+        at: Timestamp,
+        reservation_id: ReservationId,
+        amount: Amount,
+    },
+    TokenAbandoned {
+        position: CommitToken,
+        at: Timestamp,
+        issuer_id: IssuerId,
+        token: ReservationToken,
+    },
+}
+
+impl Event {
+    pub fn position(&self) -> CommitToken {
+        match self {
+            Event::IssuerRegistered { position, .. }
+            | Event::LimitChanged { position, .. }
+            | Event::ReservationCreated { position, .. }
+            | Event::ReservationRejected { position, .. }
+            | Event::ReservationConfirmed { position, .. }
+            | Event::ReservationReleased { position, .. }
+            | Event::ReservationExpired { position, .. }
+            | Event::TokenAbandoned { position, .. } => *position,
+        }
+    }
+}

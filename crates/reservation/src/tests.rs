@@ -1,0 +1,713 @@
+//! Unit tests: one per rule of the state machine.
+
+use crate::*;
+use harbor_types::{
+    Amount, CommitToken, Generation, IssuerId, LogIndex, Region, ReservationId, ReservationToken,
+    ShardId, Timestamp, AMOUNT_MAX,
+};
+
+pub(crate) fn position(index: u64) -> CommitToken {
+    CommitToken {
+        shard: ShardId(1),
+        generation: Generation(1),
+        index: LogIndex(index),
+    }
+}
+
+pub(crate) fn issuer(id: &str) -> IssuerId {
+    IssuerId::new(id).unwrap()
+}
+
+pub(crate) fn token(id: &str) -> ReservationToken {
+    ReservationToken::new(id).unwrap()
+}
+
+fn upsert(id: &str, region: &str, limit: u64) -> Command {
+    Command::UpsertIssuer {
+        issuer_id: issuer(id),
+        home_region: Region::new(region).unwrap(),
+        limit: Amount(limit),
+    }
+}
+
+fn reserve(tok: &str, id: &str, amount: u64, hold_ttl_ms: Option<u64>) -> Command {
+    Command::Reserve {
+        token: token(tok),
+        issuer_id: issuer(id),
+        amount: Amount(amount),
+        desk: "rates".into(),
+        trader: "ana".into(),
+        hold_ttl_ms,
+    }
+}
+
+fn rid(text: &str) -> ReservationId {
+    ReservationId::parse(text).unwrap()
+}
+
+/// A machine plus the log position and entry time of the next entry.
+struct Log {
+    sm: StateMachine,
+    index: u64,
+    now_ms: u64,
+}
+
+impl Log {
+    /// A log with issuer `A` (limit 100, madrid) registered at t = 1000 ms.
+    fn with_issuer() -> Log {
+        let mut log = Log {
+            sm: StateMachine::new(),
+            index: 0,
+            now_ms: 1_000,
+        };
+        log.apply(upsert("A", "madrid", 100));
+        log
+    }
+
+    fn apply(&mut self, cmd: Command) -> Applied {
+        self.index += 1;
+        let ctx = ApplyContext {
+            position: position(self.index),
+            at: Timestamp::from_wall_ms(self.now_ms),
+        };
+        let applied = self.sm.apply(&ctx, &cmd);
+        self.sm.check_invariants();
+        assert_eq!(self.sm.applied(), Some(ctx.position));
+        applied
+    }
+
+    fn reserved(&self) -> u64 {
+        self.sm.issuer(&issuer("A")).unwrap().reserved.0
+    }
+}
+
+fn rejected(applied: &Applied) -> &Rejection {
+    match &applied.outcome {
+        Outcome::Rejected(rejection) => rejection,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+fn reservation(applied: &Applied) -> (&ReservationView, bool) {
+    match &applied.outcome {
+        Outcome::Reservation {
+            reservation,
+            replayed,
+        } => (reservation, *replayed),
+        other => panic!("expected a reservation, got {other:?}"),
+    }
+}
+
+fn event_names(applied: &Applied) -> Vec<&'static str> {
+    let name = |e: &Event| match e {
+        Event::IssuerRegistered { .. } => "issuer_registered",
+        Event::LimitChanged { .. } => "limit_changed",
+        Event::ReservationCreated { .. } => "reservation_created",
+        Event::ReservationRejected { .. } => "reservation_rejected",
+        Event::ReservationConfirmed { .. } => "reservation_confirmed",
+        Event::ReservationReleased { .. } => "reservation_released",
+        Event::ReservationExpired { .. } => "reservation_expired",
+        Event::TokenAbandoned { .. } => "token_abandoned",
+    };
+    applied.events.iter().map(name).collect()
+}
+
+#[test]
+fn upsert_creates_an_issuer_then_changes_its_limit() {
+    let mut log = Log::with_issuer();
+    let view = log.sm.issuer(&issuer("A")).unwrap();
+    assert_eq!(
+        (view.limit, view.reserved, view.remaining),
+        (Amount(100), Amount(0), Amount(100))
+    );
+    assert_eq!(view.updated, Some(position(1)));
+
+    let applied = log.apply(upsert("A", "madrid", 150));
+    assert_eq!(event_names(&applied), ["limit_changed"]);
+    let Outcome::Issuer {
+        issuer: view,
+        created,
+        changed,
+    } = applied.outcome
+    else {
+        panic!("{:?}", applied.outcome)
+    };
+    assert_eq!((created, changed, view.limit), (false, true, Amount(150)));
+
+    let applied = log.apply(upsert("A", "madrid", 150));
+    assert!(applied.events.is_empty());
+    assert!(matches!(
+        applied.outcome,
+        Outcome::Issuer {
+            created: false,
+            changed: false,
+            ..
+        }
+    ));
+    assert_eq!(log.sm.issuers().collect::<Vec<_>>(), [&issuer("A")]);
+}
+
+#[test]
+fn upsert_refuses_another_region_a_limit_below_reserved_and_a_huge_limit() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 60, None));
+    let mut before = log.sm.clone();
+    let cases = [
+        (upsert("A", "nyc", 100), "home_region_mismatch"),
+        (upsert("A", "madrid", 59), "limit_below_reserved"),
+        (upsert("A", "madrid", AMOUNT_MAX + 1), "invalid_amount"),
+    ];
+    for (cmd, code) in cases {
+        let applied = log.apply(cmd);
+        assert_eq!(rejected(&applied).code(), code);
+        assert!(applied.events.is_empty());
+    }
+    before.applied = log.sm.applied();
+    assert_eq!(before, log.sm, "rejections changed state");
+    // Lowering the limit to exactly `reserved` is allowed.
+    assert!(matches!(
+        log.apply(upsert("A", "madrid", 60)).outcome,
+        Outcome::Issuer { .. }
+    ));
+}
+
+#[test]
+fn reserve_with_ttl_holds_and_counts_exposure() {
+    let mut log = Log::with_issuer();
+    let applied = log.apply(reserve("t1", "A", 30, Some(500)));
+    assert_eq!(event_names(&applied), ["reservation_created"]);
+    let (view, replayed) = reservation(&applied);
+    assert!(!replayed);
+    assert_eq!(view.reservation_id.to_string(), "A:r1");
+    assert_eq!(
+        (view.status, view.expires_at_ms),
+        (Status::Held, Some(1_500))
+    );
+    assert_eq!((view.created, view.updated), (position(2), position(2)));
+    assert_eq!(log.reserved(), 30);
+    assert_eq!(log.sm.next_hold_expiry_ms(), Some(1_500));
+    let token_view = log.sm.token(&issuer("A"), &token("t1")).unwrap();
+    assert_eq!(
+        token_view.outcome,
+        TokenOutcome::Committed {
+            reservation_id: rid("A:r1"),
+            commit_token: position(2)
+        }
+    );
+    let second = log.apply(reserve("t2", "A", 5, Some(100)));
+    assert_eq!(reservation(&second).0.reservation_id.to_string(), "A:r2");
+    assert_eq!(log.sm.next_hold_expiry_ms(), Some(1_100));
+}
+
+#[test]
+fn reserve_without_ttl_is_confirmed_at_once() {
+    let mut log = Log::with_issuer();
+    let applied = log.apply(reserve("t1", "A", 100, None));
+    let (view, _) = reservation(&applied);
+    assert_eq!((view.status, view.expires_at_ms), (Status::Confirmed, None));
+    assert_eq!(log.reserved(), 100);
+    assert_eq!(log.sm.next_hold_expiry_ms(), None);
+    assert_eq!(log.sm.open_reservations(&issuer("A")).unwrap().len(), 1);
+}
+
+#[test]
+fn reserve_over_remaining_is_rejected_and_the_rejection_is_the_token_outcome() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 70, None));
+    let applied = log.apply(reserve("t2", "A", 31, None));
+    let rejection = rejected(&applied).clone();
+    assert_eq!(
+        rejection,
+        Rejection::InsufficientExposure {
+            issuer_id: issuer("A"),
+            requested: Amount(31),
+            remaining: Amount(30)
+        }
+    );
+    assert!(rejection.is_token_outcome());
+    assert_eq!(event_names(&applied), ["reservation_rejected"]);
+    assert_eq!(log.reserved(), 70);
+    let outcome = log.sm.token(&issuer("A"), &token("t2")).unwrap().outcome;
+    assert_eq!(
+        outcome,
+        TokenOutcome::Rejected {
+            code: "insufficient_exposure".into(),
+            commit_token: position(3)
+        }
+    );
+
+    // Headroom frees up, yet the token stays rejected: it was decided once.
+    log.apply(Command::Release {
+        reservation_id: rid("A:r1"),
+    });
+    let replay = log.apply(reserve("t2", "A", 31, None));
+    assert_eq!(rejected(&replay), &rejection);
+    assert!(replay.events.is_empty());
+    assert_eq!(log.reserved(), 0);
+}
+
+#[test]
+fn reserve_replay_returns_the_original_reservation_and_changes_nothing() {
+    let mut log = Log::with_issuer();
+    let first = log.apply(reserve("t1", "A", 10, Some(500)));
+    log.apply(Command::Confirm {
+        reservation_id: rid("A:r1"),
+    });
+    let mut before = log.sm.clone();
+    let replay = log.apply(reserve("t1", "A", 10, Some(500)));
+    let (view, replayed) = reservation(&replay);
+    assert!(replayed);
+    assert_eq!(view.reservation_id, reservation(&first).0.reservation_id);
+    assert_eq!(
+        view.status,
+        Status::Confirmed,
+        "a replay shows the current view"
+    );
+    assert!(replay.events.is_empty());
+    before.applied = log.sm.applied;
+    assert_eq!(before.snapshot(), log.sm.snapshot());
+}
+
+#[test]
+fn reserve_with_a_used_token_and_another_payload_is_a_mismatch() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 10, Some(500)));
+    log.apply(reserve("t2", "A", 1_000, None)); // rejected
+    let different = [
+        reserve("t1", "A", 11, Some(500)),
+        reserve("t1", "A", 10, Some(501)),
+        reserve("t1", "A", 10, None),
+        Command::Reserve {
+            token: token("t1"),
+            issuer_id: issuer("A"),
+            amount: Amount(10),
+            desk: "fx".into(),
+            trader: "ana".into(),
+            hold_ttl_ms: Some(500),
+        },
+        reserve("t2", "A", 999, None),
+    ];
+    for cmd in different {
+        let applied = log.apply(cmd);
+        assert_eq!(rejected(&applied).code(), "token_payload_mismatch");
+        assert!(!rejected(&applied).is_token_outcome());
+        assert!(applied.events.is_empty());
+    }
+    assert_eq!(log.reserved(), 10);
+    assert!(matches!(
+        log.sm.token(&issuer("A"), &token("t2")).unwrap().outcome,
+        TokenOutcome::Rejected { .. }
+    ));
+}
+
+#[test]
+fn tokens_are_scoped_per_issuer() {
+    let mut log = Log::with_issuer();
+    log.apply(upsert("B", "nyc", 5));
+    let a = log.apply(reserve("same", "A", 10, None));
+    let b = log.apply(reserve("same", "B", 5, None));
+    assert_eq!(reservation(&a).0.reservation_id.to_string(), "A:r1");
+    assert_eq!(reservation(&b).0.reservation_id.to_string(), "B:r1");
+    assert!(!reservation(&b).1);
+}
+
+#[test]
+fn reserve_for_an_unknown_issuer_records_nothing() {
+    let mut log = Log::with_issuer();
+    let applied = log.apply(reserve("t1", "Z", 10, None));
+    assert_eq!(
+        rejected(&applied),
+        &Rejection::UnknownIssuer {
+            issuer_id: issuer("Z")
+        }
+    );
+    assert_eq!(log.sm.token(&issuer("Z"), &token("t1")), None);
+    assert_eq!(log.sm.open_reservations(&issuer("Z")), None);
+}
+
+#[test]
+fn reserve_validates_every_field_before_anything_else() {
+    let mut log = Log::with_issuer();
+    let with = |amount: u64, desk: &str, trader: &str, ttl: Option<u64>| Command::Reserve {
+        token: token("t1"),
+        issuer_id: issuer("Z"), // unknown: validation must answer first
+        amount: Amount(amount),
+        desk: desk.into(),
+        trader: trader.into(),
+        hold_ttl_ms: ttl,
+    };
+    let long = "x".repeat(FIELD_LEN_MAX + 1);
+    let cases = [
+        (with(0, "d", "t", None), "invalid_amount"),
+        (with(AMOUNT_MAX + 1, "d", "t", None), "invalid_amount"),
+        (with(1, "", "t", None), "invalid_field"),
+        (with(1, &long, "t", None), "invalid_field"),
+        (with(1, "d", "", None), "invalid_field"),
+        (with(1, "d", "a\nb", None), "invalid_field"),
+        (with(1, "d", "t", Some(0)), "invalid_field"),
+        (
+            with(1, "d", "t", Some(HOLD_TTL_MS_MAX + 1)),
+            "invalid_field",
+        ),
+        (
+            with(
+                1,
+                &"x".repeat(FIELD_LEN_MAX),
+                "Zoë Ñ",
+                Some(HOLD_TTL_MS_MAX),
+            ),
+            "unknown_issuer",
+        ),
+    ];
+    for (cmd, code) in cases {
+        let applied = log.apply(cmd.clone());
+        assert_eq!(rejected(&applied).code(), code, "{cmd:?}");
+        assert!(applied.events.is_empty());
+    }
+}
+
+#[test]
+fn confirm_turns_a_live_hold_into_a_confirmed_reservation_once() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 10, Some(500)));
+    log.now_ms = 1_499;
+    let applied = log.apply(Command::Confirm {
+        reservation_id: rid("A:r1"),
+    });
+    assert_eq!(event_names(&applied), ["reservation_confirmed"]);
+    let (view, replayed) = reservation(&applied);
+    assert_eq!(
+        (view.status, view.expires_at_ms, replayed),
+        (Status::Confirmed, None, false)
+    );
+    assert_eq!(log.sm.next_hold_expiry_ms(), None);
+    assert_eq!(log.reserved(), 10);
+
+    log.now_ms = 9_000;
+    let again = log.apply(Command::Confirm {
+        reservation_id: rid("A:r1"),
+    });
+    assert!(again.events.is_empty());
+    assert_eq!(reservation(&again).0.status, Status::Confirmed);
+    assert!(reservation(&again).1);
+    assert!(log.apply(Command::ExpireHolds).events.is_empty());
+}
+
+#[test]
+fn confirm_at_or_after_expiry_expires_the_hold_and_says_so() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 10, Some(500)));
+    log.now_ms = 1_500;
+    let applied = log.apply(Command::Confirm {
+        reservation_id: rid("A:r1"),
+    });
+    assert_eq!(
+        rejected(&applied),
+        &Rejection::HoldExpired {
+            reservation_id: rid("A:r1"),
+            expires_at_ms: 1_500
+        }
+    );
+    assert_eq!(event_names(&applied), ["reservation_expired"]);
+    assert_eq!(
+        log.sm.reservation(&rid("A:r1")).unwrap().status,
+        Status::Expired
+    );
+    assert_eq!((log.reserved(), log.sm.next_hold_expiry_ms()), (0, None));
+
+    let again = log.apply(Command::Confirm {
+        reservation_id: rid("A:r1"),
+    });
+    assert_eq!(
+        rejected(&again),
+        &Rejection::InvalidTransition {
+            reservation_id: rid("A:r1"),
+            from: Status::Expired,
+            action: "confirm".to_string()
+        }
+    );
+}
+
+#[test]
+fn confirm_or_release_of_closed_or_unknown_reservations_is_refused() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 10, Some(500)));
+    log.apply(Command::Release {
+        reservation_id: rid("A:r1"),
+    });
+    let applied = log.apply(Command::Confirm {
+        reservation_id: rid("A:r1"),
+    });
+    assert_eq!(rejected(&applied).code(), "invalid_transition");
+    for id in ["A:r2", "Z:r1"] {
+        for cmd in [
+            Command::Confirm {
+                reservation_id: rid(id),
+            },
+            Command::Release {
+                reservation_id: rid(id),
+            },
+        ] {
+            let applied = log.apply(cmd);
+            assert_eq!(
+                rejected(&applied),
+                &Rejection::UnknownReservation {
+                    reservation_id: rid(id)
+                }
+            );
+        }
+    }
+}
+
+#[test]
+fn release_frees_held_and_confirmed_amounts_and_repeats_idempotently() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 10, Some(500)));
+    log.apply(reserve("t2", "A", 20, None));
+    assert_eq!(log.reserved(), 30);
+    for (id, left) in [("A:r1", 20), ("A:r2", 0)] {
+        let applied = log.apply(Command::Release {
+            reservation_id: rid(id),
+        });
+        assert_eq!(event_names(&applied), ["reservation_released"]);
+        assert_eq!(reservation(&applied).0.status, Status::Released);
+        assert_eq!(log.reserved(), left);
+    }
+    assert_eq!(log.sm.next_hold_expiry_ms(), None);
+    assert_eq!(log.sm.open_reservations(&issuer("A")).unwrap(), []);
+    let again = log.apply(Command::Release {
+        reservation_id: rid("A:r1"),
+    });
+    assert!(again.events.is_empty());
+    assert!(reservation(&again).1);
+}
+
+#[test]
+fn release_of_an_expired_hold_is_an_invalid_transition() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 10, Some(500)));
+    log.now_ms = 2_000;
+    log.apply(Command::ExpireHolds);
+    let applied = log.apply(Command::Release {
+        reservation_id: rid("A:r1"),
+    });
+    assert_eq!(
+        rejected(&applied),
+        &Rejection::InvalidTransition {
+            reservation_id: rid("A:r1"),
+            from: Status::Expired,
+            action: "release".to_string()
+        }
+    );
+}
+
+#[test]
+fn expire_holds_expires_exactly_the_due_holds() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 1, Some(300))); // due 1300
+    log.apply(reserve("t2", "A", 2, Some(100))); // due 1100
+    log.apply(reserve("t3", "A", 4, Some(200))); // due 1200
+    log.apply(reserve("t4", "A", 8, None));
+    assert_eq!(log.sm.next_hold_expiry_ms(), Some(1_100));
+    log.now_ms = 1_200;
+    let applied = log.apply(Command::ExpireHolds);
+    assert_eq!(applied.outcome, Outcome::Expired { count: 2 });
+    let expired: Vec<String> = applied
+        .events
+        .iter()
+        .map(|e| match e {
+            Event::ReservationExpired { reservation_id, .. } => reservation_id.to_string(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(expired, ["A:r2", "A:r3"], "expired in expiry order");
+    assert_eq!(log.reserved(), 9);
+    assert_eq!(log.sm.next_hold_expiry_ms(), Some(1_300));
+    let open: Vec<String> = log
+        .sm
+        .open_reservations(&issuer("A"))
+        .unwrap()
+        .iter()
+        .map(|r| r.reservation_id.to_string())
+        .collect();
+    assert_eq!(open, ["A:r1", "A:r4"]);
+    assert_eq!(log.sm.issuer(&issuer("A")).unwrap().reservations_open, 2);
+    assert_eq!(
+        log.apply(Command::ExpireHolds).outcome,
+        Outcome::Expired { count: 0 }
+    );
+}
+
+#[test]
+fn resolving_an_absent_token_abandons_it_for_good() {
+    let mut log = Log::with_issuer();
+    let applied = log.apply(Command::ResolveToken {
+        issuer_id: issuer("A"),
+        token: token("t1"),
+    });
+    assert_eq!(event_names(&applied), ["token_abandoned"]);
+    let abandoned = TokenOutcome::Abandoned {
+        commit_token: position(2),
+    };
+    assert!(matches!(&applied.outcome, Outcome::Token(view) if view.outcome == abandoned));
+
+    let late = log.apply(reserve("t1", "A", 10, None));
+    assert_eq!(
+        rejected(&late),
+        &Rejection::TokenAbandoned { token: token("t1") }
+    );
+    assert_eq!(log.reserved(), 0);
+    let again = log.apply(Command::ResolveToken {
+        issuer_id: issuer("A"),
+        token: token("t1"),
+    });
+    assert!(again.events.is_empty());
+    assert!(matches!(&again.outcome, Outcome::Token(view) if view.outcome == abandoned));
+}
+
+#[test]
+fn resolving_a_decided_token_returns_its_outcome_unchanged() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 10, None));
+    let applied = log.apply(Command::ResolveToken {
+        issuer_id: issuer("A"),
+        token: token("t1"),
+    });
+    assert!(applied.events.is_empty());
+    let committed = TokenOutcome::Committed {
+        reservation_id: rid("A:r1"),
+        commit_token: position(2),
+    };
+    assert!(matches!(&applied.outcome, Outcome::Token(view) if view.outcome == committed));
+    let unknown = log.apply(Command::ResolveToken {
+        issuer_id: issuer("Z"),
+        token: token("t1"),
+    });
+    assert_eq!(rejected(&unknown).code(), "unknown_issuer");
+}
+
+#[test]
+fn noop_only_advances_the_position() {
+    let mut log = Log::with_issuer();
+    let applied = log.apply(Command::Noop);
+    assert_eq!((applied.outcome, applied.events), (Outcome::Noop, vec![]));
+    assert_eq!(log.sm.applied(), Some(position(2)));
+}
+
+#[test]
+#[should_panic(expected = "positions must strictly increase")]
+fn applying_an_old_position_is_a_bug() {
+    let mut log = Log::with_issuer();
+    log.index = 0;
+    log.apply(Command::Noop);
+}
+
+#[test]
+#[should_panic(expected = "reserved 11 but held + confirmed sum to 10")]
+fn check_invariants_catches_a_broken_reserved_total() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 10, None));
+    log.sm.issuers.get_mut(&issuer("A")).unwrap().reserved = Amount(11);
+    log.sm.check_invariants();
+}
+
+#[test]
+#[should_panic(expected = "maps to")]
+fn check_invariants_catches_a_token_pointing_elsewhere() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 10, None));
+    log.apply(reserve("t2", "A", 10, None));
+    let a = log.sm.issuers.get_mut(&issuer("A")).unwrap();
+    a.reservations.get_mut(&2).unwrap().token = token("t1");
+    log.sm.check_invariants();
+}
+
+#[test]
+fn snapshot_round_trips_and_corrupt_snapshots_are_errors() {
+    let mut log = Log::with_issuer();
+    log.apply(reserve("t1", "A", 10, Some(500)));
+    log.apply(reserve("t2", "A", 1_000, None));
+    let bytes = log.sm.snapshot();
+    let restored = StateMachine::restore(&bytes).unwrap();
+    assert_eq!(restored, log.sm, "indexes rebuilt too");
+    assert_eq!(restored.next_hold_expiry_ms(), Some(1_500));
+
+    let mut other_format = bytes.clone();
+    other_format[0] = SNAPSHOT_FORMAT + 1;
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    let mut over_limit = log.sm.clone();
+    over_limit.issuers.get_mut(&issuer("A")).unwrap().reserved = Amount(101);
+    let cases: [(&[u8], &str); 5] = [
+        (&[], "empty"),
+        (&other_format, "format"),
+        (&bytes[..bytes.len() / 2], "decode"),
+        (&trailing, "after its end"),
+        (&over_limit.snapshot(), "over limit"),
+    ];
+    for (bytes, expected) in cases {
+        let err = StateMachine::restore(bytes).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err:?} lacks {expected:?}");
+    }
+}
+
+#[test]
+fn rejection_codes_are_stable() {
+    let id = rid("A:r1");
+    let cases = [
+        (
+            Rejection::TokenAbandoned { token: token("t") },
+            "token_abandoned",
+        ),
+        (
+            Rejection::HomeRegionMismatch {
+                issuer_id: issuer("A"),
+                home_region: Region::new("x").unwrap(),
+            },
+            "home_region_mismatch",
+        ),
+        (
+            Rejection::LimitBelowReserved {
+                issuer_id: issuer("A"),
+                limit: Amount(1),
+                reserved: Amount(2),
+            },
+            "limit_below_reserved",
+        ),
+        (
+            Rejection::HoldExpired {
+                reservation_id: id.clone(),
+                expires_at_ms: 5,
+            },
+            "hold_expired",
+        ),
+        (
+            Rejection::InvalidTransition {
+                reservation_id: id,
+                from: Status::Released,
+                action: "confirm".to_string(),
+            },
+            "invalid_transition",
+        ),
+    ];
+    for (rejection, code) in cases {
+        assert_eq!(rejection.code(), code);
+        assert!(!rejection.is_token_outcome());
+    }
+    let err = Rejection::InvalidTransition {
+        reservation_id: rid("A:r1"),
+        from: Status::Released,
+        action: "confirm".to_string(),
+    };
+    assert_eq!(
+        err.to_string(),
+        "cannot confirm reservation A:r1: it is released"
+    );
+}
+
+#[test]
+fn commands_round_trip_through_postcard() {
+    let cmd = reserve("t1", "A", 10, Some(500));
+    let bytes = postcard::to_stdvec(&cmd).unwrap();
+    assert_eq!(postcard::from_bytes::<Command>(&bytes).unwrap(), cmd);
+}
