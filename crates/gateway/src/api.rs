@@ -14,7 +14,8 @@ use harbor_meta::store::DirectoryEntry;
 use harbor_meta::DirectoryError;
 use harbor_node::wire::{Query, QueryResult, Request, Response, Served};
 use harbor_reservation::{
-    Command, IssuerView, Outcome, ReservationView, TokenOutcome, TokenView, HOLD_TTL_MS_MAX,
+    Command, IssuerView, Outcome, Rejection, ReservationView, TokenOutcome, TokenView,
+    HOLD_TTL_MS_MAX,
 };
 use harbor_types::{
     Amount, IdError, IssuerId, Region, ReservationId, ReservationToken, ShardId, AMOUNT_MAX,
@@ -230,6 +231,17 @@ impl Gateway {
         body.insert("applied".into(), json!(served.applied));
         body.insert("staleness_ms".into(), json!(0));
         body.insert("stale".into(), json!(false));
+    }
+
+    /// A rejection decided by the leader: the leader's stamp, the entry that
+    /// recorded it and the issuer's headroom after it.
+    fn rejected(&self, rejection: &Rejection, applied: &Applied) -> ApiError {
+        let mut e = ApiError::rejection(rejection).with("commit_token", applied.commit_token);
+        if let Some(issuer) = &applied.issuer {
+            e = e.with("remaining", issuer.remaining);
+        }
+        self.stamp(&mut e.details, &applied.served);
+        e
     }
 
     /// Error answers carry the same "who answered" fields.
@@ -490,7 +502,7 @@ async fn put_issuer_inner(
             };
             Ok(reply(status, body))
         }
-        Outcome::Rejected(r) => Err(ApiError::rejection(r)),
+        Outcome::Rejected(r) => Err(gw.rejected(r, &applied)),
         other => Err(unexpected_outcome(other)),
     }
 }
@@ -605,13 +617,7 @@ fn reservation_reply(gw: &Gateway, applied: Applied, status: StatusCode) -> ApiR
             gw.stamp(&mut body, &applied.served);
             Ok(reply(status, body))
         }
-        Outcome::Rejected(r) => {
-            let mut e = ApiError::rejection(r).with("commit_token", applied.commit_token);
-            if let Some(issuer) = &applied.issuer {
-                e = e.with("remaining", issuer.remaining);
-            }
-            Err(e)
-        }
+        Outcome::Rejected(r) => Err(gw.rejected(r, &applied)),
         other => Err(unexpected_outcome(other)),
     }
 }
@@ -803,7 +809,7 @@ async fn resolve_token(
                 gw.stamp(&mut body, &applied.served);
                 Ok(reply(StatusCode::OK, body))
             }
-            Outcome::Rejected(r) => Err(ApiError::rejection(r)),
+            Outcome::Rejected(r) => Err(gw.rejected(r, &applied)),
             other => Err(unexpected_outcome(other)),
         }
     };

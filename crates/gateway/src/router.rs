@@ -163,7 +163,7 @@ async fn receive(gateway: std::sync::Weak<Gateway>, mut inbox: Inbox) {
         if let Body::Response { id, response } = envelope.body {
             // A late answer after a timeout finds no one waiting: dropped.
             if let Some(tx) = gateway.pending.lock().unwrap().remove(&id) {
-                let _ = tx.send(response);
+                let _ = tx.send(*response);
             }
         }
     }

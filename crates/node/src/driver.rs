@@ -9,7 +9,7 @@
 //! durable on the leader and on `sync_acks` local followers.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +40,9 @@ pub enum ReplicaInput {
     Envelope(Envelope),
     Control(Control),
 }
+
+/// How long an idle follower sleeps between looks at its inbox.
+const FOLLOWER_WAIT_MS: u64 = 500;
 
 /// What the WAL stores per entry besides index and generation.
 #[derive(Serialize, Deserialize)]
@@ -181,11 +184,19 @@ impl Driver {
 
     /// The replica's loop; returns on `Control::Shutdown` or when every
     /// sender is gone.
-    pub fn run(mut self, inbox: Receiver<ReplicaInput>) {
+    pub fn run(mut self, inbox: crate::queue::Receiver<ReplicaInput>) {
         let tick = Duration::from_millis(self.config.tick_interval_ms);
+        // Followers have no timers of their own: they wake for messages, and
+        // rarely otherwise, which keeps an idle process idle.
+        let follower_wait = Duration::from_millis(FOLLOWER_WAIT_MS);
         let mut last_tick_ms = 0;
         loop {
-            let first = match inbox.recv_timeout(tick) {
+            let wait = if self.core.is_leader() {
+                tick
+            } else {
+                follower_wait
+            };
+            let first = match inbox.recv_timeout(wait) {
                 Ok(input) => Some(input),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -201,7 +212,7 @@ impl Driver {
                 self.handle(now, input);
                 batch += 1;
                 next = if batch < self.config.batch_inputs_max {
-                    inbox.try_recv().ok()
+                    inbox.try_recv()
                 } else {
                     None
                 };
@@ -242,7 +253,7 @@ impl Driver {
             Control::Lead(generation) => {
                 self.core.become_leader(now, generation);
                 self.barrier = Some(self.core.last_index());
-                tracing::info!(shard = %self.shard, node = %self.me, %generation, "leading");
+                tracing::debug!(shard = %self.shard, node = %self.me, %generation, "leading");
             }
             Control::Follow(generation, leader) => {
                 self.barrier = None;
@@ -595,7 +606,10 @@ impl Driver {
         self.transport.send(Envelope {
             from: self.me.clone(),
             to: to.clone(),
-            body: Body::Response { id, response },
+            body: Body::Response {
+                id,
+                response: Box::new(response),
+            },
         });
     }
 

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod driver;
 pub mod node;
+pub mod queue;
 pub mod transport;
 pub mod wire;
 

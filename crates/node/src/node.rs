@@ -1,5 +1,4 @@
 use std::collections::HashMap;
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -8,6 +7,7 @@ use harbor_types::{NodeId, Region, ShardId};
 
 use crate::config::NodeConfig;
 use crate::driver::{error, Control, Driver, DriverStartError, ReplicaInput};
+use crate::queue::{self, TrySendError};
 use crate::transport::{Inbox, Transport};
 use crate::wire::{Body, Envelope, ErrorCode, Response};
 
@@ -26,7 +26,7 @@ pub enum NodeStartError {
 }
 
 struct ReplicaHandle {
-    tx: SyncSender<ReplicaInput>,
+    tx: queue::Sender<ReplicaInput>,
     thread: JoinHandle<()>,
 }
 
@@ -35,7 +35,7 @@ struct ReplicaHandle {
 pub struct Node {
     id: NodeId,
     region: Region,
-    replicas: Arc<HashMap<ShardId, SyncSender<ReplicaInput>>>,
+    replicas: Arc<HashMap<ShardId, queue::Sender<ReplicaInput>>>,
     threads: Vec<JoinHandle<()>>,
     dispatcher: Option<JoinHandle<()>>,
 }
@@ -64,7 +64,7 @@ impl Node {
                 node: id.clone(),
                 source,
             })?;
-            let (tx, rx) = sync_channel(config.replica_inbox_capacity);
+            let (tx, rx) = queue::bounded(config.replica_inbox_capacity);
             let thread = std::thread::Builder::new()
                 .name(format!("{id}/shard{}", shard.0))
                 .spawn(move || driver.run(rx))
@@ -119,7 +119,7 @@ impl Node {
     /// orders are never dropped.
     pub fn control(&self, shard: ShardId, control: Control) {
         if let Some(tx) = self.replicas.get(&shard) {
-            let _ = tx.send(ReplicaInput::Control(control));
+            let _ = tx.force_send(ReplicaInput::Control(control));
         }
     }
 
@@ -128,7 +128,7 @@ impl Node {
     /// its inbox closes, i.e. when the transport forgets this node.
     pub fn shutdown(mut self) {
         for tx in self.replicas.values() {
-            let _ = tx.send(ReplicaInput::Control(Control::Shutdown));
+            let _ = tx.force_send(ReplicaInput::Control(Control::Shutdown));
         }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
@@ -142,7 +142,7 @@ impl Node {
 fn dispatch(
     me: NodeId,
     mut inbox: Inbox,
-    replicas: Arc<HashMap<ShardId, SyncSender<ReplicaInput>>>,
+    replicas: Arc<HashMap<ShardId, queue::Sender<ReplicaInput>>>,
     transport: Arc<dyn Transport>,
 ) {
     while let Some(envelope) = inbox.blocking_recv() {
@@ -165,13 +165,13 @@ fn dispatch(
             )),
             Some(tx) => match tx.try_send(ReplicaInput::Envelope(envelope)) {
                 Ok(()) => None,
-                Err(TrySendError::Full(_)) => Some(error(
+                Err(TrySendError::Full) => Some(error(
                     ErrorCode::Overloaded,
                     format!("the replica of {shard} on {me} has a full queue"),
                     true,
                     false,
                 )),
-                Err(TrySendError::Disconnected(_)) => Some(error(
+                Err(TrySendError::Disconnected) => Some(error(
                     ErrorCode::ReplicaFailed,
                     format!("the replica of {shard} on {me} is not running"),
                     true,
@@ -185,7 +185,7 @@ fn dispatch(
                 to: reply_to,
                 body: Body::Response {
                     id,
-                    response: Response::Error(e),
+                    response: Box::new(Response::Error(e)),
                 },
             });
         }

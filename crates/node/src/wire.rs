@@ -19,8 +19,15 @@ pub struct Envelope {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Body {
     Replication(Message),
-    Request { id: u64, request: Request },
-    Response { id: u64, response: Response },
+    Request {
+        id: u64,
+        request: Request,
+    },
+    /// Boxed: responses are large and rare next to replication traffic.
+    Response {
+        id: u64,
+        response: Box<Response>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -26,6 +26,9 @@ pub struct LinkFaults {
     pub isolated: HashSet<NodeId>,
 }
 
+/// The sending end of one directed link's delay line.
+type DelayLine = mpsc::Sender<(Instant, Envelope)>;
+
 struct Endpoint {
     region: Region,
     tx: mpsc::Sender<Envelope>,
@@ -40,7 +43,7 @@ pub struct InProcNetwork {
 
 struct Inner {
     endpoints: RwLock<HashMap<NodeId, Endpoint>>,
-    links: Mutex<HashMap<(NodeId, NodeId), mpsc::Sender<(Instant, Envelope)>>>,
+    links: Mutex<HashMap<(NodeId, NodeId), DelayLine>>,
     faults: RwLock<LinkFaults>,
     runtime: tokio::runtime::Handle,
     dropped: AtomicU64,
@@ -164,7 +167,7 @@ fn spawn_delay_line(
     runtime: &tokio::runtime::Handle,
     tx: mpsc::Sender<Envelope>,
     network: InProcNetwork,
-) -> mpsc::Sender<(Instant, Envelope)> {
+) -> DelayLine {
     let (link_tx, mut link_rx) = mpsc::channel::<(Instant, Envelope)>(LINK_QUEUE_MAX);
     runtime.spawn(async move {
         while let Some((deliver_at, envelope)) = link_rx.recv().await {
