@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use harbor_types::sim::Bugs;
 use harbor_wal::WalOptions;
 
 /// Limits and timings of a node's replicas. Every one is configurable and
@@ -13,6 +14,9 @@ pub struct NodeConfig {
     /// Writes are refused while a remote copy is further behind than this.
     pub rpo_budget_ms: u64,
     pub heartbeat_interval_ms: u64,
+    /// A leader serves strong reads only under a lease this long, renewed by
+    /// its local followers' acks.
+    pub lease_ms: u64,
     pub retransmit_timeout_ms: u64,
     /// How long a replica thread sleeps waiting for input before ticking.
     pub tick_interval_ms: u64,
@@ -25,6 +29,8 @@ pub struct NodeConfig {
     /// Proposals waiting to commit before the leader refuses new ones.
     pub uncommitted_entries_max: u64,
     pub wal: WalOptions,
+    /// Simulator-only protocol bugs; always off in a running node.
+    pub bugs: Bugs,
 }
 
 impl NodeConfig {
@@ -34,6 +40,7 @@ impl NodeConfig {
             sync_acks: 1,
             rpo_budget_ms: 5_000,
             heartbeat_interval_ms: 100,
+            lease_ms: 2_000,
             retransmit_timeout_ms: 500,
             tick_interval_ms: 25,
             snapshot_interval_entries: 100_000,
@@ -41,6 +48,7 @@ impl NodeConfig {
             batch_inputs_max: 8_192,
             uncommitted_entries_max: 65_536,
             wal: WalOptions::default(),
+            bugs: Bugs::none(),
         }
     }
 }

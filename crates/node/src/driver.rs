@@ -17,8 +17,9 @@ use harbor_replication::{
     Config as CoreConfig, Effect, Entry, Member, ProposeError, Recovered, Replica, SnapshotMeta,
 };
 use harbor_reservation::{ApplyContext, Command, StateMachine};
+use harbor_types::sim::probe;
 use harbor_types::{CommitToken, Generation, LogIndex, NodeId, ShardId, Timestamp};
-use harbor_wal::{FileStorage, HardState, Record, Snapshot, Wal, WalError};
+use harbor_wal::{FileStorage, HardState, Record, Snapshot, Storage, Wal, WalError};
 use serde::{Deserialize, Serialize};
 
 use crate::config::NodeConfig;
@@ -33,6 +34,9 @@ use crate::wire::{
 pub enum Control {
     Lead(Generation),
     Follow(Generation, NodeId),
+    /// Stop accepting appends older than this generation; the leader is
+    /// named later (failover).
+    Seal(Generation),
     Shutdown,
 }
 
@@ -64,13 +68,17 @@ struct Waiter {
     request_id: u64,
 }
 
-pub struct Driver {
+/// One replica: the replication core, the state machine and the WAL. The
+/// node runs it on a thread with [`Driver::run`]; the simulator calls
+/// [`Driver::handle`], [`Driver::tick`] and [`Driver::finish_batch`] itself,
+/// on a simulated disk.
+pub struct Driver<S: Storage = FileStorage> {
     me: NodeId,
     shard: ShardId,
     config: NodeConfig,
     core: Replica,
     machine: StateMachine,
-    wal: Wal<FileStorage>,
+    wal: Wal<S>,
     transport: Arc<dyn Transport>,
     /// Last entry applied to `machine` (barriers included).
     applied: LogIndex,
@@ -93,8 +101,9 @@ pub enum DriverStartError {
     Recovery { shard: ShardId, what: String },
 }
 
-impl Driver {
-    /// Opens (or creates) the replica's WAL and rebuilds its state.
+impl Driver<FileStorage> {
+    /// Opens (or creates) the replica's WAL in `data_dir/shard-{id}` and
+    /// rebuilds its state.
     pub fn open(
         me: NodeId,
         shard: ShardId,
@@ -102,17 +111,33 @@ impl Driver {
         config: NodeConfig,
         transport: Arc<dyn Transport>,
     ) -> Result<Driver, DriverStartError> {
-        let wal_err = |source| DriverStartError::Wal { shard, source };
         let dir = config.data_dir.join(format!("shard-{}", shard.0));
-        let storage = FileStorage::new(&dir).map_err(|source| {
-            wal_err(WalError::Io {
+        let storage = FileStorage::new(&dir).map_err(|source| DriverStartError::Wal {
+            shard,
+            source: WalError::Io {
                 op: "create_dir",
                 file: dir.display().to_string(),
                 source,
-            })
+            },
         })?;
+        Driver::open_on(me, shard, members, config, storage, transport)
+    }
+}
+
+impl<S: Storage> Driver<S> {
+    /// Opens the replica on `storage` and rebuilds its state from it.
+    pub fn open_on(
+        me: NodeId,
+        shard: ShardId,
+        members: Vec<Member>,
+        config: NodeConfig,
+        storage: S,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Driver<S>, DriverStartError> {
+        let wal_err = |source| DriverStartError::Wal { shard, source };
         let (wal, recovered) = Wal::open(storage, config.wal.clone()).map_err(wal_err)?;
         if recovered.torn_tail_bytes_cut > 0 {
+            probe("wal.torn_tail_cut_at_recovery");
             tracing::warn!(%shard, node = %me, bytes = recovered.torn_tail_bytes_cut, "cut a torn WAL tail");
         }
         let (machine, snapshot) = match &recovered.snapshot {
@@ -150,6 +175,10 @@ impl Driver {
         core_config.heartbeat_interval_ms = config.heartbeat_interval_ms;
         core_config.retransmit_timeout_ms = config.retransmit_timeout_ms;
         core_config.uncommitted_entries_max = config.uncommitted_entries_max;
+        core_config.bugs = config.bugs;
+        core_config.lease_ms = config.lease_ms;
+        let mut machine = machine;
+        machine.set_bugs(config.bugs);
         core_config
             .validate(&members)
             .map_err(|e| DriverStartError::Recovery {
@@ -219,16 +248,41 @@ impl Driver {
             }
             if now.saturating_sub(last_tick_ms) >= self.config.tick_interval_ms {
                 last_tick_ms = now;
-                if self.failed.is_none() {
-                    self.core.tick(now);
-                    self.propose_expiry(now);
-                }
+                self.tick(now);
             }
             self.finish_batch(now);
         }
     }
 
-    fn handle(&mut self, now: u64, input: ReplicaInput) {
+    /// Timers: heartbeats, retransmissions, hold expiry.
+    pub fn tick(&mut self, now: u64) {
+        if self.failed.is_none() {
+            self.core.tick(now);
+            self.propose_expiry(now);
+        }
+    }
+
+    pub fn core(&self) -> &Replica {
+        &self.core
+    }
+
+    pub fn machine(&self) -> &StateMachine {
+        &self.machine
+    }
+
+    /// The last entry applied to the state machine.
+    pub fn applied_index(&self) -> LogIndex {
+        self.applied
+    }
+
+    /// Why the replica stopped, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Steps the core with one input. Call [`Driver::finish_batch`] after a
+    /// batch of them.
+    pub fn handle(&mut self, now: u64, input: ReplicaInput) {
         match input {
             ReplicaInput::Control(control) => self.control(now, control),
             ReplicaInput::Envelope(envelope) => match envelope.body {
@@ -259,12 +313,17 @@ impl Driver {
                 self.barrier = None;
                 self.core.become_follower(generation, leader);
             }
+            Control::Seal(generation) => {
+                probe("replication.sealed_for_failover");
+                self.barrier = None;
+                self.core.seal(generation);
+            }
             Control::Shutdown => unreachable!("handled by the loop"),
         }
     }
 
     /// Runs effects until the core is quiet: one fsync per round of writes.
-    fn finish_batch(&mut self, now: u64) {
+    pub fn finish_batch(&mut self, now: u64) {
         if self.failed.is_some() {
             return;
         }
@@ -341,6 +400,7 @@ impl Driver {
                     data,
                 })?;
                 self.machine = machine;
+                self.machine.set_bugs(self.config.bugs);
                 self.applied = meta.last_index;
                 self.snapshot_index = meta.last_index;
                 Ok(false)
@@ -389,6 +449,7 @@ impl Driver {
     }
 
     fn fail(&mut self, e: WalError) {
+        probe("node.wal_failure_stops_replica");
         tracing::error!(shard = %self.shard, node = %self.me, error = %e, "WAL failure: replica stopped");
         self.failed = Some(e.to_string());
         let waiters = std::mem::take(&mut self.waiters);
@@ -562,6 +623,16 @@ impl Driver {
                 }
             }
             Request::Read { query, .. } => {
+                if !self.core.has_lease(now) && !self.config.bugs.strong_read_without_lease {
+                    probe("node.strong_read_refused_without_lease");
+                    let e = error(
+                        ErrorCode::Unavailable,
+                        format!("the leader of {} holds no lease right now; a strong read could be stale", self.shard),
+                        true,
+                        false,
+                    );
+                    return self.reply_error(&from, id, e);
+                }
                 if !self.is_ready() {
                     let e = error(
                         ErrorCode::Unavailable,

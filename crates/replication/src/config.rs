@@ -1,3 +1,4 @@
+use harbor_types::sim::Bugs;
 use harbor_types::{NodeId, ShardId};
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,15 @@ pub struct Config {
     pub retained_entries_max: u64,
     /// The largest payload of one entry.
     pub entry_bytes_max: usize,
+    /// A leader serves strong reads only while `sync_acks` local followers
+    /// acknowledged, in this generation, an append it sent less than this
+    /// long ago. The control plane waits at least this long (plus a drift
+    /// margin) after sealing a generation before it names the next leader.
+    pub lease_ms: u64,
+    /// Protocol bugs for the simulator to prove its checker; always off
+    /// outside it.
+    #[serde(skip)]
+    pub bugs: Bugs,
 }
 
 impl Config {
@@ -55,6 +65,8 @@ impl Config {
             rpo_budget_ms: 5_000,
             retained_entries_max: 1_000_000,
             entry_bytes_max: 1 << 20,
+            lease_ms: 2_000,
+            bugs: Bugs::none(),
         }
     }
 
@@ -92,6 +104,7 @@ impl Config {
             ("rpo_budget_ms", self.rpo_budget_ms),
             ("retained_entries_max", self.retained_entries_max),
             ("entry_bytes_max", self.entry_bytes_max as u64),
+            ("lease_ms", self.lease_ms),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -66,6 +66,9 @@ pub struct Append {
     /// time, and every entry at or below it has index <= `leader_last_index`.
     pub closed: Timestamp,
     pub leader_last_index: LogIndex,
+    /// The leader's clock when it sent this; echoed in the ack so the leader
+    /// can extend its lease from its own clock only.
+    pub sent_ms: u64,
 }
 
 /// Follower → leader.
@@ -79,6 +82,9 @@ pub struct AppendAck {
     pub match_index: LogIndex,
     /// On failure: the highest index known to match; resend after it.
     pub hint: LogIndex,
+    /// `sent_ms` of the newest append this follower accepted in this
+    /// generation (0 if none).
+    pub echo_ms: u64,
 }
 
 /// Leader → follower too far behind the leader's in-memory log.

@@ -1,5 +1,6 @@
 use std::collections::{BTreeMap, VecDeque};
 
+use harbor_types::sim::probe;
 use harbor_types::{Generation, Hlc, LogIndex, NodeId, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +99,9 @@ struct Progress {
     snapshot_pending: bool,
     /// The commit index in the last message sent.
     sent_commit: LogIndex,
+    /// The newest `sent_ms` the follower echoed in a successful ack of this
+    /// generation: the lease runs from there.
+    lease_from_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -150,6 +154,8 @@ pub struct Replica {
     leader_matched: LogIndex,
     leader_commit: LogIndex,
     closed: Option<(Timestamp, LogIndex)>,
+    /// `sent_ms` of the newest append accepted in this generation.
+    echo_ms: u64,
 
     // Leader side.
     progress: BTreeMap<NodeId, Progress>,
@@ -197,6 +203,7 @@ impl Replica {
             leader_matched: recovered.snapshot.last_index,
             leader_commit: recovered.snapshot.last_index,
             closed: None,
+            echo_ms: 0,
             progress: BTreeMap::new(),
             unflushed_from: None,
             effects: Vec::new(),
@@ -300,8 +307,12 @@ impl Replica {
 
     /// The metadata plane named this replica leader of `generation`.
     pub fn become_leader(&mut self, now_ms: u64, generation: Generation) {
+        // A replica sealed at `generation` (no leader yet) may be the one
+        // named to lead it.
+        let sealed =
+            generation == self.generation && self.role == Role::Follower && self.leader.is_none();
         assert!(
-            generation > self.generation,
+            generation > self.generation || sealed,
             "{}: leader of generation {generation} must be newer than the known {}",
             self.config.shard,
             self.generation
@@ -309,7 +320,11 @@ impl Replica {
         if self.role == Role::Leader {
             self.step_down(generation);
         }
-        self.adopt_generation(generation, Some(self.config.me.clone()));
+        if sealed {
+            self.leader = Some(self.config.me.clone());
+        } else {
+            self.adopt_generation(generation, Some(self.config.me.clone()));
+        }
         self.role = Role::Leader;
         let last = self.last_index();
         self.progress = self
@@ -326,6 +341,7 @@ impl Replica {
                     last_progress_ms: now_ms,
                     snapshot_pending: false,
                     sent_commit: LogIndex::ZERO,
+                    lease_from_ms: None,
                 };
                 (m.node.clone(), p)
             })
@@ -333,6 +349,44 @@ impl Replica {
         // The barrier commits everything earlier generations left behind.
         self.append_local(now_ms, Vec::new());
         self.flush(now_ms);
+    }
+
+    /// Whether this leader may serve strong reads at `now_ms`: `sync_acks`
+    /// local followers acknowledged, in this generation, appends sent within
+    /// the last `lease_ms`. A sealed or fenced leader loses it within
+    /// `lease_ms`, which the control plane waits out before naming the next.
+    pub fn has_lease(&self, now_ms: u64) -> bool {
+        if self.role != Role::Leader {
+            return false;
+        }
+        let mut starts: Vec<u64> = self
+            .progress
+            .values()
+            .filter(|p| p.local)
+            .filter_map(|p| p.lease_from_ms)
+            .collect();
+        starts.sort_unstable_by(|a, b| b.cmp(a));
+        let start = match self.config.sync_acks {
+            0 => return true,
+            n => match starts.get(n - 1) {
+                Some(start) => *start,
+                None => return false,
+            },
+        };
+        now_ms < start + self.config.lease_ms
+    }
+
+    /// The control plane sealed this replica's generation: it stops
+    /// accepting appends of older generations and waits to be told the new
+    /// leader.
+    pub fn seal(&mut self, generation: Generation) {
+        if generation <= self.generation {
+            return;
+        }
+        if self.role == Role::Leader {
+            self.step_down(generation);
+        }
+        self.adopt_generation(generation, None);
     }
 
     /// The metadata plane named `leader` for `generation`.
@@ -361,6 +415,7 @@ impl Replica {
         // Only the committed prefix is known to be in every later leader's log.
         self.leader_matched = self.commit;
         self.closed = None;
+        self.echo_ms = 0;
         self.effects.push(Effect::PersistGeneration(generation));
     }
 
@@ -412,6 +467,7 @@ impl Replica {
             }
             let lag_ms = self.lag_ms(p, now_ms);
             if lag_ms > self.config.rpo_budget_ms {
+                probe("replication.rpo_gate_refused_write");
                 return Err(ProposeError::RpoBudgetExceeded {
                     node: node.clone(),
                     lag_ms,
@@ -474,6 +530,7 @@ impl Replica {
         let p = self.progress.get_mut(to).expect("unknown follower");
         if p.next_index <= self.compacted.last_index {
             if !p.snapshot_pending {
+                probe("replication.snapshot_sent_to_lagging_follower");
                 p.snapshot_pending = true;
                 p.last_sent_ms = now_ms;
                 self.effects.push(Effect::SnapshotNeeded { to: to.clone() });
@@ -517,6 +574,7 @@ impl Replica {
             commit_index: self.commit,
             closed: self.hlc.now(now_ms),
             leader_last_index: last,
+            sent_ms: now_ms,
         });
         self.effects.push(Effect::Send {
             to: to.clone(),
@@ -578,6 +636,7 @@ impl Replica {
             .collect();
         acks.sort_unstable_by(|a, b| b.cmp(a));
         let candidate = match self.config.sync_acks {
+            _ if self.config.bugs.commit_without_follower_ack => self.durable,
             0 => self.durable,
             n => self.durable.min(acks[n - 1]),
         };
@@ -627,7 +686,12 @@ impl Replica {
     /// Common fencing for leader → follower messages. Returns false when the
     /// message must be refused.
     fn accept_from_leader(&mut self, generation: Generation, leader: &NodeId) -> bool {
+        if generation < self.generation && self.config.bugs.accept_old_generation {
+            // The bug: a follower takes an old leader's append as current.
+            return self.role == Role::Follower;
+        }
         if generation < self.generation {
+            probe("replication.follower_rejects_old_generation");
             // Fenced: tell the old leader about the newer generation.
             self.effects.push(Effect::Send {
                 to: leader.clone(),
@@ -637,6 +701,7 @@ impl Replica {
                     success: false,
                     match_index: LogIndex::ZERO,
                     hint: LogIndex::ZERO,
+                    echo_ms: 0,
                 }),
             });
             return false;
@@ -680,8 +745,11 @@ impl Replica {
         }
         if prev_index > self.last_index() || self.generation_at(prev_index) != Some(prev_generation)
         {
+            probe("replication.append_gap_rejected");
             assert!(
-                prev_index > self.commit || prev_index > self.last_index(),
+                prev_index > self.commit
+                    || prev_index > self.last_index()
+                    || self.config.bugs.accept_old_generation,
                 "{}: committed entry {prev_index} conflicts with the leader's log",
                 self.config.shard
             );
@@ -698,13 +766,17 @@ impl Replica {
                 if self.generation_at(entry.index) == Some(entry.generation) {
                     continue;
                 }
-                assert!(
-                    entry.index > self.commit,
-                    "{}: truncating committed entry {} (commit {})",
-                    self.config.shard,
-                    entry.index,
-                    self.commit
-                );
+                if entry.index <= self.commit {
+                    // Only reachable with the accept-old-generation bug: an
+                    // honest protocol never rewrites a committed entry.
+                    assert!(
+                        self.config.bugs.accept_old_generation,
+                        "{}: truncating committed entry {} (commit {})",
+                        self.config.shard, entry.index, self.commit
+                    );
+                    self.commit = entry.index.prev();
+                }
+                probe("replication.follower_truncates_suffix");
                 self.truncate_from(entry.index);
                 truncate_from = Some(entry.index);
             }
@@ -716,6 +788,7 @@ impl Replica {
         assert!(self.leader_matched <= self.last_index());
         self.leader_commit = self.leader_commit.max(m.commit_index);
         self.closed = Some((m.closed, m.leader_last_index));
+        self.echo_ms = self.echo_ms.max(m.sent_ms);
         let persisting = truncate_from.is_some() || !appended.is_empty();
         if persisting {
             self.effects.push(Effect::Persist {
@@ -731,6 +804,7 @@ impl Replica {
 
     fn truncate_from(&mut self, from: LogIndex) {
         assert!(from > self.commit, "truncating committed entries");
+        assert!(from > self.compacted.last_index);
         assert!(from > self.compacted.last_index);
         let keep = (from.0 - self.compacted.last_index.0 - 1) as usize;
         self.entries.truncate(keep);
@@ -764,6 +838,7 @@ impl Replica {
                 success,
                 match_index: self.durable.min(self.leader_matched),
                 hint: self.leader_matched,
+                echo_ms: self.echo_ms,
             }),
         });
     }
@@ -793,6 +868,7 @@ impl Replica {
 
     fn on_ack(&mut self, now_ms: u64, from: &NodeId, m: AppendAck) {
         if m.generation > self.generation {
+            probe("replication.leader_fenced_by_newer_generation");
             // A newer generation exists: we are fenced. The metadata plane
             // tells us who leads it.
             if self.role == Role::Leader {
@@ -809,6 +885,9 @@ impl Replica {
             return;
         };
         p.last_ack_ms = Some(now_ms);
+        if m.success && m.echo_ms > 0 {
+            p.lease_from_ms = Some(p.lease_from_ms.unwrap_or(0).max(m.echo_ms));
+        }
         if m.success {
             assert!(
                 m.match_index <= last,
@@ -856,6 +935,7 @@ impl Replica {
             let inflight = p.next_index.prev() > p.match_index;
             let stuck = now_ms.saturating_sub(p.last_progress_ms) >= retransmit;
             if inflight && stuck {
+                probe("replication.retransmit_after_silence");
                 // Lost or reordered appends: start again after the last ack.
                 p.next_index = p.match_index.next();
                 p.last_progress_ms = now_ms;

@@ -3,6 +3,7 @@ use crate::outcome::{
     Applied, Event, IssuerView, Outcome, Rejection, ReservationView, Status, TokenOutcome,
     TokenView,
 };
+use harbor_types::sim::{probe, Bugs};
 use harbor_types::{
     Amount, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp, AMOUNT_MAX,
 };
@@ -127,6 +128,9 @@ pub struct StateMachine {
     /// expiry and each `ExpireHolds` cost O(log n) per hold. Rebuilt on restore.
     #[serde(skip)]
     holds_by_expiry: BTreeSet<(u64, ReservationId)>,
+    /// Simulator-only protocol bugs; never set outside it.
+    #[serde(skip)]
+    bugs: Bugs,
 }
 
 fn check_amount(field: &'static str, value: Amount, min: Amount) -> Result<(), Rejection> {
@@ -269,6 +273,11 @@ fn close(
 impl StateMachine {
     pub fn new() -> StateMachine {
         StateMachine::default()
+    }
+
+    /// Switches simulator bugs on or off (see [`harbor_types::sim::Bugs`]).
+    pub fn set_bugs(&mut self, bugs: Bugs) {
+        self.bugs = bugs;
     }
 
     /// Apply one committed entry. Deterministic. Bad command content is
@@ -418,7 +427,9 @@ impl StateMachine {
                 issuer_id: issuer_id.clone(),
             })?;
         if let Some(record) = issuer.tokens.get(token) {
-            return replay(issuer_id, issuer, token, record, &request);
+            if !self.bugs.apply_token_twice {
+                return replay(issuer_id, issuer, token, record, &request);
+            }
         }
 
         let remaining = issuer.remaining();
@@ -559,6 +570,7 @@ impl StateMachine {
                 reservation_id: id.clone(),
                 amount,
             });
+            probe("reservation.hold_expired_at_confirm");
             return Err(Rejection::HoldExpired {
                 reservation_id: id.clone(),
                 expires_at_ms,

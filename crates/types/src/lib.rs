@@ -7,6 +7,7 @@
 mod hlc;
 mod ids;
 mod position;
+pub mod sim;
 
 pub use hlc::{Hlc, Timestamp};
 pub use ids::{

@@ -1,0 +1,1389 @@
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use harbor_meta::{ShardMap, Topology};
+use harbor_node::driver::{Control, Driver, ReplicaInput};
+use harbor_node::wire::{Body, Envelope, Query, QueryResult, Request, Response};
+use harbor_node::{NodeConfig, Transport};
+use harbor_replication::Member;
+use harbor_reservation::{Command, Outcome, TokenOutcome, TokenView};
+use harbor_types::sim::Bugs;
+use harbor_types::{
+    Amount, Generation, IssuerId, NodeId, Region, ReservationId, ReservationToken, ShardId,
+};
+use harbor_wal::MemStorage;
+use serde_json::{json, Value};
+
+use crate::rng::Rng;
+
+/// One run's shape. Every field has a default sized for CI sweeps.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub seed: u64,
+    pub bugs: Bugs,
+    /// Inject faults during the safety phase.
+    pub faults: bool,
+    /// Simulated length of the safety phase.
+    pub safety_ms: u64,
+    /// The liveness phase must converge within this much simulated time.
+    pub liveness_ms_max: u64,
+    pub clients: usize,
+    /// How long a client waits before it calls an operation unknown.
+    pub client_timeout_ms: u64,
+}
+
+impl SimOptions {
+    pub fn new(seed: u64) -> SimOptions {
+        SimOptions {
+            seed,
+            bugs: Bugs::none(),
+            faults: true,
+            safety_ms: 8_000,
+            liveness_ms_max: 30_000,
+            clients: 10,
+            client_timeout_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SimStats {
+    pub ops: u64,
+    pub ok: u64,
+    pub fail: u64,
+    pub info: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub crashes: u64,
+    pub fsync_failures: u64,
+    pub failovers: u64,
+    pub partitions: u64,
+    pub pauses: u64,
+    pub isolations: u64,
+    pub simulated_ms: u64,
+}
+
+pub struct SimOutcome {
+    pub seed: u64,
+    /// The history, JSON lines (docs/history-format.md).
+    pub history: String,
+    /// Everything the checker and the simulator's own checks found.
+    pub violations: Vec<String>,
+    pub stats: SimStats,
+}
+
+/// Runs one seed to the end and checks it. A panic inside the cluster (a
+/// failed assertion) is reported as a violation, with the history so far.
+pub fn run(options: SimOptions) -> SimOutcome {
+    let seed = options.seed;
+    let mut world = World::new(options);
+    let result = catch_unwind(AssertUnwindSafe(|| world.run()));
+    let mut violations = Vec::new();
+    if let Err(panic) = result {
+        let text = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        violations.push(format!("assertion failed inside the cluster: {text}"));
+    }
+    violations.extend(world.violations.iter().cloned());
+    let history = world.history.join("\n") + "\n";
+    match harbor_checker::History::parse(&history) {
+        Ok(parsed) => {
+            let report = harbor_checker::check(&parsed);
+            violations.extend(report.violations.iter().map(|v| v.to_string()));
+        }
+        Err(e) => violations.push(format!("the history does not parse: {e}")),
+    }
+    world.stats.simulated_ms = world.now;
+    SimOutcome {
+        seed,
+        history,
+        violations,
+        stats: world.stats.clone(),
+    }
+}
+
+/// Envelopes sent by drivers during one step.
+#[derive(Default)]
+struct Outbox(Mutex<Vec<Envelope>>);
+
+impl Transport for Outbox {
+    fn send(&self, envelope: Envelope) {
+        self.0.lock().unwrap().push(envelope);
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver(Envelope),
+    Tick(NodeId),
+    ClientStep(usize),
+    ClientTimeout(usize, u64),
+    Fault,
+    Restart(NodeId),
+    CrashRestart(NodeId),
+    /// Crash now, restart after this many ms.
+    CrashFor(NodeId, u64),
+    Heal(Region, Region),
+    FailoverCheck(ShardId),
+    Activate(ShardId),
+    Liveness,
+}
+
+struct SimNode {
+    region: Region,
+    up: bool,
+    paused_until: u64,
+    skew_ms: i64,
+    /// When the node next hears from the control plane (it polls; news of a
+    /// new generation is not instant).
+    refresh_at: u64,
+    replicas: BTreeMap<ShardId, Driver<MemStorage>>,
+    disks: BTreeMap<ShardId, MemStorage>,
+}
+
+struct Group {
+    home: Region,
+    members: Vec<NodeId>,
+    leader: NodeId,
+    generation: Generation,
+    failover_pending: bool,
+    /// False between sealing a generation and naming its leader.
+    active: bool,
+    /// The leader being replaced while `!active`.
+    replacing: Option<NodeId>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Op {
+    Register,
+    Reserve,
+    Confirm,
+    Release,
+    Resolve,
+    TokenLookup,
+    ReadIssuer,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Register => "register_issuer",
+            Op::Reserve => "reserve",
+            Op::Confirm => "confirm",
+            Op::Release => "release",
+            Op::Resolve => "resolve",
+            Op::TokenLookup => "token_lookup",
+            Op::ReadIssuer => "read_issuer",
+        }
+    }
+}
+
+struct Inflight {
+    op_id: u64,
+    request_id: u64,
+    op: Op,
+    token: Option<(ReservationToken, IssuerId)>,
+}
+
+#[derive(Clone)]
+struct TokenUse {
+    token: ReservationToken,
+    issuer: IssuerId,
+    amount: u64,
+    hold_ttl_ms: Option<u64>,
+}
+
+struct Client {
+    id: NodeId,
+    region: Region,
+    inflight: Option<Inflight>,
+    used: Vec<TokenUse>,
+    held: Vec<ReservationId>,
+    mine: Vec<ReservationId>,
+    /// Tokens whose outcome the client does not know.
+    unknown: Vec<(ReservationToken, IssuerId)>,
+    next_token: u64,
+    /// The client's (gateway's) cached shard map: refreshed every few
+    /// seconds, and on a not-leader answer. A stale cache sends requests to an old
+    /// leader, which must then refuse or fence them.
+    leaders: BTreeMap<ShardId, NodeId>,
+    map_refresh_at: u64,
+    inflight_shard: Option<ShardId>,
+}
+
+struct World {
+    options: SimOptions,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BTreeMap<(u64, u64), Event>,
+    nodes: BTreeMap<NodeId, SimNode>,
+    groups: BTreeMap<ShardId, Group>,
+    issuers: Vec<(IssuerId, ShardId, u64)>,
+    clients: Vec<Client>,
+    outbox: Arc<Outbox>,
+    history: Vec<String>,
+    next_op: u64,
+    next_request: u64,
+    partitions: BTreeSet<(Region, Region)>,
+    /// Nodes cut off from the other nodes (not from clients) until a time.
+    isolated: BTreeMap<NodeId, u64>,
+    leaders_seen: BTreeSet<(ShardId, Generation, NodeId)>,
+    safety: bool,
+    finished: bool,
+    violations: Vec<String>,
+    stats: SimStats,
+    node_config: NodeConfig,
+}
+
+const TICK_MS: u64 = 10;
+const LOCAL_DELAY_MS: u64 = 1;
+const WAN_DELAY_MS: u64 = 35;
+/// How long the simulated control plane waits before failing a crashed
+/// leader over (a stand-in for the lease the control plane will enforce).
+const FAILOVER_AFTER_MS: u64 = 1_000;
+const CLOCK_SKEW_MS_MAX: i64 = 50;
+/// Leader lease in the simulation, shorter than `FAILOVER_AFTER_MS`.
+const LEASE_MS: u64 = 500;
+/// Waited after sealing beyond the lease: clock skew changes can stretch a
+/// lease measured on the old leader's clock by up to twice the skew bound.
+const LEASE_MARGIN_MS: u64 = 2 * CLOCK_SKEW_MS_MAX as u64 + 100;
+
+impl World {
+    fn new(options: SimOptions) -> World {
+        let mut rng = Rng::new(options.seed);
+        let topology = Topology {
+            groups_per_region: 1,
+            buckets: 16,
+            ..Topology::dev()
+        };
+        let map = ShardMap::from_topology(&topology);
+        let mut node_config = NodeConfig::new(std::path::PathBuf::from("/sim"));
+        node_config.bugs = options.bugs;
+        node_config.snapshot_interval_entries = 200;
+        node_config.lease_ms = LEASE_MS;
+        let outbox = Arc::new(Outbox::default());
+        let mut nodes = BTreeMap::new();
+        for info in &map.nodes {
+            nodes.insert(
+                info.node.clone(),
+                SimNode {
+                    region: info.region.clone(),
+                    up: true,
+                    paused_until: 0,
+                    skew_ms: 0,
+                    refresh_at: 0,
+                    replicas: BTreeMap::new(),
+                    disks: BTreeMap::new(),
+                },
+            );
+        }
+        let mut groups = BTreeMap::new();
+        for g in map.groups.values() {
+            groups.insert(
+                g.shard,
+                Group {
+                    home: g.home_region.clone(),
+                    members: g.members.clone(),
+                    leader: g.leader.clone(),
+                    generation: Generation(1),
+                    failover_pending: false,
+                    active: true,
+                    replacing: None,
+                },
+            );
+        }
+        let regions = map.regions();
+        let mut issuers = Vec::new();
+        for i in 0..4 {
+            let issuer = IssuerId::new(format!("ISS-{i}")).unwrap();
+            let region = &regions[i % regions.len()];
+            let bucket = map.place_issuer(&issuer, region).unwrap();
+            let limit = rng.range(8, 30);
+            issuers.push((issuer, map.shard_of_bucket(bucket), limit));
+        }
+        let clients = (0..options.clients)
+            .map(|i| Client {
+                id: NodeId::new(format!("client-{i}")).unwrap(),
+                region: regions[i % regions.len()].clone(),
+                inflight: None,
+                used: Vec::new(),
+                held: Vec::new(),
+                mine: Vec::new(),
+                unknown: Vec::new(),
+                next_token: 0,
+                leaders: BTreeMap::new(),
+                map_refresh_at: 0,
+                inflight_shard: None,
+            })
+            .collect();
+        let mut world = World {
+            options,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BTreeMap::new(),
+            nodes,
+            groups,
+            issuers,
+            clients,
+            outbox,
+            history: Vec::new(),
+            next_op: 1,
+            next_request: 1,
+            partitions: BTreeSet::new(),
+            isolated: BTreeMap::new(),
+            leaders_seen: BTreeSet::new(),
+            safety: true,
+            finished: false,
+            violations: Vec::new(),
+            stats: SimStats::default(),
+            node_config,
+        };
+        let names: Vec<NodeId> = world.nodes.keys().cloned().collect();
+        for node in &names {
+            for shard in world.shards_of(node) {
+                let disk = MemStorage::new();
+                world.nodes.get_mut(node).unwrap().disks.insert(shard, disk);
+            }
+            world.open_replicas(node);
+        }
+        world
+    }
+
+    fn shards_of(&self, node: &NodeId) -> Vec<ShardId> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.members.contains(node))
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    fn region_of(&self, endpoint: &NodeId) -> Region {
+        if let Some(node) = self.nodes.get(endpoint) {
+            return node.region.clone();
+        }
+        self.clients
+            .iter()
+            .find(|c| c.id == *endpoint)
+            .map(|c| c.region.clone())
+            .expect("every endpoint is a node or a client")
+    }
+
+    fn schedule(&mut self, at: u64, event: Event) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), event);
+    }
+
+    fn record(&mut self, line: Value) {
+        self.history.push(line.to_string());
+    }
+
+    // ----- The run ------------------------------------------------------------
+
+    fn run(&mut self) {
+        let names: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        for node in &names {
+            self.schedule(0, Event::Tick(node.clone()));
+        }
+        let shards: Vec<ShardId> = self.groups.keys().copied().collect();
+        for shard in shards {
+            self.publish_generation(shard);
+        }
+        self.setup_issuers();
+        for i in 0..self.clients.len() {
+            self.schedule(self.now + 1, Event::ClientStep(i));
+        }
+        if self.options.faults {
+            self.schedule(self.now + 200, Event::Fault);
+        }
+        let liveness_at = self.now + self.options.safety_ms;
+        self.schedule(liveness_at, Event::Liveness);
+        let deadline = liveness_at + self.options.liveness_ms_max;
+        while let Some(((at, _), event)) = self.queue.pop_first() {
+            self.now = at;
+            if self.now > deadline {
+                self.violations.push(format!(
+                    "liveness: the cluster did not converge within {} ms after faults healed: {}",
+                    self.options.liveness_ms_max,
+                    self.convergence_gap().unwrap_or_default()
+                ));
+                return;
+            }
+            self.step(event);
+            if !self.safety && self.quiet() && self.convergence_gap().is_none() {
+                self.finish();
+                return;
+            }
+        }
+    }
+
+    fn step(&mut self, event: Event) {
+        match event {
+            Event::Deliver(envelope) => self.deliver(envelope),
+            Event::Tick(node) => self.tick(node),
+            Event::ClientStep(i) => self.client_step(i),
+            Event::ClientTimeout(i, op_id) => self.client_timeout(i, op_id),
+            Event::Fault => self.fault(),
+            Event::Restart(node) => self.restart(&node),
+            Event::CrashRestart(node) => {
+                self.crash(&node);
+                let at = self.now + self.rng.range(50, 500);
+                self.schedule(at, Event::Restart(node));
+            }
+            Event::CrashFor(node, down_ms) => {
+                if self.safety {
+                    self.crash(&node);
+                    self.schedule(self.now + down_ms, Event::Restart(node));
+                }
+            }
+            Event::Heal(a, b) => {
+                self.partitions.remove(&(a, b));
+            }
+            Event::FailoverCheck(shard) => self.failover_check(shard),
+            Event::Activate(shard) => self.activate(shard),
+            Event::Liveness => self.start_liveness(),
+        }
+    }
+
+    /// Registers the issuers before any fault, through the same request path
+    /// as every other write.
+    fn setup_issuers(&mut self) {
+        let issuers = self.issuers.clone();
+        for (issuer, shard, limit) in issuers {
+            let group = &self.groups[&shard];
+            let command = Command::UpsertIssuer {
+                issuer_id: issuer.clone(),
+                home_region: group.home.clone(),
+                limit: Amount(limit),
+            };
+            let value = json!({"issuer_id": issuer, "home_region": group.home, "limit": limit});
+            self.client_send(
+                0,
+                Op::Register,
+                shard,
+                Request::Write { shard, command },
+                value,
+                None,
+            );
+            // Run the world until the registration answers.
+            while self.clients[0].inflight.is_some() {
+                let Some(((at, _), event)) = self.queue.pop_first() else {
+                    panic!("setup stalled");
+                };
+                self.now = at;
+                self.step(event);
+            }
+        }
+    }
+
+    fn quiet(&self) -> bool {
+        self.clients
+            .iter()
+            .all(|c| c.inflight.is_none() && c.unknown.is_empty())
+    }
+
+    /// What still differs between replicas, or None once every group's
+    /// replicas have applied the same prefix under a ready leader.
+    fn convergence_gap(&self) -> Option<String> {
+        for (shard, group) in &self.groups {
+            let leader = &self.nodes[&group.leader];
+            let Some(driver) = leader.replicas.get(shard).filter(|_| leader.up) else {
+                return Some(format!("{shard}: leader {} is down", group.leader));
+            };
+            if !driver.core().is_leader() {
+                return Some(format!("{shard}: {} is not leading yet", group.leader));
+            }
+            let commit = driver.core().commit_index();
+            for member in &group.members {
+                let node = &self.nodes[member];
+                let Some(replica) = node.replicas.get(shard).filter(|_| node.up) else {
+                    return Some(format!("{shard}: {member} is down"));
+                };
+                if replica.applied_index() != commit || replica.core().commit_index() != commit {
+                    return Some(format!(
+                        "{shard}: {member} applied {} of {commit}",
+                        replica.applied_index()
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn start_liveness(&mut self) {
+        self.safety = false;
+        self.partitions.clear();
+        self.isolated.clear();
+        let names: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        for name in names {
+            let node = self.nodes.get_mut(&name).unwrap();
+            node.paused_until = 0;
+            node.skew_ms = 0;
+            let failed = node.replicas.values().any(|r| r.failure().is_some());
+            if !node.up {
+                self.restart(&name);
+            } else if failed {
+                self.crash(&name);
+                self.restart(&name);
+            }
+        }
+        for i in 0..self.clients.len() {
+            self.schedule(self.now + 1, Event::ClientStep(i));
+        }
+    }
+
+    /// The end: every replica's state machine checks its invariants, replicas
+    /// of a group hold identical state, and each issuer's final state goes
+    /// into the history.
+    fn finish(&mut self) {
+        for (shard, group) in &self.groups {
+            let mut reference: Option<(NodeId, Vec<u8>)> = None;
+            for member in &group.members {
+                let replica = &self.nodes[member].replicas[shard];
+                replica.machine().check_invariants();
+                let bytes = replica.machine().snapshot();
+                match &reference {
+                    None => reference = Some((member.clone(), bytes)),
+                    Some((first, expected)) if *expected != bytes => {
+                        self.violations.push(format!(
+                            "replicas diverge: {shard} on {member} differs from {first} at the same applied index"
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let issuers = self.issuers.clone();
+        for (issuer, shard, _) in issuers {
+            let leader = self.groups[&shard].leader.clone();
+            let machine = self.nodes[&leader].replicas[&shard].machine();
+            let Some(view) = machine.issuer(&issuer) else {
+                continue;
+            };
+            let mut reservations = Vec::new();
+            for seq in 1.. {
+                let Some(r) = machine.reservation(&ReservationId::new(issuer.clone(), seq)) else {
+                    break;
+                };
+                reservations.push(json!({
+                    "reservation_id": r.reservation_id, "token": r.reservation_token,
+                    "amount": r.amount, "status": r.status,
+                }));
+            }
+            let mut tokens = BTreeMap::new();
+            for client in &self.clients {
+                for used in client.used.iter().filter(|u| u.issuer == issuer) {
+                    if let Some(view) = machine.token(&issuer, &used.token) {
+                        tokens.insert(used.token.to_string(), token_json(&view));
+                    }
+                }
+            }
+            let tokens: Vec<Value> = tokens
+                .into_iter()
+                .map(|(token, mut v)| {
+                    v["token"] = json!(token);
+                    v
+                })
+                .collect();
+            let line = json!({
+                "type": "final", "time_ms": self.now, "issuer_id": issuer, "shard": shard.0,
+                "limit": view.limit, "reserved": view.reserved,
+                "reservations": reservations, "tokens": tokens,
+            });
+            self.record(line);
+        }
+        self.finished = true;
+    }
+
+    // ----- Nodes and the network ------------------------------------------------
+
+    fn node_now(&self, node: &NodeId) -> u64 {
+        let skew = self.nodes[node].skew_ms;
+        (self.now as i64 + skew).max(0) as u64
+    }
+
+    fn open_replicas(&mut self, name: &NodeId) {
+        let shards = self.shards_of(name);
+        for shard in shards {
+            let group = &self.groups[&shard];
+            let members: Vec<Member> = group
+                .members
+                .iter()
+                .map(|m| Member {
+                    node: m.clone(),
+                    local: self.nodes[m].region == group.home,
+                })
+                .collect();
+            let disk = self.nodes[name].disks[&shard].clone();
+            let transport: Arc<dyn Transport> = self.outbox.clone();
+            let driver = match Driver::open_on(
+                name.clone(),
+                shard,
+                members,
+                self.node_config.clone(),
+                disk,
+                transport,
+            ) {
+                Ok(driver) => driver,
+                Err(e) => {
+                    panic!("{name} cannot recover {shard} after a crash: {e}");
+                }
+            };
+            self.nodes
+                .get_mut(name)
+                .unwrap()
+                .replicas
+                .insert(shard, driver);
+        }
+    }
+
+    /// Runs `f` on one replica at the node's clock, then sends what it sent.
+    fn drive(
+        &mut self,
+        name: &NodeId,
+        shard: ShardId,
+        f: impl FnOnce(&mut Driver<MemStorage>, u64),
+    ) {
+        let now = self.node_now(name);
+        let Some(driver) = self.nodes.get_mut(name).unwrap().replicas.get_mut(&shard) else {
+            return;
+        };
+        f(driver, now);
+        driver.finish_batch(now);
+        let leading = driver
+            .core()
+            .is_leader()
+            .then(|| driver.core().generation());
+        if let Some(generation) = leading {
+            if self.leaders_seen.insert((shard, generation, name.clone())) {
+                let line = json!({"type": "leader", "time_ms": self.now, "shard": shard.0,
+                                  "generation": generation.0, "node": name});
+                self.record(line);
+            }
+        }
+        self.pump();
+    }
+
+    fn pump(&mut self) {
+        let sent = std::mem::take(&mut *self.outbox.0.lock().unwrap());
+        for envelope in sent {
+            self.send(envelope);
+        }
+    }
+
+    fn send(&mut self, envelope: Envelope) {
+        let from = self.region_of(&envelope.from);
+        let to = self.region_of(&envelope.to);
+        if self.safety && self.options.faults {
+            let between_nodes =
+                self.nodes.contains_key(&envelope.from) && self.nodes.contains_key(&envelope.to);
+            let cut = |n: &NodeId| self.isolated.get(n).is_some_and(|until| *until > self.now);
+            let isolated = between_nodes && (cut(&envelope.from) || cut(&envelope.to));
+            if isolated
+                || self.partitions.contains(&(from.clone(), to.clone()))
+                || self.rng.chance(2)
+            {
+                self.stats.dropped += 1;
+                return;
+            }
+        }
+        let base = if from == to {
+            LOCAL_DELAY_MS
+        } else {
+            WAN_DELAY_MS
+        };
+        let jitter = if self.options.faults {
+            self.rng.range(0, 8)
+        } else {
+            0
+        };
+        let replication = matches!(envelope.body, Body::Replication(_));
+        if replication && self.safety && self.options.faults && self.rng.chance(1) {
+            // A duplicate, sometimes a ghost that arrives seconds later,
+            // after generations may have changed. Only replication traffic:
+            // client requests travel at most once (one TCP frame, never
+            // replayed), as on the real transports.
+            let late = if self.rng.chance(30) { 3_000 } else { 30 };
+            let again = self.now + base + self.rng.range(0, late);
+            self.schedule(again, Event::Deliver(envelope.clone()));
+        }
+        self.schedule(self.now + base + jitter, Event::Deliver(envelope));
+    }
+
+    fn deliver(&mut self, envelope: Envelope) {
+        if let Some(i) = self.clients.iter().position(|c| c.id == envelope.to) {
+            self.stats.delivered += 1;
+            return self.client_response(i, envelope);
+        }
+        let name = envelope.to.clone();
+        let node = &self.nodes[&name];
+        if !node.up {
+            self.stats.dropped += 1;
+            return;
+        }
+        if node.paused_until > self.now {
+            let at = node.paused_until;
+            self.schedule(at, Event::Deliver(envelope));
+            return;
+        }
+        let shard = match &envelope.body {
+            Body::Replication(m) => m.shard(),
+            Body::Request { request, .. } => request.shard(),
+            Body::Response { .. } => return,
+        };
+        self.stats.delivered += 1;
+        self.drive(&name, shard, |driver, now| {
+            driver.handle(now, ReplicaInput::Envelope(envelope));
+        });
+    }
+
+    fn tick(&mut self, name: NodeId) {
+        let node = &self.nodes[&name];
+        if node.up && node.paused_until <= self.now {
+            if node.refresh_at <= self.now {
+                let next = self.now + self.rng.range(700, 1_300);
+                self.nodes.get_mut(&name).unwrap().refresh_at = next;
+                self.refresh(&name);
+            }
+            let shards: Vec<ShardId> = self.nodes[&name].replicas.keys().copied().collect();
+            for shard in shards {
+                self.drive(&name, shard, |driver, now| driver.tick(now));
+            }
+        }
+        self.schedule(self.now + TICK_MS, Event::Tick(name));
+    }
+
+    // ----- The control plane's part --------------------------------------------
+
+    /// Tells every running member of `shard` the group's generation and leader.
+    fn publish_generation(&mut self, shard: ShardId) {
+        let group = &self.groups[&shard];
+        let (leader, generation, members) = (
+            group.leader.clone(),
+            group.generation,
+            group.members.clone(),
+        );
+        for member in members {
+            // A node the control plane cannot reach hears later (refresh).
+            if self.unreachable(&member) {
+                continue;
+            }
+            self.tell(&member, shard, &leader, generation);
+        }
+    }
+
+    fn tell(&mut self, member: &NodeId, shard: ShardId, leader: &NodeId, generation: Generation) {
+        let Some(current) = self.nodes[member]
+            .replicas
+            .get(&shard)
+            .map(|r| r.core().generation())
+        else {
+            return;
+        };
+        if member == leader {
+            let leading = self.nodes[member].replicas[&shard].core().is_leader();
+            if current < generation || (current == generation && !leading) {
+                self.drive(member, shard, |d, now| {
+                    d.handle(now, ReplicaInput::Control(Control::Lead(generation)))
+                });
+            }
+        } else if current < generation
+            || self.nodes[member].replicas[&shard].core().leader() != Some(leader)
+        {
+            let leader = leader.clone();
+            self.drive(member, shard, |d, now| {
+                d.handle(
+                    now,
+                    ReplicaInput::Control(Control::Follow(generation, leader)),
+                )
+            });
+        }
+    }
+
+    fn crash(&mut self, name: &NodeId) {
+        let seed = self.rng.next_u64();
+        let torn = self.rng.chance(50);
+        let node = self.nodes.get_mut(name).unwrap();
+        if !node.up {
+            return;
+        }
+        node.up = false;
+        node.replicas.clear();
+        for (i, disk) in node.disks.values().enumerate() {
+            disk.crash(seed.wrapping_add(i as u64), torn);
+        }
+        self.stats.crashes += 1;
+        self.watch_leader(name);
+    }
+
+    /// The control plane notices `name` stopped answering: every group it
+    /// leads gets a failover check later.
+    fn watch_leader(&mut self, name: &NodeId) {
+        let led: Vec<ShardId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.leader == *name && g.active)
+            .map(|(s, _)| *s)
+            .collect();
+        for shard in led {
+            if !self.groups[&shard].failover_pending {
+                self.groups.get_mut(&shard).unwrap().failover_pending = true;
+                self.schedule(self.now + FAILOVER_AFTER_MS, Event::FailoverCheck(shard));
+            }
+        }
+    }
+
+    fn restart(&mut self, name: &NodeId) {
+        if self.nodes[name].up {
+            return;
+        }
+        self.open_replicas(name);
+        let node = self.nodes.get_mut(name).unwrap();
+        node.up = true;
+        node.paused_until = 0;
+        for shard in self.shards_of(name) {
+            let group = self.groups.get_mut(&shard).unwrap();
+            if !group.active {
+                let generation = group.generation;
+                self.seal(name, shard, generation);
+            } else if group.leader == *name {
+                // A restarted leader never continues a generation it may have
+                // half-written.
+                group.generation = group.generation.next();
+                group.failover_pending = false;
+                self.publish_generation(shard);
+            } else {
+                let (leader, generation) = (group.leader.clone(), group.generation);
+                self.tell(name, shard, &leader, generation);
+            }
+        }
+    }
+
+    /// The control plane cannot reach `node`: it is down, or cut off.
+    fn unreachable(&self, node: &NodeId) -> bool {
+        let n = &self.nodes[node];
+        !n.up
+            || self
+                .isolated
+                .get(node)
+                .is_some_and(|until| *until > self.now)
+    }
+
+    /// Step 1 of a failover: the leader has been unreachable for
+    /// `FAILOVER_AFTER_MS`. Seal its generation on every reachable replica,
+    /// then wait out its lease before naming the next leader.
+    fn failover_check(&mut self, shard: ShardId) {
+        let group = &self.groups[&shard];
+        if !group.failover_pending || !group.active {
+            return;
+        }
+        let old = group.leader.clone();
+        if !self.unreachable(&old) {
+            self.groups.get_mut(&shard).unwrap().failover_pending = false;
+            return;
+        }
+        let group = self.groups.get_mut(&shard).unwrap();
+        group.generation = group.generation.next();
+        group.active = false;
+        group.replacing = Some(old.clone());
+        let (generation, members) = (group.generation, group.members.clone());
+        for member in members.iter().filter(|m| **m != old) {
+            if !self.unreachable(member) {
+                self.seal(member, shard, generation);
+            }
+        }
+        self.schedule(
+            self.now + LEASE_MS + LEASE_MARGIN_MS,
+            Event::Activate(shard),
+        );
+    }
+
+    fn seal(&mut self, member: &NodeId, shard: ShardId, generation: Generation) {
+        let current = self.nodes[member]
+            .replicas
+            .get(&shard)
+            .map(|r| r.core().generation());
+        if current.is_some_and(|g| g < generation) {
+            self.drive(member, shard, |d, now| {
+                d.handle(now, ReplicaInput::Control(Control::Seal(generation)))
+            });
+        }
+    }
+
+    /// Step 2: name the local replica with the longest log, once every local
+    /// replica but the old leader answers and is sealed: the replicas asked
+    /// then intersect every commit quorum, so the choice holds every
+    /// acknowledged write.
+    fn activate(&mut self, shard: ShardId) {
+        let group = &self.groups[&shard];
+        let old = group.replacing.clone().expect("a failover in progress");
+        let generation = group.generation;
+        let candidates: Vec<NodeId> = group
+            .members
+            .iter()
+            .filter(|m| **m != old && self.nodes[*m].region == group.home)
+            .cloned()
+            .collect();
+        let ready = |world: &World, m: &NodeId| {
+            let node = &world.nodes[m];
+            !world.unreachable(m)
+                && node.paused_until <= world.now
+                && node
+                    .replicas
+                    .get(&shard)
+                    .is_some_and(|r| r.failure().is_none() && r.core().generation() == generation)
+        };
+        for m in &candidates {
+            if !self.unreachable(m) {
+                self.seal(m, shard, generation);
+            }
+        }
+        if candidates.is_empty() || !candidates.iter().all(|m| ready(self, m)) {
+            self.schedule(self.now + 200, Event::Activate(shard));
+            return;
+        }
+        let best = candidates
+            .iter()
+            .max_by_key(|m| {
+                let core = self.nodes[*m].replicas[&shard].core();
+                let last = core.last_index();
+                (core.generation_at(last), last)
+            })
+            .unwrap()
+            .clone();
+        let group = self.groups.get_mut(&shard).unwrap();
+        group.leader = best;
+        group.active = true;
+        group.replacing = None;
+        group.failover_pending = false;
+        self.stats.failovers += 1;
+        self.publish_generation(shard);
+    }
+
+    /// What a node does when it hears from the control plane: bring every
+    /// replica to the group's current generation and leader.
+    fn refresh(&mut self, name: &NodeId) {
+        if self.unreachable(name) {
+            return;
+        }
+        for shard in self.shards_of(name) {
+            let group = &self.groups[&shard];
+            let Some(replica) = self.nodes[name].replicas.get(&shard) else {
+                continue;
+            };
+            let core = replica.core();
+            if !group.active {
+                // Sealing in progress: every replica it reaches, the old
+                // leader included, stops taking the old generation.
+                if core.generation() < group.generation {
+                    let generation = group.generation;
+                    self.seal(name, shard, generation);
+                }
+                continue;
+            }
+            let stale = core.generation() < group.generation
+                || (*name != group.leader && core.leader() != Some(&group.leader));
+            if stale && replica.failure().is_none() {
+                let (leader, generation) = (group.leader.clone(), group.generation);
+                self.tell(name, shard, &leader, generation);
+            }
+        }
+    }
+
+    // ----- Faults -----------------------------------------------------------------
+
+    fn fault(&mut self) {
+        if !self.safety {
+            return;
+        }
+        let names: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        let down = self.nodes.values().filter(|n| !n.up).count();
+        let roll = self.rng.range(0, 99);
+        let name = self.rng.pick(&names).clone();
+        match roll {
+            0..=19 if down < 2 => {
+                self.crash(&name);
+                let at = self.now + self.rng.range(200, 2_500);
+                self.schedule(at, Event::Restart(name));
+            }
+            20..=27 if self.nodes[&name].up => {
+                let shards: Vec<ShardId> = self.nodes[&name].disks.keys().copied().collect();
+                let shard = *self.rng.pick(&shards);
+                self.nodes[&name].disks[&shard].fail_next_sync();
+                self.stats.fsync_failures += 1;
+                let at = self.now + self.rng.range(300, 1_500);
+                self.schedule(at, Event::CrashRestart(name));
+            }
+            28..=44 => {
+                let regions: Vec<Region> = self
+                    .nodes
+                    .values()
+                    .map(|n| n.region.clone())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let (a, b) = (regions[0].clone(), regions[1].clone());
+                let (a, b) = if self.rng.chance(50) { (a, b) } else { (b, a) };
+                self.partitions.insert((a.clone(), b.clone()));
+                let heal = self.now + self.rng.range(200, 2_000);
+                self.schedule(heal, Event::Heal(a.clone(), b.clone()));
+                if self.rng.chance(50) {
+                    self.partitions.insert((b.clone(), a.clone()));
+                    self.schedule(heal, Event::Heal(b, a));
+                }
+                self.stats.partitions += 1;
+            }
+            45..=56 => {
+                let until = self.now + self.rng.range(100, 1_500);
+                let node = self.nodes.get_mut(&name).unwrap();
+                node.paused_until = node.paused_until.max(until);
+                self.stats.pauses += 1;
+            }
+            57..=76 => {
+                // A node, usually a leader, loses its links to the other
+                // nodes but still talks to clients; half the time it then
+                // dies for long enough that its group fails over.
+                let leaders: Vec<NodeId> = self.groups.values().map(|g| g.leader.clone()).collect();
+                let name = if self.rng.chance(70) {
+                    self.rng.pick(&leaders).clone()
+                } else {
+                    name
+                };
+                let until = self.now + self.rng.range(200, 4_000);
+                self.isolated.insert(name.clone(), until);
+                self.stats.isolations += 1;
+                self.watch_leader(&name);
+                if self.rng.chance(50) && down < 2 {
+                    let down_ms = self.rng.range(1_500, 3_000);
+                    self.schedule(until, Event::CrashFor(name, down_ms));
+                }
+            }
+            77..=86 => {
+                let skew =
+                    self.rng.range(0, 2 * CLOCK_SKEW_MS_MAX as u64) as i64 - CLOCK_SKEW_MS_MAX;
+                self.nodes.get_mut(&name).unwrap().skew_ms = skew;
+            }
+            _ => {}
+        }
+        let next = self.now + self.rng.range(150, 700);
+        self.schedule(next, Event::Fault);
+    }
+
+    // ----- Clients ------------------------------------------------------------
+
+    fn client_send(
+        &mut self,
+        i: usize,
+        op: Op,
+        shard: ShardId,
+        request: Request,
+        value: Value,
+        token: Option<(ReservationToken, IssuerId)>,
+    ) {
+        let op_id = self.next_op;
+        self.next_op += 1;
+        let request_id = self.next_request;
+        self.next_request += 1;
+        let client = &self.clients[i];
+        let line = json!({"type": "invoke", "op": op_id, "client": client.id, "f": op.name(),
+                          "time_ms": self.now, "value": value});
+        let to = client
+            .leaders
+            .get(&shard)
+            .cloned()
+            .unwrap_or_else(|| self.groups[&shard].leader.clone());
+        let envelope = Envelope {
+            from: client.id.clone(),
+            to,
+            body: Body::Request {
+                id: request_id,
+                request,
+            },
+        };
+        self.record(line);
+        self.stats.ops += 1;
+        self.clients[i].inflight_shard = Some(shard);
+        self.clients[i].inflight = Some(Inflight {
+            op_id,
+            request_id,
+            op,
+            token,
+        });
+        self.send(envelope);
+        let at = self.now + self.options.client_timeout_ms;
+        self.schedule(at, Event::ClientTimeout(i, op_id));
+    }
+
+    fn complete(&mut self, i: usize, kind: &str, value: Value) {
+        let client = &mut self.clients[i];
+        let inflight = client.inflight.take().expect("an operation in flight");
+        match kind {
+            "ok" => self.stats.ok += 1,
+            "fail" => self.stats.fail += 1,
+            _ => self.stats.info += 1,
+        }
+        if kind == "info" {
+            if let Some(token) = inflight.token.clone() {
+                if matches!(inflight.op, Op::Reserve | Op::Resolve) {
+                    self.clients[i].unknown.push(token);
+                }
+            }
+        }
+        let line = json!({"type": kind, "op": inflight.op_id, "client": self.clients[i].id,
+                          "f": inflight.op.name(), "time_ms": self.now, "value": value});
+        self.record(line);
+        if inflight.op != Op::Register {
+            let at = self.now + self.rng.range(1, 20);
+            self.schedule(at, Event::ClientStep(i));
+        }
+    }
+
+    fn client_timeout(&mut self, i: usize, op_id: u64) {
+        if self.clients[i]
+            .inflight
+            .as_ref()
+            .is_some_and(|f| f.op_id == op_id)
+        {
+            self.complete(i, "info", json!({"error": "timeout"}));
+        }
+    }
+
+    fn client_step(&mut self, i: usize) {
+        if self.clients[i].inflight.is_some() {
+            return;
+        }
+        if self.clients[i].map_refresh_at <= self.now || !self.safety {
+            let next = self.now + self.rng.range(2_000, 5_000);
+            let leaders = self
+                .groups
+                .iter()
+                .map(|(s, g)| (*s, g.leader.clone()))
+                .collect();
+            let client = &mut self.clients[i];
+            client.leaders = leaders;
+            client.map_refresh_at = next;
+        }
+        if let Some((token, issuer)) = self.clients[i].unknown.pop() {
+            // An unknown outcome: ask, and make it final.
+            let shard = self.shard_of(&issuer);
+            let value = json!({"token": token, "issuer_id": issuer});
+            let command = Command::ResolveToken {
+                issuer_id: issuer.clone(),
+                token: token.clone(),
+            };
+            return self.client_send(
+                i,
+                Op::Resolve,
+                shard,
+                Request::Write { shard, command },
+                value,
+                Some((token, issuer)),
+            );
+        }
+        if !self.safety {
+            return;
+        }
+        let roll = self.rng.range(0, 99);
+        let client = &self.clients[i];
+        match roll {
+            0..=49 => self.new_reservation(i),
+            50..=59 if !client.used.is_empty() => {
+                let used = self.rng.pick(&self.clients[i].used).clone();
+                self.reserve(i, used);
+            }
+            60..=69 if !client.held.is_empty() => {
+                let id = self.rng.pick(&self.clients[i].held).clone();
+                self.transition(i, id, Op::Confirm);
+            }
+            70..=77 if !client.mine.is_empty() => {
+                let id = self.rng.pick(&self.clients[i].mine).clone();
+                self.transition(i, id, Op::Release);
+            }
+            78..=92 => {
+                let (issuer, shard, _) = self.rng.pick(&self.issuers).clone();
+                let value = json!({"issuer_id": issuer, "consistency": "strong"});
+                let request = Request::Read {
+                    shard,
+                    query: Query::Issuer(issuer),
+                };
+                self.client_send(i, Op::ReadIssuer, shard, request, value, None);
+            }
+            _ if !client.used.is_empty() => {
+                let used = self.rng.pick(&self.clients[i].used).clone();
+                let shard = self.shard_of(&used.issuer);
+                let value = json!({"token": used.token, "issuer_id": used.issuer});
+                let request = Request::Read {
+                    shard,
+                    query: Query::Token(used.issuer.clone(), used.token.clone()),
+                };
+                self.client_send(i, Op::TokenLookup, shard, request, value, None);
+            }
+            _ => self.new_reservation(i),
+        }
+    }
+
+    fn shard_of(&self, issuer: &IssuerId) -> ShardId {
+        self.issuers.iter().find(|(i, _, _)| i == issuer).unwrap().1
+    }
+
+    fn new_reservation(&mut self, i: usize) {
+        let n = self.clients[i].next_token;
+        self.clients[i].next_token += 1;
+        let token = ReservationToken::new(format!("{}-t{n}", self.clients[i].id)).unwrap();
+        let issuer = self.rng.pick(&self.issuers).0.clone();
+        let amount = self.rng.range(1, 6);
+        let hold_ttl_ms = self.rng.chance(30).then(|| self.rng.range(100, 3_000));
+        let used = TokenUse {
+            token,
+            issuer,
+            amount,
+            hold_ttl_ms,
+        };
+        self.clients[i].used.push(used.clone());
+        self.reserve(i, used);
+    }
+
+    fn reserve(&mut self, i: usize, used: TokenUse) {
+        let shard = self.shard_of(&used.issuer);
+        let value = json!({"token": used.token, "issuer_id": used.issuer, "amount": used.amount,
+                           "hold_ttl_ms": used.hold_ttl_ms});
+        let command = Command::Reserve {
+            token: used.token.clone(),
+            issuer_id: used.issuer.clone(),
+            amount: Amount(used.amount),
+            desk: "desk".into(),
+            trader: "trader".into(),
+            hold_ttl_ms: used.hold_ttl_ms,
+        };
+        let token = Some((used.token, used.issuer));
+        self.client_send(
+            i,
+            Op::Reserve,
+            shard,
+            Request::Write { shard, command },
+            value,
+            token,
+        );
+    }
+
+    fn transition(&mut self, i: usize, id: ReservationId, op: Op) {
+        let shard = self.shard_of(id.issuer());
+        let value = json!({"reservation_id": id});
+        let command = match op {
+            Op::Confirm => Command::Confirm { reservation_id: id },
+            _ => Command::Release { reservation_id: id },
+        };
+        self.client_send(i, op, shard, Request::Write { shard, command }, value, None);
+    }
+
+    fn client_response(&mut self, i: usize, envelope: Envelope) {
+        let Body::Response { id, response } = envelope.body else {
+            return;
+        };
+        let Some(inflight) = &self.clients[i].inflight else {
+            return; // a late answer after a timeout
+        };
+        if inflight.request_id != id {
+            return;
+        }
+        let op = inflight.op;
+        match *response {
+            Response::Error(e) => {
+                if let (Some(hint), Some(shard)) = (&e.leader_hint, self.clients[i].inflight_shard)
+                {
+                    self.clients[i].leaders.insert(shard, hint.clone());
+                }
+                let kind = if e.outcome_unknown { "info" } else { "fail" };
+                self.complete(i, kind, json!({"error": e.code.as_str()}));
+            }
+            Response::Applied {
+                outcome,
+                commit_token,
+                ..
+            } => match outcome {
+                Outcome::Reservation {
+                    reservation,
+                    replayed,
+                } => {
+                    let client = &mut self.clients[i];
+                    let id = reservation.reservation_id.clone();
+                    client.held.retain(|h| *h != id);
+                    client.mine.retain(|h| *h != id);
+                    match reservation.status {
+                        harbor_reservation::Status::Held => {
+                            client.held.push(id.clone());
+                            client.mine.push(id.clone());
+                        }
+                        harbor_reservation::Status::Confirmed => client.mine.push(id.clone()),
+                        _ => {}
+                    }
+                    let value = json!({"reservation_id": id, "status": reservation.status,
+                                       "commit_token": commit_token, "replayed": replayed});
+                    self.complete(i, "ok", value);
+                }
+                Outcome::Rejected(r) => {
+                    self.complete(
+                        i,
+                        "fail",
+                        json!({"error": r.code(), "commit_token": commit_token}),
+                    );
+                }
+                Outcome::Token(view) => {
+                    let mut value = token_json(&view);
+                    value["commit_token"] = json!(commit_token);
+                    if let TokenOutcome::Committed { reservation_id, .. } = &view.outcome {
+                        self.clients[i].mine.push(reservation_id.clone());
+                    }
+                    self.complete(i, "ok", value);
+                }
+                Outcome::Issuer { .. } => {
+                    self.complete(i, "ok", json!({"commit_token": commit_token}));
+                }
+                other => {
+                    self.complete(i, "info", json!({"error": format!("unexpected {other:?}")}));
+                }
+            },
+            Response::Read { result, served } => match (op, result) {
+                (Op::ReadIssuer, QueryResult::Issuer(Some(view))) => {
+                    let value = json!({"limit": view.limit, "reserved": view.reserved,
+                                       "applied": served.applied, "stale": false,
+                                       "staleness_ms": 0, "served_by": "leader",
+                                       "node": served.node});
+                    self.complete(i, "ok", value);
+                }
+                (Op::TokenLookup, QueryResult::Token(view)) => {
+                    let value = match view {
+                        Some(view) => token_json(&view),
+                        None => json!({"status": "unknown"}),
+                    };
+                    self.complete(i, "ok", value);
+                }
+                (_, other) => {
+                    self.complete(i, "fail", json!({"error": format!("unexpected {other:?}")}));
+                }
+            },
+        }
+    }
+}
+
+fn token_json(view: &TokenView) -> Value {
+    match &view.outcome {
+        TokenOutcome::Committed {
+            reservation_id,
+            commit_token,
+        } => {
+            json!({"status": "committed", "reservation_id": reservation_id, "commit_token": commit_token})
+        }
+        TokenOutcome::Rejected { code, commit_token } => {
+            json!({"status": "rejected", "reason": code, "commit_token": commit_token})
+        }
+        TokenOutcome::Abandoned { commit_token } => {
+            json!({"status": "abandoned", "commit_token": commit_token})
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Hooks that exist for the simulator: protocol-breaking bug switches and
+//! coverage probes.
+//!
+//! Both are compiled into every build, as FoundationDB's BUGGIFY and
+//! CODE_PROBE are, but only the simulator turns a bug switch on: no
+//! configuration file, flag or API of a running Harbor can. A probe costs a
+//! relaxed atomic increment and marks a rare branch so a seed sweep can show
+//! it ran.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Protocol bugs the simulator can switch on to prove the checker catches
+/// them. Each is off by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bugs {
+    /// The leader commits an entry once it alone holds it durably.
+    pub commit_without_follower_ack: bool,
+    /// A follower accepts appends from an older generation.
+    pub accept_old_generation: bool,
+    /// The state machine ignores a token it has already seen and reserves again.
+    pub apply_token_twice: bool,
+    /// A leader serves strong reads without a valid lease.
+    pub strong_read_without_lease: bool,
+}
+
+impl Bugs {
+    /// The names `harbor verify sim --bug NAME` accepts.
+    pub const NAMES: [&'static str; 4] = [
+        "commit-without-follower-ack",
+        "accept-old-generation",
+        "apply-token-twice",
+        "strong-read-without-lease",
+    ];
+
+    pub fn none() -> Bugs {
+        Bugs::default()
+    }
+
+    /// The set with one named bug switched on.
+    pub fn named(name: &str) -> Result<Bugs, String> {
+        let mut bugs = Bugs::default();
+        match name {
+            "commit-without-follower-ack" => bugs.commit_without_follower_ack = true,
+            "accept-old-generation" => bugs.accept_old_generation = true,
+            "apply-token-twice" => bugs.apply_token_twice = true,
+            "strong-read-without-lease" => bugs.strong_read_without_lease = true,
+            other => {
+                return Err(format!(
+                    "unknown bug {other:?}; known: {}",
+                    Bugs::NAMES.join(", ")
+                ))
+            }
+        }
+        Ok(bugs)
+    }
+}
+
+/// Every coverage probe in the code base, so a sweep can report the ones it
+/// never hit.
+pub const PROBES: [&str; 12] = [
+    "replication.sealed_for_failover",
+    "node.strong_read_refused_without_lease",
+    "replication.follower_truncates_suffix",
+    "replication.follower_rejects_old_generation",
+    "replication.leader_fenced_by_newer_generation",
+    "replication.retransmit_after_silence",
+    "replication.snapshot_sent_to_lagging_follower",
+    "replication.rpo_gate_refused_write",
+    "replication.append_gap_rejected",
+    "wal.torn_tail_cut_at_recovery",
+    "node.wal_failure_stops_replica",
+    "reservation.hold_expired_at_confirm",
+];
+
+static HITS: [AtomicU64; PROBES.len()] = [const { AtomicU64::new(0) }; PROBES.len()];
+
+/// Marks that a rare branch ran. `name` must be listed in [`PROBES`].
+pub fn probe(name: &'static str) {
+    match PROBES.iter().position(|p| *p == name) {
+        Some(i) => {
+            HITS[i].fetch_add(1, Ordering::Relaxed);
+        }
+        None => debug_assert!(false, "probe {name:?} is not listed in PROBES"),
+    }
+}
+
+/// Hits per probe since the process started (or the last reset).
+pub fn probe_hits() -> Vec<(&'static str, u64)> {
+    PROBES
+        .iter()
+        .zip(HITS.iter())
+        .map(|(name, hits)| (*name, hits.load(Ordering::Relaxed)))
+        .collect()
+}
+
+pub fn reset_probes() {
+    for hits in &HITS {
+        hits.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bug_names_round_trip() {
+        for name in Bugs::NAMES {
+            assert_ne!(Bugs::named(name).unwrap(), Bugs::none(), "{name}");
+        }
+        assert!(Bugs::named("nope").is_err());
+    }
+
+    #[test]
+    fn probes_count_hits() {
+        probe("wal.torn_tail_cut_at_recovery");
+        let hits = probe_hits();
+        assert!(hits
+            .iter()
+            .any(|(n, h)| *n == "wal.torn_tail_cut_at_recovery" && *h >= 1));
+    }
+}
