@@ -64,15 +64,21 @@ enum Verify {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // A simulation runs thousands of clusters: their logs are noise unless
+    // asked for with HARBOR_LOG.
+    let default_filter = match cli.command {
+        Command::Verify { .. } => "off",
+        Command::Dev { .. } => "warn,harbor=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("HARBOR_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("warn,harbor=info")),
+                .unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

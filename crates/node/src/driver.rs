@@ -399,6 +399,12 @@ impl<S: Storage> Driver<S> {
                     last_generation: meta.last_generation,
                     data,
                 })?;
+                // The core replaced its whole log with the snapshot; records
+                // the WAL kept past it may belong to an older generation and
+                // must go too, or the WAL and the core disagree.
+                if self.wal.last_index() > meta.last_index {
+                    self.wal.truncate_from(meta.last_index.next())?;
+                }
                 self.machine = machine;
                 self.machine.set_bugs(self.config.bugs);
                 self.applied = meta.last_index;
@@ -550,7 +556,9 @@ impl<S: Storage> Driver<S> {
         }
     }
 
-    fn is_ready(&self) -> bool {
+    /// A leader whose first entry of its generation is applied: its state
+    /// includes every write committed before it took over.
+    pub fn is_ready(&self) -> bool {
         self.core.is_leader() && self.barrier.is_some_and(|b| self.applied >= b)
     }
 

@@ -238,6 +238,8 @@ struct World {
     violations: Vec<String>,
     stats: SimStats,
     node_config: NodeConfig,
+    /// `HARBOR_SIM_TRACE=1`: print faults and control-plane decisions.
+    tracing: bool,
 }
 
 const TICK_MS: u64 = 10;
@@ -343,6 +345,7 @@ impl World {
             violations: Vec::new(),
             stats: SimStats::default(),
             node_config,
+            tracing: std::env::var_os("HARBOR_SIM_TRACE").is_some(),
         };
         let names: Vec<NodeId> = world.nodes.keys().cloned().collect();
         for node in &names {
@@ -422,7 +425,19 @@ impl World {
         }
     }
 
+    fn trace(&self, what: impl FnOnce() -> String) {
+        if self.tracing {
+            eprintln!("{:>6} ms  {}", self.now, what());
+        }
+    }
+
     fn step(&mut self, event: Event) {
+        if !matches!(
+            event,
+            Event::Deliver(_) | Event::Tick(_) | Event::ClientStep(_) | Event::ClientTimeout(..)
+        ) {
+            self.trace(|| format!("{event:?}"));
+        }
         match event {
             Event::Deliver(envelope) => self.deliver(envelope),
             Event::Tick(node) => self.tick(node),
@@ -495,8 +510,11 @@ impl World {
             let Some(driver) = leader.replicas.get(shard).filter(|_| leader.up) else {
                 return Some(format!("{shard}: leader {} is down", group.leader));
             };
-            if !driver.core().is_leader() {
-                return Some(format!("{shard}: {} is not leading yet", group.leader));
+            if !driver.is_ready() {
+                return Some(format!(
+                    "{shard}: {} is not leading, or has not applied its generation's first entry",
+                    group.leader
+                ));
             }
             let commit = driver.core().commit_index();
             for member in &group.members {
@@ -744,6 +762,14 @@ impl World {
 
     fn tick(&mut self, name: NodeId) {
         let node = &self.nodes[&name];
+        if !self.safety && node.up && node.replicas.values().any(|r| r.failure().is_some()) {
+            // Faults have healed: the operator restarts a replica that
+            // stopped on a storage failure.
+            self.trace(|| format!("operator restarts {name} (a replica failed)"));
+            self.crash(&name);
+            self.restart(&name);
+        }
+        let node = &self.nodes[&name];
         if node.up && node.paused_until <= self.now {
             if node.refresh_at <= self.now {
                 let next = self.now + self.rng.range(700, 1_300);
@@ -778,6 +804,7 @@ impl World {
     }
 
     fn tell(&mut self, member: &NodeId, shard: ShardId, leader: &NodeId, generation: Generation) {
+        self.trace(|| format!("tell {member}: {shard} {generation} leader {leader}"));
         let Some(current) = self.nodes[member]
             .replicas
             .get(&shard)
@@ -904,6 +931,7 @@ impl World {
     }
 
     fn seal(&mut self, member: &NodeId, shard: ShardId, generation: Generation) {
+        self.trace(|| format!("seal {member}: {shard} {generation}"));
         let current = self.nodes[member]
             .replicas
             .get(&shard)
@@ -986,8 +1014,15 @@ impl World {
                 }
                 continue;
             }
-            let stale = core.generation() < group.generation
-                || (*name != group.leader && core.leader() != Some(&group.leader));
+            // A replica can reach the group's generation without being told
+            // its role (an ack from a newer generation fences it): the named
+            // leader must be leading, the others must know who leads.
+            let role_wrong = if *name == group.leader {
+                !core.is_leader()
+            } else {
+                core.leader() != Some(&group.leader)
+            };
+            let stale = core.generation() < group.generation || role_wrong;
             if stale && replica.failure().is_none() {
                 let (leader, generation) = (group.leader.clone(), group.generation);
                 self.tell(name, shard, &leader, generation);
@@ -1005,6 +1040,7 @@ impl World {
         let down = self.nodes.values().filter(|n| !n.up).count();
         let roll = self.rng.range(0, 99);
         let name = self.rng.pick(&names).clone();
+        self.trace(|| format!("fault roll {roll} on {name}"));
         match roll {
             0..=19 if down < 2 => {
                 self.crash(&name);
