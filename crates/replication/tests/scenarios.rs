@@ -468,3 +468,68 @@ fn a_follower_behind_the_retention_window_gets_a_snapshot() {
         "{status:?}"
     );
 }
+
+#[test]
+fn the_lease_needs_a_recent_local_ack_and_lapses_without_one() {
+    let mut g = Group::new();
+    let now = g.now_ms;
+    assert!(!g.replica("l1").has_lease(now), "no lease before any ack");
+    g.settle();
+    let now = g.now_ms;
+    assert!(g.replica("l1").has_lease(now));
+    // Followers go silent: the lease runs out after lease_ms of the leader's
+    // own clock, counted from the last acked send.
+    let lease_ms = g.replica("l1").config().lease_ms;
+    g.down = vec![node("l2"), node("l3"), node("r1")];
+    g.tick(lease_ms - 1);
+    g.settle();
+    let now = g.now_ms;
+    assert!(g.replica("l1").has_lease(now), "lease ended early");
+    g.tick(2);
+    g.settle();
+    let now = g.now_ms;
+    assert!(!g.replica("l1").has_lease(now), "lease outlived its acks");
+    // A remote ack never extends the lease.
+    g.down = vec![node("l2"), node("l3")];
+    g.tick(200);
+    g.settle();
+    let now = g.now_ms;
+    assert!(
+        !g.replica("l1").has_lease(now),
+        "a remote follower granted a lease"
+    );
+}
+
+#[test]
+fn a_sealed_generation_fences_the_old_leader_and_the_sealed_replica_can_lead_it() {
+    let mut g = Group::new();
+    g.settle();
+    let committed = g.propose("before");
+    g.settle();
+    // The control plane seals generation 2 on the followers; l1 is cut off.
+    for name in ["l2", "l3", "r1"] {
+        g.replica(name).seal(Generation(2));
+    }
+    g.run_effects();
+    // The old leader's next append is refused and fences it.
+    g.tick(200);
+    g.settle();
+    assert_eq!(g.replica("l1").role(), Role::Follower);
+    assert_eq!(g.replica("l1").generation(), Generation(2));
+    // l2, sealed at 2 with no leader, is named leader of 2.
+    let now = g.now_ms;
+    g.replica("l2").become_leader(now, Generation(2));
+    for name in ["l1", "l3", "r1"] {
+        g.replica(name).become_follower(Generation(2), node("l2"));
+    }
+    g.run_effects();
+    g.settle();
+    let after = g.propose("after");
+    g.settle();
+    assert!(after > committed);
+    assert_eq!(g.committed("l1"), after);
+    assert_eq!(
+        g.replica("l1").entry(committed).unwrap().generation,
+        Generation(1)
+    );
+}
