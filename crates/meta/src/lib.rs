@@ -6,8 +6,10 @@
 //! the control-plane issue replaces the store with a Raft state machine
 //! without changing what it holds.
 
+pub mod failover;
 pub mod placement;
 pub mod store;
 
+pub use failover::{Action, FailoverConfig, GroupLeadership, Observation, Phase};
 pub use placement::{GroupInfo, NodeInfo, ShardMap, Topology, BUCKETS_DEFAULT};
 pub use store::{DirectoryError, MetaError, MetaStore};

@@ -2,7 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
-use harbor_meta::{ShardMap, Topology};
+use harbor_meta::{Action, FailoverConfig, GroupLeadership, Observation, ShardMap, Topology};
 use harbor_node::driver::{Control, Driver, ReplicaInput};
 use harbor_node::wire::{Body, Envelope, Query, QueryResult, Request, Response};
 use harbor_node::{NodeConfig, Transport};
@@ -128,8 +128,8 @@ enum Event {
     /// Crash now, restart after this many ms.
     CrashFor(NodeId, u64),
     Heal(Region, Region),
-    FailoverCheck(ShardId),
-    Activate(ShardId),
+    /// The control plane looks at every group.
+    Control,
     Liveness,
 }
 
@@ -148,13 +148,18 @@ struct SimNode {
 struct Group {
     home: Region,
     members: Vec<NodeId>,
-    leader: NodeId,
-    generation: Generation,
-    failover_pending: bool,
-    /// False between sealing a generation and naming its leader.
-    active: bool,
-    /// The leader being replaced while `!active`.
-    replacing: Option<NodeId>,
+    /// The control plane's view and decisions (harbor-meta's planner).
+    plan: GroupLeadership,
+}
+
+impl Group {
+    fn leader(&self) -> &NodeId {
+        &self.plan.leader
+    }
+
+    fn generation(&self) -> Generation {
+        self.plan.generation
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -248,6 +253,8 @@ const WAN_DELAY_MS: u64 = 35;
 /// How long the simulated control plane waits before failing a crashed
 /// leader over (a stand-in for the lease the control plane will enforce).
 const FAILOVER_AFTER_MS: u64 = 1_000;
+/// How often the control plane looks at the groups.
+const CONTROL_INTERVAL_MS: u64 = 100;
 const CLOCK_SKEW_MS_MAX: i64 = 50;
 /// Leader lease in the simulation, shorter than `FAILOVER_AFTER_MS`.
 const LEASE_MS: u64 = 500;
@@ -286,16 +293,17 @@ impl World {
         }
         let mut groups = BTreeMap::new();
         for g in map.groups.values() {
+            let members = g
+                .members
+                .iter()
+                .map(|m| (m.clone(), map.region_of(m) == Some(&g.home_region)))
+                .collect();
             groups.insert(
                 g.shard,
                 Group {
                     home: g.home_region.clone(),
                     members: g.members.clone(),
-                    leader: g.leader.clone(),
-                    generation: Generation(1),
-                    failover_pending: false,
-                    active: true,
-                    replacing: None,
+                    plan: GroupLeadership::new(g.shard, Generation(1), g.leader.clone(), members),
                 },
             );
         }
@@ -397,6 +405,7 @@ impl World {
         for shard in shards {
             self.publish_generation(shard);
         }
+        self.schedule(CONTROL_INTERVAL_MS, Event::Control);
         self.setup_issuers();
         for i in 0..self.clients.len() {
             self.schedule(self.now + 1, Event::ClientStep(i));
@@ -459,8 +468,7 @@ impl World {
             Event::Heal(a, b) => {
                 self.partitions.remove(&(a, b));
             }
-            Event::FailoverCheck(shard) => self.failover_check(shard),
-            Event::Activate(shard) => self.activate(shard),
+            Event::Control => self.control(),
             Event::Liveness => self.start_liveness(),
         }
     }
@@ -506,14 +514,14 @@ impl World {
     /// replicas have applied the same prefix under a ready leader.
     fn convergence_gap(&self) -> Option<String> {
         for (shard, group) in &self.groups {
-            let leader = &self.nodes[&group.leader];
+            let leader = &self.nodes[group.leader()];
             let Some(driver) = leader.replicas.get(shard).filter(|_| leader.up) else {
-                return Some(format!("{shard}: leader {} is down", group.leader));
+                return Some(format!("{shard}: leader {} is down", group.leader()));
             };
             if !driver.is_ready() {
                 return Some(format!(
                     "{shard}: {} is not leading, or has not applied its generation's first entry",
-                    group.leader
+                    group.leader()
                 ));
             }
             let commit = driver.core().commit_index();
@@ -578,7 +586,7 @@ impl World {
         }
         let issuers = self.issuers.clone();
         for (issuer, shard, _) in issuers {
-            let leader = self.groups[&shard].leader.clone();
+            let leader = self.groups[&shard].leader().clone();
             let machine = self.nodes[&leader].replicas[&shard].machine();
             let Some(view) = machine.issuer(&issuer) else {
                 continue;
@@ -790,8 +798,8 @@ impl World {
     fn publish_generation(&mut self, shard: ShardId) {
         let group = &self.groups[&shard];
         let (leader, generation, members) = (
-            group.leader.clone(),
-            group.generation,
+            group.leader().clone(),
+            group.generation(),
             group.members.clone(),
         );
         for member in members {
@@ -845,24 +853,6 @@ impl World {
             disk.crash(seed.wrapping_add(i as u64), torn);
         }
         self.stats.crashes += 1;
-        self.watch_leader(name);
-    }
-
-    /// The control plane notices `name` stopped answering: every group it
-    /// leads gets a failover check later.
-    fn watch_leader(&mut self, name: &NodeId) {
-        let led: Vec<ShardId> = self
-            .groups
-            .iter()
-            .filter(|(_, g)| g.leader == *name && g.active)
-            .map(|(s, _)| *s)
-            .collect();
-        for shard in led {
-            if !self.groups[&shard].failover_pending {
-                self.groups.get_mut(&shard).unwrap().failover_pending = true;
-                self.schedule(self.now + FAILOVER_AFTER_MS, Event::FailoverCheck(shard));
-            }
-        }
     }
 
     fn restart(&mut self, name: &NodeId) {
@@ -875,17 +865,14 @@ impl World {
         node.paused_until = 0;
         for shard in self.shards_of(name) {
             let group = self.groups.get_mut(&shard).unwrap();
-            if !group.active {
-                let generation = group.generation;
+            if !group.plan.is_active() {
+                let generation = group.generation();
                 self.seal(name, shard, generation);
-            } else if group.leader == *name {
-                // A restarted leader never continues a generation it may have
-                // half-written.
-                group.generation = group.generation.next();
-                group.failover_pending = false;
-                self.publish_generation(shard);
+            } else if group.leader() == name {
+                let action = group.plan.leader_restarted();
+                self.apply_action(shard, action);
             } else {
-                let (leader, generation) = (group.leader.clone(), group.generation);
+                let (leader, generation) = (group.leader().clone(), group.generation());
                 self.tell(name, shard, &leader, generation);
             }
         }
@@ -901,33 +888,57 @@ impl World {
                 .is_some_and(|until| *until > self.now)
     }
 
-    /// Step 1 of a failover: the leader has been unreachable for
-    /// `FAILOVER_AFTER_MS`. Seal its generation on every reachable replica,
-    /// then wait out its lease before naming the next leader.
-    fn failover_check(&mut self, shard: ShardId) {
-        let group = &self.groups[&shard];
-        if !group.failover_pending || !group.active {
-            return;
-        }
-        let old = group.leader.clone();
-        if !self.unreachable(&old) {
-            self.groups.get_mut(&shard).unwrap().failover_pending = false;
-            return;
-        }
-        let group = self.groups.get_mut(&shard).unwrap();
-        group.generation = group.generation.next();
-        group.active = false;
-        group.replacing = Some(old.clone());
-        let (generation, members) = (group.generation, group.members.clone());
-        for member in members.iter().filter(|m| **m != old) {
-            if !self.unreachable(member) {
-                self.seal(member, shard, generation);
+    /// The control plane's periodic look: what every reachable replica
+    /// reports goes to each group's planner, and its decisions go out.
+    fn control(&mut self) {
+        let config = FailoverConfig {
+            unreachable_after_ms: FAILOVER_AFTER_MS,
+            lease_ms: LEASE_MS,
+            lease_margin_ms: LEASE_MARGIN_MS,
+        };
+        let shards: Vec<ShardId> = self.groups.keys().copied().collect();
+        for shard in shards {
+            let observations: Vec<Observation> = self.groups[&shard]
+                .members
+                .iter()
+                .filter(|m| !self.unreachable(m) && self.nodes[*m].paused_until <= self.now)
+                .filter_map(|m| {
+                    let replica = self.nodes[m].replicas.get(&shard)?;
+                    let core = replica.core();
+                    let last = core.last_index();
+                    Some(Observation {
+                        node: m.clone(),
+                        reachable: true,
+                        healthy: replica.failure().is_none(),
+                        generation: core.generation(),
+                        leading: core.is_leader(),
+                        last_index: last,
+                        last_generation: core.generation_at(last).unwrap_or_default(),
+                    })
+                })
+                .collect();
+            let now = self.now;
+            let group = self.groups.get_mut(&shard).unwrap();
+            let before = group.plan.leader.clone();
+            let action = group.plan.observe(&config, now, &observations);
+            if matches!(&action, Action::Lead { leader, .. } if *leader != before) {
+                self.stats.failovers += 1;
             }
+            self.apply_action(shard, action);
         }
-        self.schedule(
-            self.now + LEASE_MS + LEASE_MARGIN_MS,
-            Event::Activate(shard),
-        );
+        self.schedule(self.now + CONTROL_INTERVAL_MS, Event::Control);
+    }
+
+    fn apply_action(&mut self, shard: ShardId, action: Action) {
+        match action {
+            Action::None => {}
+            Action::Seal { generation, nodes } => {
+                for node in nodes {
+                    self.seal(&node, shard, generation);
+                }
+            }
+            Action::Lead { .. } => self.publish_generation(shard),
+        }
     }
 
     fn seal(&mut self, member: &NodeId, shard: ShardId, generation: Generation) {
@@ -943,56 +954,6 @@ impl World {
         }
     }
 
-    /// Step 2: name the local replica with the longest log, once every local
-    /// replica but the old leader answers and is sealed: the replicas asked
-    /// then intersect every commit quorum, so the choice holds every
-    /// acknowledged write.
-    fn activate(&mut self, shard: ShardId) {
-        let group = &self.groups[&shard];
-        let old = group.replacing.clone().expect("a failover in progress");
-        let generation = group.generation;
-        let candidates: Vec<NodeId> = group
-            .members
-            .iter()
-            .filter(|m| **m != old && self.nodes[*m].region == group.home)
-            .cloned()
-            .collect();
-        let ready = |world: &World, m: &NodeId| {
-            let node = &world.nodes[m];
-            !world.unreachable(m)
-                && node.paused_until <= world.now
-                && node
-                    .replicas
-                    .get(&shard)
-                    .is_some_and(|r| r.failure().is_none() && r.core().generation() == generation)
-        };
-        for m in &candidates {
-            if !self.unreachable(m) {
-                self.seal(m, shard, generation);
-            }
-        }
-        if candidates.is_empty() || !candidates.iter().all(|m| ready(self, m)) {
-            self.schedule(self.now + 200, Event::Activate(shard));
-            return;
-        }
-        let best = candidates
-            .iter()
-            .max_by_key(|m| {
-                let core = self.nodes[*m].replicas[&shard].core();
-                let last = core.last_index();
-                (core.generation_at(last), last)
-            })
-            .unwrap()
-            .clone();
-        let group = self.groups.get_mut(&shard).unwrap();
-        group.leader = best;
-        group.active = true;
-        group.replacing = None;
-        group.failover_pending = false;
-        self.stats.failovers += 1;
-        self.publish_generation(shard);
-    }
-
     /// What a node does when it hears from the control plane: bring every
     /// replica to the group's current generation and leader.
     fn refresh(&mut self, name: &NodeId) {
@@ -1005,11 +966,11 @@ impl World {
                 continue;
             };
             let core = replica.core();
-            if !group.active {
+            if !group.plan.is_active() {
                 // Sealing in progress: every replica it reaches, the old
                 // leader included, stops taking the old generation.
-                if core.generation() < group.generation {
-                    let generation = group.generation;
+                if core.generation() < group.generation() {
+                    let generation = group.generation();
                     self.seal(name, shard, generation);
                 }
                 continue;
@@ -1017,14 +978,14 @@ impl World {
             // A replica can reach the group's generation without being told
             // its role (an ack from a newer generation fences it): the named
             // leader must be leading, the others must know who leads.
-            let role_wrong = if *name == group.leader {
+            let role_wrong = if name == group.leader() {
                 !core.is_leader()
             } else {
-                core.leader() != Some(&group.leader)
+                core.leader() != Some(group.leader())
             };
-            let stale = core.generation() < group.generation || role_wrong;
+            let stale = core.generation() < group.generation() || role_wrong;
             if stale && replica.failure().is_none() {
-                let (leader, generation) = (group.leader.clone(), group.generation);
+                let (leader, generation) = (group.leader().clone(), group.generation());
                 self.tell(name, shard, &leader, generation);
             }
         }
@@ -1084,7 +1045,8 @@ impl World {
                 // A node, usually a leader, loses its links to the other
                 // nodes but still talks to clients; half the time it then
                 // dies for long enough that its group fails over.
-                let leaders: Vec<NodeId> = self.groups.values().map(|g| g.leader.clone()).collect();
+                let leaders: Vec<NodeId> =
+                    self.groups.values().map(|g| g.leader().clone()).collect();
                 let name = if self.rng.chance(70) {
                     self.rng.pick(&leaders).clone()
                 } else {
@@ -1093,7 +1055,6 @@ impl World {
                 let until = self.now + self.rng.range(200, 4_000);
                 self.isolated.insert(name.clone(), until);
                 self.stats.isolations += 1;
-                self.watch_leader(&name);
                 if self.rng.chance(50) && down < 2 {
                     let down_ms = self.rng.range(1_500, 3_000);
                     self.schedule(until, Event::CrashFor(name, down_ms));
@@ -1132,7 +1093,7 @@ impl World {
             .leaders
             .get(&shard)
             .cloned()
-            .unwrap_or_else(|| self.groups[&shard].leader.clone());
+            .unwrap_or_else(|| self.groups[&shard].leader().clone());
         let envelope = Envelope {
             from: client.id.clone(),
             to,
@@ -1198,7 +1159,7 @@ impl World {
             let leaders = self
                 .groups
                 .iter()
-                .map(|(s, g)| (*s, g.leader.clone()))
+                .map(|(s, g)| (*s, g.leader().clone()))
                 .collect();
             let client = &mut self.clients[i];
             client.leaders = leaders;
