@@ -9,6 +9,11 @@ use harbor_node::{Inbox, Transport};
 use harbor_types::{NodeId, Region, ShardId};
 use tokio::sync::oneshot;
 
+/// How often a waiting request checks whether its group's leader moved.
+const ROUTE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+/// Leaders one request follows before it gives up.
+const ROUTE_ATTEMPTS_MAX: usize = 8;
+
 /// Limits of one gateway.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -78,31 +83,72 @@ impl Gateway {
         self.meta.map().region_of(node).cloned()
     }
 
-    /// Sends `request` to its group's leader and waits for the answer. A
-    /// not-leader answer with a hint is retried once at the hinted node:
-    /// requests carry client tokens, so a retry is never a second write.
+    /// Sends `request` to its group's leader and waits for the answer,
+    /// following the leader: on a not-leader answer with a hint, or when the
+    /// shard map names a new leader while it waits, it sends the request
+    /// again to the new one. That is safe for every request: reservations
+    /// are deduplicated by their token, and confirm, release, resolve and
+    /// issuer upserts are idempotent. An old leader whose generation was
+    /// sealed can no longer commit anything.
     pub async fn call(&self, request: Request) -> Result<Response, NodeError> {
         let shard = request.shard();
-        let Some(leader) = self.leader_of(shard) else {
+        let is_write = matches!(request, Request::Write { .. });
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
+        let Some(mut leader) = self.leader_of(shard) else {
             return Err(node_error(
                 ErrorCode::UnknownShard,
                 format!("{shard} is not in the shard map"),
                 false,
             ));
         };
-        let response = self.call_node(&leader, request.clone()).await?;
-        if let Response::Error(e) = &response {
-            if e.code == ErrorCode::NotLeader {
-                if let Some(hint) = e.leader_hint.clone().filter(|h| *h != leader) {
-                    return self.call_node(&hint, request).await;
+        for _attempt in 0..ROUTE_ATTEMPTS_MAX {
+            let (id, mut rx) = self.send(&leader, request.clone())?;
+            let answer = loop {
+                tokio::select! {
+                    answer = &mut rx => break answer.ok(),
+                    _ = tokio::time::sleep(ROUTE_CHECK_INTERVAL) => {
+                        let moved = self.leader_of(shard).filter(|l| *l != leader);
+                        if moved.is_some() || tokio::time::Instant::now() >= deadline {
+                            self.pending.lock().unwrap().remove(&id);
+                            break None;
+                        }
+                    }
                 }
+            };
+            if tokio::time::Instant::now() >= deadline && answer.is_none() {
+                break;
+            }
+            match answer {
+                Some(Response::Error(e)) if e.code == ErrorCode::NotLeader => {
+                    match e.leader_hint.clone().or_else(|| self.leader_of(shard)) {
+                        Some(next) if next != leader => leader = next,
+                        _ => return Ok(Response::Error(e)),
+                    }
+                }
+                Some(response) => return Ok(response),
+                None => match self.leader_of(shard) {
+                    Some(next) => leader = next,
+                    None => break,
+                },
             }
         }
-        Ok(response)
+        Err(node_error(
+            ErrorCode::Timeout,
+            format!(
+                "no answer for {shard} within {} ms",
+                self.config.request_timeout_ms
+            ),
+            is_write,
+        ))
     }
 
-    /// One request to one node, bounded by the request timeout.
-    pub async fn call_node(&self, node: &NodeId, request: Request) -> Result<Response, NodeError> {
+    /// Registers a waiter and sends one request to one node.
+    fn send(
+        &self,
+        node: &NodeId,
+        request: Request,
+    ) -> Result<(u64, oneshot::Receiver<Response>), NodeError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -120,23 +166,36 @@ impl Gateway {
             }
             pending.insert(id, tx);
         }
-        let is_write = matches!(request, Request::Write { .. });
         self.transport.send(Envelope {
             from: self.me.clone(),
             to: node.clone(),
             body: Body::Request { id, request },
         });
-        let timeout = Duration::from_millis(self.config.request_timeout_ms);
-        match tokio::time::timeout(timeout, rx).await {
+        Ok((id, rx))
+    }
+
+    /// One request to one node, bounded by the request timeout.
+    pub async fn call_node(&self, node: &NodeId, request: Request) -> Result<Response, NodeError> {
+        self.call_node_within(node, request, self.config.request_timeout_ms)
+            .await
+    }
+
+    /// One request to one node, waiting at most `timeout_ms`.
+    pub async fn call_node_within(
+        &self,
+        node: &NodeId,
+        request: Request,
+        timeout_ms: u64,
+    ) -> Result<Response, NodeError> {
+        let is_write = matches!(request, Request::Write { .. });
+        let (id, rx) = self.send(node, request)?;
+        match tokio::time::timeout(Duration::from_millis(timeout_ms), rx).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) | Err(_) => {
                 self.pending.lock().unwrap().remove(&id);
                 Err(node_error(
                     ErrorCode::Timeout,
-                    format!(
-                        "no answer from {node} within {} ms",
-                        self.config.request_timeout_ms
-                    ),
+                    format!("no answer from {node} within {timeout_ms} ms"),
                     is_write,
                 ))
             }

@@ -2,9 +2,10 @@
 //! each, sixteen groups, one gateway per region, and an in-process network
 //! that delays traffic between regions like a WAN.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -13,7 +14,9 @@ use harbor_meta::{MetaStore, ShardMap, Topology};
 use harbor_node::wire::{Query, QueryResult, Request, Response};
 use harbor_node::{Control, InProcNetwork, Node, NodeConfig};
 use harbor_replication::Member;
-use harbor_types::{NodeId, Region};
+use harbor_types::{NodeId, Region, ShardId};
+
+use crate::control::ControlLoop;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -64,14 +67,108 @@ pub struct DevCluster {
     pub network: InProcNetwork,
     pub map: Arc<ShardMap>,
     pub gateways: Vec<GatewayHandle>,
-    nodes: Vec<Node>,
+    pub nodes: Arc<NodeSet>,
     stop: watch::Sender<bool>,
+    control: JoinHandle<()>,
+}
+
+/// The cluster's nodes, each running or stopped, restartable on its data
+/// directory (dev faults and failover tests use it).
+pub struct NodeSet {
+    running: Mutex<BTreeMap<NodeId, Node>>,
+    network: InProcNetwork,
+    map: Arc<ShardMap>,
+    data_dir: PathBuf,
+    tune_node: fn(&mut NodeConfig),
+}
+
+impl NodeSet {
+    /// Starts `node` on its data directory (recovering its replicas).
+    pub async fn start(&self, node: &NodeId) -> anyhow::Result<()> {
+        if self.is_running(node) {
+            return Ok(());
+        }
+        let region = self
+            .map
+            .region_of(node)
+            .with_context(|| format!("no node {node} in the map"))?
+            .clone();
+        let groups = self
+            .map
+            .groups_of(node)
+            .into_iter()
+            .map(|g| {
+                let members = g
+                    .members
+                    .iter()
+                    .map(|m| Member {
+                        node: m.clone(),
+                        local: self.map.region_of(m) == Some(&g.home_region),
+                    })
+                    .collect();
+                (g.shard, members)
+            })
+            .collect();
+        let mut config = NodeConfig::new(self.data_dir.join("nodes").join(node.as_str()));
+        (self.tune_node)(&mut config);
+        let inbox = self
+            .network
+            .register(node.clone(), region.clone(), ENDPOINT_INBOX_CAPACITY);
+        let (id, transport) = (node.clone(), self.network.transport());
+        let started = tokio::task::spawn_blocking(move || {
+            Node::start(id, region, groups, config, transport, inbox)
+        })
+        .await?;
+        match started {
+            Ok(started) => {
+                self.running.lock().unwrap().insert(node.clone(), started);
+                Ok(())
+            }
+            Err(e) => {
+                self.network.unregister(node);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Stops `node` as a crash would look from outside: it vanishes from the
+    /// network at once. Its replicas finish their current batch, so what it
+    /// acknowledged is on disk (the SIGKILL test covers a harder crash).
+    pub async fn stop(&self, node: &NodeId) {
+        self.network.unregister(node);
+        let taken = self.running.lock().unwrap().remove(node);
+        if let Some(taken) = taken {
+            let _ = tokio::task::spawn_blocking(move || taken.shutdown()).await;
+        }
+    }
+
+    pub fn is_running(&self, node: &NodeId) -> bool {
+        self.running.lock().unwrap().contains_key(node)
+    }
+
+    /// Tells one replica its role; false when the node is not running.
+    pub fn control(&self, node: &NodeId, shard: ShardId, control: Control) -> bool {
+        match self.running.lock().unwrap().get(node) {
+            Some(n) => {
+                n.control(shard, control);
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn stop_all(&self) {
+        let names: Vec<NodeId> = self.running.lock().unwrap().keys().cloned().collect();
+        for name in names {
+            self.stop(&name).await;
+        }
+    }
 }
 
 impl DevCluster {
     /// Starts every node (recovering from `data_dir`), names the leaders of
-    /// a new generation, opens the gateways, and waits until every group's
-    /// leader is ready.
+    /// a new generation, opens the gateways, starts the control loop, and
+    /// waits until every group's leader is ready.
     pub async fn start(options: DevOptions) -> anyhow::Result<DevCluster> {
         let meta_dir = options.data_dir.join("meta");
         let meta = Arc::new(
@@ -81,51 +178,27 @@ impl DevCluster {
         let map = meta.begin_epoch()?;
         let network = InProcNetwork::new(tokio::runtime::Handle::current(), options.wan_delay_ms);
         let transport = network.transport();
-
-        let mut nodes = Vec::new();
+        let nodes = Arc::new(NodeSet {
+            running: Mutex::new(BTreeMap::new()),
+            network: network.clone(),
+            map: map.clone(),
+            data_dir: options.data_dir.clone(),
+            tune_node: options.tune_node,
+        });
         for info in &map.nodes {
-            let inbox = network.register(
-                info.node.clone(),
-                info.region.clone(),
-                ENDPOINT_INBOX_CAPACITY,
-            );
-            let groups = map
-                .groups_of(&info.node)
-                .into_iter()
-                .map(|g| {
-                    let members = g
-                        .members
-                        .iter()
-                        .map(|m| Member {
-                            node: m.clone(),
-                            local: map.region_of(m) == Some(&g.home_region),
-                        })
-                        .collect();
-                    (g.shard, members)
-                })
-                .collect();
-            let mut config =
-                NodeConfig::new(options.data_dir.join("nodes").join(info.node.as_str()));
-            (options.tune_node)(&mut config);
-            let (id, region, transport) =
-                (info.node.clone(), info.region.clone(), transport.clone());
-            let node = tokio::task::spawn_blocking(move || {
-                Node::start(id, region, groups, config, transport, inbox)
-            })
-            .await??;
-            nodes.push(node);
+            nodes.start(&info.node).await?;
         }
         for group in map.groups.values() {
-            for node in &nodes {
-                if !group.members.contains(node.id()) {
-                    continue;
-                }
-                let control = if *node.id() == group.leader {
-                    Control::Lead(group.generation)
+            for member in &group.members {
+                let control = if *member == group.leader {
+                    Control::Lead {
+                        generation: group.generation,
+                        reads_after_ms: 0,
+                    }
                 } else {
                     Control::Follow(group.generation, group.leader.clone())
                 };
-                node.control(group.shard, control);
+                nodes.control(member, group.shard, control);
             }
         }
 
@@ -173,6 +246,29 @@ impl DevCluster {
                 server,
             });
         }
+        let control_region = map.regions()[0].clone();
+        let control_id = NodeId::new("control-plane").unwrap();
+        let control_inbox = network.register(
+            control_id.clone(),
+            control_region.clone(),
+            ENDPOINT_INBOX_CAPACITY,
+        );
+        let control_endpoint = Gateway::start(
+            control_id,
+            control_region,
+            meta.clone(),
+            transport.clone(),
+            control_inbox,
+            options.gateway.clone(),
+        );
+        let lease_ms = {
+            let mut probe = NodeConfig::new(PathBuf::new());
+            (options.tune_node)(&mut probe);
+            probe.lease_ms
+        };
+        let control_loop =
+            ControlLoop::new(control_endpoint, meta.clone(), nodes.clone(), lease_ms);
+        let control = tokio::spawn(control_loop.run(stopped.clone()));
         let cluster = DevCluster {
             meta,
             network,
@@ -180,6 +276,7 @@ impl DevCluster {
             gateways,
             nodes,
             stop,
+            control,
         };
         cluster.wait_ready(Duration::from_secs(30)).await?;
         Ok(cluster)
@@ -191,7 +288,7 @@ impl DevCluster {
         let gateway = &self.gateways[0].gateway;
         loop {
             let mut waiting = 0;
-            for shard in self.map.groups.keys() {
+            for shard in self.meta.map().groups.keys() {
                 let ready = matches!(
                     gateway.call(Request::Read { shard: *shard, query: Query::Status }).await,
                     Ok(Response::Read { result: QueryResult::Status(s), .. }) if s.ready
@@ -218,21 +315,14 @@ impl DevCluster {
             .unwrap_or_else(|| panic!("no gateway in {region}"))
     }
 
-    /// Stops the gateways, then every replica after its current batch.
+    /// Stops the gateways and the control loop, then every replica after
+    /// its current batch.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for gateway in self.gateways {
             let _ = gateway.server.await;
         }
-        for node in &self.nodes {
-            self.network.unregister(node.id());
-        }
-        let nodes = self.nodes;
-        let _ = tokio::task::spawn_blocking(move || {
-            for node in nodes {
-                node.shutdown();
-            }
-        })
-        .await;
+        let _ = self.control.await;
+        self.nodes.stop_all().await;
     }
 }

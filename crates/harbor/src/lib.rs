@@ -1,3 +1,4 @@
 //! The pieces of the `harbor` binary that tests use too.
 
+pub mod control;
 pub mod dev;

@@ -6,13 +6,16 @@
 //! 1. The leader stops answering. After `unreachable_after_ms` the planner
 //!    seals its generation N: every reachable replica adopts N+1 without a
 //!    leader and refuses appends of N.
-//! 2. It waits out the old leader's lease (`lease_ms` plus a margin for
-//!    clock drift), so two leaders never serve strong reads at once.
-//! 3. Once every home-region replica but the old leader answers, sealed at
+//! 2. Once every home-region replica but the old leader answers, sealed at
 //!    N+1, the one with the longest log (by last generation, then index)
 //!    leads N+1. The replicas asked intersect every commit quorum (the old
 //!    leader plus one local follower), so the choice holds every
-//!    acknowledged write.
+//!    acknowledged write. The new leader takes writes at once: the sealed
+//!    followers no longer ack the old one, so it cannot commit.
+//! 3. The new leader serves no strong read until the old leader's lease
+//!    must have run out: `lease_ms` plus a drift margin after the last seal
+//!    (the old leader's lease rests on acks sent before its followers were
+//!    sealed). Two leaders never serve strong reads at once.
 
 use harbor_types::{Generation, LogIndex, NodeId, ShardId};
 
@@ -71,10 +74,12 @@ pub enum Action {
         generation: Generation,
         nodes: Vec<NodeId>,
     },
-    /// `leader` leads `generation`; everyone else follows it.
+    /// `leader` leads `generation`; everyone else follows it. The leader
+    /// serves no strong read for `reads_after_ms` from now.
     Lead {
         generation: Generation,
         leader: NodeId,
+        reads_after_ms: u64,
     },
 }
 
@@ -88,6 +93,9 @@ pub struct GroupLeadership {
     pub members: Vec<(NodeId, bool)>,
     pub phase: Phase,
     unreachable_since_ms: Option<u64>,
+    /// When the last seal of the current generation went out; strong reads
+    /// under it wait until `lease_ms + margin` after it.
+    last_seal_ms: Option<u64>,
 }
 
 impl GroupLeadership {
@@ -108,6 +116,15 @@ impl GroupLeadership {
             members,
             phase: Phase::Active,
             unreachable_since_ms: None,
+            last_seal_ms: None,
+        }
+    }
+
+    /// How long the leader must still hold back strong reads at `now_ms`.
+    pub fn reads_wait_ms(&self, config: &FailoverConfig, now_ms: u64) -> u64 {
+        match self.last_seal_ms {
+            None => 0,
+            Some(seal) => (seal + config.lease_ms + config.lease_margin_ms).saturating_sub(now_ms),
         }
     }
 
@@ -124,9 +141,12 @@ impl GroupLeadership {
         }
         self.generation = self.generation.next();
         self.unreachable_since_ms = None;
+        self.last_seal_ms = None;
         Action::Lead {
             generation: self.generation,
             leader: self.leader.clone(),
+            // The old incarnation is gone, and its lease with it.
+            reads_after_ms: 0,
         }
     }
 
@@ -155,16 +175,10 @@ impl GroupLeadership {
                     since_ms: now_ms,
                 };
                 self.unreachable_since_ms = None;
-                self.seal_reachable(observations)
+                self.last_seal_ms = Some(now_ms);
+                self.seal_reachable(now_ms, observations)
             }
-            Phase::Sealed {
-                replacing,
-                since_ms,
-            } => {
-                let waited = now_ms.saturating_sub(since_ms);
-                if waited < config.lease_ms + config.lease_margin_ms {
-                    return self.seal_reachable(observations);
-                }
+            Phase::Sealed { replacing, .. } => {
                 let candidates: Vec<&NodeId> = self
                     .members
                     .iter()
@@ -177,7 +191,7 @@ impl GroupLeadership {
                     .filter(|o| o.healthy && o.generation == self.generation)
                     .collect();
                 if candidates.is_empty() || ready.len() < candidates.len() {
-                    return self.seal_reachable(observations);
+                    return self.seal_reachable(now_ms, observations);
                 }
                 let best = ready
                     .iter()
@@ -188,13 +202,14 @@ impl GroupLeadership {
                 Action::Lead {
                     generation: self.generation,
                     leader: self.leader.clone(),
+                    reads_after_ms: self.reads_wait_ms(config, now_ms),
                 }
             }
         }
     }
 
     /// Seal the reachable members still on an older generation.
-    fn seal_reachable(&self, observations: &[Observation]) -> Action {
+    fn seal_reachable(&mut self, now_ms: u64, observations: &[Observation]) -> Action {
         let nodes: Vec<NodeId> = observations
             .iter()
             .filter(|o| o.reachable && o.generation < self.generation)
@@ -204,6 +219,7 @@ impl GroupLeadership {
         if nodes.is_empty() {
             return Action::None;
         }
+        self.last_seal_ms = Some(now_ms);
         Action::Seal {
             generation: self.generation,
             nodes,
@@ -287,18 +303,20 @@ mod tests {
                 nodes: vec![n("a2"), n("a3"), n("b1")]
             }
         );
-        // Not before the lease and its margin ran out.
-        assert_eq!(g.observe(&config(), 1_699, &followers(2)), Action::None);
+        // Writes move at once; strong reads wait until the old lease (500)
+        // and its margin (200) after the seal have passed.
         // The remote replica has the longest log but cannot lead: it is not
         // in the home region and never counted towards a commit.
-        let led = g.observe(&config(), 1_700, &followers(2));
+        let led = g.observe(&config(), 1_100, &followers(2));
         assert_eq!(
             led,
             Action::Lead {
                 generation: Generation(2),
-                leader: n("a3")
+                leader: n("a3"),
+                reads_after_ms: 600,
             }
         );
+        assert_eq!(g.reads_wait_ms(&config(), 1_700), 0);
         assert!(g.is_active());
     }
 
@@ -324,11 +342,14 @@ mod tests {
             }
         );
         let both = [obs("a2", 2, (1, 7)), obs("a3", 2, (1, 9))];
+        // The late seal restarts the read wait: a3 may have acked the old
+        // leader until just now.
         assert_eq!(
             g.observe(&config(), 10_100, &both),
             Action::Lead {
                 generation: Generation(2),
-                leader: n("a3")
+                leader: n("a3"),
+                reads_after_ms: 600,
             }
         );
     }
@@ -352,7 +373,8 @@ mod tests {
             g.leader_restarted(),
             Action::Lead {
                 generation: Generation(2),
-                leader: n("a1")
+                leader: n("a1"),
+                reads_after_ms: 0,
             }
         );
     }

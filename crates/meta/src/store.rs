@@ -4,7 +4,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use harbor_types::{BucketId, IssuerId, Region, ShardId};
+use harbor_types::{BucketId, Generation, IssuerId, NodeId, Region, ShardId};
 use serde::{Deserialize, Serialize};
 
 use crate::placement::{ShardMap, Topology};
@@ -109,6 +109,34 @@ impl MetaStore {
         for group in map.groups.values_mut() {
             group.generation = group.generation.next();
         }
+        map.map_version += 1;
+        write_atomically(
+            &self.dir,
+            MAP_FILE,
+            &serde_json::to_vec_pretty(&map).unwrap(),
+        )?;
+        *guard = Arc::new(map);
+        Ok(guard.clone())
+    }
+
+    /// Publishes a group's new leader and generation (a failover or a
+    /// restarted leader), durably, with a new map version.
+    pub fn update_group(
+        &self,
+        shard: ShardId,
+        leader: &NodeId,
+        generation: Generation,
+    ) -> Result<Arc<ShardMap>, MetaError> {
+        let mut guard = self.map.write().unwrap();
+        let mut map = (**guard).clone();
+        let group = map.groups.get_mut(&shard).expect("a known group");
+        assert!(
+            generation >= group.generation,
+            "{shard}: generation {generation} is older than the published {}",
+            group.generation
+        );
+        group.leader = leader.clone();
+        group.generation = generation;
         map.map_version += 1;
         write_atomically(
             &self.dir,
@@ -228,7 +256,6 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), MetaErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use harbor_types::Generation;
 
     #[test]
     fn map_and_directory_survive_a_restart() {

@@ -32,7 +32,11 @@ use crate::wire::{
 /// Orders from the metadata plane (and the node) to one replica.
 #[derive(Debug)]
 pub enum Control {
-    Lead(Generation),
+    /// Lead this generation; serve no strong read for `reads_after_ms`.
+    Lead {
+        generation: Generation,
+        reads_after_ms: u64,
+    },
     Follow(Generation, NodeId),
     /// Stop accepting appends older than this generation; the leader is
     /// named later (failover).
@@ -85,8 +89,10 @@ pub struct Driver<S: Storage = FileStorage> {
     /// Index of the snapshot the WAL holds.
     snapshot_index: LogIndex,
     waiters: BTreeMap<LogIndex, Waiter>,
-    /// The barrier of our generation; reads wait until it applied.
-    barrier: Option<LogIndex>,
+    /// The first entry of the generation we lead; reads wait until it is
+    /// applied. Tagged with its generation, so news about an older one
+    /// (a step-down from it) never touches it.
+    barrier: Option<(Generation, LogIndex)>,
     /// An `ExpireHolds` proposal not yet applied.
     expiry_pending: Option<LogIndex>,
     /// Set after an IO failure: the replica stops taking part.
@@ -304,9 +310,13 @@ impl<S: Storage> Driver<S> {
             return;
         }
         match control {
-            Control::Lead(generation) => {
-                self.core.become_leader(now, generation);
-                self.barrier = Some(self.core.last_index());
+            Control::Lead {
+                generation,
+                reads_after_ms,
+            } => {
+                self.core
+                    .become_leader_after(now, generation, reads_after_ms);
+                self.barrier = Some((generation, self.core.last_index()));
                 tracing::debug!(shard = %self.shard, node = %self.me, %generation, "leading");
             }
             Control::Follow(generation, leader) => {
@@ -434,7 +444,6 @@ impl<S: Storage> Driver<S> {
             }
             Effect::SteppedDown { generation } => {
                 tracing::info!(shard = %self.shard, node = %self.me, %generation, "stepped down");
-                self.barrier = None;
                 self.expiry_pending = None;
                 let waiters = std::mem::take(&mut self.waiters);
                 for (_, waiter) in waiters {
@@ -559,7 +568,10 @@ impl<S: Storage> Driver<S> {
     /// A leader whose first entry of its generation is applied: its state
     /// includes every write committed before it took over.
     pub fn is_ready(&self) -> bool {
-        self.core.is_leader() && self.barrier.is_some_and(|b| self.applied >= b)
+        self.core.is_leader()
+            && self
+                .barrier
+                .is_some_and(|(g, b)| g == self.core.generation() && self.applied >= b)
     }
 
     fn served(&self) -> Served {

@@ -120,6 +120,9 @@ pub struct ReplicaStatus {
     pub generation: Generation,
     pub leader: Option<NodeId>,
     pub last_index: LogIndex,
+    /// Generation of the entry at `last_index`: with it, the control plane
+    /// picks the longest log at a failover.
+    pub last_generation: Generation,
     pub durable_index: LogIndex,
     pub commit_index: LogIndex,
     pub followers: Vec<FollowerStatus>,
@@ -156,6 +159,9 @@ pub struct Replica {
     closed: Option<(Timestamp, LogIndex)>,
     /// `sent_ms` of the newest append accepted in this generation.
     echo_ms: u64,
+    /// A new leader serves no strong read before this (its own clock): the
+    /// control plane's bound on the previous leader's lease.
+    reads_not_before_ms: u64,
 
     // Leader side.
     progress: BTreeMap<NodeId, Progress>,
@@ -204,6 +210,7 @@ impl Replica {
             leader_commit: recovered.snapshot.last_index,
             closed: None,
             echo_ms: 0,
+            reads_not_before_ms: 0,
             progress: BTreeMap::new(),
             unflushed_from: None,
             effects: Vec::new(),
@@ -291,6 +298,7 @@ impl Replica {
             generation: self.generation,
             leader: self.leader.clone(),
             last_index: self.last_index(),
+            last_generation: self.generation_at(self.last_index()).unwrap_or_default(),
             durable_index: self.durable,
             commit_index: self.commit,
             followers,
@@ -304,6 +312,19 @@ impl Replica {
     }
 
     // ----- Generations -----------------------------------------------------
+
+    /// The control plane named this replica leader of `generation`; it
+    /// serves no strong read for `reads_after_ms` (the previous leader's
+    /// lease may still run that long). Writes start at once.
+    pub fn become_leader_after(
+        &mut self,
+        now_ms: u64,
+        generation: Generation,
+        reads_after_ms: u64,
+    ) {
+        self.become_leader(now_ms, generation);
+        self.reads_not_before_ms = now_ms + reads_after_ms;
+    }
 
     /// The metadata plane named this replica leader of `generation`.
     pub fn become_leader(&mut self, now_ms: u64, generation: Generation) {
@@ -356,7 +377,7 @@ impl Replica {
     /// the last `lease_ms`. A sealed or fenced leader loses it within
     /// `lease_ms`, which the control plane waits out before naming the next.
     pub fn has_lease(&self, now_ms: u64) -> bool {
-        if self.role != Role::Leader {
+        if self.role != Role::Leader || now_ms < self.reads_not_before_ms {
             return false;
         }
         let mut starts: Vec<u64> = self

@@ -821,10 +821,19 @@ impl World {
             return;
         };
         if member == leader {
+            let reads_after_ms = self.groups[&shard]
+                .plan
+                .reads_wait_ms(&failover_config(), self.now);
             let leading = self.nodes[member].replicas[&shard].core().is_leader();
             if current < generation || (current == generation && !leading) {
                 self.drive(member, shard, |d, now| {
-                    d.handle(now, ReplicaInput::Control(Control::Lead(generation)))
+                    d.handle(
+                        now,
+                        ReplicaInput::Control(Control::Lead {
+                            generation,
+                            reads_after_ms,
+                        }),
+                    )
                 });
             }
         } else if current < generation
@@ -891,11 +900,7 @@ impl World {
     /// The control plane's periodic look: what every reachable replica
     /// reports goes to each group's planner, and its decisions go out.
     fn control(&mut self) {
-        let config = FailoverConfig {
-            unreachable_after_ms: FAILOVER_AFTER_MS,
-            lease_ms: LEASE_MS,
-            lease_margin_ms: LEASE_MARGIN_MS,
-        };
+        let config = failover_config();
         let shards: Vec<ShardId> = self.groups.keys().copied().collect();
         for shard in shards {
             let observations: Vec<Observation> = self.groups[&shard]
@@ -1365,6 +1370,14 @@ impl World {
                 }
             },
         }
+    }
+}
+
+fn failover_config() -> FailoverConfig {
+    FailoverConfig {
+        unreachable_after_ms: FAILOVER_AFTER_MS,
+        lease_ms: LEASE_MS,
+        lease_margin_ms: LEASE_MARGIN_MS,
     }
 }
 

@@ -79,9 +79,16 @@ impl InProcNetwork {
         rx
     }
 
-    /// Removes an endpoint: envelopes to it are dropped from now on.
+    /// Removes an endpoint: envelopes to it are dropped from now on. Its
+    /// delay lines go too (they hold its inbox), so the inbox closes once
+    /// they drain, and a later `register` of the same name starts clean.
     pub fn unregister(&self, node: &NodeId) {
         self.inner.endpoints.write().unwrap().remove(node);
+        self.inner
+            .links
+            .lock()
+            .unwrap()
+            .retain(|(from, to), _| from != node && to != node);
     }
 
     pub fn faults(&self) -> LinkFaults {
