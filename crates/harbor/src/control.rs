@@ -156,10 +156,12 @@ impl ControlLoop {
                 tracing::warn!(%shard, from = %before, to = %leader, %generation, "leader failed over");
             }
         }
+        let acted = !matches!(action, Action::None);
         self.apply(shard, action);
         // Replicas that missed news (restarted, or away when it went out).
+        // Not in a round that just acted: these statuses predate the news.
         let plan = &self.plans[&shard];
-        if !plan.is_active() {
+        if acted || !plan.is_active() {
             return;
         }
         let (leader, generation) = (plan.leader.clone(), plan.generation);

@@ -81,6 +81,10 @@ async fn a_stopped_leader_fails_over_and_loses_no_acknowledged_write() {
     let group = &map.groups[&shard];
     assert_ne!(group.leader, old_leader, "the leader did not move");
     assert!(group.generation > old_generation);
+    println!(
+        "{shard}: {old_leader} at {old_generation} -> {} at {}",
+        group.leader, group.generation
+    );
     assert_eq!(
         map.region_of(&group.leader),
         map.region_of(&old_leader),
