@@ -174,12 +174,6 @@ impl Gateway {
         Ok((id, rx))
     }
 
-    /// One request to one node, bounded by the request timeout.
-    pub async fn call_node(&self, node: &NodeId, request: Request) -> Result<Response, NodeError> {
-        self.call_node_within(node, request, self.config.request_timeout_ms)
-            .await
-    }
-
     /// One request to one node, waiting at most `timeout_ms`.
     pub async fn call_node_within(
         &self,

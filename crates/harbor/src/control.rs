@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harbor_gateway::Gateway;
-use harbor_meta::{Action, FailoverConfig, GroupLeadership, MetaStore, Observation};
+use harbor_meta::{Action, CatchUp, FailoverConfig, GroupLeadership, MetaStore, Observation};
 use harbor_node::wire::{GroupStatus, Query, QueryResult, Request, Response};
 use harbor_node::Control;
 use harbor_replication::Role;
@@ -160,35 +160,33 @@ impl ControlLoop {
         self.apply(shard, action);
         // Replicas that missed news (restarted, or away when it went out).
         // Not in a round that just acted: these statuses predate the news.
-        let plan = &self.plans[&shard];
-        if acted || !plan.is_active() {
+        if acted {
             return;
         }
-        let (leader, generation) = (plan.leader.clone(), plan.generation);
         for status in &statuses {
             let replica = &status.replica;
-            if status.node == leader {
-                if replica.generation < generation {
-                    let reads_after_ms = plan.reads_wait_ms(&self.config, now);
-                    let lead = Control::Lead {
-                        generation,
-                        reads_after_ms,
-                    };
-                    self.nodes.control(&status.node, shard, lead);
-                } else if replica.role != Role::Leader {
-                    // The named leader restarted (or was fenced): it leads a
-                    // new generation rather than continue an old one.
+            let leading = replica.role == Role::Leader;
+            let plan = &self.plans[&shard];
+            let control = match plan.catch_up(
+                &status.node,
+                replica.generation,
+                leading,
+                replica.leader.as_ref(),
+            ) {
+                CatchUp::Nothing => continue,
+                CatchUp::Seal(generation) => Control::Seal(generation),
+                CatchUp::Lead(generation) => Control::Lead {
+                    generation,
+                    reads_after_ms: plan.reads_wait_ms(&self.config, now),
+                },
+                CatchUp::Follow(generation, leader) => Control::Follow(generation, leader),
+                CatchUp::NewGeneration => {
                     let action = self.plans.get_mut(&shard).unwrap().leader_restarted();
                     self.apply(shard, action);
                     return;
                 }
-            } else if replica.generation < generation || replica.leader.as_ref() != Some(&leader) {
-                self.nodes.control(
-                    &status.node,
-                    shard,
-                    Control::Follow(generation, leader.clone()),
-                );
-            }
+            };
+            self.nodes.control(&status.node, shard, control);
         }
     }
 

@@ -83,6 +83,24 @@ pub enum Action {
     },
 }
 
+/// What a replica that missed news must be told (see
+/// [`GroupLeadership::catch_up`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CatchUp {
+    Nothing,
+    /// Seal the current generation (a failover is under way).
+    Seal(Generation),
+    /// The named leader has not heard it leads the current generation.
+    Lead(Generation),
+    /// Follow the current leader at the current generation.
+    Follow(Generation, NodeId),
+    /// The named leader reports it is not leading its generation: it
+    /// restarted (or was fenced) and must lead a fresh one, never continue a
+    /// generation it may have half-written. Call
+    /// [`GroupLeadership::leader_restarted`].
+    NewGeneration,
+}
+
 /// One group's leadership as the control plane sees it.
 #[derive(Clone, Debug)]
 pub struct GroupLeadership {
@@ -147,6 +165,39 @@ impl GroupLeadership {
             leader: self.leader.clone(),
             // The old incarnation is gone, and its lease with it.
             reads_after_ms: 0,
+        }
+    }
+
+    /// What `node`, reporting `generation`, whether it leads, and the leader
+    /// it follows, must be told so it agrees with the plan. The one rule both
+    /// the simulator and the embedded control loop apply to replicas that
+    /// were away when news went out.
+    pub fn catch_up(
+        &self,
+        node: &NodeId,
+        generation: Generation,
+        leading: bool,
+        follows: Option<&NodeId>,
+    ) -> CatchUp {
+        if !self.is_active() {
+            return if generation < self.generation {
+                CatchUp::Seal(self.generation)
+            } else {
+                CatchUp::Nothing
+            };
+        }
+        if *node == self.leader {
+            if generation < self.generation {
+                CatchUp::Lead(self.generation)
+            } else if !leading {
+                CatchUp::NewGeneration
+            } else {
+                CatchUp::Nothing
+            }
+        } else if generation < self.generation || follows != Some(&self.leader) {
+            CatchUp::Follow(self.generation, self.leader.clone())
+        } else {
+            CatchUp::Nothing
         }
     }
 
@@ -364,6 +415,44 @@ mod tests {
         assert_eq!(g.observe(&config(), 900, &with_leader), Action::None);
         assert_eq!(g.observe(&config(), 1_500, &followers), Action::None);
         assert_eq!(g.generation, Generation(1));
+    }
+
+    #[test]
+    fn replicas_that_missed_news_are_told_the_plan() {
+        let g = group();
+        let (a1, a2) = (n("a1"), n("a2"));
+        assert_eq!(
+            g.catch_up(&a1, Generation(1), true, Some(&a1)),
+            CatchUp::Nothing
+        );
+        assert_eq!(
+            g.catch_up(&a1, Generation(0), false, None),
+            CatchUp::Lead(Generation(1))
+        );
+        // At its generation but not leading: never continue it.
+        assert_eq!(
+            g.catch_up(&a1, Generation(1), false, None),
+            CatchUp::NewGeneration
+        );
+        assert_eq!(
+            g.catch_up(&a2, Generation(1), false, Some(&a1)),
+            CatchUp::Nothing
+        );
+        assert_eq!(
+            g.catch_up(&a2, Generation(1), false, None),
+            CatchUp::Follow(Generation(1), a1.clone())
+        );
+        let mut sealing = group();
+        sealing.observe(&config(), 0, &[obs("a2", 1, (1, 1))]);
+        sealing.observe(&config(), 1_000, &[obs("a2", 1, (1, 1))]);
+        assert_eq!(
+            sealing.catch_up(&a1, Generation(1), true, Some(&a1)),
+            CatchUp::Seal(Generation(2))
+        );
+        assert_eq!(
+            sealing.catch_up(&a2, Generation(2), false, None),
+            CatchUp::Nothing
+        );
     }
 
     #[test]

@@ -329,9 +329,19 @@ impl Replica {
     /// The metadata plane named this replica leader of `generation`.
     pub fn become_leader(&mut self, now_ms: u64, generation: Generation) {
         // A replica sealed at `generation` (no leader yet) may be the one
-        // named to lead it.
+        // named to lead it, provided it never took part in that generation:
+        // a restarted leader of N looks sealed at N too, and must never
+        // continue N (followers may hold entries of N it lost).
         let sealed =
             generation == self.generation && self.role == Role::Follower && self.leader.is_none();
+        if sealed {
+            let last_generation = self.generation_at(self.last_index()).unwrap_or_default();
+            assert!(
+                last_generation < generation,
+                "{}: named to lead generation {generation}, but its log already holds entries of it",
+                self.config.shard
+            );
+        }
         assert!(
             generation > self.generation || sealed,
             "{}: leader of generation {generation} must be newer than the known {}",

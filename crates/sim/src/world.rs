@@ -2,7 +2,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
-use harbor_meta::{Action, FailoverConfig, GroupLeadership, Observation, ShardMap, Topology};
+use harbor_meta::{
+    Action, CatchUp, FailoverConfig, GroupLeadership, Observation, ShardMap, Topology,
+};
 use harbor_node::driver::{Control, Driver, ReplicaInput};
 use harbor_node::wire::{Body, Envelope, Query, QueryResult, Request, Response};
 use harbor_node::{NodeConfig, Transport};
@@ -966,32 +968,30 @@ impl World {
             return;
         }
         for shard in self.shards_of(name) {
-            let group = &self.groups[&shard];
             let Some(replica) = self.nodes[name].replicas.get(&shard) else {
                 continue;
             };
-            let core = replica.core();
-            if !group.plan.is_active() {
-                // Sealing in progress: every replica it reaches, the old
-                // leader included, stops taking the old generation.
-                if core.generation() < group.generation() {
-                    let generation = group.generation();
-                    self.seal(name, shard, generation);
-                }
+            if replica.failure().is_some() {
                 continue;
             }
-            // A replica can reach the group's generation without being told
-            // its role (an ack from a newer generation fences it): the named
-            // leader must be leading, the others must know who leads.
-            let role_wrong = if name == group.leader() {
-                !core.is_leader()
-            } else {
-                core.leader() != Some(group.leader())
-            };
-            let stale = core.generation() < group.generation() || role_wrong;
-            if stale && replica.failure().is_none() {
-                let (leader, generation) = (group.leader().clone(), group.generation());
-                self.tell(name, shard, &leader, generation);
+            let core = replica.core();
+            let catch_up = self.groups[&shard].plan.catch_up(
+                name,
+                core.generation(),
+                core.is_leader(),
+                core.leader(),
+            );
+            match catch_up {
+                CatchUp::Nothing => {}
+                CatchUp::Seal(generation) => self.seal(name, shard, generation),
+                CatchUp::Lead(generation) | CatchUp::Follow(generation, _) => {
+                    let leader = self.groups[&shard].leader().clone();
+                    self.tell(name, shard, &leader, generation);
+                }
+                CatchUp::NewGeneration => {
+                    let action = self.groups.get_mut(&shard).unwrap().plan.leader_restarted();
+                    self.apply_action(shard, action);
+                }
             }
         }
     }
