@@ -50,6 +50,12 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
             "/v1/reservation-tokens/{token}/resolve",
             post(resolve_token),
         )
+        .route("/v1/admin/cluster", get(crate::admin::cluster))
+        .route(
+            "/v1/admin/groups/{group}/transfer-leader",
+            post(crate::admin::transfer_leader),
+        )
+        .route("/v1/admin/faults", post(crate::admin::fault))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(gateway)
@@ -80,7 +86,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     }
 }
 
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
@@ -245,7 +251,7 @@ impl Gateway {
     }
 
     /// Error answers carry the same "who answered" fields.
-    fn stamp_error(&self, mut e: ApiError) -> ApiError {
+    pub(crate) fn stamp_error(&self, mut e: ApiError) -> ApiError {
         for (key, value) in [
             ("region", json!(self.region)),
             ("node", json!(self.me)),

@@ -6,10 +6,12 @@
 //! over the transport to the group's leader, wherever it is. The answer says
 //! which node served it and at which commit position.
 
+pub mod admin;
 mod api;
 mod error;
 mod router;
 
+pub use admin::{Admin, ClusterView, Fault};
 pub use api::routes;
 pub use error::ApiError;
 pub use router::{Gateway, GatewayConfig};

@@ -1,6 +1,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use harbor_meta::MetaStore;
@@ -9,10 +9,18 @@ use harbor_node::{Inbox, Transport};
 use harbor_types::{NodeId, Region, ShardId};
 use tokio::sync::oneshot;
 
+use crate::admin::Admin;
+
 /// How often a waiting request checks whether its group's leader moved.
 const ROUTE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 /// Leaders one request follows before it gives up.
-const ROUTE_ATTEMPTS_MAX: usize = 8;
+const ROUTE_ATTEMPTS_MAX: usize = 32;
+/// How long a request refused with `leadership_changed` waits for the map
+/// to name the next leader before it asks the same one again.
+const LEADERSHIP_WAIT_MAX: Duration = Duration::from_millis(200);
+/// How long a request first waits before asking again a node that the map
+/// names leader but that has not heard it yet (doubling on each refusal).
+const NEWS_WAIT: Duration = Duration::from_millis(10);
 
 /// Limits of one gateway.
 #[derive(Clone, Debug)]
@@ -45,6 +53,7 @@ pub struct Gateway {
     transport: Arc<dyn Transport>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
     next_id: AtomicU64,
+    admin: OnceLock<Arc<dyn Admin>>,
 }
 
 impl Gateway {
@@ -65,6 +74,7 @@ impl Gateway {
             transport,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            admin: OnceLock::new(),
         });
         tokio::spawn(receive(Arc::downgrade(&gateway), inbox));
         gateway
@@ -72,6 +82,17 @@ impl Gateway {
 
     pub fn region(&self) -> &Region {
         &self.region
+    }
+
+    /// Connects the admin API to the control plane (once).
+    pub fn set_admin(&self, admin: Arc<dyn Admin>) {
+        if self.admin.set(admin).is_err() {
+            panic!("gateway {}: admin hooks set twice", self.me);
+        }
+    }
+
+    pub(crate) fn admin(&self) -> Option<&Arc<dyn Admin>> {
+        self.admin.get()
     }
 
     /// The current leader of `shard` per the shard map.
@@ -86,10 +107,13 @@ impl Gateway {
     /// Sends `request` to its group's leader and waits for the answer,
     /// following the leader: on a not-leader answer with a hint, or when the
     /// shard map names a new leader while it waits, it sends the request
-    /// again to the new one. That is safe for every request: reservations
-    /// are deduplicated by their token, and confirm, release, resolve and
-    /// issuer upserts are idempotent. An old leader whose generation was
-    /// sealed can no longer commit anything.
+    /// again to the new one. A `leadership_changed` or hintless `not_leader`
+    /// refusal (a transfer or a failover under way) waits for the map to
+    /// move, then sends again. That
+    /// is safe for every request: reservations are deduplicated by their
+    /// token, and confirm, release, resolve and issuer upserts are
+    /// idempotent. An old leader whose generation was sealed can no longer
+    /// commit anything.
     pub async fn call(&self, request: Request) -> Result<Response, NodeError> {
         let shard = request.shard();
         let is_write = matches!(request, Request::Write { .. });
@@ -102,6 +126,7 @@ impl Gateway {
                 false,
             ));
         };
+        let mut news_wait = NEWS_WAIT;
         for _attempt in 0..ROUTE_ATTEMPTS_MAX {
             let (id, mut rx) = self.send(&leader, request.clone())?;
             let answer = loop {
@@ -120,10 +145,39 @@ impl Gateway {
                 break;
             }
             match answer {
-                Some(Response::Error(e)) if e.code == ErrorCode::NotLeader => {
-                    match e.leader_hint.clone().or_else(|| self.leader_of(shard)) {
-                        Some(next) if next != leader => leader = next,
-                        _ => return Ok(Response::Error(e)),
+                Some(Response::Error(e))
+                    if e.code == ErrorCode::NotLeader
+                        && e.leader_hint.as_ref().is_some_and(|h| *h != leader) =>
+                {
+                    leader = e.leader_hint.clone().unwrap();
+                }
+                Some(Response::Error(e))
+                    if matches!(e.code, ErrorCode::NotLeader | ErrorCode::LeadershipChanged) =>
+                {
+                    // Leadership is moving (a transfer or failover): wait for
+                    // the map to name the next leader, then send again. A
+                    // node the map already names as leader has not heard the
+                    // news yet: ask it again shortly.
+                    let wait = if e.code == ErrorCode::NotLeader {
+                        news_wait = (news_wait * 2).min(LEADERSHIP_WAIT_MAX);
+                        news_wait / 2
+                    } else {
+                        e.retry_after_ms
+                            .map_or(LEADERSHIP_WAIT_MAX, Duration::from_millis)
+                            .min(LEADERSHIP_WAIT_MAX)
+                    };
+                    let until = (tokio::time::Instant::now() + wait).min(deadline);
+                    while self.leader_of(shard).as_ref() == Some(&leader)
+                        && tokio::time::Instant::now() < until
+                    {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Ok(Response::Error(e));
+                    }
+                    match self.leader_of(shard) {
+                        Some(next) => leader = next,
+                        None => return Ok(Response::Error(e)),
                     }
                 }
                 Some(response) => return Ok(response),

@@ -4,29 +4,72 @@
 //! and tells the replicas. Until the metadata plane runs on Raft this is the
 //! single control-plane voter of `harbor dev`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harbor_gateway::Gateway;
-use harbor_meta::{Action, CatchUp, FailoverConfig, GroupLeadership, MetaStore, Observation};
+use harbor_meta::{
+    Action, CatchUp, FailoverConfig, GroupLeadership, MetaStore, Observation, Phase,
+};
 use harbor_node::wire::{GroupStatus, Query, QueryResult, Request, Response};
 use harbor_node::Control;
 use harbor_replication::Role;
 use harbor_types::{NodeId, ShardId};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dev::NodeSet;
 
 /// How often the control loop looks at every group.
 pub const CONTROL_INTERVAL_MS: u64 = 100;
+/// ... and while a planned transfer is under way (its write pause is a few
+/// of these rounds).
+const TRANSFER_INTERVAL_MS: u64 = 5;
+/// How long a planned transfer may pause a group's writes waiting for its
+/// target to catch up before it is given up.
+pub const DRAIN_MS: u64 = 1_000;
 /// A replica that does not answer a status request within this is
 /// unreachable for this round.
 const STATUS_TIMEOUT_MS: u64 = 250;
+/// ... or within this, on a node that missed the previous round: a dead
+/// node must not slow every round (and so every failover) down.
+const SUSPECT_TIMEOUT_MS: u64 = 40;
 /// How long a leader may stay unreachable before its generation is sealed.
 pub const UNREACHABLE_AFTER_MS: u64 = 500;
-/// Added to the lease for clock drift between the old leader and us.
+/// Added to the lease for clock drift between the old leader and its
+/// followers (one host in dev; NTP-synchronized hosts in a deployment).
 const LEASE_MARGIN_MS: u64 = 250;
+
+/// A planned leader transfer asked for over the admin API.
+pub struct TransferRequest {
+    pub shard: ShardId,
+    pub to: NodeId,
+    pub reply: oneshot::Sender<Result<TransferDone, TransferFailed>>,
+}
+
+#[derive(Debug)]
+pub enum TransferFailed {
+    /// Not started: a bad target, or the group is changing leaders already.
+    Refused(String),
+    /// Started, then given up; the old leader still leads.
+    Abandoned(String),
+}
+
+/// A finished transfer: writes to the group paused for `pause_ms`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TransferDone {
+    pub shard: ShardId,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub generation: harbor_types::Generation,
+    pub pause_ms: u64,
+}
+
+struct PendingTransfer {
+    from: NodeId,
+    started: Instant,
+    reply: oneshot::Sender<Result<TransferDone, TransferFailed>>,
+}
 
 pub struct ControlLoop {
     endpoint: Arc<Gateway>,
@@ -35,6 +78,10 @@ pub struct ControlLoop {
     plans: BTreeMap<ShardId, GroupLeadership>,
     config: FailoverConfig,
     started: Instant,
+    requests: mpsc::Receiver<TransferRequest>,
+    transfers: BTreeMap<ShardId, PendingTransfer>,
+    /// Nodes with a replica that did not answer the previous round.
+    suspects: BTreeSet<NodeId>,
 }
 
 impl ControlLoop {
@@ -43,6 +90,7 @@ impl ControlLoop {
         meta: Arc<MetaStore>,
         nodes: Arc<NodeSet>,
         lease_ms: u64,
+        requests: mpsc::Receiver<TransferRequest>,
     ) -> ControlLoop {
         let map = meta.map();
         let plans = map
@@ -64,6 +112,7 @@ impl ControlLoop {
             unreachable_after_ms: UNREACHABLE_AFTER_MS,
             lease_ms,
             lease_margin_ms: LEASE_MARGIN_MS,
+            drain_ms: DRAIN_MS,
         };
         config.validate().expect("valid failover config");
         ControlLoop {
@@ -73,15 +122,31 @@ impl ControlLoop {
             plans,
             config,
             started: Instant::now(),
+            requests,
+            transfers: BTreeMap::new(),
+            suspects: BTreeSet::new(),
         }
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut round_started = Instant::now();
         loop {
+            let interval = if self.transfers.is_empty() {
+                CONTROL_INTERVAL_MS
+            } else {
+                TRANSFER_INTERVAL_MS
+            };
+            // A fixed cadence: a slow round shortens the next wait.
+            let next_round = round_started + Duration::from_millis(interval);
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(Duration::from_millis(CONTROL_INTERVAL_MS)) => {}
+                Some(request) = self.requests.recv() => {
+                    self.start_transfer(request);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(next_round.into()) => {}
             }
+            round_started = Instant::now();
             // Ask every replica of every group at once: a round costs one
             // status timeout at most, however many replicas are down.
             let asks: Vec<(ShardId, NodeId)> = self
@@ -98,11 +163,83 @@ impl ControlLoop {
             )
             .await;
             let mut by_shard: BTreeMap<ShardId, Vec<GroupStatus>> = BTreeMap::new();
-            for (shard, status) in answers {
+            self.suspects.clear();
+            for ((shard, status), (_, node)) in answers.into_iter().zip(&asks) {
+                if status.is_none() {
+                    self.suspects.insert(node.clone());
+                }
                 by_shard.entry(shard).or_default().extend(status);
             }
             for (shard, statuses) in by_shard {
                 self.look_at(shard, statuses);
+            }
+        }
+    }
+
+    fn start_transfer(&mut self, request: TransferRequest) {
+        let now = self.now_ms();
+        let Some(plan) = self.plans.get_mut(&request.shard) else {
+            let _ = request.reply.send(Err(TransferFailed::Refused(format!(
+                "no group {}",
+                request.shard
+            ))));
+            return;
+        };
+        let from = plan.leader.clone();
+        match plan.transfer(&self.config, now, &request.to) {
+            Err(e) => {
+                let _ = request
+                    .reply
+                    .send(Err(TransferFailed::Refused(e.to_string())));
+            }
+            Ok(action) => {
+                tracing::info!(shard = %request.shard, %from, to = %request.to, "leader transfer");
+                self.transfers.insert(
+                    request.shard,
+                    PendingTransfer {
+                        from,
+                        started: Instant::now(),
+                        reply: request.reply,
+                    },
+                );
+                self.apply(request.shard, action);
+            }
+        }
+    }
+
+    /// Answers the caller of a transfer that just ended.
+    fn transfer_ended(&mut self, shard: ShardId, action: &Action) {
+        let result = match action {
+            Action::Lead { leader, generation } => {
+                let Some(pending) = self.transfers.remove(&shard) else {
+                    return;
+                };
+                Ok((pending, leader.clone(), *generation))
+            }
+            Action::TransferAbandoned { to } => match self.transfers.remove(&shard) {
+                Some(pending) => Err((pending, to.clone())),
+                None => return,
+            },
+            _ => return,
+        };
+        match result {
+            Ok((pending, leader, generation)) => {
+                let done = TransferDone {
+                    shard,
+                    from: pending.from,
+                    to: leader,
+                    generation,
+                    pause_ms: pending.started.elapsed().as_millis() as u64,
+                };
+                tracing::info!(?done, "leader transfer done");
+                let _ = pending.reply.send(Ok(done));
+            }
+            Err((pending, to)) => {
+                let _ = pending.reply.send(Err(TransferFailed::Abandoned(format!(
+                    "{to} did not catch up with {} within {DRAIN_MS} ms (or one of them stopped \
+                     answering); {} still leads {shard}",
+                    pending.from, pending.from
+                ))));
             }
         }
     }
@@ -116,9 +253,14 @@ impl ControlLoop {
             shard,
             query: Query::Status,
         };
+        let timeout_ms = if self.suspects.contains(node) {
+            SUSPECT_TIMEOUT_MS
+        } else {
+            STATUS_TIMEOUT_MS
+        };
         match self
             .endpoint
-            .call_node_within(node, request, STATUS_TIMEOUT_MS)
+            .call_node_within(node, request, timeout_ms)
             .await
         {
             Ok(Response::Read {
@@ -142,20 +284,27 @@ impl ControlLoop {
                 leading: s.replica.role == Role::Leader,
                 last_index: s.replica.last_index,
                 last_generation: s.replica.last_generation,
+                acked_ms_ago: s.replica.acked_ms_ago,
             })
             .collect();
         let now = self.now_ms();
         let plan = self.plans.get_mut(&shard).unwrap();
         let before = plan.leader.clone();
+        let transfer = matches!(
+            plan.phase,
+            Phase::Draining { .. }
+                | Phase::Sealed {
+                    prefer: Some(_),
+                    ..
+                }
+        );
         let action = plan.observe(&self.config, now, &observations);
-        if let Action::Lead {
-            leader, generation, ..
-        } = &action
-        {
-            if *leader != before {
+        if let Action::Lead { leader, generation } = &action {
+            if *leader != before && !transfer {
                 tracing::warn!(%shard, from = %before, to = %leader, %generation, "leader failed over");
             }
         }
+        self.transfer_ended(shard, &action);
         let acted = !matches!(action, Action::None);
         self.apply(shard, action);
         // Replicas that missed news (restarted, or away when it went out).
@@ -175,10 +324,7 @@ impl ControlLoop {
             ) {
                 CatchUp::Nothing => continue,
                 CatchUp::Seal(generation) => Control::Seal(generation),
-                CatchUp::Lead(generation) => Control::Lead {
-                    generation,
-                    reads_after_ms: plan.reads_wait_ms(&self.config, now),
-                },
+                CatchUp::Lead(generation) => Control::Lead(generation),
                 CatchUp::Follow(generation, leader) => Control::Follow(generation, leader),
                 CatchUp::NewGeneration => {
                     let action = self.plans.get_mut(&shard).unwrap().leader_restarted();
@@ -198,11 +344,11 @@ impl ControlLoop {
                     self.nodes.control(&node, shard, Control::Seal(generation));
                 }
             }
-            Action::Lead {
-                generation,
-                leader,
-                reads_after_ms,
-            } => {
+            Action::Drain { leader, for_ms } => {
+                self.nodes.control(&leader, shard, Control::Drain(for_ms));
+            }
+            Action::TransferAbandoned { .. } => {}
+            Action::Lead { generation, leader } => {
                 // Publish first: gateways route by the map, and a replica
                 // told before the map changes would refuse as "not leader".
                 if let Err(e) = self.meta.update_group(shard, &leader, generation) {
@@ -216,10 +362,7 @@ impl ControlLoop {
                     .collect();
                 for member in members {
                     let control = if member == leader {
-                        Control::Lead {
-                            generation,
-                            reads_after_ms,
-                        }
+                        Control::Lead(generation)
                     } else {
                         Control::Follow(generation, leader.clone())
                     };

@@ -16,8 +16,12 @@ use harbor_node::{Control, InProcNetwork, Node, NodeConfig};
 use harbor_replication::Member;
 use harbor_types::{NodeId, Region, ShardId};
 
-use crate::control::ControlLoop;
-use tokio::sync::watch;
+use crate::control::{ControlLoop, TransferFailed, TransferRequest};
+use axum::http::StatusCode;
+use futures::future::BoxFuture;
+use harbor_gateway::{Admin, ApiError, Fault};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// Envelopes queued for one node or gateway.
@@ -191,10 +195,7 @@ impl DevCluster {
         for group in map.groups.values() {
             for member in &group.members {
                 let control = if *member == group.leader {
-                    Control::Lead {
-                        generation: group.generation,
-                        reads_after_ms: 0,
-                    }
+                    Control::Lead(group.generation)
                 } else {
                     Control::Follow(group.generation, group.leader.clone())
                 };
@@ -203,6 +204,12 @@ impl DevCluster {
         }
 
         let (stop, stopped) = watch::channel(false);
+        let (transfers, transfer_requests) = mpsc::channel(64);
+        let admin: Arc<dyn Admin> = Arc::new(DevAdmin {
+            transfers,
+            nodes: nodes.clone(),
+            network: network.clone(),
+        });
         let mut gateways = Vec::new();
         for (i, region) in map.regions().into_iter().enumerate() {
             let id = NodeId::new(format!("gateway-{region}")).unwrap();
@@ -215,6 +222,7 @@ impl DevCluster {
                 inbox,
                 options.gateway.clone(),
             );
+            gateway.set_admin(admin.clone());
             let port = if options.port == 0 {
                 0
             } else {
@@ -266,8 +274,13 @@ impl DevCluster {
             (options.tune_node)(&mut probe);
             probe.lease_ms
         };
-        let control_loop =
-            ControlLoop::new(control_endpoint, meta.clone(), nodes.clone(), lease_ms);
+        let control_loop = ControlLoop::new(
+            control_endpoint,
+            meta.clone(),
+            nodes.clone(),
+            lease_ms,
+            transfer_requests,
+        );
         let control = tokio::spawn(control_loop.run(stopped.clone()));
         let cluster = DevCluster {
             meta,
@@ -324,5 +337,118 @@ impl DevCluster {
         }
         let _ = self.control.await;
         self.nodes.stop_all().await;
+    }
+}
+
+/// The admin hooks of `harbor dev`: transfers go to the control loop,
+/// faults act on the in-process nodes and network.
+struct DevAdmin {
+    transfers: mpsc::Sender<TransferRequest>,
+    nodes: Arc<NodeSet>,
+    network: InProcNetwork,
+}
+
+impl Admin for DevAdmin {
+    fn transfer_leader(
+        &self,
+        shard: ShardId,
+        to: NodeId,
+    ) -> BoxFuture<'_, Result<Value, ApiError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            let request = TransferRequest { shard, to, reply };
+            let gone = || {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the control loop is shutting down",
+                )
+            };
+            self.transfers.send(request).await.map_err(|_| gone())?;
+            match answer.await.map_err(|_| gone())? {
+                Ok(done) => Ok(serde_json::to_value(done).expect("serializes")),
+                Err(TransferFailed::Refused(message)) => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "transfer_refused",
+                    message,
+                )),
+                Err(TransferFailed::Abandoned(message)) => {
+                    let mut e = ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "transfer_abandoned",
+                        message,
+                    );
+                    e.retryable = true;
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<Value, ApiError>> {
+        Box::pin(async move {
+            let start_failed = |node: &NodeId, e: anyhow::Error| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "restart_failed",
+                    format!("{node} did not start: {e:#}"),
+                )
+            };
+            let changed = match &fault {
+                Fault::Crash(node) => {
+                    let was = self.nodes.is_running(node);
+                    self.nodes.stop(node).await;
+                    was
+                }
+                Fault::Restart(node) => {
+                    self.nodes.stop(node).await;
+                    self.nodes
+                        .start(node)
+                        .await
+                        .map_err(|e| start_failed(node, e))?;
+                    true
+                }
+                Fault::Pause(node) => {
+                    let was = self.network.is_paused(node);
+                    if self.nodes.is_running(node) {
+                        self.network.pause(node);
+                    }
+                    !was && self.network.is_paused(node)
+                }
+                Fault::Resume(node) => {
+                    let was = self.network.is_paused(node);
+                    self.network.resume(node);
+                    was
+                }
+                Fault::Partition(a, b) | Fault::Heal(a, b) => {
+                    let mut faults = self.network.faults();
+                    let pairs = [(a.clone(), b.clone()), (b.clone(), a.clone())];
+                    let mut changed = false;
+                    for pair in pairs {
+                        changed |= if matches!(fault, Fault::Partition(..)) {
+                            faults.partitioned.insert(pair)
+                        } else {
+                            faults.partitioned.remove(&pair)
+                        };
+                    }
+                    self.network.set_faults(faults);
+                    changed
+                }
+                Fault::Delay(a, b, ms) => {
+                    let mut faults = self.network.faults();
+                    for pair in [(a.clone(), b.clone()), (b.clone(), a.clone())] {
+                        if *ms == 0 {
+                            faults.extra_delay_ms.remove(&pair);
+                        } else {
+                            faults.extra_delay_ms.insert(pair, *ms);
+                        }
+                    }
+                    self.network.set_faults(faults);
+                    true
+                }
+            };
+            tracing::warn!(?fault, changed, "fault injected");
+            Ok(json!({"fault": fault.to_json(), "changed": changed}))
+        })
     }
 }

@@ -53,11 +53,12 @@ pub fn sim(
         }
         if !outcome.violations.is_empty() {
             println!(
-                "seed {seed}: {} violation(s); {} ops, {} crashes, {} failovers, {} partitions, {} fsync failures",
+                "seed {seed}: {} violation(s); {} ops, {} crashes, {} failovers, {} transfers, {} partitions, {} fsync failures",
                 outcome.violations.len(),
                 outcome.stats.ops,
                 outcome.stats.crashes,
                 outcome.stats.failovers,
+                outcome.stats.transfers,
                 outcome.stats.partitions,
                 outcome.stats.fsync_failures
             );

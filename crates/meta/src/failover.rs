@@ -3,19 +3,29 @@
 //! group's replicas; it answers with what to tell them. The simulator and
 //! the embedded cluster drive the same code.
 //!
+//! Failover:
 //! 1. The leader stops answering. After `unreachable_after_ms` the planner
 //!    seals its generation N: every reachable replica adopts N+1 without a
 //!    leader and refuses appends of N.
 //! 2. Once every home-region replica but the old leader answers, sealed at
-//!    N+1, the one with the longest log (by last generation, then index)
-//!    leads N+1. The replicas asked intersect every commit quorum (the old
+//!    N+1, the one with the longest log (by last generation, then index) is
+//!    chosen. The replicas asked intersect every commit quorum (the old
 //!    leader plus one local follower), so the choice holds every
-//!    acknowledged write. The new leader takes writes at once: the sealed
-//!    followers no longer ack the old one, so it cannot commit.
-//! 3. The new leader serves no strong read until the old leader's lease
-//!    must have run out: `lease_ms` plus a drift margin after the last seal
-//!    (the old leader's lease rests on acks sent before its followers were
-//!    sealed). Two leaders never serve strong reads at once.
+//!    acknowledged write.
+//! 3. It is named leader of N+1 only once the old leader's lease has run
+//!    out. That lease rests on acks from local followers, and each sealed
+//!    follower reports how long ago it last acked anyone: the lease ends at
+//!    most `lease_ms` after the newest of those acks, plus a margin for
+//!    clock drift. (An old leader that itself answers sealed holds no lease:
+//!    no wait.) So two leaders never serve at once, and a strong read on
+//!    the old leader can never miss a write of the new one.
+//!
+//! Planned transfer to a local replica T:
+//! 1. The leader stops taking writes for `drain_ms` (it keeps replicating).
+//! 2. Once T's log equals the leader's, N is sealed everywhere as above; the
+//!    leader answers sealed, so no lease wait. T, holding the longest log, is
+//!    named. If T does not catch up within `drain_ms` the transfer is given
+//!    up and the leader resumes writes by itself.
 
 use harbor_types::{Generation, LogIndex, NodeId, ShardId};
 
@@ -26,16 +36,17 @@ pub struct FailoverConfig {
     pub unreachable_after_ms: u64,
     /// The replicas' lease (`lease_ms` of the replication core).
     pub lease_ms: u64,
-    /// Extra wait for clock drift between the old leader and the planner.
+    /// Extra wait for clock drift between the old leader and its followers.
     pub lease_margin_ms: u64,
+    /// How long a planned transfer may pause writes waiting for its target
+    /// to catch up.
+    pub drain_ms: u64,
 }
 
 impl FailoverConfig {
-    /// Checks what the safety argument needs: the lease must run out before
-    /// the next leader is named.
     pub fn validate(&self) -> Result<(), String> {
-        if self.unreachable_after_ms == 0 || self.lease_ms == 0 {
-            return Err("unreachable_after_ms and lease_ms must be positive".into());
+        if self.unreachable_after_ms == 0 || self.lease_ms == 0 || self.drain_ms == 0 {
+            return Err("unreachable_after_ms, lease_ms and drain_ms must be positive".into());
         }
         Ok(())
     }
@@ -53,14 +64,23 @@ pub struct Observation {
     pub leading: bool,
     pub last_index: LogIndex,
     pub last_generation: Generation,
+    /// Time since it last acknowledged a leader's append (or started).
+    pub acked_ms_ago: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Phase {
     Active,
-    /// Generation sealed at `since_ms`; `replacing` is the unreachable leader.
+    /// A planned transfer: the leader drains until `to` has its whole log.
+    Draining {
+        to: NodeId,
+        since_ms: u64,
+    },
+    /// Generation sealed at `since_ms`; `replacing` is the leader being
+    /// replaced, `prefer` the transfer target (if any).
     Sealed {
         replacing: NodeId,
+        prefer: Option<NodeId>,
         since_ms: u64,
     },
 }
@@ -74,13 +94,32 @@ pub enum Action {
         generation: Generation,
         nodes: Vec<NodeId>,
     },
-    /// `leader` leads `generation`; everyone else follows it. The leader
-    /// serves no strong read for `reads_after_ms` from now.
+    /// `leader` leads `generation`; everyone else follows it.
     Lead {
         generation: Generation,
         leader: NodeId,
-        reads_after_ms: u64,
     },
+    /// The leader takes no writes for `for_ms` (a planned transfer).
+    Drain {
+        leader: NodeId,
+        for_ms: u64,
+    },
+    /// A planned transfer was given up: the target did not catch up in
+    /// time. The leader resumes writes when its drain runs out.
+    TransferAbandoned {
+        to: NodeId,
+    },
+}
+
+/// Why a planned transfer cannot start.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    #[error("{node} is not a home-region replica of {shard}")]
+    NotALocalMember { shard: ShardId, node: NodeId },
+    #[error("{node} already leads {shard}")]
+    AlreadyLeader { shard: ShardId, node: NodeId },
+    #[error("{shard} is changing leaders already")]
+    Busy { shard: ShardId },
 }
 
 /// What a replica that missed news must be told (see
@@ -111,9 +150,6 @@ pub struct GroupLeadership {
     pub members: Vec<(NodeId, bool)>,
     pub phase: Phase,
     unreachable_since_ms: Option<u64>,
-    /// When the last seal of the current generation went out; strong reads
-    /// under it wait until `lease_ms + margin` after it.
-    last_seal_ms: Option<u64>,
 }
 
 impl GroupLeadership {
@@ -134,15 +170,6 @@ impl GroupLeadership {
             members,
             phase: Phase::Active,
             unreachable_since_ms: None,
-            last_seal_ms: None,
-        }
-    }
-
-    /// How long the leader must still hold back strong reads at `now_ms`.
-    pub fn reads_wait_ms(&self, config: &FailoverConfig, now_ms: u64) -> u64 {
-        match self.last_seal_ms {
-            None => 0,
-            Some(seal) => (seal + config.lease_ms + config.lease_margin_ms).saturating_sub(now_ms),
         }
     }
 
@@ -150,22 +177,56 @@ impl GroupLeadership {
         self.phase == Phase::Active
     }
 
+    fn is_local(&self, node: &NodeId) -> bool {
+        self.members.iter().any(|(n, local)| n == node && *local)
+    }
+
     /// The leader restarted (it is reachable again, with an empty memory): it
     /// leads a new generation, so it never continues one it may have
-    /// half-written. Ignored while a failover is under way.
+    /// half-written. Its old incarnation, and its lease, are gone. Ignored
+    /// while a failover or transfer is under way.
     pub fn leader_restarted(&mut self) -> Action {
         if !self.is_active() {
             return Action::None;
         }
         self.generation = self.generation.next();
         self.unreachable_since_ms = None;
-        self.last_seal_ms = None;
         Action::Lead {
             generation: self.generation,
             leader: self.leader.clone(),
-            // The old incarnation is gone, and its lease with it.
-            reads_after_ms: 0,
         }
+    }
+
+    /// Starts a planned transfer of leadership to `to`.
+    pub fn transfer(
+        &mut self,
+        config: &FailoverConfig,
+        now_ms: u64,
+        to: &NodeId,
+    ) -> Result<Action, TransferError> {
+        if !self.is_local(to) {
+            return Err(TransferError::NotALocalMember {
+                shard: self.shard,
+                node: to.clone(),
+            });
+        }
+        if *to == self.leader {
+            return Err(TransferError::AlreadyLeader {
+                shard: self.shard,
+                node: to.clone(),
+            });
+        }
+        if !self.is_active() {
+            return Err(TransferError::Busy { shard: self.shard });
+        }
+        self.phase = Phase::Draining {
+            to: to.clone(),
+            since_ms: now_ms,
+        };
+        Ok(Action::Drain {
+            leader: self.leader.clone(),
+            for_ms: config.drain_ms,
+        })
     }
 
     /// What `node`, reporting `generation`, whether it leads, and the leader
@@ -179,13 +240,14 @@ impl GroupLeadership {
         leading: bool,
         follows: Option<&NodeId>,
     ) -> CatchUp {
-        if !self.is_active() {
+        if let Phase::Sealed { .. } = self.phase {
             return if generation < self.generation {
                 CatchUp::Seal(self.generation)
             } else {
                 CatchUp::Nothing
             };
         }
+        // Active, or draining (the generation is still the leader's).
         if *node == self.leader {
             if generation < self.generation {
                 CatchUp::Lead(self.generation)
@@ -220,47 +282,108 @@ impl GroupLeadership {
                 if now_ms.saturating_sub(since) < config.unreachable_after_ms {
                     return Action::None;
                 }
-                self.generation = self.generation.next();
-                self.phase = Phase::Sealed {
-                    replacing: self.leader.clone(),
-                    since_ms: now_ms,
-                };
-                self.unreachable_since_ms = None;
-                self.last_seal_ms = Some(now_ms);
-                self.seal_reachable(now_ms, observations)
+                self.seal(now_ms, None, observations)
             }
-            Phase::Sealed { replacing, .. } => {
-                let candidates: Vec<&NodeId> = self
+            Phase::Draining { to, since_ms } => {
+                let (Some(leader), Some(target)) = (seen(&self.leader), seen(&to)) else {
+                    // Either side vanished: give up; a failover, if one is
+                    // needed, starts from the active phase.
+                    self.phase = Phase::Active;
+                    return Action::TransferAbandoned { to };
+                };
+                let caught_up = target.generation == self.generation
+                    && (target.last_generation, target.last_index)
+                        == (leader.last_generation, leader.last_index);
+                if caught_up {
+                    return self.seal(now_ms, Some(to), observations);
+                }
+                if now_ms.saturating_sub(since_ms) >= config.drain_ms {
+                    self.phase = Phase::Active;
+                    return Action::TransferAbandoned { to };
+                }
+                Action::None
+            }
+            Phase::Sealed {
+                replacing, prefer, ..
+            } => {
+                let sealed = |o: &&Observation| o.healthy && o.generation == self.generation;
+                // Every local replica but the old leader must answer: together
+                // they intersect every commit quorum.
+                let required = self
                     .members
                     .iter()
                     .filter(|(n, local)| *local && *n != replacing)
-                    .map(|(n, _)| n)
-                    .collect();
-                let ready: Vec<&Observation> = candidates
+                    .count();
+                let answered = self
+                    .members
                     .iter()
-                    .filter_map(|n| seen(n))
-                    .filter(|o| o.healthy && o.generation == self.generation)
-                    .collect();
-                if candidates.is_empty() || ready.len() < candidates.len() {
-                    return self.seal_reachable(now_ms, observations);
+                    .filter(|(n, local)| *local && *n != replacing)
+                    .filter_map(|(n, _)| seen(n))
+                    .filter(sealed)
+                    .count();
+                if required == 0 || answered < required {
+                    return self.seal_reachable(observations);
                 }
-                let best = ready
+                let old_leader = seen(&replacing).filter(sealed).filter(|o| !o.leading);
+                let candidates: Vec<&Observation> = self
+                    .members
                     .iter()
-                    .max_by_key(|o| (o.last_generation, o.last_index))
+                    .filter(|(_, local)| *local)
+                    .filter_map(|(n, _)| seen(n))
+                    .filter(sealed)
+                    .collect();
+                if old_leader.is_none() {
+                    // Its lease rests on acks of the followers now sealed.
+                    let newest_ack = candidates
+                        .iter()
+                        .filter(|o| o.node != replacing)
+                        .map(|o| now_ms.saturating_sub(o.acked_ms_ago))
+                        .max()
+                        .unwrap_or(now_ms);
+                    if now_ms < newest_ack + config.lease_ms + config.lease_margin_ms {
+                        return self.seal_reachable(observations);
+                    }
+                }
+                let longest = candidates
+                    .iter()
+                    .map(|o| (o.last_generation, o.last_index))
+                    .max()
                     .expect("candidates are not empty");
+                let best = candidates
+                    .iter()
+                    .filter(|o| (o.last_generation, o.last_index) == longest)
+                    .max_by_key(|o| Some(&o.node) == prefer.as_ref())
+                    .expect("the longest log belongs to someone");
                 self.leader = best.node.clone();
                 self.phase = Phase::Active;
+                self.unreachable_since_ms = None;
                 Action::Lead {
                     generation: self.generation,
                     leader: self.leader.clone(),
-                    reads_after_ms: self.reads_wait_ms(config, now_ms),
                 }
             }
         }
     }
 
+    /// Seals the current generation: the next one starts without a leader.
+    fn seal(
+        &mut self,
+        now_ms: u64,
+        prefer: Option<NodeId>,
+        observations: &[Observation],
+    ) -> Action {
+        self.generation = self.generation.next();
+        self.phase = Phase::Sealed {
+            replacing: self.leader.clone(),
+            prefer,
+            since_ms: now_ms,
+        };
+        self.unreachable_since_ms = None;
+        self.seal_reachable(observations)
+    }
+
     /// Seal the reachable members still on an older generation.
-    fn seal_reachable(&mut self, now_ms: u64, observations: &[Observation]) -> Action {
+    fn seal_reachable(&mut self, observations: &[Observation]) -> Action {
         let nodes: Vec<NodeId> = observations
             .iter()
             .filter(|o| o.reachable && o.generation < self.generation)
@@ -270,7 +393,6 @@ impl GroupLeadership {
         if nodes.is_empty() {
             return Action::None;
         }
-        self.last_seal_ms = Some(now_ms);
         Action::Seal {
             generation: self.generation,
             nodes,
@@ -291,6 +413,7 @@ mod tests {
             unreachable_after_ms: 1_000,
             lease_ms: 500,
             lease_margin_ms: 200,
+            drain_ms: 300,
         }
     }
 
@@ -317,7 +440,14 @@ mod tests {
             leading: false,
             last_index: LogIndex(last.1),
             last_generation: Generation(last.0),
+            acked_ms_ago: 0,
         }
+    }
+
+    /// `obs` of a replica that last acked a leader `ago` ms before.
+    fn acked(mut o: Observation, ago: u64) -> Observation {
+        o.acked_ms_ago = ago;
+        o
     }
 
     #[test]
@@ -335,18 +465,18 @@ mod tests {
     }
 
     #[test]
-    fn an_unreachable_leader_is_sealed_then_replaced_by_the_longest_log_after_its_lease() {
+    fn an_unreachable_leader_is_replaced_by_the_longest_log_once_its_lease_is_over() {
         let mut g = group();
-        let followers = |generation| {
+        let followers = |generation, ago| {
             vec![
-                obs("a2", generation, (1, 7)),
-                obs("a3", generation, (1, 9)),
-                obs("b1", generation, (1, 12)),
+                acked(obs("a2", generation, (1, 7)), ago),
+                acked(obs("a3", generation, (1, 9)), ago),
+                acked(obs("b1", generation, (1, 12)), ago),
             ]
         };
-        assert_eq!(g.observe(&config(), 0, &followers(1)), Action::None);
-        assert_eq!(g.observe(&config(), 999, &followers(1)), Action::None);
-        let sealed = g.observe(&config(), 1_000, &followers(1));
+        assert_eq!(g.observe(&config(), 0, &followers(1, 0)), Action::None);
+        assert_eq!(g.observe(&config(), 999, &followers(1, 0)), Action::None);
+        let sealed = g.observe(&config(), 1_000, &followers(1, 0));
         assert_eq!(
             sealed,
             Action::Seal {
@@ -354,21 +484,50 @@ mod tests {
                 nodes: vec![n("a2"), n("a3"), n("b1")]
             }
         );
-        // Writes move at once; strong reads wait until the old lease (500)
-        // and its margin (200) after the seal have passed.
+        // The followers last acked the old leader at 1_000 (their reports
+        // say so): its lease (500) and the drift margin (200) run to 1_700.
+        for t in (1_100..1_700).step_by(100) {
+            assert_eq!(
+                g.observe(&config(), t, &followers(2, t - 1_000)),
+                Action::None,
+                "named a leader at {t}, inside the old lease"
+            );
+        }
         // The remote replica has the longest log but cannot lead: it is not
         // in the home region and never counted towards a commit.
-        let led = g.observe(&config(), 1_100, &followers(2));
         assert_eq!(
-            led,
+            g.observe(&config(), 1_700, &followers(2, 700)),
             Action::Lead {
                 generation: Generation(2),
                 leader: n("a3"),
-                reads_after_ms: 600,
             }
         );
-        assert_eq!(g.reads_wait_ms(&config(), 1_700), 0);
         assert!(g.is_active());
+    }
+
+    #[test]
+    fn the_lease_wait_counts_from_the_newest_follower_ack() {
+        let mut g = group();
+        g.observe(&config(), 0, &[obs("a2", 1, (1, 7)), obs("a3", 1, (1, 9))]);
+        g.observe(
+            &config(),
+            1_000,
+            &[obs("a2", 1, (1, 7)), obs("a3", 1, (1, 9))],
+        );
+        // a2 stopped acking long ago; a3 acked 100 ms ago.
+        let sealed = [
+            acked(obs("a2", 2, (1, 7)), 5_000),
+            acked(obs("a3", 2, (1, 9)), 100),
+        ];
+        assert_eq!(g.observe(&config(), 1_100, &sealed), Action::None);
+        let later = [
+            acked(obs("a2", 2, (1, 7)), 5_600),
+            acked(obs("a3", 2, (1, 9)), 700),
+        ];
+        assert!(matches!(
+            g.observe(&config(), 1_700, &later),
+            Action::Lead { .. }
+        ));
     }
 
     #[test]
@@ -377,7 +536,7 @@ mod tests {
         let only_a2 = [obs("a2", 1, (1, 7))];
         g.observe(&config(), 0, &only_a2);
         g.observe(&config(), 1_000, &only_a2);
-        let only_a2 = [obs("a2", 2, (1, 7))];
+        let only_a2 = [acked(obs("a2", 2, (1, 7)), 9_000)];
         // a3 (which may hold the only copy of an acknowledged write) is
         // silent: wait, however long it takes.
         for t in (1_700..10_000).step_by(100) {
@@ -392,17 +551,94 @@ mod tests {
                 nodes: vec![n("a3")]
             }
         );
-        let both = [obs("a2", 2, (1, 7)), obs("a3", 2, (1, 9))];
-        // The late seal restarts the read wait: a3 may have acked the old
-        // leader until just now.
+        // a3 may have acked the old leader until just before its seal.
+        let both = [
+            acked(obs("a2", 2, (1, 7)), 9_100),
+            acked(obs("a3", 2, (1, 9)), 100),
+        ];
+        assert_eq!(g.observe(&config(), 10_100, &both), Action::None);
+        let both = [
+            acked(obs("a2", 2, (1, 7)), 9_700),
+            acked(obs("a3", 2, (1, 9)), 700),
+        ];
         assert_eq!(
-            g.observe(&config(), 10_100, &both),
+            g.observe(&config(), 10_700, &both),
             Action::Lead {
                 generation: Generation(2),
                 leader: n("a3"),
-                reads_after_ms: 600,
             }
         );
+    }
+
+    #[test]
+    fn a_planned_transfer_drains_waits_for_the_target_and_needs_no_lease_wait() {
+        let mut g = group();
+        assert_eq!(
+            g.transfer(&config(), 0, &n("a2")),
+            Ok(Action::Drain {
+                leader: n("a1"),
+                for_ms: 300
+            })
+        );
+        assert_eq!(
+            g.transfer(&config(), 0, &n("a3")),
+            Err(TransferError::Busy { shard: ShardId(0) })
+        );
+        let mut leader = obs("a1", 1, (1, 9));
+        leader.leading = true;
+        let behind = [leader.clone(), obs("a2", 1, (1, 8)), obs("a3", 1, (1, 9))];
+        assert_eq!(g.observe(&config(), 10, &behind), Action::None);
+        let caught_up = [leader, obs("a2", 1, (1, 9)), obs("a3", 1, (1, 9))];
+        assert_eq!(
+            g.observe(&config(), 20, &caught_up),
+            Action::Seal {
+                generation: Generation(2),
+                nodes: vec![n("a1"), n("a2"), n("a3")]
+            }
+        );
+        // Everyone sealed, the old leader included: its lease is gone, and
+        // of the equally long logs the target's wins.
+        let sealed = [
+            obs("a1", 2, (1, 9)),
+            obs("a2", 2, (1, 9)),
+            obs("a3", 2, (1, 9)),
+        ];
+        assert_eq!(
+            g.observe(&config(), 30, &sealed),
+            Action::Lead {
+                generation: Generation(2),
+                leader: n("a2"),
+            }
+        );
+    }
+
+    #[test]
+    fn a_transfer_whose_target_lags_is_abandoned_and_bad_targets_refused() {
+        let mut g = group();
+        assert_eq!(
+            g.transfer(&config(), 0, &n("b1")),
+            Err(TransferError::NotALocalMember {
+                shard: ShardId(0),
+                node: n("b1")
+            })
+        );
+        assert_eq!(
+            g.transfer(&config(), 0, &n("a1")),
+            Err(TransferError::AlreadyLeader {
+                shard: ShardId(0),
+                node: n("a1")
+            })
+        );
+        g.transfer(&config(), 0, &n("a2")).unwrap();
+        let behind = [obs("a1", 1, (1, 9)), obs("a2", 1, (1, 3))];
+        assert_eq!(g.observe(&config(), 100, &behind), Action::None);
+        assert_eq!(
+            g.observe(&config(), 300, &behind),
+            Action::TransferAbandoned { to: n("a2") }
+        );
+        assert!(g.is_active());
+        assert_eq!(g.generation, Generation(1));
+        assert_eq!(g.leader, n("a1"));
     }
 
     #[test]
@@ -463,7 +699,6 @@ mod tests {
             Action::Lead {
                 generation: Generation(2),
                 leader: n("a1"),
-                reads_after_ms: 0,
             }
         );
     }

@@ -10,6 +10,8 @@ pub mod failover;
 pub mod placement;
 pub mod store;
 
-pub use failover::{Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase};
+pub use failover::{
+    Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, TransferError,
+};
 pub use placement::{GroupInfo, NodeInfo, ShardMap, Topology, BUCKETS_DEFAULT};
 pub use store::{DirectoryError, MetaError, MetaStore};

@@ -32,12 +32,12 @@ use crate::wire::{
 /// Orders from the metadata plane (and the node) to one replica.
 #[derive(Debug)]
 pub enum Control {
-    /// Lead this generation; serve no strong read for `reads_after_ms`.
-    Lead {
-        generation: Generation,
-        reads_after_ms: u64,
-    },
+    /// Lead this generation (the control plane named it only after the
+    /// previous leader's lease ran out).
+    Lead(Generation),
     Follow(Generation, NodeId),
+    /// A planned transfer: take no writes for this many ms.
+    Drain(u64),
     /// Stop accepting appends older than this generation; the leader is
     /// named later (failover).
     Seal(Generation),
@@ -126,7 +126,7 @@ impl Driver<FileStorage> {
                 source,
             },
         })?;
-        Driver::open_on(me, shard, members, config, storage, transport)
+        Driver::open_on(me, shard, members, config, storage, transport, now_ms())
     }
 }
 
@@ -139,6 +139,7 @@ impl<S: Storage> Driver<S> {
         config: NodeConfig,
         storage: S,
         transport: Arc<dyn Transport>,
+        now_ms: u64,
     ) -> Result<Driver<S>, DriverStartError> {
         let wal_err = |source| DriverStartError::Wal { shard, source };
         let (wal, recovered) = Wal::open(storage, config.wal.clone()).map_err(wal_err)?;
@@ -199,6 +200,7 @@ impl<S: Storage> Driver<S> {
                 snapshot,
                 entries,
             },
+            now_ms,
         );
         Ok(Driver {
             me,
@@ -310,12 +312,8 @@ impl<S: Storage> Driver<S> {
             return;
         }
         match control {
-            Control::Lead {
-                generation,
-                reads_after_ms,
-            } => {
-                self.core
-                    .become_leader_after(now, generation, reads_after_ms);
+            Control::Lead(generation) => {
+                self.core.become_leader(now, generation);
                 self.barrier = Some((generation, self.core.last_index()));
                 tracing::debug!(shard = %self.shard, node = %self.me, %generation, "leading");
             }
@@ -323,6 +321,7 @@ impl<S: Storage> Driver<S> {
                 self.barrier = None;
                 self.core.become_follower(generation, leader);
             }
+            Control::Drain(for_ms) => self.core.drain(now, for_ms),
             Control::Seal(generation) => {
                 probe("replication.sealed_for_failover");
                 self.barrier = None;
@@ -761,5 +760,15 @@ fn propose_error(shard: ShardId, e: ProposeError) -> NodeError {
             err
         }
         ProposeError::TooLarge { .. } => error(ErrorCode::TooLarge, e.to_string(), false, false),
+        ProposeError::Draining { retry_after_ms } => {
+            let mut err = error(
+                ErrorCode::LeadershipChanged,
+                format!("{shard}: {e}"),
+                true,
+                false,
+            );
+            err.retry_after_ms = Some(retry_after_ms);
+            err
+        }
     }
 }

@@ -82,10 +82,7 @@ async fn a_group_replicates_and_answers_over_tcp() {
     }
     for node in &nodes {
         let control = if node.id() == &id("a1") {
-            Control::Lead {
-                generation: Generation(1),
-                reads_after_ms: 0,
-            }
+            Control::Lead(Generation(1))
         } else {
             Control::Follow(Generation(1), id("a1"))
         };

@@ -73,6 +73,8 @@ pub enum ProposeError {
     Overloaded { uncommitted: u64, max: u64 },
     #[error("entry of {bytes} bytes is over the limit of {max}")]
     TooLarge { bytes: usize, max: usize },
+    #[error("leadership is being handed over; writes resume within {retry_after_ms} ms")]
+    Draining { retry_after_ms: u64 },
 }
 
 /// What a replica recovered from its WAL.
@@ -129,6 +131,10 @@ pub struct ReplicaStatus {
     /// Follower side: the newest closed timestamp heard from the leader and
     /// the leader's last index when it was sent.
     pub closed: Option<(Timestamp, LogIndex)>,
+    /// Time since this replica last acknowledged a leader's append, or since
+    /// it started. A sealed replica acks no older leader, so an old leader's
+    /// lease resting on it ends `lease_ms` after this point at the latest.
+    pub acked_ms_ago: u64,
 }
 
 /// One replica of one group.
@@ -159,12 +165,15 @@ pub struct Replica {
     closed: Option<(Timestamp, LogIndex)>,
     /// `sent_ms` of the newest append accepted in this generation.
     echo_ms: u64,
-    /// A new leader serves no strong read before this (its own clock): the
-    /// control plane's bound on the previous leader's lease.
-    reads_not_before_ms: u64,
+    /// When this replica last acknowledged a leader's append (or started).
+    /// A leader's lease rests on such acks, so once the replica is sealed
+    /// the control plane knows when the old leader's lease ends.
+    acked_at_ms: u64,
 
     // Leader side.
     progress: BTreeMap<NodeId, Progress>,
+    /// A planned transfer: no proposals before this (replication goes on).
+    draining_until_ms: u64,
     /// First leader entry not yet handed to the runtime in a `Persist`.
     unflushed_from: Option<LogIndex>,
 
@@ -174,7 +183,9 @@ pub struct Replica {
 impl Replica {
     /// A replica restarted from its WAL. It is a follower without a leader
     /// until the metadata plane names one.
-    pub fn new(config: Config, members: Vec<Member>, recovered: Recovered) -> Replica {
+    /// `now_ms` is when it starts: it may have acknowledged a leader just
+    /// before it stopped, so its lease grant is counted from here.
+    pub fn new(config: Config, members: Vec<Member>, recovered: Recovered, now_ms: u64) -> Replica {
         if let Err(e) = config.validate(&members) {
             panic!("invalid replica config for {}: {e}", config.shard);
         }
@@ -210,8 +221,9 @@ impl Replica {
             leader_commit: recovered.snapshot.last_index,
             closed: None,
             echo_ms: 0,
-            reads_not_before_ms: 0,
+            acked_at_ms: now_ms,
             progress: BTreeMap::new(),
+            draining_until_ms: 0,
             unflushed_from: None,
             effects: Vec::new(),
         }
@@ -303,6 +315,7 @@ impl Replica {
             commit_index: self.commit,
             followers,
             closed: self.closed,
+            acked_ms_ago: now_ms.saturating_sub(self.acked_at_ms),
         }
     }
 
@@ -312,19 +325,6 @@ impl Replica {
     }
 
     // ----- Generations -----------------------------------------------------
-
-    /// The control plane named this replica leader of `generation`; it
-    /// serves no strong read for `reads_after_ms` (the previous leader's
-    /// lease may still run that long). Writes start at once.
-    pub fn become_leader_after(
-        &mut self,
-        now_ms: u64,
-        generation: Generation,
-        reads_after_ms: u64,
-    ) {
-        self.become_leader(now_ms, generation);
-        self.reads_not_before_ms = now_ms + reads_after_ms;
-    }
 
     /// The metadata plane named this replica leader of `generation`.
     pub fn become_leader(&mut self, now_ms: u64, generation: Generation) {
@@ -387,7 +387,7 @@ impl Replica {
     /// the last `lease_ms`. A sealed or fenced leader loses it within
     /// `lease_ms`, which the control plane waits out before naming the next.
     pub fn has_lease(&self, now_ms: u64) -> bool {
-        if self.role != Role::Leader || now_ms < self.reads_not_before_ms {
+        if self.role != Role::Leader {
             return false;
         }
         let mut starts: Vec<u64> = self
@@ -405,6 +405,16 @@ impl Replica {
             },
         };
         now_ms < start + self.config.lease_ms
+    }
+
+    /// A planned transfer: take no proposals for `for_ms` while a follower
+    /// catches up; keep replicating. The control plane then seals the
+    /// generation, or gives up and lets the drain run out.
+    pub fn drain(&mut self, now_ms: u64, for_ms: u64) {
+        if self.role == Role::Leader {
+            probe("replication.leader_drained_for_transfer");
+            self.draining_until_ms = now_ms + for_ms;
+        }
     }
 
     /// The control plane sealed this replica's generation: it stops
@@ -453,6 +463,7 @@ impl Replica {
     fn step_down(&mut self, newer: Generation) {
         assert_eq!(self.role, Role::Leader);
         self.role = Role::Follower;
+        self.draining_until_ms = 0;
         self.progress.clear();
         self.leader_matched = self.commit;
         if self.unflushed_from.is_some() {
@@ -483,6 +494,11 @@ impl Replica {
             return Err(ProposeError::TooLarge {
                 bytes: payload.len(),
                 max: self.config.entry_bytes_max,
+            });
+        }
+        if now_ms < self.draining_until_ms {
+            return Err(ProposeError::Draining {
+                retry_after_ms: self.draining_until_ms - now_ms,
             });
         }
         let uncommitted = self.commit.distance_to(self.last_index());
@@ -693,10 +709,9 @@ impl Replica {
             Role::Leader => self.maybe_commit(),
             Role::Follower => {
                 self.follower_advance_commit();
-                self.ack_leader(true);
+                self.ack_leader(now_ms, true);
             }
         }
-        let _ = now_ms;
     }
 
     // ----- Messages --------------------------------------------------------
@@ -710,7 +725,7 @@ impl Replica {
         match message {
             Message::Append(m) => self.on_append(now_ms, m),
             Message::AppendAck(m) => self.on_ack(now_ms, from, m),
-            Message::InstallSnapshot(m) => self.on_install_snapshot(m),
+            Message::InstallSnapshot(m) => self.on_install_snapshot(now_ms, m),
         }
     }
 
@@ -753,7 +768,7 @@ impl Replica {
         true
     }
 
-    fn on_append(&mut self, _now_ms: u64, m: Append) {
+    fn on_append(&mut self, now_ms: u64, m: Append) {
         if !self.accept_from_leader(m.generation, &m.leader) {
             return;
         }
@@ -784,7 +799,7 @@ impl Replica {
                 "{}: committed entry {prev_index} conflicts with the leader's log",
                 self.config.shard
             );
-            self.ack_leader(false);
+            self.ack_leader(now_ms, false);
             return;
         }
         // After this message our log matches the leader's through its last
@@ -829,7 +844,7 @@ impl Replica {
         }
         self.follower_advance_commit();
         if !persisting {
-            self.ack_leader(true);
+            self.ack_leader(now_ms, true);
         }
     }
 
@@ -854,12 +869,15 @@ impl Replica {
         }
     }
 
-    fn ack_leader(&mut self, success: bool) {
+    fn ack_leader(&mut self, now_ms: u64, success: bool) {
         let Some(leader) = self.leader.clone() else {
             return;
         };
         if leader == self.config.me {
             return;
+        }
+        if success {
+            self.acked_at_ms = now_ms;
         }
         self.effects.push(Effect::Send {
             to: leader,
@@ -874,14 +892,14 @@ impl Replica {
         });
     }
 
-    fn on_install_snapshot(&mut self, m: InstallSnapshot) {
+    fn on_install_snapshot(&mut self, now_ms: u64, m: InstallSnapshot) {
         if !self.accept_from_leader(m.generation, &m.leader) {
             return;
         }
         self.hlc.observe(m.closed);
         self.leader_commit = self.leader_commit.max(m.commit_index);
         if m.meta.last_index <= self.commit {
-            self.ack_leader(true);
+            self.ack_leader(now_ms, true);
             return;
         }
         // Replace the log: the snapshot covers committed entries we lack.
@@ -894,7 +912,7 @@ impl Replica {
             meta: m.meta,
             data: m.data,
         });
-        self.ack_leader(true);
+        self.ack_leader(now_ms, true);
     }
 
     fn on_ack(&mut self, now_ms: u64, from: &NodeId, m: AppendAck) {

@@ -58,7 +58,7 @@ impl Group {
             tune(&mut config);
             replicas.insert(
                 m.node.clone(),
-                Replica::new(config, members.clone(), Recovered::default()),
+                Replica::new(config, members.clone(), Recovered::default(), 1_000),
             );
         }
         let mut group = Group {
@@ -531,5 +531,34 @@ fn a_sealed_generation_fences_the_old_leader_and_the_sealed_replica_can_lead_it(
     assert_eq!(
         g.replica("l1").entry(committed).unwrap().generation,
         Generation(1)
+    );
+}
+
+#[test]
+fn a_sealed_follower_knows_when_the_old_leaders_lease_ends() {
+    let mut g = Group::new();
+    g.settle();
+    let lease_ms = g.replica("l1").config().lease_ms;
+    // The leader is cut off from everyone; its followers are sealed.
+    g.down = vec![node("l1")];
+    for name in ["l2", "l3"] {
+        g.replica(name).seal(Generation(2));
+    }
+    g.run_effects();
+    let sealed_at = g.now_ms;
+    g.tick(300);
+    let now = g.now_ms;
+    // Every local follower last acked at or before the seal: the old
+    // leader's lease ends `lease_ms` after the newest of those acks.
+    let newest_ack = ["l2", "l3"]
+        .iter()
+        .map(|n| now - g.replica(n).status(now).acked_ms_ago)
+        .max()
+        .unwrap();
+    assert!(newest_ack <= sealed_at);
+    let bound = newest_ack + lease_ms;
+    assert!(
+        !g.replica("l1").has_lease(bound),
+        "the old leader's lease outlived the followers' last acks"
     );
 }

@@ -3,7 +3,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
 use harbor_meta::{
-    Action, CatchUp, FailoverConfig, GroupLeadership, Observation, ShardMap, Topology,
+    Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, ShardMap, Topology,
 };
 use harbor_node::driver::{Control, Driver, ReplicaInput};
 use harbor_node::wire::{Body, Envelope, Query, QueryResult, Request, Response};
@@ -60,6 +60,9 @@ pub struct SimStats {
     pub crashes: u64,
     pub fsync_failures: u64,
     pub failovers: u64,
+    /// Planned leader transfers that named their target.
+    pub transfers: u64,
+    pub transfers_abandoned: u64,
     pub partitions: u64,
     pub pauses: u64,
     pub isolations: u64,
@@ -257,6 +260,8 @@ const WAN_DELAY_MS: u64 = 35;
 const FAILOVER_AFTER_MS: u64 = 1_000;
 /// How often the control plane looks at the groups.
 const CONTROL_INTERVAL_MS: u64 = 100;
+/// How long a planned transfer may pause a group's writes.
+const DRAIN_MS: u64 = 500;
 const CLOCK_SKEW_MS_MAX: i64 = 50;
 /// Leader lease in the simulation, shorter than `FAILOVER_AFTER_MS`.
 const LEASE_MS: u64 = 500;
@@ -656,6 +661,7 @@ impl World {
                 self.node_config.clone(),
                 disk,
                 transport,
+                self.now,
             ) {
                 Ok(driver) => driver,
                 Err(e) => {
@@ -823,19 +829,10 @@ impl World {
             return;
         };
         if member == leader {
-            let reads_after_ms = self.groups[&shard]
-                .plan
-                .reads_wait_ms(&failover_config(), self.now);
             let leading = self.nodes[member].replicas[&shard].core().is_leader();
             if current < generation || (current == generation && !leading) {
                 self.drive(member, shard, |d, now| {
-                    d.handle(
-                        now,
-                        ReplicaInput::Control(Control::Lead {
-                            generation,
-                            reads_after_ms,
-                        }),
-                    )
+                    d.handle(now, ReplicaInput::Control(Control::Lead(generation)))
                 });
             }
         } else if current < generation
@@ -921,15 +918,30 @@ impl World {
                         leading: core.is_leader(),
                         last_index: last,
                         last_generation: core.generation_at(last).unwrap_or_default(),
+                        acked_ms_ago: core.status(self.node_now(m)).acked_ms_ago,
                     })
                 })
                 .collect();
             let now = self.now;
             let group = self.groups.get_mut(&shard).unwrap();
             let before = group.plan.leader.clone();
+            let transferring = matches!(
+                group.plan.phase,
+                Phase::Sealed {
+                    prefer: Some(_),
+                    ..
+                }
+            );
             let action = group.plan.observe(&config, now, &observations);
+            if matches!(action, Action::TransferAbandoned { .. }) {
+                self.stats.transfers_abandoned += 1;
+            }
             if matches!(&action, Action::Lead { leader, .. } if *leader != before) {
-                self.stats.failovers += 1;
+                if transferring {
+                    self.stats.transfers += 1;
+                } else {
+                    self.stats.failovers += 1;
+                }
             }
             self.apply_action(shard, action);
         }
@@ -945,6 +957,17 @@ impl World {
                 }
             }
             Action::Lead { .. } => self.publish_generation(shard),
+            Action::Drain { leader, for_ms } => {
+                self.trace(|| format!("drain {leader}: {shard} for {for_ms} ms"));
+                if !self.unreachable(&leader) {
+                    self.drive(&leader, shard, |d, now| {
+                        d.handle(now, ReplicaInput::Control(Control::Drain(for_ms)))
+                    });
+                }
+            }
+            Action::TransferAbandoned { to } => {
+                self.trace(|| format!("transfer of {shard} to {to} abandoned"));
+            }
         }
     }
 
@@ -1063,6 +1086,25 @@ impl World {
                 if self.rng.chance(50) && down < 2 {
                     let down_ms = self.rng.range(1_500, 3_000);
                     self.schedule(until, Event::CrashFor(name, down_ms));
+                }
+            }
+            87..=94 => {
+                // A planned leader transfer to another home-region replica.
+                let shards: Vec<ShardId> = self.groups.keys().copied().collect();
+                let shard = *self.rng.pick(&shards);
+                let group = &self.groups[&shard];
+                let targets: Vec<NodeId> = group
+                    .members
+                    .iter()
+                    .filter(|m| self.nodes[*m].region == group.home && *m != group.leader())
+                    .cloned()
+                    .collect();
+                let to = self.rng.pick(&targets).clone();
+                let now = self.now;
+                let plan = &mut self.groups.get_mut(&shard).unwrap().plan;
+                if let Ok(action) = plan.transfer(&failover_config(), now, &to) {
+                    self.trace(|| format!("transfer {shard} to {to}"));
+                    self.apply_action(shard, action);
                 }
             }
             77..=86 => {
@@ -1378,6 +1420,7 @@ fn failover_config() -> FailoverConfig {
         unreachable_after_ms: FAILOVER_AFTER_MS,
         lease_ms: LEASE_MS,
         lease_margin_ms: LEASE_MARGIN_MS,
+        drain_ms: DRAIN_MS,
     }
 }
 

@@ -22,8 +22,6 @@ pub struct LinkFaults {
     pub extra_delay_ms: HashMap<(Region, Region), u64>,
     /// Ordered region pairs whose envelopes are dropped.
     pub partitioned: HashSet<(Region, Region)>,
-    /// Endpoints that neither send nor receive.
-    pub isolated: HashSet<NodeId>,
 }
 
 /// The sending end of one directed link's delay line.
@@ -45,6 +43,9 @@ struct Inner {
     endpoints: RwLock<HashMap<NodeId, Endpoint>>,
     links: Mutex<HashMap<(NodeId, NodeId), DelayLine>>,
     faults: RwLock<LinkFaults>,
+    /// Paused endpoints and the envelopes held for them, like a stopped
+    /// process's socket buffers: delivered in order on resume.
+    paused: Mutex<HashMap<NodeId, Vec<Envelope>>>,
     runtime: tokio::runtime::Handle,
     dropped: AtomicU64,
 }
@@ -60,6 +61,7 @@ impl InProcNetwork {
                     wan_delay_ms,
                     ..LinkFaults::default()
                 }),
+                paused: Mutex::new(HashMap::new()),
                 runtime,
                 dropped: AtomicU64::new(0),
             }),
@@ -84,6 +86,7 @@ impl InProcNetwork {
     /// they drain, and a later `register` of the same name starts clean.
     pub fn unregister(&self, node: &NodeId) {
         self.inner.endpoints.write().unwrap().remove(node);
+        self.inner.paused.lock().unwrap().remove(node);
         self.inner
             .links
             .lock()
@@ -97,6 +100,31 @@ impl InProcNetwork {
 
     pub fn set_faults(&self, faults: LinkFaults) {
         *self.inner.faults.write().unwrap() = faults;
+    }
+
+    /// Pauses an endpoint as SIGSTOP would look from outside: what it sends
+    /// is lost (a stopped process sends nothing), what is sent to it waits
+    /// until [`InProcNetwork::resume`]. Its threads and clock keep running,
+    /// so a paused leader's lease runs out on its own clock.
+    pub fn pause(&self, node: &NodeId) {
+        self.inner
+            .paused
+            .lock()
+            .unwrap()
+            .entry(node.clone())
+            .or_default();
+    }
+
+    /// Delivers what was held for a paused endpoint, in order.
+    pub fn resume(&self, node: &NodeId) {
+        let held = self.inner.paused.lock().unwrap().remove(node);
+        for envelope in held.unwrap_or_default() {
+            self.send(envelope);
+        }
+    }
+
+    pub fn is_paused(&self, node: &NodeId) -> bool {
+        self.inner.paused.lock().unwrap().contains_key(node)
     }
 
     /// Envelopes dropped so far (full queues, partitions, unknown endpoints).
@@ -115,6 +143,25 @@ impl InProcNetwork {
 
 impl Transport for InProcNetwork {
     fn send(&self, envelope: Envelope) {
+        {
+            let mut paused = self.inner.paused.lock().unwrap();
+            if !paused.is_empty() {
+                if paused.contains_key(&envelope.from) {
+                    drop(paused);
+                    self.drop_one();
+                    return;
+                }
+                if let Some(held) = paused.get_mut(&envelope.to) {
+                    if held.len() < LINK_QUEUE_MAX {
+                        held.push(envelope);
+                    } else {
+                        drop(paused);
+                        self.drop_one();
+                    }
+                    return;
+                }
+            }
+        }
         let (from_region, to_region, tx) = {
             let endpoints = self.inner.endpoints.read().unwrap();
             let (Some(from), Some(to)) =
@@ -128,11 +175,9 @@ impl Transport for InProcNetwork {
         };
         let delay_ms = {
             let faults = self.inner.faults.read().unwrap();
-            if faults.isolated.contains(&envelope.from)
-                || faults.isolated.contains(&envelope.to)
-                || faults
-                    .partitioned
-                    .contains(&(from_region.clone(), to_region.clone()))
+            if faults
+                .partitioned
+                .contains(&(from_region.clone(), to_region.clone()))
             {
                 drop(faults);
                 self.drop_one();

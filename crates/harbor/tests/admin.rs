@@ -1,0 +1,406 @@
+//! The admin API of the embedded cluster: the cluster view, planned leader
+//! transfers under load, and faults on demand (a paused leader that comes
+//! back after its group moved on can neither commit nor serve strong reads).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Api;
+use harbor::dev::{DevCluster, DevOptions};
+use harbor_node::wire::{Query, Request, Response};
+use harbor_reservation::Command;
+use harbor_types::{Amount, IssuerId, NodeId, ReservationToken};
+use serde_json::json;
+
+async fn start() -> (tempfile::TempDir, DevCluster, Arc<Api>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = DevOptions::new(dir.path().to_path_buf());
+    options.port = 0;
+    let cluster = DevCluster::start(options).await.unwrap();
+    (dir, cluster, Arc::new(Api::new()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_view_shows_every_group_and_refuses_bad_admin_input() {
+    let (_dir, cluster, api) = start().await;
+    let url = cluster.url("madrid");
+    let view = api.get(format!("{url}/v1/admin/cluster")).await;
+    assert_eq!(view.status, 200, "{}", view.body);
+    let body = &view.body;
+    assert!(body["map_version"].as_u64().unwrap() >= 1);
+    assert_eq!(body["regions"], json!(["madrid", "newyork"]));
+    let nodes = body["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 6);
+    assert!(nodes.iter().all(|n| n["health"] == "up"), "{body}");
+    let groups = body["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 16);
+    for g in groups {
+        assert_eq!(g["leader_ready"], true, "{g}");
+        assert_eq!(g["members"].as_array().unwrap().len(), 4, "{g}");
+        let followers = g["followers"].as_array().unwrap();
+        assert_eq!(followers.len(), 3, "{g}");
+        assert!(followers
+            .iter()
+            .all(|f| f["lag_entries"].is_u64() && f["lag_ms"].is_u64()));
+        for field in ["shard", "home_region", "leader", "generation"] {
+            assert!(!g[field].is_null(), "{field} missing in {g}");
+        }
+    }
+    // The issuer names its shard.
+    api.put_issuer(&url, "ADM-1", "madrid", 100).await;
+    let issuer = api.issuer(&url, "ADM-1").await;
+    assert!(issuer.body["shard"].is_u64(), "{}", issuer.body);
+
+    // Bad input: a clear error, nothing changes.
+    let group0 = &groups[0];
+    let shard = group0["shard"].as_u64().unwrap();
+    let remote = group0["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_string())
+        .find(|m| !m.starts_with(group0["home_region"].as_str().unwrap()))
+        .unwrap();
+    let transfer = |group: String| format!("{url}/v1/admin/groups/{group}/transfer-leader");
+    for (target, body, status, code) in [
+        (
+            transfer(shard.to_string()),
+            json!({"to": remote}),
+            409,
+            "transfer_refused",
+        ),
+        (
+            transfer(format!("shard{shard}")),
+            json!({"to": group0["leader"]}),
+            409,
+            "transfer_refused",
+        ),
+        (
+            transfer("99".into()),
+            json!({"to": "madrid-1"}),
+            404,
+            "unknown_group",
+        ),
+        (
+            transfer("x".into()),
+            json!({"to": "madrid-1"}),
+            400,
+            "invalid_group",
+        ),
+        (
+            transfer(shard.to_string()),
+            json!({"to": "nowhere-9"}),
+            404,
+            "unknown_node",
+        ),
+        (
+            transfer(shard.to_string()),
+            json!({"target": "madrid-1"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            format!("{url}/v1/admin/faults"),
+            json!({"kind": "melt", "node": "madrid-1"}),
+            422,
+            "invalid_field",
+        ),
+        (
+            format!("{url}/v1/admin/faults"),
+            json!({"kind": "crash", "node": "tokyo-1"}),
+            404,
+            "unknown_node",
+        ),
+        (
+            format!("{url}/v1/admin/faults"),
+            json!({"kind": "partition", "regions": ["madrid", "tokyo"]}),
+            404,
+            "unknown_region",
+        ),
+    ] {
+        let reply = api.post(target.clone(), body.clone()).await;
+        assert_eq!(reply.status, status, "{target} {body}: {}", reply.body);
+        assert_eq!(reply.code(), code, "{target} {body}: {}", reply.body);
+    }
+    let after = api.get(format!("{url}/v1/admin/cluster")).await.body;
+    assert_eq!(
+        after["map_version"], body["map_version"],
+        "bad input changed the map"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_transfer_under_load_loses_nothing_and_pauses_writes_briefly() {
+    let (_dir, cluster, api) = start().await;
+    let url = cluster.url("madrid");
+    assert_eq!(
+        api.put_issuer(&url, "TR-1", "madrid", 1_000_000)
+            .await
+            .status,
+        201
+    );
+    let shard = cluster
+        .meta
+        .shard_of(&IssuerId::new("TR-1").unwrap())
+        .unwrap();
+    let group = cluster.meta.map().groups[&shard].clone();
+    let target = group
+        .members
+        .iter()
+        .find(|m| {
+            **m != group.leader && cluster.meta.map().region_of(m) == Some(&group.home_region)
+        })
+        .unwrap()
+        .clone();
+
+    let start = Instant::now();
+    // (token, sent, answered, status, reservation id)
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (api, log, url) = (api.clone(), log.clone(), url.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while start.elapsed() < Duration::from_secs(3) {
+                let token = format!("tr-{w}-{i}");
+                i += 1;
+                let sent = start.elapsed();
+                let r = api.reserve(&url, &token, "TR-1", 1, "desk").await;
+                let id = r.body["reservation_id"]
+                    .as_str()
+                    .map(String::from)
+                    .or_else(|| (r.status != 201).then(|| r.body.to_string()));
+                log.lock()
+                    .unwrap()
+                    .push((token, sent, start.elapsed(), r.status, id));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let moved = api
+        .post(
+            format!("{url}/v1/admin/groups/{}/transfer-leader", shard.0),
+            json!({"to": target}),
+        )
+        .await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    assert_eq!(moved.body["to"], json!(target));
+    assert_eq!(moved.body["from"], json!(group.leader));
+    assert_eq!(
+        moved.body["generation"].as_u64().unwrap(),
+        group.generation.0 + 1
+    );
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    assert!(
+        log.iter().all(|e| e.3 == 201),
+        "a write failed during the transfer: {:?}",
+        log.iter().find(|e| e.3 != 201)
+    );
+    // The write pause: the longest wait of one write.
+    let pause = log.iter().map(|e| e.2 - e.1).max().unwrap();
+    println!(
+        "{shard}: {} -> {target}; {} writes, longest single write {pause:?}; control plane saw a pause of {} ms",
+        group.leader,
+        log.len(),
+        moved.body["pause_ms"]
+    );
+    assert_eq!(cluster.meta.map().groups[&shard].leader, target);
+
+    // Every write is there once.
+    let view = api.issuer(&url, "TR-1").await.body;
+    assert_eq!(
+        view["reserved"].as_u64().unwrap(),
+        log.len() as u64,
+        "{view}"
+    );
+    for (token, _, _, _, id) in log.iter().step_by(7) {
+        let reply = api.token(&url, token, "TR-1").await;
+        assert_eq!(
+            reply.body["reservation_id"].as_str(),
+            id.as_deref(),
+            "{token}"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_that_returns_can_neither_commit_nor_serve_strong_reads() {
+    let (_dir, cluster, api) = start().await;
+    let url = cluster.url("madrid");
+    assert_eq!(
+        api.put_issuer(&url, "PA-1", "madrid", 1_000).await.status,
+        201
+    );
+    let issuer = IssuerId::new("PA-1").unwrap();
+    let shard = cluster.meta.shard_of(&issuer).unwrap();
+    let old = cluster.meta.map().groups[&shard].clone();
+    let paused = api
+        .post(
+            format!("{url}/v1/admin/faults"),
+            json!({"kind": "pause", "node": old.leader}),
+        )
+        .await;
+    assert_eq!(paused.status, 200, "{}", paused.body);
+    assert_eq!(paused.body["changed"], true);
+
+    // While it is paused, a write and a strong read reach it directly (as
+    // from a client with an old route); they wait in its "socket".
+    let gateway = cluster.gateways[0].gateway.clone();
+    let token = ReservationToken::new("pa-stale-write").unwrap();
+    let stale_write = {
+        let (gateway, leader, token, issuer) = (
+            gateway.clone(),
+            old.leader.clone(),
+            token.clone(),
+            issuer.clone(),
+        );
+        tokio::spawn(async move {
+            let command = Command::Reserve {
+                token,
+                issuer_id: issuer,
+                amount: Amount(1),
+                desk: "desk".into(),
+                trader: "t".into(),
+                hold_ttl_ms: None,
+            };
+            gateway
+                .call_node_within(&leader, Request::Write { shard, command }, 20_000)
+                .await
+        })
+    };
+    let stale_read = {
+        let (gateway, leader, issuer) = (gateway.clone(), old.leader.clone(), issuer.clone());
+        tokio::spawn(async move {
+            gateway
+                .call_node_within(
+                    &leader,
+                    Request::Read {
+                        shard,
+                        query: Query::Issuer(issuer),
+                    },
+                    20_000,
+                )
+                .await
+        })
+    };
+
+    // The group moves on: a new leader, a newer generation, writes flow.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let group = &cluster.meta.map().groups[&shard];
+        if group.leader != old.leader {
+            assert!(group.generation > old.generation);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failover from a paused leader"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fresh = api.reserve(&url, "pa-fresh", "PA-1", 5, "desk").await;
+    assert_eq!(fresh.status, 201, "{}", fresh.body);
+
+    let resumed = api
+        .post(
+            format!("{url}/v1/admin/faults"),
+            json!({"kind": "resume", "node": old.leader}),
+        )
+        .await;
+    assert_eq!(resumed.status, 200, "{}", resumed.body);
+    let write = stale_write.await.unwrap();
+    assert!(
+        matches!(write, Ok(Response::Error(_))),
+        "the old leader answered a write: {write:?}"
+    );
+    let read = stale_read.await.unwrap();
+    assert!(
+        matches!(read, Ok(Response::Error(_))),
+        "the old leader served a strong read: {read:?}"
+    );
+    // The refused write never committed anywhere; the fresh one did.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lookup = api.token(&url, "pa-stale-write", "PA-1").await;
+    assert_eq!(lookup.body["status"], "unknown", "{}", lookup.body);
+    let view = api.issuer(&url, "PA-1").await.body;
+    assert_eq!(view["reserved"], 5, "{view}");
+
+    // The old leader follows again; a crash and restart by fault works too.
+    let node = NodeId::new(old.leader.as_str()).unwrap();
+    for kind in ["crash", "restart"] {
+        let reply = api
+            .post(
+                format!("{url}/v1/admin/faults"),
+                json!({"kind": kind, "node": node}),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{kind}: {}", reply.body);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.get(format!("{url}/v1/health")).await.status != 200 {
+        assert!(Instant::now() < deadline, "not healthy after the restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_and_delays_between_regions_are_applied_and_healed() {
+    let (_dir, cluster, api) = start().await;
+    let madrid = cluster.url("madrid");
+    assert_eq!(
+        api.put_issuer(&madrid, "PT-1", "madrid", 1_000)
+            .await
+            .status,
+        201
+    );
+    let faults = format!("{madrid}/v1/admin/faults");
+    let regions = json!(["madrid", "newyork"]);
+    let delayed = api
+        .post(
+            faults.clone(),
+            json!({"kind": "delay", "regions": regions, "ms": 200}),
+        )
+        .await;
+    assert_eq!(delayed.status, 200, "{}", delayed.body);
+    // From newyork's gateway a madrid issuer costs two extra delays now.
+    let newyork = cluster.url("newyork");
+    let t = Instant::now();
+    assert_eq!(api.issuer(&newyork, "PT-1").await.status, 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    api.post(
+        faults.clone(),
+        json!({"kind": "delay", "regions": regions, "ms": 0}),
+    )
+    .await;
+    let cut = api
+        .post(
+            faults.clone(),
+            json!({"kind": "partition", "regions": regions}),
+        )
+        .await;
+    assert_eq!(cut.status, 200, "{}", cut.body);
+    // Madrid's own writes go on (the remote copy is asynchronous).
+    assert_eq!(
+        api.reserve(&madrid, "pt-1", "PT-1", 1, "desk").await.status,
+        201
+    );
+    let healed = api
+        .post(faults.clone(), json!({"kind": "heal", "regions": regions}))
+        .await;
+    assert_eq!(healed.status, 200, "{}", healed.body);
+    assert_eq!(healed.body["changed"], true);
+    assert_eq!(api.issuer(&newyork, "PT-1").await.status, 200);
+    cluster.shutdown().await;
+}
