@@ -30,6 +30,16 @@ enum Command {
         #[arg(long, default_value_t = 35)]
         wan_delay_ms: u64,
     },
+    /// Show a running cluster: nodes and their health, groups with their
+    /// leader, generation and followers' lag.
+    Status {
+        /// Any gateway of the cluster.
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        url: String,
+        /// Print the raw JSON of GET /v1/admin/cluster instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Prove Harbor's promises: deterministic simulation, history checking.
     Verify {
         #[command(subcommand)]
@@ -70,6 +80,7 @@ fn main() -> anyhow::Result<()> {
     let default_filter = match cli.command {
         Command::Verify { .. } => "off",
         Command::Dev { .. } => "warn,harbor=info",
+        Command::Status { .. } => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -88,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             port,
             wan_delay_ms,
         } => runtime.block_on(dev(data_dir, port, wan_delay_ms)),
+        Command::Status { url, json } => runtime.block_on(harbor::status::status(&url, json)),
         Command::Verify { what } => {
             drop(runtime);
             let clean = match what {

@@ -48,6 +48,11 @@ async fn the_cluster_view_shows_every_group_and_refuses_bad_admin_input() {
             assert!(!g[field].is_null(), "{field} missing in {g}");
         }
     }
+    // `harbor status` prints the same view as tables.
+    let parsed: harbor_gateway::ClusterView = serde_json::from_value(body.clone()).unwrap();
+    let table = harbor::status::render(&parsed);
+    assert!(table.contains("madrid-1       madrid     up"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.starts_with("shard")).count(), 16);
     // The issuer names its shard.
     api.put_issuer(&url, "ADM-1", "madrid", 100).await;
     let issuer = api.issuer(&url, "ADM-1").await;

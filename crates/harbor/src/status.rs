@@ -1,0 +1,107 @@
+//! `harbor status --url URL`: the cluster view of `GET /v1/admin/cluster`
+//! as tables.
+
+use std::fmt::Write;
+
+use anyhow::{bail, Context};
+use harbor_gateway::ClusterView;
+
+pub async fn status(url: &str, json: bool) -> anyhow::Result<()> {
+    let endpoint = format!("{}/v1/admin/cluster", url.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    let response = client
+        .get(&endpoint)
+        .send()
+        .await
+        .with_context(|| format!("asking {endpoint}"))?;
+    let code = response.status();
+    let text = response.text().await?;
+    if !code.is_success() {
+        bail!("{endpoint} answered {code}: {text}");
+    }
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    let view: ClusterView = serde_json::from_str(&text)
+        .with_context(|| format!("{endpoint} answered something that is not a cluster view"))?;
+    print!("{}", render(&view));
+    Ok(())
+}
+
+/// The view as two tables: nodes, then groups with their followers' lag.
+/// (Ids are turned into strings first: their `Display` ignores widths.)
+pub fn render(view: &ClusterView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "map version {}, regions {}, gathered by {} in {} ms",
+        view.map_version,
+        view.regions
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        view.gateway,
+        view.gathered_ms
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<14} {:<10} {:<12} REPLICAS",
+        "NODE", "REGION", "HEALTH"
+    );
+    for n in &view.nodes {
+        let _ = writeln!(
+            out,
+            "{:<14} {:<10} {:<12} {}/{} answering",
+            n.node.to_string(),
+            n.region.to_string(),
+            n.health,
+            n.replicas_answering,
+            n.replicas
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<8} {:<10} {:<14} {:>4} {:<6} {:>8}  FOLLOWERS (lag entries/ms)",
+        "GROUP", "HOME", "LEADER", "GEN", "READY", "COMMIT"
+    );
+    for g in &view.groups {
+        let followers = if g.followers.is_empty() {
+            "leader not answering".to_string()
+        } else {
+            g.followers
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{}{} {}/{}",
+                        f.node,
+                        if f.local { "" } else { "*" },
+                        f.lag_entries,
+                        f.lag_ms
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("  ")
+        };
+        let _ = writeln!(
+            out,
+            "{:<8} {:<10} {:<14} {:>4} {:<6} {:>8}  {}",
+            g.shard.to_string(),
+            g.home_region.to_string(),
+            g.leader.to_string(),
+            g.generation.0,
+            if g.leader_ready { "yes" } else { "no" },
+            g.commit_index
+                .map(|c| c.0.to_string())
+                .unwrap_or("-".into()),
+            followers
+        );
+    }
+    let _ = writeln!(out, "(* = remote, asynchronous follower)");
+    out
+}
