@@ -6,7 +6,7 @@ use std::time::Duration;
 use harbor_meta::MetaStore;
 use harbor_node::wire::{Body, Envelope, ErrorCode, NodeError, Request, Response};
 use harbor_node::{Inbox, Transport};
-use harbor_types::{NodeId, Region, ShardId};
+use harbor_types::{Generation, NodeId, Region, ShardId};
 use tokio::sync::oneshot;
 
 use crate::admin::Admin;
@@ -100,6 +100,11 @@ impl Gateway {
         self.meta.map().groups.get(&shard).map(|g| g.leader.clone())
     }
 
+    /// The generation the shard map names for `shard`.
+    fn generation_of(&self, shard: ShardId) -> Option<Generation> {
+        self.meta.map().groups.get(&shard).map(|g| g.generation)
+    }
+
     pub(crate) fn region_of(&self, node: &NodeId) -> Option<Region> {
         self.meta.map().region_of(node).cloned()
     }
@@ -128,7 +133,8 @@ impl Gateway {
         };
         let mut news_wait = NEWS_WAIT;
         for _attempt in 0..ROUTE_ATTEMPTS_MAX {
-            let (id, mut rx) = self.send(&leader, request.clone())?;
+            let route = self.generation_of(shard);
+            let (id, mut rx) = self.send(&leader, request.clone(), route)?;
             let answer = loop {
                 tokio::select! {
                     answer = &mut rx => break answer.ok(),
@@ -152,12 +158,18 @@ impl Gateway {
                     leader = e.leader_hint.clone().unwrap();
                 }
                 Some(Response::Error(e))
-                    if matches!(e.code, ErrorCode::NotLeader | ErrorCode::LeadershipChanged) =>
+                    if matches!(
+                        e.code,
+                        ErrorCode::NotLeader | ErrorCode::LeadershipChanged | ErrorCode::StaleRoute
+                    ) =>
                 {
                     // Leadership is moving (a transfer or failover): wait for
                     // the map to name the next leader, then send again. A
                     // node the map already names as leader has not heard the
                     // news yet: ask it again shortly.
+                    // A stale route: the map moved past what we sent; the
+                    // loop below finds it already refreshed (it is shared
+                    // in this process) and sends to the new owner.
                     let wait = if e.code == ErrorCode::NotLeader {
                         news_wait = (news_wait * 2).min(LEADERSHIP_WAIT_MAX);
                         news_wait / 2
@@ -168,6 +180,7 @@ impl Gateway {
                     };
                     let until = (tokio::time::Instant::now() + wait).min(deadline);
                     while self.leader_of(shard).as_ref() == Some(&leader)
+                        && self.generation_of(shard) == route
                         && tokio::time::Instant::now() < until
                     {
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -202,6 +215,7 @@ impl Gateway {
         &self,
         node: &NodeId,
         request: Request,
+        route: Option<Generation>,
     ) -> Result<(u64, oneshot::Receiver<Response>), NodeError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -223,7 +237,7 @@ impl Gateway {
         self.transport.send(Envelope {
             from: self.me.clone(),
             to: node.clone(),
-            body: Body::Request { id, request },
+            body: Body::Request { id, request, route },
         });
         Ok((id, rx))
     }
@@ -236,7 +250,7 @@ impl Gateway {
         timeout_ms: u64,
     ) -> Result<Response, NodeError> {
         let is_write = matches!(request, Request::Write { .. });
-        let (id, rx) = self.send(node, request)?;
+        let (id, rx) = self.send(node, request, None)?;
         match tokio::time::timeout(Duration::from_millis(timeout_ms), rx).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) | Err(_) => {

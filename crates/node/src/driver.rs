@@ -299,7 +299,9 @@ impl<S: Storage> Driver<S> {
                         self.core.receive(now, &envelope.from, message);
                     }
                 }
-                Body::Request { id, request } => self.request(now, envelope.from, id, request),
+                Body::Request { id, request, route } => {
+                    self.request(now, envelope.from, id, request, route)
+                }
                 Body::Response { .. } => {
                     tracing::warn!(shard = %self.shard, "replica got a response; dropped");
                 }
@@ -582,7 +584,14 @@ impl<S: Storage> Driver<S> {
         }
     }
 
-    fn request(&mut self, now: u64, from: NodeId, id: u64, request: Request) {
+    fn request(
+        &mut self,
+        now: u64,
+        from: NodeId,
+        id: u64,
+        request: Request,
+        route: Option<Generation>,
+    ) {
         if let Some(why) = &self.failed {
             let e = error(
                 ErrorCode::ReplicaFailed,
@@ -611,14 +620,36 @@ impl<S: Storage> Driver<S> {
             };
             return self.reply(&from, id, response);
         }
-        if !self.core.is_leader() {
+        let generation = self.core.generation();
+        if route.is_some_and(|r| r < generation) {
+            probe("node.stale_route_refused");
+            let mut e = error(
+                ErrorCode::StaleRoute,
+                format!(
+                    "{} is at {generation} of {}, newer than the sender's map ({}); refresh the map",
+                    self.me,
+                    self.shard,
+                    route.unwrap()
+                ),
+                true,
+                false,
+            );
+            e.leader_hint = self.core.leader().cloned();
+            return self.reply_error(&from, id, e);
+        }
+        // A replica behind the sender's map has not heard the news yet: it is
+        // not the leader of that generation, even if it leads an older one.
+        if !self.core.is_leader() || route.is_some_and(|r| r > generation) {
             let mut e = error(
                 ErrorCode::NotLeader,
                 format!("{} is not the leader of {}", self.me, self.shard),
                 true,
                 false,
             );
-            e.leader_hint = self.core.leader().cloned();
+            // Our idea of the leader is older than the sender's: no hint.
+            if route.is_none_or(|r| r <= generation) {
+                e.leader_hint = self.core.leader().cloned();
+            }
             return self.reply_error(&from, id, e);
         }
         match request {

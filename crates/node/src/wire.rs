@@ -22,6 +22,11 @@ pub enum Body {
     Request {
         id: u64,
         request: Request,
+        /// The generation the sender's shard map names for the request's
+        /// group. A replica at a newer one refuses with `stale_route` (the
+        /// sender refreshes its map); one at an older one refuses as not
+        /// leader. `None` addresses one replica whatever its role (status).
+        route: Option<Generation>,
     },
     /// Boxed: responses are large and rare next to replication traffic.
     Response {
@@ -120,6 +125,7 @@ pub enum ErrorCode {
     TooLarge,
     Timeout,
     Unavailable,
+    StaleRoute,
 }
 
 impl ErrorCode {
@@ -134,6 +140,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::StaleRoute => "stale_route",
         }
     }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use harbor_node::wire::{Body, Envelope, Request, Response};
+use harbor_node::wire::{Body, Envelope, ErrorCode, Query, Request, Response};
 use harbor_node::{Control, Node, NodeConfig, TcpTransport, Transport};
 use harbor_replication::Member;
 use harbor_reservation::{Command, Outcome};
@@ -121,6 +121,7 @@ async fn a_group_replicates_and_answers_over_tcp() {
             body: Body::Request {
                 id: n as u64,
                 request: Request::Write { shard, command },
+                route: Some(Generation(1)),
             },
         });
         let envelope = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
@@ -145,6 +146,43 @@ async fn a_group_replicates_and_answers_over_tcp() {
     assert!(matches!(outcomes[0], Outcome::Issuer { created: true, .. }));
     assert!(matches!(outcomes[1], Outcome::Reservation { .. }));
     assert!(matches!(&outcomes[2], Outcome::Rejected(r) if r.code() == "insufficient_exposure"));
+
+    // A sender whose map is older than the replica is told to refresh; one
+    // whose map is newer finds the replica has not heard the news: neither
+    // write is proposed.
+    for (n, (route, code)) in [
+        (Generation(0), ErrorCode::StaleRoute),
+        (Generation(2), ErrorCode::NotLeader),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let request_id = 100 + n as u64;
+        client.send(Envelope {
+            from: id("client"),
+            to: id("a1"),
+            body: Body::Request {
+                id: request_id,
+                request: Request::Read {
+                    shard,
+                    query: Query::Issuer(issuer.clone()),
+                },
+                route: Some(route),
+            },
+        });
+        let envelope = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+            .await
+            .expect("an answer over TCP")
+            .unwrap();
+        let Body::Response { id: got, response } = envelope.body else {
+            panic!("expected a response");
+        };
+        assert_eq!(got, request_id);
+        match *response {
+            Response::Error(e) => assert_eq!(e.code, code, "{e}"),
+            other => panic!("route {route} was served: {other:?}"),
+        }
+    }
 
     for node in nodes {
         tokio::task::spawn_blocking(move || node.shutdown())

@@ -6,7 +6,7 @@ use harbor_meta::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, ShardMap, Topology,
 };
 use harbor_node::driver::{Control, Driver, ReplicaInput};
-use harbor_node::wire::{Body, Envelope, Query, QueryResult, Request, Response};
+use harbor_node::wire::{Body, Envelope, ErrorCode, Query, QueryResult, Request, Response};
 use harbor_node::{NodeConfig, Transport};
 use harbor_replication::Member;
 use harbor_reservation::{Command, Outcome, TokenOutcome, TokenView};
@@ -217,10 +217,11 @@ struct Client {
     /// Tokens whose outcome the client does not know.
     unknown: Vec<(ReservationToken, IssuerId)>,
     next_token: u64,
-    /// The client's (gateway's) cached shard map: refreshed every few
-    /// seconds, and on a not-leader answer. A stale cache sends requests to an old
-    /// leader, which must then refuse or fence them.
-    leaders: BTreeMap<ShardId, NodeId>,
+    /// The client's (gateway's) cached shard map, leader and generation per
+    /// group: refreshed every few seconds, and at once on a `stale_route`
+    /// answer; a not-leader hint moves the leader. A stale cache sends
+    /// requests to an old leader, which must then refuse or fence them.
+    leaders: BTreeMap<ShardId, (NodeId, Generation)>,
     map_refresh_at: u64,
     inflight_shard: Option<ShardId>,
 }
@@ -1136,17 +1137,17 @@ impl World {
         let client = &self.clients[i];
         let line = json!({"type": "invoke", "op": op_id, "client": client.id, "f": op.name(),
                           "time_ms": self.now, "value": value});
-        let to = client
-            .leaders
-            .get(&shard)
-            .cloned()
-            .unwrap_or_else(|| self.groups[&shard].leader().clone());
+        let (to, route) = client.leaders.get(&shard).cloned().unwrap_or_else(|| {
+            let group = &self.groups[&shard];
+            (group.leader().clone(), group.generation())
+        });
         let envelope = Envelope {
             from: client.id.clone(),
             to,
             body: Body::Request {
                 id: request_id,
                 request,
+                route: Some(route),
             },
         };
         self.record(line);
@@ -1206,7 +1207,7 @@ impl World {
             let leaders = self
                 .groups
                 .iter()
-                .map(|(s, g)| (*s, g.leader().clone()))
+                .map(|(s, g)| (*s, (g.leader().clone(), g.generation())))
                 .collect();
             let client = &mut self.clients[i];
             client.leaders = leaders;
@@ -1338,9 +1339,14 @@ impl World {
         let op = inflight.op;
         match *response {
             Response::Error(e) => {
-                if let (Some(hint), Some(shard)) = (&e.leader_hint, self.clients[i].inflight_shard)
+                if e.code == ErrorCode::StaleRoute {
+                    self.clients[i].map_refresh_at = self.now;
+                } else if let (Some(hint), Some(shard)) =
+                    (&e.leader_hint, self.clients[i].inflight_shard)
                 {
-                    self.clients[i].leaders.insert(shard, hint.clone());
+                    if let Some(cached) = self.clients[i].leaders.get_mut(&shard) {
+                        cached.0 = hint.clone();
+                    }
                 }
                 let kind = if e.outcome_unknown { "info" } else { "fail" };
                 self.complete(i, kind, json!({"error": e.code.as_str()}));

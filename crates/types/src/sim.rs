@@ -57,8 +57,9 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 13] = [
+pub const PROBES: [&str; 14] = [
     "replication.sealed_for_failover",
+    "node.stale_route_refused",
     "replication.leader_drained_for_transfer",
     "node.strong_read_refused_without_lease",
     "replication.follower_truncates_suffix",
