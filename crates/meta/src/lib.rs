@@ -8,10 +8,12 @@
 
 pub mod failover;
 pub mod placement;
+pub mod state;
 pub mod store;
 
 pub use failover::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, TransferError,
 };
 pub use placement::{GroupInfo, NodeInfo, ShardMap, Topology, BUCKETS_DEFAULT};
-pub use store::{DirectoryError, MetaError, MetaStore};
+pub use state::{MetaCommand, MetaReply, MetaState};
+pub use store::{DirectoryEntry, DirectoryError, MetaError, MetaStore};

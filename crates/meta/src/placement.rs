@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 pub const BUCKETS_DEFAULT: u32 = 2048;
 
 /// The shape of a cluster to create: regions, nodes, groups.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Topology {
     pub regions: Vec<Region>,
     pub nodes_per_region: usize,

@@ -8,6 +8,7 @@ use harbor_types::{BucketId, Generation, IssuerId, NodeId, Region, ShardId};
 use serde::{Deserialize, Serialize};
 
 use crate::placement::{ShardMap, Topology};
+use crate::state::{MetaCommand, MetaReply, MetaState};
 
 const MAP_FILE: &str = "shard-map.json";
 const DIRECTORY_FILE: &str = "directory.jsonl";
@@ -22,10 +23,12 @@ pub enum MetaError {
     },
     #[error("metadata file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("metadata change refused: {0}")]
+    Refused(String),
 }
 
 /// Expected refusals of the issuer directory.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum DirectoryError {
     #[error("issuer {issuer_id} is homed in {existing}, not {requested}; moving an issuer is not supported yet")]
     HomeRegionMismatch {
@@ -45,14 +48,15 @@ pub struct DirectoryEntry {
     pub bucket: BucketId,
 }
 
-/// The embedded metadata store: a durable shard map plus the issuer
-/// directory (issuer → bucket), both on local disk with fsync.
+/// The embedded metadata store: the [`MetaState`] of one voter, kept durable
+/// on local disk with fsync (the shard map as one file, the issuer directory
+/// as an append-only file).
 pub struct MetaStore {
     dir: PathBuf,
+    /// Writers hold its write lock for the whole change, disk included.
+    state: RwLock<MetaState>,
+    /// The map readers see: swapped whole after each change.
     map: RwLock<Arc<ShardMap>>,
-    directory: RwLock<BTreeMap<IssuerId, DirectoryEntry>>,
-    /// Serializes directory appends so two registrations of one issuer
-    /// cannot both win.
     directory_file: Mutex<File>,
 }
 
@@ -77,7 +81,9 @@ impl MetaStore {
                 reason: e.to_string(),
             })?
         } else {
-            let map = ShardMap::from_topology(topology);
+            let mut state = MetaState::default();
+            state.apply(&MetaCommand::Bootstrap(topology.clone()));
+            let map = state.map.expect("bootstrapped");
             write_atomically(dir, MAP_FILE, &serde_json::to_vec_pretty(&map).unwrap())?;
             map
         };
@@ -90,8 +96,11 @@ impl MetaStore {
             .map_err(io_err("open", &dir_path))?;
         Ok(MetaStore {
             dir: dir.to_path_buf(),
-            map: RwLock::new(Arc::new(map)),
-            directory: RwLock::new(directory),
+            map: RwLock::new(Arc::new(map.clone())),
+            state: RwLock::new(MetaState {
+                map: Some(map),
+                directory,
+            }),
             directory_file: Mutex::new(file),
         })
     }
@@ -100,55 +109,49 @@ impl MetaStore {
         self.map.read().unwrap().clone()
     }
 
-    /// Starts a new epoch: every group gets the next generation with the same
-    /// leader. Called when the embedded cluster starts, so a restarted leader
-    /// never continues a generation it may have half-written.
-    pub fn begin_epoch(&self) -> Result<Arc<ShardMap>, MetaError> {
-        let mut guard = self.map.write().unwrap();
-        let mut map = (**guard).clone();
-        for group in map.groups.values_mut() {
-            group.generation = group.generation.next();
+    /// Applies a map change and makes it durable before anyone sees it.
+    fn change_map(&self, command: MetaCommand) -> Result<Arc<ShardMap>, MetaError> {
+        let mut state = self.state.write().unwrap();
+        let mut next = state.clone();
+        if let MetaReply::Refused(reason) = next.apply(&command) {
+            return Err(MetaError::Refused(reason));
         }
-        map.map_version += 1;
+        let map = next.map.clone().expect("bootstrapped");
         write_atomically(
             &self.dir,
             MAP_FILE,
             &serde_json::to_vec_pretty(&map).unwrap(),
         )?;
-        *guard = Arc::new(map);
-        Ok(guard.clone())
+        *state = next;
+        let map = Arc::new(map);
+        *self.map.write().unwrap() = map.clone();
+        Ok(map)
     }
 
-    /// Publishes a group's new leader and generation (a failover or a
-    /// restarted leader), durably, with a new map version.
+    /// Starts a new epoch: every group gets the next generation with the same
+    /// leader. Called when the embedded cluster starts, so a restarted leader
+    /// never continues a generation it may have half-written.
+    pub fn begin_epoch(&self) -> Result<Arc<ShardMap>, MetaError> {
+        self.change_map(MetaCommand::BeginEpoch)
+    }
+
+    /// Publishes a group's new leader and generation (a failover, a transfer
+    /// or a restarted leader), durably, with a new map version.
     pub fn update_group(
         &self,
         shard: ShardId,
         leader: &NodeId,
         generation: Generation,
     ) -> Result<Arc<ShardMap>, MetaError> {
-        let mut guard = self.map.write().unwrap();
-        let mut map = (**guard).clone();
-        let group = map.groups.get_mut(&shard).expect("a known group");
-        assert!(
-            generation >= group.generation,
-            "{shard}: generation {generation} is older than the published {}",
-            group.generation
-        );
-        group.leader = leader.clone();
-        group.generation = generation;
-        map.map_version += 1;
-        write_atomically(
-            &self.dir,
-            MAP_FILE,
-            &serde_json::to_vec_pretty(&map).unwrap(),
-        )?;
-        *guard = Arc::new(map);
-        Ok(guard.clone())
+        self.change_map(MetaCommand::UpdateGroup {
+            shard,
+            leader: leader.clone(),
+            generation,
+        })
     }
 
     pub fn lookup(&self, issuer: &IssuerId) -> Option<DirectoryEntry> {
-        self.directory.read().unwrap().get(issuer).cloned()
+        self.state.read().unwrap().directory.get(issuer).cloned()
     }
 
     pub fn shard_of(&self, issuer: &IssuerId) -> Option<ShardId> {
@@ -163,41 +166,37 @@ impl MetaStore {
         issuer: &IssuerId,
         home_region: &Region,
     ) -> Result<Result<(DirectoryEntry, bool), DirectoryError>, MetaError> {
-        let mut file = self.directory_file.lock().unwrap();
-        if let Some(existing) = self.lookup(issuer) {
-            if existing.home_region != *home_region {
-                return Ok(Err(DirectoryError::HomeRegionMismatch {
-                    issuer_id: issuer.clone(),
-                    existing: existing.home_region,
-                    requested: home_region.clone(),
-                }));
-            }
-            return Ok(Ok((existing, false)));
-        }
-        let Some(bucket) = self.map().place_issuer(issuer, home_region) else {
-            return Ok(Err(DirectoryError::UnknownRegion {
-                region: home_region.clone(),
-            }));
-        };
-        let entry = DirectoryEntry {
+        let command = MetaCommand::Assign {
             issuer_id: issuer.clone(),
             home_region: home_region.clone(),
-            bucket,
         };
-        let path = self.dir.join(DIRECTORY_FILE);
-        let mut line = serde_json::to_vec(&entry).unwrap();
-        line.push(b'\n');
-        file.write_all(&line).map_err(io_err("append", &path))?;
-        file.sync_data().map_err(io_err("fsync", &path))?;
-        self.directory
-            .write()
-            .unwrap()
-            .insert(issuer.clone(), entry.clone());
-        Ok(Ok((entry, true)))
+        if let Some(existing) = self.lookup(issuer) {
+            // The common case, without the write lock.
+            if existing.home_region == *home_region {
+                return Ok(Ok((existing, false)));
+            }
+        }
+        let mut state = self.state.write().unwrap();
+        let mut next = state.clone();
+        let (entry, created) = match next.apply(&command) {
+            MetaReply::Assigned(Ok(assigned)) => assigned,
+            MetaReply::Assigned(Err(e)) => return Ok(Err(e)),
+            other => unreachable!("assign answered {other:?}"),
+        };
+        if created {
+            let path = self.dir.join(DIRECTORY_FILE);
+            let mut line = serde_json::to_vec(&entry).unwrap();
+            line.push(b'\n');
+            let mut file = self.directory_file.lock().unwrap();
+            file.write_all(&line).map_err(io_err("append", &path))?;
+            file.sync_data().map_err(io_err("fsync", &path))?;
+            *state = next;
+        }
+        Ok(Ok((entry, created)))
     }
 
     pub fn issuer_count(&self) -> usize {
-        self.directory.read().unwrap().len()
+        self.state.read().unwrap().directory.len()
     }
 }
 

@@ -1,0 +1,211 @@
+//! The metadata plane's state machine, pure: the shard map and the issuer
+//! directory, changed only by [`MetaCommand`]s applied in log order. The
+//! Raft metadata plane (`harbor-meta-raft`) replicates these commands; the
+//! embedded [`crate::MetaStore`] applies the same ones to local files.
+
+use std::collections::BTreeMap;
+
+use harbor_types::{Generation, IssuerId, NodeId, Region, ShardId};
+use serde::{Deserialize, Serialize};
+
+use crate::placement::{ShardMap, Topology};
+use crate::store::{DirectoryEntry, DirectoryError};
+
+/// A change to the metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Lays the cluster out from a topology. Only the first one counts: a
+    /// cluster is created once.
+    Bootstrap(Topology),
+    /// A new generation for every group with the same leader (the embedded
+    /// cluster restarted as a whole).
+    BeginEpoch,
+    /// A group's new leader and generation (failover, transfer, restart).
+    UpdateGroup {
+        shard: ShardId,
+        leader: NodeId,
+        generation: Generation,
+    },
+    /// Places a new issuer, or finds where it is.
+    Assign {
+        issuer_id: IssuerId,
+        home_region: Region,
+    },
+}
+
+/// What applying a command answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaReply {
+    /// The map after the change.
+    Map { map_version: u64 },
+    /// The issuer's entry and whether this command created it, or why not.
+    Assigned(Result<(DirectoryEntry, bool), DirectoryError>),
+    /// The command does not fit the state (an older generation, an unknown
+    /// group or leader, no cluster yet). Nothing changed.
+    Refused(String),
+}
+
+/// Everything the metadata plane holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    /// `None` until bootstrapped.
+    pub map: Option<ShardMap>,
+    pub directory: BTreeMap<IssuerId, DirectoryEntry>,
+}
+
+impl MetaState {
+    /// Applies one command. Deterministic: every replica of the metadata
+    /// log computes the same state and the same reply.
+    pub fn apply(&mut self, command: &MetaCommand) -> MetaReply {
+        if let MetaCommand::Bootstrap(topology) = command {
+            if self.map.is_none() {
+                if let Err(e) = topology.validate() {
+                    return MetaReply::Refused(format!("invalid topology: {e}"));
+                }
+                self.map = Some(ShardMap::from_topology(topology));
+            }
+            return self.map_reply();
+        }
+        let Some(map) = self.map.as_mut() else {
+            return MetaReply::Refused("the cluster is not bootstrapped yet".into());
+        };
+        match command {
+            MetaCommand::Bootstrap(_) => unreachable!("handled above"),
+            MetaCommand::BeginEpoch => {
+                for group in map.groups.values_mut() {
+                    group.generation = group.generation.next();
+                }
+                map.map_version += 1;
+            }
+            MetaCommand::UpdateGroup {
+                shard,
+                leader,
+                generation,
+            } => {
+                let Some(group) = map.groups.get_mut(shard) else {
+                    return MetaReply::Refused(format!("no group {shard}"));
+                };
+                if !group.members.contains(leader) {
+                    return MetaReply::Refused(format!("{leader} is not a member of {shard}"));
+                }
+                if *generation < group.generation {
+                    return MetaReply::Refused(format!(
+                        "{shard}: generation {generation} is older than the published {}",
+                        group.generation
+                    ));
+                }
+                group.leader = leader.clone();
+                group.generation = *generation;
+                map.map_version += 1;
+            }
+            MetaCommand::Assign {
+                issuer_id,
+                home_region,
+            } => {
+                if let Some(existing) = self.directory.get(issuer_id) {
+                    if existing.home_region != *home_region {
+                        return MetaReply::Assigned(Err(DirectoryError::HomeRegionMismatch {
+                            issuer_id: issuer_id.clone(),
+                            existing: existing.home_region.clone(),
+                            requested: home_region.clone(),
+                        }));
+                    }
+                    return MetaReply::Assigned(Ok((existing.clone(), false)));
+                }
+                let Some(bucket) = map.place_issuer(issuer_id, home_region) else {
+                    return MetaReply::Assigned(Err(DirectoryError::UnknownRegion {
+                        region: home_region.clone(),
+                    }));
+                };
+                let entry = DirectoryEntry {
+                    issuer_id: issuer_id.clone(),
+                    home_region: home_region.clone(),
+                    bucket,
+                };
+                self.directory.insert(issuer_id.clone(), entry.clone());
+                return MetaReply::Assigned(Ok((entry, true)));
+            }
+        }
+        self.map_reply()
+    }
+
+    fn map_reply(&self) -> MetaReply {
+        MetaReply::Map {
+            map_version: self.map.as_ref().map_or(0, |m| m.map_version),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_change_the_map_and_directory_deterministically() {
+        let mut state = MetaState::default();
+        let madrid = Region::new("madrid").unwrap();
+        let issuer = IssuerId::new("MUNI-1").unwrap();
+        let assign = MetaCommand::Assign {
+            issuer_id: issuer.clone(),
+            home_region: madrid.clone(),
+        };
+        assert!(matches!(state.apply(&assign), MetaReply::Refused(_)));
+        assert_eq!(
+            state.apply(&MetaCommand::Bootstrap(Topology::dev())),
+            MetaReply::Map { map_version: 1 }
+        );
+        // A second bootstrap changes nothing.
+        let mut other = Topology::dev();
+        other.groups_per_region = 1;
+        state.apply(&MetaCommand::Bootstrap(other));
+        assert_eq!(state.map.as_ref().unwrap().groups.len(), 16);
+
+        let MetaReply::Assigned(Ok((entry, true))) = state.apply(&assign) else {
+            panic!("not assigned");
+        };
+        assert_eq!(
+            state.apply(&assign),
+            MetaReply::Assigned(Ok((entry, false)))
+        );
+        let elsewhere = MetaCommand::Assign {
+            issuer_id: issuer,
+            home_region: Region::new("newyork").unwrap(),
+        };
+        assert!(matches!(
+            state.apply(&elsewhere),
+            MetaReply::Assigned(Err(DirectoryError::HomeRegionMismatch { .. }))
+        ));
+
+        state.apply(&MetaCommand::BeginEpoch);
+        let map = state.map.clone().unwrap();
+        let group = &map.groups[&ShardId(0)];
+        assert_eq!(group.generation, Generation(1));
+        let next = group.members[1].clone();
+        let update = |generation| MetaCommand::UpdateGroup {
+            shard: ShardId(0),
+            leader: next.clone(),
+            generation: Generation(generation),
+        };
+        assert_eq!(state.apply(&update(2)), MetaReply::Map { map_version: 3 });
+        assert!(matches!(state.apply(&update(1)), MetaReply::Refused(_)));
+        let stranger = MetaCommand::UpdateGroup {
+            shard: ShardId(0),
+            leader: NodeId::new("tokyo-1").unwrap(),
+            generation: Generation(9),
+        };
+        assert!(matches!(state.apply(&stranger), MetaReply::Refused(_)));
+        assert_eq!(state.map.as_ref().unwrap().map_version, 3);
+
+        // The same commands give the same state.
+        let mut replay = MetaState::default();
+        for command in [
+            MetaCommand::Bootstrap(Topology::dev()),
+            assign.clone(),
+            MetaCommand::BeginEpoch,
+            update(2),
+        ] {
+            replay.apply(&command);
+        }
+        assert_eq!(replay, state);
+    }
+}
