@@ -1,0 +1,206 @@
+//! Metadata voters on loopback HTTP: three voters agree on the map and the
+//! directory, survive losing their leader, and recover everything when they
+//! restart on their data directories (one voter and all three).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use harbor_meta::{MetaCommand, MetaReply, MetaState, Topology};
+use harbor_meta_raft::{MetaConfig, MetaNode, NodeId};
+use harbor_types::{Generation, IssuerId, Region, ShardId};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+struct Voter {
+    node: Arc<MetaNode>,
+    server: JoinHandle<()>,
+}
+
+impl Voter {
+    async fn start(id: NodeId, dir: &Path, listener: TcpListener) -> Voter {
+        let mut config = MetaConfig::new(id, dir.join(format!("voter-{id}")));
+        // Short timeouts: loopback, and a test that waits for elections.
+        config.heartbeat_ms = 50;
+        config.election_timeout_ms = (300, 600);
+        let node = MetaNode::start(&config).await.unwrap();
+        let app = node.router();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Voter { node, server }
+    }
+
+    /// As a crash looks from outside: Raft stops, the address goes dark.
+    async fn stop(self) {
+        self.node.shutdown().await;
+        self.server.abort();
+        let _ = self.server.await;
+    }
+}
+
+async fn listen(addr: &str) -> TcpListener {
+    // The port was just released by a stopped voter: retry briefly.
+    for _ in 0..50 {
+        if let Ok(listener) = TcpListener::bind(addr).await {
+            return listener;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot bind {addr}");
+}
+
+fn assign(issuer: &str) -> MetaCommand {
+    MetaCommand::Assign {
+        issuer_id: IssuerId::new(issuer).unwrap(),
+        home_region: Region::new("madrid").unwrap(),
+    }
+}
+
+fn has_issuers(n: usize) -> impl Fn(&MetaState) -> bool {
+    move |s| s.directory.len() == n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voters_agree_survive_their_leader_and_recover_after_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    let mut addrs = BTreeMap::new();
+    for id in 1..=3u64 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.insert(id, listener.local_addr().unwrap().to_string());
+        listeners.push(listener);
+    }
+    let mut voters: BTreeMap<NodeId, Voter> = BTreeMap::new();
+    for (id, listener) in (1..=3u64).zip(listeners) {
+        voters.insert(id, Voter::start(id, dir.path(), listener).await);
+    }
+    voters[&1].node.initialize(&addrs).await.unwrap();
+    let reply = voters[&2]
+        .node
+        .write(MetaCommand::Bootstrap(Topology::dev()))
+        .await
+        .unwrap();
+    assert_eq!(reply, MetaReply::Map { map_version: 1 });
+    for i in 0..20 {
+        let via = 1 + (i % 3) as u64;
+        let reply = voters[&via]
+            .node
+            .write(assign(&format!("ISS-{i}")))
+            .await
+            .unwrap();
+        assert!(
+            matches!(reply, MetaReply::Assigned(Ok((_, true)))),
+            "{reply:?}"
+        );
+    }
+    let leader_state = {
+        let any = &voters[&1].node;
+        any.wait_until(Duration::from_secs(5), has_issuers(20))
+            .await
+            .unwrap()
+    };
+    for voter in voters.values() {
+        let state = voter
+            .node
+            .wait_until(Duration::from_secs(5), has_issuers(20))
+            .await
+            .expect("a voter did not catch up");
+        assert_eq!(state, leader_state, "voters disagree");
+    }
+
+    // The leader dies; the other two elect one and go on.
+    let leader = voters[&1].node.leader().expect("a leader");
+    let addr = addrs[&leader].clone();
+    voters.remove(&leader).unwrap().stop().await;
+    let survivor = voters.keys().next().copied().unwrap();
+    let update = MetaCommand::UpdateGroup {
+        shard: ShardId(0),
+        leader: leader_state.map.as_ref().unwrap().groups[&ShardId(0)].members[1].clone(),
+        generation: Generation(5),
+    };
+    let reply = voters[&survivor].node.write(update).await.unwrap();
+    assert_eq!(reply, MetaReply::Map { map_version: 2 });
+    voters[&survivor]
+        .node
+        .write(assign("AFTER-FAILOVER"))
+        .await
+        .unwrap();
+
+    // It comes back on its directory and catches up.
+    let back = Voter::start(leader, dir.path(), listen(&addr).await).await;
+    let state = back
+        .node
+        .wait_until(Duration::from_secs(10), has_issuers(21))
+        .await
+        .expect("the restarted voter did not catch up");
+    assert_eq!(
+        state.map.as_ref().unwrap().groups[&ShardId(0)].generation,
+        Generation(5)
+    );
+    voters.insert(leader, back);
+
+    // Every voter restarts: the map, the generations and the directory
+    // survive.
+    let before = voters[&survivor].node.state();
+    for (_, voter) in std::mem::take(&mut voters) {
+        voter.stop().await;
+    }
+    for (id, addr) in &addrs {
+        voters.insert(*id, Voter::start(*id, dir.path(), listen(addr).await).await);
+    }
+    for voter in voters.values() {
+        let state = voter
+            .node
+            .wait_until(Duration::from_secs(10), has_issuers(21))
+            .await
+            .expect("a restarted voter lost the directory");
+        assert_eq!(state, before);
+    }
+    // And they still take writes.
+    voters[&1]
+        .node
+        .write(assign("AFTER-RESTART"))
+        .await
+        .unwrap();
+    for (_, voter) in voters {
+        voter.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_voter_recovers_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let voter = Voter::start(1, dir.path(), listener).await;
+    voter
+        .node
+        .initialize(&BTreeMap::from([(1, addr.clone())]))
+        .await
+        .unwrap();
+    voter
+        .node
+        .write(MetaCommand::Bootstrap(Topology::dev()))
+        .await
+        .unwrap();
+    voter.node.write(MetaCommand::BeginEpoch).await.unwrap();
+    voter.node.write(assign("ONE")).await.unwrap();
+    let before = voter.node.state();
+    voter.stop().await;
+    let voter = Voter::start(1, dir.path(), listen(&addr).await).await;
+    let state = voter
+        .node
+        .wait_until(Duration::from_secs(10), has_issuers(1))
+        .await
+        .expect("the voter lost its state");
+    assert_eq!(state, before);
+    // Initializing again is harmless.
+    voter
+        .node
+        .initialize(&BTreeMap::from([(1, addr)]))
+        .await
+        .unwrap();
+    voter.stop().await;
+}
