@@ -10,8 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use harbor_meta::store::DirectoryEntry;
-use harbor_meta::DirectoryError;
+use harbor_meta::{DirectoryEntry, DirectoryError, MetaError};
 use harbor_node::wire::{Query, QueryResult, Request, Response, Served};
 use harbor_reservation::{
     Command, IssuerView, Outcome, Rejection, ReservationView, TokenOutcome, TokenView,
@@ -213,8 +212,9 @@ fn label(field: &'static str, value: &str) -> Result<String, ApiError> {
 // ----- Routing helpers ----------------------------------------------------------
 
 impl Gateway {
-    fn directory(&self, issuer: &IssuerId) -> Result<(DirectoryEntry, ShardId), ApiError> {
-        let entry = self.meta.lookup(issuer).ok_or_else(|| {
+    async fn directory(&self, issuer: &IssuerId) -> Result<(DirectoryEntry, ShardId), ApiError> {
+        let entry = self.meta.find(issuer).await.map_err(metadata_unavailable)?;
+        let entry = entry.ok_or_else(|| {
             ApiError::not_found("unknown_issuer", format!("unknown issuer {issuer}"))
                 .with("issuer_id", issuer)
         })?;
@@ -296,6 +296,17 @@ struct Applied {
     issuer: Option<IssuerView>,
     commit_token: harbor_types::CommitToken,
     served: Served,
+}
+
+fn metadata_unavailable(e: MetaError) -> ApiError {
+    tracing::warn!(error = %e, "metadata plane did not answer");
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "metadata_unavailable",
+        e.to_string(),
+    );
+    error.retryable = true;
+    error
 }
 
 fn unexpected(response: Response) -> ApiError {
@@ -455,7 +466,7 @@ async fn put_issuer_inner(
     let JsonBody(body) = body?;
     let region = Region::new(&body.home_region).map_err(|e| invalid("home_region", e))?;
     let limit = amount("limit", body.limit, 0)?;
-    let (entry, _) = match gw.meta.assign(&issuer, &region) {
+    let (entry, _) = match gw.meta.assign(&issuer, &region).await {
         Ok(Ok(placed)) => placed,
         Ok(Err(DirectoryError::HomeRegionMismatch { existing, .. })) => {
             return Err(ApiError::new(
@@ -474,14 +485,7 @@ async fn put_issuer_inner(
             )
             .with("regions", gw.meta.map().regions()))
         }
-        Err(e) => {
-            tracing::error!(error = %e, "metadata store failed");
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "metadata_unavailable",
-                e.to_string(),
-            ));
-        }
+        Err(e) => return Err(metadata_unavailable(e)),
     };
     let shard = gw.meta.map().shard_of_bucket(entry.bucket);
     let command = Command::UpsertIssuer {
@@ -531,7 +535,7 @@ async fn get_issuer(
         let issuer = issuer_id(&id)?;
         let params = query_params(params)?;
         check_consistency(params.consistency.as_deref())?;
-        let (entry, shard) = gw.directory(&issuer)?;
+        let (entry, shard) = gw.directory(&issuer).await?;
         let (result, served) = gw.read(shard, Query::Issuer(issuer.clone())).await?;
         let QueryResult::Issuer(Some(view)) = result else {
             return Err(ApiError::not_found(
@@ -556,7 +560,7 @@ async fn open_reservations(
         let issuer = issuer_id(&id)?;
         let params = query_params(params)?;
         check_consistency(params.consistency.as_deref())?;
-        let (_, shard) = gw.directory(&issuer)?;
+        let (_, shard) = gw.directory(&issuer).await?;
         let (result, served) = gw
             .read(shard, Query::OpenReservations(issuer.clone()))
             .await?;
@@ -594,7 +598,7 @@ async fn reserve(State(gw): Gw, body: Result<JsonBody<ReserveBody>, ApiError>) -
                 .with("field", "hold_ttl_ms"));
             }
         }
-        let (_, shard) = gw.directory(&issuer)?;
+        let (_, shard) = gw.directory(&issuer).await?;
         let command = Command::Reserve {
             token: token.clone(),
             issuer_id: issuer,
@@ -637,7 +641,7 @@ async fn get_reservation(
         let id = reservation_id(&id)?;
         let params = query_params(params)?;
         check_consistency(params.consistency.as_deref())?;
-        let (_, shard) = gw.directory(id.issuer())?;
+        let (_, shard) = gw.directory(id.issuer()).await?;
         let (result, served) = gw.read(shard, Query::Reservation(id.clone())).await?;
         let QueryResult::Reservation(Some(view)) = result else {
             return Err(ApiError::not_found(
@@ -668,7 +672,7 @@ async fn transition(gw: Arc<Gateway>, id: String, body: Bytes, confirm: bool) ->
             // No fields are defined; an empty object is fine, anything else is refused.
             let _: EmptyBody = parse_json(&body)?;
         }
-        let (_, shard) = gw.directory(reservation_id.issuer())?;
+        let (_, shard) = gw.directory(reservation_id.issuer()).await?;
         let command = if confirm {
             Command::Confirm { reservation_id }
         } else {
@@ -697,7 +701,7 @@ async fn get_token(
         match params.issuer_id {
             Some(issuer) => {
                 let issuer = issuer_id(&issuer)?;
-                let (_, shard) = gw.directory(&issuer)?;
+                let (_, shard) = gw.directory(&issuer).await?;
                 let (result, served) = gw
                     .read(shard, Query::Token(issuer.clone(), token.clone()))
                     .await?;
@@ -798,7 +802,7 @@ async fn resolve_token(
                 ))
             }
         };
-        let (_, shard) = gw.directory(&issuer)?;
+        let (_, shard) = gw.directory(&issuer).await?;
         let applied = gw
             .write(
                 shard,

@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use harbor_meta::MetaStore;
+use harbor_meta::Metadata;
 use harbor_node::wire::{Body, Envelope, ErrorCode, NodeError, Request, Response};
 use harbor_node::{Inbox, Transport};
 use harbor_types::{Generation, NodeId, Region, ShardId};
@@ -48,7 +48,7 @@ impl Default for GatewayConfig {
 pub struct Gateway {
     pub(crate) me: NodeId,
     pub(crate) region: Region,
-    pub(crate) meta: Arc<MetaStore>,
+    pub(crate) meta: Arc<dyn Metadata>,
     pub(crate) config: GatewayConfig,
     transport: Arc<dyn Transport>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
@@ -61,7 +61,7 @@ impl Gateway {
     pub fn start(
         me: NodeId,
         region: Region,
-        meta: Arc<MetaStore>,
+        meta: Arc<dyn Metadata>,
         transport: Arc<dyn Transport>,
         inbox: Inbox,
         config: GatewayConfig,

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harbor_gateway::Gateway;
-use harbor_meta::{
-    Action, CatchUp, FailoverConfig, GroupLeadership, MetaStore, Observation, Phase,
-};
+use harbor_meta::{Action, CatchUp, FailoverConfig, GroupLeadership, Metadata, Observation, Phase};
 use harbor_node::wire::{GroupStatus, Query, QueryResult, Request, Response};
 use harbor_node::Control;
 use harbor_replication::Role;
@@ -73,7 +71,7 @@ struct PendingTransfer {
 
 pub struct ControlLoop {
     endpoint: Arc<Gateway>,
-    meta: Arc<MetaStore>,
+    meta: Arc<dyn Metadata>,
     nodes: Arc<NodeSet>,
     plans: BTreeMap<ShardId, GroupLeadership>,
     config: FailoverConfig,
@@ -82,12 +80,16 @@ pub struct ControlLoop {
     transfers: BTreeMap<ShardId, PendingTransfer>,
     /// Nodes with a replica that did not answer the previous round.
     suspects: BTreeSet<NodeId>,
+    /// Leaders the planner chose that the metadata plane has not taken yet
+    /// (it was unavailable): published again every round, and nobody is
+    /// told before.
+    unpublished: BTreeMap<ShardId, Action>,
 }
 
 impl ControlLoop {
     pub fn new(
         endpoint: Arc<Gateway>,
-        meta: Arc<MetaStore>,
+        meta: Arc<dyn Metadata>,
         nodes: Arc<NodeSet>,
         lease_ms: u64,
         requests: mpsc::Receiver<TransferRequest>,
@@ -125,6 +127,7 @@ impl ControlLoop {
             requests,
             transfers: BTreeMap::new(),
             suspects: BTreeSet::new(),
+            unpublished: BTreeMap::new(),
         }
     }
 
@@ -138,15 +141,19 @@ impl ControlLoop {
             };
             // A fixed cadence: a slow round shortens the next wait.
             let next_round = round_started + Duration::from_millis(interval);
-            tokio::select! {
+            let request = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                Some(request) = self.requests.recv() => {
-                    self.start_transfer(request);
-                    continue;
-                }
-                _ = tokio::time::sleep_until(next_round.into()) => {}
+                Some(request) = self.requests.recv() => Some(request),
+                _ = tokio::time::sleep_until(next_round.into()) => None,
+            };
+            if let Some(request) = request {
+                self.start_transfer(request).await;
+                continue;
             }
             round_started = Instant::now();
+            for (shard, action) in std::mem::take(&mut self.unpublished) {
+                self.apply(shard, action).await;
+            }
             // Ask every replica of every group at once: a round costs one
             // status timeout at most, however many replicas are down.
             let asks: Vec<(ShardId, NodeId)> = self
@@ -171,12 +178,12 @@ impl ControlLoop {
                 by_shard.entry(shard).or_default().extend(status);
             }
             for (shard, statuses) in by_shard {
-                self.look_at(shard, statuses);
+                self.look_at(shard, statuses).await;
             }
         }
     }
 
-    fn start_transfer(&mut self, request: TransferRequest) {
+    async fn start_transfer(&mut self, request: TransferRequest) {
         let now = self.now_ms();
         let Some(plan) = self.plans.get_mut(&request.shard) else {
             let _ = request.reply.send(Err(TransferFailed::Refused(format!(
@@ -202,7 +209,7 @@ impl ControlLoop {
                         reply: request.reply,
                     },
                 );
-                self.apply(request.shard, action);
+                self.apply(request.shard, action).await;
             }
         }
     }
@@ -273,7 +280,10 @@ impl ControlLoop {
 
     /// One group's round: the planner's decision, then news for replicas
     /// that missed it.
-    fn look_at(&mut self, shard: ShardId, statuses: Vec<GroupStatus>) {
+    async fn look_at(&mut self, shard: ShardId, statuses: Vec<GroupStatus>) {
+        if self.unpublished.contains_key(&shard) {
+            return;
+        }
         let observations: Vec<Observation> = statuses
             .iter()
             .map(|s| Observation {
@@ -306,7 +316,7 @@ impl ControlLoop {
         }
         self.transfer_ended(shard, &action);
         let acted = !matches!(action, Action::None);
-        self.apply(shard, action);
+        self.apply(shard, action).await;
         // Replicas that missed news (restarted, or away when it went out).
         // Not in a round that just acted: these statuses predate the news.
         if acted {
@@ -328,7 +338,7 @@ impl ControlLoop {
                 CatchUp::Follow(generation, leader) => Control::Follow(generation, leader),
                 CatchUp::NewGeneration => {
                     let action = self.plans.get_mut(&shard).unwrap().leader_restarted();
-                    self.apply(shard, action);
+                    self.apply(shard, action).await;
                     return;
                 }
             };
@@ -336,7 +346,7 @@ impl ControlLoop {
         }
     }
 
-    fn apply(&mut self, shard: ShardId, action: Action) {
+    async fn apply(&mut self, shard: ShardId, action: Action) {
         match action {
             Action::None => {}
             Action::Seal { generation, nodes } => {
@@ -351,8 +361,10 @@ impl ControlLoop {
             Action::Lead { generation, leader } => {
                 // Publish first: gateways route by the map, and a replica
                 // told before the map changes would refuse as "not leader".
-                if let Err(e) = self.meta.update_group(shard, &leader, generation) {
-                    tracing::error!(%shard, error = %e, "cannot publish the new leader");
+                if let Err(e) = self.meta.update_group(shard, &leader, generation).await {
+                    tracing::error!(%shard, error = %e, "cannot publish the new leader; will retry");
+                    self.unpublished
+                        .insert(shard, Action::Lead { generation, leader });
                     return;
                 }
                 let members: Vec<NodeId> = self.plans[&shard]

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use harbor_gateway::{Gateway, GatewayConfig};
-use harbor_meta::{MetaStore, ShardMap, Topology};
+use harbor_meta::{MetaCommand, Metadata, ShardMap, Topology};
+use harbor_meta_raft::{MetaConfig, MetaNode};
 use harbor_node::wire::{Query, QueryResult, Request, Response};
 use harbor_node::{Control, InProcNetwork, Node, NodeConfig};
 use harbor_replication::Member;
@@ -67,7 +68,11 @@ impl GatewayHandle {
 }
 
 pub struct DevCluster {
-    pub meta: Arc<MetaStore>,
+    /// The metadata plane as gateways see it.
+    pub meta: Arc<dyn Metadata>,
+    /// Its single Raft voter, serving `/meta/*` and `/raft/*` on loopback.
+    pub meta_node: Arc<MetaNode>,
+    meta_server: JoinHandle<()>,
     pub network: InProcNetwork,
     pub map: Arc<ShardMap>,
     pub gateways: Vec<GatewayHandle>,
@@ -174,12 +179,17 @@ impl DevCluster {
     /// a new generation, opens the gateways, starts the control loop, and
     /// waits until every group's leader is ready.
     pub async fn start(options: DevOptions) -> anyhow::Result<DevCluster> {
-        let meta_dir = options.data_dir.join("meta");
-        let meta = Arc::new(
-            MetaStore::open(&meta_dir, &Topology::dev())
-                .with_context(|| format!("opening metadata in {}", meta_dir.display()))?,
-        );
-        let map = meta.begin_epoch()?;
+        let (meta_node, meta_server) = start_meta_voter(&options).await?;
+        let meta: Arc<dyn Metadata> = meta_node.clone();
+        meta_node
+            .write(MetaCommand::Bootstrap(Topology::dev()))
+            .await
+            .context("bootstrapping the metadata")?;
+        meta_node
+            .write(MetaCommand::BeginEpoch)
+            .await
+            .context("starting a new epoch in the metadata")?;
+        let map = meta.map();
         let network = InProcNetwork::new(tokio::runtime::Handle::current(), options.wan_delay_ms);
         let transport = network.transport();
         let nodes = Arc::new(NodeSet {
@@ -284,6 +294,8 @@ impl DevCluster {
         let control = tokio::spawn(control_loop.run(stopped.clone()));
         let cluster = DevCluster {
             meta,
+            meta_node,
+            meta_server,
             network,
             map,
             gateways,
@@ -337,7 +349,49 @@ impl DevCluster {
         }
         let _ = self.control.await;
         self.nodes.stop_all().await;
+        self.meta_node.shutdown().await;
+        self.meta_server.abort();
     }
+}
+
+/// The embedded metadata plane: one Raft voter on `data_dir/metadata`,
+/// listening on loopback (`port + 2`, or any free port for tests).
+async fn start_meta_voter(options: &DevOptions) -> anyhow::Result<(Arc<MetaNode>, JoinHandle<()>)> {
+    if options
+        .data_dir
+        .join("meta")
+        .join("shard-map.json")
+        .exists()
+    {
+        bail!(
+            "{} was written by an older Harbor (file-based metadata); start with a fresh --data-dir",
+            options.data_dir.display()
+        );
+    }
+    let port = if options.port == 0 {
+        0
+    } else {
+        options.port + 2
+    };
+    let listener = tokio::net::TcpListener::bind((options.bind, port))
+        .await
+        .with_context(|| format!("binding the metadata voter to {}:{port}", options.bind))?;
+    let addr = listener.local_addr()?.to_string();
+    let mut config = MetaConfig::new(1, options.data_dir.join("metadata"));
+    // One voter in one process: it elects itself as soon as it may.
+    config.heartbeat_ms = 50;
+    config.election_timeout_ms = (150, 300);
+    let node = MetaNode::start(&config)
+        .await
+        .with_context(|| format!("opening the metadata in {}", config.dir.display()))?;
+    let app = node.router();
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metadata voter server failed");
+        }
+    });
+    node.initialize(&BTreeMap::from([(1, addr)])).await?;
+    Ok((node, server))
 }
 
 /// The admin hooks of `harbor dev`: transfers go to the control loop,

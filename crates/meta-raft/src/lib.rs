@@ -22,7 +22,10 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use harbor_meta::{MetaCommand, MetaReply, MetaState, ShardMap};
+use harbor_meta::{
+    DirectoryEntry, MetaCommand, MetaError, MetaFuture, MetaReply, MetaState, Metadata, ShardMap,
+};
+use harbor_types::IssuerId;
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -103,6 +106,7 @@ pub struct MetaNode {
     pub id: NodeId,
     raft: Raft,
     applied: Arc<RwLock<Applied>>,
+    map: Arc<RwLock<Arc<ShardMap>>>,
     changes: watch::Receiver<u64>,
     client: reqwest::Client,
     write_timeout_ms: u64,
@@ -119,6 +123,7 @@ impl MetaNode {
         let log = LogStore::open(&config.dir).map_err(storage_err)?;
         let (machine, changes) = StateMachine::open(&config.dir).map_err(storage_err)?;
         let applied = machine.applied();
+        let map = machine.map();
         let raft_config = Config {
             cluster_name: "harbor-meta".into(),
             heartbeat_interval: config.heartbeat_ms,
@@ -141,6 +146,7 @@ impl MetaNode {
             id: config.id,
             raft,
             applied,
+            map,
             changes,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
@@ -217,10 +223,6 @@ impl MetaNode {
         self.applied.read().unwrap().state.clone()
     }
 
-    pub fn map(&self) -> Option<ShardMap> {
-        self.applied.read().unwrap().state.map.clone()
-    }
-
     /// Changes whenever this voter applies something.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.clone()
@@ -265,6 +267,47 @@ impl MetaNode {
             .route("/meta/write", post(write))
             .route("/meta/state", get(state))
             .with_state(self.clone())
+    }
+}
+
+/// A voter serves its own process (the embedded cluster, a metadata
+/// process's control loop) from its applied state.
+impl Metadata for MetaNode {
+    fn map(&self) -> Arc<ShardMap> {
+        self.map.read().unwrap().clone()
+    }
+
+    fn lookup(&self, issuer: &IssuerId) -> Option<DirectoryEntry> {
+        self.applied
+            .read()
+            .unwrap()
+            .state
+            .directory
+            .get(issuer)
+            .cloned()
+    }
+
+    fn write(&self, command: MetaCommand) -> MetaFuture<'_, MetaReply> {
+        Box::pin(async move {
+            MetaNode::write(self, command)
+                .await
+                .map_err(|e| MetaError::Unavailable(e.to_string()))
+        })
+    }
+
+    /// On the leader: confirms leadership and waits until everything
+    /// committed is applied. A follower's copy trails by a heartbeat at
+    /// most; stale-route answers repair the rest.
+    fn refresh(&self) -> MetaFuture<'_, ()> {
+        Box::pin(async move {
+            if self.leader() == Some(self.id) {
+                self.raft
+                    .ensure_linearizable()
+                    .await
+                    .map_err(|e| MetaError::Unavailable(e.to_string()))?;
+            }
+            Ok(())
+        })
     }
 }
 

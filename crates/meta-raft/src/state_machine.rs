@@ -7,7 +7,7 @@ use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use harbor_meta::{MetaReply, MetaState};
+use harbor_meta::{MetaReply, MetaState, ShardMap};
 use openraft::storage::RaftStateMachine;
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot,
@@ -39,6 +39,9 @@ struct StoredSnapshot {
 pub struct StateMachine {
     dir: PathBuf,
     applied: Arc<RwLock<Applied>>,
+    /// The applied shard map, shared whole with readers (routing reads it
+    /// on every request) and swapped when its version changes.
+    map: Arc<RwLock<Arc<ShardMap>>>,
     /// Tells readers (gateways, the control loop) that the state changed.
     changes: watch::Sender<u64>,
     snapshot: Arc<RwLock<Option<StoredSnapshot>>>,
@@ -57,9 +60,11 @@ impl StateMachine {
             None => Applied::default(),
         };
         let (changes, seen) = watch::channel(0);
+        let map = Arc::new(applied.state.map.clone().unwrap_or_else(ShardMap::empty));
         Ok((
             StateMachine {
                 dir: dir.to_path_buf(),
+                map: Arc::new(RwLock::new(map)),
                 applied: Arc::new(RwLock::new(applied)),
                 changes,
                 snapshot: Arc::new(RwLock::new(stored)),
@@ -70,6 +75,20 @@ impl StateMachine {
 
     pub fn applied(&self) -> Arc<RwLock<Applied>> {
         self.applied.clone()
+    }
+
+    pub fn map(&self) -> Arc<RwLock<Arc<ShardMap>>> {
+        self.map.clone()
+    }
+
+    /// Publishes the applied map to readers when its version moved.
+    fn publish_map(&self, state: &MetaState) {
+        if let Some(map) = &state.map {
+            let mut shared = self.map.write().unwrap();
+            if shared.map_version != map.map_version {
+                *shared = Arc::new(map.clone());
+            }
+        }
     }
 }
 
@@ -136,6 +155,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 };
                 replies.push(reply);
             }
+            self.publish_map(&applied.state);
         }
         self.changes.send_modify(|n| *n += 1);
         Ok(replies)
@@ -166,6 +186,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e))
         })?;
         *self.snapshot.write().unwrap() = Some(stored);
+        self.publish_map(&applied.state);
         *self.applied.write().unwrap() = applied;
         self.changes.send_modify(|n| *n += 1);
         Ok(())

@@ -1,19 +1,20 @@
-//! The metadata plane: who owns each shard, at which generation.
+//! The metadata plane's pure parts: who owns each shard, at which
+//! generation.
 //!
-//! [`placement`] is pure: it builds topologies and maps issuers to buckets.
-//! [`store`] keeps the shard map and the issuer directory durable on local
-//! disk. This is the embedded, single-voter form the write-path issue needs;
-//! the control-plane issue replaces the store with a Raft state machine
-//! without changing what it holds.
+//! [`placement`] builds topologies and maps issuers to buckets. [`state`] is
+//! the metadata state machine (shard map and issuer directory, changed by
+//! commands in log order); `harbor-meta-raft` replicates it with Raft.
+//! [`failover`] plans each group's leadership. [`metadata`] is how gateways
+//! and the control plane reach whichever metadata plane runs.
 
 pub mod failover;
+pub mod metadata;
 pub mod placement;
 pub mod state;
-pub mod store;
 
 pub use failover::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, TransferError,
 };
+pub use metadata::{MetaError, MetaFuture, Metadata};
 pub use placement::{GroupInfo, NodeInfo, ShardMap, Topology, BUCKETS_DEFAULT};
-pub use state::{MetaCommand, MetaReply, MetaState};
-pub use store::{DirectoryEntry, DirectoryError, MetaError, MetaStore};
+pub use state::{DirectoryEntry, DirectoryError, MetaCommand, MetaReply, MetaState};

@@ -89,6 +89,16 @@ pub struct ShardMap {
 }
 
 impl ShardMap {
+    /// The map before the cluster is bootstrapped: no nodes, no groups.
+    pub fn empty() -> ShardMap {
+        ShardMap {
+            map_version: 0,
+            nodes: Vec::new(),
+            groups: BTreeMap::new(),
+            buckets: Vec::new(),
+        }
+    }
+
     /// Lays a topology out: groups are homed round-robin over regions,
     /// replicas and leaders are spread over each region's nodes, and buckets
     /// are dealt to groups round-robin.

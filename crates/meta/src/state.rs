@@ -1,15 +1,35 @@
 //! The metadata plane's state machine, pure: the shard map and the issuer
 //! directory, changed only by [`MetaCommand`]s applied in log order. The
-//! Raft metadata plane (`harbor-meta-raft`) replicates these commands; the
-//! embedded [`crate::MetaStore`] applies the same ones to local files.
+//! Raft metadata plane (`harbor-meta-raft`) replicates these commands and
+//! applies them on every voter; the simulator applies them directly.
 
 use std::collections::BTreeMap;
 
-use harbor_types::{Generation, IssuerId, NodeId, Region, ShardId};
+use harbor_types::{BucketId, Generation, IssuerId, NodeId, Region, ShardId};
 use serde::{Deserialize, Serialize};
 
 use crate::placement::{ShardMap, Topology};
-use crate::store::{DirectoryEntry, DirectoryError};
+
+/// Where an issuer lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectoryEntry {
+    pub issuer_id: IssuerId,
+    pub home_region: Region,
+    pub bucket: BucketId,
+}
+
+/// Expected refusals of the issuer directory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum DirectoryError {
+    #[error("issuer {issuer_id} is homed in {existing}, not {requested}; moving an issuer is not supported yet")]
+    HomeRegionMismatch {
+        issuer_id: IssuerId,
+        existing: Region,
+        requested: Region,
+    },
+    #[error("region {region} is not part of this cluster")]
+    UnknownRegion { region: Region },
+}
 
 /// A change to the metadata.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,96 @@
+//! How gateways and the control plane reach the metadata plane: reads come
+//! from a local copy (cheap; it may trail the metadata leader by a moment,
+//! which stale-route answers repair), writes are committed by the metadata
+//! plane before they return.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use harbor_types::{Generation, IssuerId, NodeId, Region, ShardId};
+
+use crate::placement::ShardMap;
+use crate::state::{DirectoryEntry, DirectoryError, MetaCommand, MetaReply};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MetaError {
+    /// The metadata plane could not commit or answer (no leader, no quorum,
+    /// unreachable). Retryable.
+    #[error("the metadata plane is unavailable: {0}")]
+    Unavailable(String),
+    /// The change does not fit the metadata (an older generation, ...).
+    #[error("metadata change refused: {0}")]
+    Refused(String),
+}
+
+pub type MetaFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, MetaError>> + Send + 'a>>;
+
+pub trait Metadata: Send + Sync {
+    /// The local copy of the shard map.
+    fn map(&self) -> Arc<ShardMap>;
+    /// The local copy of an issuer's directory entry.
+    fn lookup(&self, issuer: &IssuerId) -> Option<DirectoryEntry>;
+    /// Commits a change through the metadata plane.
+    fn write(&self, command: MetaCommand) -> MetaFuture<'_, MetaReply>;
+    /// Brings the local copy up to date with the metadata plane (after a
+    /// stale route, or before answering "unknown issuer").
+    fn refresh(&self) -> MetaFuture<'_, ()>;
+}
+
+impl dyn Metadata {
+    pub fn shard_of(&self, issuer: &IssuerId) -> Option<ShardId> {
+        let entry = self.lookup(issuer)?;
+        Some(self.map().shard_of_bucket(entry.bucket))
+    }
+
+    /// An issuer's entry, refreshing the local copy once on a miss (the
+    /// issuer may have been created through another gateway).
+    pub async fn find(&self, issuer: &IssuerId) -> Result<Option<DirectoryEntry>, MetaError> {
+        if let Some(entry) = self.lookup(issuer) {
+            return Ok(Some(entry));
+        }
+        self.refresh().await?;
+        Ok(self.lookup(issuer))
+    }
+
+    /// Places a new issuer or returns its existing entry (`created` tells
+    /// which).
+    pub async fn assign(
+        &self,
+        issuer: &IssuerId,
+        home_region: &Region,
+    ) -> Result<Result<(DirectoryEntry, bool), DirectoryError>, MetaError> {
+        if let Some(existing) = self.lookup(issuer) {
+            if existing.home_region == *home_region {
+                return Ok(Ok((existing, false)));
+            }
+        }
+        let command = MetaCommand::Assign {
+            issuer_id: issuer.clone(),
+            home_region: home_region.clone(),
+        };
+        match self.write(command).await? {
+            MetaReply::Assigned(result) => Ok(result),
+            MetaReply::Refused(reason) => Err(MetaError::Refused(reason)),
+            other => Err(MetaError::Unavailable(format!("assign answered {other:?}"))),
+        }
+    }
+
+    /// Publishes a group's new leader and generation.
+    pub async fn update_group(
+        &self,
+        shard: ShardId,
+        leader: &NodeId,
+        generation: Generation,
+    ) -> Result<(), MetaError> {
+        let command = MetaCommand::UpdateGroup {
+            shard,
+            leader: leader.clone(),
+            generation,
+        };
+        match self.write(command).await? {
+            MetaReply::Refused(reason) => Err(MetaError::Refused(reason)),
+            _ => Ok(()),
+        }
+    }
+}
