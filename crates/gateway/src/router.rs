@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use harbor_meta::Metadata;
 use harbor_node::wire::{Body, Envelope, ErrorCode, NodeError, Request, Response};
-use harbor_node::{Inbox, Transport};
+use harbor_node::{Control, Inbox, Transport};
 use harbor_types::{Generation, NodeId, Region, ShardId};
 use tokio::sync::oneshot;
 
@@ -18,6 +18,9 @@ const ROUTE_ATTEMPTS_MAX: usize = 32;
 /// How long a request refused with `leadership_changed` waits for the map
 /// to name the next leader before it asks the same one again.
 const LEADERSHIP_WAIT_MAX: Duration = Duration::from_millis(200);
+/// A leader silent for this long makes a waiting request refresh the map
+/// (every `ROUTE_CHECK_INTERVAL` from then on).
+const SILENT_LEADER: Duration = Duration::from_millis(300);
 /// How long a request first waits before asking again a node that the map
 /// names leader but that has not heard it yet (doubling on each refusal).
 const NEWS_WAIT: Duration = Duration::from_millis(10);
@@ -135,10 +138,15 @@ impl Gateway {
         for _attempt in 0..ROUTE_ATTEMPTS_MAX {
             let route = self.generation_of(shard);
             let (id, mut rx) = self.send(&leader, request.clone(), route)?;
+            let sent = tokio::time::Instant::now();
             let answer = loop {
                 tokio::select! {
                     answer = &mut rx => break answer.ok(),
                     _ = tokio::time::sleep(ROUTE_CHECK_INTERVAL) => {
+                        if sent.elapsed() >= SILENT_LEADER {
+                            // The leader may be gone: has the map moved?
+                            let _ = self.meta.refresh().await;
+                        }
                         let moved = self.leader_of(shard).filter(|l| *l != leader);
                         if moved.is_some() || tokio::time::Instant::now() >= deadline {
                             self.pending.lock().unwrap().remove(&id);
@@ -178,6 +186,10 @@ impl Gateway {
                             .map_or(LEADERSHIP_WAIT_MAX, Duration::from_millis)
                             .min(LEADERSHIP_WAIT_MAX)
                     };
+                    if e.code == ErrorCode::StaleRoute {
+                        // Our copy of the map is behind the replica's.
+                        let _ = self.meta.refresh().await;
+                    }
                     let until = (tokio::time::Instant::now() + wait).min(deadline);
                     while self.leader_of(shard).as_ref() == Some(&leader)
                         && self.generation_of(shard) == route
@@ -240,6 +252,15 @@ impl Gateway {
             body: Body::Request { id, request, route },
         });
         Ok((id, rx))
+    }
+
+    /// Sends a control-plane order to one replica (no answer).
+    pub fn send_control(&self, node: &NodeId, shard: ShardId, control: Control) {
+        self.transport.send(Envelope {
+            from: self.me.clone(),
+            to: node.clone(),
+            body: Body::Control { shard, control },
+        });
     }
 
     /// One request to one node, waiting at most `timeout_ms`.

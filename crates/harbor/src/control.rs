@@ -16,7 +16,21 @@ use harbor_replication::Role;
 use harbor_types::{NodeId, ShardId};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::dev::NodeSet;
+/// How the control loop reaches replicas with orders.
+pub trait Replicas: Send + Sync {
+    /// Tells one replica its role; false when its node cannot be reached.
+    fn control(&self, node: &NodeId, shard: ShardId, control: Control) -> bool;
+}
+
+/// Orders sent over the transport (a metadata process to node processes).
+pub struct OverTheWire(pub Arc<Gateway>);
+
+impl Replicas for OverTheWire {
+    fn control(&self, node: &NodeId, shard: ShardId, control: Control) -> bool {
+        self.0.send_control(node, shard, control);
+        true
+    }
+}
 
 /// How often the control loop looks at every group.
 pub const CONTROL_INTERVAL_MS: u64 = 100;
@@ -72,7 +86,7 @@ struct PendingTransfer {
 pub struct ControlLoop {
     endpoint: Arc<Gateway>,
     meta: Arc<dyn Metadata>,
-    nodes: Arc<NodeSet>,
+    nodes: Arc<dyn Replicas>,
     plans: BTreeMap<ShardId, GroupLeadership>,
     config: FailoverConfig,
     started: Instant,
@@ -90,7 +104,7 @@ impl ControlLoop {
     pub fn new(
         endpoint: Arc<Gateway>,
         meta: Arc<dyn Metadata>,
-        nodes: Arc<NodeSet>,
+        nodes: Arc<dyn Replicas>,
         lease_ms: u64,
         requests: mpsc::Receiver<TransferRequest>,
     ) -> ControlLoop {

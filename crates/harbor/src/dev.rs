@@ -17,7 +17,7 @@ use harbor_node::{Control, InProcNetwork, Node, NodeConfig};
 use harbor_replication::Member;
 use harbor_types::{NodeId, Region, ShardId};
 
-use crate::control::{ControlLoop, TransferFailed, TransferRequest};
+use crate::control::{ControlLoop, Replicas, TransferFailed, TransferRequest};
 use axum::http::StatusCode;
 use futures::future::BoxFuture;
 use harbor_gateway::{Admin, ApiError, Fault};
@@ -155,21 +155,23 @@ impl NodeSet {
         self.running.lock().unwrap().contains_key(node)
     }
 
-    /// Tells one replica its role; false when the node is not running.
-    pub fn control(&self, node: &NodeId, shard: ShardId, control: Control) -> bool {
+    async fn stop_all(&self) {
+        let names: Vec<NodeId> = self.running.lock().unwrap().keys().cloned().collect();
+        for name in names {
+            self.stop(&name).await;
+        }
+    }
+}
+
+impl Replicas for NodeSet {
+    /// In process: straight into the replica's queue.
+    fn control(&self, node: &NodeId, shard: ShardId, control: Control) -> bool {
         match self.running.lock().unwrap().get(node) {
             Some(n) => {
                 n.control(shard, control);
                 true
             }
             None => false,
-        }
-    }
-
-    async fn stop_all(&self) {
-        let names: Vec<NodeId> = self.running.lock().unwrap().keys().cloned().collect();
-        for name in names {
-            self.stop(&name).await;
         }
     }
 }

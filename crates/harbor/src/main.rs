@@ -30,6 +30,18 @@ enum Command {
         #[arg(long, default_value_t = 35)]
         wan_delay_ms: u64,
     },
+    /// Run one metadata voter of a deployment (and, while it leads, the
+    /// control loop). See deploy/ for example configs.
+    Meta {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run one node of a deployment (and its region's gateway if the
+    /// cluster file puts it there).
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Show a running cluster: nodes and their health, groups with their
     /// leader, generation and followers' lag.
     Status {
@@ -81,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         Command::Verify { .. } => "off",
         Command::Dev { .. } => "warn,harbor=info",
         Command::Status { .. } => "warn",
+        Command::Meta { .. } | Command::Node { .. } => "warn,harbor=info",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -100,6 +113,12 @@ fn main() -> anyhow::Result<()> {
             wan_delay_ms,
         } => runtime.block_on(dev(data_dir, port, wan_delay_ms)),
         Command::Status { url, json } => runtime.block_on(harbor::status::status(&url, json)),
+        Command::Meta { config } => runtime.block_on(until_signal(|stop| async move {
+            harbor::cluster::run_meta(&config, stop).await
+        })),
+        Command::Node { config } => runtime.block_on(until_signal(|stop| async move {
+            harbor::cluster::run_node(&config, stop).await
+        })),
         Command::Verify { what } => {
             drop(runtime);
             let clean = match what {
@@ -155,6 +174,24 @@ async fn dev(data_dir: PathBuf, port: u16, wan_delay_ms: u64) -> anyhow::Result<
     cluster.shutdown().await;
     eprintln!("stopped cleanly");
     Ok(())
+}
+
+/// Runs `serve` until SIGINT or SIGTERM, then lets it stop cleanly.
+async fn until_signal<F, Fut>(serve: F) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::sync::watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serving = serve(stopped);
+    tokio::pin!(serving);
+    tokio::select! {
+        result = &mut serving => return result,
+        _ = wait_for_signal() => {}
+    }
+    eprintln!("stopping ...");
+    let _ = stop.send(true);
+    serving.await
 }
 
 async fn wait_for_signal() {

@@ -11,6 +11,7 @@
 
 mod log_store;
 mod network;
+mod remote;
 mod state_machine;
 mod types;
 
@@ -37,6 +38,7 @@ use tokio::sync::watch;
 
 pub use log_store::LogStore;
 pub use network::HttpNetwork;
+pub use remote::RemoteMeta;
 pub use state_machine::{Applied, StateMachine};
 pub use types::{NodeId, Raft, TypeConfig};
 

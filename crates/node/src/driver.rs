@@ -30,7 +30,7 @@ use crate::wire::{
 };
 
 /// Orders from the metadata plane (and the node) to one replica.
-#[derive(Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Control {
     /// Lead this generation (the control plane named it only after the
     /// previous leader's lease ran out).
@@ -41,6 +41,7 @@ pub enum Control {
     /// Stop accepting appends older than this generation; the leader is
     /// named later (failover).
     Seal(Generation),
+    /// From the node itself only; refused from the network.
     Shutdown,
 }
 
@@ -304,6 +305,12 @@ impl<S: Storage> Driver<S> {
                 }
                 Body::Response { .. } => {
                     tracing::warn!(shard = %self.shard, "replica got a response; dropped");
+                }
+                // The node's dispatcher turns these into `ReplicaInput::Control`.
+                Body::Control { control, .. } => {
+                    if !matches!(control, Control::Shutdown) {
+                        self.control(now, control);
+                    }
                 }
             },
         }

@@ -146,10 +146,22 @@ fn dispatch(
     transport: Arc<dyn Transport>,
 ) {
     while let Some(envelope) = inbox.blocking_recv() {
+        if let Body::Control { shard, control } = envelope.body {
+            match (control, replicas.get(&shard)) {
+                (Control::Shutdown, _) => {
+                    tracing::warn!(from = %envelope.from, "a shutdown order from the network; ignored");
+                }
+                (control, Some(tx)) => {
+                    let _ = tx.force_send(ReplicaInput::Control(control));
+                }
+                (_, None) => {}
+            }
+            continue;
+        }
         let shard = match &envelope.body {
             Body::Replication(message) => message.shard(),
             Body::Request { request, .. } => request.shard(),
-            Body::Response { .. } => continue,
+            Body::Response { .. } | Body::Control { .. } => continue,
         };
         let request_id = match &envelope.body {
             Body::Request { id, .. } => Some(*id),

@@ -3,6 +3,8 @@
 //! every fault apply to both alike.
 
 use harbor_replication::{Message, ReplicaStatus};
+
+use crate::driver::Control;
 use harbor_reservation::{Command, IssuerView, Outcome, ReservationView, TokenView};
 use harbor_types::{
     CommitToken, Generation, IssuerId, NodeId, ReservationId, ReservationToken, ShardId,
@@ -32,6 +34,12 @@ pub enum Body {
     Response {
         id: u64,
         response: Box<Response>,
+    },
+    /// The control plane tells one replica its role (no answer: the
+    /// control plane sees the effect in the replica's next status).
+    Control {
+        shard: ShardId,
+        control: Control,
     },
 }
 

@@ -769,7 +769,7 @@ impl World {
         let shard = match &envelope.body {
             Body::Replication(m) => m.shard(),
             Body::Request { request, .. } => request.shard(),
-            Body::Response { .. } => return,
+            Body::Response { .. } | Body::Control { .. } => return,
         };
         self.stats.delivered += 1;
         self.drive(&name, shard, |driver, now| {

@@ -1,0 +1,384 @@
+//! A real deployment: `harbor meta --config FILE` runs one metadata voter
+//! (and, while it leads, the control loop); `harbor node --config FILE` runs
+//! one node's replicas and, if the cluster file says so, its region's HTTP
+//! gateway. Every process reads the same cluster file for the topology and
+//! the address of every endpoint (`deploy/` has a two-region example on
+//! loopback).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use harbor_gateway::{Gateway, GatewayConfig};
+use harbor_meta::{MetaCommand, Metadata, Topology};
+use harbor_meta_raft::{MetaConfig, MetaNode, RemoteMeta};
+use harbor_node::{Node, NodeConfig, TcpTransport, Transport};
+use harbor_replication::Member;
+use harbor_types::{NodeId, Region};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::control::{ControlLoop, OverTheWire};
+
+/// Envelopes queued for one endpoint.
+const INBOX_CAPACITY: usize = 262_144;
+
+/// The cluster file: shared by every process.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub topology: Topology,
+    pub meta: MetaSection,
+    /// Transport address of each node (`REGION-N`, as the topology names
+    /// them).
+    pub nodes: BTreeMap<String, SocketAddr>,
+    /// One HTTP gateway per region, hosted by one of its nodes.
+    pub gateways: BTreeMap<String, GatewaySection>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaSection {
+    pub voters: Vec<VoterSection>,
+}
+
+/// One metadata voter.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoterSection {
+    pub id: u64,
+    /// Raft traffic and `/meta/*`.
+    pub http: SocketAddr,
+    /// The transport address of its control loop (which runs while it
+    /// leads the metadata plane).
+    pub control: SocketAddr,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// The node whose process serves it.
+    pub host: String,
+    pub http: SocketAddr,
+    pub transport: SocketAddr,
+}
+
+/// `harbor meta --config FILE`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetaFile {
+    /// The cluster file, relative to this file.
+    pub cluster: PathBuf,
+    pub id: u64,
+    /// Relative paths are relative to the working directory.
+    pub data_dir: PathBuf,
+}
+
+/// `harbor node --config FILE`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    pub cluster: PathBuf,
+    pub name: String,
+    pub data_dir: PathBuf,
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn read_cluster(config: &Path, cluster: &Path) -> anyhow::Result<ClusterFile> {
+    let path = config.parent().unwrap_or(Path::new(".")).join(cluster);
+    let file: ClusterFile = read_toml(&path)?;
+    file.topology
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: topology: {e}", path.display()))?;
+    let map = harbor_meta::ShardMap::from_topology(&file.topology);
+    for info in &map.nodes {
+        if !file.nodes.contains_key(info.node.as_str()) {
+            bail!("{}: no address for node {}", path.display(), info.node);
+        }
+    }
+    for region in &file.topology.regions {
+        if !file.gateways.contains_key(region.as_str()) {
+            bail!("{}: no gateway for region {region}", path.display());
+        }
+    }
+    let mut ids: Vec<u64> = file.meta.voters.iter().map(|v| v.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() || ids.len() != file.meta.voters.len() {
+        bail!(
+            "{}: [[meta.voters]] needs voters with distinct ids",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+impl ClusterFile {
+    /// Every transport endpoint's address: nodes, gateways, control loops.
+    fn peers(&self) -> HashMap<NodeId, SocketAddr> {
+        let mut peers = HashMap::new();
+        for (name, addr) in &self.nodes {
+            peers.insert(NodeId::new(name).unwrap(), *addr);
+        }
+        for (region, g) in &self.gateways {
+            peers.insert(gateway_id(region), g.transport);
+        }
+        for voter in &self.meta.voters {
+            peers.insert(control_id(voter.id), voter.control);
+        }
+        peers
+    }
+
+    fn voter_addrs(&self) -> Vec<String> {
+        self.meta
+            .voters
+            .iter()
+            .map(|v| v.http.to_string())
+            .collect()
+    }
+
+    fn voter(&self, id: u64) -> Option<&VoterSection> {
+        self.meta.voters.iter().find(|v| v.id == id)
+    }
+}
+
+fn gateway_id(region: &str) -> NodeId {
+    NodeId::new(format!("gateway-{region}")).unwrap()
+}
+
+fn control_id(voter: u64) -> NodeId {
+    NodeId::new(format!("control-{voter}")).unwrap()
+}
+
+/// Runs one metadata voter until `stop` fires.
+pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let file: MetaFile = read_toml(config_path)?;
+    let cluster = read_cluster(config_path, &file.cluster)?;
+    let Some(voter) = cluster.voter(file.id).cloned() else {
+        bail!(
+            "voter {} is not in the cluster file's [[meta.voters]]",
+            file.id
+        );
+    };
+    let addr = voter.http;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding voter {} to {addr}", file.id))?;
+    let node = MetaNode::start(&MetaConfig::new(file.id, file.data_dir.clone()))
+        .await
+        .with_context(|| format!("opening the metadata in {}", file.data_dir.display()))?;
+    let app = node.router();
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metadata voter server failed");
+        }
+    });
+    let voters: BTreeMap<u64, String> = cluster
+        .meta
+        .voters
+        .iter()
+        .map(|v| (v.id, v.http.to_string()))
+        .collect();
+    // One voter creates the cluster; the others join when it reaches them.
+    if Some(&file.id) == voters.keys().next() {
+        node.initialize(&voters).await?;
+    }
+    // Lay the cluster out (only the first bootstrap counts).
+    loop {
+        match node
+            .write(MetaCommand::Bootstrap(cluster.topology.clone()))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "waiting for a metadata quorum to bootstrap");
+                if *stop.borrow() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    eprintln!(
+        "metadata voter {} serving on {addr}; data in {}",
+        file.id,
+        file.data_dir.display()
+    );
+
+    // The control endpoint: status requests and orders to nodes.
+    let me = control_id(file.id);
+    let control_addr = voter.control;
+    let control_listener = tokio::net::TcpListener::bind(control_addr)
+        .await
+        .with_context(|| format!("binding the control endpoint to {control_addr}"))?;
+    let (tx, inbox) = mpsc::channel(INBOX_CAPACITY);
+    let transport: Arc<dyn Transport> =
+        TcpTransport::start(me.clone(), control_listener, cluster.peers(), tx);
+    let meta: Arc<dyn Metadata> = node.clone();
+    let endpoint = Gateway::start(
+        me,
+        cluster.topology.regions[0].clone(),
+        meta.clone(),
+        transport,
+        inbox,
+        GatewayConfig::default(),
+    );
+    let lease_ms = NodeConfig::new(PathBuf::new()).lease_ms;
+
+    // The control loop runs on the metadata leader only, afresh each time
+    // this voter becomes leader.
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        if node.leader() != Some(node.id) {
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            continue;
+        }
+        tracing::info!(
+            voter = node.id,
+            "leading the metadata plane: control loop starts"
+        );
+        let (lose, lost) = watch::channel(false);
+        let watcher = {
+            let (node, mut stop) = (node.clone(), stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    if node.leader() != Some(node.id) || *stop.borrow() {
+                        let _ = lose.send(true);
+                        return;
+                    }
+                    tokio::select! {
+                        _ = stop.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            })
+        };
+        // No transfer requests reach a metadata process yet.
+        let (_no_transfers, requests) = mpsc::channel(1);
+        let control = ControlLoop::new(
+            endpoint.clone(),
+            meta.clone(),
+            Arc::new(OverTheWire(endpoint.clone())),
+            lease_ms,
+            requests,
+        );
+        control.run(lost).await;
+        let _ = watcher.await;
+        tracing::info!(voter = node.id, "control loop stopped");
+    }
+    node.shutdown().await;
+    server.abort();
+    Ok(())
+}
+
+/// Runs one node (and its region's gateway, if it hosts it) until `stop`.
+pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let file: NodeFile = read_toml(config_path)?;
+    let cluster = read_cluster(config_path, &file.cluster)?;
+    let name = NodeId::new(&file.name).map_err(|e| anyhow::anyhow!("name: {e}"))?;
+    let Some(addr) = cluster.nodes.get(&file.name).copied() else {
+        bail!("node {name} is not in the cluster file's [nodes]");
+    };
+    let meta = RemoteMeta::connect(cluster.voter_addrs(), Duration::from_secs(60))
+        .await
+        .context("reaching the metadata plane")?;
+    meta.refresh_every(Duration::from_secs(1));
+    let meta: Arc<dyn Metadata> = meta;
+    let map = meta.map();
+    let region = map
+        .region_of(&name)
+        .with_context(|| format!("node {name} is not in the shard map"))?
+        .clone();
+    let groups = map
+        .groups_of(&name)
+        .into_iter()
+        .map(|g| {
+            let members = g
+                .members
+                .iter()
+                .map(|m| Member {
+                    node: m.clone(),
+                    local: map.region_of(m) == Some(&g.home_region),
+                })
+                .collect();
+            (g.shard, members)
+        })
+        .collect();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding node {name} to {addr}"))?;
+    let (tx, inbox) = mpsc::channel(INBOX_CAPACITY);
+    let transport: Arc<dyn Transport> =
+        TcpTransport::start(name.clone(), listener, cluster.peers(), tx);
+    let config = NodeConfig::new(file.data_dir.clone());
+    let node = {
+        let (name, region) = (name.clone(), region.clone());
+        tokio::task::spawn_blocking(move || {
+            Node::start(name, region, groups, config, transport, inbox)
+        })
+        .await??
+    };
+    eprintln!(
+        "node {name} ({region}) serving on {addr} with {} replicas; data in {}",
+        node.shards().len(),
+        file.data_dir.display()
+    );
+
+    let mut server = None;
+    if let Some(g) = cluster
+        .gateways
+        .get(region.as_str())
+        .filter(|g| g.host == file.name)
+    {
+        let id = gateway_id(region.as_str());
+        let listener = tokio::net::TcpListener::bind(g.transport)
+            .await
+            .with_context(|| format!("binding the gateway transport to {}", g.transport))?;
+        let (tx, inbox) = mpsc::channel(INBOX_CAPACITY);
+        let transport: Arc<dyn Transport> =
+            TcpTransport::start(id.clone(), listener, cluster.peers(), tx);
+        let gateway = Gateway::start(
+            id,
+            Region::new(region.as_str()).unwrap(),
+            meta.clone(),
+            transport,
+            inbox,
+            GatewayConfig::default(),
+        );
+        let http = tokio::net::TcpListener::bind(g.http)
+            .await
+            .with_context(|| format!("binding the {region} gateway to {}", g.http))?;
+        let app = harbor_gateway::routes(gateway);
+        let mut stopped = stop.clone();
+        server = Some(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(http, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "gateway server failed");
+            }
+        }));
+        eprintln!("{region} gateway on http://{}", g.http);
+    }
+    let _ = stop.wait_for(|s| *s).await;
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    tokio::task::spawn_blocking(move || node.shutdown()).await?;
+    Ok(())
+}

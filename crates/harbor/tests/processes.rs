@@ -1,0 +1,316 @@
+//! A real cluster as separate OS processes (three `harbor meta`, six
+//! `harbor node`, configured like `deploy/`): the leader of an issuer's group
+//! is killed with SIGKILL under load; writes resume on a new leader, nothing
+//! acknowledged is lost, no token has two reservations. Then every metadata
+//! voter is killed and restarted: the map, the generations and the
+//! directory survive.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Api;
+use serde_json::Value;
+
+const NODES: [&str; 6] = [
+    "madrid-1",
+    "madrid-2",
+    "madrid-3",
+    "newyork-1",
+    "newyork-2",
+    "newyork-3",
+];
+
+/// The cluster's processes; all of them are killed when it is dropped.
+struct Processes {
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Processes {
+    fn spawn(&mut self, name: &str, verb: &str) {
+        let log = fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+            .args([verb, "--config"])
+            .arg(self.dir.join(format!("{name}.toml")))
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push((name.to_string(), child));
+    }
+
+    fn kill(&mut self, name: &str) {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        let (_, mut child) = self.children.remove(i);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Writes the cluster file and one config per process; returns the two
+/// gateway URLs and the voters' HTTP addresses.
+fn write_configs(dir: &Path) -> (Vec<String>, Vec<String>) {
+    let ports = free_ports(3 * 2 + 6 + 2 * 2);
+    let mut p = ports.into_iter();
+    let mut cluster = String::from(
+        "[topology]\nregions = [\"madrid\", \"newyork\"]\nnodes_per_region = 3\n\
+         groups_per_region = 8\nlocal_replicas = 3\nremote_replicas = 1\nbuckets = 2048\n\n",
+    );
+    let mut voters = Vec::new();
+    for id in 1..=3 {
+        let (http, control) = (p.next().unwrap(), p.next().unwrap());
+        voters.push(format!("127.0.0.1:{http}"));
+        cluster.push_str(&format!(
+            "[[meta.voters]]\nid = {id}\nhttp = \"127.0.0.1:{http}\"\ncontrol = \"127.0.0.1:{control}\"\n\n"
+        ));
+        fs::write(
+            dir.join(format!("meta-{id}.toml")),
+            format!(
+                "cluster = \"cluster.toml\"\nid = {id}\ndata_dir = \"{}\"\n",
+                dir.join(format!("data/meta-{id}")).display()
+            ),
+        )
+        .unwrap();
+    }
+    cluster.push_str("[nodes]\n");
+    for node in NODES {
+        cluster.push_str(&format!("{node} = \"127.0.0.1:{}\"\n", p.next().unwrap()));
+        fs::write(
+            dir.join(format!("{node}.toml")),
+            format!(
+                "cluster = \"cluster.toml\"\nname = \"{node}\"\ndata_dir = \"{}\"\n",
+                dir.join(format!("data/{node}")).display()
+            ),
+        )
+        .unwrap();
+    }
+    cluster.push_str("\n[gateways]\n");
+    let mut urls = Vec::new();
+    for region in ["madrid", "newyork"] {
+        let (http, transport) = (p.next().unwrap(), p.next().unwrap());
+        urls.push(format!("http://127.0.0.1:{http}"));
+        cluster.push_str(&format!(
+            "{region} = {{ host = \"{region}-1\", http = \"127.0.0.1:{http}\", transport = \"127.0.0.1:{transport}\" }}\n"
+        ));
+    }
+    fs::write(dir.join("cluster.toml"), cluster).unwrap();
+    (urls, voters)
+}
+
+/// Waits for 200 from `/v1/health` (refused connections included: the
+/// gateway's process may still be starting).
+async fn wait_healthy(url: &str, processes: &Processes, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = reqwest::get(format!("{url}/v1/health"))
+            .await
+            .map(|r| r.status().as_u16())
+            .ok();
+        if status == Some(200) {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "not healthy after {timeout:?}\nmeta-1: {}\nmadrid-1: {}",
+                processes.log("meta-1"),
+                processes.log("madrid-1")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn meta_state(voter: &str) -> Option<Value> {
+    let response = reqwest::get(format!("http://{voter}/meta/state"))
+        .await
+        .ok()?;
+    response.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_process_fails_over_and_metadata_survives_voter_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (urls, voters) = write_configs(dir.path());
+    let mut processes = Processes {
+        dir: dir.path().to_path_buf(),
+        children: Vec::new(),
+    };
+    for id in 1..=3 {
+        processes.spawn(&format!("meta-{id}"), "meta");
+    }
+    for node in NODES {
+        processes.spawn(node, "node");
+    }
+    let api = Arc::new(Api::new());
+    wait_healthy(&urls[0], &processes, Duration::from_secs(90)).await;
+
+    // An issuer whose group leader does not host a gateway.
+    let mut chosen = None;
+    for i in 0..64 {
+        let issuer = format!("PROC-{i}");
+        assert_eq!(
+            api.put_issuer(&urls[0], &issuer, "madrid", 1_000_000)
+                .await
+                .status,
+            201
+        );
+        let view = api.issuer(&urls[0], &issuer).await.body;
+        let leader = view["node"].as_str().unwrap().to_string();
+        if leader != "madrid-1" {
+            chosen = Some((issuer, leader, view["shard"].as_u64().unwrap()));
+            break;
+        }
+    }
+    let (issuer, leader, shard) = chosen.expect("every issuer led by the gateway host");
+    let generation_before = api.issuer(&urls[0], &issuer).await.body["generation"]
+        .as_u64()
+        .unwrap();
+
+    let start = Instant::now();
+    // (token, sent, answered, status, reservation id)
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (api, log, url, issuer) = (
+            api.clone(),
+            log.clone(),
+            urls[w % 2].clone(),
+            issuer.clone(),
+        );
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while start.elapsed() < Duration::from_secs(9) {
+                let token = format!("proc-{w}-{i}");
+                i += 1;
+                let sent = start.elapsed();
+                let r = api.reserve(&url, &token, &issuer, 1, "desk").await;
+                let id = r.body["reservation_id"].as_str().map(String::from);
+                log.lock()
+                    .unwrap()
+                    .push((token, sent, start.elapsed(), r.status, id));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let killed_at = start.elapsed();
+    processes.kill(&leader);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    let acked: Vec<_> = log.iter().filter(|e| e.3 == 201).collect();
+    let first_after = acked
+        .iter()
+        .filter(|e| e.1 > killed_at)
+        .map(|e| e.2)
+        .min()
+        .expect("writes never resumed after the SIGKILL");
+    println!(
+        "shard{shard}: {leader} killed at {killed_at:?}; first write sent after it was acknowledged {:?} later; {} acknowledged",
+        first_after - killed_at,
+        acked.len()
+    );
+    let view = api.issuer(&urls[0], &issuer).await.body;
+    assert_ne!(view["node"], leader.as_str(), "the leader did not move");
+    assert!(view["generation"].as_u64().unwrap() > generation_before);
+
+    // The killed node comes back on its data and catches up.
+    processes.spawn(&leader, "node");
+    wait_healthy(&urls[0], &processes, Duration::from_secs(60)).await;
+
+    // Every acknowledged reservation is there once.
+    for (token, _, _, _, id) in &acked {
+        let reply = api.token(&urls[0], token, &issuer).await;
+        assert_eq!(reply.body["status"], "committed", "{token}: {}", reply.body);
+        assert_eq!(
+            reply.body["reservation_id"].as_str(),
+            id.as_deref(),
+            "{token}"
+        );
+    }
+    let open = api
+        .get(format!("{}/v1/issuers/{issuer}/open-reservations", urls[0]))
+        .await
+        .body;
+    let list = open["reservations"].as_array().unwrap();
+    let mut tokens: Vec<&str> = list
+        .iter()
+        .map(|r| r["reservation_token"].as_str().unwrap())
+        .collect();
+    tokens.sort();
+    let all = tokens.len();
+    tokens.dedup();
+    assert_eq!(all, tokens.len(), "a token has two reservations");
+    assert!(list.len() >= acked.len());
+
+    // Every metadata voter dies and restarts: nothing of the map is lost.
+    let before = meta_state(&voters[0]).await.expect("a voter answers")["state"].clone();
+    for id in 1..=3 {
+        processes.kill(&format!("meta-{id}"));
+    }
+    for id in 1..=3 {
+        processes.spawn(&format!("meta-{id}"), "meta");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let states = futures::future::join_all(voters.iter().map(|v| meta_state(v))).await;
+        let led = states.iter().flatten().any(|s| !s["leader"].is_null());
+        let same = states.iter().flatten().filter(|s| {
+            let (now, then) = (&s["state"], &before);
+            now["directory"] == then["directory"]
+                && now["map"]["groups"][shard.to_string()]["generation"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >= then["map"]["groups"][shard.to_string()]["generation"]
+                        .as_u64()
+                        .unwrap()
+        });
+        if led && same.count() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the voters did not recover the metadata: {}",
+            processes.log("meta-1")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And the cluster still takes writes.
+    let after = api
+        .reserve(&urls[1], "proc-after-meta-restart", &issuer, 1, "desk")
+        .await;
+    assert_eq!(after.status, 201, "{}", after.body);
+}

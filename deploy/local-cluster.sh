@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Starts or stops the two-region example cluster of deploy/cluster.toml as
+# separate processes on this machine: three metadata voters and six nodes.
+# Data and logs go to ./harbor-cluster (relative to where you run it).
+#
+#   deploy/local-cluster.sh start    # build (release) and start everything
+#   deploy/local-cluster.sh status   # harbor status against the madrid gateway
+#   deploy/local-cluster.sh stop     # stop what start started (SIGTERM)
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+run="harbor-cluster"
+pids="$run/pids"
+
+case "${1:-}" in
+start)
+  cargo build --release --quiet --manifest-path "$here/../Cargo.toml"
+  harbor="$here/../target/release/harbor"
+  mkdir -p "$run/logs"
+  : > "$pids"
+  for i in 1 2 3; do
+    "$harbor" meta --config "$here/meta-$i.toml" > "$run/logs/meta-$i.log" 2>&1 &
+    echo $! >> "$pids"
+  done
+  for n in madrid-1 madrid-2 madrid-3 newyork-1 newyork-2 newyork-3; do
+    "$harbor" node --config "$here/$n.toml" > "$run/logs/$n.log" 2>&1 &
+    echo $! >> "$pids"
+  done
+  echo "waiting for the cluster to be healthy ..."
+  for _ in $(seq 1 120); do
+    if curl -sf http://127.0.0.1:7400/v1/health > /dev/null; then
+      echo "ready: gateways http://127.0.0.1:7400 (madrid), http://127.0.0.1:7401 (newyork); logs in $run/logs"
+      exit 0
+    fi
+    sleep 0.5
+  done
+  echo "not healthy after 60 s; see $run/logs" >&2
+  exit 1
+  ;;
+stop)
+  [ -f "$pids" ] || { echo "nothing started from here ($pids missing)"; exit 0; }
+  while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done < "$pids"
+  rm -f "$pids"
+  echo "stopped"
+  ;;
+status)
+  "$here/../target/release/harbor" status --url http://127.0.0.1:7400
+  ;;
+*)
+  echo "usage: $0 start|stop|status" >&2
+  exit 2
+  ;;
+esac
