@@ -8,6 +8,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -34,14 +35,22 @@ struct Processes {
 impl Processes {
     fn spawn(&mut self, name: &str, verb: &str) {
         let log = fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_harbor"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_harbor"));
+        command
             .args([verb, "--config"])
             .arg(self.dir.join(format!("{name}.toml")))
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        // Should the test process die without dropping us, its children
+        // die with it instead of holding ports.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command.spawn().unwrap();
         self.children.push((name.to_string(), child));
     }
 
