@@ -10,6 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use futures::future::BoxFuture;
+use harbor_meta::GenerationEnd;
 use harbor_node::wire::{GroupStatus, Query, QueryResult, Request, Response};
 use harbor_replication::Role;
 use harbor_types::{Generation, LogIndex, NodeId, Region, ShardId};
@@ -204,6 +205,8 @@ pub struct GroupView {
     pub leader: NodeId,
     pub generation: Generation,
     pub members: Vec<NodeId>,
+    /// Where recent generations' logs ended (newest last).
+    pub generation_ends: Vec<GenerationEnd>,
     /// The named leader answered as leader of the published generation and
     /// committed its first entry.
     pub leader_ready: bool,
@@ -288,6 +291,7 @@ impl Gateway {
                     leader: g.leader.clone(),
                     generation: g.generation,
                     members: g.members.clone(),
+                    generation_ends: g.ended.clone(),
                     leader_ready: leader.is_some_and(|s| s.ready),
                     commit_index: leader.map(|s| s.replica.commit_index),
                     followers: leader

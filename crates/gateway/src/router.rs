@@ -21,6 +21,9 @@ const LEADERSHIP_WAIT_MAX: Duration = Duration::from_millis(200);
 /// A leader silent for this long makes a waiting request refresh the map
 /// (every `ROUTE_CHECK_INTERVAL` from then on).
 const SILENT_LEADER: Duration = Duration::from_millis(300);
+/// An unanswered request is sent again after this (to the leader of the
+/// moment): TCP loses what was written to a connection whose peer died.
+const RESEND_AFTER: Duration = Duration::from_millis(1_000);
 /// How long a request first waits before asking again a node that the map
 /// names leader but that has not heard it yet (doubling on each refusal).
 const NEWS_WAIT: Duration = Duration::from_millis(10);
@@ -115,12 +118,13 @@ impl Gateway {
     /// Sends `request` to its group's leader and waits for the answer,
     /// following the leader: on a not-leader answer with a hint, or when the
     /// shard map names a new leader while it waits, it sends the request
-    /// again to the new one. A `leadership_changed` or hintless `not_leader`
+    /// again to the new one, and to the same one when it has not answered
+    /// within `RESEND_AFTER` (lost on a dead connection). A
+    /// `leadership_changed`, `stale_route` or hintless `not_leader`
     /// refusal (a transfer or a failover under way) waits for the map to
-    /// move, then sends again. That
-    /// is safe for every request: reservations are deduplicated by their
-    /// token, and confirm, release, resolve and issuer upserts are
-    /// idempotent. An old leader whose generation was sealed can no longer
+    /// move, then sends again. That is safe for every request: reservations
+    /// are deduplicated by their token, and confirm, release, resolve and
+    /// issuer upserts are idempotent. An old leader whose generation was sealed can no longer
     /// commit anything.
     pub async fn call(&self, request: Request) -> Result<Response, NodeError> {
         let shard = request.shard();
@@ -148,7 +152,10 @@ impl Gateway {
                             let _ = self.meta.refresh().await;
                         }
                         let moved = self.leader_of(shard).filter(|l| *l != leader);
-                        if moved.is_some() || tokio::time::Instant::now() >= deadline {
+                        // A request sent on a connection that died (the peer
+                        // restarted) is lost: send it again (same token).
+                        let lost = sent.elapsed() >= RESEND_AFTER;
+                        if moved.is_some() || lost || tokio::time::Instant::now() >= deadline {
                             self.pending.lock().unwrap().remove(&id);
                             break None;
                         }

@@ -21,7 +21,17 @@ use harbor_types::{NodeId, Region};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::control::{ControlLoop, OverTheWire};
+use crate::control::{ControlLoop, OverTheWire, TransferDone, TransferFailed, TransferRequest};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use futures::future::BoxFuture;
+use harbor_gateway::{Admin, ApiError};
+use harbor_types::ShardId;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::oneshot;
 
 /// Envelopes queued for one endpoint.
 const INBOX_CAPACITY: usize = 262_144;
@@ -175,7 +185,15 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     let node = MetaNode::start(&MetaConfig::new(file.id, file.data_dir.clone()))
         .await
         .with_context(|| format!("opening the metadata in {}", file.data_dir.display()))?;
-    let app = node.router();
+    // Planned transfers reach the control loop through `/admin/transfer`.
+    let (transfers, mut requests) = mpsc::channel(64);
+    let admin = Router::new()
+        .route("/admin/transfer", post(transfer))
+        .with_state(TransferState {
+            node: node.clone(),
+            transfers,
+        });
+    let app = node.router().merge(admin);
     let server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metadata voter server failed");
@@ -265,8 +283,6 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
                 }
             })
         };
-        // No transfer requests reach a metadata process yet.
-        let (_no_transfers, requests) = mpsc::channel(1);
         let control = ControlLoop::new(
             endpoint.clone(),
             meta.clone(),
@@ -274,13 +290,121 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
             lease_ms,
             requests,
         );
-        control.run(lost).await;
+        requests = control.run(lost).await;
         let _ = watcher.await;
         tracing::info!(voter = node.id, "control loop stopped");
     }
     node.shutdown().await;
     server.abort();
     Ok(())
+}
+
+#[derive(Clone)]
+struct TransferState {
+    node: Arc<MetaNode>,
+    transfers: mpsc::Sender<TransferRequest>,
+}
+
+/// `POST /admin/transfer` on a voter: `{"shard", "to"}`.
+#[derive(Serialize, Deserialize)]
+struct TransferAsk {
+    shard: ShardId,
+    to: NodeId,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum TransferAnswer {
+    Done(TransferDone),
+    Refused(String),
+    Abandoned(String),
+    /// This voter does not lead the metadata plane: ask another.
+    NotLeader,
+}
+
+async fn transfer(
+    State(state): State<TransferState>,
+    Json(ask): Json<TransferAsk>,
+) -> Json<TransferAnswer> {
+    if state.node.leader() != Some(state.node.id) {
+        return Json(TransferAnswer::NotLeader);
+    }
+    let (reply, answer) = oneshot::channel();
+    let request = TransferRequest {
+        shard: ask.shard,
+        to: ask.to,
+        reply,
+    };
+    if state.transfers.send(request).await.is_err() {
+        return Json(TransferAnswer::NotLeader);
+    }
+    Json(match answer.await {
+        Ok(Ok(done)) => TransferAnswer::Done(done),
+        Ok(Err(TransferFailed::Refused(why))) => TransferAnswer::Refused(why),
+        Ok(Err(TransferFailed::Abandoned(why))) => TransferAnswer::Abandoned(why),
+        // The control loop stopped (leadership lost) before answering.
+        Err(_) => TransferAnswer::NotLeader,
+    })
+}
+
+/// The admin hooks of a node's gateway: transfers go to the metadata
+/// leader's control loop; faults exist only in `harbor dev`.
+struct RemoteAdmin {
+    voters: Vec<String>,
+    client: reqwest::Client,
+}
+
+impl Admin for RemoteAdmin {
+    fn transfer_leader(
+        &self,
+        shard: ShardId,
+        to: NodeId,
+    ) -> BoxFuture<'_, Result<Value, ApiError>> {
+        Box::pin(async move {
+            let ask = TransferAsk { shard, to };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                for voter in &self.voters {
+                    let url = format!("http://{voter}/admin/transfer");
+                    let Ok(response) = self.client.post(&url).json(&ask).send().await else {
+                        continue;
+                    };
+                    match response.json::<TransferAnswer>().await {
+                        Ok(TransferAnswer::Done(done)) => {
+                            return Ok(serde_json::to_value(done).expect("serializes"))
+                        }
+                        Ok(TransferAnswer::Refused(why)) => {
+                            return Err(ApiError::new(
+                                StatusCode::CONFLICT,
+                                "transfer_refused",
+                                why,
+                            ))
+                        }
+                        Ok(TransferAnswer::Abandoned(why)) => {
+                            let mut e = ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "transfer_abandoned",
+                                why,
+                            );
+                            e.retryable = true;
+                            return Err(e);
+                        }
+                        Ok(TransferAnswer::NotLeader) | Err(_) => {}
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let mut e = ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "no metadata leader took the transfer",
+                    );
+                    e.retryable = true;
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
 }
 
 /// Runs one node (and its region's gateway, if it hosts it) until `stop`.
@@ -357,6 +481,14 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
             inbox,
             GatewayConfig::default(),
         );
+        gateway.set_admin(Arc::new(RemoteAdmin {
+            voters: cluster.voter_addrs(),
+            client: reqwest::Client::builder()
+                // A transfer answers when it is done (at most ~1 s of drain).
+                .timeout(Duration::from_secs(15))
+                .build()
+                .expect("an HTTP client"),
+        }));
         let http = tokio::net::TcpListener::bind(g.http)
             .await
             .with_context(|| format!("binding the {region} gateway to {}", g.http))?;

@@ -68,7 +68,7 @@ pub enum TransferFailed {
 }
 
 /// A finished transfer: writes to the group paused for `pause_ms`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TransferDone {
     pub shard: ShardId,
     pub from: NodeId,
@@ -145,7 +145,9 @@ impl ControlLoop {
         }
     }
 
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// Runs until `stop`; hands back the transfer requests' receiver (a
+    /// metadata process gives it to its next term's loop).
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> mpsc::Receiver<TransferRequest> {
         let mut round_started = Instant::now();
         loop {
             let interval = if self.transfers.is_empty() {
@@ -156,7 +158,7 @@ impl ControlLoop {
             // A fixed cadence: a slow round shortens the next wait.
             let next_round = round_started + Duration::from_millis(interval);
             let request = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.wait_for(|s| *s) => break,
                 Some(request) = self.requests.recv() => Some(request),
                 _ = tokio::time::sleep_until(next_round.into()) => None,
             };
@@ -195,6 +197,7 @@ impl ControlLoop {
                 self.look_at(shard, statuses).await;
             }
         }
+        self.requests
     }
 
     async fn start_transfer(&mut self, request: TransferRequest) {
@@ -231,7 +234,9 @@ impl ControlLoop {
     /// Answers the caller of a transfer that just ended.
     fn transfer_ended(&mut self, shard: ShardId, action: &Action) {
         let result = match action {
-            Action::Lead { leader, generation } => {
+            Action::Lead {
+                leader, generation, ..
+            } => {
                 let Some(pending) = self.transfers.remove(&shard) else {
                     return;
                 };
@@ -323,7 +328,10 @@ impl ControlLoop {
                 }
         );
         let action = plan.observe(&self.config, now, &observations);
-        if let Action::Lead { leader, generation } = &action {
+        if let Action::Lead {
+            leader, generation, ..
+        } = &action
+        {
             if *leader != before && !transfer {
                 tracing::warn!(%shard, from = %before, to = %leader, %generation, "leader failed over");
             }
@@ -372,13 +380,27 @@ impl ControlLoop {
                 self.nodes.control(&leader, shard, Control::Drain(for_ms));
             }
             Action::TransferAbandoned { .. } => {}
-            Action::Lead { generation, leader } => {
+            Action::Lead {
+                generation,
+                leader,
+                ended_at,
+            } => {
                 // Publish first: gateways route by the map, and a replica
                 // told before the map changes would refuse as "not leader".
-                if let Err(e) = self.meta.update_group(shard, &leader, generation).await {
+                if let Err(e) = self
+                    .meta
+                    .update_group(shard, &leader, generation, ended_at)
+                    .await
+                {
                     tracing::error!(%shard, error = %e, "cannot publish the new leader; will retry");
-                    self.unpublished
-                        .insert(shard, Action::Lead { generation, leader });
+                    self.unpublished.insert(
+                        shard,
+                        Action::Lead {
+                            generation,
+                            leader,
+                            ended_at,
+                        },
+                    );
                     return;
                 }
                 let members: Vec<NodeId> = self.plans[&shard]

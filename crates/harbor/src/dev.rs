@@ -293,7 +293,10 @@ impl DevCluster {
             lease_ms,
             transfer_requests,
         );
-        let control = tokio::spawn(control_loop.run(stopped.clone()));
+        let stop_control = stopped.clone();
+        let control = tokio::spawn(async move {
+            control_loop.run(stop_control).await;
+        });
         let cluster = DevCluster {
             meta,
             meta_node,

@@ -1,9 +1,10 @@
 //! A real cluster as separate OS processes (three `harbor meta`, six
 //! `harbor node`, configured like `deploy/`): the leader of an issuer's group
 //! is killed with SIGKILL under load; writes resume on a new leader, nothing
-//! acknowledged is lost, no token has two reservations. Then every metadata
-//! voter is killed and restarted: the map, the generations and the
-//! directory survive.
+//! acknowledged is lost, no token has two reservations. A planned transfer
+//! goes through a gateway to the metadata leader. Then every metadata voter
+//! is killed and restarted: the map, the generations and the directory
+//! survive.
 
 mod common;
 
@@ -284,6 +285,45 @@ async fn a_killed_leader_process_fails_over_and_metadata_survives_voter_restarts
     tokens.dedup();
     assert_eq!(all, tokens.len(), "a token has two reservations");
     assert!(list.len() >= acked.len());
+
+    // A planned transfer through a gateway reaches the metadata leader's
+    // control loop.
+    let view = api.issuer(&urls[0], &issuer).await.body;
+    let current = view["node"].as_str().unwrap().to_string();
+    let target = ["madrid-1", "madrid-2", "madrid-3"]
+        .into_iter()
+        .find(|n| *n != current)
+        .unwrap();
+    let moved = api
+        .post(
+            format!("{}/v1/admin/groups/{shard}/transfer-leader", urls[1]),
+            serde_json::json!({ "to": target }),
+        )
+        .await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    println!("transfer of shard{shard}: {}", moved.body);
+    let after_transfer = api
+        .reserve(&urls[0], "proc-after-transfer", &issuer, 1, "desk")
+        .await;
+    if after_transfer.status != 201 {
+        let view = api.get(format!("{}/v1/admin/cluster", urls[1])).await.body;
+        let group = view["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["shard"] == shard)
+            .cloned();
+        let madrid = api.get(format!("{}/v1/admin/cluster", urls[0])).await.body;
+        panic!(
+            "write after the transfer: {}\ngroup: {group:?}\nmap versions: madrid {} newyork {}\nmadrid-2: {}\nmadrid-1: {}",
+            after_transfer.body,
+            madrid["map_version"],
+            view["map_version"],
+            processes.log("madrid-2"),
+            processes.log("madrid-1")
+        );
+    }
+    assert_eq!(after_transfer.body["node"], target);
 
     // Every metadata voter dies and restarts: nothing of the map is lost.
     let before = meta_state(&voters[0]).await.expect("a voter answers")["state"].clone();

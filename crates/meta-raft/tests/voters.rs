@@ -119,6 +119,7 @@ async fn three_voters_agree_survive_their_leader_and_recover_after_restarts() {
         shard: ShardId(0),
         leader: leader_state.map.as_ref().unwrap().groups[&ShardId(0)].members[1].clone(),
         generation: Generation(5),
+        ended_at: Some(harbor_types::LogIndex(7)),
     };
     let reply = voters[&survivor].node.write(update).await.unwrap();
     assert_eq!(reply, MetaReply::Map { map_version: 2 });

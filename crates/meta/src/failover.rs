@@ -94,10 +94,14 @@ pub enum Action {
         generation: Generation,
         nodes: Vec<NodeId>,
     },
-    /// `leader` leads `generation`; everyone else follows it.
+    /// `leader` leads `generation`; everyone else follows it. `ended_at` is
+    /// where the previous generation's log ends: the new leader's last
+    /// entry, which every replica's log is cut back to (`None` when
+    /// unknown: a restarted leader).
     Lead {
         generation: Generation,
         leader: NodeId,
+        ended_at: Option<LogIndex>,
     },
     /// The leader takes no writes for `for_ms` (a planned transfer).
     Drain {
@@ -194,6 +198,7 @@ impl GroupLeadership {
         Action::Lead {
             generation: self.generation,
             leader: self.leader.clone(),
+            ended_at: None,
         }
     }
 
@@ -360,6 +365,7 @@ impl GroupLeadership {
                 Action::Lead {
                     generation: self.generation,
                     leader: self.leader.clone(),
+                    ended_at: Some(best.last_index),
                 }
             }
         }
@@ -500,6 +506,7 @@ mod tests {
             Action::Lead {
                 generation: Generation(2),
                 leader: n("a3"),
+                ended_at: Some(LogIndex(9)),
             }
         );
         assert!(g.is_active());
@@ -566,6 +573,7 @@ mod tests {
             Action::Lead {
                 generation: Generation(2),
                 leader: n("a3"),
+                ended_at: Some(LogIndex(9)),
             }
         );
     }
@@ -608,6 +616,7 @@ mod tests {
             Action::Lead {
                 generation: Generation(2),
                 leader: n("a2"),
+                ended_at: Some(LogIndex(9)),
             }
         );
     }
@@ -699,6 +708,7 @@ mod tests {
             Action::Lead {
                 generation: Generation(2),
                 leader: n("a1"),
+                ended_at: None,
             }
         );
     }

@@ -16,5 +16,7 @@ pub use failover::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, TransferError,
 };
 pub use metadata::{MetaError, MetaFuture, Metadata};
-pub use placement::{GroupInfo, NodeInfo, ShardMap, Topology, BUCKETS_DEFAULT};
+pub use placement::{
+    GenerationEnd, GroupInfo, NodeInfo, ShardMap, Topology, BUCKETS_DEFAULT, GENERATION_ENDS_KEPT,
+};
 pub use state::{DirectoryEntry, DirectoryError, MetaCommand, MetaReply, MetaState};

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use harbor_types::{Generation, IssuerId, NodeId, Region, ShardId};
+use harbor_types::{Generation, IssuerId, LogIndex, NodeId, Region, ShardId};
 
 use crate::placement::ShardMap;
 use crate::state::{DirectoryEntry, DirectoryError, MetaCommand, MetaReply};
@@ -76,17 +76,20 @@ impl dyn Metadata {
         }
     }
 
-    /// Publishes a group's new leader and generation.
+    /// Publishes a group's new leader and generation, and where the
+    /// previous generation ended (when known).
     pub async fn update_group(
         &self,
         shard: ShardId,
         leader: &NodeId,
         generation: Generation,
+        ended_at: Option<LogIndex>,
     ) -> Result<(), MetaError> {
         let command = MetaCommand::UpdateGroup {
             shard,
             leader: leader.clone(),
             generation,
+            ended_at,
         };
         match self.write(command).await? {
             MetaReply::Refused(reason) => Err(MetaError::Refused(reason)),

@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use harbor_types::{BucketId, Generation, IssuerId, NodeId, Region, ShardId};
+use harbor_types::{BucketId, Generation, IssuerId, LogIndex, NodeId, Region, ShardId};
 use serde::{Deserialize, Serialize};
 
 /// Logical buckets in a cluster. Fixed for the life of a cluster: buckets
@@ -75,7 +75,22 @@ pub struct GroupInfo {
     pub members: Vec<NodeId>,
     pub leader: NodeId,
     pub generation: Generation,
+    /// Where recent generations' logs ended (newest last, at most
+    /// `GENERATION_ENDS_KEPT`): a returning replica's entries past its
+    /// generation's end were never committed.
+    #[serde(default)]
+    pub ended: Vec<GenerationEnd>,
 }
+
+/// Generation `generation` of a group ended with the entry at `last_index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationEnd {
+    pub generation: Generation,
+    pub last_index: LogIndex,
+}
+
+/// Generation ends kept per group in the map.
+pub const GENERATION_ENDS_KEPT: usize = 8;
 
 /// Bucket → group, group → members, leader and generation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +155,7 @@ impl ShardMap {
                     leader: members[0].clone(),
                     members,
                     generation: Generation::ZERO,
+                    ended: Vec::new(),
                 },
             );
         }

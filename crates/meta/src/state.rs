@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use harbor_types::{BucketId, Generation, IssuerId, NodeId, Region, ShardId};
+use harbor_types::{BucketId, Generation, IssuerId, LogIndex, NodeId, Region, ShardId};
 use serde::{Deserialize, Serialize};
 
-use crate::placement::{ShardMap, Topology};
+use crate::placement::{GenerationEnd, ShardMap, Topology, GENERATION_ENDS_KEPT};
 
 /// Where an issuer lives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +45,9 @@ pub enum MetaCommand {
         shard: ShardId,
         leader: NodeId,
         generation: Generation,
+        /// Where the published generation's log ended, when known.
+        #[serde(default)]
+        ended_at: Option<LogIndex>,
     },
     /// Places a new issuer, or finds where it is.
     Assign {
@@ -101,6 +104,7 @@ impl MetaState {
                 shard,
                 leader,
                 generation,
+                ended_at,
             } => {
                 let Some(group) = map.groups.get_mut(shard) else {
                     return MetaReply::Refused(format!("no group {shard}"));
@@ -113,6 +117,14 @@ impl MetaState {
                         "{shard}: generation {generation} is older than the published {}",
                         group.generation
                     ));
+                }
+                if let (Some(last_index), true) = (ended_at, *generation > group.generation) {
+                    group.ended.push(GenerationEnd {
+                        generation: group.generation,
+                        last_index: *last_index,
+                    });
+                    let excess = group.ended.len().saturating_sub(GENERATION_ENDS_KEPT);
+                    group.ended.drain(..excess);
                 }
                 group.leader = leader.clone();
                 group.generation = *generation;
@@ -205,13 +217,22 @@ mod tests {
             shard: ShardId(0),
             leader: next.clone(),
             generation: Generation(generation),
+            ended_at: Some(LogIndex(40)),
         };
         assert_eq!(state.apply(&update(2)), MetaReply::Map { map_version: 3 });
+        assert_eq!(
+            state.map.as_ref().unwrap().groups[&ShardId(0)].ended,
+            vec![GenerationEnd {
+                generation: Generation(1),
+                last_index: LogIndex(40)
+            }]
+        );
         assert!(matches!(state.apply(&update(1)), MetaReply::Refused(_)));
         let stranger = MetaCommand::UpdateGroup {
             shard: ShardId(0),
             leader: NodeId::new("tokyo-1").unwrap(),
             generation: Generation(9),
+            ended_at: None,
         };
         assert!(matches!(state.apply(&stranger), MetaReply::Refused(_)));
         assert_eq!(state.map.as_ref().unwrap().map_version, 3);
