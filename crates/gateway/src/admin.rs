@@ -228,6 +228,11 @@ impl Gateway {
     /// Asks every replica of every group for its status, all at once.
     pub async fn cluster_view(&self) -> ClusterView {
         let started = std::time::Instant::now();
+        // An admin view is worth a fresh copy of the map (a gateway's copy
+        // may trail the metadata plane by its refresh interval).
+        if let Err(e) = self.meta.refresh().await {
+            tracing::warn!(error = %e, "cluster view from a possibly stale map");
+        }
         let map = self.meta.map();
         let asks: Vec<(ShardId, NodeId)> = map
             .groups
