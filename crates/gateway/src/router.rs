@@ -124,8 +124,8 @@ impl Gateway {
     /// refusal (a transfer or a failover under way) waits for the map to
     /// move, then sends again. That is safe for every request: reservations
     /// are deduplicated by their token, and confirm, release, resolve and
-    /// issuer upserts are idempotent. An old leader whose generation was sealed can no longer
-    /// commit anything.
+    /// issuer upserts are idempotent. An old leader whose generation was
+    /// sealed can no longer commit anything.
     pub async fn call(&self, request: Request) -> Result<Response, NodeError> {
         let shard = request.shard();
         let is_write = matches!(request, Request::Write { .. });
@@ -181,10 +181,9 @@ impl Gateway {
                     // Leadership is moving (a transfer or failover): wait for
                     // the map to name the next leader, then send again. A
                     // node the map already names as leader has not heard the
-                    // news yet: ask it again shortly.
-                    // A stale route: the map moved past what we sent; the
-                    // loop below finds it already refreshed (it is shared
-                    // in this process) and sends to the new owner.
+                    // news yet: ask it again shortly. A stale route means
+                    // our copy of the map trails the replica's: refresh it
+                    // and send to whoever it names.
                     let wait = if e.code == ErrorCode::NotLeader {
                         news_wait = (news_wait * 2).min(LEADERSHIP_WAIT_MAX);
                         news_wait / 2
@@ -194,7 +193,6 @@ impl Gateway {
                             .min(LEADERSHIP_WAIT_MAX)
                     };
                     if e.code == ErrorCode::StaleRoute {
-                        // Our copy of the map is behind the replica's.
                         let _ = self.meta.refresh().await;
                     }
                     let until = (tokio::time::Instant::now() + wait).min(deadline);

@@ -224,6 +224,22 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
             }
         }
     }
+    // A cluster is laid out once: a cluster file whose topology changed
+    // since would route by a map it does not describe.
+    let expected = harbor_meta::ShardMap::from_topology(&cluster.topology);
+    let actual = Metadata::map(&*node);
+    if actual.nodes != expected.nodes
+        || actual.groups.len() != expected.groups.len()
+        || actual.buckets.len() != expected.buckets.len()
+    {
+        bail!(
+            "the cluster file's [topology] differs from the one this cluster was created with \
+             ({} nodes, {} groups, {} buckets); changing the topology is not supported",
+            actual.nodes.len(),
+            actual.groups.len(),
+            actual.buckets.len()
+        );
+    }
     eprintln!(
         "metadata voter {} serving on {addr}; data in {}",
         file.id,

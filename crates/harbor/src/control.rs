@@ -1,8 +1,8 @@
-//! The embedded cluster's control loop: every `CONTROL_INTERVAL_MS` it asks
-//! every replica for its status, feeds each group's failover planner
-//! (`harbor_meta::failover`), publishes leadership changes in the shard map
-//! and tells the replicas. Until the metadata plane runs on Raft this is the
-//! single control-plane voter of `harbor dev`.
+//! The control loop: every `CONTROL_INTERVAL_MS` it asks every replica for
+//! its status, feeds each group's failover planner (`harbor_meta::failover`),
+//! publishes leadership changes through the metadata plane, tells the
+//! replicas, and runs planned transfers. `harbor dev` runs one in process;
+//! in a deployment it runs on whichever voter leads the metadata plane.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -18,17 +18,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// How the control loop reaches replicas with orders.
 pub trait Replicas: Send + Sync {
-    /// Tells one replica its role; false when its node cannot be reached.
-    fn control(&self, node: &NodeId, shard: ShardId, control: Control) -> bool;
+    /// Tells one replica its role. An order that does not arrive (the node
+    /// is down) is sent again when the replica reports a stale role.
+    fn control(&self, node: &NodeId, shard: ShardId, control: Control);
 }
 
 /// Orders sent over the transport (a metadata process to node processes).
 pub struct OverTheWire(pub Arc<Gateway>);
 
 impl Replicas for OverTheWire {
-    fn control(&self, node: &NodeId, shard: ShardId, control: Control) -> bool {
+    fn control(&self, node: &NodeId, shard: ShardId, control: Control) {
         self.0.send_control(node, shard, control);
-        true
     }
 }
 

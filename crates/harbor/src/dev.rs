@@ -165,13 +165,9 @@ impl NodeSet {
 
 impl Replicas for NodeSet {
     /// In process: straight into the replica's queue.
-    fn control(&self, node: &NodeId, shard: ShardId, control: Control) -> bool {
-        match self.running.lock().unwrap().get(node) {
-            Some(n) => {
-                n.control(shard, control);
-                true
-            }
-            None => false,
+    fn control(&self, node: &NodeId, shard: ShardId, control: Control) {
+        if let Some(n) = self.running.lock().unwrap().get(node) {
+            n.control(shard, control);
         }
     }
 }

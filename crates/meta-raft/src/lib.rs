@@ -161,6 +161,15 @@ impl MetaNode {
     /// Makes a new cluster of these voters (id → HTTP address). Harmless on
     /// a cluster that already exists.
     pub async fn initialize(&self, voters: &BTreeMap<NodeId, String>) -> Result<(), MetaRaftError> {
+        // Asking openraft on a voter with a log logs an error: skip it.
+        if self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| MetaRaftError::Raft(e.to_string()))?
+        {
+            return Ok(());
+        }
         let members: BTreeMap<NodeId, BasicNode> = voters
             .iter()
             .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))

@@ -239,3 +239,43 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         inner.rewrite().map_err(write_err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(harbor_meta::MetaCommand::BeginEpoch),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_cut_and_a_bad_middle_line_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOG_FILE);
+        let mut bytes = Vec::new();
+        for index in 1..=2 {
+            serde_json::to_writer(&mut bytes, &entry(index)).unwrap();
+            bytes.push(b'\n');
+        }
+        let whole = bytes.len();
+        bytes.extend_from_slice(b"{\"log_id\":{\"lea");
+        fs::write(&path, &bytes).unwrap();
+        let mut log = LogStore::open(dir.path()).unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(2));
+        assert_eq!(fs::metadata(&path).unwrap().len(), whole as u64);
+        drop(log);
+
+        let mut corrupt = b"garbage\n".to_vec();
+        corrupt.extend(fs::read(&path).unwrap());
+        fs::write(&path, corrupt).unwrap();
+        let err = LogStore::open(dir.path())
+            .err()
+            .expect("corruption refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+}
