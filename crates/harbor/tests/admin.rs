@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Api;
+use common::{check_acknowledged, Api, Load};
 use harbor::dev::{DevCluster, DevOptions};
 use harbor_node::wire::{Query, Request, Response};
 use harbor_reservation::Command;
@@ -161,29 +161,13 @@ async fn a_planned_transfer_under_load_loses_nothing_and_pauses_writes_briefly()
         .unwrap()
         .clone();
 
-    let start = Instant::now();
-    // (token, sent, answered, status, reservation id)
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let (api, log, url) = (api.clone(), log.clone(), url.clone());
-        writers.push(tokio::spawn(async move {
-            let mut i = 0;
-            while start.elapsed() < Duration::from_secs(3) {
-                let token = format!("tr-{w}-{i}");
-                i += 1;
-                let sent = start.elapsed();
-                let r = api.reserve(&url, &token, "TR-1", 1, "desk").await;
-                let id = r.body["reservation_id"]
-                    .as_str()
-                    .map(String::from)
-                    .or_else(|| (r.status != 201).then(|| r.body.to_string()));
-                log.lock()
-                    .unwrap()
-                    .push((token, sent, start.elapsed(), r.status, id));
-            }
-        }));
-    }
+    let load = Load::start(
+        &api,
+        std::slice::from_ref(&url),
+        "TR-1",
+        "tr",
+        Duration::from_secs(3),
+    );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let moved = api
         .post(
@@ -198,40 +182,25 @@ async fn a_planned_transfer_under_load_loses_nothing_and_pauses_writes_briefly()
         moved.body["generation"].as_u64().unwrap(),
         group.generation.0 + 1
     );
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let log = log.lock().unwrap().clone();
+    let writes = load.finish().await;
     assert!(
-        log.iter().all(|e| e.3 == 201),
+        writes.iter().all(|w| w.status == 201),
         "a write failed during the transfer: {:?}",
-        log.iter().find(|e| e.3 != 201)
+        writes.iter().find(|w| w.status != 201)
     );
     // The write pause: the longest wait of one write.
-    let pause = log.iter().map(|e| e.2 - e.1).max().unwrap();
+    let pause = writes.iter().map(|w| w.answered - w.sent).max().unwrap();
     println!(
         "{shard}: {} -> {target}; {} writes, longest single write {pause:?}; control plane saw a pause of {} ms",
         group.leader,
-        log.len(),
+        writes.len(),
         moved.body["pause_ms"]
     );
     assert_eq!(cluster.meta.map().groups[&shard].leader, target);
 
     // Every write is there once.
-    let view = api.issuer(&url, "TR-1").await.body;
-    assert_eq!(
-        view["reserved"].as_u64().unwrap(),
-        log.len() as u64,
-        "{view}"
-    );
-    for (token, _, _, _, id) in log.iter().step_by(7) {
-        let reply = api.token(&url, token, "TR-1").await;
-        assert_eq!(
-            reply.body["reservation_id"].as_str(),
-            id.as_deref(),
-            "{token}"
-        );
-    }
+    let open = check_acknowledged(&api, &url, "TR-1", &writes).await;
+    assert_eq!(open, writes.len());
     cluster.shutdown().await;
 }
 

@@ -12,10 +12,10 @@ use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Api;
+use common::{check_acknowledged, first_ack_after, Api, Load};
 use serde_json::Value;
 
 const NODES: [&str; 6] = [
@@ -209,49 +209,17 @@ async fn a_killed_leader_process_fails_over_and_metadata_survives_voter_restarts
         .as_u64()
         .unwrap();
 
-    let start = Instant::now();
-    // (token, sent, answered, status, reservation id)
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let (api, log, url, issuer) = (
-            api.clone(),
-            log.clone(),
-            urls[w % 2].clone(),
-            issuer.clone(),
-        );
-        writers.push(tokio::spawn(async move {
-            let mut i = 0;
-            while start.elapsed() < Duration::from_secs(9) {
-                let token = format!("proc-{w}-{i}");
-                i += 1;
-                let sent = start.elapsed();
-                let r = api.reserve(&url, &token, &issuer, 1, "desk").await;
-                let id = r.body["reservation_id"].as_str().map(String::from);
-                log.lock()
-                    .unwrap()
-                    .push((token, sent, start.elapsed(), r.status, id));
-            }
-        }));
-    }
+    let load = Load::start(&api, &urls, &issuer, "proc", Duration::from_secs(9));
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let killed_at = start.elapsed();
+    let killed_at = load.elapsed();
     processes.kill(&leader);
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let log = log.lock().unwrap().clone();
-    let acked: Vec<_> = log.iter().filter(|e| e.3 == 201).collect();
-    let first_after = acked
-        .iter()
-        .filter(|e| e.1 > killed_at)
-        .map(|e| e.2)
-        .min()
-        .expect("writes never resumed after the SIGKILL");
+    let writes = load.finish().await;
+    let acked = writes.iter().filter(|w| w.status == 201).count();
+    let first_after =
+        first_ack_after(&writes, killed_at).expect("writes never resumed after the SIGKILL");
     println!(
-        "shard{shard}: {leader} killed at {killed_at:?}; first write sent after it was acknowledged {:?} later; {} acknowledged",
+        "shard{shard}: {leader} killed at {killed_at:?}; first write sent after it was acknowledged {:?} later; {acked} acknowledged",
         first_after - killed_at,
-        acked.len()
     );
     let view = api.issuer(&urls[0], &issuer).await.body;
     assert_ne!(view["node"], leader.as_str(), "the leader did not move");
@@ -262,29 +230,7 @@ async fn a_killed_leader_process_fails_over_and_metadata_survives_voter_restarts
     wait_healthy(&urls[0], &processes, Duration::from_secs(60)).await;
 
     // Every acknowledged reservation is there once.
-    for (token, _, _, _, id) in &acked {
-        let reply = api.token(&urls[0], token, &issuer).await;
-        assert_eq!(reply.body["status"], "committed", "{token}: {}", reply.body);
-        assert_eq!(
-            reply.body["reservation_id"].as_str(),
-            id.as_deref(),
-            "{token}"
-        );
-    }
-    let open = api
-        .get(format!("{}/v1/issuers/{issuer}/open-reservations", urls[0]))
-        .await
-        .body;
-    let list = open["reservations"].as_array().unwrap();
-    let mut tokens: Vec<&str> = list
-        .iter()
-        .map(|r| r["reservation_token"].as_str().unwrap())
-        .collect();
-    tokens.sort();
-    let all = tokens.len();
-    tokens.dedup();
-    assert_eq!(all, tokens.len(), "a token has two reservations");
-    assert!(list.len() >= acked.len());
+    check_acknowledged(&api, &urls[0], &issuer, &writes).await;
 
     // A planned transfer through a gateway reaches the metadata leader's
     // control loop.

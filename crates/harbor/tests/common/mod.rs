@@ -95,3 +95,136 @@ impl Api {
         .await
     }
 }
+
+/// One write of a [`Load`]: when it was sent and answered (since the load
+/// started), its status, and the reservation id (or the error body).
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub token: String,
+    pub sent: Duration,
+    pub answered: Duration,
+    pub status: u16,
+    pub id: Option<String>,
+    pub body: Value,
+}
+
+/// Four writers reserving 1 each against one issuer, through the gateways
+/// in turn, one request at a time, for a while.
+pub struct Load {
+    pub start: std::time::Instant,
+    writes: std::sync::Arc<std::sync::Mutex<Vec<Write>>>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(
+        api: &std::sync::Arc<Api>,
+        urls: &[String],
+        issuer: &str,
+        prefix: &str,
+        duration: Duration,
+    ) -> Load {
+        let start = std::time::Instant::now();
+        let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writers = (0..4)
+            .map(|w| {
+                let (api, writes) = (api.clone(), writes.clone());
+                let (url, issuer) = (urls[w % urls.len()].clone(), issuer.to_string());
+                let prefix = prefix.to_string();
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while start.elapsed() < duration {
+                        let token = format!("{prefix}-{w}-{i}");
+                        i += 1;
+                        let sent = start.elapsed();
+                        let r = api.reserve(&url, &token, &issuer, 1, "desk").await;
+                        let write = Write {
+                            token,
+                            sent,
+                            answered: start.elapsed(),
+                            status: r.status,
+                            id: r.body["reservation_id"].as_str().map(String::from),
+                            body: r.body,
+                        };
+                        writes.lock().unwrap().push(write);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            start,
+            writes,
+            writers,
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Waits for the writers to finish; every write, in completion order.
+    pub async fn finish(self) -> Vec<Write> {
+        for writer in self.writers {
+            writer.await.unwrap();
+        }
+        let writes = self.writes.lock().unwrap().clone();
+        writes
+    }
+}
+
+/// When the first write sent after `t` was acknowledged.
+pub fn first_ack_after(writes: &[Write], t: Duration) -> Option<Duration> {
+    writes
+        .iter()
+        .filter(|w| w.status == 201 && w.sent > t)
+        .map(|w| w.answered)
+        .min()
+}
+
+/// Every acknowledged write is committed under its token to the reservation
+/// it was acknowledged with, and no token has two open reservations.
+/// Returns how many reservations are open.
+pub async fn check_acknowledged(
+    api: &std::sync::Arc<Api>,
+    url: &str,
+    issuer: &str,
+    writes: &[Write],
+) -> usize {
+    use futures::StreamExt;
+    let acked: Vec<&Write> = writes.iter().filter(|w| w.status == 201).collect();
+    let lookups = futures::stream::iter(acked.iter().map(|w| {
+        let api = api.clone();
+        async move { (*w, api.token(url, &w.token, issuer).await) }
+    }))
+    .buffer_unordered(32)
+    .collect::<Vec<_>>()
+    .await;
+    for (write, reply) in lookups {
+        assert_eq!(
+            reply.body["status"], "committed",
+            "{}: {}",
+            write.token, reply.body
+        );
+        assert_eq!(
+            reply.body["reservation_id"].as_str(),
+            write.id.as_deref(),
+            "{}",
+            write.token
+        );
+    }
+    let open = api
+        .get(format!("{url}/v1/issuers/{issuer}/open-reservations"))
+        .await
+        .body;
+    let list = open["reservations"].as_array().unwrap();
+    let mut tokens: Vec<&str> = list
+        .iter()
+        .map(|r| r["reservation_token"].as_str().unwrap())
+        .collect();
+    tokens.sort();
+    let all = tokens.len();
+    tokens.dedup();
+    assert_eq!(all, tokens.len(), "a token has two reservations");
+    assert!(list.len() >= acked.len());
+    list.len()
+}
