@@ -21,7 +21,9 @@ use harbor_types::{NodeId, Region};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::control::{ControlLoop, OverTheWire, TransferDone, TransferFailed, TransferRequest};
+use crate::control::{
+    transfer_answer, ControlLoop, OverTheWire, TransferDone, TransferFailed, TransferRequest,
+};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
@@ -331,9 +333,7 @@ struct TransferAsk {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum TransferAnswer {
-    Done(TransferDone),
-    Refused(String),
-    Abandoned(String),
+    Finished(Result<TransferDone, TransferFailed>),
     /// This voter does not lead the metadata plane: ask another.
     NotLeader,
 }
@@ -355,9 +355,7 @@ async fn transfer(
         return Json(TransferAnswer::NotLeader);
     }
     Json(match answer.await {
-        Ok(Ok(done)) => TransferAnswer::Done(done),
-        Ok(Err(TransferFailed::Refused(why))) => TransferAnswer::Refused(why),
-        Ok(Err(TransferFailed::Abandoned(why))) => TransferAnswer::Abandoned(why),
+        Ok(result) => TransferAnswer::Finished(result),
         // The control loop stopped (leadership lost) before answering.
         Err(_) => TransferAnswer::NotLeader,
     })
@@ -386,25 +384,7 @@ impl Admin for RemoteAdmin {
                         continue;
                     };
                     match response.json::<TransferAnswer>().await {
-                        Ok(TransferAnswer::Done(done)) => {
-                            return Ok(serde_json::to_value(done).expect("serializes"))
-                        }
-                        Ok(TransferAnswer::Refused(why)) => {
-                            return Err(ApiError::new(
-                                StatusCode::CONFLICT,
-                                "transfer_refused",
-                                why,
-                            ))
-                        }
-                        Ok(TransferAnswer::Abandoned(why)) => {
-                            let mut e = ApiError::new(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "transfer_abandoned",
-                                why,
-                            );
-                            e.retryable = true;
-                            return Err(e);
-                        }
+                        Ok(TransferAnswer::Finished(result)) => return transfer_answer(result),
                         Ok(TransferAnswer::NotLeader) | Err(_) => {}
                     }
                 }

@@ -8,12 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harbor_gateway::Gateway;
+use axum::http::StatusCode;
+use harbor_gateway::{ApiError, Gateway};
 use harbor_meta::{Action, CatchUp, FailoverConfig, GroupLeadership, Metadata, Observation, Phase};
 use harbor_node::wire::{GroupStatus, Query, QueryResult, Request, Response};
 use harbor_node::Control;
 use harbor_replication::Role;
 use harbor_types::{NodeId, ShardId};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How the control loop reaches replicas with orders.
@@ -59,12 +61,34 @@ pub struct TransferRequest {
     pub reply: oneshot::Sender<Result<TransferDone, TransferFailed>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TransferFailed {
     /// Not started: a bad target, or the group is changing leaders already.
     Refused(String),
     /// Started, then given up; the old leader still leads.
     Abandoned(String),
+}
+
+/// A transfer's outcome as the admin API answers it.
+pub fn transfer_answer(result: Result<TransferDone, TransferFailed>) -> Result<Value, ApiError> {
+    match result {
+        Ok(done) => Ok(serde_json::to_value(done).expect("serializes")),
+        Err(TransferFailed::Refused(message)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "transfer_refused",
+            message,
+        )),
+        Err(TransferFailed::Abandoned(message)) => {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transfer_abandoned",
+                message,
+            );
+            e.retryable = true;
+            Err(e)
+        }
+    }
 }
 
 /// A finished transfer: writes to the group paused for `pause_ms`.

@@ -17,7 +17,7 @@ use harbor_node::{Control, InProcNetwork, Node, NodeConfig};
 use harbor_replication::Member;
 use harbor_types::{NodeId, Region, ShardId};
 
-use crate::control::{ControlLoop, Replicas, TransferFailed, TransferRequest};
+use crate::control::{transfer_answer, ControlLoop, Replicas, TransferRequest};
 use axum::http::StatusCode;
 use futures::future::BoxFuture;
 use harbor_gateway::{Admin, ApiError, Fault};
@@ -420,23 +420,7 @@ impl Admin for DevAdmin {
                 )
             };
             self.transfers.send(request).await.map_err(|_| gone())?;
-            match answer.await.map_err(|_| gone())? {
-                Ok(done) => Ok(serde_json::to_value(done).expect("serializes")),
-                Err(TransferFailed::Refused(message)) => Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "transfer_refused",
-                    message,
-                )),
-                Err(TransferFailed::Abandoned(message)) => {
-                    let mut e = ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "transfer_abandoned",
-                        message,
-                    );
-                    e.retryable = true;
-                    Err(e)
-                }
-            }
+            transfer_answer(answer.await.map_err(|_| gone())?)
         })
     }
 

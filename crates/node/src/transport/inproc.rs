@@ -1,5 +1,5 @@
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -46,6 +46,8 @@ struct Inner {
     /// Paused endpoints and the envelopes held for them, like a stopped
     /// process's socket buffers: delivered in order on resume.
     paused: Mutex<HashMap<NodeId, Vec<Envelope>>>,
+    /// Whether `paused` is non-empty: every send checks it without a lock.
+    any_paused: AtomicBool,
     runtime: tokio::runtime::Handle,
     dropped: AtomicU64,
 }
@@ -62,6 +64,7 @@ impl InProcNetwork {
                     ..LinkFaults::default()
                 }),
                 paused: Mutex::new(HashMap::new()),
+                any_paused: AtomicBool::new(false),
                 runtime,
                 dropped: AtomicU64::new(0),
             }),
@@ -86,7 +89,7 @@ impl InProcNetwork {
     /// they drain, and a later `register` of the same name starts clean.
     pub fn unregister(&self, node: &NodeId) {
         self.inner.endpoints.write().unwrap().remove(node);
-        self.inner.paused.lock().unwrap().remove(node);
+        self.forget_pause(node);
         self.inner
             .links
             .lock()
@@ -107,20 +110,26 @@ impl InProcNetwork {
     /// until [`InProcNetwork::resume`]. Its threads and clock keep running,
     /// so a paused leader's lease runs out on its own clock.
     pub fn pause(&self, node: &NodeId) {
-        self.inner
-            .paused
-            .lock()
-            .unwrap()
-            .entry(node.clone())
-            .or_default();
+        let mut paused = self.inner.paused.lock().unwrap();
+        paused.entry(node.clone()).or_default();
+        self.inner.any_paused.store(true, Ordering::Release);
     }
 
     /// Delivers what was held for a paused endpoint, in order.
     pub fn resume(&self, node: &NodeId) {
-        let held = self.inner.paused.lock().unwrap().remove(node);
+        let held = self.forget_pause(node);
         for envelope in held.unwrap_or_default() {
             self.send(envelope);
         }
+    }
+
+    fn forget_pause(&self, node: &NodeId) -> Option<Vec<Envelope>> {
+        let mut paused = self.inner.paused.lock().unwrap();
+        let held = paused.remove(node);
+        self.inner
+            .any_paused
+            .store(!paused.is_empty(), Ordering::Release);
+        held
     }
 
     pub fn is_paused(&self, node: &NodeId) -> bool {
@@ -143,23 +152,21 @@ impl InProcNetwork {
 
 impl Transport for InProcNetwork {
     fn send(&self, envelope: Envelope) {
-        {
+        if self.inner.any_paused.load(Ordering::Acquire) {
             let mut paused = self.inner.paused.lock().unwrap();
-            if !paused.is_empty() {
-                if paused.contains_key(&envelope.from) {
+            if paused.contains_key(&envelope.from) {
+                drop(paused);
+                self.drop_one();
+                return;
+            }
+            if let Some(held) = paused.get_mut(&envelope.to) {
+                if held.len() < LINK_QUEUE_MAX {
+                    held.push(envelope);
+                } else {
                     drop(paused);
                     self.drop_one();
-                    return;
                 }
-                if let Some(held) = paused.get_mut(&envelope.to) {
-                    if held.len() < LINK_QUEUE_MAX {
-                        held.push(envelope);
-                    } else {
-                        drop(paused);
-                        self.drop_one();
-                    }
-                    return;
-                }
+                return;
             }
         }
         let (from_region, to_region, tx) = {
