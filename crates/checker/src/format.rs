@@ -259,7 +259,9 @@ pub enum Reply {
         /// The shard position the answer reflects.
         applied: CommitToken,
         stale: bool,
-        staleness_ms: u64,
+        /// How far behind the answer may be; `null` when the replica knew
+        /// no bound (only allowed with `stale: true`).
+        staleness_ms: Option<u64>,
         served_by: ServedBy,
         /// The commit tokens the client sent with the read.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]

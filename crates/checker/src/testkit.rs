@@ -125,7 +125,7 @@ pub fn answer(applied: &str, reserved: u64) -> Reply {
         reserved: Amount(reserved),
         applied: ct(applied),
         stale: false,
-        staleness_ms: 0,
+        staleness_ms: Some(0),
         served_by: ServedBy::Leader,
         session: Vec::new(),
     }
@@ -193,6 +193,11 @@ impl Script {
     fn tick(&mut self) -> u64 {
         self.now_ms += 5;
         self.now_ms
+    }
+
+    /// Lets `ms` pass before the next event.
+    pub fn advance(&mut self, ms: u64) {
+        self.now_ms += ms;
     }
 
     pub fn invoke(&mut self, client: &str, call: Call) -> u64 {

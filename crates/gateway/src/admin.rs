@@ -214,6 +214,21 @@ pub struct GroupView {
     /// Each follower as the leader sees it (empty when the leader does not
     /// answer).
     pub followers: Vec<FollowerView>,
+    /// Each member as it sees itself.
+    pub replicas: Vec<ReplicaView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub node: NodeId,
+    pub region: Region,
+    /// `leader`, `follower`, or `unknown` when it did not answer.
+    pub role: String,
+    pub answering: bool,
+    pub applied: Option<harbor_types::CommitToken>,
+    /// How old its state may be (see `Served::staleness_ms`); `None` when
+    /// it knows no bound or did not answer.
+    pub staleness_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -313,6 +328,32 @@ impl Gateway {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    replicas: g
+                        .members
+                        .iter()
+                        .map(|member| {
+                            let status = answers.iter().find_map(|(shard, node, status)| {
+                                status
+                                    .as_ref()
+                                    .filter(|_| *shard == g.shard && node == member)
+                            });
+                            ReplicaView {
+                                node: member.clone(),
+                                region: map.region_of(member).cloned().unwrap_or_else(|| {
+                                    Region::new("unknown").expect("a valid region name")
+                                }),
+                                role: match status.map(|s| s.replica.role) {
+                                    Some(Role::Leader) => "leader",
+                                    Some(Role::Follower) => "follower",
+                                    None => "unknown",
+                                }
+                                .into(),
+                                answering: status.is_some(),
+                                applied: status.and_then(|s| s.applied),
+                                staleness_ms: status.and_then(|s| s.staleness_ms),
+                            }
+                        })
+                        .collect(),
                 }
             })
             .collect();

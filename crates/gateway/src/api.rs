@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Query as QueryParams, Request as HttpRequest, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use harbor_meta::{DirectoryEntry, DirectoryError, MetaError};
 use harbor_node::wire::{Query, QueryResult, Request, Response, Served};
+use harbor_replication::Role;
 use harbor_reservation::{
     Command, IssuerView, Outcome, Rejection, ReservationView, TokenOutcome, TokenView,
     HOLD_TTL_MS_MAX,
@@ -25,6 +26,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
+use crate::reads::{ReadAnswer, ReadParams, ReadPlan, Session, SESSION_HEADER};
 use crate::router::Gateway;
 
 type Gw = State<Arc<Gateway>>;
@@ -55,6 +57,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
             post(crate::admin::transfer_leader),
         )
         .route("/v1/admin/faults", post(crate::admin::fault))
+        .route("/metrics", get(crate::metrics::metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(gateway)
@@ -123,14 +126,6 @@ struct ResolveBody {
     issuer_id: Option<String>,
 }
 
-/// Query parameters of reads.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ReadParams {
-    #[serde(default)]
-    consistency: Option<String>,
-}
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct TokenParams {
@@ -148,12 +143,14 @@ fn query_params<T: DeserializeOwned + Default>(
         .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
 }
 
-fn check_consistency(consistency: Option<&str>) -> Result<(), ApiError> {
+/// Token lookups decide what a client does after a timeout: they are
+/// always answered by the leader.
+fn check_token_consistency(consistency: Option<&str>) -> Result<(), ApiError> {
     match consistency {
         None | Some("strong") => Ok(()),
         Some(other) => Err(ApiError::bad_request(
-            "unsupported_consistency",
-            format!("consistency={other:?} is not supported yet; use strong"),
+            "invalid_consistency",
+            format!("token lookups are always strong, got consistency={other:?}"),
         )
         .with("supported", ["strong"])),
     }
@@ -222,20 +219,24 @@ impl Gateway {
         Ok((entry, shard))
     }
 
-    /// Fields every answer carries: who served it, from where.
-    fn stamp(&self, body: &mut Map<String, Value>, served: &Served) {
+    /// Fields every answer carries: who served it, from where, how fresh.
+    pub(crate) fn stamp(&self, body: &mut Map<String, Value>, served: &Served) {
         let region = self
             .region_of(&served.node)
             .map(|r| r.to_string())
             .unwrap_or_default();
+        let served_by = match served.role {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+        };
         body.insert("region".into(), json!(region));
         body.insert("node".into(), json!(served.node));
-        body.insert("served_by".into(), json!("leader"));
+        body.insert("served_by".into(), json!(served_by));
         body.insert("gateway_region".into(), json!(self.region));
         body.insert("shard".into(), json!(served.shard.0));
         body.insert("generation".into(), json!(served.generation.0));
         body.insert("applied".into(), json!(served.applied));
-        body.insert("staleness_ms".into(), json!(0));
+        body.insert("staleness_ms".into(), json!(served.staleness_ms));
         body.insert("stale".into(), json!(false));
     }
 
@@ -281,7 +282,11 @@ impl Gateway {
         }
     }
 
-    async fn read(&self, shard: ShardId, query: Query) -> Result<(QueryResult, Served), ApiError> {
+    pub(crate) async fn read(
+        &self,
+        shard: ShardId,
+        query: Query,
+    ) -> Result<(QueryResult, Served), ApiError> {
         match self.call(Request::Read { shard, query }).await {
             Ok(Response::Read { result, served }) => Ok((result, served)),
             Ok(Response::Error(e)) => Err(ApiError::node(&e)),
@@ -327,6 +332,40 @@ fn object(value: impl serde::Serialize) -> Map<String, Value> {
 
 fn reply(status: StatusCode, body: Map<String, Value>) -> HttpResponse {
     (status, Json(Value::Object(body))).into_response()
+}
+
+/// An answer that carries the caller's session, raised by what it showed:
+/// in the body and in the `Harbor-Session` header, to send next time.
+fn reply_in_session(
+    status: StatusCode,
+    mut body: Map<String, Value>,
+    session: &Session,
+) -> HttpResponse {
+    body.insert("session".into(), json!(session.to_string()));
+    let mut response = reply(status, body);
+    response
+        .headers_mut()
+        .insert(SESSION_HEADER, session.header_value());
+    response
+}
+
+/// A committed write's answer: stamped, in the session raised by its entry.
+fn write_reply(
+    gw: &Gateway,
+    status: StatusCode,
+    mut body: Map<String, Value>,
+    applied: &Applied,
+    mut session: Session,
+) -> HttpResponse {
+    gw.stamp(&mut body, &applied.served);
+    session.include(applied.commit_token);
+    reply_in_session(status, body, &session)
+}
+
+/// A read's answer: stamped with how it was served, in the raised session.
+fn read_reply(gw: &Gateway, answer: &ReadAnswer, mut body: Map<String, Value>) -> HttpResponse {
+    answer.stamp(gw, &mut body);
+    reply_in_session(StatusCode::OK, body, &answer.session)
 }
 
 fn issuer_body(issuer: &IssuerView, entry: &DirectoryEntry) -> Map<String, Value> {
@@ -450,9 +489,10 @@ async fn health(State(gw): Gw) -> HttpResponse {
 async fn put_issuer(
     State(gw): Gw,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Result<JsonBody<PutIssuerBody>, ApiError>,
 ) -> HttpResponse {
-    put_issuer_inner(&gw, id, body)
+    put_issuer_inner(&gw, id, &headers, body)
         .await
         .unwrap_or_else(|e| gw.stamp_error(e).into_response())
 }
@@ -460,9 +500,11 @@ async fn put_issuer(
 async fn put_issuer_inner(
     gw: &Gateway,
     id: String,
+    headers: &HeaderMap,
     body: Result<JsonBody<PutIssuerBody>, ApiError>,
 ) -> ApiResult {
     let issuer = issuer_id(&id)?;
+    let session = Session::from_headers(headers)?;
     let JsonBody(body) = body?;
     let region = Region::new(&body.home_region).map_err(|e| invalid("home_region", e))?;
     let limit = amount("limit", body.limit, 0)?;
@@ -504,13 +546,12 @@ async fn put_issuer_inner(
             body.insert("created".into(), json!(created));
             body.insert("changed".into(), json!(changed));
             body.insert("commit_token".into(), json!(applied.commit_token));
-            gw.stamp(&mut body, &applied.served);
             let status = if *created {
                 StatusCode::CREATED
             } else {
                 StatusCode::OK
             };
-            Ok(reply(status, body))
+            Ok(write_reply(gw, status, body, &applied, session))
         }
         Outcome::Rejected(r) => Err(gw.rejected(r, &applied)),
         other => Err(unexpected_outcome(other)),
@@ -526,26 +567,40 @@ fn unexpected_outcome(outcome: &Outcome) -> ApiError {
     )
 }
 
+type ReadQuery = Result<QueryParams<ReadParams>, axum::extract::rejection::QueryRejection>;
+
+/// What every read endpoint does first: check the read mode against the
+/// parameters and the session, find the issuer's group, and read it.
+async fn read_of_issuer(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    params: ReadQuery,
+    issuer: &IssuerId,
+    query: Query,
+) -> Result<(ReadAnswer, DirectoryEntry), ApiError> {
+    let plan = ReadPlan::new(query_params(params)?, headers)?;
+    let (entry, shard) = gw.directory(issuer).await?;
+    let answer = gw.read_as(shard, query, &plan).await?;
+    Ok((answer, entry))
+}
+
 async fn get_issuer(
     State(gw): Gw,
     Path(id): Path<String>,
-    params: Result<QueryParams<ReadParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    params: ReadQuery,
 ) -> HttpResponse {
     let run = async {
         let issuer = issuer_id(&id)?;
-        let params = query_params(params)?;
-        check_consistency(params.consistency.as_deref())?;
-        let (entry, shard) = gw.directory(&issuer).await?;
-        let (result, served) = gw.read(shard, Query::Issuer(issuer.clone())).await?;
-        let QueryResult::Issuer(Some(view)) = result else {
+        let query = Query::Issuer(issuer.clone());
+        let (answer, entry) = read_of_issuer(&gw, &headers, params, &issuer, query).await?;
+        let QueryResult::Issuer(Some(view)) = &answer.result else {
             return Err(ApiError::not_found(
                 "unknown_issuer",
                 format!("unknown issuer {issuer}"),
             ));
         };
-        let mut body = issuer_body(&view, &entry);
-        gw.stamp(&mut body, &served);
-        Ok(reply(StatusCode::OK, body))
+        Ok(read_reply(&gw, &answer, issuer_body(view, &entry)))
     };
     run.await
         .unwrap_or_else(|e| gw.stamp_error(e).into_response())
@@ -554,17 +609,14 @@ async fn get_issuer(
 async fn open_reservations(
     State(gw): Gw,
     Path(id): Path<String>,
-    params: Result<QueryParams<ReadParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    params: ReadQuery,
 ) -> HttpResponse {
     let run = async {
         let issuer = issuer_id(&id)?;
-        let params = query_params(params)?;
-        check_consistency(params.consistency.as_deref())?;
-        let (_, shard) = gw.directory(&issuer).await?;
-        let (result, served) = gw
-            .read(shard, Query::OpenReservations(issuer.clone()))
-            .await?;
-        let QueryResult::OpenReservations(Some(list)) = result else {
+        let query = Query::OpenReservations(issuer.clone());
+        let (answer, _) = read_of_issuer(&gw, &headers, params, &issuer, query).await?;
+        let QueryResult::OpenReservations(Some(list)) = &answer.result else {
             return Err(ApiError::not_found(
                 "unknown_issuer",
                 format!("unknown issuer {issuer}"),
@@ -574,15 +626,19 @@ async fn open_reservations(
         body.insert("issuer_id".into(), json!(issuer));
         body.insert("count".into(), json!(list.len()));
         body.insert("reservations".into(), json!(list));
-        gw.stamp(&mut body, &served);
-        Ok(reply(StatusCode::OK, body))
+        Ok(read_reply(&gw, &answer, body))
     };
     run.await
         .unwrap_or_else(|e| gw.stamp_error(e).into_response())
 }
 
-async fn reserve(State(gw): Gw, body: Result<JsonBody<ReserveBody>, ApiError>) -> HttpResponse {
+async fn reserve(
+    State(gw): Gw,
+    headers: HeaderMap,
+    body: Result<JsonBody<ReserveBody>, ApiError>,
+) -> HttpResponse {
     let run = async {
+        let session = Session::from_headers(&headers)?;
         let JsonBody(body) = body?;
         let token = token(&body.reservation_token)?;
         let issuer = issuer_id(&body.issuer_id)?;
@@ -608,14 +664,19 @@ async fn reserve(State(gw): Gw, body: Result<JsonBody<ReserveBody>, ApiError>) -
             hold_ttl_ms: body.hold_ttl_ms,
         };
         let applied = gw.write(shard, command).await?;
-        reservation_reply(&gw, applied, StatusCode::CREATED)
+        reservation_reply(&gw, applied, StatusCode::CREATED, session)
             .map_err(|e| e.with("reservation_token", &token))
     };
     run.await
         .unwrap_or_else(|e| gw.stamp_error(e).into_response())
 }
 
-fn reservation_reply(gw: &Gateway, applied: Applied, status: StatusCode) -> ApiResult {
+fn reservation_reply(
+    gw: &Gateway,
+    applied: Applied,
+    status: StatusCode,
+    session: Session,
+) -> ApiResult {
     match &applied.outcome {
         Outcome::Reservation {
             reservation,
@@ -624,8 +685,7 @@ fn reservation_reply(gw: &Gateway, applied: Applied, status: StatusCode) -> ApiR
             let mut body = reservation_body(reservation, applied.issuer.as_ref());
             body.insert("replayed".into(), json!(replayed));
             body.insert("commit_token".into(), json!(applied.commit_token));
-            gw.stamp(&mut body, &applied.served);
-            Ok(reply(status, body))
+            Ok(write_reply(gw, status, body, &applied, session))
         }
         Outcome::Rejected(r) => Err(gw.rejected(r, &applied)),
         other => Err(unexpected_outcome(other)),
@@ -635,39 +695,53 @@ fn reservation_reply(gw: &Gateway, applied: Applied, status: StatusCode) -> ApiR
 async fn get_reservation(
     State(gw): Gw,
     Path(id): Path<String>,
-    params: Result<QueryParams<ReadParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    params: ReadQuery,
 ) -> HttpResponse {
     let run = async {
         let id = reservation_id(&id)?;
-        let params = query_params(params)?;
-        check_consistency(params.consistency.as_deref())?;
-        let (_, shard) = gw.directory(id.issuer()).await?;
-        let (result, served) = gw.read(shard, Query::Reservation(id.clone())).await?;
-        let QueryResult::Reservation(Some(view)) = result else {
+        let query = Query::Reservation(id.clone());
+        let (answer, _) = read_of_issuer(&gw, &headers, params, id.issuer(), query).await?;
+        let QueryResult::Reservation(Some(view)) = &answer.result else {
             return Err(ApiError::not_found(
                 "unknown_reservation",
                 format!("unknown reservation {id}"),
             ));
         };
-        let mut body = reservation_body(&view, None);
-        gw.stamp(&mut body, &served);
-        Ok(reply(StatusCode::OK, body))
+        Ok(read_reply(&gw, &answer, reservation_body(view, None)))
     };
     run.await
         .unwrap_or_else(|e| gw.stamp_error(e).into_response())
 }
 
-async fn confirm(State(gw): Gw, Path(id): Path<String>, body: Bytes) -> HttpResponse {
-    transition(gw, id, body, true).await
+async fn confirm(
+    State(gw): Gw,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResponse {
+    transition(gw, id, &headers, body, true).await
 }
 
-async fn release(State(gw): Gw, Path(id): Path<String>, body: Bytes) -> HttpResponse {
-    transition(gw, id, body, false).await
+async fn release(
+    State(gw): Gw,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResponse {
+    transition(gw, id, &headers, body, false).await
 }
 
-async fn transition(gw: Arc<Gateway>, id: String, body: Bytes, confirm: bool) -> HttpResponse {
+async fn transition(
+    gw: Arc<Gateway>,
+    id: String,
+    headers: &HeaderMap,
+    body: Bytes,
+    confirm: bool,
+) -> HttpResponse {
     let run = async {
         let reservation_id = reservation_id(&id)?;
+        let session = Session::from_headers(headers)?;
         if !body.is_empty() {
             // No fields are defined; an empty object is fine, anything else is refused.
             let _: EmptyBody = parse_json(&body)?;
@@ -679,7 +753,7 @@ async fn transition(gw: Arc<Gateway>, id: String, body: Bytes, confirm: bool) ->
             Command::Release { reservation_id }
         };
         let applied = gw.write(shard, command).await?;
-        reservation_reply(&gw, applied, StatusCode::OK)
+        reservation_reply(&gw, applied, StatusCode::OK, session)
     };
     run.await
         .unwrap_or_else(|e| gw.stamp_error(e).into_response())
@@ -697,7 +771,7 @@ async fn get_token(
     let run = async {
         let token = token(&text)?;
         let params = query_params(params)?;
-        check_consistency(params.consistency.as_deref())?;
+        check_token_consistency(params.consistency.as_deref())?;
         match params.issuer_id {
             Some(issuer) => {
                 let issuer = issuer_id(&issuer)?;
@@ -777,10 +851,12 @@ async fn resolve_token(
     State(gw): Gw,
     Path(text): Path<String>,
     params: Result<QueryParams<TokenParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> HttpResponse {
     let run = async {
         let token = token(&text)?;
+        let session = Session::from_headers(&headers)?;
         let params = query_params(params)?;
         let body: ResolveBody = if body.is_empty() {
             ResolveBody::default()
@@ -816,8 +892,7 @@ async fn resolve_token(
             Outcome::Token(view) => {
                 let mut body = token_body(Some(view), Some(&issuer), &token);
                 body.insert("resolved_at".into(), json!(applied.commit_token));
-                gw.stamp(&mut body, &applied.served);
-                Ok(reply(StatusCode::OK, body))
+                Ok(write_reply(&gw, StatusCode::OK, body, &applied, session))
             }
             Outcome::Rejected(r) => Err(gw.rejected(r, &applied)),
             other => Err(unexpected_outcome(other)),

@@ -3,15 +3,20 @@
 //! Any gateway accepts any request: it validates the input (bad input is
 //! refused here and changes nothing), finds the issuer's bucket in the
 //! directory and the bucket's group in the shard map, and sends the request
-//! over the transport to the group's leader, wherever it is. The answer says
-//! which node served it and at which commit position.
+//! over the transport to the group's leader, wherever it is; reads that
+//! allow it go to a replica in the gateway's own region (see [`reads`]).
+//! Every answer says which node served it, at which commit position, and
+//! how fresh it is.
 
 pub mod admin;
 mod api;
 mod error;
+mod metrics;
+pub mod reads;
 mod router;
 
 pub use admin::{Admin, ClusterView, Fault};
 pub use api::routes;
 pub use error::ApiError;
+pub use reads::{Consistency, Session, SESSION_HEADER};
 pub use router::{Gateway, GatewayConfig};

@@ -21,8 +21,11 @@ const LEADERSHIP_WAIT_MAX: Duration = Duration::from_millis(200);
 /// A leader silent for this long makes a waiting request refresh the map
 /// (every `ROUTE_CHECK_INTERVAL` from then on).
 const SILENT_LEADER: Duration = Duration::from_millis(300);
-/// An unanswered request is sent again after this (to the leader of the
-/// moment): TCP loses what was written to a connection whose peer died.
+/// An unanswered request is sent again after this, then after twice as
+/// long, and so on: TCP loses what was written to a connection whose peer
+/// died. The copy keeps the request's id, so whichever answer comes first
+/// is taken, and a slow link (a WAN round trip over a second) still gets
+/// its answers.
 const RESEND_AFTER: Duration = Duration::from_millis(1_000);
 /// How long a request first waits before asking again a node that the map
 /// names leader but that has not heard it yet (doubling on each refusal).
@@ -60,6 +63,9 @@ pub struct Gateway {
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
     next_id: AtomicU64,
     admin: OnceLock<Arc<dyn Admin>>,
+    pub(crate) metrics: crate::metrics::Metrics,
+    /// Turns local reads take among a group's replicas in this region.
+    pub(crate) local_turn: AtomicU64,
 }
 
 impl Gateway {
@@ -81,6 +87,8 @@ impl Gateway {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             admin: OnceLock::new(),
+            metrics: crate::metrics::Metrics::default(),
+            local_turn: AtomicU64::new(0),
         });
         tokio::spawn(receive(Arc::downgrade(&gateway), inbox));
         gateway
@@ -118,8 +126,8 @@ impl Gateway {
     /// Sends `request` to its group's leader and waits for the answer,
     /// following the leader: on a not-leader answer with a hint, or when the
     /// shard map names a new leader while it waits, it sends the request
-    /// again to the new one, and to the same one when it has not answered
-    /// within `RESEND_AFTER` (lost on a dead connection). A
+    /// again to the new one, and a copy to the same one when it has not
+    /// answered within `RESEND_AFTER` (lost on a dead connection). A
     /// `leadership_changed`, `stale_route` or hintless `not_leader`
     /// refusal (a transfer or a failover under way) waits for the map to
     /// move, then sends again. That is safe for every request: reservations
@@ -143,6 +151,8 @@ impl Gateway {
             let route = self.generation_of(shard);
             let (id, mut rx) = self.send(&leader, request.clone(), route)?;
             let sent = tokio::time::Instant::now();
+            let mut resend_at = sent + RESEND_AFTER;
+            let mut resend_every = RESEND_AFTER;
             let answer = loop {
                 tokio::select! {
                     answer = &mut rx => break answer.ok(),
@@ -152,12 +162,17 @@ impl Gateway {
                             let _ = self.meta.refresh().await;
                         }
                         let moved = self.leader_of(shard).filter(|l| *l != leader);
-                        // A request sent on a connection that died (the peer
-                        // restarted) is lost: send it again (same token).
-                        let lost = sent.elapsed() >= RESEND_AFTER;
-                        if moved.is_some() || lost || tokio::time::Instant::now() >= deadline {
+                        if moved.is_some() || tokio::time::Instant::now() >= deadline {
                             self.pending.lock().unwrap().remove(&id);
                             break None;
+                        }
+                        // A request sent on a connection that died (the peer
+                        // restarted) is lost: send a copy (same id, same
+                        // token).
+                        if tokio::time::Instant::now() >= resend_at {
+                            self.transmit(&leader, id, request.clone(), route);
+                            resend_every *= 2;
+                            resend_at = tokio::time::Instant::now() + resend_every;
                         }
                     }
                 }
@@ -251,12 +266,16 @@ impl Gateway {
             }
             pending.insert(id, tx);
         }
+        self.transmit(node, id, request, route);
+        Ok((id, rx))
+    }
+
+    fn transmit(&self, node: &NodeId, id: u64, request: Request, route: Option<Generation>) {
         self.transport.send(Envelope {
             from: self.me.clone(),
             to: node.clone(),
             body: Body::Request { id, request, route },
         });
-        Ok((id, rx))
     }
 
     /// Sends a control-plane order to one replica (no answer).

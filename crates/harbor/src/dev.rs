@@ -262,13 +262,11 @@ impl DevCluster {
                 server,
             });
         }
+        // The control plane stands for a metadata plane with a voter in
+        // each region: near every region, untouched by WAN faults.
         let control_region = map.regions()[0].clone();
         let control_id = NodeId::new("control-plane").unwrap();
-        let control_inbox = network.register(
-            control_id.clone(),
-            control_region.clone(),
-            ENDPOINT_INBOX_CAPACITY,
-        );
+        let control_inbox = network.register_near_all(control_id.clone(), ENDPOINT_INBOX_CAPACITY);
         let control_endpoint = Gateway::start(
             control_id,
             control_region,

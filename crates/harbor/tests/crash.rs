@@ -140,7 +140,9 @@ async fn sigkill_under_load_loses_no_acknowledged_reservation() {
         let reply = api.token(&newyork, token, issuer).await;
         assert_eq!(reply.body["status"], "committed", "{token}: {}", reply.body);
         assert_eq!(reply.body["reservation_id"].as_str(), Some(id.as_str()));
-        let reservation = api.get(format!("{madrid}/v1/reservations/{id}")).await;
+        let reservation = api
+            .get(format!("{madrid}/v1/reservations/{id}?consistency=strong"))
+            .await;
         assert_eq!(reservation.status, 200, "{}", reservation.body);
         assert_eq!(
             reservation.body["reservation_token"].as_str(),
@@ -151,7 +153,9 @@ async fn sigkill_under_load_loses_no_acknowledged_reservation() {
     for issuer in issuers {
         let view = api.issuer(&madrid, issuer).await.body;
         let open = api
-            .get(format!("{madrid}/v1/issuers/{issuer}/open-reservations"))
+            .get(format!(
+                "{madrid}/v1/issuers/{issuer}/open-reservations?consistency=strong"
+            ))
             .await
             .body;
         let sum: u64 = open["reservations"]

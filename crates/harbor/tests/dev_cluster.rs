@@ -280,7 +280,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (api.reserve(&madrid, "bad token!", "ISS-1", 5, "d").await, 422, "invalid_field"),
         (api.reserve(&madrid, "t", "ISS-1", 5, "").await, 422, "invalid_field"),
         (api.put_issuer(&madrid, "ISS-2", "tokyo", 5).await, 422, "unknown_region"),
-        (api.get(format!("{madrid}/v1/issuers/ISS-1?consistency=eventual")).await, 400, "unsupported_consistency"),
+        (api.get(format!("{madrid}/v1/issuers/ISS-1?consistency=eventual")).await, 400, "invalid_consistency"),
         (api.get(format!("{madrid}/v1/reservations/garbage")).await, 422, "invalid_field"),
         (api.get(format!("{madrid}/v1/reservations/ISS-1:r99")).await, 404, "unknown_reservation"),
         (api.get(format!("{madrid}/v1/nowhere")).await, 404, "not_found"),
@@ -419,7 +419,10 @@ async fn concurrent_clients_never_oversell_or_duplicate() {
     for (issuer, _, limit) in issuers {
         let view = api.issuer(&urls[0], issuer).await.body;
         let open = api
-            .get(format!("{}/v1/issuers/{issuer}/open-reservations", urls[0]))
+            .get(format!(
+                "{}/v1/issuers/{issuer}/open-reservations?consistency=strong",
+                urls[0]
+            ))
             .await
             .body;
         let list = open["reservations"].as_array().unwrap();

@@ -28,6 +28,9 @@ pub struct NodeConfig {
     pub batch_inputs_max: usize,
     /// Proposals waiting to commit before the leader refuses new ones.
     pub uncommitted_entries_max: u64,
+    /// Local reads (session, bounded, causal) a replica holds at once while
+    /// they wait to apply what they need; more are sent to the leader.
+    pub local_reads_waiting_max: usize,
     pub wal: WalOptions,
     /// Simulator-only protocol bugs; always off in a running node.
     pub bugs: Bugs,
@@ -47,6 +50,7 @@ impl NodeConfig {
             replica_inbox_capacity: 65_536,
             batch_inputs_max: 8_192,
             uncommitted_entries_max: 65_536,
+            local_reads_waiting_max: 4_096,
             wal: WalOptions::default(),
             bugs: Bugs::none(),
         }

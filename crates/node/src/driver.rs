@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::NodeConfig;
 use crate::transport::Transport;
 use crate::wire::{
-    Body, Envelope, ErrorCode, GroupStatus, NodeError, Query, QueryResult, Request, Response,
-    Served,
+    Body, Envelope, ErrorCode, Freshness, GroupStatus, NodeError, Query, QueryResult, Request,
+    Response, Served,
 };
 
 /// Orders from the metadata plane (and the node) to one replica.
@@ -73,6 +73,17 @@ struct Waiter {
     request_id: u64,
 }
 
+/// A local read, answered at the end of the batch it arrived in (when what
+/// committed in the batch is applied) or, if it waits for an entry, when
+/// that entry applies or its wait runs out.
+struct LocalRead {
+    reply_to: NodeId,
+    request_id: u64,
+    query: Query,
+    need: Freshness,
+    until_ms: u64,
+}
+
 /// One replica: the replication core, the state machine and the WAL. The
 /// node runs it on a thread with [`Driver::run`]; the simulator calls
 /// [`Driver::handle`], [`Driver::tick`] and [`Driver::finish_batch`] itself,
@@ -96,6 +107,7 @@ pub struct Driver<S: Storage = FileStorage> {
     barrier: Option<(Generation, LogIndex)>,
     /// An `ExpireHolds` proposal not yet applied.
     expiry_pending: Option<LogIndex>,
+    local_reads: Vec<LocalRead>,
     /// Set after an IO failure: the replica stops taking part.
     failed: Option<String>,
 }
@@ -216,6 +228,7 @@ impl<S: Storage> Driver<S> {
             waiters: BTreeMap::new(),
             barrier: None,
             expiry_pending: None,
+            local_reads: Vec::new(),
             failed: None,
         })
     }
@@ -229,7 +242,7 @@ impl<S: Storage> Driver<S> {
         let follower_wait = Duration::from_millis(FOLLOWER_WAIT_MS);
         let mut last_tick_ms = 0;
         loop {
-            let wait = if self.core.is_leader() {
+            let wait = if self.core.is_leader() || !self.local_reads.is_empty() {
                 tick
             } else {
                 follower_wait
@@ -371,6 +384,7 @@ impl<S: Storage> Driver<S> {
             self.core.flush(now);
         }
         self.maybe_snapshot();
+        self.answer_local_reads(now);
     }
 
     /// Returns whether the WAL needs an fsync.
@@ -588,7 +602,87 @@ impl<S: Storage> Driver<S> {
             shard: self.shard,
             generation: self.core.generation(),
             applied: self.machine.applied(),
+            role: self.core.role(),
+            staleness_ms: Some(0),
         }
+    }
+
+    /// How old this replica's applied state may be at `now`: 0 for a ready
+    /// leader under a lease, the age of the closed timestamp for a follower
+    /// that has applied everything it committed, else unknown.
+    pub fn staleness_ms(&self, now: u64) -> Option<u64> {
+        if self.applied < self.core.commit_index() {
+            return None;
+        }
+        if self.core.is_leader() && !self.is_ready() {
+            return None;
+        }
+        let closed = self.core.closed_timestamp(now)?;
+        Some(now.saturating_sub(closed.wall_ms))
+    }
+
+    /// Answers the local reads that can be answered: the ones whose entry
+    /// applied, and the ones whose wait ran out (refused, so the caller
+    /// asks the leader).
+    fn answer_local_reads(&mut self, now: u64) {
+        if self.local_reads.is_empty() {
+            return;
+        }
+        let reads = std::mem::take(&mut self.local_reads);
+        for read in reads {
+            let missing = read.need.applied_at_least.filter(|&index| {
+                self.applied < index && !self.config.bugs.follower_ignores_session
+            });
+            match missing {
+                Some(_) if now < read.until_ms => self.local_reads.push(read),
+                Some(index) => {
+                    probe("node.local_read_behind_session");
+                    let e = error(
+                        ErrorCode::ReplicaBehind,
+                        format!(
+                            "{} of {} has applied up to {}, not yet {index}",
+                            self.me, self.shard, self.applied
+                        ),
+                        true,
+                        false,
+                    );
+                    self.reply_error(&read.reply_to, read.request_id, e);
+                }
+                None => self.answer_local_read(now, read),
+            }
+        }
+    }
+
+    fn answer_local_read(&mut self, now: u64, read: LocalRead) {
+        let staleness_ms = self.staleness_ms(now);
+        if let Some(max) = read.need.max_staleness_ms {
+            if staleness_ms.is_none_or(|s| s > max) {
+                probe("node.local_read_too_stale");
+                let age =
+                    staleness_ms.map_or("of unknown age".to_string(), |s| format!("{s} ms old"));
+                let e = error(
+                    ErrorCode::ReplicaBehind,
+                    format!(
+                        "the state of {} on {} is {age}, over the {max} ms budget",
+                        self.shard, self.me
+                    ),
+                    true,
+                    false,
+                );
+                return self.reply_error(&read.reply_to, read.request_id, e);
+            }
+        }
+        if !self.core.is_leader() {
+            probe("node.follower_served_read");
+        }
+        let result = self.query(read.query);
+        let mut served = self.served();
+        served.staleness_ms = staleness_ms;
+        self.reply(
+            &read.reply_to,
+            read.request_id,
+            Response::Read { result, served },
+        );
     }
 
     fn request(
@@ -619,6 +713,7 @@ impl<S: Storage> Driver<S> {
                 replica: self.core.status(now),
                 ready: self.is_ready(),
                 applied: self.machine.applied(),
+                staleness_ms: self.staleness_ms(now),
                 issuers: self.machine.issuers().count() as u64,
             };
             let response = Response::Read {
@@ -626,6 +721,28 @@ impl<S: Storage> Driver<S> {
                 served: self.served(),
             };
             return self.reply(&from, id, response);
+        }
+        if let Request::LocalRead { query, need, .. } = request {
+            if matches!(query, Query::Status)
+                || self.local_reads.len() >= self.config.local_reads_waiting_max
+            {
+                let e = error(
+                    ErrorCode::ReplicaBehind,
+                    format!("{} of {} holds too many waiting reads", self.me, self.shard),
+                    true,
+                    false,
+                );
+                return self.reply_error(&from, id, e);
+            }
+            let until_ms = now.saturating_add(need.wait_ms);
+            self.local_reads.push(LocalRead {
+                reply_to: from,
+                request_id: id,
+                query,
+                need,
+                until_ms,
+            });
+            return;
         }
         let generation = self.core.generation();
         if route.is_some_and(|r| r < generation) {
@@ -679,6 +796,7 @@ impl<S: Storage> Driver<S> {
                     }
                 }
             }
+            Request::LocalRead { .. } => unreachable!("answered before the leader check"),
             Request::Read { query, .. } => {
                 if !self.core.has_lease(now) && !self.config.bugs.strong_read_without_lease {
                     probe("node.strong_read_refused_without_lease");

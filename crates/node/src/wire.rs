@@ -2,12 +2,12 @@
 //! replication traffic and client requests, so the simulated WAN delay and
 //! every fault apply to both alike.
 
-use harbor_replication::{Message, ReplicaStatus};
+use harbor_replication::{Message, ReplicaStatus, Role};
 
 use crate::driver::Control;
 use harbor_reservation::{Command, IssuerView, Outcome, ReservationView, TokenView};
 use harbor_types::{
-    CommitToken, Generation, IssuerId, NodeId, ReservationId, ReservationToken, ShardId,
+    CommitToken, Generation, IssuerId, LogIndex, NodeId, ReservationId, ReservationToken, ShardId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,16 +47,40 @@ pub enum Body {
 pub enum Request {
     /// Order a command through the group's leader.
     Write { shard: ShardId, command: Command },
-    /// Read the leader's applied state.
+    /// Read the leader's applied state; it must hold a lease (strong).
     Read { shard: ShardId, query: Query },
+    /// Read this replica's applied state, whatever its role, if it is fresh
+    /// enough for the caller; else it answers `replica_behind` and the
+    /// caller asks the leader. Sent without a route.
+    LocalRead {
+        shard: ShardId,
+        query: Query,
+        need: Freshness,
+    },
 }
 
 impl Request {
     pub fn shard(&self) -> ShardId {
         match self {
-            Request::Write { shard, .. } | Request::Read { shard, .. } => *shard,
+            Request::Write { shard, .. }
+            | Request::Read { shard, .. }
+            | Request::LocalRead { shard, .. } => *shard,
         }
     }
+}
+
+/// What a local read needs from the replica that serves it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Freshness {
+    /// It must have applied this entry: the caller's session (read your
+    /// writes, monotonic reads) or the dependencies of a causal read.
+    pub applied_at_least: Option<LogIndex>,
+    /// Its state must be at most this old (bounded staleness); `None`
+    /// accepts any age (the answer still says how old).
+    pub max_staleness_ms: Option<u64>,
+    /// How long it may wait to apply `applied_at_least` (causal reads);
+    /// 0 answers at once.
+    pub wait_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -88,6 +112,11 @@ pub struct Served {
     pub generation: Generation,
     /// The newest entry applied to the state the answer shows.
     pub applied: Option<CommitToken>,
+    pub role: Role,
+    /// How far behind the group the state may be: 0 for a leader under a
+    /// lease; for a follower, the age of its closed timestamp on its own
+    /// clock; `None` when the replica knows no bound.
+    pub staleness_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -134,6 +163,8 @@ pub enum ErrorCode {
     Timeout,
     Unavailable,
     StaleRoute,
+    /// A local read the replica cannot serve fresh enough; ask the leader.
+    ReplicaBehind,
 }
 
 impl ErrorCode {
@@ -149,6 +180,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::StaleRoute => "stale_route",
+            ErrorCode::ReplicaBehind => "replica_behind",
         }
     }
 }
@@ -168,5 +200,7 @@ pub struct GroupStatus {
     /// A leader whose first entry of its generation has committed.
     pub ready: bool,
     pub applied: Option<CommitToken>,
+    /// As in [`Served::staleness_ms`].
+    pub staleness_ms: Option<u64>,
     pub issuers: u64,
 }

@@ -128,14 +128,17 @@ pub struct ReplicaStatus {
     pub durable_index: LogIndex,
     pub commit_index: LogIndex,
     pub followers: Vec<FollowerStatus>,
-    /// Follower side: the newest closed timestamp heard from the leader and
-    /// the leader's last index when it was sent.
-    pub closed: Option<(Timestamp, LogIndex)>,
+    /// The newest time this replica's state is complete for (see
+    /// [`Replica::closed_timestamp`]); `None` while it knows of none.
+    pub closed: Option<Timestamp>,
     /// Time since this replica last acknowledged a leader's append, or since
     /// it started. A sealed replica acks no older leader, so an old leader's
     /// lease resting on it ends `lease_ms` after this point at the latest.
     pub acked_ms_ago: u64,
 }
+
+/// Closed timestamps a follower keeps waiting for their entries to commit.
+const CLOSED_PENDING_MAX: usize = 64;
 
 /// One replica of one group.
 pub struct Replica {
@@ -162,7 +165,11 @@ pub struct Replica {
     /// Highest index known to match the current leader's log.
     leader_matched: LogIndex,
     leader_commit: LogIndex,
-    closed: Option<(Timestamp, LogIndex)>,
+    /// The newest closed timestamp whose entries are all committed here.
+    closed: Option<Timestamp>,
+    /// Closed timestamps heard from the leader that wait for their
+    /// `leader_last_index` to commit here, oldest first.
+    closed_pending: VecDeque<(Timestamp, LogIndex)>,
     /// `sent_ms` of the newest append accepted in this generation.
     echo_ms: u64,
     /// When this replica last acknowledged a leader's append (or started).
@@ -220,6 +227,7 @@ impl Replica {
             leader_matched: recovered.snapshot.last_index,
             leader_commit: recovered.snapshot.last_index,
             closed: None,
+            closed_pending: VecDeque::new(),
             echo_ms: 0,
             acked_at_ms: now_ms,
             progress: BTreeMap::new(),
@@ -314,7 +322,7 @@ impl Replica {
             durable_index: self.durable,
             commit_index: self.commit,
             followers,
-            closed: self.closed,
+            closed: self.closed_timestamp(now_ms),
             acked_ms_ago: now_ms.saturating_sub(self.acked_at_ms),
         }
     }
@@ -387,8 +395,14 @@ impl Replica {
     /// the last `lease_ms`. A sealed or fenced leader loses it within
     /// `lease_ms`, which the control plane waits out before naming the next.
     pub fn has_lease(&self, now_ms: u64) -> bool {
+        self.lease_until().is_some_and(|until| now_ms < until)
+    }
+
+    /// When this leader's lease ends, on its own clock (`u64::MAX` when no
+    /// follower ack is required); `None` if it holds none.
+    fn lease_until(&self) -> Option<u64> {
         if self.role != Role::Leader {
-            return false;
+            return None;
         }
         let mut starts: Vec<u64> = self
             .progress
@@ -397,14 +411,40 @@ impl Replica {
             .filter_map(|p| p.lease_from_ms)
             .collect();
         starts.sort_unstable_by(|a, b| b.cmp(a));
-        let start = match self.config.sync_acks {
-            0 => return true,
-            n => match starts.get(n - 1) {
-                Some(start) => *start,
-                None => return false,
-            },
-        };
-        now_ms < start + self.config.lease_ms
+        match self.config.sync_acks {
+            0 => Some(u64::MAX),
+            n => starts.get(n - 1).map(|start| start + self.config.lease_ms),
+        }
+    }
+
+    /// The newest time this replica's committed state is complete for:
+    /// every entry the group ordered at or before it is committed here.
+    ///
+    /// A leader under a lease is complete up to now. A follower is complete
+    /// up to the newest closed timestamp (see [`Append::closed`]) whose
+    /// `leader_last_index` it has committed. A leader closes no time past
+    /// its lease, and the control plane names the next leader only after
+    /// that lease ran out, so a closed timestamp from a deposed leader still
+    /// holds: the next generation orders entries after it (up to clock skew,
+    /// which the failover margin covers).
+    pub fn closed_timestamp(&self, now_ms: u64) -> Option<Timestamp> {
+        match self.role {
+            Role::Leader => self
+                .has_lease(now_ms)
+                .then(|| Timestamp::from_wall_ms(now_ms)),
+            Role::Follower => self.closed,
+        }
+    }
+
+    /// The timestamp a leader closes in a message sent now: its clock,
+    /// but never past its lease (see [`Replica::closed_timestamp`]).
+    fn close_timestamp(&mut self, now_ms: u64) -> Timestamp {
+        let now = self.hlc.now(now_ms);
+        match self.lease_until() {
+            Some(until) if until <= now.wall_ms => Timestamp::from_wall_ms(until),
+            Some(_) => now,
+            None => Timestamp::ZERO,
+        }
     }
 
     /// A planned transfer: take no proposals for `for_ms` while a follower
@@ -456,6 +496,7 @@ impl Replica {
         // Only the committed prefix is known to be in every later leader's log.
         self.leader_matched = self.commit;
         self.closed = None;
+        self.closed_pending.clear();
         self.echo_ms = 0;
         self.effects.push(Effect::PersistGeneration(generation));
     }
@@ -619,7 +660,7 @@ impl Replica {
             prev_generation,
             entries: batch,
             commit_index: self.commit,
-            closed: self.hlc.now(now_ms),
+            closed: self.close_timestamp(now_ms),
             leader_last_index: last,
             sent_ms: now_ms,
         });
@@ -652,7 +693,7 @@ impl Replica {
             meta,
             data,
             commit_index: self.commit,
-            closed: self.hlc.now(now_ms),
+            closed: self.close_timestamp(now_ms),
         });
         self.effects.push(Effect::Send {
             to: to.clone(),
@@ -833,7 +874,7 @@ impl Replica {
         self.leader_matched = self.leader_matched.max(matched);
         assert!(self.leader_matched <= self.last_index());
         self.leader_commit = self.leader_commit.max(m.commit_index);
-        self.closed = Some((m.closed, m.leader_last_index));
+        self.hear_closed(m.closed, m.leader_last_index);
         self.echo_ms = self.echo_ms.max(m.sent_ms);
         let persisting = truncate_from.is_some() || !appended.is_empty();
         if persisting {
@@ -866,6 +907,35 @@ impl Replica {
         if candidate > self.commit {
             self.commit = candidate;
             self.effects.push(Effect::Commit { upto: candidate });
+        }
+        self.advance_closed();
+    }
+
+    /// A closed timestamp from the current leader: it becomes this
+    /// follower's once the leader's log up to `leader_last_index` has
+    /// committed here. Under steady writes that index is always ahead of the
+    /// commit index in the same message, so pending ones are kept.
+    fn hear_closed(&mut self, closed: Timestamp, leader_last_index: LogIndex) {
+        if closed == Timestamp::ZERO || self.closed.is_some_and(|c| c >= closed) {
+            return;
+        }
+        if self.closed_pending.len() >= CLOSED_PENDING_MAX {
+            // Keep the oldest (they become readable first) and the newest.
+            self.closed_pending.pop_back();
+        }
+        self.closed_pending.push_back((closed, leader_last_index));
+        self.advance_closed();
+    }
+
+    fn advance_closed(&mut self) {
+        while let Some(&(closed, upto)) = self.closed_pending.front() {
+            if upto > self.commit {
+                break;
+            }
+            self.closed_pending.pop_front();
+            if self.closed.is_none_or(|c| c < closed) {
+                self.closed = Some(closed);
+            }
         }
     }
 
@@ -908,6 +978,7 @@ impl Replica {
         self.durable = m.meta.last_index;
         self.commit = m.meta.last_index;
         self.leader_matched = m.meta.last_index;
+        self.advance_closed();
         self.effects.push(Effect::PersistSnapshot {
             meta: m.meta,
             data: m.data,

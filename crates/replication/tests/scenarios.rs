@@ -562,3 +562,66 @@ fn a_sealed_follower_knows_when_the_old_leaders_lease_ends() {
         "the old leader's lease outlived the followers' last acks"
     );
 }
+
+#[test]
+fn a_follower_is_fresh_up_to_the_closed_timestamp_it_has_committed() {
+    let mut g = Group::new();
+    let now = g.now_ms;
+    assert_eq!(
+        g.replica("r1").closed_timestamp(now),
+        None,
+        "nothing heard yet"
+    );
+    g.settle();
+    g.tick(100);
+    g.settle();
+    let heard_at = g.now_ms;
+    let closed = g.replica("r1").closed_timestamp(heard_at).unwrap();
+    assert!(closed.wall_ms >= heard_at - 100, "{closed} at {heard_at}");
+    assert_eq!(
+        g.replica("l1").closed_timestamp(heard_at).unwrap().wall_ms,
+        heard_at,
+        "a leader under a lease is fresh now"
+    );
+
+    // A proposal is in flight to r1 but not committed there: the timestamp
+    // closed with it must wait for it.
+    g.tick(50);
+    let index = g.propose("in flight");
+    g.deliver_to("r1");
+    g.run_effects();
+    let now = g.now_ms;
+    assert!(g.committed("r1") < index);
+    let ordered_at = g.replica("l1").entry(index).unwrap().at;
+    let fresh_to = g.replica("r1").closed_timestamp(now).unwrap();
+    assert!(
+        fresh_to < ordered_at,
+        "fresh to {fresh_to} without entry {index} ordered at {ordered_at}"
+    );
+    g.settle();
+    g.tick(100);
+    g.settle();
+    let now = g.now_ms;
+    assert!(g.replica("r1").closed_timestamp(now).unwrap() > closed);
+
+    // Cut off from its followers, the leader closes nothing past its lease:
+    // r1 (which it can still reach) does not get fresher than that.
+    let lease_ms = g.replica("l1").config().lease_ms;
+    g.down = vec![node("l2"), node("l3")];
+    for _ in 0..(lease_ms / 100 + 5) {
+        g.tick(100);
+        g.settle();
+    }
+    let now = g.now_ms;
+    assert!(!g.replica("l1").has_lease(now));
+    assert_eq!(g.replica("l1").closed_timestamp(now), None);
+    let stuck = g.replica("r1").closed_timestamp(now).unwrap();
+    assert!(
+        stuck.wall_ms <= now - 400,
+        "r1 closed at {stuck} though l1's lease ended; now {now}"
+    );
+    g.tick(300);
+    g.settle();
+    let later = g.now_ms;
+    assert_eq!(g.replica("r1").closed_timestamp(later), Some(stuck));
+}

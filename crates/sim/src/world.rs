@@ -6,13 +6,16 @@ use harbor_meta::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, ShardMap, Topology,
 };
 use harbor_node::driver::{Control, Driver, ReplicaInput};
-use harbor_node::wire::{Body, Envelope, ErrorCode, Query, QueryResult, Request, Response};
+use harbor_node::wire::{
+    Body, Envelope, ErrorCode, Freshness, Query, QueryResult, Request, Response,
+};
 use harbor_node::{NodeConfig, Transport};
-use harbor_replication::Member;
+use harbor_replication::{Member, Role};
 use harbor_reservation::{Command, Outcome, TokenOutcome, TokenView};
 use harbor_types::sim::Bugs;
 use harbor_types::{
-    Amount, Generation, IssuerId, NodeId, Region, ReservationId, ReservationToken, ShardId,
+    Amount, CommitToken, Generation, IssuerId, NodeId, Region, ReservationId, ReservationToken,
+    ShardId,
 };
 use harbor_wal::MemStorage;
 use serde_json::{json, Value};
@@ -197,6 +200,19 @@ struct Inflight {
     request_id: u64,
     op: Op,
     token: Option<(ReservationToken, IssuerId)>,
+    /// A read other than strong: what it asked for. It went to a replica
+    /// in the client's region; if that one refuses, the strong read here
+    /// goes to the leader (as a gateway does).
+    read: Option<LocalRead>,
+}
+
+#[derive(Clone)]
+struct LocalRead {
+    max_staleness_ms: Option<u64>,
+    /// The tokens the client named (its session, or causal dependencies).
+    named: Vec<CommitToken>,
+    /// Taken when it is sent.
+    fallback: Option<Request>,
 }
 
 #[derive(Clone)]
@@ -224,6 +240,9 @@ struct Client {
     leaders: BTreeMap<ShardId, (NodeId, Generation)>,
     map_refresh_at: u64,
     inflight_shard: Option<ShardId>,
+    /// The newest commit token the client saw per shard: from its own
+    /// writes and from what its reads showed (a gateway session).
+    session: BTreeMap<ShardId, CommitToken>,
 }
 
 struct World {
@@ -337,6 +356,7 @@ impl World {
                 leaders: BTreeMap::new(),
                 map_refresh_at: 0,
                 inflight_shard: None,
+                session: BTreeMap::new(),
             })
             .collect();
         let mut world = World {
@@ -1130,38 +1150,78 @@ impl World {
         value: Value,
         token: Option<(ReservationToken, IssuerId)>,
     ) {
+        self.client_send_to(i, op, shard, request, value, token, None);
+    }
+
+    /// Starts an operation: to the leader the client's map names, or, for
+    /// a local read, to the given replica (without a route).
+    #[allow(clippy::too_many_arguments)]
+    fn client_send_to(
+        &mut self,
+        i: usize,
+        op: Op,
+        shard: ShardId,
+        request: Request,
+        value: Value,
+        token: Option<(ReservationToken, IssuerId)>,
+        local: Option<(NodeId, LocalRead)>,
+    ) {
         let op_id = self.next_op;
         self.next_op += 1;
-        let request_id = self.next_request;
-        self.next_request += 1;
         let client = &self.clients[i];
         let line = json!({"type": "invoke", "op": op_id, "client": client.id, "f": op.name(),
                           "time_ms": self.now, "value": value});
-        let (to, route) = client.leaders.get(&shard).cloned().unwrap_or_else(|| {
-            let group = &self.groups[&shard];
-            (group.leader().clone(), group.generation())
-        });
-        let envelope = Envelope {
-            from: client.id.clone(),
-            to,
-            body: Body::Request {
-                id: request_id,
-                request,
-                route: Some(route),
-            },
-        };
         self.record(line);
         self.stats.ops += 1;
         self.clients[i].inflight_shard = Some(shard);
+        let (replica, read) = local.unzip();
+        let request_id = self.next_request;
         self.clients[i].inflight = Some(Inflight {
             op_id,
             request_id,
             op,
             token,
+            read,
         });
-        self.send(envelope);
+        match replica {
+            Some(replica) => self.send_request(i, replica, request, None),
+            None => self.send_to_leader(i, shard, request),
+        }
         let at = self.now + self.options.client_timeout_ms;
         self.schedule(at, Event::ClientTimeout(i, op_id));
+    }
+
+    fn send_to_leader(&mut self, i: usize, shard: ShardId, request: Request) {
+        let (to, route) = self.clients[i]
+            .leaders
+            .get(&shard)
+            .cloned()
+            .unwrap_or_else(|| {
+                let group = &self.groups[&shard];
+                (group.leader().clone(), group.generation())
+            });
+        self.send_request(i, to, request, Some(route));
+    }
+
+    /// Sends the in-flight operation's request (a new attempt has a new id).
+    fn send_request(&mut self, i: usize, to: NodeId, request: Request, route: Option<Generation>) {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        let inflight = self.clients[i]
+            .inflight
+            .as_mut()
+            .expect("an operation in flight");
+        inflight.request_id = request_id;
+        let envelope = Envelope {
+            from: self.clients[i].id.clone(),
+            to,
+            body: Body::Request {
+                id: request_id,
+                request,
+                route,
+            },
+        };
+        self.send(envelope);
     }
 
     fn complete(&mut self, i: usize, kind: &str, value: Value) {
@@ -1249,15 +1309,7 @@ impl World {
                 let id = self.rng.pick(&self.clients[i].mine).clone();
                 self.transition(i, id, Op::Release);
             }
-            78..=92 => {
-                let (issuer, shard, _) = self.rng.pick(&self.issuers).clone();
-                let value = json!({"issuer_id": issuer, "consistency": "strong"});
-                let request = Request::Read {
-                    shard,
-                    query: Query::Issuer(issuer),
-                };
-                self.client_send(i, Op::ReadIssuer, shard, request, value, None);
-            }
+            78..=92 => self.read_issuer(i),
             _ if !client.used.is_empty() => {
                 let used = self.rng.pick(&self.clients[i].used).clone();
                 let shard = self.shard_of(&used.issuer);
@@ -1270,6 +1322,79 @@ impl World {
             }
             _ => self.new_reservation(i),
         }
+    }
+
+    /// A read of an issuer in one of the four modes. The non-strong ones go
+    /// to a replica in the client's region with what it needs to be fresh
+    /// enough, as a gateway sends them.
+    fn read_issuer(&mut self, i: usize) {
+        let (issuer, shard, _) = self.rng.pick(&self.issuers).clone();
+        let strong = Request::Read {
+            shard,
+            query: Query::Issuer(issuer.clone()),
+        };
+        let session = self.clients[i].session.get(&shard).copied();
+        let (consistency, need) = match self.rng.range(0, 99) {
+            0..=29 => {
+                let value = json!({"issuer_id": issuer, "consistency": "strong"});
+                return self.client_send(i, Op::ReadIssuer, shard, strong, value, None);
+            }
+            30..=59 => (
+                "session",
+                Freshness {
+                    applied_at_least: session.map(|t| t.index),
+                    max_staleness_ms: None,
+                    wait_ms: 0,
+                },
+            ),
+            60..=84 => (
+                "bounded",
+                Freshness {
+                    applied_at_least: None,
+                    max_staleness_ms: Some(*self.rng.pick(&[300, 1_000, 2_000])),
+                    wait_ms: 0,
+                },
+            ),
+            _ => (
+                "causal",
+                Freshness {
+                    applied_at_least: session.map(|t| t.index),
+                    max_staleness_ms: None,
+                    wait_ms: 200,
+                },
+            ),
+        };
+        let named: Vec<CommitToken> = need.applied_at_least.and(session).into_iter().collect();
+        let value = json!({"issuer_id": issuer, "consistency": consistency,
+                           "max_staleness_ms": need.max_staleness_ms});
+        let local: Vec<NodeId> = self.groups[&shard]
+            .members
+            .iter()
+            .filter(|m| self.nodes[*m].region == self.clients[i].region)
+            .cloned()
+            .collect();
+        let Some(replica) = (!local.is_empty()).then(|| self.rng.pick(&local).clone()) else {
+            return self.client_send(i, Op::ReadIssuer, shard, strong, value, None);
+        };
+        let read = LocalRead {
+            max_staleness_ms: need.max_staleness_ms,
+            named,
+            fallback: Some(strong),
+        };
+        let request = Request::LocalRead {
+            shard,
+            query: Query::Issuer(issuer),
+            need,
+        };
+        self.client_send_to(
+            i,
+            Op::ReadIssuer,
+            shard,
+            request,
+            value,
+            None,
+            Some((replica, read)),
+        );
     }
 
     fn shard_of(&self, issuer: &IssuerId) -> ShardId {
@@ -1337,6 +1462,21 @@ impl World {
             return;
         }
         let op = inflight.op;
+        let refused = match &*response {
+            Response::Error(_) => true,
+            // Not found at a replica may mean "not yet": the leader decides.
+            Response::Read { result, .. } => !matches!(result, QueryResult::Issuer(Some(_))),
+            Response::Applied { .. } => false,
+        };
+        if refused {
+            let inflight = self.clients[i].inflight.as_mut().unwrap();
+            if let Some(fallback) = inflight.read.as_mut().and_then(|r| r.fallback.take()) {
+                // The local replica could not serve the read: ask the leader.
+                let shard = self.clients[i].inflight_shard.expect("a shard in flight");
+                return self.send_to_leader(i, shard, fallback);
+            }
+        }
+        let read = self.clients[i].inflight.as_ref().unwrap().read.clone();
         match *response {
             Response::Error(e) => {
                 if e.code == ErrorCode::StaleRoute {
@@ -1360,6 +1500,7 @@ impl World {
                     reservation,
                     replayed,
                 } => {
+                    raise(&mut self.clients[i].session, commit_token);
                     let client = &mut self.clients[i];
                     let id = reservation.reservation_id.clone();
                     client.held.retain(|h| *h != id);
@@ -1384,6 +1525,7 @@ impl World {
                     );
                 }
                 Outcome::Token(view) => {
+                    raise(&mut self.clients[i].session, commit_token);
                     let mut value = token_json(&view);
                     value["commit_token"] = json!(commit_token);
                     if let TokenOutcome::Committed { reservation_id, .. } = &view.outcome {
@@ -1392,6 +1534,7 @@ impl World {
                     self.complete(i, "ok", value);
                 }
                 Outcome::Issuer { .. } => {
+                    raise(&mut self.clients[i].session, commit_token);
                     self.complete(i, "ok", json!({"commit_token": commit_token}));
                 }
                 other => {
@@ -1400,9 +1543,22 @@ impl World {
             },
             Response::Read { result, served } => match (op, result) {
                 (Op::ReadIssuer, QueryResult::Issuer(Some(view))) => {
+                    let stale = match read.as_ref().and_then(|r| r.max_staleness_ms) {
+                        Some(budget) => served.staleness_ms.is_none_or(|s| s > budget),
+                        None => false,
+                    };
+                    let served_by = match served.role {
+                        Role::Leader => "leader",
+                        Role::Follower => "follower",
+                    };
+                    let named = read.map(|r| r.named).unwrap_or_default();
+                    if let Some(applied) = served.applied {
+                        raise(&mut self.clients[i].session, applied);
+                    }
                     let value = json!({"limit": view.limit, "reserved": view.reserved,
-                                       "applied": served.applied, "stale": false,
-                                       "staleness_ms": 0, "served_by": "leader",
+                                       "applied": served.applied, "stale": stale,
+                                       "staleness_ms": served.staleness_ms,
+                                       "served_by": served_by, "session": named,
                                        "node": served.node});
                     self.complete(i, "ok", value);
                 }
@@ -1418,6 +1574,13 @@ impl World {
                 }
             },
         }
+    }
+}
+
+fn raise(session: &mut BTreeMap<ShardId, CommitToken>, token: CommitToken) {
+    let newest = session.entry(token.shard).or_insert(token);
+    if token > *newest {
+        *newest = token;
     }
 }
 

@@ -48,6 +48,17 @@ fn a_seeded_sweep_under_faults_finds_no_violation() {
         totals.info > 0,
         "no operation ever had an unknown outcome: {totals:?}"
     );
+    // Reads other than strong must have been served by followers, and
+    // refused by them when they were behind.
+    let hits = harbor_types::sim::probe_hits();
+    for probe in [
+        "node.follower_served_read",
+        "node.local_read_behind_session",
+        "node.local_read_too_stale",
+    ] {
+        let hit = hits.iter().find(|(name, _)| *name == probe).unwrap().1;
+        assert!(hit > 0, "{probe} never ran");
+    }
     println!("{seeds} seeds, 0 violations: {totals:?}");
 }
 

@@ -21,15 +21,19 @@ pub struct Bugs {
     pub apply_token_twice: bool,
     /// A leader serves strong reads without a valid lease.
     pub strong_read_without_lease: bool,
+    /// A replica serves a session or causal read without having applied
+    /// the entries the caller named.
+    pub follower_ignores_session: bool,
 }
 
 impl Bugs {
     /// The names `harbor verify sim --bug NAME` accepts.
-    pub const NAMES: [&'static str; 4] = [
+    pub const NAMES: [&'static str; 5] = [
         "commit-without-follower-ack",
         "accept-old-generation",
         "apply-token-twice",
         "strong-read-without-lease",
+        "follower-ignores-session",
     ];
 
     pub fn none() -> Bugs {
@@ -44,6 +48,7 @@ impl Bugs {
             "accept-old-generation" => bugs.accept_old_generation = true,
             "apply-token-twice" => bugs.apply_token_twice = true,
             "strong-read-without-lease" => bugs.strong_read_without_lease = true,
+            "follower-ignores-session" => bugs.follower_ignores_session = true,
             other => {
                 return Err(format!(
                     "unknown bug {other:?}; known: {}",
@@ -57,7 +62,10 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 14] = [
+pub const PROBES: [&str; 17] = [
+    "node.follower_served_read",
+    "node.local_read_behind_session",
+    "node.local_read_too_stale",
     "replication.sealed_for_failover",
     "node.stale_route_refused",
     "replication.leader_drained_for_transfer",

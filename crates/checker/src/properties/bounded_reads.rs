@@ -1,14 +1,26 @@
 //! Promise (DESIGN.md §1, §7): bounded reads are within their staleness
 //! budget or say they are not. A `bounded` read answered with `stale: false`
-//! is at most `max_staleness_ms` behind (default
-//! [`BOUNDED_STALENESS_MS_DEFAULT`]); a `stale: true` answer is allowed — the
-//! caller was told — and only counted.
+//! - says it is at most `max_staleness_ms` behind (default
+//!   [`BOUNDED_STALENESS_MS_DEFAULT`]), and
+//! - is: its `applied` position includes every write on its shard that was
+//!   acknowledged more than the budget (plus [`CLOCK_UNCERTAINTY_MS`])
+//!   before the read was invoked.
+//!
+//! A `stale: true` answer is allowed — the caller was told — and only
+//! counted.
 
+use super::{includes, Seen, Timeline};
 use crate::format::{Call, Consistency, Reply};
 use crate::{History, Property, Verdict, Violation};
 
 /// The staleness budget of a bounded read that names none (DESIGN.md §1).
 pub const BOUNDED_STALENESS_MS_DEFAULT: u64 = 2_000;
+
+/// Staleness is measured on the serving replica's clock against the
+/// leader's: the two may disagree by the clock-skew bound Harbor assumes
+/// (the failover's lease margin, 250 ms), so a write acknowledged within
+/// that much of the budget's edge may or may not be included.
+pub const CLOCK_UNCERTAINTY_MS: u64 = 250;
 
 pub struct BoundedReads;
 
@@ -22,6 +34,16 @@ impl Property for BoundedReads {
     }
 
     fn verdict(&self, h: &History) -> Verdict {
+        // Acknowledged writes, by completion time, per shard.
+        let writes = Timeline::new(
+            h.ops()
+                .iter()
+                .filter_map(|op| {
+                    let token = op.ok().and_then(Reply::commit_token)?;
+                    Some((op.completed_ms()?, Seen { token, op: op.id }))
+                })
+                .collect(),
+        );
         let mut verdict = Verdict::default();
         for op in h.ops() {
             let (
@@ -34,6 +56,7 @@ impl Property for BoundedReads {
                     stale,
                     staleness_ms,
                     served_by,
+                    applied,
                     ..
                 }),
             ) = (&op.call, op.ok())
@@ -41,15 +64,41 @@ impl Property for BoundedReads {
                 continue;
             };
             verdict.items_checked += 1;
+            if *stale {
+                continue;
+            }
             let budget_ms = max_staleness_ms.unwrap_or(BOUNDED_STALENESS_MS_DEFAULT);
-            if !stale && *staleness_ms > budget_ms {
+            if staleness_ms.is_none_or(|s| s > budget_ms) {
+                let age =
+                    staleness_ms.map_or("of unknown staleness".into(), |s| format!("{s} ms stale"));
                 let detail = format!(
-                    "bounded read of {issuer_id} served by {served_by:?} is {staleness_ms} ms \
-                     stale, over its {budget_ms} ms budget, and not flagged stale"
+                    "bounded read of {issuer_id} served by {served_by:?} is {age}, \
+                     over its {budget_ms} ms budget, and not flagged stale"
                 );
                 verdict
                     .violations
                     .push(Violation::new(self, detail, vec![op.id]));
+                continue;
+            }
+            let edge_ms = op
+                .invoked
+                .time_ms
+                .saturating_sub(budget_ms + CLOCK_UNCERTAINTY_MS);
+            if let Some(missed) = writes.newest_before(applied.shard, edge_ms) {
+                if includes(*applied, missed.token) == Some(false) {
+                    let detail = format!(
+                        "bounded read of {issuer_id} invoked at {} ms, served by {served_by:?}, \
+                         applied {applied} and said it was {} ms stale, but misses write op {} \
+                         at {} acknowledged before {edge_ms} ms",
+                        op.invoked.time_ms,
+                        staleness_ms.unwrap_or_default(),
+                        missed.op,
+                        missed.token
+                    );
+                    verdict
+                        .violations
+                        .push(Violation::new(self, detail, vec![missed.op, op.id]));
+                }
             }
         }
         verdict
@@ -78,7 +127,7 @@ mod tests {
         } = &mut reply
         {
             *stale = flagged;
-            *lag = staleness_ms;
+            *lag = Some(staleness_ms);
         }
         reply
     }
@@ -107,5 +156,26 @@ mod tests {
         assert!(violations[1]
             .detail
             .contains("501 ms stale, over its 500 ms budget"));
+    }
+
+    #[test]
+    fn a_read_that_claims_freshness_but_misses_an_old_write_is_caught() {
+        let mut s = Script::new();
+        s.ok("c1", register("A", 100), registered("shard1@g1:1"));
+        let write = s.ok(
+            "c1",
+            reserve("A", "t1", 10),
+            reserved("A:r1", crate::ReservationStatus::Confirmed, "shard1@g1:5"),
+        );
+        // Within the budget and the clock uncertainty: may miss it.
+        s.ok("c2", bounded(Some(500)), lagging(100, false));
+        s.advance(1_000);
+        let missed = s.ok("c2", bounded(Some(500)), lagging(100, false));
+        // Flagged stale: allowed to miss anything.
+        s.ok("c2", bounded(Some(500)), lagging(100, true));
+        let violations = BoundedReads.check(&s.history());
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert_eq!(violations[0].ops, vec![write, missed]);
+        assert!(violations[0].detail.contains("misses write op"));
     }
 }

@@ -85,7 +85,8 @@ impl Api {
     }
 
     pub async fn issuer(&self, base: &str, issuer: &str) -> Reply {
-        self.get(format!("{base}/v1/issuers/{issuer}")).await
+        self.get(format!("{base}/v1/issuers/{issuer}?consistency=strong"))
+            .await
     }
 
     pub async fn token(&self, base: &str, token: &str, issuer: &str) -> Reply {
@@ -213,7 +214,9 @@ pub async fn check_acknowledged(
         );
     }
     let open = api
-        .get(format!("{url}/v1/issuers/{issuer}/open-reservations"))
+        .get(format!(
+            "{url}/v1/issuers/{issuer}/open-reservations?consistency=strong"
+        ))
         .await
         .body;
     let list = open["reservations"].as_array().unwrap();

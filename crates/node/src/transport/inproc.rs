@@ -28,7 +28,8 @@ pub struct LinkFaults {
 type DelayLine = mpsc::Sender<(Instant, Envelope)>;
 
 struct Endpoint {
-    region: Region,
+    /// `None`: near every region (see [`InProcNetwork::register_near_all`]).
+    region: Option<Region>,
     tx: mpsc::Sender<Envelope>,
 }
 
@@ -73,6 +74,18 @@ impl InProcNetwork {
 
     /// Adds an endpoint and returns its inbox (`capacity` envelopes).
     pub fn register(&self, node: NodeId, region: Region, capacity: usize) -> Inbox {
+        self.add(node, Some(region), capacity)
+    }
+
+    /// Adds an endpoint that is near every region: no WAN delay and no
+    /// region fault applies to its traffic (pauses still do). The dev
+    /// cluster's control plane stands for a metadata plane with a voter in
+    /// every region, so a slow or cut WAN does not blind it to one region.
+    pub fn register_near_all(&self, node: NodeId, capacity: usize) -> Inbox {
+        self.add(node, None, capacity)
+    }
+
+    fn add(&self, node: NodeId, region: Option<Region>, capacity: usize) -> Inbox {
         let (tx, rx) = mpsc::channel(capacity);
         let previous = self
             .inner
@@ -179,6 +192,12 @@ impl Transport for InProcNetwork {
                 return;
             };
             (from.region.clone(), to.region.clone(), to.tx.clone())
+        };
+        let (Some(from_region), Some(to_region)) = (from_region, to_region) else {
+            if tx.try_send(envelope).is_err() {
+                self.drop_one();
+            }
+            return;
         };
         let delay_ms = {
             let faults = self.inner.faults.read().unwrap();

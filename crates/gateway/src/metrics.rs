@@ -1,0 +1,173 @@
+//! `GET /metrics`: the gateway's counters and, gathered at scrape time from
+//! every replica's status, each group's replication lag and staleness, in
+//! the OpenMetrics text format Prometheus scrapes.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::router::Gateway;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadLabels {
+    consistency: &'static str,
+    /// `leader`, `follower`, or `fallback` (the leader, after a local
+    /// replica could not serve the read).
+    served_by: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    group: u32,
+    node: String,
+    region: String,
+    role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FollowerLabels {
+    group: u32,
+    node: String,
+    local: bool,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    reads: Family<ReadLabels, Counter>,
+    stale_reads: Family<ReadLabels, Counter>,
+    staleness_ms: Family<ReplicaLabels, Gauge>,
+    replica_up: Family<ReplicaLabels, Gauge>,
+    lag_entries: Family<FollowerLabels, Gauge>,
+    lag_ms: Family<FollowerLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("harbor");
+        let reads = Family::default();
+        registry.register(
+            "reads",
+            "Reads answered, by consistency and by who served them",
+            reads.clone(),
+        );
+        let stale_reads = Family::default();
+        registry.register(
+            "stale_reads",
+            "Bounded reads with allow_stale answered over their budget (flagged stale)",
+            stale_reads.clone(),
+        );
+        let staleness_ms = Family::default();
+        registry.register(
+            "replica_staleness_ms",
+            "How old a replica's state may be: 0 for a leader under a lease, the age of its \
+             closed timestamp for a follower, -1 when it knows no bound (at scrape time)",
+            staleness_ms.clone(),
+        );
+        let replica_up = Family::default();
+        registry.register(
+            "replica_up",
+            "1 if the replica answered its status at scrape time",
+            replica_up.clone(),
+        );
+        let lag_entries = Family::default();
+        registry.register(
+            "follower_lag_entries",
+            "Entries the leader holds that the follower has not acknowledged",
+            lag_entries.clone(),
+        );
+        let lag_ms = Family::default();
+        registry.register(
+            "follower_lag_ms",
+            "Age of the oldest entry the follower has not acknowledged",
+            lag_ms.clone(),
+        );
+        Metrics {
+            registry,
+            reads,
+            stale_reads,
+            staleness_ms,
+            replica_up,
+            lag_entries,
+            lag_ms,
+        }
+    }
+}
+
+impl Metrics {
+    pub(crate) fn read(
+        &self,
+        consistency: &'static str,
+        served_by: &'static str,
+        fallback: bool,
+        stale: bool,
+    ) {
+        let labels = ReadLabels {
+            consistency,
+            served_by: if fallback { "fallback" } else { served_by },
+        };
+        self.reads.get_or_create(&labels).inc();
+        if stale {
+            self.stale_reads.get_or_create(&labels).inc();
+        }
+    }
+}
+
+pub(crate) async fn metrics(State(gw): State<Arc<Gateway>>) -> HttpResponse {
+    let view = gw.cluster_view().await;
+    let m = &gw.metrics;
+    // Replicas and followers come and go: the gauges show this scrape only.
+    m.staleness_ms.clear();
+    m.replica_up.clear();
+    m.lag_entries.clear();
+    m.lag_ms.clear();
+    for group in &view.groups {
+        for replica in &group.replicas {
+            let labels = ReplicaLabels {
+                group: group.shard.0,
+                node: replica.node.to_string(),
+                region: replica.region.to_string(),
+                role: replica.role.clone(),
+            };
+            m.replica_up
+                .get_or_create(&labels)
+                .set(i64::from(replica.answering));
+            if replica.answering {
+                let staleness = replica.staleness_ms.map_or(-1, |s| s as i64);
+                m.staleness_ms.get_or_create(&labels).set(staleness);
+            }
+        }
+        for follower in &group.followers {
+            let labels = FollowerLabels {
+                group: group.shard.0,
+                node: follower.node.to_string(),
+                local: follower.local,
+            };
+            m.lag_entries
+                .get_or_create(&labels)
+                .set(follower.lag_entries as i64);
+            m.lag_ms.get_or_create(&labels).set(follower.lag_ms as i64);
+        }
+    }
+    let mut text = String::new();
+    if let Err(e) = encode(&mut text, &m.registry) {
+        tracing::error!(error = %e, "metrics did not encode");
+        return (StatusCode::INTERNAL_SERVER_ERROR, "metrics did not encode").into_response();
+    }
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
