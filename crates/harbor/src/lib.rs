@@ -1,5 +1,6 @@
 //! The pieces of the `harbor` binary that tests use too.
 
+pub mod bench;
 pub mod cluster;
 pub mod control;
 pub mod dev;

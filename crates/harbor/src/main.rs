@@ -57,6 +57,45 @@ enum Command {
         #[command(subcommand)]
         what: Verify,
     },
+    /// Measure a workload against a cluster (or a dev cluster it starts).
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Bounded reads through a gateway outside the issuers' home region
+    /// (share served by a local replica, latency) against strong reads that
+    /// cross the WAN to the leader; at rest, then under write load.
+    Reads {
+        /// The gateway reads go through. Without --reader and --writer a
+        /// dev cluster is started (reads through madrid).
+        #[arg(long)]
+        reader: Option<String>,
+        /// A gateway in the issuers' home region (the writers use it).
+        #[arg(long)]
+        writer: Option<String>,
+        #[arg(long, default_value = "newyork")]
+        home_region: String,
+        #[arg(long, default_value_t = 100)]
+        issuers: usize,
+        /// Concurrent readers of each kind (bounded and strong).
+        #[arg(long, default_value_t = 4)]
+        readers: usize,
+        /// Concurrent writers during the loaded phase.
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+        /// Length of each phase.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long, default_value_t = 2000)]
+        max_staleness_ms: u64,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,7 +110,8 @@ enum Verify {
         #[arg(long)]
         seed: Option<u64>,
         /// Switch on a protocol bug the checker must catch:
-        /// commit-without-follower-ack, accept-old-generation, apply-token-twice.
+        /// commit-without-follower-ack, accept-old-generation, apply-token-twice,
+        /// strong-read-without-lease, follower-ignores-session.
         #[arg(long)]
         bug: Option<String>,
         /// Write the history of every failing seed here.
@@ -91,6 +131,7 @@ fn main() -> anyhow::Result<()> {
     // asked for with HARBOR_LOG.
     let default_filter = match cli.command {
         Command::Verify { .. } => "off",
+        Command::Bench { .. } => "error",
         Command::Dev { .. } => "warn,harbor=info",
         Command::Status { .. } => "warn",
         Command::Meta { .. } | Command::Node { .. } => "warn,harbor=info",
@@ -118,6 +159,30 @@ fn main() -> anyhow::Result<()> {
         })),
         Command::Node { config } => runtime.block_on(until_signal(|stop| async move {
             harbor::cluster::run_node(&config, stop).await
+        })),
+        Command::Bench {
+            what:
+                Bench::Reads {
+                    reader,
+                    writer,
+                    home_region,
+                    issuers,
+                    readers,
+                    writers,
+                    seconds,
+                    max_staleness_ms,
+                    json,
+                },
+        } => runtime.block_on(harbor::bench::reads(harbor::bench::ReadsOptions {
+            reader,
+            writer,
+            home_region,
+            issuers,
+            readers,
+            writers,
+            phase_secs: seconds,
+            max_staleness_ms,
+            json,
         })),
         Command::Verify { what } => {
             drop(runtime);
