@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue};
 use harbor_node::wire::{ErrorCode, Freshness, Query, QueryResult, Request, Response, Served};
@@ -35,6 +36,9 @@ pub const CAUSAL_WAIT_MS_MAX: u64 = 10_000;
 /// How long the gateway waits for a local replica beyond the read's own
 /// wait before it asks the leader.
 const LOCAL_ANSWER_MS: u64 = 500;
+/// A local replica that did not answer is skipped this long, so a crashed
+/// one does not cost every read that picks it `LOCAL_ANSWER_MS`.
+const SILENT_REPLICA_SKIPPED: Duration = Duration::from_secs(5);
 
 /// The newest commit token a caller has seen per shard. Sent back with
 /// every answer; a replica serves a session read only once it has applied
@@ -288,8 +292,12 @@ impl Gateway {
                 wait_ms,
             }),
         };
-        let mut fallback = false;
-        if let (Some(need), Some(node)) = (need, self.local_replica(shard)) {
+        let local = match need {
+            Some(_) => self.local_replica(shard),
+            None => Local::None,
+        };
+        let mut fallback = matches!(local, Local::Silent);
+        if let (Some(need), Local::Replica(node)) = (need, local) {
             let wait_ms = need.wait_ms;
             let request = Request::LocalRead {
                 shard,
@@ -319,7 +327,9 @@ impl Gateway {
                 }
                 Ok(other) => tracing::warn!(%shard, %node, ?other, "odd answer to a local read"),
                 Err(e) => {
-                    tracing::debug!(%shard, %node, error = %e, "local replica did not answer")
+                    tracing::debug!(%shard, %node, error = %e, "local replica did not answer");
+                    let until = Instant::now() + SILENT_REPLICA_SKIPPED;
+                    self.silent_replicas.lock().unwrap().insert(node, until);
                 }
             }
             fallback = true;
@@ -356,21 +366,44 @@ impl Gateway {
         }
     }
 
-    /// A replica of `shard` in this gateway's region, taken in turn.
-    fn local_replica(&self, shard: ShardId) -> Option<harbor_types::NodeId> {
+    /// A replica of `shard` in this gateway's region, taken in turn,
+    /// skipping ones that recently did not answer.
+    fn local_replica(&self, shard: ShardId) -> Local {
         let map = self.meta.map();
-        let group = map.groups.get(&shard)?;
-        let local: Vec<_> = group
+        let Some(group) = map.groups.get(&shard) else {
+            return Local::None;
+        };
+        let here: Vec<_> = group
             .members
             .iter()
             .filter(|n| map.region_of(n) == Some(&self.region))
             .collect();
-        if local.is_empty() {
-            return None;
+        if here.is_empty() {
+            return Local::None;
+        }
+        let now = Instant::now();
+        let answering: Vec<_> = {
+            let mut silent = self.silent_replicas.lock().unwrap();
+            silent.retain(|_, until| *until > now);
+            here.into_iter()
+                .filter(|n| !silent.contains_key(*n))
+                .collect()
+        };
+        if answering.is_empty() {
+            return Local::Silent;
         }
         let turn = self.local_turn.fetch_add(1, Ordering::Relaxed) as usize;
-        Some(local[turn % local.len()].clone())
+        Local::Replica(answering[turn % answering.len()].clone())
     }
+}
+
+/// Where a local read can go.
+enum Local {
+    Replica(harbor_types::NodeId),
+    /// The group has replicas in this region, but none answered lately.
+    Silent,
+    /// The group has no replica in this region: the leader serves its reads.
+    None,
 }
 
 fn is_absent(result: &QueryResult) -> bool {

@@ -66,6 +66,8 @@ pub struct Gateway {
     pub(crate) metrics: crate::metrics::Metrics,
     /// Turns local reads take among a group's replicas in this region.
     pub(crate) local_turn: AtomicU64,
+    /// Local replicas that did not answer a read, skipped until then.
+    pub(crate) silent_replicas: Mutex<HashMap<NodeId, std::time::Instant>>,
 }
 
 impl Gateway {
@@ -89,6 +91,7 @@ impl Gateway {
             admin: OnceLock::new(),
             metrics: crate::metrics::Metrics::default(),
             local_turn: AtomicU64::new(0),
+            silent_replicas: Mutex::new(HashMap::new()),
         });
         tokio::spawn(receive(Arc::downgrade(&gateway), inbox));
         gateway

@@ -112,7 +112,10 @@ fn micros(d: Duration) -> u64 {
 pub async fn reads(options: ReadsOptions) -> anyhow::Result<()> {
     let mut dev = None;
     let (reader, writer) = match (&options.reader, &options.writer) {
-        (Some(r), Some(w)) => (r.trim_end_matches('/').to_string(), w.trim_end_matches('/').to_string()),
+        (Some(r), Some(w)) => (
+            r.trim_end_matches('/').to_string(),
+            w.trim_end_matches('/').to_string(),
+        ),
         (None, None) => {
             let dir = std::env::temp_dir().join(format!("harbor-bench-{}", std::process::id()));
             let mut dev_options = DevOptions::new(dir.clone());
@@ -133,7 +136,11 @@ pub async fn reads(options: ReadsOptions) -> anyhow::Result<()> {
     let issuers: Vec<String> = (0..options.issuers)
         .map(|i| format!("BENCH-{}-{i}", options.home_region.to_uppercase()))
         .collect();
-    eprintln!("registering {} issuers homed in {} ...", issuers.len(), options.home_region);
+    eprintln!(
+        "registering {} issuers homed in {} ...",
+        issuers.len(),
+        options.home_region
+    );
     for issuer in &issuers {
         let answer = http
             .put(format!("{writer}/v1/issuers/{issuer}"))
@@ -142,7 +149,11 @@ pub async fn reads(options: ReadsOptions) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("registering {issuer} through {writer}"))?;
         if !answer.status().is_success() {
-            bail!("registering {issuer}: {} {}", answer.status(), answer.text().await?);
+            bail!(
+                "registering {issuer}: {} {}",
+                answer.status(),
+                answer.text().await?
+            );
         }
     }
     let mut reports = Vec::new();
@@ -195,7 +206,8 @@ async fn phase_run(
                 options.max_staleness_ms
             )
         };
-        let (http, recorder, stop, done) = (http.clone(), recorder.clone(), stop.clone(), done.clone());
+        let (http, recorder, stop, done) =
+            (http.clone(), recorder.clone(), stop.clone(), done.clone());
         let issuers = issuers.to_vec();
         tasks.push(tokio::spawn(async move {
             let mut i = n;
@@ -226,7 +238,8 @@ async fn phase_run(
         }));
     }
     for n in 0..writers {
-        let (http, recorder, stop, done) = (http.clone(), recorder.clone(), stop.clone(), done.clone());
+        let (http, recorder, stop, done) =
+            (http.clone(), recorder.clone(), stop.clone(), done.clone());
         let issuers = issuers.to_vec();
         let url = format!("{writer}/v1/reservations");
         let run = std::process::id();
@@ -311,7 +324,11 @@ fn print_phase(report: &PhaseReport, options: &ReadsOptions) {
         report.phase,
         report.seconds,
         options.readers,
-        if report.phase == "at rest" { 0 } else { options.writers },
+        if report.phase == "at rest" {
+            0
+        } else {
+            options.writers
+        },
         options.home_region
     );
     println!(
@@ -328,8 +345,14 @@ fn print_phase(report: &PhaseReport, options: &ReadsOptions) {
     );
     for (name, l) in [
         ("bounded, local replica", &report.bounded_local_latency),
-        ("bounded, fell back to the leader", &report.bounded_fallback_latency),
-        ("strong, cross-region leader", &report.strong_cross_region_latency),
+        (
+            "bounded, fell back to the leader",
+            &report.bounded_fallback_latency,
+        ),
+        (
+            "strong, cross-region leader",
+            &report.strong_cross_region_latency,
+        ),
         ("writes (home region)", &report.write_latency),
     ] {
         if l.count > 0 {

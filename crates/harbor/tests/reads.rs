@@ -192,7 +192,7 @@ async fn bounded_reads_are_local_when_fresh_and_honest_when_not() {
     // Healed: local again.
     let heal = api
         .post(
-            faults,
+            faults.clone(),
             json!({"kind": "delay", "regions": ["madrid", "newyork"], "ms": 0}),
         )
         .await;
@@ -217,6 +217,23 @@ async fn bounded_reads_are_local_when_fresh_and_honest_when_not() {
         local_again,
         "the follower never caught up after the delay ended"
     );
+
+    // The Madrid replica crashes: bounded reads go to the leader.
+    let follower = local["node"].as_str().unwrap();
+    let crash = api
+        .post(faults.clone(), json!({"kind": "crash", "node": follower}))
+        .await;
+    assert_eq!(crash.status, 200, "{}", crash.body);
+    for _ in 0..5 {
+        let (status, read, _) = call(&http, Method::GET, &bounded(""), None, None).await;
+        assert_eq!(status, 200, "{read}");
+        assert_eq!(read["served_by"], "leader", "{read}");
+        assert_eq!(read["fallback"], true, "{read}");
+    }
+    let restart = api
+        .post(faults, json!({"kind": "restart", "node": follower}))
+        .await;
+    assert_eq!(restart.status, 200, "{}", restart.body);
 
     // The metrics saw both kinds.
     let metrics = http
