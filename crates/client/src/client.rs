@@ -12,7 +12,8 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{ApiError, Error};
 use crate::model::{
-    Consistency, Issuer, OpenReservations, Reservation, ReserveRequest, TokenState, TokenStatus,
+    Consistency, Health, Issuer, OpenReservations, Reservation, ReserveRequest, TokenState,
+    TokenStatus, Transfer,
 };
 use crate::session::Session;
 use crate::token::{
@@ -213,6 +214,8 @@ struct Call {
     body: Option<Value>,
     /// A write: an attempt that got no answer may have taken effect.
     write: bool,
+    /// Whether retryable refusals are retried (transport failures are).
+    retry_refusals: bool,
 }
 
 impl Call {
@@ -226,6 +229,7 @@ impl Call {
             query: Vec::new(),
             body: None,
             write,
+            retry_refusals: true,
         }
     }
 
@@ -560,6 +564,34 @@ impl Client {
         self.run(resolve_call(reservation_token, issuer_id)).await
     }
 
+    /// `GET /v1/health`, retried while the cluster is starting (503).
+    pub async fn health(&self) -> Result<Health, Error> {
+        self.run(Call::new(Method::GET, false, &["health"])).await
+    }
+
+    /// `GET /v1/admin/cluster`: nodes, groups, leaders, generations, lag and
+    /// staleness, as the JSON the gateway sends (its shape is documented in
+    /// the README and in `harbor_gateway::ClusterView`).
+    pub async fn cluster(&self) -> Result<Value, Error> {
+        self.run(Call::new(Method::GET, false, &["admin", "cluster"]))
+            .await
+    }
+
+    /// Moves `group`'s leadership to `to` (a replica in its home region);
+    /// answers once done. Not retried when refused (`transfer_refused`,
+    /// `transfer_abandoned`): the old leader keeps leading.
+    pub async fn transfer_leader(&self, group: u32, to: &str) -> Result<Transfer, Error> {
+        check_id("to", to, ID_LEN_MAX)?;
+        let group = group.to_string();
+        let path = ["admin", "groups", group.as_str(), "transfer-leader"];
+        let mut call = Call::new(Method::POST, false, &path);
+        call.body = Some(json!({ "to": to }));
+        // An abandoned transfer is retryable on the wire, but trying again
+        // at once would only drain the group again: the caller decides.
+        call.retry_refusals = false;
+        self.run(call).await
+    }
+
     // ----- The retry loop ----------------------------------------------------------
 
     async fn run<T: DeserializeOwned>(&self, call: Call) -> Result<T, Error> {
@@ -632,7 +664,7 @@ impl Client {
                     }
                     let error = api_error(status, &headers, value, &body);
                     uncertain |= call.write && error.outcome_unknown;
-                    if !should_retry(&error) {
+                    if !call.retry_refusals || !should_retry(&error) {
                         return Err(Failure::Final(classify(error)));
                     }
                     let wait = jitter(backoff).max(error.retry_after.unwrap_or_default());

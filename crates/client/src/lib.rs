@@ -63,7 +63,7 @@ mod token;
 pub use client::{Client, ClientBuilder, SESSION_HEADER};
 pub use error::{ApiError, Error};
 pub use model::{
-    CommitToken, Consistency, Issuer, OpenReservations, ParseCommitTokenError, Reservation,
-    ReservationStatus, ReserveRequest, Served, TokenState, TokenStatus,
+    CommitToken, Consistency, Health, Issuer, OpenReservations, ParseCommitTokenError, Reservation,
+    ReservationStatus, ReserveRequest, Served, TokenState, TokenStatus, Transfer,
 };
 pub use token::{new_reservation_token, AMOUNT_MAX, HOLD_TTL_MS_MAX, ID_LEN_MAX, TOKEN_LEN_MAX};

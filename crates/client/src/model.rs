@@ -324,6 +324,30 @@ pub struct OpenReservations {
     pub served: Served,
 }
 
+/// `GET /v1/health`: whether every group has a ready leader. A cluster
+/// still starting answers 503, which the client returns as
+/// [`crate::Error::Api`] (code `unavailable`) once its retries run out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub groups: u64,
+    #[serde(default)]
+    pub groups_not_ready: Vec<u32>,
+    pub map_version: u64,
+    pub region: String,
+    pub node: String,
+}
+
+/// A finished planned leader transfer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub from: String,
+    pub to: String,
+    pub generation: u64,
+    /// How long the group took no writes.
+    pub pause_ms: u64,
+}
+
 /// The durable outcome of a reservation token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

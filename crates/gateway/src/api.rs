@@ -241,14 +241,16 @@ impl Gateway {
     }
 
     /// A rejection decided by the leader: the leader's stamp, the entry that
-    /// recorded it and the issuer's headroom after it.
-    fn rejected(&self, rejection: &Rejection, applied: &Applied) -> ApiError {
+    /// recorded it, the issuer's headroom after it, and the session raised
+    /// by that entry.
+    fn rejected(&self, rejection: &Rejection, applied: &Applied, mut session: Session) -> ApiError {
         let mut e = ApiError::rejection(rejection).with("commit_token", applied.commit_token);
         if let Some(issuer) = &applied.issuer {
             e = e.with("remaining", issuer.remaining);
         }
         self.stamp(&mut e.details, &applied.served);
-        e
+        session.include(applied.commit_token);
+        e.with("session", session.to_string())
     }
 
     /// Error answers carry the same "who answered" fields.
@@ -553,7 +555,7 @@ async fn put_issuer_inner(
             };
             Ok(write_reply(gw, status, body, &applied, session))
         }
-        Outcome::Rejected(r) => Err(gw.rejected(r, &applied)),
+        Outcome::Rejected(r) => Err(gw.rejected(r, &applied, session)),
         other => Err(unexpected_outcome(other)),
     }
 }
@@ -687,7 +689,7 @@ fn reservation_reply(
             body.insert("commit_token".into(), json!(applied.commit_token));
             Ok(write_reply(gw, status, body, &applied, session))
         }
-        Outcome::Rejected(r) => Err(gw.rejected(r, &applied)),
+        Outcome::Rejected(r) => Err(gw.rejected(r, &applied, session)),
         other => Err(unexpected_outcome(other)),
     }
 }
@@ -894,7 +896,7 @@ async fn resolve_token(
                 body.insert("resolved_at".into(), json!(applied.commit_token));
                 Ok(write_reply(&gw, StatusCode::OK, body, &applied, session))
             }
-            Outcome::Rejected(r) => Err(gw.rejected(r, &applied)),
+            Outcome::Rejected(r) => Err(gw.rejected(r, &applied, session)),
             other => Err(unexpected_outcome(other)),
         }
     };

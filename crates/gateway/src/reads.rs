@@ -33,12 +33,6 @@ pub const MAX_STALENESS_MS_DEFAULT: u64 = 2_000;
 /// no `wait_ms`, and the most it may name.
 pub const CAUSAL_WAIT_MS_DEFAULT: u64 = 1_000;
 pub const CAUSAL_WAIT_MS_MAX: u64 = 10_000;
-/// How long the gateway waits for a local replica beyond the read's own
-/// wait before it asks the leader.
-const LOCAL_ANSWER_MS: u64 = 500;
-/// A local replica that did not answer is skipped this long, so a crashed
-/// one does not cost every read that picks it `LOCAL_ANSWER_MS`.
-const SILENT_REPLICA_SKIPPED: Duration = Duration::from_secs(5);
 
 /// The newest commit token a caller has seen per shard. Sent back with
 /// every answer; a replica serves a session read only once it has applied
@@ -305,7 +299,7 @@ impl Gateway {
                 need,
             };
             match self
-                .call_node_within(&node, request, wait_ms + LOCAL_ANSWER_MS)
+                .call_node_within(&node, request, wait_ms + self.config.local_read_timeout_ms)
                 .await
             {
                 // "Not found" from a replica may only mean "not yet": the
@@ -328,7 +322,8 @@ impl Gateway {
                 Ok(other) => tracing::warn!(%shard, %node, ?other, "odd answer to a local read"),
                 Err(e) => {
                     tracing::debug!(%shard, %node, error = %e, "local replica did not answer");
-                    let until = Instant::now() + SILENT_REPLICA_SKIPPED;
+                    let until =
+                        Instant::now() + Duration::from_millis(self.config.silent_replica_skip_ms);
                     self.silent_replicas.lock().unwrap().insert(node, until);
                 }
             }

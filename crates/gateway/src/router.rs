@@ -41,6 +41,12 @@ pub struct GatewayConfig {
     pub inflight_requests_max: usize,
     /// The largest request body.
     pub body_bytes_max: usize,
+    /// How long a local read waits for the replica in this region (beyond
+    /// a causal read's own wait) before it asks the leader.
+    pub local_read_timeout_ms: u64,
+    /// A local replica that did not answer a read is skipped this long, so
+    /// a crashed one does not cost every read `local_read_timeout_ms`.
+    pub silent_replica_skip_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -49,6 +55,8 @@ impl Default for GatewayConfig {
             request_timeout_ms: 5_000,
             inflight_requests_max: 100_000,
             body_bytes_max: 64 * 1024,
+            local_read_timeout_ms: 500,
+            silent_replica_skip_ms: 5_000,
         }
     }
 }

@@ -67,7 +67,7 @@ pub fn render(view: &ClusterView) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<8} {:<10} {:<14} {:>4} {:<6} {:>8}  FOLLOWERS (lag entries/ms)",
+        "{:<8} {:<10} {:<14} {:>4} {:<6} {:>8}  FOLLOWERS (lag entries/ms, staleness ms)",
         "GROUP", "HOME", "LEADER", "GEN", "READY", "COMMIT"
     );
     for g in &view.groups {
@@ -77,12 +77,20 @@ pub fn render(view: &ClusterView) -> String {
             g.followers
                 .iter()
                 .map(|f| {
+                    // As the follower itself sees it: how old its state may be.
+                    let staleness = g
+                        .replicas
+                        .iter()
+                        .find(|r| r.node == f.node)
+                        .and_then(|r| r.staleness_ms)
+                        .map_or("-".to_string(), |s| s.to_string());
                     format!(
-                        "{}{} {}/{}",
+                        "{}{} {}/{}, {}",
                         f.node,
                         if f.local { "" } else { "*" },
                         f.lag_entries,
-                        f.lag_ms
+                        f.lag_ms,
+                        staleness
                     )
                 })
                 .collect::<Vec<_>>()

@@ -388,5 +388,31 @@ async fn the_client_keeps_the_session_across_regions() {
         .await
         .unwrap();
     assert_eq!(issuer.reserved, 20);
+
+    // The admin side: health, the cluster view, a planned transfer.
+    assert_eq!(newyork.health().await.unwrap().status, "ok");
+    let view = newyork.cluster().await.unwrap();
+    let shard = issuer.served.shard.expect("reads name their shard");
+    let group = view["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["shard"] == shard)
+        .unwrap();
+    let leader = group["leader"].as_str().unwrap();
+    let target = group["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .find(|m| *m != leader && m.starts_with("newyork"))
+        .unwrap();
+    let moved = newyork.transfer_leader(shard, target).await.unwrap();
+    assert_eq!((moved.from.as_str(), moved.to.as_str()), (leader, target));
+    let refused = newyork
+        .transfer_leader(shard, "madrid-1")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("transfer_refused"), "{refused}");
     cluster.shutdown().await;
 }

@@ -705,6 +705,10 @@ impl<S: Storage> Driver<S> {
         if let Request::Read {
             query: Query::Status,
             ..
+        }
+        | Request::LocalRead {
+            query: Query::Status,
+            ..
         } = request
         {
             let status = GroupStatus {
@@ -723,9 +727,7 @@ impl<S: Storage> Driver<S> {
             return self.reply(&from, id, response);
         }
         if let Request::LocalRead { query, need, .. } = request {
-            if matches!(query, Query::Status)
-                || self.local_reads.len() >= self.config.local_reads_waiting_max
-            {
+            if self.local_reads.len() >= self.config.local_reads_waiting_max {
                 let e = error(
                     ErrorCode::ReplicaBehind,
                     format!("{} of {} holds too many waiting reads", self.me, self.shard),
