@@ -385,31 +385,8 @@ impl Client {
     /// fails too does it answer [`Error::DeadlineExceeded`] with
     /// `outcome_unknown: true` and the token.
     pub async fn reserve(&self, request: ReserveRequest) -> Result<Reservation, Error> {
-        check_id("issuer_id", &request.issuer_id, ID_LEN_MAX)?;
-        check_amount("amount", request.amount, 1)?;
-        check_label("desk", &request.desk)?;
-        check_label("trader", &request.trader)?;
-        let token = match request.reservation_token {
-            Some(token) => token,
-            None => new_reservation_token(),
-        };
-        check_id("reservation_token", &token, TOKEN_LEN_MAX)?;
-        let mut body = json!({
-            "reservation_token": token,
-            "issuer_id": request.issuer_id,
-            "amount": request.amount,
-            "desk": request.desk,
-            "trader": request.trader,
-        });
-        if let Some(ttl) = request.hold_ttl {
-            let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-            if ms == 0 || ms > HOLD_TTL_MS_MAX {
-                return Err(Error::InvalidInput(format!(
-                    "a hold lasts from 1 ms to {HOLD_TTL_MS_MAX} ms, got {ttl:?}"
-                )));
-            }
-            body["hold_ttl_ms"] = json!(ms);
-        }
+        let issuer_id = request.issuer_id.clone();
+        let (token, body) = reserve_body(request)?;
         let end = Instant::now() + self.timing.deadline;
         let resolve_time = self.timing.resolve_time.min(self.timing.deadline / 2);
         let mut call = Call::new(Method::POST, true, &["reservations"]);
@@ -431,7 +408,7 @@ impl Client {
                 last,
             }) => last,
         };
-        self.settle(token, &request.issuer_id, end, last).await
+        self.settle(token, &issuer_id, end, last).await
     }
 
     /// A reserve still unsure at the end of its retries: resolving the token
@@ -500,6 +477,49 @@ impl Client {
                 "resolve answered that the token's outcome is still unknown".into(),
             )),
         }
+    }
+
+    /// Many reservations in one request (`POST /v1/reservations:batch`, at
+    /// most 8,190), each with its own token (generated when absent) and
+    /// its own outcome, in order: one refusal never fails the others. The
+    /// whole batch is sent again, same tokens, when an attempt gets no
+    /// answer, so no item can reserve twice. An item answered with
+    /// `outcome_unknown` (its group did not answer in time) is reported as
+    /// such: send it again with [`Client::reserve`] and its token, which
+    /// resolves it if need be.
+    pub async fn reserve_batch(
+        &self,
+        requests: Vec<ReserveRequest>,
+    ) -> Result<Vec<BatchResult>, Error> {
+        if requests.is_empty() || requests.len() > BATCH_MAX {
+            return Err(Error::InvalidInput(format!(
+                "a batch holds 1 to {BATCH_MAX} reservations, got {}",
+                requests.len()
+            )));
+        }
+        let items = requests
+            .into_iter()
+            .map(|r| reserve_body(r).map(|(_, body)| body))
+            .collect::<Result<Vec<Value>, Error>>()?;
+        let mut call = Call::new(Method::POST, true, &["reservations:batch"]);
+        call.body = Some(json!({ "reservations": items }));
+        let answer: Value = self.run(call).await?;
+        let results = answer["results"]
+            .as_array()
+            .ok_or_else(|| Error::Protocol("a batch answer without results".into()))?;
+        results
+            .iter()
+            .map(|item| {
+                if item["ok"] == true {
+                    parse(item.clone()).map(|r| BatchResult::Reserved(Box::new(r)))
+                } else {
+                    let status = item["http_status"].as_u64().unwrap_or(0) as u16;
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT);
+                    let e = api_error(status, &HeaderMap::new(), Some(item.clone()), b"");
+                    Ok(BatchResult::Refused(e))
+                }
+            })
+            .collect()
     }
 
     /// Confirms a hold. Retried on any failure, since confirming a confirmed
@@ -760,6 +780,48 @@ impl Client {
             }
         }
     }
+}
+
+/// The most reservations one batch request carries (the gateway's limit).
+pub const BATCH_MAX: usize = 8_190;
+
+/// One item of [`Client::reserve_batch`].
+#[derive(Clone, Debug)]
+pub enum BatchResult {
+    Reserved(Box<Reservation>),
+    /// Refused (a rejection such as `insufficient_exposure`, an invalid
+    /// field) or unsure (`outcome_unknown`: its group did not answer).
+    Refused(ApiError),
+}
+
+/// A reserve request's token (generated if absent) and checked body.
+fn reserve_body(request: ReserveRequest) -> Result<(String, Value), Error> {
+    check_id("issuer_id", &request.issuer_id, ID_LEN_MAX)?;
+    check_amount("amount", request.amount, 1)?;
+    check_label("desk", &request.desk)?;
+    check_label("trader", &request.trader)?;
+    let token = match request.reservation_token {
+        Some(token) => token,
+        None => new_reservation_token(),
+    };
+    check_id("reservation_token", &token, TOKEN_LEN_MAX)?;
+    let mut body = json!({
+        "reservation_token": token,
+        "issuer_id": request.issuer_id,
+        "amount": request.amount,
+        "desk": request.desk,
+        "trader": request.trader,
+    });
+    if let Some(ttl) = request.hold_ttl {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        if ms == 0 || ms > HOLD_TTL_MS_MAX {
+            return Err(Error::InvalidInput(format!(
+                "a hold lasts from 1 ms to {HOLD_TTL_MS_MAX} ms, got {ttl:?}"
+            )));
+        }
+        body["hold_ttl_ms"] = json!(ms);
+    }
+    Ok((token, body))
 }
 
 fn resolve_call(token: &str, issuer_id: &str) -> Call {

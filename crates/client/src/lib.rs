@@ -60,7 +60,7 @@ mod model;
 mod session;
 mod token;
 
-pub use client::{Client, ClientBuilder, SESSION_HEADER};
+pub use client::{BatchResult, Client, ClientBuilder, BATCH_MAX, SESSION_HEADER};
 pub use error::{ApiError, Error};
 pub use model::{
     CommitToken, Consistency, Health, Issuer, OpenReservations, ParseCommitTokenError, Reservation,

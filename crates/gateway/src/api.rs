@@ -43,6 +43,12 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
             get(open_reservations),
         )
         .route("/v1/reservations", post(reserve))
+        .route(
+            "/v1/reservations:batch",
+            post(crate::batch::reserve_batch).layer(axum::extract::DefaultBodyLimit::max(
+                gateway.config.batch_body_bytes_max,
+            )),
+        )
         .route("/v1/reservations/{reservation_id}", get(get_reservation))
         .route("/v1/reservations/{reservation_id}/confirm", post(confirm))
         .route("/v1/reservations/{reservation_id}/release", post(release))
@@ -67,7 +73,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
 
 /// A JSON body parsed strictly: unknown fields, wrong types, malformed JSON
 /// and oversized bodies are all refused with our error format.
-struct JsonBody<T>(T);
+pub(crate) struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
@@ -109,14 +115,43 @@ struct PutIssuerBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReserveBody {
-    reservation_token: String,
-    issuer_id: String,
+pub(crate) struct ReserveBody {
+    pub reservation_token: String,
+    pub issuer_id: String,
     amount: u64,
     desk: String,
     trader: String,
     #[serde(default)]
     hold_ttl_ms: Option<u64>,
+}
+
+impl ReserveBody {
+    /// Checks every field; the command to order and its issuer.
+    pub(crate) fn command(&self) -> Result<(Command, IssuerId), ApiError> {
+        let token = token(&self.reservation_token)?;
+        let issuer = issuer_id(&self.issuer_id)?;
+        let amount = amount("amount", self.amount, 1)?;
+        let desk = label("desk", &self.desk)?;
+        let trader = label("trader", &self.trader)?;
+        if let Some(ttl) = self.hold_ttl_ms {
+            if ttl == 0 || ttl > HOLD_TTL_MS_MAX {
+                return Err(ApiError::unprocessable(
+                    "invalid_field",
+                    format!("hold_ttl_ms must be from 1 to {HOLD_TTL_MS_MAX}, or null for a confirmed reservation"),
+                )
+                .with("field", "hold_ttl_ms"));
+            }
+        }
+        let command = Command::Reserve {
+            token,
+            issuer_id: issuer.clone(),
+            amount,
+            desk,
+            trader,
+            hold_ttl_ms: self.hold_ttl_ms,
+        };
+        Ok((command, issuer))
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -209,7 +244,10 @@ fn label(field: &'static str, value: &str) -> Result<String, ApiError> {
 // ----- Routing helpers ----------------------------------------------------------
 
 impl Gateway {
-    async fn directory(&self, issuer: &IssuerId) -> Result<(DirectoryEntry, ShardId), ApiError> {
+    pub(crate) async fn directory(
+        &self,
+        issuer: &IssuerId,
+    ) -> Result<(DirectoryEntry, ShardId), ApiError> {
         let entry = self.meta.find(issuer).await.map_err(metadata_unavailable)?;
         let entry = entry.ok_or_else(|| {
             ApiError::not_found("unknown_issuer", format!("unknown issuer {issuer}"))
@@ -265,7 +303,11 @@ impl Gateway {
         e
     }
 
-    async fn write(&self, shard: ShardId, command: Command) -> Result<Applied, ApiError> {
+    pub(crate) async fn write(
+        &self,
+        shard: ShardId,
+        command: Command,
+    ) -> Result<Applied, ApiError> {
         match self.call(Request::Write { shard, command }).await {
             Ok(Response::Applied {
                 outcome,
@@ -298,11 +340,11 @@ impl Gateway {
     }
 }
 
-struct Applied {
-    outcome: Outcome,
-    issuer: Option<IssuerView>,
-    commit_token: harbor_types::CommitToken,
-    served: Served,
+pub(crate) struct Applied {
+    pub outcome: Outcome,
+    pub issuer: Option<IssuerView>,
+    pub commit_token: harbor_types::CommitToken,
+    pub served: Served,
 }
 
 fn metadata_unavailable(e: MetaError) -> ApiError {
@@ -316,7 +358,7 @@ fn metadata_unavailable(e: MetaError) -> ApiError {
     error
 }
 
-fn unexpected(response: Response) -> ApiError {
+pub(crate) fn unexpected(response: Response) -> ApiError {
     tracing::error!(?response, "node answered with the wrong kind of response");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -332,13 +374,13 @@ fn object(value: impl serde::Serialize) -> Map<String, Value> {
     }
 }
 
-fn reply(status: StatusCode, body: Map<String, Value>) -> HttpResponse {
+pub(crate) fn reply(status: StatusCode, body: Map<String, Value>) -> HttpResponse {
     (status, Json(Value::Object(body))).into_response()
 }
 
 /// An answer that carries the caller's session, raised by what it showed:
 /// in the body and in the `Harbor-Session` header, to send next time.
-fn reply_in_session(
+pub(crate) fn reply_in_session(
     status: StatusCode,
     mut body: Map<String, Value>,
     session: &Session,
@@ -376,7 +418,7 @@ fn issuer_body(issuer: &IssuerView, entry: &DirectoryEntry) -> Map<String, Value
     body
 }
 
-fn reservation_body(
+pub(crate) fn reservation_body(
     reservation: &ReservationView,
     issuer: Option<&IssuerView>,
 ) -> Map<String, Value> {
@@ -560,7 +602,7 @@ async fn put_issuer_inner(
     }
 }
 
-fn unexpected_outcome(outcome: &Outcome) -> ApiError {
+pub(crate) fn unexpected_outcome(outcome: &Outcome) -> ApiError {
     tracing::error!(?outcome, "unexpected outcome");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -642,32 +684,11 @@ async fn reserve(
     let run = async {
         let session = Session::from_headers(&headers)?;
         let JsonBody(body) = body?;
-        let token = token(&body.reservation_token)?;
-        let issuer = issuer_id(&body.issuer_id)?;
-        let amount = amount("amount", body.amount, 1)?;
-        let desk = label("desk", &body.desk)?;
-        let trader = label("trader", &body.trader)?;
-        if let Some(ttl) = body.hold_ttl_ms {
-            if ttl == 0 || ttl > HOLD_TTL_MS_MAX {
-                return Err(ApiError::unprocessable(
-                    "invalid_field",
-                    format!("hold_ttl_ms must be from 1 to {HOLD_TTL_MS_MAX}, or null for a confirmed reservation"),
-                )
-                .with("field", "hold_ttl_ms"));
-            }
-        }
+        let (command, issuer) = body.command()?;
         let (_, shard) = gw.directory(&issuer).await?;
-        let command = Command::Reserve {
-            token: token.clone(),
-            issuer_id: issuer,
-            amount,
-            desk,
-            trader,
-            hold_ttl_ms: body.hold_ttl_ms,
-        };
         let applied = gw.write(shard, command).await?;
         reservation_reply(&gw, applied, StatusCode::CREATED, session)
-            .map_err(|e| e.with("reservation_token", &token))
+            .map_err(|e| e.with("reservation_token", &body.reservation_token))
     };
     run.await
         .unwrap_or_else(|e| gw.stamp_error(e).into_response())

@@ -5,7 +5,7 @@ use harbor_reservation::Rejection;
 use serde_json::{json, Map, Value};
 
 /// An error answer: `{"error": CODE, "message": TEXT, "retryable": BOOL, ...}`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
@@ -94,15 +94,23 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The body of the error answer.
+    pub fn to_json(&self) -> Map<String, Value> {
         let mut body = Map::new();
         body.insert("error".into(), json!(self.code));
         body.insert("message".into(), json!(self.message));
         body.insert("retryable".into(), json!(self.retryable));
-        for (k, v) in self.details {
-            body.entry(k).or_insert(v);
+        for (k, v) in &self.details {
+            body.entry(k.clone()).or_insert(v.clone());
         }
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.to_json();
         let mut response = (self.status, axum::Json(Value::Object(body))).into_response();
         if let Some(ms) = self.retry_after_ms {
             let seconds = ms.div_ceil(1000).max(1);

@@ -10,6 +10,7 @@
 
 pub mod admin;
 mod api;
+mod batch;
 mod error;
 mod metrics;
 pub mod reads;

@@ -41,6 +41,8 @@ pub struct GatewayConfig {
     pub inflight_requests_max: usize,
     /// The largest request body.
     pub body_bytes_max: usize,
+    /// The largest body of `POST /v1/reservations:batch`.
+    pub batch_body_bytes_max: usize,
     /// How long a local read waits for the replica in this region (beyond
     /// a causal read's own wait) before it asks the leader.
     pub local_read_timeout_ms: u64,
@@ -55,6 +57,7 @@ impl Default for GatewayConfig {
             request_timeout_ms: 5_000,
             inflight_requests_max: 100_000,
             body_bytes_max: 64 * 1024,
+            batch_body_bytes_max: 4 << 20,
             local_read_timeout_ms: 500,
             silent_replica_skip_ms: 5_000,
         }

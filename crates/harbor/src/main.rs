@@ -57,11 +57,73 @@ enum Command {
         #[command(subcommand)]
         what: Verify,
     },
-    /// Measure a workload against a cluster (or a dev cluster it starts).
+    /// Measure a reservation workload against a cluster (or a dev cluster
+    /// it starts); `harbor bench reads` measures follower reads instead.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
-        what: Bench,
+        what: Option<Bench>,
+        #[command(flatten)]
+        workload: Box<WorkloadArgs>,
     },
+}
+
+#[derive(clap::Args)]
+struct WorkloadArgs {
+    /// A gateway to send to (repeat for several). None: start a dev cluster.
+    #[arg(long = "url")]
+    urls: Vec<String>,
+    /// One-way WAN delay of the dev cluster started without --url.
+    #[arg(long, default_value_t = 35)]
+    wan_delay_ms: u64,
+    /// The issuers' home region (default: the first gateway's).
+    #[arg(long)]
+    home_region: Option<String>,
+    #[arg(long, default_value_t = 1000)]
+    issuers: usize,
+    /// Issuers that take --hot-share percent of the traffic.
+    #[arg(long, default_value_t = 0)]
+    hot: usize,
+    #[arg(long, default_value_t = 100)]
+    hot_share: u64,
+    /// Amounts are uniform in 1..=N.
+    #[arg(long, default_value_t = 100)]
+    amount_max: u64,
+    /// Concurrent clients (closed loop), or the most requests in flight
+    /// with --rate.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Open loop: requests per second in all, latency counted from when
+    /// each was due. 0: closed loop.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Reservations per request, through POST /v1/reservations:batch.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Percent of operations that are reads of an issuer.
+    #[arg(long, default_value_t = 0)]
+    reads: u64,
+    /// The reads' consistency: strong, session, bounded or causal.
+    #[arg(long, default_value = "bounded")]
+    read_consistency: String,
+    /// Percent of reservations that are holds (each then confirmed or released).
+    #[arg(long, default_value_t = 0)]
+    holds: u64,
+    /// Percent of holds released rather than confirmed.
+    #[arg(long, default_value_t = 20)]
+    release_share: u64,
+    /// Percent of writes sent through a gateway outside the home region.
+    #[arg(long, default_value_t = 0)]
+    cross_region: u64,
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    #[arg(long, default_value_t = 3)]
+    warmup_seconds: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -161,8 +223,34 @@ fn main() -> anyhow::Result<()> {
             harbor::cluster::run_node(&config, stop).await
         })),
         Command::Bench {
+            what: None,
+            workload: w,
+        } => runtime.block_on(harbor::bench::workload::run(
+            harbor::bench::workload::WorkloadOptions {
+                urls: w.urls,
+                wan_delay_ms: w.wan_delay_ms,
+                home_region: w.home_region,
+                issuers: w.issuers,
+                hot: w.hot,
+                hot_share: w.hot_share,
+                amount_max: w.amount_max,
+                clients: w.clients,
+                rate: w.rate,
+                batch: w.batch,
+                reads: w.reads,
+                read_consistency: w.read_consistency,
+                holds: w.holds,
+                release_share: w.release_share,
+                cross_region: w.cross_region,
+                seconds: w.seconds,
+                warmup_seconds: w.warmup_seconds,
+                seed: w.seed,
+                json: w.json,
+            },
+        )),
+        Command::Bench {
             what:
-                Bench::Reads {
+                Some(Bench::Reads {
                     reader,
                     writer,
                     home_region,
@@ -172,18 +260,21 @@ fn main() -> anyhow::Result<()> {
                     seconds,
                     max_staleness_ms,
                     json,
-                },
-        } => runtime.block_on(harbor::bench::reads(harbor::bench::ReadsOptions {
-            reader,
-            writer,
-            home_region,
-            issuers,
-            readers,
-            writers,
-            phase_secs: seconds,
-            max_staleness_ms,
-            json,
-        })),
+                }),
+            ..
+        } => runtime.block_on(harbor::bench::reads::reads(
+            harbor::bench::reads::ReadsOptions {
+                reader,
+                writer,
+                home_region,
+                issuers,
+                readers,
+                writers,
+                phase_secs: seconds,
+                max_staleness_ms,
+                json,
+            },
+        )),
         Command::Verify { what } => {
             drop(runtime);
             let clean = match what {

@@ -875,7 +875,7 @@ fn command_issuer(command: &Command) -> Option<&harbor_types::IssuerId> {
         Command::Confirm { reservation_id } | Command::Release { reservation_id } => {
             Some(reservation_id.issuer())
         }
-        Command::ExpireHolds | Command::Noop => None,
+        Command::ExpireHolds | Command::Noop | Command::Batch(_) => None,
     }
 }
 

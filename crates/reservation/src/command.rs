@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 pub const HOLD_TTL_MS_MAX: u64 = 7 * 24 * 60 * 60 * 1000;
 /// The longest `desk` or `trader` accepted, in bytes.
 pub const FIELD_LEN_MAX: usize = harbor_types::ID_LEN_MAX;
+/// The most commands one [`Command::Batch`] carries (TigerBeetle takes up to
+/// 8,190 events per request; so do we).
+pub const BATCH_COMMANDS_MAX: usize = 8_190;
 
 /// One command of a group's replicated log, encoded with postcard.
 ///
@@ -51,6 +54,23 @@ pub enum Command {
     },
     /// A new leader's first entry.
     Noop,
+    /// Several client commands in one log entry, applied in order, each
+    /// with its own outcome: one rejection does not fail the others. Only
+    /// reserve, confirm, release and resolve commands may be batched.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Whether a client may put this command in a [`Command::Batch`].
+    pub fn batchable(&self) -> bool {
+        matches!(
+            self,
+            Command::Reserve { .. }
+                | Command::Confirm { .. }
+                | Command::Release { .. }
+                | Command::ResolveToken { .. }
+        )
+    }
 }
 
 /// Where and when an entry sits in the log.

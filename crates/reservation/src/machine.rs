@@ -302,12 +302,39 @@ impl StateMachine {
         }
         self.applied = Some(ctx.position);
         let mut events = Vec::new();
+        let outcome = match cmd {
+            Command::Batch(commands) => Outcome::Batch(
+                commands
+                    .iter()
+                    .map(|cmd| match cmd.batchable() {
+                        true => self.apply_one(ctx, &mut events, cmd),
+                        false => Outcome::Rejected(Rejection::InvalidField {
+                            field: "batch".into(),
+                            reason:
+                                "only reserve, confirm, release and resolve commands may be batched"
+                                    .into(),
+                        }),
+                    })
+                    .collect(),
+            ),
+            cmd => self.apply_one(ctx, &mut events, cmd),
+        };
+        assert!(
+            events.iter().all(|e| e.position() == ctx.position),
+            "event positions differ from entry {}",
+            ctx.position
+        );
+        Applied { outcome, events }
+    }
+
+    /// One command of an entry (a batch applies several, in order).
+    fn apply_one(&mut self, ctx: &ApplyContext, events: &mut Vec<Event>, cmd: &Command) -> Outcome {
         let result = match cmd {
             Command::UpsertIssuer {
                 issuer_id,
                 home_region,
                 limit,
-            } => self.upsert_issuer(ctx, &mut events, issuer_id, home_region, *limit),
+            } => self.upsert_issuer(ctx, events, issuer_id, home_region, *limit),
             Command::Reserve {
                 token,
                 issuer_id,
@@ -322,23 +349,18 @@ impl StateMachine {
                     trader: trader.clone(),
                     hold_ttl_ms: *hold_ttl_ms,
                 };
-                self.reserve(ctx, &mut events, issuer_id, token, request)
+                self.reserve(ctx, events, issuer_id, token, request)
             }
-            Command::Confirm { reservation_id } => self.confirm(ctx, &mut events, reservation_id),
-            Command::Release { reservation_id } => self.release(ctx, &mut events, reservation_id),
-            Command::ExpireHolds => Ok(self.expire_holds(ctx, &mut events)),
+            Command::Confirm { reservation_id } => self.confirm(ctx, events, reservation_id),
+            Command::Release { reservation_id } => self.release(ctx, events, reservation_id),
+            Command::ExpireHolds => Ok(self.expire_holds(ctx, events)),
             Command::ResolveToken { issuer_id, token } => {
-                self.resolve_token(ctx, &mut events, issuer_id, token)
+                self.resolve_token(ctx, events, issuer_id, token)
             }
             Command::Noop => Ok(Outcome::Noop),
+            Command::Batch(_) => unreachable!("a batch is applied by apply"),
         };
-        let outcome = result.unwrap_or_else(Outcome::Rejected);
-        assert!(
-            events.iter().all(|e| e.position() == ctx.position),
-            "event positions differ from entry {}",
-            ctx.position
-        );
-        Applied { outcome, events }
+        result.unwrap_or_else(Outcome::Rejected)
     }
 
     fn upsert_issuer(

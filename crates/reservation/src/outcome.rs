@@ -125,6 +125,8 @@ pub enum Outcome {
     },
     Noop,
     Rejected(Rejection),
+    /// A batch's outcomes, one per command, in order.
+    Batch(Vec<Outcome>),
 }
 
 /// An expected refusal. Only [`Rejection::InsufficientExposure`] is recorded

@@ -711,3 +711,58 @@ fn commands_round_trip_through_postcard() {
     let bytes = postcard::to_stdvec(&cmd).unwrap();
     assert_eq!(postcard::from_bytes::<Command>(&bytes).unwrap(), cmd);
 }
+
+#[test]
+fn a_batch_applies_each_command_on_its_own_in_order() {
+    let mut log = Log::with_issuer();
+    let applied = log.apply(Command::Batch(vec![
+        reserve("b1", "A", 60, None),
+        // Over the limit after b1: refused, and the batch goes on.
+        reserve("b2", "A", 50, None),
+        reserve("b3", "A", 40, None),
+        // The same token again in the same batch: the first outcome.
+        reserve("b1", "A", 60, None),
+        reserve("b4", "NOPE", 1, None),
+        Command::Noop,
+    ]));
+    let Outcome::Batch(outcomes) = applied.outcome else {
+        panic!("{:?}", applied.outcome)
+    };
+    assert_eq!(outcomes.len(), 6);
+    assert!(matches!(
+        &outcomes[0],
+        Outcome::Reservation {
+            replayed: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        &outcomes[1],
+        Outcome::Rejected(Rejection::InsufficientExposure { .. })
+    ));
+    assert!(matches!(
+        &outcomes[2],
+        Outcome::Reservation {
+            replayed: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        &outcomes[3],
+        Outcome::Reservation { replayed: true, .. }
+    ));
+    assert!(matches!(
+        &outcomes[4],
+        Outcome::Rejected(Rejection::UnknownIssuer { .. })
+    ));
+    assert!(matches!(
+        &outcomes[5],
+        Outcome::Rejected(Rejection::InvalidField { .. })
+    ));
+    assert_eq!(log.reserved(), 100);
+    // Every change of the entry is at its one position.
+    assert!(applied.events.iter().all(|e| e.position() == position(2)));
+    // The rejected token's outcome is durable, as outside a batch.
+    let view = log.sm.token(&issuer("A"), &token("b2")).unwrap();
+    assert!(matches!(view.outcome, TokenOutcome::Rejected { .. }));
+}

@@ -66,6 +66,8 @@ pub struct SimStats {
     /// Planned leader transfers that named their target.
     pub transfers: u64,
     pub transfers_abandoned: u64,
+    /// Batches of reserves answered with their outcomes.
+    pub batches: u64,
     pub partitions: u64,
     pub pauses: u64,
     pub isolations: u64,
@@ -179,6 +181,9 @@ enum Op {
     Resolve,
     TokenLookup,
     ReadIssuer,
+    /// Several reserves in one `Command::Batch`; each is recorded as an
+    /// operation of its own sub-client.
+    ReserveBatch,
 }
 
 impl Op {
@@ -191,6 +196,7 @@ impl Op {
             Op::Resolve => "resolve",
             Op::TokenLookup => "token_lookup",
             Op::ReadIssuer => "read_issuer",
+            Op::ReserveBatch => "reserve",
         }
     }
 }
@@ -204,6 +210,16 @@ struct Inflight {
     /// in the client's region; if that one refuses, the strong read here
     /// goes to the leader (as a gateway does).
     read: Option<LocalRead>,
+    /// A batch: its reserves, each its own operation (`op_id` is the first).
+    batch: Vec<BatchItem>,
+}
+
+/// One reserve of a batch, recorded under a sub-client of its own
+/// (`client-3.b1`) so the history keeps one operation per client in flight.
+struct BatchItem {
+    op_id: u64,
+    client: String,
+    used: TokenUse,
 }
 
 #[derive(Clone)]
@@ -1182,6 +1198,7 @@ impl World {
             op,
             token,
             read,
+            batch: Vec::new(),
         });
         match replica {
             Some(replica) => self.send_request(i, replica, request, None),
@@ -1224,7 +1241,162 @@ impl World {
         self.send(envelope);
     }
 
+    /// Sends 2 to 4 reserves on one group as one `Command::Batch`, some of
+    /// them replays of earlier tokens.
+    fn reserve_batch(&mut self, i: usize) {
+        let shard = self.rng.pick(&self.issuers).1;
+        let on_shard: Vec<IssuerId> = self
+            .issuers
+            .iter()
+            .filter(|(_, s, _)| *s == shard)
+            .map(|(issuer, _, _)| issuer.clone())
+            .collect();
+        let count = self.rng.range(2, 4);
+        let mut items = Vec::new();
+        for k in 0..count {
+            let replays: Vec<TokenUse> = self.clients[i]
+                .used
+                .iter()
+                .filter(|u| on_shard.contains(&u.issuer))
+                .cloned()
+                .collect();
+            let used = if !replays.is_empty() && self.rng.chance(20) {
+                self.rng.pick(&replays).clone()
+            } else {
+                let n = self.clients[i].next_token;
+                self.clients[i].next_token += 1;
+                let used = TokenUse {
+                    token: ReservationToken::new(format!("{}-t{n}", self.clients[i].id)).unwrap(),
+                    issuer: self.rng.pick(&on_shard).clone(),
+                    amount: self.rng.range(1, 6),
+                    hold_ttl_ms: self.rng.chance(30).then(|| self.rng.range(100, 3_000)),
+                };
+                self.clients[i].used.push(used.clone());
+                used
+            };
+            let op_id = self.next_op;
+            self.next_op += 1;
+            let client = format!("{}.b{k}", self.clients[i].id);
+            let value = json!({"token": used.token, "issuer_id": used.issuer, "amount": used.amount,
+                               "hold_ttl_ms": used.hold_ttl_ms});
+            self.record(
+                json!({"type": "invoke", "op": op_id, "client": client, "f": "reserve",
+                               "time_ms": self.now, "value": value}),
+            );
+            self.stats.ops += 1;
+            items.push(BatchItem {
+                op_id,
+                client,
+                used,
+            });
+        }
+        let commands = items
+            .iter()
+            .map(|item| Command::Reserve {
+                token: item.used.token.clone(),
+                issuer_id: item.used.issuer.clone(),
+                amount: Amount(item.used.amount),
+                desk: "desk".into(),
+                trader: "trader".into(),
+                hold_ttl_ms: item.used.hold_ttl_ms,
+            })
+            .collect();
+        let op_id = items[0].op_id;
+        self.clients[i].inflight_shard = Some(shard);
+        self.clients[i].inflight = Some(Inflight {
+            op_id,
+            request_id: 0,
+            op: Op::ReserveBatch,
+            token: None,
+            read: None,
+            batch: items,
+        });
+        let command = Command::Batch(commands);
+        self.send_to_leader(i, shard, Request::Write { shard, command });
+        let at = self.now + self.options.client_timeout_ms;
+        self.schedule(at, Event::ClientTimeout(i, op_id));
+    }
+
+    /// Ends a batch: one completion per reserve (`None`: the batch's own
+    /// `kind` and `value`, for all of them).
+    fn complete_batch(
+        &mut self,
+        i: usize,
+        kind: &str,
+        value: Value,
+        outcomes: Option<Vec<Outcome>>,
+        commit_token: Option<CommitToken>,
+    ) {
+        let inflight = self.clients[i].inflight.take().expect("a batch in flight");
+        let outcomes: Vec<Option<Outcome>> = match outcomes {
+            Some(outcomes) => outcomes.into_iter().map(Some).collect(),
+            None => inflight.batch.iter().map(|_| None).collect(),
+        };
+        if let Some(token) = commit_token {
+            raise(&mut self.clients[i].session, token);
+        }
+        for (item, outcome) in inflight.batch.iter().zip(outcomes) {
+            let (kind, value) = match outcome {
+                None => (kind, value.clone()),
+                Some(Outcome::Reservation {
+                    reservation,
+                    replayed,
+                }) => {
+                    self.track(i, &reservation);
+                    (
+                        "ok",
+                        json!({"reservation_id": reservation.reservation_id, "status": reservation.status,
+                                  "commit_token": commit_token, "replayed": replayed}),
+                    )
+                }
+                Some(Outcome::Rejected(r)) => (
+                    "fail",
+                    json!({"error": r.code(), "commit_token": commit_token}),
+                ),
+                Some(other) => ("info", json!({"error": format!("unexpected {other:?}")})),
+            };
+            match kind {
+                "ok" => self.stats.ok += 1,
+                "fail" => self.stats.fail += 1,
+                _ => {
+                    self.stats.info += 1;
+                    let token = (item.used.token.clone(), item.used.issuer.clone());
+                    self.clients[i].unknown.push(token);
+                }
+            }
+            self.record(
+                json!({"type": kind, "op": item.op_id, "client": item.client,
+                               "f": "reserve", "time_ms": self.now, "value": value}),
+            );
+        }
+        let at = self.now + self.rng.range(1, 20);
+        self.schedule(at, Event::ClientStep(i));
+    }
+
+    /// Keeps the client's lists of its held and confirmed reservations.
+    fn track(&mut self, i: usize, reservation: &harbor_reservation::ReservationView) {
+        let client = &mut self.clients[i];
+        let id = reservation.reservation_id.clone();
+        client.held.retain(|h| *h != id);
+        client.mine.retain(|h| *h != id);
+        match reservation.status {
+            harbor_reservation::Status::Held => {
+                client.held.push(id.clone());
+                client.mine.push(id);
+            }
+            harbor_reservation::Status::Confirmed => client.mine.push(id),
+            _ => {}
+        }
+    }
+
     fn complete(&mut self, i: usize, kind: &str, value: Value) {
+        if self.clients[i]
+            .inflight
+            .as_ref()
+            .is_some_and(|f| f.op == Op::ReserveBatch)
+        {
+            return self.complete_batch(i, kind, value, None, None);
+        }
         let client = &mut self.clients[i];
         let inflight = client.inflight.take().expect("an operation in flight");
         match kind {
@@ -1296,7 +1468,8 @@ impl World {
         let roll = self.rng.range(0, 99);
         let client = &self.clients[i];
         match roll {
-            0..=49 => self.new_reservation(i),
+            0..=41 => self.new_reservation(i),
+            42..=49 => self.reserve_batch(i),
             50..=59 if !client.used.is_empty() => {
                 let used = self.rng.pick(&self.clients[i].used).clone();
                 self.reserve(i, used);
@@ -1501,21 +1674,14 @@ impl World {
                     replayed,
                 } => {
                     raise(&mut self.clients[i].session, commit_token);
-                    let client = &mut self.clients[i];
-                    let id = reservation.reservation_id.clone();
-                    client.held.retain(|h| *h != id);
-                    client.mine.retain(|h| *h != id);
-                    match reservation.status {
-                        harbor_reservation::Status::Held => {
-                            client.held.push(id.clone());
-                            client.mine.push(id.clone());
-                        }
-                        harbor_reservation::Status::Confirmed => client.mine.push(id.clone()),
-                        _ => {}
-                    }
-                    let value = json!({"reservation_id": id, "status": reservation.status,
+                    self.track(i, &reservation);
+                    let value = json!({"reservation_id": reservation.reservation_id, "status": reservation.status,
                                        "commit_token": commit_token, "replayed": replayed});
                     self.complete(i, "ok", value);
+                }
+                Outcome::Batch(outcomes) if op == Op::ReserveBatch => {
+                    self.stats.batches += 1;
+                    self.complete_batch(i, "ok", Value::Null, Some(outcomes), Some(commit_token));
                 }
                 Outcome::Rejected(r) => {
                     self.complete(

@@ -38,12 +38,14 @@ fn a_seeded_sweep_under_faults_finds_no_violation() {
         totals.failovers += outcome.stats.failovers;
         totals.partitions += outcome.stats.partitions;
         totals.fsync_failures += outcome.stats.fsync_failures;
+        totals.batches += outcome.stats.batches;
     }
     // The sweep must actually exercise the faults it claims to.
     assert!(totals.crashes > seeds / 2, "{totals:?}");
     assert!(totals.failovers > 0, "{totals:?}");
     assert!(totals.partitions > seeds, "{totals:?}");
     assert!(totals.fsync_failures > 0, "{totals:?}");
+    assert!(totals.batches > seeds, "{totals:?}");
     assert!(
         totals.info > 0,
         "no operation ever had an unknown outcome: {totals:?}"

@@ -1,6 +1,4 @@
-//! `harbor bench`: workloads against a running cluster (or one it starts).
-//!
-//! `bench reads` measures what follower reads buy a remote region: bounded
+//! `harbor bench reads` measures what follower reads buy a remote region: bounded
 //! reads issued through the reader gateway (a region that is not the
 //! issuers' home) against strong reads of the same issuers, which cross the
 //! WAN to the leader; once at rest and once while writers load the home
@@ -17,6 +15,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::{micros, Latency};
 use crate::dev::{DevCluster, DevOptions};
 
 /// What `harbor bench reads` does.
@@ -36,30 +35,6 @@ pub struct ReadsOptions {
     pub phase_secs: u64,
     pub max_staleness_ms: u64,
     pub json: Option<PathBuf>,
-}
-
-#[derive(Serialize)]
-struct Latency {
-    count: u64,
-    p50_ms: f64,
-    p90_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    max_ms: f64,
-}
-
-impl Latency {
-    fn of(h: &Histogram<u64>) -> Latency {
-        let ms = |us: u64| us as f64 / 1000.0;
-        Latency {
-            count: h.len(),
-            p50_ms: ms(h.value_at_quantile(0.50)),
-            p90_ms: ms(h.value_at_quantile(0.90)),
-            p99_ms: ms(h.value_at_quantile(0.99)),
-            p999_ms: ms(h.value_at_quantile(0.999)),
-            max_ms: ms(h.max()),
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -93,7 +68,7 @@ struct Recorder {
 
 impl Recorder {
     fn new() -> Recorder {
-        let h = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        let h = super::histogram;
         Recorder {
             bounded_local: h(),
             bounded_fallback: h(),
@@ -103,10 +78,6 @@ impl Recorder {
             errors: 0,
         }
     }
-}
-
-fn micros(d: Duration) -> u64 {
-    (d.as_micros() as u64).clamp(1, 60_000_000)
 }
 
 pub async fn reads(options: ReadsOptions) -> anyhow::Result<()> {

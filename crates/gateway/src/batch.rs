@@ -1,0 +1,164 @@
+//! `POST /v1/reservations:batch`: many reservations in one request, each
+//! with its own token and its own outcome. The gateway checks every item,
+//! groups the valid ones by group, and orders each group's share as
+//! [`Command::Batch`] entries (one log entry and one answer for up to
+//! `ENTRY_COMMANDS_MAX` reservations); a rejected or invalid item never
+//! fails the others.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use harbor_reservation::{Command, Outcome, BATCH_COMMANDS_MAX};
+use harbor_types::ShardId;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::api::{reply_in_session, reservation_body, unexpected_outcome, JsonBody, ReserveBody};
+use crate::error::ApiError;
+use crate::reads::Session;
+use crate::router::Gateway;
+
+/// Reservations one log entry carries at most. A group's share of a batch
+/// larger than this becomes several entries, sent at once (the leader still
+/// makes them durable with one fsync), each well under the entry size limit.
+const ENTRY_COMMANDS_MAX: usize = 1_024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchBody {
+    reservations: Vec<ReserveBody>,
+}
+
+pub(crate) async fn reserve_batch(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<JsonBody<BatchBody>, ApiError>,
+) -> HttpResponse {
+    run(&gw, &headers, body)
+        .await
+        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+}
+
+async fn run(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    body: Result<JsonBody<BatchBody>, ApiError>,
+) -> Result<HttpResponse, ApiError> {
+    let mut session = Session::from_headers(headers)?;
+    let JsonBody(body) = body?;
+    let items = body.reservations;
+    if items.is_empty() || items.len() > BATCH_COMMANDS_MAX {
+        return Err(ApiError::unprocessable(
+            "invalid_batch",
+            format!(
+                "a batch holds 1 to {BATCH_COMMANDS_MAX} reservations, got {}",
+                items.len()
+            ),
+        ));
+    }
+    let mut results: Vec<Option<Map<String, Value>>> = vec![None; items.len()];
+    // Group → (item, command); the directory is asked once per issuer.
+    let mut by_shard: BTreeMap<ShardId, Vec<(usize, Command)>> = BTreeMap::new();
+    let mut shard_of: HashMap<String, Result<ShardId, ApiError>> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let checked = item.command();
+        let placed = match checked {
+            Err(e) => Err(e),
+            Ok((command, issuer)) => {
+                if !shard_of.contains_key(issuer.as_str()) {
+                    let found = match gw.directory(&issuer).await {
+                        Ok((_, shard)) => Ok(shard),
+                        // The metadata plane is down: nothing can be placed.
+                        Err(e) if e.code == "metadata_unavailable" => return Err(e),
+                        Err(e) => Err(e),
+                    };
+                    shard_of.insert(issuer.to_string(), found);
+                }
+                shard_of[issuer.as_str()]
+                    .clone()
+                    .map(|shard| (shard, command))
+            }
+        };
+        match placed {
+            Ok((shard, command)) => by_shard.entry(shard).or_default().push((i, command)),
+            Err(e) => results[i] = Some(failed(e)),
+        }
+    }
+    let writes = by_shard.into_iter().flat_map(|(shard, commands)| {
+        let chunks: Vec<Vec<(usize, Command)>> = commands
+            .chunks(ENTRY_COMMANDS_MAX)
+            .map(<[_]>::to_vec)
+            .collect();
+        chunks.into_iter().map(move |chunk| async move {
+            let (indexes, commands): (Vec<usize>, Vec<Command>) = chunk.into_iter().unzip();
+            (indexes, gw.write(shard, Command::Batch(commands)).await)
+        })
+    });
+    for (indexes, written) in futures::future::join_all(writes).await {
+        let applied = match written {
+            Ok(applied) => applied,
+            Err(e) => {
+                for i in indexes {
+                    results[i] = Some(failed(e.clone()));
+                }
+                continue;
+            }
+        };
+        session.include(applied.commit_token);
+        let Outcome::Batch(outcomes) = &applied.outcome else {
+            let e = unexpected_outcome(&applied.outcome);
+            for i in indexes {
+                results[i] = Some(failed(e.clone()));
+            }
+            continue;
+        };
+        for (i, outcome) in indexes.into_iter().zip(outcomes) {
+            let mut result = match outcome {
+                Outcome::Reservation {
+                    reservation,
+                    replayed,
+                } => {
+                    let mut body = reservation_body(reservation, None);
+                    body.insert("ok".into(), json!(true));
+                    body.insert("replayed".into(), json!(replayed));
+                    body
+                }
+                Outcome::Rejected(rejection) => failed(ApiError::rejection(rejection)),
+                other => failed(unexpected_outcome(other)),
+            };
+            result.insert("commit_token".into(), json!(applied.commit_token));
+            results[i] = Some(result);
+        }
+    }
+    let results: Vec<Value> = results
+        .into_iter()
+        .zip(&items)
+        .map(|(result, item)| {
+            let mut result = result.expect("every item has a result");
+            result
+                .entry("reservation_token")
+                .or_insert(json!(item.reservation_token));
+            Value::Object(result)
+        })
+        .collect();
+    let committed = results.iter().filter(|r| r["ok"] == true).count();
+    let mut body = Map::new();
+    body.insert("count".into(), json!(results.len()));
+    body.insert("reserved".into(), json!(committed));
+    body.insert("failed".into(), json!(results.len() - committed));
+    body.insert("results".into(), Value::Array(results));
+    body.insert("gateway_region".into(), json!(gw.region));
+    Ok(reply_in_session(StatusCode::OK, body, &session))
+}
+
+/// One item's failure, in the shape of an error answer plus `"ok": false`
+/// and the HTTP status it would have had alone.
+fn failed(e: ApiError) -> Map<String, Value> {
+    let mut body = e.to_json();
+    body.insert("ok".into(), json!(false));
+    body.insert("http_status".into(), json!(e.status.as_u16()));
+    body
+}
