@@ -39,6 +39,9 @@ pub struct DevOptions {
     pub gateway: GatewayConfig,
     /// Applied to every node's config (tests shorten limits with it).
     pub tune_node: fn(&mut NodeConfig),
+    /// The cluster's shape when the data directory is new (a reused one
+    /// keeps the shape it was created with).
+    pub topology: Topology,
 }
 
 impl DevOptions {
@@ -50,6 +53,7 @@ impl DevOptions {
             wan_delay_ms: 35,
             gateway: GatewayConfig::default(),
             tune_node: |_| {},
+            topology: Topology::dev(),
         }
     }
 }
@@ -180,7 +184,7 @@ impl DevCluster {
         let (meta_node, meta_server) = start_meta_voter(&options).await?;
         let meta: Arc<dyn Metadata> = meta_node.clone();
         meta_node
-            .write(MetaCommand::Bootstrap(Topology::dev()))
+            .write(MetaCommand::Bootstrap(options.topology.clone()))
             .await
             .context("bootstrapping the metadata")?;
         meta_node

@@ -76,6 +76,16 @@ struct WorkloadArgs {
     /// One-way WAN delay of the dev cluster started without --url.
     #[arg(long, default_value_t = 35)]
     wan_delay_ms: u64,
+    /// The started dev cluster's replicas per group in the home region
+    /// (2 = the leader and one synchronous follower).
+    #[arg(long, default_value_t = 3)]
+    local_replicas: usize,
+    /// ... and in the other region (asynchronous).
+    #[arg(long, default_value_t = 1)]
+    remote_replicas: usize,
+    /// ... and its groups per region.
+    #[arg(long, default_value_t = 8)]
+    groups_per_region: usize,
     /// The issuers' home region (default: the first gateway's).
     #[arg(long)]
     home_region: Option<String>,
@@ -229,6 +239,12 @@ fn main() -> anyhow::Result<()> {
             harbor::bench::workload::WorkloadOptions {
                 urls: w.urls,
                 wan_delay_ms: w.wan_delay_ms,
+                topology: harbor_meta::Topology {
+                    local_replicas: w.local_replicas,
+                    remote_replicas: w.remote_replicas,
+                    groups_per_region: w.groups_per_region,
+                    ..harbor_meta::Topology::dev()
+                },
                 home_region: w.home_region,
                 issuers: w.issuers,
                 hot: w.hot,

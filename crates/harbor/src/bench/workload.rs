@@ -29,6 +29,8 @@ pub struct WorkloadOptions {
     /// Gateways; none starts a dev cluster (WAN delay `wan_delay_ms`).
     pub urls: Vec<String>,
     pub wan_delay_ms: u64,
+    /// The shape of the dev cluster started without `urls`.
+    pub topology: harbor_meta::Topology,
     /// Where the issuers live (default: the first gateway's region).
     pub home_region: Option<String>,
     pub issuers: usize,
@@ -203,6 +205,8 @@ pub async fn run(options: WorkloadOptions) -> anyhow::Result<()> {
         let mut dev_options = DevOptions::new(dir.clone());
         dev_options.port = 0;
         dev_options.wan_delay_ms = options.wan_delay_ms;
+        dev_options.topology = options.topology.clone();
+        options.topology.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         eprintln!(
             "starting a dev cluster in {} (WAN delay {} ms) ...",
             dir.display(),
