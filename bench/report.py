@@ -112,7 +112,9 @@ def main():
         for (mode, issuers, clients, batch), r in sorted(batches):
             print(f"| {issuers:,} issuers | {clients} | {batch} | {r['tps']:,.0f} | "
                   f"{fmt(r['p50_ms'], '.1f')} / {fmt(r['p99_ms'], '.1f')} |")
-    print("\nExact commands of the last pass:\n")
+    print("\nWhere Harbor's time goes, and what would remove each limit: "
+          "[bench/README.md](README.md).\n")
+    print("Exact commands (of the first pass; later passes differ only in `run=`):\n")
     print("```sh")
     seen = set()
     for r in list(pg.values()) + list(hb.values()):
