@@ -206,7 +206,10 @@ pub async fn run(options: WorkloadOptions) -> anyhow::Result<()> {
         dev_options.port = 0;
         dev_options.wan_delay_ms = options.wan_delay_ms;
         dev_options.topology = options.topology.clone();
-        options.topology.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        options
+            .topology
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         eprintln!(
             "starting a dev cluster in {} (WAN delay {} ms) ...",
             dir.display(),
