@@ -3,25 +3,9 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::Api;
-use harbor::dev::{DevCluster, DevOptions};
+use common::{start_dev, Api};
 use harbor_client::{BatchResult, Client, ReserveRequest};
 use serde_json::{json, Value};
-
-async fn start(dir: &std::path::Path) -> DevCluster {
-    let mut options = DevOptions::new(dir.to_path_buf());
-    options.port = 0;
-    let cluster = DevCluster::start(options)
-        .await
-        .expect("dev cluster starts");
-    cluster
-        .wait_ready(Duration::from_secs(30))
-        .await
-        .expect("dev cluster ready");
-    cluster
-}
 
 fn item(token: &str, issuer: &str, amount: u64) -> Value {
     json!({"reservation_token": token, "issuer_id": issuer, "amount": amount,
@@ -31,7 +15,7 @@ fn item(token: &str, issuer: &str, amount: u64) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_item_of_a_batch_has_its_own_outcome() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = start(dir.path()).await;
+    let cluster = start_dev(dir.path()).await;
     let madrid = cluster.url("madrid");
     let api = Api::new();
     // Two issuers in different regions, so the batch spans two groups.
@@ -147,7 +131,7 @@ async fn each_item_of_a_batch_has_its_own_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_sends_big_batches() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = start(dir.path()).await;
+    let cluster = start_dev(dir.path()).await;
     let client = Client::builder([cluster.url("madrid")]).build().unwrap();
     for n in 0..4 {
         client

@@ -7,24 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::Api;
-use harbor::dev::{DevCluster, DevOptions};
+use common::{start_dev, Api};
 use harbor_client::{Client, Consistency, ReserveRequest};
 use reqwest::Method;
 use serde_json::{json, Value};
-
-async fn start(dir: &std::path::Path) -> DevCluster {
-    let mut options = DevOptions::new(dir.to_path_buf());
-    options.port = 0;
-    let cluster = DevCluster::start(options)
-        .await
-        .expect("dev cluster starts");
-    cluster
-        .wait_ready(Duration::from_secs(30))
-        .await
-        .expect("dev cluster ready");
-    cluster
-}
 
 /// One HTTP call with an optional session header; the answer, its status,
 /// and the session header it sent back.
@@ -63,7 +49,7 @@ fn reserve_body(token: &str, issuer: &str, amount: u64) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_madrid_trader_always_sees_her_new_york_reservation() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = start(dir.path()).await;
+    let cluster = start_dev(dir.path()).await;
     let madrid = cluster.url("madrid");
     let api = Api::new();
     let http = api.client.clone();
@@ -127,7 +113,7 @@ async fn a_madrid_trader_always_sees_her_new_york_reservation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_reads_are_local_when_fresh_and_honest_when_not() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = start(dir.path()).await;
+    let cluster = start_dev(dir.path()).await;
     let madrid = cluster.url("madrid");
     let api = Api::new();
     let http = api.client.clone();
@@ -262,7 +248,7 @@ async fn bounded_reads_are_local_when_fresh_and_honest_when_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn causal_reads_wait_for_their_dependencies_and_bad_reads_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = start(dir.path()).await;
+    let cluster = start_dev(dir.path()).await;
     let (madrid, newyork) = (cluster.url("madrid"), cluster.url("newyork"));
     let api = Api::new();
     let http = api.client.clone();
@@ -349,7 +335,7 @@ async fn causal_reads_wait_for_their_dependencies_and_bad_reads_change_nothing()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_keeps_the_session_across_regions() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = start(dir.path()).await;
+    let cluster = start_dev(dir.path()).await;
     let madrid = Client::builder([cluster.url("madrid")])
         .deadline(Duration::from_secs(10))
         .build()

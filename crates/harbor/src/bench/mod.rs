@@ -4,10 +4,46 @@
 pub mod reads;
 pub mod workload;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+
+use crate::dev::{DevCluster, DevOptions};
+
+/// A dev cluster a benchmark starts for itself in a temporary directory,
+/// removed when it stops.
+pub(crate) struct BenchCluster {
+    pub cluster: DevCluster,
+    dir: PathBuf,
+}
+
+impl BenchCluster {
+    pub(crate) async fn start(shape: impl FnOnce(&mut DevOptions)) -> anyhow::Result<BenchCluster> {
+        let dir = std::env::temp_dir().join(format!("harbor-bench-{}", std::process::id()));
+        let mut options = DevOptions::new(dir.clone());
+        options.port = 0;
+        shape(&mut options);
+        options
+            .topology
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!(
+            "starting a dev cluster in {} (WAN delay {} ms) ...",
+            dir.display(),
+            options.wan_delay_ms
+        );
+        let cluster = DevCluster::start(options).await?;
+        cluster.wait_ready(Duration::from_secs(60)).await?;
+        Ok(BenchCluster { cluster, dir })
+    }
+
+    pub(crate) async fn stop(self) {
+        self.cluster.shutdown().await;
+        let _ = std::fs::remove_dir_all(self.dir);
+    }
+}
 
 /// The largest latency recorded, in microseconds (longer ones count as it).
 const LATENCY_US_MAX: u64 = 60_000_000;

@@ -15,8 +15,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{micros, Latency};
-use crate::dev::{DevCluster, DevOptions};
+use super::{micros, BenchCluster, Latency};
 
 /// What `harbor bench reads` does.
 #[derive(Clone, Debug)]
@@ -88,14 +87,12 @@ pub async fn reads(options: ReadsOptions) -> anyhow::Result<()> {
             w.trim_end_matches('/').to_string(),
         ),
         (None, None) => {
-            let dir = std::env::temp_dir().join(format!("harbor-bench-{}", std::process::id()));
-            let mut dev_options = DevOptions::new(dir.clone());
-            dev_options.port = 0;
-            eprintln!("starting a dev cluster in {} ...", dir.display());
-            let cluster = DevCluster::start(dev_options).await?;
-            cluster.wait_ready(Duration::from_secs(60)).await?;
-            let urls = (cluster.url("madrid"), cluster.url(&options.home_region));
-            dev = Some((cluster, dir));
+            let started = BenchCluster::start(|_| {}).await?;
+            let urls = (
+                started.cluster.url("madrid"),
+                started.cluster.url(&options.home_region),
+            );
+            dev = Some(started);
             urls
         }
         _ => bail!("give both --reader and --writer, or neither (a dev cluster is started)"),
@@ -145,9 +142,8 @@ pub async fn reads(options: ReadsOptions) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("results written to {}", path.display());
     }
-    if let Some((cluster, dir)) = dev {
-        cluster.shutdown().await;
-        let _ = std::fs::remove_dir_all(dir);
+    if let Some(dev) = dev {
+        dev.stop().await;
     }
     Ok(())
 }

@@ -20,8 +20,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{histogram, micros, Latency};
-use crate::dev::{DevCluster, DevOptions};
+use super::{histogram, micros, BenchCluster, Latency};
 
 /// The workload. Every field is a `harbor bench` flag.
 #[derive(Clone, Debug)]
@@ -201,24 +200,13 @@ pub async fn run(options: WorkloadOptions) -> anyhow::Result<()> {
         .build()?;
     let mut dev = None;
     let urls = if options.urls.is_empty() {
-        let dir = std::env::temp_dir().join(format!("harbor-bench-{}", std::process::id()));
-        let mut dev_options = DevOptions::new(dir.clone());
-        dev_options.port = 0;
-        dev_options.wan_delay_ms = options.wan_delay_ms;
-        dev_options.topology = options.topology.clone();
-        options
-            .topology
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        eprintln!(
-            "starting a dev cluster in {} (WAN delay {} ms) ...",
-            dir.display(),
-            options.wan_delay_ms
-        );
-        let cluster = DevCluster::start(dev_options).await?;
-        cluster.wait_ready(Duration::from_secs(60)).await?;
-        let urls = cluster.gateways.iter().map(|g| g.url()).collect();
-        dev = Some((cluster, dir));
+        let started = BenchCluster::start(|dev| {
+            dev.wan_delay_ms = options.wan_delay_ms;
+            dev.topology = options.topology.clone();
+        })
+        .await?;
+        let urls = started.cluster.gateways.iter().map(|g| g.url()).collect();
+        dev = Some(started);
         urls
     } else {
         options
@@ -300,9 +288,8 @@ pub async fn run(options: WorkloadOptions) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("results written to {}", path.display());
     }
-    if let Some((cluster, dir)) = dev {
-        cluster.shutdown().await;
-        let _ = std::fs::remove_dir_all(dir);
+    if let Some(dev) = dev {
+        dev.stop().await;
     }
     Ok(())
 }

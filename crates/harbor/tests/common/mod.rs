@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use harbor::dev::{DevCluster, DevOptions};
+
 use serde_json::{json, Value};
 
 pub struct Api {
@@ -230,4 +232,18 @@ pub async fn check_acknowledged(
     assert_eq!(all, tokens.len(), "a token has two reservations");
     assert!(list.len() >= acked.len());
     list.len()
+}
+
+/// A dev cluster on free ports in `dir`, ready to serve.
+pub async fn start_dev(dir: &std::path::Path) -> DevCluster {
+    let mut options = DevOptions::new(dir.to_path_buf());
+    options.port = 0;
+    let cluster = DevCluster::start(options)
+        .await
+        .expect("dev cluster starts");
+    cluster
+        .wait_ready(Duration::from_secs(30))
+        .await
+        .expect("dev cluster ready");
+    cluster
 }
