@@ -318,6 +318,10 @@ impl World {
         node_config.bugs = options.bugs;
         node_config.snapshot_interval_entries = 200;
         node_config.lease_ms = LEASE_MS;
+        // Small segments and preallocation, so crashes meet rolls and zero
+        // tails, and the simulated disk's copies stay cheap.
+        node_config.wal.segment_size_bytes = 64 << 10;
+        node_config.wal.preallocate_bytes = 4 << 10;
         let outbox = Arc::new(Outbox::default());
         let mut nodes = BTreeMap::new();
         for info in &map.nodes {

@@ -34,6 +34,8 @@ pub const SEGMENT_SIZE_BYTES_DEFAULT: u64 = 64 << 20;
 pub const SEGMENT_SIZE_BYTES_MIN: u64 = RECORD_HEADER_BYTES as u64;
 /// The largest segment size accepted: recovery reads a whole segment into memory.
 pub const SEGMENT_SIZE_BYTES_MAX: u64 = 1 << 30;
+/// Default zeros written ahead of the active segment's end.
+pub const PREALLOCATE_BYTES_DEFAULT: u64 = 1 << 20;
 /// Default largest payload of one record.
 pub const RECORD_SIZE_BYTES_DEFAULT: u32 = 16 << 20;
 /// The format's hard limit on a payload; a length above it is damage, not data.
@@ -57,6 +59,11 @@ pub struct WalOptions {
     pub segment_size_bytes: u64,
     /// The largest payload `append` accepts; larger is [`WalError::RecordTooLarge`].
     pub record_size_bytes_max: u32,
+    /// Zeros written ahead of the active segment's end when an append would
+    /// pass them (0: none). An fsync then commits only data, not a new file
+    /// size: on the 2-core ext4 test VM a synced 4 KiB write took 0.24 ms
+    /// over existing blocks and 0.7 ms growing the file (`dd oflag=dsync`).
+    pub preallocate_bytes: u64,
 }
 
 impl Default for WalOptions {
@@ -64,6 +71,7 @@ impl Default for WalOptions {
         WalOptions {
             segment_size_bytes: SEGMENT_SIZE_BYTES_DEFAULT,
             record_size_bytes_max: RECORD_SIZE_BYTES_DEFAULT,
+            preallocate_bytes: PREALLOCATE_BYTES_DEFAULT,
         }
     }
 }
@@ -76,6 +84,14 @@ impl WalOptions {
             return Err(WalError::InvalidOptions {
                 reason: format!(
                     "segment_size_bytes {size} outside [{SEGMENT_SIZE_BYTES_MIN}, {SEGMENT_SIZE_BYTES_MAX}]"
+                ),
+            });
+        }
+        if self.preallocate_bytes > SEGMENT_SIZE_BYTES_MAX {
+            return Err(WalError::InvalidOptions {
+                reason: format!(
+                    "preallocate_bytes {} above the largest segment, {SEGMENT_SIZE_BYTES_MAX}",
+                    self.preallocate_bytes
                 ),
             });
         }
@@ -125,6 +141,9 @@ pub struct Recovered {
     pub hard_state: HardState,
     /// Bytes of torn tail cut from the last segment; 0 when the tail was clean.
     pub torn_tail_bytes_cut: u64,
+    /// Zeros cut from the end of the last segment: preallocated space the
+    /// log had not reached (or a torn write that left only zeros).
+    pub zero_tail_bytes_cut: u64,
 }
 
 /// Why a WAL operation failed. `Io` and `Corrupt` are fatal for the replica;

@@ -36,10 +36,12 @@ struct MemDisk {
 
 #[derive(Clone, Default)]
 struct Inode {
-    /// What reads see.
+    /// What reads see, preallocated zeros included.
     current: Vec<u8>,
     /// What was there at the last successful sync of this file.
     durable: Vec<u8>,
+    /// Where the next append writes (`current` may go on with zeros).
+    end: usize,
 }
 
 enum DirOp {
@@ -114,7 +116,13 @@ fn crash_content(inode: &Inode, rng: &mut Rng, torn: bool) -> Vec<u8> {
         .zip(current)
         .take_while(|(old, new)| old == new)
         .count();
-    let written = common + rng.below(current.len() - common + 1);
+    // Bytes past the last change (preallocated zeros both have) are not
+    // part of the write: a torn write stops somewhere in what changed.
+    let changed_end = (common..current.len())
+        .rev()
+        .find(|&i| durable.get(i) != Some(&current[i]))
+        .map_or(current.len(), |i| i + 1);
+    let written = common + rng.below(changed_end - common + 1);
     let mut out = current[..written].to_vec();
     if durable.len() > written {
         out.extend_from_slice(&durable[written..]);
@@ -150,8 +158,8 @@ impl MemStorage {
         self.disk().sync_fail_next = true;
     }
 
-    /// After `n` more mutating operations (append, set_len, create, rename,
-    /// remove, sync, sync_dir) every mutating operation fails: the disk died.
+    /// After `n` more mutating operations (append, set_len, preallocate,
+    /// create, rename, remove, sync, sync_dir) every mutating operation fails: the disk died.
     pub fn fail_writes_after(&self, n: u64) {
         self.disk().ops_left = Some(n);
     }
@@ -192,9 +200,11 @@ impl MemStorage {
         for inode in names.values() {
             if !inodes.contains_key(inode) {
                 let content = crash_content(&disk.inodes[inode], &mut rng, torn);
+                // After a crash nobody knows where the end was: it is the size.
                 inodes.insert(
                     *inode,
                     Inode {
+                        end: content.len(),
                         current: content.clone(),
                         durable: content,
                     },
@@ -268,7 +278,13 @@ impl Storage for MemStorage {
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
         let mut disk = self.disk();
         disk.begin_op()?;
-        disk.inode_mut(name)?.current.extend_from_slice(data);
+        let inode = disk.inode_mut(name)?;
+        let (start, end) = (inode.end, inode.end + data.len());
+        if inode.current.len() < end {
+            inode.current.resize(end, 0);
+        }
+        inode.current[start..end].copy_from_slice(data);
+        inode.end = end;
         Ok(())
     }
 
@@ -276,7 +292,20 @@ impl Storage for MemStorage {
         let mut disk = self.disk();
         disk.begin_op()?;
         let len = usize::try_from(len_bytes).map_err(io::Error::other)?;
-        disk.inode_mut(name)?.current.resize(len, 0);
+        let inode = disk.inode_mut(name)?;
+        inode.current.resize(len, 0);
+        inode.end = len;
+        Ok(())
+    }
+
+    fn preallocate(&mut self, name: &str, len_bytes: u64) -> io::Result<()> {
+        let mut disk = self.disk();
+        disk.begin_op()?;
+        let len = usize::try_from(len_bytes).map_err(io::Error::other)?;
+        let inode = disk.inode_mut(name)?;
+        if inode.current.len() < len {
+            inode.current.resize(len, 0);
+        }
         Ok(())
     }
 

@@ -4,16 +4,21 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// A flat directory of named files.
 ///
 /// Durability contract, the one POSIX gives: file contents written by
-/// `append`/`set_len` survive a crash only after `sync(name)` returned Ok, and a
-/// `create`/`rename`/`remove` survives only after `sync_dir` returned Ok.
-/// Until then a crash may keep any prefix of the unsynced bytes and any subset
-/// of the unsynced directory operations.
+/// `append`/`set_len`/`preallocate` survive a crash only after `sync(name)`
+/// returned Ok, and a `create`/`rename`/`remove` survives only after
+/// `sync_dir` returned Ok. Until then a crash may keep any prefix of the
+/// unsynced bytes and any subset of the unsynced directory operations.
+///
+/// A file has an end (where the next `append` writes) and, past it, may have
+/// zeros that [`Storage::preallocate`] put there; reads see them, and so
+/// does a reopen after a crash, which cannot tell where the end was.
 pub trait Storage {
     /// Names of every file in the directory, in no particular order.
     fn list(&self) -> io::Result<Vec<String>>;
@@ -23,10 +28,16 @@ pub trait Storage {
     fn read_at(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>>;
     /// Creates an empty file, replacing any file of that name.
     fn create(&mut self, name: &str) -> io::Result<()>;
-    /// Appends bytes at the end of an existing file.
+    /// Writes bytes at the end of an existing file (over preallocated zeros).
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()>;
-    /// Cuts (or zero-extends) a file to `len_bytes`.
+    /// Cuts (or zero-extends) a file to `len_bytes`, preallocated zeros
+    /// included; the end is then `len_bytes`.
     fn set_len(&mut self, name: &str, len_bytes: u64) -> io::Result<()>;
+    /// Writes zeros past the end so the file is at least `len_bytes` long,
+    /// without moving the end. Appends then overwrite blocks the file
+    /// already has, and their fsync need not commit a new file size (on
+    /// ext4, about a third of the cost of an fsync that grows the file).
+    fn preallocate(&mut self, name: &str, len_bytes: u64) -> io::Result<()>;
     /// Makes a file's content durable (fsync).
     fn sync(&mut self, name: &str) -> io::Result<()>;
     /// Atomically renames a file, replacing `to` if it exists.
@@ -54,7 +65,21 @@ struct Handle {
     /// descriptors that were open when it happened, so a fresh descriptor's
     /// fsync could wrongly succeed.
     dirty: bool,
+    /// Where the next append writes.
+    end: u64,
+    /// The file's size: `end` plus preallocated zeros. A handle with zeros
+    /// past its end is never dropped either: only it knows where the end is.
+    size: u64,
 }
+
+impl Handle {
+    fn droppable(&self) -> bool {
+        !self.dirty && self.size == self.end
+    }
+}
+
+/// Zeros written per call while preallocating.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// Real files in one directory, with real fsyncs.
 pub struct FileStorage {
@@ -86,11 +111,21 @@ impl FileStorage {
     fn handle(&mut self, name: &str) -> io::Result<&mut Handle> {
         if !self.handles.contains_key(name) {
             if self.handles.len() >= FILE_HANDLES_MAX {
-                self.handles.retain(|_, handle| handle.dirty);
+                self.handles.retain(|_, handle| !handle.droppable());
             }
-            let file = OpenOptions::new().append(true).open(self.path(name))?;
-            self.handles
-                .insert(name.to_string(), Handle { file, dirty: false });
+            let file = OpenOptions::new().write(true).open(self.path(name))?;
+            // Opened afresh, a file's end is its size: zeros past the end of
+            // an earlier life are data to whoever opens it (recovery cuts them).
+            let size = file.metadata()?.len();
+            self.handles.insert(
+                name.to_string(),
+                Handle {
+                    file,
+                    dirty: false,
+                    end: size,
+                    size,
+                },
+            );
         }
         Ok(self.handles.get_mut(name).expect("inserted above"))
     }
@@ -125,31 +160,55 @@ impl Storage for FileStorage {
 
     fn create(&mut self, name: &str) -> io::Result<()> {
         self.handles.remove(name);
-        // O_APPEND so that writes after a set_len land at the new end, not at
-        // a stale file position (which would leave a hole).
         let file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .write(true)
+            .truncate(true)
             .open(self.path(name))?;
-        file.set_len(0)?;
         if self.handles.len() >= FILE_HANDLES_MAX {
-            self.handles.retain(|_, handle| handle.dirty);
+            self.handles.retain(|_, handle| !handle.droppable());
         }
-        self.handles
-            .insert(name.to_string(), Handle { file, dirty: true });
+        self.handles.insert(
+            name.to_string(),
+            Handle {
+                file,
+                dirty: true,
+                end: 0,
+                size: 0,
+            },
+        );
         Ok(())
     }
 
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
         let handle = self.handle(name)?;
         handle.dirty = true;
-        handle.file.write_all(data)
+        // Positional writes at our own end: a failed write leaves `end`
+        // where it was, and the next one overwrites whatever it left.
+        handle.file.write_all_at(data, handle.end)?;
+        handle.end += data.len() as u64;
+        handle.size = handle.size.max(handle.end);
+        Ok(())
     }
 
     fn set_len(&mut self, name: &str, len_bytes: u64) -> io::Result<()> {
         let handle = self.handle(name)?;
         handle.dirty = true;
-        handle.file.set_len(len_bytes)
+        handle.file.set_len(len_bytes)?;
+        handle.end = len_bytes;
+        handle.size = len_bytes;
+        Ok(())
+    }
+
+    fn preallocate(&mut self, name: &str, len_bytes: u64) -> io::Result<()> {
+        let handle = self.handle(name)?;
+        while handle.size < len_bytes {
+            let n = (len_bytes - handle.size).min(ZEROS.len() as u64) as usize;
+            handle.dirty = true;
+            handle.file.write_all_at(&ZEROS[..n], handle.size)?;
+            handle.size += n as u64;
+        }
+        Ok(())
     }
 
     fn sync(&mut self, name: &str) -> io::Result<()> {

@@ -11,6 +11,13 @@
 //!    so a partly applied removal never leaves a gap.
 //! 4. A snapshot and the hard state are written to a temp file, fsynced,
 //!    renamed, and the directory fsynced: recovery sees the old or the new one.
+//!
+//! The active segment is preallocated with zeros ahead of its end
+//! ([`WalOptions::preallocate_bytes`]), so a group commit's fsync writes
+//! data into blocks the file already has instead of also committing a new
+//! file size. A finished segment is cut to its end before it is synced for
+//! the last time (ordering 1 keeps only the last segment with a zero tail),
+//! and recovery cuts the zeros past the last record of the last one.
 
 use crate::format::{self, FileKind, HARD_STATE_NAME, TEMP_SUFFIX};
 use crate::{
@@ -28,6 +35,8 @@ struct Segment {
     /// `offsets[i]` is the byte offset of the record with index `first_index + i`.
     offsets: Vec<u64>,
     size_bytes: u64,
+    /// The file's size: `size_bytes` plus preallocated zeros.
+    file_bytes: u64,
 }
 
 impl Segment {
@@ -37,6 +46,7 @@ impl Segment {
             first_index,
             offsets: Vec::new(),
             size_bytes: 0,
+            file_bytes: 0,
         }
     }
 
@@ -106,6 +116,7 @@ struct Scan {
     segment: Segment,
     generation_last: Generation,
     torn_tail_bytes_cut: u64,
+    zero_tail_bytes_cut: u64,
 }
 
 /// Validates every frame of one segment, appends its records above
@@ -123,6 +134,7 @@ fn scan_segment<S: Storage>(
     let name = segment.name.clone();
     let bytes = storage.read(&name).map_err(io_error("read", &name))?;
     let mut torn_tail_bytes_cut = 0;
+    let mut zero_tail_bytes_cut = 0;
     let mut offset = 0;
     while offset < bytes.len() {
         let frame = match format::decode_record(&bytes[offset..]) {
@@ -131,12 +143,19 @@ fn scan_segment<S: Storage>(
                 if !last_segment || format::find_valid_frame(&bytes[offset + 1..]).is_some() {
                     return Err(corrupt(&name, offset as u64, reason));
                 }
-                // A torn tail: nothing valid after it, so it was never acknowledged.
-                torn_tail_bytes_cut = (bytes.len() - offset) as u64;
-                tracing::warn!(
-                    file = %name, offset, bytes = torn_tail_bytes_cut, %reason,
-                    "cutting torn tail of the WAL"
-                );
+                // Nothing valid after it, so nothing after it was ever
+                // acknowledged: preallocated zeros (the usual case), or a
+                // write the crash tore.
+                let tail = (bytes.len() - offset) as u64;
+                if bytes[offset..].iter().all(|b| *b == 0) {
+                    zero_tail_bytes_cut = tail;
+                } else {
+                    torn_tail_bytes_cut = tail;
+                    tracing::warn!(
+                        file = %name, offset, bytes = tail, %reason,
+                        "cutting torn tail of the WAL"
+                    );
+                }
                 storage
                     .set_len(&name, offset as u64)
                     .map_err(io_error("set_len", &name))?;
@@ -163,10 +182,12 @@ fn scan_segment<S: Storage>(
         offset += frame.frame_bytes;
     }
     segment.size_bytes = offset as u64;
+    segment.file_bytes = offset as u64;
     Ok(Scan {
         segment,
         generation_last: generation_prev,
         torn_tail_bytes_cut,
+        zero_tail_bytes_cut,
     })
 }
 
@@ -244,6 +265,7 @@ impl<S: Storage> Wal<S> {
         let mut segments: Vec<Segment> = Vec::new();
         let mut records = Vec::new();
         let mut torn_tail_bytes_cut = 0;
+        let mut zero_tail_bytes_cut = 0;
         let mut generation_prev = Generation::ZERO;
         let segment_count = segment_files.len();
         for (position, (first, name)) in segment_files.into_iter().enumerate() {
@@ -270,6 +292,7 @@ impl<S: Storage> Wal<S> {
                 &mut records,
             )?;
             torn_tail_bytes_cut += scan.torn_tail_bytes_cut;
+            zero_tail_bytes_cut += scan.zero_tail_bytes_cut;
             generation_prev = scan.generation_last;
             segments.push(scan.segment);
         }
@@ -329,6 +352,7 @@ impl<S: Storage> Wal<S> {
             records,
             hard_state,
             torn_tail_bytes_cut,
+            zero_tail_bytes_cut,
         };
         Ok((wal, recovered))
     }
@@ -394,19 +418,26 @@ impl<S: Storage> Wal<S> {
         Ok(())
     }
 
-    /// Writes the buffered frames to the active segment.
+    /// Writes the buffered frames to the active segment, first zero-filling
+    /// `preallocate_bytes` ahead of them when they would pass the zeros.
     fn flush(&mut self, buffer: &mut Vec<u8>) -> Result<(), WalError> {
         if buffer.is_empty() {
             return Ok(());
         }
-        let name = self
-            .segments
-            .last()
-            .expect("a buffer implies a segment")
-            .name
-            .clone();
+        let active = self.segments.last().expect("a buffer implies a segment");
+        let name = active.name.clone();
+        // `size_bytes` already counts the buffered frames.
+        let end = active.size_bytes;
+        let target = (end + self.opts.preallocate_bytes).min(self.opts.segment_size_bytes);
+        if end > active.file_bytes && target > end {
+            let result = self.storage.preallocate(&name, target);
+            self.check_io("preallocate", &name, result)?;
+            self.segments.last_mut().expect("checked above").file_bytes = target;
+        }
         let result = self.storage.append(&name, buffer);
         self.check_io("append", &name, result)?;
+        let active = self.segments.last_mut().expect("checked above");
+        active.file_bytes = active.file_bytes.max(end);
         self.files_unsynced.insert(name);
         buffer.clear();
         Ok(())
@@ -419,6 +450,12 @@ impl<S: Storage> Wal<S> {
         // in the last segment and a lost segment can only be the last one.
         if let Some(active) = self.segments.last() {
             let name = active.name.clone();
+            if active.file_bytes > active.size_bytes {
+                let end = active.size_bytes;
+                let result = self.storage.set_len(&name, end);
+                self.check_io("set_len", &name, result)?;
+                self.segments.last_mut().expect("checked above").file_bytes = end;
+            }
             self.sync_file(&name)?;
             if self.dir_unsynced {
                 self.sync_dir()?;
@@ -504,6 +541,7 @@ impl<S: Storage> Wal<S> {
                     .offsets
                     .truncate((from.0 - active.first_index.0) as usize);
                 active.size_bytes = cut;
+                active.file_bytes = cut;
                 let name = active.name.clone();
                 let result = self.storage.set_len(&name, cut);
                 self.check_io("set_len", &name, result)?;

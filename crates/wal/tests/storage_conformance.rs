@@ -43,6 +43,24 @@ fn conformance(mut s: impl Storage) {
     s.sync("b").unwrap();
     assert_eq!(s.read("b").unwrap(), b"hello!\0\0?");
 
+    // Preallocated zeros are read back, and appends overwrite them from
+    // the end; a file that is long enough already is left alone.
+    s.create("c").unwrap();
+    s.append("c", b"ab").unwrap();
+    s.preallocate("c", 6).unwrap();
+    assert_eq!(s.read("c").unwrap(), b"ab\0\0\0\0");
+    s.append("c", b"cd").unwrap();
+    assert_eq!(s.read("c").unwrap(), b"abcd\0\0");
+    s.preallocate("c", 3).unwrap();
+    s.append("c", b"efgh").unwrap();
+    assert_eq!(s.read("c").unwrap(), b"abcdefgh");
+    s.preallocate("c", 10).unwrap();
+    s.set_len("c", 3).unwrap();
+    s.append("c", b"!").unwrap();
+    s.sync("c").unwrap();
+    assert_eq!(s.read("c").unwrap(), b"abc!");
+    s.remove("c").unwrap();
+
     s.remove("b").unwrap();
     s.sync_dir().unwrap();
     assert!(s.list().unwrap().is_empty());

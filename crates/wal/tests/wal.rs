@@ -166,12 +166,75 @@ fn zero_filled_tail_on_a_real_file_is_cut() {
     wal.append(&records(1..=5, 1)).unwrap();
     wal.sync().unwrap();
     drop(wal);
-    let mut disk = FileStorage::new(dir.path()).unwrap();
     let name = segment_name(LogIndex(1));
+    let path = dir.path().join(&name);
+    let preallocated = std::fs::metadata(&path).unwrap().len();
+    let mut disk = FileStorage::new(dir.path()).unwrap();
     disk.append(&name, &[0; 4096]).unwrap();
-    let (_, recovered) = Wal::open(disk, WalOptions::default()).unwrap();
+    let (mut wal, recovered) = Wal::open(disk, WalOptions::default()).unwrap();
     assert_eq!(recovered.records, records(1..=5, 1));
-    assert_eq!(recovered.torn_tail_bytes_cut, 4096);
+    assert_eq!(
+        recovered.torn_tail_bytes_cut, 0,
+        "zeros are not a torn write"
+    );
+    let end = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(recovered.zero_tail_bytes_cut, preallocated + 4096 - end);
+    // The log goes on where its records end, not after the zeros.
+    wal.append(&records(6..=6, 1)).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let (_, again) =
+        Wal::open(FileStorage::new(dir.path()).unwrap(), WalOptions::default()).unwrap();
+    assert_eq!(again.records, records(1..=6, 1));
+    assert_eq!(again.torn_tail_bytes_cut, 0);
+}
+
+#[test]
+fn appends_go_into_preallocated_zeros_and_a_finished_segment_is_cut_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = WalOptions {
+        segment_size_bytes: 4096,
+        preallocate_bytes: 1024,
+        ..WalOptions::default()
+    };
+    let (mut wal, _) = Wal::open(FileStorage::new(dir.path()).unwrap(), opts.clone()).unwrap();
+    let first = segment_name(LogIndex(1));
+    wal.append(&records(1..=1, 1)).unwrap();
+    wal.sync().unwrap();
+    let size = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().len();
+    let one = size(&first);
+    assert!(
+        one > wal.size_bytes(),
+        "zeros ahead of the end: {one} bytes"
+    );
+    // Enough records to roll: every finished segment holds no zeros.
+    for i in 2..=200 {
+        wal.append(&records(i..=i, 1)).unwrap();
+    }
+    wal.sync().unwrap();
+    assert!(wal.segment_count() > 2);
+    let names = segment_names(&FileStorage::new(dir.path()).unwrap());
+    let first_of = |name: &str| -> u64 { name[4..24].parse().unwrap() };
+    for pair in names.windows(2) {
+        let frames: u64 = (first_of(&pair[0])..first_of(&pair[1]))
+            .map(|i| (RECORD_HEADER_BYTES + record(i, 1).payload.len()) as u64)
+            .sum();
+        assert_eq!(
+            size(&pair[0]),
+            frames,
+            "{} holds zeros past its end",
+            pair[0]
+        );
+    }
+    let last = names.last().unwrap().clone();
+    drop(wal);
+    let (_, recovered) = Wal::open(FileStorage::new(dir.path()).unwrap(), opts).unwrap();
+    assert_eq!(recovered.records, records(1..=200, 1));
+    assert_eq!(recovered.torn_tail_bytes_cut, 0);
+    assert!(
+        recovered.zero_tail_bytes_cut > 0,
+        "{last} had no zeros ahead"
+    );
 }
 
 /// Byte offset of record `index` in a segment whose first record is `first`.
