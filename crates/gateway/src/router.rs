@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use harbor_meta::Metadata;
 use harbor_node::wire::{Body, Envelope, ErrorCode, NodeError, Request, Response};
-use harbor_node::{Control, Inbox, Transport};
+use harbor_node::{Control, Sink, Transport};
 use harbor_types::{Generation, NodeId, Region, ShardId};
 use tokio::sync::oneshot;
 
@@ -82,16 +82,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Starts the gateway's receive loop on the current tokio runtime.
+    /// A gateway sending through `transport`; connect [`Gateway::sink`] to
+    /// it for answers to arrive.
     pub fn start(
         me: NodeId,
         region: Region,
         meta: Arc<dyn Metadata>,
         transport: Arc<dyn Transport>,
-        inbox: Inbox,
         config: GatewayConfig,
     ) -> Arc<Gateway> {
-        let gateway = Arc::new(Gateway {
+        Arc::new(Gateway {
             me,
             region,
             meta,
@@ -103,9 +103,27 @@ impl Gateway {
             metrics: crate::metrics::Metrics::default(),
             local_turn: AtomicU64::new(0),
             silent_replicas: Mutex::new(HashMap::new()),
-        });
-        tokio::spawn(receive(Arc::downgrade(&gateway), inbox));
-        gateway
+        })
+    }
+
+    /// Where the transport delivers this gateway's envelopes: an answer
+    /// completes its waiting request on the sender's thread. A late answer
+    /// after a timeout finds no one waiting and is dropped.
+    pub fn sink(self: &Arc<Self>) -> Sink {
+        let gateway = Arc::downgrade(self);
+        Arc::new(move |envelope| {
+            let Some(gateway) = gateway.upgrade() else {
+                return false;
+            };
+            let Body::Response { id, response } = envelope.body else {
+                return false;
+            };
+            let waiter = gateway.pending.lock().unwrap().remove(&id);
+            if let Some(tx) = waiter {
+                let _ = tx.send(*response);
+            }
+            true
+        })
     }
 
     pub fn region(&self) -> &Region {
@@ -332,19 +350,5 @@ pub(crate) fn node_error(code: ErrorCode, message: String, outcome_unknown: bool
         outcome_unknown,
         leader_hint: None,
         retry_after_ms: None,
-    }
-}
-
-async fn receive(gateway: std::sync::Weak<Gateway>, mut inbox: Inbox) {
-    while let Some(envelope) = inbox.recv().await {
-        let Some(gateway) = gateway.upgrade() else {
-            return;
-        };
-        if let Body::Response { id, response } = envelope.body {
-            // A late answer after a timeout finds no one waiting: dropped.
-            if let Some(tx) = gateway.pending.lock().unwrap().remove(&id) {
-                let _ = tx.send(*response);
-            }
-        }
     }
 }

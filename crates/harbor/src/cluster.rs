@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use harbor_gateway::{Gateway, GatewayConfig};
 use harbor_meta::{MetaCommand, Metadata, Topology};
 use harbor_meta_raft::{MetaConfig, MetaNode, RemoteMeta};
-use harbor_node::{Node, NodeConfig, TcpTransport, Transport};
+use harbor_node::{LateSink, Node, NodeConfig, TcpTransport, Transport};
 use harbor_replication::Member;
 use harbor_types::{NodeId, Region};
 use serde::Deserialize;
@@ -34,9 +34,6 @@ use harbor_types::ShardId;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::oneshot;
-
-/// Envelopes queued for one endpoint.
-const INBOX_CAPACITY: usize = 262_144;
 
 /// The cluster file: shared by every process.
 #[derive(Clone, Debug, Deserialize)]
@@ -254,18 +251,18 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     let control_listener = tokio::net::TcpListener::bind(control_addr)
         .await
         .with_context(|| format!("binding the control endpoint to {control_addr}"))?;
-    let (tx, inbox) = mpsc::channel(INBOX_CAPACITY);
+    let sink = LateSink::new();
     let transport: Arc<dyn Transport> =
-        TcpTransport::start(me.clone(), control_listener, cluster.peers(), tx);
+        TcpTransport::start(me.clone(), control_listener, cluster.peers(), sink.sink());
     let meta: Arc<dyn Metadata> = node.clone();
     let endpoint = Gateway::start(
         me,
         cluster.topology.regions[0].clone(),
         meta.clone(),
         transport,
-        inbox,
         GatewayConfig::default(),
     );
+    sink.connect(endpoint.sink());
     let lease_ms = NodeConfig::new(PathBuf::new()).lease_ms;
 
     // The control loop runs on the metadata leader only, afresh each time
@@ -439,17 +436,16 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding node {name} to {addr}"))?;
-    let (tx, inbox) = mpsc::channel(INBOX_CAPACITY);
+    let sink = LateSink::new();
     let transport: Arc<dyn Transport> =
-        TcpTransport::start(name.clone(), listener, cluster.peers(), tx);
+        TcpTransport::start(name.clone(), listener, cluster.peers(), sink.sink());
     let config = NodeConfig::new(file.data_dir.clone());
     let node = {
         let (name, region) = (name.clone(), region.clone());
-        tokio::task::spawn_blocking(move || {
-            Node::start(name, region, groups, config, transport, inbox)
-        })
-        .await??
+        tokio::task::spawn_blocking(move || Node::start(name, region, groups, config, transport))
+            .await??
     };
+    sink.connect(node.sink());
     eprintln!(
         "node {name} ({region}) serving on {addr} with {} replicas; data in {}",
         node.shards().len(),
@@ -466,17 +462,17 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         let listener = tokio::net::TcpListener::bind(g.transport)
             .await
             .with_context(|| format!("binding the gateway transport to {}", g.transport))?;
-        let (tx, inbox) = mpsc::channel(INBOX_CAPACITY);
+        let sink = LateSink::new();
         let transport: Arc<dyn Transport> =
-            TcpTransport::start(id.clone(), listener, cluster.peers(), tx);
+            TcpTransport::start(id.clone(), listener, cluster.peers(), sink.sink());
         let gateway = Gateway::start(
             id,
             Region::new(region.as_str()).unwrap(),
             meta.clone(),
             transport,
-            inbox,
             GatewayConfig::default(),
         );
+        sink.connect(gateway.sink());
         gateway.set_admin(Arc::new(RemoteAdmin {
             voters: cluster.voter_addrs(),
             client: reqwest::Client::builder()

@@ -25,9 +25,6 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-/// Envelopes queued for one node or gateway.
-const ENDPOINT_INBOX_CAPACITY: usize = 262_144;
-
 #[derive(Clone, Debug)]
 pub struct DevOptions {
     pub data_dir: PathBuf,
@@ -124,24 +121,13 @@ impl NodeSet {
             .collect();
         let mut config = NodeConfig::new(self.data_dir.join("nodes").join(node.as_str()));
         (self.tune_node)(&mut config);
-        let inbox = self
-            .network
-            .register(node.clone(), region.clone(), ENDPOINT_INBOX_CAPACITY);
-        let (id, transport) = (node.clone(), self.network.transport());
-        let started = tokio::task::spawn_blocking(move || {
-            Node::start(id, region, groups, config, transport, inbox)
-        })
-        .await?;
-        match started {
-            Ok(started) => {
-                self.running.lock().unwrap().insert(node.clone(), started);
-                Ok(())
-            }
-            Err(e) => {
-                self.network.unregister(node);
-                Err(e.into())
-            }
-        }
+        let (id, transport, at) = (node.clone(), self.network.transport(), region.clone());
+        let started =
+            tokio::task::spawn_blocking(move || Node::start(id, at, groups, config, transport))
+                .await??;
+        self.network.attach(node.clone(), region, started.sink());
+        self.running.lock().unwrap().insert(node.clone(), started);
+        Ok(())
     }
 
     /// Stops `node` as a crash would look from outside: it vanishes from the
@@ -225,15 +211,14 @@ impl DevCluster {
         let mut gateways = Vec::new();
         for (i, region) in map.regions().into_iter().enumerate() {
             let id = NodeId::new(format!("gateway-{region}")).unwrap();
-            let inbox = network.register(id.clone(), region.clone(), ENDPOINT_INBOX_CAPACITY);
             let gateway = Gateway::start(
-                id,
+                id.clone(),
                 region.clone(),
                 meta.clone(),
                 transport.clone(),
-                inbox,
                 options.gateway.clone(),
             );
+            network.attach(id, region.clone(), gateway.sink());
             gateway.set_admin(admin.clone());
             let port = if options.port == 0 {
                 0
@@ -270,15 +255,14 @@ impl DevCluster {
         // each region: near every region, untouched by WAN faults.
         let control_region = map.regions()[0].clone();
         let control_id = NodeId::new("control-plane").unwrap();
-        let control_inbox = network.register_near_all(control_id.clone(), ENDPOINT_INBOX_CAPACITY);
         let control_endpoint = Gateway::start(
-            control_id,
+            control_id.clone(),
             control_region,
             meta.clone(),
             transport.clone(),
-            control_inbox,
             options.gateway.clone(),
         );
+        network.attach_near_all(control_id, control_endpoint.sink());
         let lease_ms = {
             let mut probe = NodeConfig::new(PathBuf::new());
             (options.tune_node)(&mut probe);

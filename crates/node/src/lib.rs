@@ -16,4 +16,6 @@ pub mod wire;
 pub use config::NodeConfig;
 pub use driver::Control;
 pub use node::{Node, NodeStartError};
-pub use transport::{InProcNetwork, Inbox, LinkFaults, TcpTransport, Transport};
+pub use transport::{
+    inbox, InProcNetwork, Inbox, LateSink, LinkFaults, Sink, TcpTransport, Transport,
+};

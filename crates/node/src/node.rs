@@ -8,7 +8,7 @@ use harbor_types::{NodeId, Region, ShardId};
 use crate::config::NodeConfig;
 use crate::driver::{error, Control, Driver, DriverStartError, ReplicaInput};
 use crate::queue::{self, TrySendError};
-use crate::transport::{Inbox, Transport};
+use crate::transport::{Sink, Transport};
 use crate::wire::{Body, Envelope, ErrorCode, Response};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,26 +30,27 @@ struct ReplicaHandle {
     thread: JoinHandle<()>,
 }
 
-/// A host for replicas of many groups. Envelopes arriving in its inbox are
-/// dispatched by shard to the replica threads.
+/// A host for replicas of many groups, each on a thread of its own.
+/// Envelopes reach a replica's queue through the node's [`Node::sink`], on
+/// the sender's thread.
 pub struct Node {
     id: NodeId,
     region: Region,
     replicas: Arc<HashMap<ShardId, queue::Sender<ReplicaInput>>>,
+    transport: Arc<dyn Transport>,
     threads: Vec<JoinHandle<()>>,
-    dispatcher: Option<JoinHandle<()>>,
 }
 
 impl Node {
-    /// Opens every replica's WAL (recovering its state) and starts serving
-    /// `inbox`. Replicas wait as followers until told their role.
+    /// Opens every replica's WAL (recovering its state) and starts its
+    /// thread. Replicas wait as followers until told their role; connect
+    /// [`Node::sink`] to the transport for them to hear anything.
     pub fn start(
         id: NodeId,
         region: Region,
         groups: Vec<(ShardId, Vec<Member>)>,
         config: NodeConfig,
         transport: Arc<dyn Transport>,
-        inbox: Inbox,
     ) -> Result<Node, NodeStartError> {
         let mut handles: HashMap<ShardId, ReplicaHandle> = HashMap::new();
         for (shard, members) in groups {
@@ -80,25 +81,24 @@ impl Node {
             senders.insert(shard, handle.tx);
             threads.push(handle.thread);
         }
-        let replicas = Arc::new(senders);
-        let dispatcher = {
-            let replicas = replicas.clone();
-            let id = id.clone();
-            std::thread::Builder::new()
-                .name(format!("{id}/dispatch"))
-                .spawn(move || dispatch(id, inbox, replicas, transport))
-                .map_err(|source| NodeStartError::Thread {
-                    node: NodeId::new("dispatcher").unwrap(),
-                    source,
-                })?
-        };
         Ok(Node {
             id,
             region,
-            replicas,
+            replicas: Arc::new(senders),
+            transport,
             threads,
-            dispatcher: Some(dispatcher),
         })
+    }
+
+    /// Where the transport delivers this node's envelopes: each goes to its
+    /// shard's replica queue (or is refused at once, if a request).
+    pub fn sink(&self) -> Sink {
+        let (me, replicas, transport) = (
+            self.id.clone(),
+            self.replicas.clone(),
+            self.transport.clone(),
+        );
+        Arc::new(move |envelope| deliver(&me, &replicas, transport.as_ref(), envelope))
     }
 
     pub fn id(&self) -> &NodeId {
@@ -124,82 +124,79 @@ impl Node {
     }
 
     /// Stops every replica after its current batch (acknowledged writes are
-    /// already durable) and waits for the threads. The dispatcher ends when
-    /// its inbox closes, i.e. when the transport forgets this node.
-    pub fn shutdown(mut self) {
+    /// already durable) and waits for the threads. Disconnect the sink
+    /// first: what it delivers afterwards is refused or dropped.
+    pub fn shutdown(self) {
         for tx in self.replicas.values() {
             let _ = tx.force_send(ReplicaInput::Control(Control::Shutdown));
         }
-        for thread in self.threads.drain(..) {
+        for thread in self.threads {
             let _ = thread.join();
         }
-        // The dispatcher holds senders to the (now finished) replicas; it
-        // exits when the inbox closes. Do not wait for it here.
-        self.dispatcher.take();
     }
 }
 
-fn dispatch(
-    me: NodeId,
-    mut inbox: Inbox,
-    replicas: Arc<HashMap<ShardId, queue::Sender<ReplicaInput>>>,
-    transport: Arc<dyn Transport>,
-) {
-    while let Some(envelope) = inbox.blocking_recv() {
-        if let Body::Control { shard, control } = envelope.body {
-            match (control, replicas.get(&shard)) {
-                (Control::Shutdown, _) => {
-                    tracing::warn!(from = %envelope.from, "a shutdown order from the network; ignored");
-                }
-                (control, Some(tx)) => {
-                    let _ = tx.force_send(ReplicaInput::Control(control));
-                }
-                (_, None) => {}
+/// Puts one envelope into its replica's queue; returns false when it was
+/// dropped. A request that cannot be queued is answered with an error at
+/// once, so its sender does not wait out a timeout.
+fn deliver(
+    me: &NodeId,
+    replicas: &HashMap<ShardId, queue::Sender<ReplicaInput>>,
+    transport: &dyn Transport,
+    envelope: Envelope,
+) -> bool {
+    if let Body::Control { shard, control } = envelope.body {
+        match (control, replicas.get(&shard)) {
+            (Control::Shutdown, _) => {
+                tracing::warn!(from = %envelope.from, "a shutdown order from the network; ignored");
+                return false;
             }
-            continue;
-        }
-        let shard = match &envelope.body {
-            Body::Replication(message) => message.shard(),
-            Body::Request { request, .. } => request.shard(),
-            Body::Response { .. } | Body::Control { .. } => continue,
-        };
-        let request_id = match &envelope.body {
-            Body::Request { id, .. } => Some(*id),
-            _ => None,
-        };
-        let reply_to = envelope.from.clone();
-        let refusal = match replicas.get(&shard) {
-            None => Some(error(
-                ErrorCode::UnknownShard,
-                format!("{me} hosts no replica of {shard}"),
-                true,
-                false,
-            )),
-            Some(tx) => match tx.try_send(ReplicaInput::Envelope(envelope)) {
-                Ok(()) => None,
-                Err(TrySendError::Full) => Some(error(
-                    ErrorCode::Overloaded,
-                    format!("the replica of {shard} on {me} has a full queue"),
-                    true,
-                    false,
-                )),
-                Err(TrySendError::Disconnected) => Some(error(
-                    ErrorCode::ReplicaFailed,
-                    format!("the replica of {shard} on {me} is not running"),
-                    true,
-                    false,
-                )),
-            },
-        };
-        if let (Some(e), Some(id)) = (refusal, request_id) {
-            transport.send(Envelope {
-                from: me.clone(),
-                to: reply_to,
-                body: Body::Response {
-                    id,
-                    response: Box::new(Response::Error(e)),
-                },
-            });
+            (control, Some(tx)) => return tx.force_send(ReplicaInput::Control(control)).is_ok(),
+            (_, None) => return false,
         }
     }
+    let shard = match &envelope.body {
+        Body::Replication(message) => message.shard(),
+        Body::Request { request, .. } => request.shard(),
+        Body::Response { .. } | Body::Control { .. } => return false,
+    };
+    let request_id = match &envelope.body {
+        Body::Request { id, .. } => Some(*id),
+        _ => None,
+    };
+    let reply_to = envelope.from.clone();
+    let refusal = match replicas.get(&shard) {
+        None => error(
+            ErrorCode::UnknownShard,
+            format!("{me} hosts no replica of {shard}"),
+            true,
+            false,
+        ),
+        Some(tx) => match tx.try_send(ReplicaInput::Envelope(envelope)) {
+            Ok(()) => return true,
+            Err(TrySendError::Full) => error(
+                ErrorCode::Overloaded,
+                format!("the replica of {shard} on {me} has a full queue"),
+                true,
+                false,
+            ),
+            Err(TrySendError::Disconnected) => error(
+                ErrorCode::ReplicaFailed,
+                format!("the replica of {shard} on {me} is not running"),
+                true,
+                false,
+            ),
+        },
+    };
+    if let Some(id) = request_id {
+        transport.send(Envelope {
+            from: me.clone(),
+            to: reply_to,
+            body: Body::Response {
+                id,
+                response: Box::new(Response::Error(refusal)),
+            },
+        });
+    }
+    false
 }

@@ -13,7 +13,6 @@ use harbor_replication::Member;
 use harbor_reservation::{Command, Outcome};
 use harbor_types::{Amount, Generation, IssuerId, NodeId, Region, ReservationToken, ShardId};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 fn id(name: &str) -> NodeId {
     NodeId::new(name).unwrap()
@@ -48,12 +47,14 @@ async fn a_group_replicates_and_answers_over_tcp() {
     let mut nodes = Vec::new();
     let mut client = None;
     for (name, listener) in names.into_iter().zip(listeners) {
-        let (tx, rx) = mpsc::channel(1024);
-        let transport = TcpTransport::start(id(name), listener, peers.clone(), tx);
         if name == "client" {
+            let (sink, rx) = harbor_node::inbox(1024);
+            let transport = TcpTransport::start(id(name), listener, peers.clone(), sink);
             client = Some((transport, rx));
             continue;
         }
+        let late = harbor_node::LateSink::new();
+        let transport = TcpTransport::start(id(name), listener, peers.clone(), late.sink());
         let config = NodeConfig::new(dir.path().join(name));
         let transport: Arc<dyn Transport> = transport;
         let region = Region::new(if name.starts_with('a') {
@@ -64,20 +65,12 @@ async fn a_group_replicates_and_answers_over_tcp() {
         .unwrap();
         let node = tokio::task::spawn_blocking({
             let members = members.clone();
-            move || {
-                Node::start(
-                    id(name),
-                    region,
-                    vec![(shard, members)],
-                    config,
-                    transport,
-                    rx,
-                )
-            }
+            move || Node::start(id(name), region, vec![(shard, members)], config, transport)
         })
         .await
         .unwrap()
         .unwrap();
+        late.connect(node.sink());
         nodes.push(node);
     }
     for node in &nodes {

@@ -7,7 +7,7 @@ use harbor_types::{NodeId, Region};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Inbox, Transport};
+use super::{Sink, Transport};
 use crate::wire::Envelope;
 
 /// Envelopes queued on one cross-region link before new ones are dropped.
@@ -28,9 +28,9 @@ pub struct LinkFaults {
 type DelayLine = mpsc::Sender<(Instant, Envelope)>;
 
 struct Endpoint {
-    /// `None`: near every region (see [`InProcNetwork::register_near_all`]).
+    /// `None`: near every region (see [`InProcNetwork::attach_near_all`]).
     region: Option<Region>,
-    tx: mpsc::Sender<Envelope>,
+    sink: Sink,
 }
 
 /// Every endpoint in one process, connected by channels. Envelopes between
@@ -72,34 +72,32 @@ impl InProcNetwork {
         }
     }
 
-    /// Adds an endpoint and returns its inbox (`capacity` envelopes).
-    pub fn register(&self, node: NodeId, region: Region, capacity: usize) -> Inbox {
-        self.add(node, Some(region), capacity)
+    /// Adds an endpoint: envelopes to `node` go to `sink`.
+    pub fn attach(&self, node: NodeId, region: Region, sink: Sink) {
+        self.add(node, Some(region), sink)
     }
 
     /// Adds an endpoint that is near every region: no WAN delay and no
     /// region fault applies to its traffic (pauses still do). The dev
     /// cluster's control plane stands for a metadata plane with a voter in
     /// every region, so a slow or cut WAN does not blind it to one region.
-    pub fn register_near_all(&self, node: NodeId, capacity: usize) -> Inbox {
-        self.add(node, None, capacity)
+    pub fn attach_near_all(&self, node: NodeId, sink: Sink) {
+        self.add(node, None, sink)
     }
 
-    fn add(&self, node: NodeId, region: Option<Region>, capacity: usize) -> Inbox {
-        let (tx, rx) = mpsc::channel(capacity);
+    fn add(&self, node: NodeId, region: Option<Region>, sink: Sink) {
         let previous = self
             .inner
             .endpoints
             .write()
             .unwrap()
-            .insert(node.clone(), Endpoint { region, tx });
+            .insert(node.clone(), Endpoint { region, sink });
         assert!(previous.is_none(), "endpoint {node} registered twice");
-        rx
     }
 
     /// Removes an endpoint: envelopes to it are dropped from now on. Its
-    /// delay lines go too (they hold its inbox), so the inbox closes once
-    /// they drain, and a later `register` of the same name starts clean.
+    /// delay lines go too (they hold its sink), and a later `attach` of the
+    /// same name starts clean.
     pub fn unregister(&self, node: &NodeId) {
         self.inner.endpoints.write().unwrap().remove(node);
         self.forget_pause(node);
@@ -182,7 +180,7 @@ impl Transport for InProcNetwork {
                 return;
             }
         }
-        let (from_region, to_region, tx) = {
+        let (from_region, to_region, sink) = {
             let endpoints = self.inner.endpoints.read().unwrap();
             let (Some(from), Some(to)) =
                 (endpoints.get(&envelope.from), endpoints.get(&envelope.to))
@@ -191,10 +189,12 @@ impl Transport for InProcNetwork {
                 self.drop_one();
                 return;
             };
-            (from.region.clone(), to.region.clone(), to.tx.clone())
+            (from.region.clone(), to.region.clone(), to.sink.clone())
         };
+        // No lock is held from here on: a sink may send (a node refusing a
+        // request answers at once).
         let (Some(from_region), Some(to_region)) = (from_region, to_region) else {
-            if tx.try_send(envelope).is_err() {
+            if !sink(envelope) {
                 self.drop_one();
             }
             return;
@@ -219,7 +219,7 @@ impl Transport for InProcNetwork {
             wan + extra
         };
         if delay_ms == 0 {
-            if tx.try_send(envelope).is_err() {
+            if !sink(envelope) {
                 self.drop_one();
             }
             return;
@@ -230,7 +230,7 @@ impl Transport for InProcNetwork {
             let mut links = self.inner.links.lock().unwrap();
             links
                 .entry(key)
-                .or_insert_with(|| spawn_delay_line(&self.inner.runtime, tx, self.clone()))
+                .or_insert_with(|| spawn_delay_line(&self.inner.runtime, sink, self.clone()))
                 .clone()
         };
         if link.try_send((deliver_at, envelope)).is_err() {
@@ -243,14 +243,14 @@ impl Transport for InProcNetwork {
 /// in send order.
 fn spawn_delay_line(
     runtime: &tokio::runtime::Handle,
-    tx: mpsc::Sender<Envelope>,
+    sink: Sink,
     network: InProcNetwork,
 ) -> DelayLine {
     let (link_tx, mut link_rx) = mpsc::channel::<(Instant, Envelope)>(LINK_QUEUE_MAX);
     runtime.spawn(async move {
         while let Some((deliver_at, envelope)) = link_rx.recv().await {
             tokio::time::sleep_until(deliver_at).await;
-            if tx.try_send(envelope).is_err() {
+            if !sink(envelope) {
                 network.drop_one();
             }
         }

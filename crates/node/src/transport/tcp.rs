@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use super::Transport;
+use super::{Sink, Transport};
 use crate::wire::Envelope;
 
 /// The largest frame accepted or sent: a full append batch plus headroom.
@@ -24,7 +24,7 @@ const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
 pub struct TcpTransport {
     me: NodeId,
     peers: HashMap<NodeId, SocketAddr>,
-    local: mpsc::Sender<Envelope>,
+    local: Sink,
     outbound: Mutex<HashMap<NodeId, mpsc::Sender<Envelope>>>,
     runtime: tokio::runtime::Handle,
     dropped: Arc<AtomicU64>,
@@ -38,12 +38,12 @@ fn codec() -> LengthDelimitedCodec {
 
 impl TcpTransport {
     /// Listens on `listener`, delivering what arrives (and what this
-    /// endpoint sends itself) to `local`.
+    /// endpoint sends itself) to `local`, on the connection's task.
     pub fn start(
         me: NodeId,
         listener: TcpListener,
         peers: HashMap<NodeId, SocketAddr>,
-        local: mpsc::Sender<Envelope>,
+        local: Sink,
     ) -> Arc<TcpTransport> {
         let runtime = tokio::runtime::Handle::current();
         let dropped = Arc::new(AtomicU64::new(0));
@@ -73,7 +73,7 @@ impl TcpTransport {
     }
 }
 
-async fn read_frames(stream: TcpStream, inbox: mpsc::Sender<Envelope>, dropped: Arc<AtomicU64>) {
+async fn read_frames(stream: TcpStream, local: Sink, dropped: Arc<AtomicU64>) {
     let mut frames = FramedRead::new(stream, codec());
     while let Some(frame) = frames.next().await {
         let Ok(frame) = frame else {
@@ -81,7 +81,7 @@ async fn read_frames(stream: TcpStream, inbox: mpsc::Sender<Envelope>, dropped: 
         };
         match postcard::from_bytes::<Envelope>(&frame) {
             Ok(envelope) => {
-                if inbox.try_send(envelope).is_err() {
+                if !local(envelope) {
                     dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -133,7 +133,7 @@ async fn write_frames(addr: SocketAddr, mut queue: mpsc::Receiver<Envelope>) {
 impl Transport for TcpTransport {
     fn send(&self, envelope: Envelope) {
         if envelope.to == self.me {
-            if self.local.try_send(envelope).is_err() {
+            if !(self.local)(envelope) {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
             return;
