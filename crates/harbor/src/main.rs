@@ -6,6 +6,12 @@ use tracing_subscriber::EnvFilter;
 
 mod verify;
 
+/// glibc's malloc took a tenth of the CPU under load (`bench/README.md`);
+/// mimalloc's thread-local free lists suit many threads allocating small
+/// messages that another thread frees.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Harbor: a geo-distributed reservation database.
 #[derive(Parser)]
 #[command(name = "harbor", version, about)]
@@ -138,6 +144,31 @@ struct WorkloadArgs {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Memory and disk per million reservations, and restart time as the
+    /// log grows: loads reservations through the batch API in steps into a
+    /// dev cluster it starts (a leader and one synchronous follower per
+    /// group), measuring and restarting it after each step.
+    Cost {
+        /// Reservations loaded in all.
+        #[arg(long, default_value_t = 1_000_000)]
+        reservations: u64,
+        /// Measure and restart after each of this many equal steps.
+        #[arg(long, default_value_t = 4)]
+        steps: u64,
+        #[arg(long, default_value_t = 1000)]
+        issuers: usize,
+        /// Reservations per batch request.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Batch requests in flight.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 8)]
+        groups_per_region: usize,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Bounded reads through a gateway outside the issuers' home region
     /// (share served by a local replica, latency) against strong reads that
     /// cross the WAN to the leader; at rest, then under write load.
@@ -262,6 +293,29 @@ fn main() -> anyhow::Result<()> {
                 warmup_seconds: w.warmup_seconds,
                 seed: w.seed,
                 json: w.json,
+            },
+        )),
+        Command::Bench {
+            what:
+                Some(Bench::Cost {
+                    reservations,
+                    steps,
+                    issuers,
+                    batch,
+                    clients,
+                    groups_per_region,
+                    json,
+                }),
+            ..
+        } => runtime.block_on(harbor::bench::cost::cost(
+            harbor::bench::cost::CostOptions {
+                reservations,
+                steps,
+                issuers,
+                batch,
+                clients,
+                groups_per_region,
+                json,
             },
         )),
         Command::Bench {

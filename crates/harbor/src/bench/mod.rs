@@ -1,11 +1,12 @@
 //! `harbor bench`: workloads against a running cluster (or a dev cluster it
 //! starts), measured with HdrHistogram and reported as a table and JSON.
 
+pub mod cost;
 pub mod reads;
 pub mod workload;
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -16,7 +17,7 @@ use crate::dev::{DevCluster, DevOptions};
 /// removed when it stops.
 pub(crate) struct BenchCluster {
     pub cluster: DevCluster,
-    dir: PathBuf,
+    options: DevOptions,
 }
 
 impl BenchCluster {
@@ -34,15 +35,50 @@ impl BenchCluster {
             dir.display(),
             options.wan_delay_ms
         );
-        let cluster = DevCluster::start(options).await?;
+        let cluster = DevCluster::start(options.clone()).await?;
         cluster.wait_ready(Duration::from_secs(60)).await?;
-        Ok(BenchCluster { cluster, dir })
+        Ok(BenchCluster { cluster, options })
+    }
+
+    /// Where the cluster keeps its data.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.options.data_dir
+    }
+
+    /// Stops every node and starts the cluster again on the same data, as
+    /// after a power cut that waited for the last batch; returns how long
+    /// the stop and the start (until every group's leader is ready) took.
+    pub(crate) async fn restart(self) -> anyhow::Result<(BenchCluster, Restart)> {
+        let BenchCluster { cluster, options } = self;
+        let started = Instant::now();
+        cluster.shutdown().await;
+        let stop = started.elapsed();
+        let started = Instant::now();
+        let cluster = match DevCluster::start(options.clone()).await {
+            Ok(cluster) => cluster,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&options.data_dir);
+                return Err(e.context("restarting the dev cluster"));
+            }
+        };
+        let restart = Restart {
+            stop,
+            start: started.elapsed(),
+        };
+        Ok((BenchCluster { cluster, options }, restart))
     }
 
     pub(crate) async fn stop(self) {
         self.cluster.shutdown().await;
-        let _ = std::fs::remove_dir_all(self.dir);
+        let _ = std::fs::remove_dir_all(&self.options.data_dir);
     }
+}
+
+/// How long a [`BenchCluster::restart`] took.
+pub(crate) struct Restart {
+    pub stop: Duration,
+    /// Until every group's leader is ready (recovered, elected, caught up).
+    pub start: Duration,
 }
 
 /// The largest latency recorded, in microseconds (longer ones count as it).

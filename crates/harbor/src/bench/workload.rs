@@ -245,34 +245,7 @@ pub async fn run(options: WorkloadOptions) -> anyhow::Result<()> {
     let issuers: Vec<String> = (0..options.issuers)
         .map(|i| format!("B-{}-{i}", home_region.to_uppercase()))
         .collect();
-    eprintln!(
-        "registering {} issuers homed in {home_region} ...",
-        issuers.len()
-    );
-    let registering = issuers.chunks(64).map(|chunk| {
-        let (http, url, region) = (http.clone(), home[0].clone(), home_region.clone());
-        let chunk = chunk.to_vec();
-        async move {
-            for issuer in chunk {
-                let answer = http
-                    .put(format!("{url}/v1/issuers/{issuer}"))
-                    .json(&json!({"home_region": region, "limit": harbor_types::AMOUNT_MAX}))
-                    .send()
-                    .await?;
-                if !answer.status().is_success() {
-                    bail!(
-                        "registering {issuer}: {} {}",
-                        answer.status(),
-                        answer.text().await?
-                    );
-                }
-            }
-            Ok(())
-        }
-    });
-    for result in futures::future::join_all(registering).await {
-        result?;
-    }
+    register_issuers(&http, &home[0], &home_region, &issuers).await?;
     let plan = Arc::new(Plan {
         options: options.clone(),
         http,
@@ -290,6 +263,41 @@ pub async fn run(options: WorkloadOptions) -> anyhow::Result<()> {
     }
     if let Some(dev) = dev {
         dev.stop().await;
+    }
+    Ok(())
+}
+
+/// Creates (or updates) `issuers` homed in `region` through `url`, each
+/// with the largest limit, 64 at a time.
+pub(crate) async fn register_issuers(
+    http: &reqwest::Client,
+    url: &str,
+    region: &str,
+    issuers: &[String],
+) -> anyhow::Result<()> {
+    eprintln!(
+        "registering {} issuers homed in {region} ...",
+        issuers.len()
+    );
+    let registering = issuers.chunks(64).map(|chunk| async move {
+        for issuer in chunk {
+            let answer = http
+                .put(format!("{url}/v1/issuers/{issuer}"))
+                .json(&json!({"home_region": region, "limit": harbor_types::AMOUNT_MAX}))
+                .send()
+                .await?;
+            if !answer.status().is_success() {
+                bail!(
+                    "registering {issuer}: {} {}",
+                    answer.status(),
+                    answer.text().await?
+                );
+            }
+        }
+        Ok(())
+    });
+    for result in futures::future::join_all(registering).await {
+        result?;
     }
     Ok(())
 }
