@@ -2,8 +2,9 @@
 """Turn a bench/compare run into bench/RESULTS.md (Markdown on stdout).
 
 Reads harbor-N.jsonl and postgres-N.jsonl (one JSON line per row and pass)
-from --work, takes each row's median over the passes, and prints the table
-of both systems with the Harbor / PostgreSQL ratios.
+and cost.json from --work, takes each row's median over the passes, and
+prints the table of both systems with the Harbor / PostgreSQL ratios, the
+batch rows, throughput by number of groups, and the cost figures.
 """
 import argparse
 import glob
@@ -60,6 +61,32 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def print_cost(c, root):
+    mib = lambda b: b / (1 << 20)
+    copies = c["replicas_per_group"]
+    command = c["command"].replace(root + "/", "")
+    command = command.split(" --json ")[0]
+    print(f"\nCost (`{command}`): reservations of amount 1 loaded through the batch API "
+          f"({c['batch']} per request) into {c['groups']} groups of {copies} replicas, "
+          f"{c['issuers']:,} issuers, all in one process; after each step the process's "
+          "resident memory and the bytes on disk, then a restart of every node (stop, "
+          "then start until every group's leader is ready again), which replays the "
+          "log since the last snapshot; the restarted cluster must hold every "
+          "acknowledged reservation.\n")
+    print("| Reservations | Log entries | Resident memory MiB | WAL MiB | Snapshots MiB | "
+          "Preallocated MiB | Restart s |")
+    print("|---|---|---|---|---|---|---|")
+    for s in c["steps"]:
+        d = s["disk"]
+        print(f"| {s['reservations']:,} | {s['log_entries']:,} | {mib(s['rss_bytes']):,.0f} | "
+              f"{mib(d['wal_bytes']):,.1f} | {mib(d['snapshot_bytes']):,.1f} | "
+              f"{mib(d['preallocated_bytes']):,.1f} | {s['restart_seconds']:.2f} |")
+    mem, disk = mib(c["rss_bytes_per_million"]), mib(c["disk_bytes_per_million"])
+    print(f"\nPer million reservations: **{mem:,.0f} MiB of memory** ({mem / copies:,.0f} MiB per "
+          f"replica) and **{disk:,.0f} MiB on disk** ({disk / copies:,.0f} MiB per replica), "
+          f"over a baseline of {mib(c['baseline_rss_bytes']):,.0f} MiB resident.")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--work", required=True)
@@ -68,10 +95,12 @@ def main():
     p.add_argument("--elapsed", type=int, required=True)
     p.add_argument("--command", required=True)
     p.add_argument("--commit", required=True)
+    p.add_argument("--root", required=True)
     a = p.parse_args()
 
     pg = median_rows(load(a.work, "postgres"), lambda r: (r["mode"], r["issuers"], r["clients"]))
-    hb = median_rows(load(a.work, "harbor"), lambda r: (r["mode"], r["issuers"], r["clients"], r["batch"]))
+    hb = median_rows(load(a.work, "harbor"),
+                     lambda r: (r["mode"], r["issuers"], r["clients"], r["batch"], r.get("groups")))
     pg_version = next((r.get("pg_version") for r in load(a.work, "postgres") if r.get("pg_version")), "?")
 
     print("# Harbor vs PostgreSQL: reservations on one machine\n")
@@ -91,12 +120,12 @@ def main():
           "PostgreSQL stored function: tps, p50 / p99 ms | Harbor: tps, p50 / p99 ms | "
           "Harbor / interactive | Harbor / function |")
     print("|---|---|---|---|---|---|---|")
-    keys = sorted({(k[1], k[2]) for k in pg} | {(k[1], k[2]) for k in hb if k[3] == 1},
+    keys = sorted({(k[1], k[2]) for k in pg} | {(k[1], k[2]) for k in hb if k[0] == "single"},
                   key=lambda k: (-k[0], k[1]))
     for issuers, clients in keys:
         inter = pg.get(("interactive", issuers, clients))
         func = pg.get(("function", issuers, clients))
-        mine = hb.get(("single", issuers, clients, 1))
+        mine = hb.get(("single", issuers, clients, 1, None))
         cell = lambda r: "-" if r is None else (
             f"{r['tps']:,.0f}, {fmt(r['p50_ms'], '.2f')} / {fmt(r['p99_ms'], '.1f')}"
             + (f" ({r['errors']} errors)" if r["errors"] else ""))
@@ -104,14 +133,26 @@ def main():
         workload = f"{issuers:,} issuers" if issuers > 10 else f"{issuers} hot issuers"
         print(f"| {workload} | {clients} | {cell(inter)} | {cell(func)} | {cell(mine)} | "
               f"{ratio(inter)} | {ratio(func)} |")
-    batches = [(k, r) for k, r in hb.items() if k[3] > 1]
+    batches = [(k, r) for k, r in hb.items() if k[0] == "batch"]
     if batches:
         print("\nBatch API (`POST /v1/reservations:batch`, `harbor bench --batch K`):\n")
         print("| Workload | Clients | Reservations per request | Reservations/s | Request p50 / p99 ms |")
         print("|---|---|---|---|---|")
-        for (mode, issuers, clients, batch), r in sorted(batches):
+        for (mode, issuers, clients, batch, _), r in sorted(batches):
             print(f"| {issuers:,} issuers | {clients} | {batch} | {r['tps']:,.0f} | "
                   f"{fmt(r['p50_ms'], '.1f')} / {fmt(r['p99_ms'], '.1f')} |")
+    groups = sorted((k[4], r) for k, r in hb.items() if k[0] == "groups")
+    if groups:
+        print("\nThroughput as the groups grow (Harbor, 64 clients, 1,000 issuers; "
+              "`--groups-per-region G`: G groups take the writes, as many more idle in "
+              "the other region):\n")
+        print("| Groups taking writes | Reservations/s | p50 / p99 ms |")
+        print("|---|---|---|")
+        for g, r in groups:
+            print(f"| {g} | {r['tps']:,.0f} | {fmt(r['p50_ms'], '.2f')} / {fmt(r['p99_ms'], '.1f')} |")
+    cost_path = os.path.join(a.work, "cost.json")
+    if os.path.exists(cost_path):
+        print_cost(json.load(open(cost_path)), a.root)
     print("\nWhere Harbor's time goes, and what would remove each limit: "
           "[bench/README.md](README.md).\n")
     print("Exact commands (of the first pass; later passes differ only in `run=`):\n")
