@@ -464,14 +464,5 @@ fn print_report(report: &Report) {
         mib(report.disk_bytes_per_million as u64),
         mib(report.disk_bytes_per_million as u64) / copies,
     );
-    if report.errors.is_empty() {
-        println!("  no errors");
-    } else {
-        let list: Vec<String> = report
-            .errors
-            .iter()
-            .map(|(code, n)| format!("{code} {n}"))
-            .collect();
-        println!("  refused items: {}", list.join(", "));
-    }
+    super::print_errors("refused items", &report.errors);
 }

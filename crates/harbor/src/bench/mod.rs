@@ -5,6 +5,7 @@ pub mod cost;
 pub mod reads;
 pub mod workload;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,19 @@ pub(crate) struct Restart {
     pub stop: Duration,
     /// Until every group's leader is ready (recovered, elected, caught up).
     pub start: Duration,
+}
+
+/// Counts by error code on one line, or "no errors".
+pub(crate) fn print_errors(label: &str, errors: &BTreeMap<String, u64>) {
+    if errors.is_empty() {
+        println!("  no errors");
+        return;
+    }
+    let list: Vec<String> = errors
+        .iter()
+        .map(|(code, n)| format!("{code} {n}"))
+        .collect();
+    println!("  {label}: {}", list.join(", "));
 }
 
 /// The largest latency recorded, in microseconds (longer ones count as it).

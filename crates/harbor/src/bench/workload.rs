@@ -550,14 +550,5 @@ fn print_report(report: &Report, options: &WorkloadOptions) {
             op, l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
         );
     }
-    if report.errors.is_empty() {
-        println!("  no errors");
-    } else {
-        let list: Vec<String> = report
-            .errors
-            .iter()
-            .map(|(code, n)| format!("{code} {n}"))
-            .collect();
-        println!("  errors: {}", list.join(", "));
-    }
+    super::print_errors("errors", &report.errors);
 }
