@@ -87,11 +87,14 @@ async fn run(
             Err(e) => results[i] = Some(failed(e)),
         }
     }
-    let writes = by_shard.into_iter().flat_map(|(shard, commands)| {
-        let chunks: Vec<Vec<(usize, Command)>> = commands
-            .chunks(ENTRY_COMMANDS_MAX)
-            .map(<[_]>::to_vec)
-            .collect();
+    let writes = by_shard.into_iter().flat_map(|(shard, mut commands)| {
+        // Split by moving, not cloning: the commands carry their strings.
+        let mut chunks = Vec::new();
+        while commands.len() > ENTRY_COMMANDS_MAX {
+            let rest = commands.split_off(ENTRY_COMMANDS_MAX);
+            chunks.push(std::mem::replace(&mut commands, rest));
+        }
+        chunks.push(commands);
         chunks.into_iter().map(move |chunk| async move {
             let (indexes, commands): (Vec<usize>, Vec<Command>) = chunk.into_iter().unzip();
             (indexes, gw.write(shard, Command::Batch(commands)).await)

@@ -148,27 +148,7 @@ enum Bench {
     /// log grows: loads reservations through the batch API in steps into a
     /// dev cluster it starts (a leader and one synchronous follower per
     /// group), measuring and restarting it after each step.
-    Cost {
-        /// Reservations loaded in all.
-        #[arg(long, default_value_t = 1_000_000)]
-        reservations: u64,
-        /// Measure and restart after each of this many equal steps.
-        #[arg(long, default_value_t = 4)]
-        steps: u64,
-        #[arg(long, default_value_t = 1000)]
-        issuers: usize,
-        /// Reservations per batch request.
-        #[arg(long, default_value_t = 1000)]
-        batch: usize,
-        /// Batch requests in flight.
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        #[arg(long, default_value_t = 8)]
-        groups_per_region: usize,
-        /// Also write the results as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    Cost(harbor::bench::cost::CostOptions),
     /// Bounded reads through a gateway outside the issuers' home region
     /// (share served by a local replica, latency) against strong reads that
     /// cross the WAN to the leader; at rest, then under write load.
@@ -296,28 +276,9 @@ fn main() -> anyhow::Result<()> {
             },
         )),
         Command::Bench {
-            what:
-                Some(Bench::Cost {
-                    reservations,
-                    steps,
-                    issuers,
-                    batch,
-                    clients,
-                    groups_per_region,
-                    json,
-                }),
+            what: Some(Bench::Cost(options)),
             ..
-        } => runtime.block_on(harbor::bench::cost::cost(
-            harbor::bench::cost::CostOptions {
-                reservations,
-                steps,
-                issuers,
-                batch,
-                clients,
-                groups_per_region,
-                json,
-            },
-        )),
+        } => runtime.block_on(harbor::bench::cost::cost(options)),
         Command::Bench {
             what:
                 Some(Bench::Reads {

@@ -25,17 +25,27 @@ use serde_json::{json, Value};
 use super::workload::register_issuers;
 use super::BenchCluster;
 
-#[derive(Clone, Debug)]
+/// The flags of `harbor bench cost`.
+#[derive(Clone, Debug, clap::Args)]
 pub struct CostOptions {
-    /// Reservations loaded in all, in `steps` equal steps.
+    /// Reservations loaded in all.
+    #[arg(long, default_value_t = 1_000_000)]
     pub reservations: u64,
+    /// Measure and restart after each of this many equal steps.
+    #[arg(long, default_value_t = 4)]
     pub steps: u64,
+    #[arg(long, default_value_t = 1000)]
     pub issuers: usize,
     /// Reservations per batch request.
+    #[arg(long, default_value_t = 1000)]
     pub batch: usize,
     /// Batch requests in flight.
+    #[arg(long, default_value_t = 8)]
     pub clients: usize,
+    #[arg(long, default_value_t = 8)]
     pub groups_per_region: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
