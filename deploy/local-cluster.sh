@@ -20,17 +20,40 @@ start)
   : > "$pids"
   for i in 1 2 3; do
     "$harbor" meta --config "$here/meta-$i.toml" > "$run/logs/meta-$i.log" 2>&1 &
-    echo $! >> "$pids"
+    echo "$! meta-$i" >> "$pids"
   done
   for n in madrid-1 madrid-2 madrid-3 newyork-1 newyork-2 newyork-3; do
     "$harbor" node --config "$here/$n.toml" > "$run/logs/$n.log" 2>&1 &
-    echo $! >> "$pids"
+    echo "$! $n" >> "$pids"
   done
+  # A process that exited is reported with the end of its log, whether or
+  # not the rest became healthy without it.
+  exited() {
+    local gone=0
+    while read -r pid name; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        gone=1
+        echo "$name (pid $pid) exited; the end of $run/logs/$name.log:" >&2
+        tail -n 5 "$run/logs/$name.log" | sed 's/^/  /' >&2
+      fi
+    done < "$pids"
+    return $gone
+  }
   echo "waiting for the cluster to be healthy ..."
   for _ in $(seq 1 120); do
-    if curl -sf http://127.0.0.1:7400/v1/health > /dev/null; then
-      echo "ready: gateways http://127.0.0.1:7400 (madrid), http://127.0.0.1:7401 (newyork); logs in $run/logs"
-      exit 0
+    if ! exited; then
+      echo "not started: a process exited (the others still run; stop them with: $0 stop)" >&2
+      exit 1
+    fi
+    if curl -sf http://127.0.0.1:7400/v1/health > /dev/null \
+      && curl -sf http://127.0.0.1:7401/v1/health > /dev/null; then
+      sleep 1 # a process that fails at start fails within this
+      if exited; then
+        echo "ready: gateways http://127.0.0.1:7400 (madrid), http://127.0.0.1:7401 (newyork); logs in $run/logs"
+        exit 0
+      fi
+      echo "not started: a process exited (the others still run; stop them with: $0 stop)" >&2
+      exit 1
     fi
     sleep 0.5
   done
@@ -39,7 +62,7 @@ start)
   ;;
 stop)
   [ -f "$pids" ] || { echo "nothing started from here ($pids missing)"; exit 0; }
-  while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done < "$pids"
+  while read -r pid _; do kill -TERM "$pid" 2>/dev/null || true; done < "$pids"
   rm -f "$pids"
   echo "stopped"
   ;;

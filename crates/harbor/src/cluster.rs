@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use harbor_gateway::{Gateway, GatewayConfig};
-use harbor_meta::{MetaCommand, Metadata, Topology};
+use harbor_meta::{MetaCommand, MetaReply, Metadata, Topology};
 use harbor_meta_raft::{MetaConfig, MetaNode, RemoteMeta};
 use harbor_node::{LateSink, Node, NodeConfig, TcpTransport, Transport};
 use harbor_replication::Member;
@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use crate::control::{
     transfer_answer, ControlLoop, OverTheWire, TransferDone, TransferFailed, TransferRequest,
 };
+use crate::data_dir::{DataDir, DataKind};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
@@ -177,6 +178,7 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
             file.id
         );
     };
+    let _data_dir = DataDir::open(&file.data_dir, DataKind::Meta)?;
     let addr = voter.http;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -208,12 +210,16 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     if Some(&file.id) == voters.keys().next() {
         node.initialize(&voters).await?;
     }
-    // Lay the cluster out (only the first bootstrap counts).
+    // Lay the cluster out (only the first bootstrap counts). The verdict on
+    // a cluster file whose topology changed since comes from the committed
+    // state, whichever voter applied the first bootstrap and however far
+    // this one's own copy has got.
     loop {
         match node
             .write(MetaCommand::Bootstrap(cluster.topology.clone()))
             .await
         {
+            Ok(MetaReply::Refused(reason)) => bail!("{}: {reason}", file.cluster.display()),
             Ok(_) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "waiting for a metadata quorum to bootstrap");
@@ -222,22 +228,6 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
                 }
             }
         }
-    }
-    // A cluster is laid out once: a cluster file whose topology changed
-    // since would route by a map it does not describe.
-    let expected = harbor_meta::ShardMap::from_topology(&cluster.topology);
-    let actual = Metadata::map(&*node);
-    if actual.nodes != expected.nodes
-        || actual.groups.len() != expected.groups.len()
-        || actual.buckets.len() != expected.buckets.len()
-    {
-        bail!(
-            "the cluster file's [topology] differs from the one this cluster was created with \
-             ({} nodes, {} groups, {} buckets); changing the topology is not supported",
-            actual.nodes.len(),
-            actual.groups.len(),
-            actual.buckets.len()
-        );
     }
     eprintln!(
         "metadata voter {} serving on {addr}; data in {}",
@@ -408,6 +398,7 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     let Some(addr) = cluster.nodes.get(&file.name).copied() else {
         bail!("node {name} is not in the cluster file's [nodes]");
     };
+    let _data_dir = DataDir::open(&file.data_dir, DataKind::Node)?;
     let meta = RemoteMeta::connect(cluster.voter_addrs(), Duration::from_secs(60))
         .await
         .context("reaching the metadata plane")?;

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use harbor_gateway::{Gateway, GatewayConfig};
-use harbor_meta::{MetaCommand, Metadata, ShardMap, Topology};
+use harbor_meta::{MetaCommand, MetaReply, Metadata, ShardMap, Topology};
+
+use crate::data_dir::{DataDir, DataKind};
 use harbor_meta_raft::{MetaConfig, MetaNode};
 use harbor_node::wire::{Query, QueryResult, Request, Response};
 use harbor_node::{Control, InProcNetwork, Node, NodeConfig};
@@ -80,6 +82,8 @@ pub struct DevCluster {
     pub nodes: Arc<NodeSet>,
     stop: watch::Sender<bool>,
     control: JoinHandle<()>,
+    /// The lock on `data_dir`, released when the cluster is dropped.
+    _data_dir: DataDir,
 }
 
 /// The cluster's nodes, each running or stopped, restartable on its data
@@ -167,12 +171,16 @@ impl DevCluster {
     /// a new generation, opens the gateways, starts the control loop, and
     /// waits until every group's leader is ready.
     pub async fn start(options: DevOptions) -> anyhow::Result<DevCluster> {
+        let data_dir = DataDir::open(&options.data_dir, DataKind::Dev)?;
         let (meta_node, meta_server) = start_meta_voter(&options).await?;
         let meta: Arc<dyn Metadata> = meta_node.clone();
-        meta_node
+        let laid_out = meta_node
             .write(MetaCommand::Bootstrap(options.topology.clone()))
             .await
             .context("bootstrapping the metadata")?;
+        if let MetaReply::Refused(reason) = laid_out {
+            anyhow::bail!("{}: {reason}", options.data_dir.display());
+        }
         meta_node
             .write(MetaCommand::BeginEpoch)
             .await
@@ -289,6 +297,7 @@ impl DevCluster {
             nodes,
             stop,
             control,
+            _data_dir: data_dir,
         };
         cluster.wait_ready(Duration::from_secs(30)).await?;
         Ok(cluster)

@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod cluster;
 pub mod control;
+pub mod data_dir;
 pub mod dev;
 pub mod status;

@@ -4,7 +4,8 @@
 //! acknowledged is lost, no token has two reservations. A planned transfer
 //! goes through a gateway to the metadata leader. Then every metadata voter
 //! is killed and restarted: the map, the generations and the directory
-//! survive.
+//! survive. Voters start in any order and at any speed, and one given a
+//! changed topology refuses to start with a clear error.
 
 mod common;
 
@@ -64,6 +65,14 @@ impl Processes {
         let (_, mut child) = self.children.remove(i);
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
+    }
+
+    /// The processes that have exited, with their status.
+    fn exited(&mut self) -> Vec<(String, std::process::ExitStatus)> {
+        self.children
+            .iter_mut()
+            .filter_map(|(name, child)| Some((name.clone(), child.try_wait().unwrap()?)))
+            .collect()
     }
 
     fn log(&self, name: &str) -> String {
@@ -308,4 +317,96 @@ async fn a_killed_leader_process_fails_over_and_metadata_survives_voter_restarts
         .reserve(&urls[1], "proc-after-meta-restart", &issuer, 1, "desk")
         .await;
     assert_eq!(after.status, 201, "{}", after.body);
+}
+
+/// Every order of the three voters, with random gaps between their starts:
+/// all of them stay up and agree on the bootstrapped map (a voter used to
+/// compare the topology with its own copy before it had applied the
+/// bootstrap, and exit). Then a voter restarted with a changed topology
+/// exits with a clear error, and the cluster file's author learns why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voters_start_in_any_order_and_refuse_a_changed_topology() {
+    let orders = [
+        [1, 2, 3],
+        [3, 2, 1],
+        [2, 3, 1],
+        [3, 1, 2],
+        [2, 1, 3],
+        [1, 3, 2],
+    ];
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    for (round, order) in orders.iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, voters) = write_configs(dir.path());
+        let mut processes = Processes {
+            dir: dir.path().to_path_buf(),
+            children: Vec::new(),
+        };
+        for id in order {
+            processes.spawn(&format!("meta-{id}"), "meta");
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            tokio::time::sleep(Duration::from_millis(rng % 400)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let exited = processes.exited();
+            assert!(
+                exited.is_empty(),
+                "round {round} (order {order:?}): {exited:?} exited: {}",
+                exited
+                    .iter()
+                    .map(|(name, _)| processes.log(name))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            let states = futures::future::join_all(voters.iter().map(|v| meta_state(v))).await;
+            let bootstrapped = states
+                .iter()
+                .flatten()
+                .filter(|s| s["state"]["map"]["groups"].as_object().map(|g| g.len()) == Some(16))
+                .count();
+            // A voter that failed does so right after its bootstrap write.
+            if bootstrapped == 3 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let exited = processes.exited();
+                assert!(exited.is_empty(), "round {round}: {exited:?} exited");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round} (order {order:?}): not every voter bootstrapped: {}",
+                processes.log("meta-1")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if round + 1 < orders.len() {
+            continue;
+        }
+        // The last round: meta-2 comes back with one group per region.
+        processes.kill("meta-2");
+        let cluster = fs::read_to_string(dir.path().join("cluster.toml")).unwrap();
+        let changed = cluster.replace("groups_per_region = 8", "groups_per_region = 1");
+        assert_ne!(changed, cluster);
+        fs::write(dir.path().join("cluster.toml"), changed).unwrap();
+        processes.spawn("meta-2", "meta");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some((_, status)) = processes.exited().into_iter().find(|(n, _)| n == "meta-2") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "meta-2 kept running on a changed topology"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(!status.success());
+        let log = processes.log("meta-2");
+        assert!(
+            log.contains("topology differs from the one this cluster was created with"),
+            "{log}"
+        );
+    }
 }

@@ -73,6 +73,10 @@ pub enum MetaReply {
 pub struct MetaState {
     /// `None` until bootstrapped.
     pub map: Option<ShardMap>,
+    /// The topology the cluster was created with (`None` before the
+    /// bootstrap, and in states written before it was kept).
+    #[serde(default)]
+    pub topology: Option<Topology>,
     pub directory: BTreeMap<IssuerId, DirectoryEntry>,
 }
 
@@ -81,13 +85,7 @@ impl MetaState {
     /// log computes the same state and the same reply.
     pub fn apply(&mut self, command: &MetaCommand) -> MetaReply {
         if let MetaCommand::Bootstrap(topology) = command {
-            if self.map.is_none() {
-                if let Err(e) = topology.validate() {
-                    return MetaReply::Refused(format!("invalid topology: {e}"));
-                }
-                self.map = Some(ShardMap::from_topology(topology));
-            }
-            return self.map_reply();
+            return self.bootstrap(topology);
         }
         let Some(map) = self.map.as_mut() else {
             return MetaReply::Refused("the cluster is not bootstrapped yet".into());
@@ -161,6 +159,43 @@ impl MetaState {
         self.map_reply()
     }
 
+    /// The first bootstrap lays the cluster out; a later one is answered
+    /// by the same committed state, so every voter and every start, in any
+    /// order, reaches the same verdict on a changed topology (the start of
+    /// a voter used to compare against a copy that had not yet applied the
+    /// first bootstrap).
+    fn bootstrap(&mut self, topology: &Topology) -> MetaReply {
+        let Some(map) = &self.map else {
+            if let Err(e) = topology.validate() {
+                return MetaReply::Refused(format!("invalid topology: {e}"));
+            }
+            self.map = Some(ShardMap::from_topology(topology));
+            self.topology = Some(topology.clone());
+            return self.map_reply();
+        };
+        let same = match &self.topology {
+            Some(created) => created == topology,
+            // A state written before the topology was kept: compare the
+            // shape of what it laid out.
+            None => {
+                let expected = ShardMap::from_topology(topology);
+                map.nodes == expected.nodes
+                    && map.groups.len() == expected.groups.len()
+                    && map.buckets.len() == expected.buckets.len()
+            }
+        };
+        if !same {
+            return MetaReply::Refused(format!(
+                "the topology differs from the one this cluster was created with \
+                 ({} nodes, {} groups, {} buckets); changing the topology is not supported",
+                map.nodes.len(),
+                map.groups.len(),
+                map.buckets.len()
+            ));
+        }
+        self.map_reply()
+    }
+
     fn map_reply(&self) -> MetaReply {
         MetaReply::Map {
             map_version: self.map.as_ref().map_or(0, |m| m.map_version),
@@ -186,10 +221,18 @@ mod tests {
             state.apply(&MetaCommand::Bootstrap(Topology::dev())),
             MetaReply::Map { map_version: 1 }
         );
-        // A second bootstrap changes nothing.
+        // A second bootstrap changes nothing; with another topology it is
+        // refused.
+        assert_eq!(
+            state.apply(&MetaCommand::Bootstrap(Topology::dev())),
+            MetaReply::Map { map_version: 1 }
+        );
         let mut other = Topology::dev();
         other.groups_per_region = 1;
-        state.apply(&MetaCommand::Bootstrap(other));
+        assert!(matches!(
+            state.apply(&MetaCommand::Bootstrap(other)),
+            MetaReply::Refused(reason) if reason.contains("topology differs")
+        ));
         assert_eq!(state.map.as_ref().unwrap().groups.len(), 16);
 
         let MetaReply::Assigned(Ok((entry, true))) = state.apply(&assign) else {

@@ -155,6 +155,7 @@ impl<S: Storage> Driver<S> {
         now_ms: u64,
     ) -> Result<Driver<S>, DriverStartError> {
         let wal_err = |source| DriverStartError::Wal { shard, source };
+        let started = std::time::Instant::now();
         let (wal, recovered) = Wal::open(storage, config.wal.clone()).map_err(wal_err)?;
         if recovered.torn_tail_bytes_cut > 0 {
             probe("wal.torn_tail_cut_at_recovery");
@@ -189,6 +190,17 @@ impl<S: Storage> Driver<S> {
                 payload: decoded.payload,
             });
         }
+        tracing::info!(
+            %shard, node = %me,
+            snapshot_index = %snapshot.last_index,
+            entries = entries.len(),
+            last_index = %entries.last().map_or(snapshot.last_index, |e| e.index),
+            generation = %recovered.hard_state.generation,
+            zero_tail_bytes = recovered.zero_tail_bytes_cut,
+            torn_tail_bytes = recovered.torn_tail_bytes_cut,
+            ms = started.elapsed().as_millis() as u64,
+            "recovered the replica"
+        );
         let mut core_config = CoreConfig::new(shard, me.clone());
         core_config.sync_acks = config.sync_acks;
         core_config.rpo_budget_ms = config.rpo_budget_ms;

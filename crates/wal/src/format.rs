@@ -93,17 +93,44 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Decodes the frame at the start of `buf`; the error says why it is not a
-/// valid frame (torn, zero-filled or corrupt: the caller decides which).
-pub fn decode_record(buf: &[u8]) -> Result<Frame<'_>, String> {
+/// Why the bytes at an offset are not a record this binary can use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// Not a whole, checksummed frame: torn, zero-filled or damaged (the
+    /// caller tells which by what follows).
+    Invalid(String),
+    /// A whole frame whose checksum holds, of a kind or format version this
+    /// binary does not know: written by another release. Never a torn tail.
+    Unsupported { kind: u8, version: u8 },
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Invalid(reason) => f.write_str(reason),
+            FrameError::Unsupported { kind, version } => write!(
+                f,
+                "a record of kind {kind}, format version {version}; this binary reads kind \
+                 {RECORD_KIND_ENTRY}, version {FORMAT_VERSION}"
+            ),
+        }
+    }
+}
+
+/// The frame length and checksum checks shared by every format version
+/// (they come first in the frame, so they are what every release agrees
+/// on): `Some(total frame bytes)` when a whole frame with a valid checksum
+/// starts at `buf[0]`. Kind 0 is never written, so preallocated zeros are
+/// never a frame.
+fn checked_frame_bytes(buf: &[u8]) -> Result<usize, String> {
     if buf.len() < RECORD_HEADER_BYTES {
         return Err(format!(
             "{} bytes left, a header needs {RECORD_HEADER_BYTES}",
             buf.len()
         ));
     }
-    if buf[8] != RECORD_KIND_ENTRY || buf[9] != FORMAT_VERSION || buf[10..16] != [0; 6] {
-        return Err(format!("bad kind/version/reserved bytes {:?}", &buf[8..16]));
+    if buf[8] == 0 {
+        return Err("kind 0: not a record (zeros)".to_string());
     }
     let payload_bytes = u32_at(buf, 4);
     if payload_bytes > RECORD_SIZE_BYTES_LIMIT {
@@ -125,9 +152,24 @@ pub fn decode_record(buf: &[u8]) -> Result<Frame<'_>, String> {
             "checksum {crc_stored:#010x} != computed {crc_actual:#010x}"
         ));
     }
+    Ok(total)
+}
+
+/// Decodes the frame at the start of `buf`.
+pub fn decode_record(buf: &[u8]) -> Result<Frame<'_>, FrameError> {
+    let total = checked_frame_bytes(buf).map_err(FrameError::Invalid)?;
+    let (kind, version) = (buf[8], buf[9]);
+    if kind != RECORD_KIND_ENTRY || version != FORMAT_VERSION {
+        return Err(FrameError::Unsupported { kind, version });
+    }
+    // The checksum holds, so nonzero reserved bytes were written on purpose
+    // by a release that gave them a meaning this one does not know.
+    if buf[10..16] != [0; 6] {
+        return Err(FrameError::Unsupported { kind, version });
+    }
     let index = LogIndex(u64_at(buf, 16));
     if index == LogIndex::ZERO {
-        return Err("record index 0".to_string());
+        return Err(FrameError::Invalid("record index 0".to_string()));
     }
     Ok(Frame {
         index,
@@ -137,17 +179,15 @@ pub fn decode_record(buf: &[u8]) -> Result<Frame<'_>, String> {
     })
 }
 
-/// The offset of the first valid frame that starts anywhere in `buf`, if any.
-/// Used after a bad frame to tell a torn tail (nothing valid follows) from
-/// corruption in the middle of acknowledged data (something valid follows).
+/// The offset of the first whole frame with a valid checksum, of any kind
+/// or version, that starts anywhere in `buf`. Used after a bad frame to
+/// tell a torn tail (nothing valid follows) from damage in the middle of
+/// acknowledged data, or a record another release wrote (something does).
 pub fn find_valid_frame(buf: &[u8]) -> Option<usize> {
     let last_start = buf.len().checked_sub(RECORD_HEADER_BYTES)?;
-    // The cheap kind/version bytes reject almost every offset before the crc runs.
-    (0..=last_start).find(|&at| {
-        buf[at + 8] == RECORD_KIND_ENTRY
-            && buf[at + 9] == FORMAT_VERSION
-            && decode_record(&buf[at..]).is_ok()
-    })
+    // The kind byte and the length reject almost every offset before the
+    // crc runs.
+    (0..=last_start).find(|&at| checked_frame_bytes(&buf[at..]).is_ok())
 }
 
 pub fn encode_snapshot(snapshot: &Snapshot) -> Vec<u8> {
@@ -323,6 +363,29 @@ mod tests {
         }
         assert!(decode_record(&[0; 64]).is_err());
         assert_eq!(find_valid_frame(&[0; 256]), None);
+    }
+
+    /// A record whose checksum holds but whose version (or kind, or
+    /// reserved bytes) this binary does not know is another release's,
+    /// never damage: and a scan after a torn frame still sees it.
+    #[test]
+    fn a_record_of_another_format_version_is_unsupported_not_invalid() {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, &record(3, 1, b"future"));
+        for (at, value) in [(9, FORMAT_VERSION + 1), (8, RECORD_KIND_ENTRY + 1), (12, 1)] {
+            let mut other = buf.clone();
+            other[at] = value;
+            let crc = crc32c::crc32c(&other[4..]);
+            other[0..4].copy_from_slice(&crc.to_le_bytes());
+            assert!(
+                matches!(decode_record(&other), Err(FrameError::Unsupported { .. })),
+                "byte {at} = {value}: {:?}",
+                decode_record(&other)
+            );
+            let mut after_garbage = vec![0xAB; 5];
+            after_garbage.extend_from_slice(&other);
+            assert_eq!(find_valid_frame(&after_garbage), Some(5));
+        }
     }
 
     #[test]

@@ -146,7 +146,8 @@ pub struct Recovered {
     pub zero_tail_bytes_cut: u64,
 }
 
-/// Why a WAL operation failed. `Io` and `Corrupt` are fatal for the replica;
+/// Why a WAL operation failed. `Io`, `Corrupt` and `UnsupportedFormat` are
+/// fatal for the replica;
 /// the others are expected outcomes the caller can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -162,6 +163,19 @@ pub enum WalError {
         file: String,
         offset: u64,
         reason: String,
+    },
+    /// A whole record with a valid checksum that this binary cannot read
+    /// (another release's format). Fatal, and nothing was changed: the
+    /// data belongs to the binary that wrote it.
+    #[error(
+        "{file} holds at byte {offset} a record of kind {kind}, format version {version}, \
+         which this binary does not read (written by another Harbor release?); nothing was changed"
+    )]
+    UnsupportedFormat {
+        file: String,
+        offset: u64,
+        kind: u8,
+        version: u8,
     },
     /// An earlier write or fsync failed, so what is durable is unknown; the
     /// replica must restart and recover rather than carry on.

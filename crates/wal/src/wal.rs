@@ -139,7 +139,17 @@ fn scan_segment<S: Storage>(
     while offset < bytes.len() {
         let frame = match format::decode_record(&bytes[offset..]) {
             Ok(frame) => frame,
-            Err(reason) => {
+            // Written whole by another release: neither a torn tail to cut
+            // nor damage, and nothing this binary may read or change.
+            Err(format::FrameError::Unsupported { kind, version }) => {
+                return Err(WalError::UnsupportedFormat {
+                    file: name,
+                    offset: offset as u64,
+                    kind,
+                    version,
+                });
+            }
+            Err(format::FrameError::Invalid(reason)) => {
                 if !last_segment || format::find_valid_frame(&bytes[offset + 1..]).is_some() {
                     return Err(corrupt(&name, offset as u64, reason));
                 }
@@ -705,7 +715,7 @@ impl<S: Storage> Wal<S> {
             while at < bytes.len() {
                 let offset = start + at as u64;
                 let frame = format::decode_record(&bytes[at..])
-                    .map_err(|reason| corrupt(&segment.name, offset, reason))?;
+                    .map_err(|reason| corrupt(&segment.name, offset, reason.to_string()))?;
                 if frame.index != expected {
                     let reason =
                         format!("record index {} where {expected} was expected", frame.index);

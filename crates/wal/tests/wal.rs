@@ -274,6 +274,82 @@ fn corrupt_record_followed_by_valid_ones_refuses_to_open() {
     }
 }
 
+/// Records another release wrote (whole, checksums valid, a format version
+/// this binary does not know) are neither a torn tail nor damage: the WAL
+/// refuses to open and changes nothing. Every record, as a wholesale
+/// upgrade or downgrade would leave them, and only the last one, which a
+/// torn-tail rule would otherwise cut.
+#[test]
+fn records_of_an_unknown_format_version_refuse_to_open_and_change_nothing() {
+    for only_last in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) =
+            Wal::open(FileStorage::new(dir.path()).unwrap(), WalOptions::default()).unwrap();
+        wal.append(&records(1..=10, 1)).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let path = dir.path().join(segment_name(LogIndex(1)));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut at = 0;
+        for index in 1..=10 {
+            let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+            let end = at + RECORD_HEADER_BYTES + len;
+            if !only_last || index == 10 {
+                bytes[at + 9] = 2; // the format version
+                let crc = crc32c::crc32c(&bytes[at + 4..end]);
+                bytes[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+            }
+            at = end;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        match Wal::open(FileStorage::new(dir.path()).unwrap(), WalOptions::default()) {
+            Err(WalError::UnsupportedFormat { version: 2, .. }) => {}
+            Err(other) => panic!("only_last={only_last}: unexpected error {other}"),
+            Ok((_, recovered)) => panic!(
+                "only_last={only_last}: opened with {:?} (torn tail cut: {} bytes)",
+                indexes(&recovered.records),
+                recovered.torn_tail_bytes_cut
+            ),
+        }
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "the segment was changed"
+        );
+    }
+}
+
+/// A torn frame followed by a whole record of another version is not a
+/// torn tail: something whole comes after it.
+#[test]
+fn a_torn_frame_followed_by_another_versions_record_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut wal, _) =
+        Wal::open(FileStorage::new(dir.path()).unwrap(), WalOptions::default()).unwrap();
+    wal.append(&records(1..=3, 1)).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let path = dir.path().join(segment_name(LogIndex(1)));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let frame_end = |bytes: &[u8], at: usize| {
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        at + RECORD_HEADER_BYTES + len
+    };
+    let second = frame_end(&bytes, 0);
+    let third = frame_end(&bytes, second);
+    let end = frame_end(&bytes, third);
+    bytes[third + 9] = 7;
+    let crc = crc32c::crc32c(&bytes[third + 4..end]);
+    bytes[third..third + 4].copy_from_slice(&crc.to_le_bytes());
+    bytes.truncate(end);
+    bytes[second + RECORD_HEADER_BYTES] ^= 0xFF; // record 2 no longer checks out
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        Wal::open(FileStorage::new(dir.path()).unwrap(), WalOptions::default()),
+        Err(WalError::Corrupt { offset, .. }) if offset == second as u64
+    ));
+}
+
 #[test]
 fn corrupt_tail_of_a_non_last_segment_refuses_to_open() {
     let disk = MemStorage::new();
