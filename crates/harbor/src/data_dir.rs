@@ -232,7 +232,8 @@ mod tests {
     #[test]
     fn another_format_kind_or_unmarked_data_is_refused_and_left_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: [(&str, Option<&str>, fn(&DataDirError) -> bool); 4] = [
+        type Expected = fn(&DataDirError) -> bool;
+        let cases: [(&str, Option<&str>, Expected); 4] = [
             ("newer", Some("format = 2\nkind = \"node\"\n"), |e| {
                 matches!(e, DataDirError::UnknownFormat { .. })
             }),

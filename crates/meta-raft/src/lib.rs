@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use harbor_meta::{
@@ -92,6 +92,25 @@ pub enum WriteAnswer {
         leader_addr: Option<String>,
     },
     Failed(String),
+}
+
+/// The answer of `GET /meta/lookup?issuer_id=`: linearizable, from the
+/// metadata leader.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LookupAnswer {
+    Found(DirectoryEntry),
+    Absent,
+    /// Not the leader; ask this address (when known).
+    NotLeader {
+        leader_addr: Option<String>,
+    },
+    Failed(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LookupQuery {
+    pub issuer_id: IssuerId,
 }
 
 /// The answer of `GET /meta/state`.
@@ -228,6 +247,64 @@ impl MetaNode {
         }
     }
 
+    /// On the leader: confirms leadership with a quorum, waits until
+    /// everything committed before is applied, then reads the entry.
+    async fn lookup_here(&self, issuer: &IssuerId) -> LookupAnswer {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => match Metadata::lookup(self, issuer) {
+                Some(entry) => LookupAnswer::Found(entry),
+                None => LookupAnswer::Absent,
+            },
+            Err(e) => match e.forward_to_leader() {
+                Some(forward) => LookupAnswer::NotLeader {
+                    leader_addr: forward.leader_node.as_ref().map(|n| n.addr.clone()),
+                },
+                None => LookupAnswer::Failed(e.to_string()),
+            },
+        }
+    }
+
+    async fn lookup_at(&self, addr: &str, issuer: &IssuerId) -> LookupAnswer {
+        let url = format!("http://{addr}/meta/lookup");
+        let query = LookupQuery {
+            issuer_id: issuer.clone(),
+        };
+        match self.client.get(&url).query(&query).send().await {
+            Ok(response) => response
+                .json()
+                .await
+                .unwrap_or(LookupAnswer::NotLeader { leader_addr: None }),
+            Err(_) => LookupAnswer::NotLeader { leader_addr: None },
+        }
+    }
+
+    /// A linearizable lookup through the leader (this voter or the one it
+    /// names), retrying across elections until `write_timeout_ms`.
+    pub async fn lookup_linearizable(
+        &self,
+        issuer: &IssuerId,
+    ) -> Result<Option<DirectoryEntry>, MetaRaftError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.write_timeout_ms);
+        loop {
+            let answer = match self.lookup_here(issuer).await {
+                LookupAnswer::NotLeader {
+                    leader_addr: Some(addr),
+                } => self.lookup_at(&addr, issuer).await,
+                other => other,
+            };
+            match answer {
+                LookupAnswer::Found(entry) => return Ok(Some(entry)),
+                LookupAnswer::Absent => return Ok(None),
+                LookupAnswer::Failed(e) => return Err(MetaRaftError::Raft(e)),
+                LookupAnswer::NotLeader { .. } => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(MetaRaftError::NoLeader(self.write_timeout_ms));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The state this voter has applied (a follower's may trail the leader's
     /// by a heartbeat).
     pub fn state(&self) -> MetaState {
@@ -277,6 +354,7 @@ impl MetaNode {
             .route("/raft/snapshot", post(snapshot))
             .route("/meta/write", post(write))
             .route("/meta/state", get(state))
+            .route("/meta/lookup", get(lookup))
             .with_state(self.clone())
     }
 }
@@ -306,6 +384,17 @@ impl Metadata for MetaNode {
         })
     }
 
+    fn lookup_linearizable<'a>(
+        &'a self,
+        issuer: &'a IssuerId,
+    ) -> MetaFuture<'a, Option<DirectoryEntry>> {
+        Box::pin(async move {
+            MetaNode::lookup_linearizable(self, issuer)
+                .await
+                .map_err(|e| MetaError::Unavailable(e.to_string()))
+        })
+    }
+
     /// On the leader: confirms leadership and waits until everything
     /// committed is applied. A follower's copy trails by a heartbeat at
     /// most; stale-route answers repair the rest.
@@ -323,6 +412,11 @@ impl Metadata for MetaNode {
 }
 
 type Node = State<Arc<MetaNode>>;
+
+/// Answered by the leader only, so what it says is linearizable.
+async fn lookup(State(node): Node, Query(query): Query<LookupQuery>) -> Json<LookupAnswer> {
+    Json(node.lookup_here(&query.issuer_id).await)
+}
 
 async fn append(
     State(node): Node,

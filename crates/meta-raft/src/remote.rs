@@ -12,7 +12,7 @@ use harbor_meta::{
 };
 use harbor_types::IssuerId;
 
-use crate::{StateAnswer, WriteAnswer};
+use crate::{LookupAnswer, LookupQuery, StateAnswer, WriteAnswer};
 
 pub struct RemoteMeta {
     voters: Vec<String>,
@@ -109,11 +109,19 @@ impl RemoteMeta {
                 *current = Arc::new(map);
             }
         }
-        let mut directory = self.directory.write().unwrap();
-        if best.state.directory.len() >= directory.len() {
-            *directory = best.state.directory;
-        }
+        // Entries are never removed or changed once placed: merging keeps
+        // what a linearizable lookup found even if this voter trails.
+        self.directory.write().unwrap().extend(best.state.directory);
         Ok(())
+    }
+
+    async fn lookup_at(&self, addr: &str, issuer: &IssuerId) -> Option<LookupAnswer> {
+        let url = format!("http://{addr}/meta/lookup");
+        let query = LookupQuery {
+            issuer_id: issuer.clone(),
+        };
+        let response = self.client.get(&url).query(&query).send().await.ok()?;
+        response.json().await.ok()
     }
 
     async fn write_to(&self, addr: &str, command: &MetaCommand) -> Option<WriteAnswer> {
@@ -153,6 +161,55 @@ impl Metadata for RemoteMeta {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(MetaError::Unavailable(format!(
                         "no metadata leader among {:?} took the write",
+                        self.voters
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    /// Asked of the metadata leader every time (never answered by a pull
+    /// that may have begun before the caller asked); a found entry joins
+    /// the local copy.
+    fn lookup_linearizable<'a>(
+        &'a self,
+        issuer: &'a IssuerId,
+    ) -> MetaFuture<'a, Option<DirectoryEntry>> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + self.write_timeout;
+            loop {
+                let mut order: Vec<String> = self.leader.lock().unwrap().iter().cloned().collect();
+                order.extend(self.voters.iter().cloned());
+                for addr in order {
+                    let answer = match self.lookup_at(&addr, issuer).await {
+                        Some(LookupAnswer::NotLeader {
+                            leader_addr: Some(leader),
+                        }) => self.lookup_at(&leader, issuer).await.map(|a| (leader, a)),
+                        other => other.map(|a| (addr, a)),
+                    };
+                    match answer {
+                        Some((addr, LookupAnswer::Found(entry))) => {
+                            *self.leader.lock().unwrap() = Some(addr);
+                            self.directory
+                                .write()
+                                .unwrap()
+                                .insert(issuer.clone(), entry.clone());
+                            return Ok(Some(entry));
+                        }
+                        Some((addr, LookupAnswer::Absent)) => {
+                            *self.leader.lock().unwrap() = Some(addr);
+                            return Ok(None);
+                        }
+                        Some((_, LookupAnswer::Failed(e))) => {
+                            return Err(MetaError::Unavailable(e))
+                        }
+                        Some((_, LookupAnswer::NotLeader { .. })) | None => {}
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(MetaError::Unavailable(format!(
+                        "no metadata leader among {:?} answered a lookup",
                         self.voters
                     )));
                 }

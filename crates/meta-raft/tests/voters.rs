@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use harbor_meta::{MetaCommand, MetaReply, MetaState, Topology};
-use harbor_meta_raft::{MetaConfig, MetaNode, NodeId};
+use harbor_meta::{MetaCommand, MetaReply, MetaState, Metadata, Topology};
+use harbor_meta_raft::{MetaConfig, MetaNode, NodeId, RemoteMeta};
 use harbor_types::{Generation, IssuerId, Region, ShardId};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -204,4 +204,60 @@ async fn a_single_voter_recovers_its_state() {
         .await
         .unwrap();
     voter.stop().await;
+}
+
+/// An issuer placed through one gateway's copy of the metadata is found at
+/// once through another's, and through a follower voter: a directory miss
+/// asks the Raft leader (read index), never a copy that may predate the
+/// write. The other copy pulls just before each write, so a refresh that
+/// reuses a recent pull (as the miss path once did) would answer "unknown".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_placed_through_one_copy_is_found_at_once_through_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    let mut addrs = BTreeMap::new();
+    for id in 1..=3u64 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.insert(id, listener.local_addr().unwrap().to_string());
+        listeners.push(listener);
+    }
+    let mut voters: BTreeMap<NodeId, Voter> = BTreeMap::new();
+    for (id, listener) in (1..=3u64).zip(listeners) {
+        voters.insert(id, Voter::start(id, dir.path(), listener).await);
+    }
+    voters[&1].node.initialize(&addrs).await.unwrap();
+    voters[&1]
+        .node
+        .write(MetaCommand::Bootstrap(Topology::dev()))
+        .await
+        .unwrap();
+    let voter_addrs: Vec<String> = addrs.values().cloned().collect();
+    let connect = || RemoteMeta::connect(voter_addrs.clone(), Duration::from_secs(10));
+    let writer: Arc<dyn Metadata> = connect().await.unwrap();
+    let reader: Arc<dyn Metadata> = connect().await.unwrap();
+    let madrid = Region::new("madrid").unwrap();
+    for i in 0..20 {
+        let issuer = IssuerId::new(format!("LIN-{i}")).unwrap();
+        reader.refresh().await.unwrap();
+        let (entry, created) = writer.assign(&issuer, &madrid).await.unwrap().unwrap();
+        assert!(created);
+        let found = reader.find(&issuer).await.unwrap();
+        assert_eq!(
+            found.as_ref(),
+            Some(&entry),
+            "{issuer} unknown right after its placement"
+        );
+        // A follower voter answers through its leader too.
+        let leader = voters[&1].node.leader().unwrap();
+        let follower = voters.keys().find(|id| **id != leader).unwrap();
+        let follower: Arc<dyn Metadata> = voters[follower].node.clone();
+        let next = IssuerId::new(format!("LIN-F-{i}")).unwrap();
+        let (entry, _) = writer.assign(&next, &madrid).await.unwrap().unwrap();
+        assert_eq!(follower.find(&next).await.unwrap(), Some(entry));
+    }
+    let never = IssuerId::new("NEVER-PLACED").unwrap();
+    assert_eq!(reader.find(&never).await.unwrap(), None);
+    for (_, voter) in voters {
+        voter.stop().await;
+    }
 }

@@ -33,8 +33,17 @@ pub trait Metadata: Send + Sync {
     /// Commits a change through the metadata plane.
     fn write(&self, command: MetaCommand) -> MetaFuture<'_, MetaReply>;
     /// Brings the local copy up to date with the metadata plane (after a
-    /// stale route, or before answering "unknown issuer").
+    /// stale route or a silent leader). Best effort: it may be answered by
+    /// a pull that began before the caller asked.
     fn refresh(&self) -> MetaFuture<'_, ()>;
+    /// An issuer's entry as the metadata plane holds it now: linearizable
+    /// (through the Raft leader's read index), so an entry committed before
+    /// the call began is always seen. What answers "this issuer does not
+    /// exist" must ask this, never the local copy.
+    fn lookup_linearizable<'a>(
+        &'a self,
+        issuer: &'a IssuerId,
+    ) -> MetaFuture<'a, Option<DirectoryEntry>>;
 }
 
 impl dyn Metadata {
@@ -43,14 +52,15 @@ impl dyn Metadata {
         Some(self.map().shard_of_bucket(entry.bucket))
     }
 
-    /// An issuer's entry, refreshing the local copy once on a miss (the
-    /// issuer may have been created through another gateway).
+    /// An issuer's entry: from the local copy when it has it (an entry
+    /// never changes once placed), else from the metadata plane itself,
+    /// linearizably (the issuer may have been created through another
+    /// gateway a moment ago). `None` means it did not exist when asked.
     pub async fn find(&self, issuer: &IssuerId) -> Result<Option<DirectoryEntry>, MetaError> {
         if let Some(entry) = self.lookup(issuer) {
             return Ok(Some(entry));
         }
-        self.refresh().await?;
-        Ok(self.lookup(issuer))
+        self.lookup_linearizable(issuer).await
     }
 
     /// Places a new issuer or returns its existing entry (`created` tells
