@@ -11,14 +11,16 @@
 use std::collections::BTreeMap;
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use harbor_replication::{
     Config as CoreConfig, Effect, Entry, Member, ProposeError, Recovered, Replica, SnapshotMeta,
 };
 use harbor_reservation::{ApplyContext, Command, StateMachine};
 use harbor_types::sim::probe;
-use harbor_types::{CommitToken, Generation, LogIndex, NodeId, ShardId, Timestamp};
+use harbor_types::{
+    CommitToken, Generation, LogIndex, MonoMs, NodeId, Now, ShardId, Timestamp, WallMs,
+};
 use harbor_wal::{FileStorage, HardState, Record, Snapshot, Storage, Wal, WalError};
 use serde::{Deserialize, Serialize};
 
@@ -60,11 +62,17 @@ struct WalPayload {
     payload: Vec<u8>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
+/// Both clocks, read now: the monotonic one from `Instant` (since the
+/// first reading in this process, starting at 1), the wall one from
+/// `SystemTime` (a wall clock set before 1970 reads as the epoch).
+pub fn read_clocks() -> Now {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    let mono = u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+    let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .expect("clock before 1970")
-        .as_millis() as u64
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Now::new(MonoMs::from_millis(mono), WallMs::from_millis(wall))
 }
 
 /// A client waiting for its entry to apply.
@@ -81,7 +89,8 @@ struct LocalRead {
     request_id: u64,
     query: Query,
     need: Freshness,
-    until_ms: u64,
+    /// When its wait runs out, on the monotonic clock.
+    until: MonoMs,
 }
 
 /// One replica: the replication core, the state machine and the WAL. The
@@ -139,7 +148,15 @@ impl Driver<FileStorage> {
                 source,
             },
         })?;
-        Driver::open_on(me, shard, members, config, storage, transport, now_ms())
+        Driver::open_on(
+            me,
+            shard,
+            members,
+            config,
+            storage,
+            transport,
+            read_clocks(),
+        )
     }
 }
 
@@ -152,10 +169,10 @@ impl<S: Storage> Driver<S> {
         config: NodeConfig,
         storage: S,
         transport: Arc<dyn Transport>,
-        now_ms: u64,
+        now: Now,
     ) -> Result<Driver<S>, DriverStartError> {
         let wal_err = |source| DriverStartError::Wal { shard, source };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let (wal, recovered) = Wal::open(storage, config.wal.clone()).map_err(wal_err)?;
         if recovered.torn_tail_bytes_cut > 0 {
             probe("wal.torn_tail_cut_at_recovery");
@@ -225,7 +242,7 @@ impl<S: Storage> Driver<S> {
                 snapshot,
                 entries,
             },
-            now_ms,
+            now,
         );
         Ok(Driver {
             me,
@@ -252,7 +269,7 @@ impl<S: Storage> Driver<S> {
         // Followers have no timers of their own: they wake for messages, and
         // rarely otherwise, which keeps an idle process idle.
         let follower_wait = Duration::from_millis(FOLLOWER_WAIT_MS);
-        let mut last_tick_ms = 0;
+        let mut last_tick = MonoMs::ZERO;
         loop {
             let wait = if self.core.is_leader() || !self.local_reads.is_empty() {
                 tick
@@ -264,7 +281,7 @@ impl<S: Storage> Driver<S> {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
-            let now = now_ms();
+            let now = read_clocks();
             let mut batch = 0;
             let mut next = first;
             while let Some(input) = next {
@@ -280,8 +297,8 @@ impl<S: Storage> Driver<S> {
                     None
                 };
             }
-            if now.saturating_sub(last_tick_ms) >= self.config.tick_interval_ms {
-                last_tick_ms = now;
+            if now.mono.since(last_tick) >= self.config.tick_interval_ms {
+                last_tick = now.mono;
                 self.tick(now);
             }
             self.finish_batch(now);
@@ -289,7 +306,7 @@ impl<S: Storage> Driver<S> {
     }
 
     /// Timers: heartbeats, retransmissions, hold expiry.
-    pub fn tick(&mut self, now: u64) {
+    pub fn tick(&mut self, now: Now) {
         if self.failed.is_none() {
             self.core.tick(now);
             self.propose_expiry(now);
@@ -316,7 +333,7 @@ impl<S: Storage> Driver<S> {
 
     /// Steps the core with one input. Call [`Driver::finish_batch`] after a
     /// batch of them.
-    pub fn handle(&mut self, now: u64, input: ReplicaInput) {
+    pub fn handle(&mut self, now: Now, input: ReplicaInput) {
         match input {
             ReplicaInput::Control(control) => self.control(now, control),
             ReplicaInput::Envelope(envelope) => match envelope.body {
@@ -341,7 +358,7 @@ impl<S: Storage> Driver<S> {
         }
     }
 
-    fn control(&mut self, now: u64, control: Control) {
+    fn control(&mut self, now: Now, control: Control) {
         if self.failed.is_some() {
             return;
         }
@@ -366,7 +383,7 @@ impl<S: Storage> Driver<S> {
     }
 
     /// Runs effects until the core is quiet: one fsync per round of writes.
-    pub fn finish_batch(&mut self, now: u64) {
+    pub fn finish_batch(&mut self, now: Now) {
         if self.failed.is_some() {
             return;
         }
@@ -400,7 +417,7 @@ impl<S: Storage> Driver<S> {
     }
 
     /// Returns whether the WAL needs an fsync.
-    fn execute(&mut self, now: u64, effect: Effect) -> Result<bool, WalError> {
+    fn execute(&mut self, now: Now, effect: Effect) -> Result<bool, WalError> {
         match effect {
             Effect::PersistGeneration(generation) => {
                 self.wal.set_hard_state(&HardState { generation })?;
@@ -583,14 +600,15 @@ impl<S: Storage> Driver<S> {
         self.core.compact(self.applied);
     }
 
-    fn propose_expiry(&mut self, now: u64) {
+    fn propose_expiry(&mut self, now: Now) {
         if !self.is_ready() || self.expiry_pending.is_some() {
             return;
         }
         let Some(due) = self.machine.next_hold_expiry_ms() else {
             return;
         };
-        if due > now {
+        // Hold expiry is business time: the HLC's, on the wall clock.
+        if due > now.wall.as_millis() {
             return;
         }
         let payload = postcard::to_allocvec(&Command::ExpireHolds).unwrap();
@@ -620,23 +638,23 @@ impl<S: Storage> Driver<S> {
     }
 
     /// How old this replica's applied state may be at `now`: 0 for a ready
-    /// leader under a lease, the age of the closed timestamp for a follower
-    /// that has applied everything it committed, else unknown.
-    pub fn staleness_ms(&self, now: u64) -> Option<u64> {
+    /// leader under a lease, the age of the closed timestamp (on the
+    /// leader's clock) for a follower that has applied everything it
+    /// committed, else unknown.
+    pub fn staleness_ms(&self, now: Now) -> Option<u64> {
         if self.applied < self.core.commit_index() {
             return None;
         }
         if self.core.is_leader() && !self.is_ready() {
             return None;
         }
-        let closed = self.core.closed_timestamp(now)?;
-        Some(now.saturating_sub(closed.wall_ms))
+        self.core.staleness_ms(now)
     }
 
     /// Answers the local reads that can be answered: the ones whose entry
     /// applied, and the ones whose wait ran out (refused, so the caller
     /// asks the leader).
-    fn answer_local_reads(&mut self, now: u64) {
+    fn answer_local_reads(&mut self, now: Now) {
         if self.local_reads.is_empty() {
             return;
         }
@@ -646,7 +664,7 @@ impl<S: Storage> Driver<S> {
                 self.applied < index && !self.config.bugs.follower_ignores_session
             });
             match missing {
-                Some(_) if now < read.until_ms => self.local_reads.push(read),
+                Some(_) if now.mono < read.until => self.local_reads.push(read),
                 Some(index) => {
                     probe("node.local_read_behind_session");
                     let e = error(
@@ -665,7 +683,7 @@ impl<S: Storage> Driver<S> {
         }
     }
 
-    fn answer_local_read(&mut self, now: u64, read: LocalRead) {
+    fn answer_local_read(&mut self, now: Now, read: LocalRead) {
         let staleness_ms = self.staleness_ms(now);
         if let Some(max) = read.need.max_staleness_ms {
             if staleness_ms.is_none_or(|s| s > max) {
@@ -699,7 +717,7 @@ impl<S: Storage> Driver<S> {
 
     fn request(
         &mut self,
-        now: u64,
+        now: Now,
         from: NodeId,
         id: u64,
         request: Request,
@@ -748,13 +766,13 @@ impl<S: Storage> Driver<S> {
                 );
                 return self.reply_error(&from, id, e);
             }
-            let until_ms = now.saturating_add(need.wait_ms);
+            let until = now.mono.plus(need.wait_ms);
             self.local_reads.push(LocalRead {
                 reply_to: from,
                 request_id: id,
                 query,
                 need,
-                until_ms,
+                until,
             });
             return;
         }

@@ -23,5 +23,5 @@ mod message;
 mod replica;
 
 pub use config::{Config, ConfigError, Member};
-pub use message::{Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotMeta};
+pub use message::{AckEcho, Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotMeta};
 pub use replica::{Effect, FollowerStatus, ProposeError, Recovered, Replica, ReplicaStatus, Role};

@@ -1,4 +1,4 @@
-use harbor_types::{Generation, LogIndex, NodeId, ShardId, Timestamp};
+use harbor_types::{Generation, LogIndex, MonoMs, NodeId, ShardId, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// One log entry. An empty payload is a barrier (a new leader's first entry):
@@ -66,9 +66,26 @@ pub struct Append {
     /// time, and every entry at or below it has index <= `leader_last_index`.
     pub closed: Timestamp,
     pub leader_last_index: LogIndex,
-    /// The leader's clock when it sent this; echoed in the ack so the leader
-    /// can extend its lease from its own clock only.
-    pub sent_ms: u64,
+    /// How far `closed` lies behind the leader's clock as it sent this
+    /// (0 unless its lease ran out): a duration, measured at one instant.
+    pub closed_lag_ms: u64,
+    /// The newest ack of this follower the leader had received when it
+    /// sent this: the leader's state at sending is at least as recent as
+    /// the moment that ack left the follower, which the follower measures
+    /// on its own monotonic clock. `None` before any ack.
+    pub echo_ack: Option<AckEcho>,
+    /// The leader's monotonic clock when it sent this; echoed in the ack so
+    /// the leader extends its lease from its own monotonic clock only.
+    pub sent_at: MonoMs,
+}
+
+/// A follower's ack, named back to it: which incarnation of the replica
+/// sent it (a restarted one has a new monotonic origin) and when, on that
+/// replica's monotonic clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckEcho {
+    pub incarnation: u64,
+    pub sent_at: MonoMs,
 }
 
 /// Follower → leader.
@@ -82,9 +99,11 @@ pub struct AppendAck {
     pub match_index: LogIndex,
     /// On failure: the highest index known to match; resend after it.
     pub hint: LogIndex,
-    /// `sent_ms` of the newest append this follower accepted in this
-    /// generation (0 if none).
-    pub echo_ms: u64,
+    /// `sent_at` of the newest append this follower accepted in this
+    /// generation (`MonoMs::ZERO` if none): the leader's clock, not ours.
+    pub echo: MonoMs,
+    /// This ack, as the leader will name it back (see [`Append::echo_ack`]).
+    pub ack: AckEcho,
 }
 
 /// Leader → follower too far behind the leader's in-memory log.

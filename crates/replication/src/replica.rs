@@ -1,11 +1,11 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use harbor_types::sim::probe;
-use harbor_types::{Generation, Hlc, LogIndex, NodeId, Timestamp};
+use harbor_types::{Generation, Hlc, LogIndex, MonoMs, NodeId, Now, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Member};
-use crate::message::{Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotMeta};
+use crate::message::{AckEcho, Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotMeta};
 
 /// What the runtime must do, in the order given.
 ///
@@ -94,16 +94,18 @@ struct Progress {
     match_index: LogIndex,
     /// Next entry to send. `next_index - 1 - match_index` entries are in flight.
     next_index: LogIndex,
-    last_sent_ms: u64,
-    last_ack_ms: Option<u64>,
+    last_sent: MonoMs,
+    last_ack: Option<MonoMs>,
     /// When `match_index` last advanced (or a retransmit started).
-    last_progress_ms: u64,
+    last_progress: MonoMs,
     snapshot_pending: bool,
     /// The commit index in the last message sent.
     sent_commit: LogIndex,
-    /// The newest `sent_ms` the follower echoed in a successful ack of this
-    /// generation: the lease runs from there.
-    lease_from_ms: Option<u64>,
+    /// The newest `sent_at` the follower echoed in a successful ack of this
+    /// generation: the lease runs from there, on the leader's lease clock.
+    lease_from: Option<MonoMs>,
+    /// The newest ack received from the follower, echoed in appends.
+    ack_echo: Option<AckEcho>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -139,6 +141,18 @@ pub struct ReplicaStatus {
 
 /// Closed timestamps a follower keeps waiting for their entries to commit.
 const CLOSED_PENDING_MAX: usize = 64;
+/// Runs of appended entries a leader remembers the time of (for lag).
+const APPEND_MARKS_MAX: usize = 16_384;
+/// An identity for one life of a replica, from the clocks it started at:
+/// two lives never start at the same instant of both clocks.
+fn incarnation_of(now: Now) -> u64 {
+    // splitmix64 of both readings.
+    let mut z = now.mono.as_millis() ^ now.wall.as_millis().rotate_left(32);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 /// One replica of one group.
 pub struct Replica {
@@ -167,20 +181,35 @@ pub struct Replica {
     leader_commit: LogIndex,
     /// The newest closed timestamp whose entries are all committed here.
     closed: Option<Timestamp>,
+    /// The latest moment, on this replica's monotonic clock, at which its
+    /// committed state was known complete (the `as_of` of `closed`): its
+    /// staleness is the time since, so no wall clock enters it.
+    closed_as_of: Option<MonoMs>,
     /// Closed timestamps heard from the leader that wait for their
-    /// `leader_last_index` to commit here, oldest first.
-    closed_pending: VecDeque<(Timestamp, LogIndex)>,
-    /// `sent_ms` of the newest append accepted in this generation.
-    echo_ms: u64,
+    /// `leader_last_index` to commit here, oldest first, each with the
+    /// moment on this replica's monotonic clock it was complete as of
+    /// (when known).
+    closed_pending: VecDeque<(Timestamp, LogIndex, Option<MonoMs>)>,
+    /// `sent_at` of the newest append accepted in this generation (the
+    /// leader's clock, echoed back to it).
+    echo: MonoMs,
     /// When this replica last acknowledged a leader's append (or started).
     /// A leader's lease rests on such acks, so once the replica is sealed
     /// the control plane knows when the old leader's lease ends.
-    acked_at_ms: u64,
+    acked_at: MonoMs,
+    /// Tells this replica's acks from those of its earlier lives (which
+    /// ran on another monotonic origin), in the leader's echoes.
+    incarnation: u64,
 
     // Leader side.
     progress: BTreeMap<NodeId, Progress>,
     /// A planned transfer: no proposals before this (replication goes on).
-    draining_until_ms: u64,
+    draining_until: MonoMs,
+    /// When each run of entries was appended here, on the monotonic clock:
+    /// `(first index of the run, when)`, ascending. The age of the oldest
+    /// entry a follower lacks is its lag. Pruned as every follower acks;
+    /// at most `APPEND_MARKS_MAX` (older runs merge, overstating lag).
+    append_marks: VecDeque<(LogIndex, MonoMs)>,
     /// First leader entry not yet handed to the runtime in a `Persist`.
     unflushed_from: Option<LogIndex>,
 
@@ -190,9 +219,9 @@ pub struct Replica {
 impl Replica {
     /// A replica restarted from its WAL. It is a follower without a leader
     /// until the metadata plane names one.
-    /// `now_ms` is when it starts: it may have acknowledged a leader just
+    /// `now` is when it starts: it may have acknowledged a leader just
     /// before it stopped, so its lease grant is counted from here.
-    pub fn new(config: Config, members: Vec<Member>, recovered: Recovered, now_ms: u64) -> Replica {
+    pub fn new(config: Config, members: Vec<Member>, recovered: Recovered, now: Now) -> Replica {
         if let Err(e) = config.validate(&members) {
             panic!("invalid replica config for {}: {e}", config.shard);
         }
@@ -227,11 +256,14 @@ impl Replica {
             leader_matched: recovered.snapshot.last_index,
             leader_commit: recovered.snapshot.last_index,
             closed: None,
+            closed_as_of: None,
             closed_pending: VecDeque::new(),
-            echo_ms: 0,
-            acked_at_ms: now_ms,
+            echo: MonoMs::ZERO,
+            acked_at: now.mono,
+            incarnation: incarnation_of(now),
             progress: BTreeMap::new(),
-            draining_until_ms: 0,
+            draining_until: MonoMs::ZERO,
+            append_marks: VecDeque::new(),
             unflushed_from: None,
             effects: Vec::new(),
         }
@@ -300,7 +332,7 @@ impl Replica {
         self.entry(index).map(|e| e.generation)
     }
 
-    pub fn status(&self, now_ms: u64) -> ReplicaStatus {
+    pub fn status(&self, now: Now) -> ReplicaStatus {
         let followers = self
             .progress
             .iter()
@@ -309,8 +341,8 @@ impl Replica {
                 local: p.local,
                 match_index: p.match_index,
                 lag_entries: p.match_index.distance_to(self.last_index()),
-                lag_ms: self.lag_ms(p, now_ms),
-                last_ack_ms_ago: p.last_ack_ms.map(|t| now_ms.saturating_sub(t)),
+                lag_ms: self.lag_ms(p, now),
+                last_ack_ms_ago: p.last_ack.map(|t| now.mono.since(t)),
             })
             .collect();
         ReplicaStatus {
@@ -322,8 +354,8 @@ impl Replica {
             durable_index: self.durable,
             commit_index: self.commit,
             followers,
-            closed: self.closed_timestamp(now_ms),
-            acked_ms_ago: now_ms.saturating_sub(self.acked_at_ms),
+            closed: self.closed_timestamp(now),
+            acked_ms_ago: now.mono.since(self.acked_at),
         }
     }
 
@@ -335,7 +367,7 @@ impl Replica {
     // ----- Generations -----------------------------------------------------
 
     /// The metadata plane named this replica leader of `generation`.
-    pub fn become_leader(&mut self, now_ms: u64, generation: Generation) {
+    pub fn become_leader(&mut self, now: Now, generation: Generation) {
         // A replica sealed at `generation` (no leader yet) may be the one
         // named to lead it, provided it never took part in that generation:
         // a restarted leader of N looks sealed at N too, and must never
@@ -375,45 +407,62 @@ impl Replica {
                     local: m.local,
                     match_index: LogIndex::ZERO,
                     next_index: last.next(),
-                    last_sent_ms: now_ms,
-                    last_ack_ms: None,
-                    last_progress_ms: now_ms,
+                    last_sent: now.mono,
+                    last_ack: None,
+                    last_progress: now.mono,
                     snapshot_pending: false,
                     sent_commit: LogIndex::ZERO,
-                    lease_from_ms: None,
+                    lease_from: None,
+                    ack_echo: None,
                 };
                 (m.node.clone(), p)
             })
             .collect();
+        self.append_marks.clear();
         // The barrier commits everything earlier generations left behind.
-        self.append_local(now_ms, Vec::new());
-        self.flush(now_ms);
+        self.append_local(now, Vec::new());
+        self.flush(now);
     }
 
-    /// Whether this leader may serve strong reads at `now_ms`: `sync_acks`
+    /// Whether this leader may serve strong reads at `now`: `sync_acks`
     /// local followers acknowledged, in this generation, appends sent within
     /// the last `lease_ms`. A sealed or fenced leader loses it within
     /// `lease_ms`, which the control plane waits out before naming the next.
-    pub fn has_lease(&self, now_ms: u64) -> bool {
-        self.lease_until().is_some_and(|until| now_ms < until)
+    /// Measured on the monotonic clock: a wall-clock step never stretches it.
+    pub fn has_lease(&self, now: Now) -> bool {
+        let lease_now = self.lease_clock(now);
+        self.lease_until().is_some_and(|until| lease_now < until)
     }
 
-    /// When this leader's lease ends, on its own clock (`u64::MAX` when no
-    /// follower ack is required); `None` if it holds none.
-    fn lease_until(&self) -> Option<u64> {
+    /// The clock leases run on: monotonic (the `lease_on_wall_clock` bug
+    /// switch puts them back on the wall clock, for the simulator to catch).
+    fn lease_clock(&self, now: Now) -> MonoMs {
+        if self.config.bugs.lease_on_wall_clock {
+            MonoMs::from_millis(now.wall.as_millis())
+        } else {
+            now.mono
+        }
+    }
+
+    /// When this leader's lease ends, on its own lease clock
+    /// (`MonoMs::MAX` when no follower ack is required); `None` if it holds
+    /// none.
+    fn lease_until(&self) -> Option<MonoMs> {
         if self.role != Role::Leader {
             return None;
         }
-        let mut starts: Vec<u64> = self
+        let mut starts: Vec<MonoMs> = self
             .progress
             .values()
             .filter(|p| p.local)
-            .filter_map(|p| p.lease_from_ms)
+            .filter_map(|p| p.lease_from)
             .collect();
         starts.sort_unstable_by(|a, b| b.cmp(a));
         match self.config.sync_acks {
-            0 => Some(u64::MAX),
-            n => starts.get(n - 1).map(|start| start + self.config.lease_ms),
+            0 => Some(MonoMs::MAX),
+            n => starts
+                .get(n - 1)
+                .map(|start| start.plus(self.config.lease_ms)),
         }
     }
 
@@ -427,33 +476,61 @@ impl Replica {
     /// that lease ran out, so a closed timestamp from a deposed leader still
     /// holds: the next generation orders entries after it (up to clock skew,
     /// which the failover margin covers).
-    pub fn closed_timestamp(&self, now_ms: u64) -> Option<Timestamp> {
+    pub fn closed_timestamp(&self, now: Now) -> Option<Timestamp> {
         match self.role {
             Role::Leader => self
-                .has_lease(now_ms)
-                .then(|| Timestamp::from_wall_ms(now_ms)),
+                .has_lease(now)
+                .then(|| Timestamp::from_wall_ms(now.wall.as_millis())),
             Role::Follower => self.closed,
+        }
+    }
+
+    /// How far behind real time this replica's committed state may be, in
+    /// milliseconds: 0 for a leader under its lease; for a follower, the
+    /// time on its own monotonic clock since the moment its closed
+    /// timestamp was known complete (bounded by the round trip of an ack
+    /// the leader echoed, see [`Append::echo_ack`]): no wall clock enters
+    /// it, so no wall-clock step makes a state look fresher than it is.
+    /// `None` when unknown.
+    pub fn staleness_ms(&self, now: Now) -> Option<u64> {
+        match self.role {
+            Role::Leader => self.has_lease(now).then_some(0),
+            Role::Follower => self.closed_as_of.map(|as_of| now.mono.since(as_of)),
         }
     }
 
     /// The timestamp a leader closes in a message sent now: its clock,
     /// but never past its lease (see [`Replica::closed_timestamp`]).
-    fn close_timestamp(&mut self, now_ms: u64) -> Timestamp {
-        let now = self.hlc.now(now_ms);
-        match self.lease_until() {
-            Some(until) if until <= now.wall_ms => Timestamp::from_wall_ms(until),
-            Some(_) => now,
-            None => Timestamp::ZERO,
+    /// Also returns how far the timestamp lies behind this leader's clock
+    /// (0 unless the lease ran out), for [`Append::closed_lag_ms`].
+    fn close_timestamp(&mut self, now: Now) -> (Timestamp, u64) {
+        let stamp = self.hlc.now(now.wall);
+        let Some(until) = self.lease_until() else {
+            return (Timestamp::ZERO, 0);
+        };
+        // The lease's end, translated from the lease clock into wall time
+        // as the two clocks stand now.
+        let lease_now = self.lease_clock(now);
+        let wall = now.wall.as_millis();
+        let until_wall = if until >= lease_now {
+            wall.saturating_add(until.since(lease_now))
+        } else {
+            wall.saturating_sub(lease_now.since(until))
+        };
+        if until_wall <= stamp.wall_ms {
+            (Timestamp::from_wall_ms(until_wall), lease_now.since(until))
+        } else {
+            (stamp, 0)
         }
     }
 
     /// A planned transfer: take no proposals for `for_ms` while a follower
     /// catches up; keep replicating. The control plane then seals the
     /// generation, or gives up and lets the drain run out.
-    pub fn drain(&mut self, now_ms: u64, for_ms: u64) {
+    pub fn drain(&mut self, now: Now, for_ms: u64) {
         if self.role == Role::Leader {
             probe("replication.leader_drained_for_transfer");
-            self.draining_until_ms = now_ms + for_ms;
+            self.draining_until = now.mono.plus(for_ms);
         }
     }
 
@@ -497,14 +574,16 @@ impl Replica {
         self.leader_matched = self.commit;
         self.closed = None;
         self.closed_pending.clear();
-        self.echo_ms = 0;
+        self.echo = MonoMs::ZERO;
+        self.closed_as_of = None;
         self.effects.push(Effect::PersistGeneration(generation));
     }
 
     fn step_down(&mut self, newer: Generation) {
         assert_eq!(self.role, Role::Leader);
         self.role = Role::Follower;
-        self.draining_until_ms = 0;
+        self.draining_until = MonoMs::ZERO;
+        self.append_marks.clear();
         self.progress.clear();
         self.leader_matched = self.commit;
         if self.unflushed_from.is_some() {
@@ -520,7 +599,7 @@ impl Replica {
     /// Orders `payload` into the log. The entry is not durable, not sent and
     /// not committed yet: call [`Replica::flush`] after a batch of proposals
     /// (group commit), then wait for `Commit`.
-    pub fn propose(&mut self, now_ms: u64, payload: Vec<u8>) -> Result<LogIndex, ProposeError> {
+    pub fn propose(&mut self, now: Now, payload: Vec<u8>) -> Result<LogIndex, ProposeError> {
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader {
                 generation: self.generation,
@@ -537,9 +616,9 @@ impl Replica {
                 max: self.config.entry_bytes_max,
             });
         }
-        if now_ms < self.draining_until_ms {
+        if now.mono < self.draining_until {
             return Err(ProposeError::Draining {
-                retry_after_ms: self.draining_until_ms - now_ms,
+                retry_after_ms: self.draining_until.since(now.mono),
             });
         }
         let uncommitted = self.commit.distance_to(self.last_index());
@@ -553,7 +632,7 @@ impl Replica {
             if p.local {
                 continue;
             }
-            let lag_ms = self.lag_ms(p, now_ms);
+            let lag_ms = self.lag_ms(p, now);
             if lag_ms > self.config.rpo_budget_ms {
                 probe("replication.rpo_gate_refused_write");
                 return Err(ProposeError::RpoBudgetExceeded {
@@ -563,19 +642,20 @@ impl Replica {
                 });
             }
         }
-        Ok(self.append_local(now_ms, payload))
+        Ok(self.append_local(now, payload))
     }
 
-    fn append_local(&mut self, now_ms: u64, payload: Vec<u8>) -> LogIndex {
+    fn append_local(&mut self, now: Now, payload: Vec<u8>) -> LogIndex {
         assert_eq!(self.role, Role::Leader);
         let index = self.last_index().next();
         let entry = Entry {
             index,
             generation: self.generation,
-            at: self.hlc.now(now_ms),
+            at: self.hlc.now(now.wall),
             payload,
         };
         self.entries.push_back(entry);
+        self.mark_append(index, now.mono);
         self.unflushed_from.get_or_insert(index);
         index
     }
@@ -585,7 +665,7 @@ impl Replica {
     /// tells followers a commit index they have not heard yet. The runtime
     /// calls it once per batch of inputs, so a burst costs one message per
     /// follower, not one per proposal or ack.
-    pub fn flush(&mut self, now_ms: u64) {
+    pub fn flush(&mut self, now: Now) {
         if self.role != Role::Leader {
             return;
         }
@@ -596,7 +676,7 @@ impl Replica {
             let p = &self.progress[&node];
             let news = p.next_index <= last || p.sent_commit < self.commit;
             if news && !p.snapshot_pending {
-                self.send_append(now_ms, &node);
+                self.send_append(now, &node);
             }
         }
     }
@@ -612,7 +692,7 @@ impl Replica {
         }
     }
 
-    fn send_append(&mut self, now_ms: u64, to: &NodeId) {
+    fn send_append(&mut self, now: Now, to: &NodeId) {
         assert_eq!(self.role, Role::Leader);
         let last = self.last_index();
         let p = self.progress.get_mut(to).expect("unknown follower");
@@ -620,7 +700,7 @@ impl Replica {
             if !p.snapshot_pending {
                 probe("replication.snapshot_sent_to_lagging_follower");
                 p.snapshot_pending = true;
-                p.last_sent_ms = now_ms;
+                p.last_sent = now.mono;
                 self.effects.push(Effect::SnapshotNeeded { to: to.clone() });
             }
             return;
@@ -650,8 +730,11 @@ impl Replica {
             index = index.next();
         }
         p.next_index = index;
-        p.last_sent_ms = now_ms;
+        p.last_sent = now.mono;
         p.sent_commit = self.commit;
+        let echo_ack = p.ack_echo;
+        let sent_at = self.lease_clock(now);
+        let (closed, closed_lag_ms) = self.close_timestamp(now);
         let message = Message::Append(Append {
             shard: self.config.shard,
             generation: self.generation,
@@ -660,9 +743,11 @@ impl Replica {
             prev_generation,
             entries: batch,
             commit_index: self.commit,
-            closed: self.close_timestamp(now_ms),
+            closed,
             leader_last_index: last,
-            sent_ms: now_ms,
+            closed_lag_ms,
+            echo_ack,
+            sent_at,
         });
         self.effects.push(Effect::Send {
             to: to.clone(),
@@ -671,7 +756,7 @@ impl Replica {
     }
 
     /// Sends a state-machine snapshot the runtime built after `SnapshotNeeded`.
-    pub fn send_snapshot(&mut self, now_ms: u64, to: &NodeId, meta: SnapshotMeta, data: Vec<u8>) {
+    pub fn send_snapshot(&mut self, now: Now, to: &NodeId, meta: SnapshotMeta, data: Vec<u8>) {
         if self.role != Role::Leader {
             return;
         }
@@ -685,7 +770,7 @@ impl Replica {
             return;
         };
         p.next_index = meta.last_index.next();
-        p.last_sent_ms = now_ms;
+        p.last_sent = now.mono;
         let message = Message::InstallSnapshot(InstallSnapshot {
             shard: self.config.shard,
             generation: self.generation,
@@ -693,7 +778,7 @@ impl Replica {
             meta,
             data,
             commit_index: self.commit,
-            closed: self.close_timestamp(now_ms),
+            closed: self.close_timestamp(now).0,
         });
         self.effects.push(Effect::Send {
             to: to.clone(),
@@ -701,17 +786,49 @@ impl Replica {
         });
     }
 
-    fn lag_ms(&self, p: &Progress, now_ms: u64) -> u64 {
+    /// How long ago the oldest entry the follower does not hold durably
+    /// was appended here, on the monotonic clock. Entries from before this
+    /// leadership count from when it began.
+    fn lag_ms(&self, p: &Progress, now: Now) -> u64 {
         if p.match_index >= self.last_index() {
             return 0;
         }
-        // The age of the oldest entry the follower does not hold durably.
-        let oldest_missing = self
-            .entry(p.match_index.next())
-            .or_else(|| self.entries.front());
-        oldest_missing
-            .map(|e| now_ms.saturating_sub(e.at.wall_ms))
-            .unwrap_or(0)
+        let missing = p.match_index.next();
+        let runs_at_or_before = self.append_marks.partition_point(|(i, _)| *i <= missing);
+        let mark = match runs_at_or_before {
+            0 => self.append_marks.front(),
+            n => self.append_marks.get(n - 1),
+        };
+        let (_, appended) = mark.expect("a leader has appended its barrier");
+        now.mono.since(*appended)
+    }
+
+    fn mark_append(&mut self, index: LogIndex, at: MonoMs) {
+        assert!(self
+            .append_marks
+            .back()
+            .is_none_or(|(i, t)| *i < index && *t <= at));
+        if self.append_marks.back().is_some_and(|(_, t)| *t == at) {
+            return; // the run that began this millisecond covers it
+        }
+        if self.append_marks.len() >= APPEND_MARKS_MAX {
+            // Merge the second run into the first: its entries then count
+            // from the older time, so lag is overstated, never understated.
+            self.append_marks.remove(1);
+        }
+        self.append_marks.push_back((index, at));
+    }
+
+    /// Drops the runs every follower holds (all but the one covering the
+    /// slowest follower's first missing entry).
+    fn prune_append_marks(&mut self) {
+        let Some(slowest) = self.progress.values().map(|p| p.match_index).min() else {
+            return;
+        };
+        let missing = slowest.next();
+        while self.append_marks.len() > 1 && self.append_marks[1].0 <= missing {
+            self.append_marks.pop_front();
+        }
     }
 
     fn maybe_commit(&mut self) {
@@ -740,7 +857,7 @@ impl Replica {
 
     /// The runtime made everything up to `index` (an entry of `generation`)
     /// durable. Stale reports (the entry was truncated since) are ignored.
-    pub fn persisted(&mut self, now_ms: u64, index: LogIndex, generation: Generation) {
+    pub fn persisted(&mut self, now: Now, index: LogIndex, generation: Generation) {
         if index <= self.durable || self.generation_at(index) != Some(generation) {
             return;
         }
@@ -750,23 +867,23 @@ impl Replica {
             Role::Leader => self.maybe_commit(),
             Role::Follower => {
                 self.follower_advance_commit();
-                self.ack_leader(now_ms, true);
+                self.ack_leader(now, true);
             }
         }
     }
 
     // ----- Messages --------------------------------------------------------
 
-    pub fn receive(&mut self, now_ms: u64, from: &NodeId, message: Message) {
+    pub fn receive(&mut self, now: Now, from: &NodeId, message: Message) {
         assert_eq!(
             message.shard(),
             self.config.shard,
             "message for another shard"
         );
         match message {
-            Message::Append(m) => self.on_append(now_ms, m),
-            Message::AppendAck(m) => self.on_ack(now_ms, from, m),
-            Message::InstallSnapshot(m) => self.on_install_snapshot(now_ms, m),
+            Message::Append(m) => self.on_append(now, m),
+            Message::AppendAck(m) => self.on_ack(now, from, m),
+            Message::InstallSnapshot(m) => self.on_install_snapshot(now, m),
         }
     }
 
@@ -788,7 +905,11 @@ impl Replica {
                     success: false,
                     match_index: LogIndex::ZERO,
                     hint: LogIndex::ZERO,
-                    echo_ms: 0,
+                    echo: MonoMs::ZERO,
+                    ack: AckEcho {
+                        incarnation: self.incarnation,
+                        sent_at: MonoMs::ZERO,
+                    },
                 }),
             });
             return false;
@@ -809,7 +930,7 @@ impl Replica {
         true
     }
 
-    fn on_append(&mut self, now_ms: u64, m: Append) {
+    fn on_append(&mut self, now: Now, m: Append) {
         if !self.accept_from_leader(m.generation, &m.leader) {
             return;
         }
@@ -840,7 +961,7 @@ impl Replica {
                 "{}: committed entry {prev_index} conflicts with the leader's log",
                 self.config.shard
             );
-            self.ack_leader(now_ms, false);
+            self.ack_leader(now, false);
             return;
         }
         // After this message our log matches the leader's through its last
@@ -874,8 +995,16 @@ impl Replica {
         self.leader_matched = self.leader_matched.max(matched);
         assert!(self.leader_matched <= self.last_index());
         self.leader_commit = self.leader_commit.max(m.commit_index);
-        self.hear_closed(m.closed, m.leader_last_index);
-        self.echo_ms = self.echo_ms.max(m.sent_ms);
+        // Complete as of when the echoed ack left here, less how far the
+        // leader's closed timestamp lay behind its clock; an echo of an
+        // ack of an earlier life of this replica, or from the future, says
+        // nothing.
+        let as_of = m
+            .echo_ack
+            .filter(|e| e.incarnation == self.incarnation && e.sent_at <= now.mono)
+            .map(|e| MonoMs::from_millis(e.sent_at.as_millis().saturating_sub(m.closed_lag_ms)));
+        self.hear_closed(m.closed, m.leader_last_index, as_of);
+        self.echo = self.echo.max(m.sent_at);
         let persisting = truncate_from.is_some() || !appended.is_empty();
         if persisting {
             self.effects.push(Effect::Persist {
@@ -885,7 +1014,7 @@ impl Replica {
         }
         self.follower_advance_commit();
         if !persisting {
-            self.ack_leader(now_ms, true);
+            self.ack_leader(now, true);
         }
     }
 
@@ -915,7 +1044,12 @@ impl Replica {
     /// follower's once the leader's log up to `leader_last_index` has
     /// committed here. Under steady writes that index is always ahead of the
     /// commit index in the same message, so pending ones are kept.
-    fn hear_closed(&mut self, closed: Timestamp, leader_last_index: LogIndex) {
+    fn hear_closed(
+        &mut self,
+        closed: Timestamp,
+        leader_last_index: LogIndex,
+        as_of: Option<MonoMs>,
+    ) {
         if closed == Timestamp::ZERO || self.closed.is_some_and(|c| c >= closed) {
             return;
         }
@@ -923,12 +1057,13 @@ impl Replica {
             // Keep the oldest (they become readable first) and the newest.
             self.closed_pending.pop_back();
         }
-        self.closed_pending.push_back((closed, leader_last_index));
+        self.closed_pending
+            .push_back((closed, leader_last_index, as_of));
         self.advance_closed();
     }
 
     fn advance_closed(&mut self) {
-        while let Some(&(closed, upto)) = self.closed_pending.front() {
+        while let Some(&(closed, upto, as_of)) = self.closed_pending.front() {
             if upto > self.commit {
                 break;
             }
@@ -936,10 +1071,14 @@ impl Replica {
             if self.closed.is_none_or(|c| c < closed) {
                 self.closed = Some(closed);
             }
+            // Completeness as of a moment never ends: keep the latest.
+            if as_of > self.closed_as_of {
+                self.closed_as_of = as_of;
+            }
         }
     }
 
-    fn ack_leader(&mut self, now_ms: u64, success: bool) {
+    fn ack_leader(&mut self, now: Now, success: bool) {
         let Some(leader) = self.leader.clone() else {
             return;
         };
@@ -947,7 +1086,7 @@ impl Replica {
             return;
         }
         if success {
-            self.acked_at_ms = now_ms;
+            self.acked_at = now.mono;
         }
         self.effects.push(Effect::Send {
             to: leader,
@@ -957,19 +1096,23 @@ impl Replica {
                 success,
                 match_index: self.durable.min(self.leader_matched),
                 hint: self.leader_matched,
-                echo_ms: self.echo_ms,
+                echo: self.echo,
+                ack: AckEcho {
+                    incarnation: self.incarnation,
+                    sent_at: now.mono,
+                },
             }),
         });
     }
 
-    fn on_install_snapshot(&mut self, now_ms: u64, m: InstallSnapshot) {
+    fn on_install_snapshot(&mut self, now: Now, m: InstallSnapshot) {
         if !self.accept_from_leader(m.generation, &m.leader) {
             return;
         }
         self.hlc.observe(m.closed);
         self.leader_commit = self.leader_commit.max(m.commit_index);
         if m.meta.last_index <= self.commit {
-            self.ack_leader(now_ms, true);
+            self.ack_leader(now, true);
             return;
         }
         // Replace the log: the snapshot covers committed entries we lack.
@@ -983,10 +1126,10 @@ impl Replica {
             meta: m.meta,
             data: m.data,
         });
-        self.ack_leader(now_ms, true);
+        self.ack_leader(now, true);
     }
 
-    fn on_ack(&mut self, now_ms: u64, from: &NodeId, m: AppendAck) {
+    fn on_ack(&mut self, now: Now, from: &NodeId, m: AppendAck) {
         if m.generation > self.generation {
             probe("replication.leader_fenced_by_newer_generation");
             // A newer generation exists: we are fenced. The metadata plane
@@ -1004,9 +1147,17 @@ impl Replica {
         let Some(p) = self.progress.get_mut(from) else {
             return;
         };
-        p.last_ack_ms = Some(now_ms);
-        if m.success && m.echo_ms > 0 {
-            p.lease_from_ms = Some(p.lease_from_ms.unwrap_or(0).max(m.echo_ms));
+        p.last_ack = Some(now.mono);
+        // Echo the newest ack of the follower's current life (a new life
+        // replaces an old one even if its clock reads lower).
+        let newer = p
+            .ack_echo
+            .is_none_or(|e| e.incarnation != m.ack.incarnation || e.sent_at < m.ack.sent_at);
+        if newer && m.ack.sent_at > MonoMs::ZERO {
+            p.ack_echo = Some(m.ack);
+        }
+        if m.success && m.echo > MonoMs::ZERO {
+            p.lease_from = Some(p.lease_from.unwrap_or(MonoMs::ZERO).max(m.echo));
         }
         if m.success {
             assert!(
@@ -1016,7 +1167,7 @@ impl Replica {
             );
             if m.match_index > p.match_index {
                 p.match_index = m.match_index;
-                p.last_progress_ms = now_ms;
+                p.last_progress = now.mono;
             }
             if p.snapshot_pending && p.match_index >= self.compacted.last_index {
                 p.snapshot_pending = false;
@@ -1025,17 +1176,18 @@ impl Replica {
                 p.next_index = p.match_index.next();
             }
             self.maybe_commit();
+            self.prune_append_marks();
             let p = &self.progress[from];
             if p.next_index <= last && !p.snapshot_pending {
-                self.send_append(now_ms, from);
+                self.send_append(now, from);
             }
         } else {
             let resend_from = p.match_index.max(m.hint).next();
             if resend_from < p.next_index {
                 p.next_index = resend_from;
-                p.last_progress_ms = now_ms;
+                p.last_progress = now.mono;
                 p.snapshot_pending = false;
-                self.send_append(now_ms, from);
+                self.send_append(now, from);
             }
         }
     }
@@ -1043,7 +1195,7 @@ impl Replica {
     // ----- Time --------------------------------------------------------------
 
     /// Heartbeats and retransmissions. Call every few milliseconds.
-    pub fn tick(&mut self, now_ms: u64) {
+    pub fn tick(&mut self, now: Now) {
         if self.role != Role::Leader {
             return;
         }
@@ -1053,23 +1205,23 @@ impl Replica {
         for node in nodes {
             let p = self.progress.get_mut(&node).unwrap();
             let inflight = p.next_index.prev() > p.match_index;
-            let stuck = now_ms.saturating_sub(p.last_progress_ms) >= retransmit;
+            let stuck = now.mono.since(p.last_progress) >= retransmit;
             if inflight && stuck {
                 probe("replication.retransmit_after_silence");
                 // Lost or reordered appends: start again after the last ack.
                 p.next_index = p.match_index.next();
-                p.last_progress_ms = now_ms;
+                p.last_progress = now.mono;
                 p.snapshot_pending = false;
-                self.send_append(now_ms, &node);
-            } else if now_ms.saturating_sub(p.last_sent_ms) >= heartbeat {
+                self.send_append(now, &node);
+            } else if now.mono.since(p.last_sent) >= heartbeat {
                 if p.snapshot_pending {
                     // Ask again: the snapshot or its ack may have been lost.
-                    if now_ms.saturating_sub(p.last_sent_ms) >= retransmit {
+                    if now.mono.since(p.last_sent) >= retransmit {
                         p.snapshot_pending = false;
-                        self.send_append(now_ms, &node);
+                        self.send_append(now, &node);
                     }
                 } else {
-                    self.send_append(now_ms, &node);
+                    self.send_append(now, &node);
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use harbor_replication::{
     Config, Effect, Entry, Member, Message, ProposeError, Recovered, Replica, Role,
 };
-use harbor_types::{Generation, LogIndex, NodeId, ShardId};
+use harbor_types::{Generation, LogIndex, MonoMs, NodeId, Now, ShardId, WallMs};
 
 fn node(name: &str) -> NodeId {
     NodeId::new(name).unwrap()
@@ -15,6 +15,8 @@ fn node(name: &str) -> NodeId {
 /// Three local replicas (l1 leads) and one remote (r1).
 struct Group {
     now_ms: u64,
+    /// Added to every replica's wall clock (a step), not to its monotonic one.
+    wall_step_ms: i64,
     replicas: BTreeMap<NodeId, Replica>,
     /// Messages in flight: (from, to, message).
     network: VecDeque<(NodeId, NodeId, Message)>,
@@ -58,11 +60,17 @@ impl Group {
             tune(&mut config);
             replicas.insert(
                 m.node.clone(),
-                Replica::new(config, members.clone(), Recovered::default(), 1_000),
+                Replica::new(
+                    config,
+                    members.clone(),
+                    Recovered::default(),
+                    Now::both(1_000),
+                ),
             );
         }
         let mut group = Group {
             now_ms: 1_000,
+            wall_step_ms: 0,
             replicas,
             network: VecDeque::new(),
             unsynced: BTreeMap::new(),
@@ -77,7 +85,7 @@ impl Group {
     }
 
     fn elect(&mut self, leader: NodeId, generation: Generation) {
-        let now = self.now_ms;
+        let now = self.clocks();
         for (name, replica) in self.replicas.iter_mut() {
             if *name == leader {
                 replica.become_leader(now, generation);
@@ -86,6 +94,16 @@ impl Group {
             }
         }
         self.run_effects();
+    }
+
+    /// Both clocks: monotonic at `now_ms`, wall stepped by `wall_step_ms`.
+    fn clocks(&self) -> Now {
+        let wall = (self.now_ms as i64 + self.wall_step_ms).max(0) as u64;
+        Now::new(MonoMs::from_millis(self.now_ms), WallMs::from_millis(wall))
+    }
+
+    fn get(&self, name: &str) -> &Replica {
+        &self.replicas[&node(name)]
     }
 
     fn replica(&mut self, name: &str) -> &mut Replica {
@@ -139,7 +157,7 @@ impl Group {
             return;
         };
         self.disk.entry(n.clone()).or_default().extend(unsynced);
-        let now = self.now_ms;
+        let now = self.clocks();
         self.replicas
             .get_mut(&n)
             .unwrap()
@@ -165,7 +183,7 @@ impl Group {
                 if self.down.contains(&to) || self.down.contains(&from) {
                     continue;
                 }
-                let now = self.now_ms;
+                let now = self.clocks();
                 self.replicas
                     .get_mut(&to)
                     .unwrap()
@@ -178,7 +196,7 @@ impl Group {
 
     /// What the runtime does after each batch of inputs.
     fn flush_all(&mut self) {
-        let now = self.now_ms;
+        let now = self.clocks();
         for replica in self.replicas.values_mut() {
             replica.flush(now);
         }
@@ -190,7 +208,7 @@ impl Group {
         let mut keep = VecDeque::new();
         while let Some((from, dest, message)) = self.network.pop_front() {
             if dest == target {
-                let now = self.now_ms;
+                let now = self.clocks();
                 self.replicas
                     .get_mut(&dest)
                     .unwrap()
@@ -204,7 +222,7 @@ impl Group {
     }
 
     fn propose(&mut self, payload: &str) -> LogIndex {
-        let now = self.now_ms;
+        let now = self.clocks();
         let leader = self.leader_name();
         let r = self.replicas.get_mut(&leader).unwrap();
         let index = r.propose(now, payload.as_bytes().to_vec()).unwrap();
@@ -227,7 +245,7 @@ impl Group {
 
     fn tick(&mut self, ms: u64) {
         self.now_ms += ms;
-        let now = self.now_ms;
+        let now = self.clocks();
         for replica in self.replicas.values_mut() {
             replica.tick(now);
         }
@@ -281,7 +299,7 @@ fn a_down_remote_follower_never_delays_commits() {
         g.settle();
         assert_eq!(g.committed("l1"), index, "write {i} did not commit");
     }
-    let now = g.now_ms;
+    let now = g.clocks();
     let status = g.replica("l1").status(now);
     let remote = status.followers.iter().find(|f| !f.local).unwrap();
     // r1 holds the generation's barrier only.
@@ -296,7 +314,7 @@ fn writes_are_refused_when_the_remote_copy_is_over_the_rpo_budget() {
     g.propose("write");
     g.settle();
     g.tick(6_000);
-    let now = g.now_ms;
+    let now = g.clocks();
     let err = g.replica("l1").propose(now, b"late".to_vec()).unwrap_err();
     match err {
         ProposeError::RpoBudgetExceeded {
@@ -314,7 +332,7 @@ fn writes_are_refused_when_the_remote_copy_is_over_the_rpo_budget() {
     g.network.clear();
     g.tick(600);
     g.settle();
-    let now = g.now_ms;
+    let now = g.clocks();
     assert!(g.replica("l1").propose(now, b"again".to_vec()).is_ok());
 }
 
@@ -325,7 +343,7 @@ fn followers_refuse_older_generations_and_fence_the_old_leader() {
     g.propose("one");
     g.settle();
     // Generation 2: l2 leads. l1 does not hear about it.
-    let now = g.now_ms;
+    let now = g.clocks();
     for name in ["l2", "l3", "r1"] {
         if name == "l2" {
             g.replica(name).become_leader(now, Generation(2));
@@ -336,7 +354,7 @@ fn followers_refuse_older_generations_and_fence_the_old_leader() {
     g.run_effects();
     g.network.clear();
     // The old leader still believes it leads and proposes.
-    let now = g.now_ms;
+    let now = g.clocks();
     let stale = {
         let r = g.replica("l1");
         let index = r.propose(now, b"stale".to_vec()).unwrap();
@@ -401,7 +419,7 @@ fn lost_messages_are_retransmitted() {
 fn uncommitted_proposals_are_bounded() {
     let mut g = Group::new();
     g.settle();
-    let now = g.now_ms;
+    let now = g.clocks();
     let limit = g.replica("l1").config().uncommitted_entries_max;
     let mut refused = None;
     for i in 0..=limit {
@@ -452,7 +470,7 @@ fn a_follower_behind_the_retention_window_gets_a_snapshot() {
     g.settle();
     assert_eq!(g.snapshots_needed, vec![(node("l1"), node("r1"))]);
     let meta = g.replica("l1").compacted();
-    let now = g.now_ms;
+    let now = g.clocks();
     g.replica("l1")
         .send_snapshot(now, &node("r1"), meta, b"state".to_vec());
     g.run_effects();
@@ -461,7 +479,7 @@ fn a_follower_behind_the_retention_window_gets_a_snapshot() {
     let index = g.propose("after");
     g.settle();
     assert_eq!(g.committed("r1"), index);
-    let now = g.now_ms;
+    let now = g.clocks();
     let status = g.replica("l1").status(now);
     assert!(
         status.followers.iter().all(|f| f.lag_entries == 0),
@@ -472,10 +490,10 @@ fn a_follower_behind_the_retention_window_gets_a_snapshot() {
 #[test]
 fn the_lease_needs_a_recent_local_ack_and_lapses_without_one() {
     let mut g = Group::new();
-    let now = g.now_ms;
+    let now = g.clocks();
     assert!(!g.replica("l1").has_lease(now), "no lease before any ack");
     g.settle();
-    let now = g.now_ms;
+    let now = g.clocks();
     assert!(g.replica("l1").has_lease(now));
     // Followers go silent: the lease runs out after lease_ms of the leader's
     // own clock, counted from the last acked send.
@@ -483,17 +501,17 @@ fn the_lease_needs_a_recent_local_ack_and_lapses_without_one() {
     g.down = vec![node("l2"), node("l3"), node("r1")];
     g.tick(lease_ms - 1);
     g.settle();
-    let now = g.now_ms;
+    let now = g.clocks();
     assert!(g.replica("l1").has_lease(now), "lease ended early");
     g.tick(2);
     g.settle();
-    let now = g.now_ms;
+    let now = g.clocks();
     assert!(!g.replica("l1").has_lease(now), "lease outlived its acks");
     // A remote ack never extends the lease.
     g.down = vec![node("l2"), node("l3")];
     g.tick(200);
     g.settle();
-    let now = g.now_ms;
+    let now = g.clocks();
     assert!(
         !g.replica("l1").has_lease(now),
         "a remote follower granted a lease"
@@ -517,7 +535,7 @@ fn a_sealed_generation_fences_the_old_leader_and_the_sealed_replica_can_lead_it(
     assert_eq!(g.replica("l1").role(), Role::Follower);
     assert_eq!(g.replica("l1").generation(), Generation(2));
     // l2, sealed at 2 with no leader, is named leader of 2.
-    let now = g.now_ms;
+    let now = g.clocks();
     g.replica("l2").become_leader(now, Generation(2));
     for name in ["l1", "l3", "r1"] {
         g.replica(name).become_follower(Generation(2), node("l2"));
@@ -547,16 +565,16 @@ fn a_sealed_follower_knows_when_the_old_leaders_lease_ends() {
     g.run_effects();
     let sealed_at = g.now_ms;
     g.tick(300);
-    let now = g.now_ms;
+    let now = g.clocks();
     // Every local follower last acked at or before the seal: the old
     // leader's lease ends `lease_ms` after the newest of those acks.
     let newest_ack = ["l2", "l3"]
         .iter()
-        .map(|n| now - g.replica(n).status(now).acked_ms_ago)
+        .map(|n| now.mono.as_millis() - g.replica(n).status(now).acked_ms_ago)
         .max()
         .unwrap();
     assert!(newest_ack <= sealed_at);
-    let bound = newest_ack + lease_ms;
+    let bound = Now::both(newest_ack + lease_ms);
     assert!(
         !g.replica("l1").has_lease(bound),
         "the old leader's lease outlived the followers' last acks"
@@ -566,7 +584,7 @@ fn a_sealed_follower_knows_when_the_old_leaders_lease_ends() {
 #[test]
 fn a_follower_is_fresh_up_to_the_closed_timestamp_it_has_committed() {
     let mut g = Group::new();
-    let now = g.now_ms;
+    let now = g.clocks();
     assert_eq!(
         g.replica("r1").closed_timestamp(now),
         None,
@@ -576,10 +594,10 @@ fn a_follower_is_fresh_up_to_the_closed_timestamp_it_has_committed() {
     g.tick(100);
     g.settle();
     let heard_at = g.now_ms;
-    let closed = g.replica("r1").closed_timestamp(heard_at).unwrap();
+    let closed = g.get("r1").closed_timestamp(g.clocks()).unwrap();
     assert!(closed.wall_ms >= heard_at - 100, "{closed} at {heard_at}");
     assert_eq!(
-        g.replica("l1").closed_timestamp(heard_at).unwrap().wall_ms,
+        g.get("l1").closed_timestamp(g.clocks()).unwrap().wall_ms,
         heard_at,
         "a leader under a lease is fresh now"
     );
@@ -590,7 +608,7 @@ fn a_follower_is_fresh_up_to_the_closed_timestamp_it_has_committed() {
     let index = g.propose("in flight");
     g.deliver_to("r1");
     g.run_effects();
-    let now = g.now_ms;
+    let now = g.clocks();
     assert!(g.committed("r1") < index);
     let ordered_at = g.replica("l1").entry(index).unwrap().at;
     let fresh_to = g.replica("r1").closed_timestamp(now).unwrap();
@@ -601,7 +619,7 @@ fn a_follower_is_fresh_up_to_the_closed_timestamp_it_has_committed() {
     g.settle();
     g.tick(100);
     g.settle();
-    let now = g.now_ms;
+    let now = g.clocks();
     assert!(g.replica("r1").closed_timestamp(now).unwrap() > closed);
 
     // Cut off from its followers, the leader closes nothing past its lease:
@@ -612,16 +630,71 @@ fn a_follower_is_fresh_up_to_the_closed_timestamp_it_has_committed() {
         g.tick(100);
         g.settle();
     }
-    let now = g.now_ms;
+    let now = g.clocks();
     assert!(!g.replica("l1").has_lease(now));
     assert_eq!(g.replica("l1").closed_timestamp(now), None);
     let stuck = g.replica("r1").closed_timestamp(now).unwrap();
     assert!(
-        stuck.wall_ms <= now - 400,
-        "r1 closed at {stuck} though l1's lease ended; now {now}"
+        stuck.wall_ms <= g.now_ms - 400,
+        "r1 closed at {stuck} though l1's lease ended; now {now:?}"
     );
     g.tick(300);
     g.settle();
-    let later = g.now_ms;
+    let later = g.clocks();
     assert_eq!(g.replica("r1").closed_timestamp(later), Some(stuck));
+}
+
+/// Leases run on the monotonic clock: a backward step of the leader's wall
+/// clock by far more than the lease does not let it serve strong reads
+/// once its followers stopped acknowledging (with the bug switch that puts
+/// leases on the wall clock, it does). A forward step does not end a lease
+/// early either.
+#[test]
+fn a_wall_clock_step_neither_stretches_nor_cuts_a_lease() {
+    for bug in [false, true] {
+        let mut g = Group::with_config(|c| c.bugs.lease_on_wall_clock = bug);
+        g.settle();
+        g.tick(100);
+        g.settle();
+        assert!(g.get("l1").has_lease(g.clocks()));
+        g.wall_step_ms = 60_000;
+        assert!(
+            bug || g.get("l1").has_lease(g.clocks()),
+            "a forward step cut the lease"
+        );
+        g.wall_step_ms = 0;
+        let lease_ms = g.replica("l1").config().lease_ms;
+        g.down = vec![node("l2"), node("l3")];
+        for _ in 0..(lease_ms / 100 + 5) {
+            g.tick(100);
+            g.settle();
+        }
+        assert!(!g.get("l1").has_lease(g.clocks()));
+        g.wall_step_ms = -10 * lease_ms as i64;
+        assert_eq!(
+            g.get("l1").has_lease(g.clocks()),
+            bug,
+            "bug switch {bug}: a backward wall-clock step"
+        );
+    }
+}
+
+/// A follower's staleness is measured on the leader's clock, estimated on
+/// the follower's monotonic one: a step of the follower's own wall clock
+/// changes nothing, and staleness grows while it hears nothing.
+#[test]
+fn a_followers_staleness_ignores_its_own_wall_clock() {
+    let mut g = Group::new();
+    g.settle();
+    g.tick(100);
+    g.settle();
+    let fresh = g.get("l2").staleness_ms(g.clocks()).unwrap();
+    assert!(fresh <= 100, "{fresh}");
+    g.wall_step_ms = -5_000;
+    assert_eq!(g.get("l2").staleness_ms(g.clocks()), Some(fresh));
+    // Cut off from the leader, l2 ages on its monotonic clock.
+    g.down = vec![node("l2")];
+    g.tick(3_000);
+    let aged = g.get("l2").staleness_ms(g.clocks()).unwrap();
+    assert_eq!(aged, fresh + 3_000);
 }

@@ -14,8 +14,8 @@ use harbor_replication::{Member, Role};
 use harbor_reservation::{Command, Outcome, TokenOutcome, TokenView};
 use harbor_types::sim::Bugs;
 use harbor_types::{
-    Amount, CommitToken, Generation, IssuerId, NodeId, Region, ReservationId, ReservationToken,
-    ShardId,
+    Amount, CommitToken, Generation, IssuerId, MonoMs, NodeId, Now, Region, ReservationId,
+    ReservationToken, ShardId, WallMs,
 };
 use harbor_wal::MemStorage;
 use serde_json::{json, Value};
@@ -71,6 +71,8 @@ pub struct SimStats {
     pub partitions: u64,
     pub pauses: u64,
     pub isolations: u64,
+    /// Wall-clock steps of a node by a second or more.
+    pub wall_steps: u64,
     pub simulated_ms: u64,
 }
 
@@ -147,7 +149,14 @@ struct SimNode {
     region: Region,
     up: bool,
     paused_until: u64,
+    /// The node's monotonic clock reads simulated time plus this (a new
+    /// origin at every start, like a new process). Never steps.
+    mono_origin_ms: u64,
+    /// Wall-clock drift, within `CLOCK_SKEW_MS_MAX`.
     skew_ms: i64,
+    /// Wall-clock steps (an operator, NTP, a resumed VM), by seconds, in
+    /// either direction; the monotonic clock does not see them.
+    wall_step_ms: i64,
     /// When the node next hears from the control plane (it polls; news of a
     /// new generation is not instant).
     refresh_at: u64,
@@ -291,8 +300,8 @@ struct World {
 const TICK_MS: u64 = 10;
 const LOCAL_DELAY_MS: u64 = 1;
 const WAN_DELAY_MS: u64 = 35;
-/// How long the simulated control plane waits before failing a crashed
-/// leader over (a stand-in for the lease the control plane will enforce).
+/// How long the simulated control plane waits for a silent leader before
+/// sealing its generation (the planner then also waits out its lease).
 const FAILOVER_AFTER_MS: u64 = 1_000;
 /// How often the control plane looks at the groups.
 const CONTROL_INTERVAL_MS: u64 = 100;
@@ -301,8 +310,9 @@ const DRAIN_MS: u64 = 500;
 const CLOCK_SKEW_MS_MAX: i64 = 50;
 /// Leader lease in the simulation, shorter than `FAILOVER_AFTER_MS`.
 const LEASE_MS: u64 = 500;
-/// Waited after sealing beyond the lease: clock skew changes can stretch a
-/// lease measured on the old leader's clock by up to twice the skew bound.
+/// Waited after sealing beyond the lease. Leases run on monotonic clocks,
+/// which neither skew nor steps touch; the margin is the same as a
+/// deployment's order of magnitude, so the sweep keeps it honest.
 const LEASE_MARGIN_MS: u64 = 2 * CLOCK_SKEW_MS_MAX as u64 + 100;
 
 impl World {
@@ -331,7 +341,9 @@ impl World {
                     region: info.region.clone(),
                     up: true,
                     paused_until: 0,
+                    mono_origin_ms: 1 + rng.range(0, 1_000_000),
                     skew_ms: 0,
+                    wall_step_ms: 0,
                     refresh_at: 0,
                     replicas: BTreeMap::new(),
                     disks: BTreeMap::new(),
@@ -598,6 +610,7 @@ impl World {
             let node = self.nodes.get_mut(&name).unwrap();
             node.paused_until = 0;
             node.skew_ms = 0;
+            node.wall_step_ms = 0;
             let failed = node.replicas.values().any(|r| r.failure().is_some());
             if !node.up {
                 self.restart(&name);
@@ -676,9 +689,15 @@ impl World {
 
     // ----- Nodes and the network ------------------------------------------------
 
-    fn node_now(&self, node: &NodeId) -> u64 {
-        let skew = self.nodes[node].skew_ms;
-        (self.now as i64 + skew).max(0) as u64
+    /// The node's two clocks: monotonic (simulated time from the node's
+    /// own origin) and wall (simulated time plus drift and steps).
+    fn node_now(&self, node: &NodeId) -> Now {
+        let n = &self.nodes[node];
+        let wall = (self.now as i64 + n.skew_ms + n.wall_step_ms).max(0) as u64;
+        Now::new(
+            MonoMs::from_millis(self.now + n.mono_origin_ms),
+            WallMs::from_millis(wall),
+        )
     }
 
     fn open_replicas(&mut self, name: &NodeId) {
@@ -702,7 +721,7 @@ impl World {
                 self.node_config.clone(),
                 disk,
                 transport,
-                self.now,
+                self.node_now(name),
             ) {
                 Ok(driver) => driver,
                 Err(e) => {
@@ -722,7 +741,7 @@ impl World {
         &mut self,
         name: &NodeId,
         shard: ShardId,
-        f: impl FnOnce(&mut Driver<MemStorage>, u64),
+        f: impl FnOnce(&mut Driver<MemStorage>, Now),
     ) {
         let now = self.node_now(name);
         let Some(driver) = self.nodes.get_mut(name).unwrap().replicas.get_mut(&shard) else {
@@ -908,6 +927,9 @@ impl World {
         if self.nodes[name].up {
             return;
         }
+        // A new process: its monotonic clock has a new origin.
+        let origin = 1 + self.rng.range(0, 1_000_000);
+        self.nodes.get_mut(name).unwrap().mono_origin_ms = origin;
         self.open_replicas(name);
         let node = self.nodes.get_mut(name).unwrap();
         node.up = true;
@@ -1062,6 +1084,12 @@ impl World {
 
     // ----- Faults -----------------------------------------------------------------
 
+    fn step_wall_clock(&mut self, name: &NodeId, step_ms: i64) {
+        self.trace(|| format!("wall clock of {name} steps {step_ms} ms"));
+        self.nodes.get_mut(name).unwrap().wall_step_ms += step_ms;
+        self.stats.wall_steps += 1;
+    }
+
     fn fault(&mut self) {
         if !self.safety {
             return;
@@ -1124,6 +1152,13 @@ impl World {
                 let until = self.now + self.rng.range(200, 4_000);
                 self.isolated.insert(name.clone(), until);
                 self.stats.isolations += 1;
+                if self.rng.chance(40) {
+                    // Cut off, its wall clock steps back (a VM resumed
+                    // from an old snapshot of its clock): its lease, on the
+                    // monotonic clock, must still run out.
+                    let step = self.rng.range(1_000, 5_000) as i64;
+                    self.step_wall_clock(&name, -step);
+                }
                 if self.rng.chance(50) && down < 2 {
                     let down_ms = self.rng.range(1_500, 3_000);
                     self.schedule(until, Event::CrashFor(name, down_ms));
@@ -1148,10 +1183,15 @@ impl World {
                     self.apply_action(shard, action);
                 }
             }
-            77..=86 => {
+            77..=81 => {
                 let skew =
                     self.rng.range(0, 2 * CLOCK_SKEW_MS_MAX as u64) as i64 - CLOCK_SKEW_MS_MAX;
                 self.nodes.get_mut(&name).unwrap().skew_ms = skew;
+            }
+            82..=86 => {
+                let step = self.rng.range(1_000, 5_000) as i64;
+                let step = if self.rng.chance(50) { step } else { -step };
+                self.step_wall_clock(&name, step);
             }
             _ => {}
         }

@@ -1,3 +1,4 @@
+use crate::WallMs;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -52,8 +53,9 @@ impl Hlc {
         self.last
     }
 
-    /// A fresh timestamp for a local event at physical time `now_ms`.
-    pub fn now(&mut self, now_ms: u64) -> Timestamp {
+    /// A fresh timestamp for a local event at wall time `wall`.
+    pub fn now(&mut self, wall: WallMs) -> Timestamp {
+        let now_ms = wall.as_millis();
         let next = if now_ms > self.last.wall_ms {
             Timestamp::from_wall_ms(now_ms)
         } else {
@@ -87,14 +89,15 @@ impl Hlc {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::WallMs;
 
     #[test]
     fn readings_are_strictly_increasing_even_when_wall_clock_stalls() {
         let mut hlc = Hlc::new();
-        let a = hlc.now(100);
-        let b = hlc.now(100);
-        let c = hlc.now(99);
-        let d = hlc.now(101);
+        let a = hlc.now(WallMs::from_millis(100));
+        let b = hlc.now(WallMs::from_millis(100));
+        let c = hlc.now(WallMs::from_millis(99));
+        let d = hlc.now(WallMs::from_millis(101));
         assert!(a < b && b < c && c < d);
         assert_eq!(d, Timestamp::from_wall_ms(101));
     }
@@ -106,7 +109,7 @@ mod tests {
             wall_ms: 500,
             logical: 7,
         });
-        let next = hlc.now(10);
+        let next = hlc.now(WallMs::from_millis(10));
         assert_eq!(
             next,
             Timestamp {

@@ -1,14 +1,16 @@
 //! Shared vocabulary of every Harbor plane: identifiers, log positions,
-//! commit tokens, hybrid-logical timestamps and money amounts.
+//! commit tokens, the two clocks, hybrid-logical timestamps and money amounts.
 //!
 //! Every id and position is a newtype so a core's public API never takes a
 //! bare `u64` or `String` whose meaning the reader has to guess.
 
+mod clock;
 mod hlc;
 mod ids;
 mod position;
 pub mod sim;
 
+pub use clock::{MonoMs, Now, WallMs};
 pub use hlc::{Hlc, Timestamp};
 pub use ids::{
     Amount, BucketId, IdError, IssuerId, NodeId, Region, ReservationId, ReservationToken,

@@ -24,16 +24,20 @@ pub struct Bugs {
     /// A replica serves a session or causal read without having applied
     /// the entries the caller named.
     pub follower_ignores_session: bool,
+    /// A leader measures its lease on the wall clock instead of the
+    /// monotonic one, so a backward step stretches it.
+    pub lease_on_wall_clock: bool,
 }
 
 impl Bugs {
     /// The names `harbor verify sim --bug NAME` accepts.
-    pub const NAMES: [&'static str; 5] = [
+    pub const NAMES: [&'static str; 6] = [
         "commit-without-follower-ack",
         "accept-old-generation",
         "apply-token-twice",
         "strong-read-without-lease",
         "follower-ignores-session",
+        "lease-on-wall-clock",
     ];
 
     pub fn none() -> Bugs {
@@ -49,6 +53,7 @@ impl Bugs {
             "apply-token-twice" => bugs.apply_token_twice = true,
             "strong-read-without-lease" => bugs.strong_read_without_lease = true,
             "follower-ignores-session" => bugs.follower_ignores_session = true,
+            "lease-on-wall-clock" => bugs.lease_on_wall_clock = true,
             other => {
                 return Err(format!(
                     "unknown bug {other:?}; known: {}",
