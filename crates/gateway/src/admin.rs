@@ -229,6 +229,10 @@ pub struct ReplicaView {
     /// How old its state may be (see `Served::staleness_ms`); `None` when
     /// it knows no bound or did not answer.
     pub staleness_ms: Option<u64>,
+    /// It lost its durable state (a replaced disk) and has not caught up:
+    /// it will not lead, and a failover does not count on it.
+    #[serde(default)]
+    pub recovering: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -351,6 +355,7 @@ impl Gateway {
                                 answering: status.is_some(),
                                 applied: status.and_then(|s| s.applied),
                                 staleness_ms: status.and_then(|s| s.staleness_ms),
+                                recovering: status.is_some_and(|s| s.replica.recovering),
                             }
                         })
                         .collect(),

@@ -430,7 +430,14 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     let sink = LateSink::new();
     let transport: Arc<dyn Transport> =
         TcpTransport::start(name.clone(), listener, cluster.peers(), sink.sink());
-    let config = NodeConfig::new(file.data_dir.clone());
+    let mut config = NodeConfig::new(file.data_dir.clone());
+    // No group of this node has had a leader yet: the cluster is being
+    // created, and empty replicas are new ones, not ones that lost their
+    // data.
+    config.groups_are_new = map
+        .groups_of(&name)
+        .iter()
+        .all(|g| g.generation == harbor_types::Generation::ZERO);
     let node = {
         let (name, region) = (name.clone(), region.clone());
         tokio::task::spawn_blocking(move || Node::start(name, region, groups, config, transport))

@@ -122,6 +122,9 @@ pub struct ControlLoop {
     /// (it was unavailable): published again every round, and nobody is
     /// told before.
     unpublished: BTreeMap<ShardId, Action>,
+    /// Replicas seen recovering lost state, so each is logged once as it
+    /// starts and once as it is done.
+    recovering: BTreeSet<(ShardId, NodeId)>,
 }
 
 impl ControlLoop {
@@ -166,6 +169,7 @@ impl ControlLoop {
             transfers: BTreeMap::new(),
             suspects: BTreeSet::new(),
             unpublished: BTreeMap::new(),
+            recovering: BTreeSet::new(),
         }
     }
 
@@ -338,8 +342,22 @@ impl ControlLoop {
                 last_index: s.replica.last_index,
                 last_generation: s.replica.last_generation,
                 acked_ms_ago: s.replica.acked_ms_ago,
+                recovering: s.replica.recovering,
             })
             .collect();
+        for o in &observations {
+            let key = (shard, o.node.clone());
+            if o.recovering && self.recovering.insert(key.clone()) {
+                tracing::warn!(
+                    %shard, node = %o.node,
+                    "replica lost its state and is catching up: it will not lead, and a failover \
+                     of this group waits for it (or for the old leader) rather than risk an \
+                     acknowledged write"
+                );
+            } else if !o.recovering && self.recovering.remove(&key) {
+                tracing::info!(%shard, node = %o.node, "replica caught up after losing its state");
+            }
+        }
         let now = self.now_ms();
         let plan = self.plans.get_mut(&shard).unwrap();
         let before = plan.leader.clone();
@@ -377,6 +395,7 @@ impl ControlLoop {
                 replica.generation,
                 leading,
                 replica.leader.as_ref(),
+                replica.recovering,
             ) {
                 CatchUp::Nothing => continue,
                 CatchUp::Seal(generation) => Control::Seal(generation),

@@ -94,6 +94,10 @@ pub struct NodeSet {
     map: Arc<ShardMap>,
     data_dir: PathBuf,
     tune_node: fn(&mut NodeConfig),
+    /// Until every node first started: the data directory was new, so the
+    /// groups are being created. After that, a node that starts empty lost
+    /// its data.
+    groups_are_new: std::sync::atomic::AtomicBool,
 }
 
 impl NodeSet {
@@ -124,6 +128,9 @@ impl NodeSet {
             })
             .collect();
         let mut config = NodeConfig::new(self.data_dir.join("nodes").join(node.as_str()));
+        config.groups_are_new = self
+            .groups_are_new
+            .load(std::sync::atomic::Ordering::Relaxed);
         (self.tune_node)(&mut config);
         let (id, transport, at) = (node.clone(), self.network.transport(), region.clone());
         let started =
@@ -194,10 +201,14 @@ impl DevCluster {
             map: map.clone(),
             data_dir: options.data_dir.clone(),
             tune_node: options.tune_node,
+            groups_are_new: (!any_replica_state(&options.data_dir.join("nodes"))).into(),
         });
         for info in &map.nodes {
             nodes.start(&info.node).await?;
         }
+        nodes
+            .groups_are_new
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         for group in map.groups.values() {
             for member in &group.members {
                 let control = if *member == group.leader {
@@ -348,6 +359,28 @@ impl DevCluster {
         self.meta_node.shutdown().await;
         self.meta_server.abort();
     }
+}
+
+/// Whether any replica under `nodes` ever wrote durable state (a hard
+/// state or a WAL segment). If none did, the groups are new, even when the
+/// data directory is not (a start interrupted before any group led).
+fn any_replica_state(nodes: &std::path::Path) -> bool {
+    let Ok(node_dirs) = std::fs::read_dir(nodes) else {
+        return false;
+    };
+    node_dirs
+        .filter_map(Result::ok)
+        .filter_map(|node| std::fs::read_dir(node.path()).ok())
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|replica| std::fs::read_dir(replica.path()).ok())
+        .flatten()
+        .filter_map(Result::ok)
+        .any(|file| {
+            let name = file.file_name();
+            let name = name.to_string_lossy();
+            name == harbor_wal::HARD_STATE_NAME || name.ends_with(".seg")
+        })
 }
 
 /// The embedded metadata plane: one Raft voter on `data_dir/metadata`,

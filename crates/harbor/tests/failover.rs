@@ -89,3 +89,89 @@ async fn a_stopped_leader_fails_over_and_loses_no_acknowledged_write() {
     assert_eq!(view["reserved"].as_u64().unwrap(), open as u64, "{view}");
     cluster.shutdown().await;
 }
+
+/// A node whose disk was replaced: the leader of an issuer's group is
+/// stopped under load, its data directory deleted, and it restarts with
+/// nothing. It never leads with its empty log (its followers used to crash
+/// on that, and committed entries were at risk): its groups fail over to a
+/// replica that holds the data, it catches up as a follower and says so,
+/// and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_disk_was_replaced_never_leads_before_it_caught_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = common::start_dev(dir.path()).await;
+    let urls = [cluster.url("madrid"), cluster.url("newyork")];
+    let api = Arc::new(Api::new());
+    let r = api
+        .put_issuer(&urls[0], "WIPE-1", "madrid", 1_000_000)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let shard = cluster
+        .meta
+        .shard_of(&IssuerId::new("WIPE-1").unwrap())
+        .unwrap();
+    let old_leader = cluster.meta.map().groups[&shard].leader.clone();
+
+    let load = Load::start(&api, &urls, "WIPE-1", "wipe", Duration::from_secs(6));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let wiped_at = load.elapsed();
+    cluster.nodes.stop(&old_leader).await;
+    std::fs::remove_dir_all(dir.path().join("nodes").join(old_leader.as_str())).unwrap();
+    cluster.nodes.start(&old_leader).await.unwrap();
+    let writes = load.finish().await;
+    let first_after = first_ack_after(&writes, wiped_at)
+        .expect("writes never resumed after the disk was replaced");
+    println!(
+        "{old_leader} (leader of {shard}) wiped at {wiped_at:?}; writes resumed {:?} later",
+        first_after - wiped_at
+    );
+    let group = cluster.meta.map().groups[&shard].clone();
+    assert_ne!(group.leader, old_leader, "the wiped node leads again");
+
+    // It catches up in every group it is part of, and says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = api.get(format!("{}/v1/admin/cluster", urls[0])).await.body;
+        let recovering: Vec<String> = view["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["replicas"].as_array().unwrap().iter())
+            .filter(|r| r["recovering"] == true || r["answering"] == false)
+            .map(|r| r["node"].to_string())
+            .collect();
+        let healthy = api.get(format!("{}/v1/health", urls[0])).await.status == 200;
+        if recovering.is_empty() && healthy {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still recovering or not answering: {recovering:?} (healthy: {healthy})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let open = check_acknowledged(&api, &urls[0], "WIPE-1", &writes).await;
+    let view = api.issuer(&urls[0], "WIPE-1").await.body;
+    assert_eq!(view["reserved"].as_u64().unwrap(), open as u64, "{view}");
+    // Its copy holds the acknowledged writes too: it can lead now.
+    let moved = api
+        .post(
+            format!("{}/v1/admin/groups/{shard}/transfer-leader", urls[0]),
+            serde_json::json!({ "to": old_leader.as_str() }),
+        )
+        .await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    // The new leader serves strong reads once its followers' acks give it a
+    // lease.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.issuer(&urls[0], "WIPE-1").await.status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "no strong read after the transfer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let open_after = check_acknowledged(&api, &urls[0], "WIPE-1", &writes).await;
+    assert_eq!(open_after, open);
+    cluster.shutdown().await;
+}

@@ -66,6 +66,10 @@ pub struct Observation {
     pub last_generation: Generation,
     /// Time since it last acknowledged a leader's append (or started).
     pub acked_ms_ago: u64,
+    /// It lost its durable state and has not caught up: its log says
+    /// nothing about what it acknowledged before, so it is neither asked
+    /// nor chosen, and as a leader it is replaced.
+    pub recovering: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -244,6 +248,7 @@ impl GroupLeadership {
         generation: Generation,
         leading: bool,
         follows: Option<&NodeId>,
+        recovering: bool,
     ) -> CatchUp {
         if let Phase::Sealed { .. } = self.phase {
             return if generation < self.generation {
@@ -254,7 +259,10 @@ impl GroupLeadership {
         }
         // Active, or draining (the generation is still the leader's).
         if *node == self.leader {
-            if generation < self.generation {
+            if recovering {
+                // It cannot lead: `observe` replaces it.
+                CatchUp::Nothing
+            } else if generation < self.generation {
                 CatchUp::Lead(self.generation)
             } else if !leading {
                 CatchUp::NewGeneration
@@ -279,7 +287,7 @@ impl GroupLeadership {
         let seen = |node: &NodeId| observations.iter().find(|o| o.node == *node && o.reachable);
         match self.phase.clone() {
             Phase::Active => {
-                if seen(&self.leader).is_some() {
+                if seen(&self.leader).is_some_and(|o| !o.recovering) {
                     self.unreachable_since_ms = None;
                     return Action::None;
                 }
@@ -312,8 +320,11 @@ impl GroupLeadership {
                 replacing, prefer, ..
             } => {
                 let sealed = |o: &&Observation| o.healthy && o.generation == self.generation;
-                // Every local replica but the old leader must answer: together
-                // they intersect every commit quorum.
+                // A replica that lost its state answers for nothing.
+                let whole = |o: &&Observation| !o.recovering;
+                // The replicas asked must intersect every commit quorum (the
+                // old leader plus local followers): every local replica but
+                // the old leader, or the old leader itself.
                 let required = self
                     .members
                     .iter()
@@ -325,18 +336,27 @@ impl GroupLeadership {
                     .filter(|(n, local)| *local && *n != replacing)
                     .filter_map(|(n, _)| seen(n))
                     .filter(sealed)
+                    .filter(whole)
                     .count();
-                if required == 0 || answered < required {
+                let old_leader = seen(&replacing).filter(sealed).filter(|o| !o.leading);
+                let old_leader_whole = old_leader.is_some_and(|o| !o.recovering);
+                if required == 0 || (answered < required && !old_leader_whole) {
+                    // Waiting (a replica that lost its state cannot stand in
+                    // for what it acknowledged): never past a possibly
+                    // committed entry.
                     return self.seal_reachable(observations);
                 }
-                let old_leader = seen(&replacing).filter(sealed).filter(|o| !o.leading);
                 let candidates: Vec<&Observation> = self
                     .members
                     .iter()
                     .filter(|(_, local)| *local)
                     .filter_map(|(n, _)| seen(n))
                     .filter(sealed)
+                    .filter(whole)
                     .collect();
+                if candidates.is_empty() {
+                    return self.seal_reachable(observations);
+                }
                 if old_leader.is_none() {
                     // Its lease rests on acks of the followers now sealed.
                     let newest_ack = candidates
@@ -447,7 +467,13 @@ mod tests {
             last_index: LogIndex(last.1),
             last_generation: Generation(last.0),
             acked_ms_ago: 0,
+            recovering: false,
         }
+    }
+
+    fn recovering(mut o: Observation) -> Observation {
+        o.recovering = true;
+        o
     }
 
     /// `obs` of a replica that last acked a leader `ago` ms before.
@@ -510,6 +536,75 @@ mod tests {
             }
         );
         assert!(g.is_active());
+    }
+
+    /// A follower that lost its state answers for nothing: with the leader
+    /// gone, the planner waits rather than promote past an entry only the
+    /// old leader and that follower's earlier life may have held; once the
+    /// old leader answers (sealed), it proceeds without the lease wait and
+    /// never chooses the recovering replica.
+    #[test]
+    fn a_recovering_follower_blocks_a_failover_until_the_old_leader_answers() {
+        let mut g = group();
+        let followers = |generation| {
+            vec![
+                recovering(obs("a2", generation, (0, 0))),
+                acked(obs("a3", generation, (1, 9)), 5_000),
+            ]
+        };
+        g.observe(&config(), 0, &followers(1));
+        assert!(matches!(
+            g.observe(&config(), 1_000, &followers(1)),
+            Action::Seal { .. }
+        ));
+        for t in [2_000, 10_000, 60_000] {
+            assert_eq!(
+                g.observe(&config(), t, &followers(2)),
+                Action::None,
+                "promoted past a possibly committed entry at {t}"
+            );
+        }
+        let mut back = followers(2);
+        back.push(obs("a1", 2, (1, 11)));
+        assert_eq!(
+            g.observe(&config(), 60_100, &back),
+            Action::Lead {
+                generation: Generation(2),
+                leader: n("a1"),
+                ended_at: Some(LogIndex(11)),
+            }
+        );
+    }
+
+    /// A leader that reports it lost its state is replaced like an
+    /// unreachable one, and never told to lead again meanwhile.
+    #[test]
+    fn a_recovering_leader_is_replaced() {
+        let mut g = group();
+        assert_eq!(
+            g.catch_up(&n("a1"), Generation(1), false, None, true),
+            CatchUp::Nothing
+        );
+        let seen = |generation| {
+            vec![
+                recovering(obs("a1", generation, (0, 0))),
+                acked(obs("a2", generation, (1, 7)), 5_000),
+                acked(obs("a3", generation, (1, 9)), 5_000),
+            ]
+        };
+        g.observe(&config(), 0, &seen(1));
+        assert!(matches!(
+            g.observe(&config(), 1_000, &seen(1)),
+            Action::Seal { .. }
+        ));
+        assert_eq!(
+            g.observe(&config(), 1_100, &seen(2)),
+            Action::Lead {
+                generation: Generation(2),
+                leader: n("a3"),
+                ended_at: Some(LogIndex(9)),
+            }
+        );
     }
 
     #[test]
@@ -667,35 +762,35 @@ mod tests {
         let g = group();
         let (a1, a2) = (n("a1"), n("a2"));
         assert_eq!(
-            g.catch_up(&a1, Generation(1), true, Some(&a1)),
+            g.catch_up(&a1, Generation(1), true, Some(&a1), false),
             CatchUp::Nothing
         );
         assert_eq!(
-            g.catch_up(&a1, Generation(0), false, None),
+            g.catch_up(&a1, Generation(0), false, None, false),
             CatchUp::Lead(Generation(1))
         );
         // At its generation but not leading: never continue it.
         assert_eq!(
-            g.catch_up(&a1, Generation(1), false, None),
+            g.catch_up(&a1, Generation(1), false, None, false),
             CatchUp::NewGeneration
         );
         assert_eq!(
-            g.catch_up(&a2, Generation(1), false, Some(&a1)),
+            g.catch_up(&a2, Generation(1), false, Some(&a1), false),
             CatchUp::Nothing
         );
         assert_eq!(
-            g.catch_up(&a2, Generation(1), false, None),
+            g.catch_up(&a2, Generation(1), false, None, false),
             CatchUp::Follow(Generation(1), a1.clone())
         );
         let mut sealing = group();
         sealing.observe(&config(), 0, &[obs("a2", 1, (1, 1))]);
         sealing.observe(&config(), 1_000, &[obs("a2", 1, (1, 1))]);
         assert_eq!(
-            sealing.catch_up(&a1, Generation(1), true, Some(&a1)),
+            sealing.catch_up(&a1, Generation(1), true, Some(&a1), false),
             CatchUp::Seal(Generation(2))
         );
         assert_eq!(
-            sealing.catch_up(&a2, Generation(2), false, None),
+            sealing.catch_up(&a2, Generation(2), false, None, false),
             CatchUp::Nothing
         );
     }

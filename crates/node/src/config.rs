@@ -9,6 +9,11 @@ use harbor_wal::WalOptions;
 pub struct NodeConfig {
     /// Each replica keeps its WAL in `data_dir/shard-{id}`.
     pub data_dir: PathBuf,
+    /// The groups are being created: a replica that starts with no durable
+    /// state starts a new group. Otherwise (the default) it lost its state
+    /// (a replaced disk, a wiped directory) and starts recovering: it will
+    /// not lead, and reports itself recovering, until it has caught up.
+    pub groups_are_new: bool,
     /// Local followers that must hold an entry durably before it commits.
     pub sync_acks: usize,
     /// Writes are refused while a remote copy is further behind than this.
@@ -40,6 +45,7 @@ impl NodeConfig {
     pub fn new(data_dir: PathBuf) -> NodeConfig {
         NodeConfig {
             data_dir,
+            groups_are_new: false,
             sync_acks: 1,
             rpo_budget_ms: 5_000,
             heartbeat_interval_ms: 100,

@@ -173,7 +173,24 @@ impl<S: Storage> Driver<S> {
     ) -> Result<Driver<S>, DriverStartError> {
         let wal_err = |source| DriverStartError::Wal { shard, source };
         let started = Instant::now();
-        let (wal, recovered) = Wal::open(storage, config.wal.clone()).map_err(wal_err)?;
+        let (mut wal, recovered) = Wal::open(storage, config.wal.clone()).map_err(wal_err)?;
+        // A replica that finds nothing on its disk in a group that has run
+        // before lost its state: it says so durably before it holds anything,
+        // so a crash while it catches up cannot make it look whole.
+        let empty = recovered.snapshot.is_none()
+            && recovered.records.is_empty()
+            && recovered.hard_state.generation == Generation::ZERO;
+        let mut hard_state = recovered.hard_state;
+        if empty && !hard_state.recovering && !config.groups_are_new {
+            probe("node.replica_started_without_its_state");
+            tracing::warn!(
+                %shard, node = %me,
+                "no durable state: this replica lost its data (or is new to a group that has run); \
+                 it will not lead and counts for nothing until it has caught up"
+            );
+            hard_state.recovering = true;
+            wal.set_hard_state(&hard_state).map_err(wal_err)?;
+        }
         if recovered.torn_tail_bytes_cut > 0 {
             probe("wal.torn_tail_cut_at_recovery");
             tracing::warn!(%shard, node = %me, bytes = recovered.torn_tail_bytes_cut, "cut a torn WAL tail");
@@ -212,7 +229,8 @@ impl<S: Storage> Driver<S> {
             snapshot_index = %snapshot.last_index,
             entries = entries.len(),
             last_index = %entries.last().map_or(snapshot.last_index, |e| e.index),
-            generation = %recovered.hard_state.generation,
+            generation = %hard_state.generation,
+            recovering = hard_state.recovering,
             zero_tail_bytes = recovered.zero_tail_bytes_cut,
             torn_tail_bytes = recovered.torn_tail_bytes_cut,
             ms = started.elapsed().as_millis() as u64,
@@ -238,9 +256,10 @@ impl<S: Storage> Driver<S> {
             core_config,
             members,
             Recovered {
-                generation: recovered.hard_state.generation,
+                generation: hard_state.generation,
                 snapshot,
                 entries,
+                recovering: hard_state.recovering,
             },
             now,
         );
@@ -363,6 +382,18 @@ impl<S: Storage> Driver<S> {
             return;
         }
         match control {
+            Control::Lead(generation) if self.core.is_recovering() => {
+                // A replica without its state must never lead: it would
+                // order new entries over ones it lost. It takes the
+                // generation without a leader, reports itself recovering,
+                // and the control plane names another.
+                probe("node.recovering_replica_refused_to_lead");
+                tracing::warn!(
+                    shard = %self.shard, node = %self.me, %generation,
+                    "named leader while recovering lost state; refused"
+                );
+                self.core.seal(generation);
+            }
             Control::Lead(generation) => {
                 self.core.become_leader(now, generation);
                 self.barrier = Some((generation, self.core.last_index()));
@@ -420,7 +451,10 @@ impl<S: Storage> Driver<S> {
     fn execute(&mut self, now: Now, effect: Effect) -> Result<bool, WalError> {
         match effect {
             Effect::PersistGeneration(generation) => {
-                self.wal.set_hard_state(&HardState { generation })?;
+                self.wal.set_hard_state(&HardState {
+                    generation,
+                    recovering: self.core.is_recovering(),
+                })?;
                 Ok(false)
             }
             Effect::Persist {
@@ -491,6 +525,19 @@ impl<S: Storage> Driver<S> {
                 };
                 let data = self.machine.snapshot();
                 self.core.send_snapshot(now, &to, meta, data);
+                Ok(false)
+            }
+            Effect::CaughtUp => {
+                tracing::info!(
+                    shard = %self.shard, node = %self.me, commit = %self.core.commit_index(),
+                    "caught up after losing its state: no longer recovering"
+                );
+                // The generation already durable: a `PersistGeneration` of a
+                // newer one may follow in this batch.
+                self.wal.set_hard_state(&HardState {
+                    generation: self.wal.hard_state().generation,
+                    recovering: false,
+                })?;
                 Ok(false)
             }
             Effect::SteppedDown { generation } => {

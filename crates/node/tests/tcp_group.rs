@@ -55,7 +55,8 @@ async fn a_group_replicates_and_answers_over_tcp() {
         }
         let late = harbor_node::LateSink::new();
         let transport = TcpTransport::start(id(name), listener, peers.clone(), late.sink());
-        let config = NodeConfig::new(dir.path().join(name));
+        let mut config = NodeConfig::new(dir.path().join(name));
+        config.groups_are_new = true;
         let transport: Arc<dyn Transport> = transport;
         let region = Region::new(if name.starts_with('a') {
             "east"

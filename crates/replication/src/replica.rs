@@ -47,6 +47,11 @@ pub enum Effect {
     SteppedDown {
         generation: Generation,
     },
+    /// A recovering replica holds again everything its group had committed
+    /// when it came back (so everything it may ever have acknowledged):
+    /// persist that it is no longer recovering. Comes after the `Persist`
+    /// of those entries.
+    CaughtUp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +89,10 @@ pub struct Recovered {
     pub snapshot: SnapshotMeta,
     /// Durable entries after the snapshot, contiguous.
     pub entries: Vec<Entry>,
+    /// This replica lost its durable state (it started on an empty disk in
+    /// a cluster that had run before) and has not caught up since: it may
+    /// lack entries it acknowledged in an earlier life.
+    pub recovering: bool,
 }
 
 /// The leader's view of one follower.
@@ -106,6 +115,12 @@ struct Progress {
     lease_from: Option<MonoMs>,
     /// The newest ack received from the follower, echoed in appends.
     ack_echo: Option<AckEcho>,
+    /// The follower's current life, and its earlier ones seen in this
+    /// generation (newest last, at most `RETIRED_LIVES_MAX`): acks of a
+    /// retired life arriving late are ignored, since that life's log is
+    /// gone.
+    life: Option<u64>,
+    retired_lives: Vec<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -137,10 +152,17 @@ pub struct ReplicaStatus {
     /// it started. A sealed replica acks no older leader, so an old leader's
     /// lease resting on it ends `lease_ms` after this point at the latest.
     pub acked_ms_ago: u64,
+    /// It lost its durable state and has not caught up yet (see
+    /// [`Recovered::recovering`]): it must not lead, and its log says
+    /// nothing about what was acknowledged.
+    #[serde(default)]
+    pub recovering: bool,
 }
 
 /// Closed timestamps a follower keeps waiting for their entries to commit.
 const CLOSED_PENDING_MAX: usize = 64;
+/// Earlier lives of a follower a leader remembers (to ignore their late acks).
+const RETIRED_LIVES_MAX: usize = 4;
 /// Runs of appended entries a leader remembers the time of (for lag).
 const APPEND_MARKS_MAX: usize = 16_384;
 /// An identity for one life of a replica, from the clocks it started at:
@@ -200,6 +222,11 @@ pub struct Replica {
     /// Tells this replica's acks from those of its earlier lives (which
     /// ran on another monotonic origin), in the leader's echoes.
     incarnation: u64,
+    /// See [`Recovered::recovering`]. Cleared (and `Effect::CaughtUp`
+    /// emitted) once `commit` reaches `recover_to`.
+    recovering: bool,
+    /// The first commit index a leader told this recovering replica.
+    recover_to: Option<LogIndex>,
 
     // Leader side.
     progress: BTreeMap<NodeId, Progress>,
@@ -261,6 +288,8 @@ impl Replica {
             echo: MonoMs::ZERO,
             acked_at: now.mono,
             incarnation: incarnation_of(now),
+            recovering: recovered.recovering,
+            recover_to: None,
             progress: BTreeMap::new(),
             draining_until: MonoMs::ZERO,
             append_marks: VecDeque::new(),
@@ -281,6 +310,11 @@ impl Replica {
 
     pub fn is_leader(&self) -> bool {
         self.role == Role::Leader
+    }
+
+    /// See [`Recovered::recovering`].
+    pub fn is_recovering(&self) -> bool {
+        self.recovering
     }
 
     pub fn generation(&self) -> Generation {
@@ -356,6 +390,7 @@ impl Replica {
             followers,
             closed: self.closed_timestamp(now),
             acked_ms_ago: now.mono.since(self.acked_at),
+            recovering: self.recovering,
         }
     }
 
@@ -368,6 +403,11 @@ impl Replica {
 
     /// The metadata plane named this replica leader of `generation`.
     pub fn become_leader(&mut self, now: Now, generation: Generation) {
+        assert!(
+            !self.recovering,
+            "{}: a replica that lost its state was named to lead {generation}",
+            self.config.shard
+        );
         // A replica sealed at `generation` (no leader yet) may be the one
         // named to lead it, provided it never took part in that generation:
         // a restarted leader of N looks sealed at N too, and must never
@@ -414,6 +454,8 @@ impl Replica {
                     sent_commit: LogIndex::ZERO,
                     lease_from: None,
                     ack_echo: None,
+                    life: None,
+                    retired_lives: Vec::new(),
                 };
                 (m.node.clone(), p)
             })
@@ -995,6 +1037,9 @@ impl Replica {
         self.leader_matched = self.leader_matched.max(matched);
         assert!(self.leader_matched <= self.last_index());
         self.leader_commit = self.leader_commit.max(m.commit_index);
+        if self.recovering {
+            self.recover_to.get_or_insert(m.commit_index);
+        }
         // Complete as of when the echoed ack left here, less how far the
         // leader's closed timestamp lay behind its clock; an echo of an
         // ack of an earlier life of this replica, or from the future, says
@@ -1038,6 +1083,25 @@ impl Replica {
             self.effects.push(Effect::Commit { upto: candidate });
         }
         self.advance_closed();
+        self.check_caught_up();
+    }
+
+    /// A recovering replica is caught up once it has committed what its
+    /// leader had committed when it first heard from one: everything it may
+    /// have acknowledged before it lost its state was committed by then or
+    /// never will be (it was acknowledged by others).
+    fn check_caught_up(&mut self) {
+        if !self.recovering {
+            return;
+        }
+        let Some(target) = self.recover_to else {
+            return;
+        };
+        if self.commit >= target {
+            probe("replication.recovering_replica_caught_up");
+            self.recovering = false;
+            self.effects.push(Effect::CaughtUp);
+        }
     }
 
     /// A closed timestamp from the current leader: it becomes this
@@ -1111,6 +1175,9 @@ impl Replica {
         }
         self.hlc.observe(m.closed);
         self.leader_commit = self.leader_commit.max(m.commit_index);
+        if self.recovering {
+            self.recover_to.get_or_insert(m.commit_index);
+        }
         if m.meta.last_index <= self.commit {
             self.ack_leader(now, true);
             return;
@@ -1126,6 +1193,7 @@ impl Replica {
             meta: m.meta,
             data: m.data,
         });
+        self.check_caught_up();
         self.ack_leader(now, true);
     }
 
@@ -1147,6 +1215,25 @@ impl Replica {
         let Some(p) = self.progress.get_mut(from) else {
             return;
         };
+        let life = m.ack.incarnation;
+        if p.retired_lives.contains(&life) {
+            return;
+        }
+        if p.life.is_some_and(|current| current != life) {
+            // The follower restarted. What it holds now is what it says, not
+            // what its earlier life acknowledged: with a replaced disk, its
+            // log went backwards, and it must be sent everything again.
+            probe("replication.follower_came_back_with_another_log");
+            if p.retired_lives.len() >= RETIRED_LIVES_MAX {
+                p.retired_lives.remove(0);
+            }
+            p.retired_lives.extend(p.life);
+            p.match_index = m.match_index.min(p.match_index);
+            p.next_index = p.match_index.next();
+            p.snapshot_pending = false;
+            p.last_progress = now.mono;
+        }
+        p.life = Some(life);
         p.last_ack = Some(now.mono);
         // Echo the newest ack of the follower's current life (a new life
         // replaces an old one even if its clock reads lower).

@@ -28,6 +28,7 @@ struct Group {
     down: Vec<NodeId>,
     snapshots_needed: Vec<(NodeId, NodeId)>,
     snapshots_installed: Vec<(NodeId, LogIndex)>,
+    caught_up: Vec<NodeId>,
 }
 
 impl Group {
@@ -79,6 +80,7 @@ impl Group {
             down: Vec::new(),
             snapshots_needed: Vec::new(),
             snapshots_installed: Vec::new(),
+            caught_up: Vec::new(),
         };
         group.elect(node("l1"), Generation(1));
         group
@@ -143,6 +145,7 @@ impl Group {
                         self.snapshots_installed
                             .push((name.clone(), meta.last_index));
                     }
+                    Effect::CaughtUp => self.caught_up.push(name.clone()),
                     Effect::PersistGeneration(_) | Effect::SteppedDown { .. } => {}
                 }
             }
@@ -697,4 +700,65 @@ fn a_followers_staleness_ignores_its_own_wall_clock() {
     g.tick(3_000);
     let aged = g.get("l2").staleness_ms(g.clocks()).unwrap();
     assert_eq!(aged, fresh + 3_000);
+}
+
+/// A follower whose disk was replaced comes back recovering: the leader,
+/// seeing acks of another life, stops believing what the old life held
+/// (its lag is no longer 0) and sends everything again; the follower says
+/// it caught up once it holds what was committed when it came back.
+#[test]
+fn a_follower_with_a_replaced_disk_is_noticed_and_caught_up() {
+    let mut g = Group::new();
+    for i in 0..20 {
+        g.propose(&format!("before-{i}"));
+    }
+    g.settle();
+    let last = g.get("l1").last_index();
+    assert_eq!(g.committed("l2"), last);
+
+    // l2's disk is replaced: a new life with nothing, recovering.
+    let members: Vec<Member> = ["l1", "l2", "l3"]
+        .iter()
+        .map(|n| Member {
+            node: node(n),
+            local: true,
+        })
+        .chain([Member {
+            node: node("r1"),
+            local: false,
+        }])
+        .collect();
+    g.tick(10);
+    let fresh = Replica::new(
+        Config::new(ShardId(7), node("l2")),
+        members,
+        Recovered {
+            recovering: true,
+            ..Recovered::default()
+        },
+        g.clocks(),
+    );
+    g.replicas.insert(node("l2"), fresh);
+    g.disk.remove(&node("l2"));
+    g.unsynced.remove(&node("l2"));
+    g.committed.remove(&node("l2"));
+    g.replica("l2").become_follower(Generation(1), node("l1"));
+    assert!(g.get("l2").status(g.clocks()).recovering);
+
+    g.tick(100);
+    g.settle();
+    for _ in 0..5 {
+        g.tick(600);
+        g.settle();
+    }
+    assert_eq!(g.committed("l2"), last, "l2 never got its log back");
+    assert!(!g.get("l2").status(g.clocks()).recovering);
+    assert_eq!(g.caught_up, vec![node("l2")]);
+    let status = g.get("l1").status(g.clocks());
+    let l2 = status
+        .followers
+        .iter()
+        .find(|f| f.node == node("l2"))
+        .unwrap();
+    assert_eq!(l2.match_index, last);
 }

@@ -73,6 +73,8 @@ pub struct SimStats {
     pub isolations: u64,
     /// Wall-clock steps of a node by a second or more.
     pub wall_steps: u64,
+    /// Nodes whose disks were replaced (they restart empty).
+    pub disks_replaced: u64,
     pub simulated_ms: u64,
 }
 
@@ -263,6 +265,11 @@ struct Client {
     /// answer; a not-leader hint moves the leader. A stale cache sends
     /// requests to an old leader, which must then refuse or fence them.
     leaders: BTreeMap<ShardId, (NodeId, Generation)>,
+    /// The entry each group had in the cache before the last refresh that
+    /// changed it: some strong reads go there, as from a gateway whose map
+    /// is older still. An old leader must refuse them once it could be
+    /// replaced (its lease), or they are stale.
+    previous_leaders: BTreeMap<ShardId, (NodeId, Generation)>,
     map_refresh_at: u64,
     inflight_shard: Option<ShardId>,
     /// The newest commit token the client saw per shard: from its own
@@ -386,6 +393,7 @@ impl World {
                 unknown: Vec::new(),
                 next_token: 0,
                 leaders: BTreeMap::new(),
+                previous_leaders: BTreeMap::new(),
                 map_refresh_at: 0,
                 inflight_shard: None,
                 session: BTreeMap::new(),
@@ -416,6 +424,8 @@ impl World {
             tracing: std::env::var_os("HARBOR_SIM_TRACE").is_some(),
         };
         let names: Vec<NodeId> = world.nodes.keys().cloned().collect();
+        // The groups are new now; an empty disk later is a lost one.
+        world.node_config.groups_are_new = true;
         for node in &names {
             for shard in world.shards_of(node) {
                 let disk = MemStorage::new();
@@ -423,6 +433,7 @@ impl World {
             }
             world.open_replicas(node);
         }
+        world.node_config.groups_are_new = false;
         world
     }
 
@@ -982,6 +993,7 @@ impl World {
                         last_index: last,
                         last_generation: core.generation_at(last).unwrap_or_default(),
                         acked_ms_ago: core.status(self.node_now(m)).acked_ms_ago,
+                        recovering: core.is_recovering(),
                     })
                 })
                 .collect();
@@ -1066,6 +1078,7 @@ impl World {
                 core.generation(),
                 core.is_leader(),
                 core.leader(),
+                core.is_recovering(),
             );
             match catch_up {
                 CatchUp::Nothing => {}
@@ -1083,6 +1096,14 @@ impl World {
     }
 
     // ----- Faults -----------------------------------------------------------------
+
+    /// Whether some replica lost its state and has not caught up yet.
+    fn any_recovering(&self) -> bool {
+        self.nodes
+            .values()
+            .flat_map(|n| n.replicas.values())
+            .any(|r| r.core().is_recovering())
+    }
 
     fn step_wall_clock(&mut self, name: &NodeId, step_ms: i64) {
         self.trace(|| format!("wall clock of {name} steps {step_ms} ms"));
@@ -1152,7 +1173,7 @@ impl World {
                 let until = self.now + self.rng.range(200, 4_000);
                 self.isolated.insert(name.clone(), until);
                 self.stats.isolations += 1;
-                if self.rng.chance(40) {
+                if self.rng.chance(70) {
                     // Cut off, its wall clock steps back (a VM resumed
                     // from an old snapshot of its clock): its lease, on the
                     // monotonic clock, must still run out.
@@ -1163,6 +1184,22 @@ impl World {
                     let down_ms = self.rng.range(1_500, 3_000);
                     self.schedule(until, Event::CrashFor(name, down_ms));
                 }
+            }
+            95..=98 if down == 0 && !self.any_recovering() => {
+                // The node's disks are replaced: it comes back with nothing,
+                // recovering, and must never lead or answer for what it
+                // acknowledged before until it has caught up. One at a time:
+                // two lost copies of a group are beyond what it tolerates.
+                self.trace(|| format!("disks of {name} replaced"));
+                self.crash(&name);
+                let shards: Vec<ShardId> = self.nodes[&name].disks.keys().copied().collect();
+                for shard in shards {
+                    let node = self.nodes.get_mut(&name).unwrap();
+                    node.disks.insert(shard, MemStorage::new());
+                }
+                self.stats.disks_replaced += 1;
+                let at = self.now + self.rng.range(200, 1_500);
+                self.schedule(at, Event::Restart(name));
             }
             87..=94 => {
                 // A planned leader transfer to another home-region replica.
@@ -1253,9 +1290,14 @@ impl World {
     }
 
     fn send_to_leader(&mut self, i: usize, shard: ShardId, request: Request) {
-        let (to, route) = self.clients[i]
-            .leaders
-            .get(&shard)
+        let stale = matches!(request, Request::Read { .. }) && self.rng.chance(20);
+        let cached = if stale {
+            self.clients[i].previous_leaders.get(&shard)
+        } else {
+            None
+        };
+        let (to, route) = cached
+            .or_else(|| self.clients[i].leaders.get(&shard))
             .cloned()
             .unwrap_or_else(|| {
                 let group = &self.groups[&shard];
@@ -1486,7 +1528,12 @@ impl World {
                 .map(|(s, g)| (*s, (g.leader().clone(), g.generation())))
                 .collect();
             let client = &mut self.clients[i];
-            client.leaders = leaders;
+            let before = std::mem::replace(&mut client.leaders, leaders);
+            for (shard, old) in before {
+                if client.leaders.get(&shard) != Some(&old) {
+                    client.previous_leaders.insert(shard, old);
+                }
+            }
             client.map_refresh_at = next;
         }
         if let Some((token, issuer)) = self.clients[i].unknown.pop() {

@@ -67,7 +67,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 17] = [
+pub const PROBES: [&str; 21] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -85,6 +85,10 @@ pub const PROBES: [&str; 17] = [
     "wal.torn_tail_cut_at_recovery",
     "node.wal_failure_stops_replica",
     "reservation.hold_expired_at_confirm",
+    "node.replica_started_without_its_state",
+    "node.recovering_replica_refused_to_lead",
+    "replication.recovering_replica_caught_up",
+    "replication.follower_came_back_with_another_log",
 ];
 
 static HITS: [AtomicU64; PROBES.len()] = [const { AtomicU64::new(0) }; PROBES.len()];

@@ -31,9 +31,15 @@ const FORMAT_VERSION: u8 = 1;
 /// Bytes of a snapshot file before its data: crc, magic, index, generation, length.
 const SNAPSHOT_HEADER_BYTES: usize = 32;
 const SNAPSHOT_MAGIC: [u8; 4] = *b"HSNP";
-/// Bytes of the hard-state file: crc, magic, generation.
-const HARD_STATE_BYTES: usize = 16;
-const HARD_STATE_MAGIC: [u8; 4] = *b"HHST";
+/// Bytes of the first hard-state format: crc, magic, generation. Still read.
+const HARD_STATE_V1_BYTES: usize = 16;
+const HARD_STATE_V1_MAGIC: [u8; 4] = *b"HHST";
+/// Bytes of the hard-state file: crc, magic, generation, flags.
+const HARD_STATE_BYTES: usize = 24;
+const HARD_STATE_MAGIC: [u8; 4] = *b"HHS2";
+/// Flags of the hard state; any other bit set is a format this binary does
+/// not know.
+const HARD_STATE_FLAG_RECOVERING: u64 = 1;
 
 /// The file holding the [`HardState`].
 pub const HARD_STATE_NAME: &str = "hardstate";
@@ -245,6 +251,12 @@ pub fn encode_hard_state(hard_state: &HardState) -> Vec<u8> {
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&HARD_STATE_MAGIC);
     out.extend_from_slice(&hard_state.generation.0.to_le_bytes());
+    let flags = if hard_state.recovering {
+        HARD_STATE_FLAG_RECOVERING
+    } else {
+        0
+    };
+    out.extend_from_slice(&flags.to_le_bytes());
     let crc = crc32c::crc32c(&out[4..]);
     out[0..4].copy_from_slice(&crc.to_le_bytes());
     assert_eq!(out.len(), HARD_STATE_BYTES);
@@ -252,9 +264,9 @@ pub fn encode_hard_state(hard_state: &HardState) -> Vec<u8> {
 }
 
 pub fn decode_hard_state(buf: &[u8]) -> Result<HardState, String> {
-    if buf.len() != HARD_STATE_BYTES {
+    if buf.len() != HARD_STATE_BYTES && buf.len() != HARD_STATE_V1_BYTES {
         return Err(format!(
-            "hard state is {} bytes, expected {HARD_STATE_BYTES}",
+            "hard state is {} bytes, expected {HARD_STATE_BYTES} (or {HARD_STATE_V1_BYTES})",
             buf.len()
         ));
     }
@@ -265,11 +277,26 @@ pub fn decode_hard_state(buf: &[u8]) -> Result<HardState, String> {
             "hard state checksum {crc_stored:#010x} != computed {crc_actual:#010x}"
         ));
     }
+    let generation = Generation(u64_at(buf, 8));
+    if buf.len() == HARD_STATE_V1_BYTES {
+        if buf[4..8] != HARD_STATE_V1_MAGIC {
+            return Err(format!("bad hard state magic {:?}", &buf[4..8]));
+        }
+        return Ok(HardState {
+            generation,
+            recovering: false,
+        });
+    }
     if buf[4..8] != HARD_STATE_MAGIC {
         return Err(format!("bad hard state magic {:?}", &buf[4..8]));
     }
+    let flags = u64_at(buf, 16);
+    if flags & !HARD_STATE_FLAG_RECOVERING != 0 {
+        return Err(format!("unknown hard state flags {flags:#x}"));
+    }
     Ok(HardState {
-        generation: Generation(u64_at(buf, 8)),
+        generation,
+        recovering: flags & HARD_STATE_FLAG_RECOVERING != 0,
     })
 }
 
@@ -417,6 +444,7 @@ mod tests {
 
         let hard_state = HardState {
             generation: Generation(5),
+            recovering: true,
         };
         let buf = encode_hard_state(&hard_state);
         assert_eq!(decode_hard_state(&buf).unwrap(), hard_state);

@@ -125,10 +125,12 @@ pub struct Snapshot {
 }
 
 /// Small durable state a replica must not forget: the newest generation it
-/// has seen, which fences off older leaders after a restart.
+/// has seen, which fences off older leaders after a restart, and whether it
+/// lost its state and has not caught up since.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HardState {
     pub generation: Generation,
+    pub recovering: bool,
 }
 
 /// What [`Wal::open`] found on disk.

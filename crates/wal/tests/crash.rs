@@ -43,6 +43,7 @@ impl Driver<'_> {
     fn set_hard_state(&mut self, generation: u64) -> Result<(), WalError> {
         let hs = HardState {
             generation: Generation(generation),
+            recovering: false,
         };
         self.oracle.hard_state_attempt(&hs);
         self.wal.set_hard_state(&hs)?;
@@ -219,7 +220,7 @@ proptest! {
                 }
                 Op::HardState => {
                     hard += 1;
-                    let hs = HardState { generation: Generation(hard) };
+                    let hs = HardState { generation: Generation(hard), recovering: false };
                     oracle.hard_state_attempt(&hs);
                     wal.set_hard_state(&hs).unwrap();
                     oracle.hard_state_ok(&hs);

@@ -430,7 +430,8 @@ fn failed_fsync_poisons_the_wal() {
     ));
     assert!(matches!(
         wal.set_hard_state(&HardState {
-            generation: Generation(1)
+            generation: Generation(1),
+            recovering: false,
         }),
         Err(WalError::Poisoned)
     ));
@@ -657,10 +658,12 @@ fn hard_state_is_durable_when_set() {
     let (mut wal, _) = open_mem(&disk);
     wal.set_hard_state(&HardState {
         generation: Generation(4),
+        recovering: false,
     })
     .unwrap();
     wal.set_hard_state(&HardState {
         generation: Generation(6),
+        recovering: false,
     })
     .unwrap();
     drop(wal);
@@ -689,6 +692,7 @@ fn corrupt_hard_state_or_snapshot_refuses_to_open() {
     wal.install_snapshot(&snapshot(3, 1)).unwrap();
     wal.set_hard_state(&HardState {
         generation: Generation(1),
+        recovering: false,
     })
     .unwrap();
     drop(wal);
