@@ -47,6 +47,48 @@ pub struct ClusterFile {
     pub nodes: BTreeMap<String, SocketAddr>,
     /// One HTTP gateway per region, hosted by one of its nodes.
     pub gateways: BTreeMap<String, GatewaySection>,
+    /// Limits every process must agree on (all optional).
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: sizes that bound messages between processes and what a
+/// lagging replica is sent. Defaults suit production; tests shrink them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// The largest TCP frame sent or accepted.
+    pub frame_bytes_max: usize,
+    /// Bytes of a snapshot in one message.
+    pub snapshot_chunk_bytes_max: usize,
+    /// Payload bytes in one append message.
+    pub append_bytes_max: usize,
+    /// Entries a replica applies between state-machine snapshots.
+    pub snapshot_interval_entries: u64,
+    /// Entries a leader keeps in memory for lagging followers.
+    pub retained_entries_max: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> LimitsSection {
+        let node = NodeConfig::new(PathBuf::new());
+        LimitsSection {
+            frame_bytes_max: harbor_node::transport::FRAME_BYTES_MAX,
+            snapshot_chunk_bytes_max: node.snapshot_chunk_bytes_max,
+            append_bytes_max: node.append_bytes_max,
+            snapshot_interval_entries: node.snapshot_interval_entries,
+            retained_entries_max: node.retained_entries_max,
+        }
+    }
+}
+
+impl LimitsSection {
+    fn apply(&self, config: &mut NodeConfig) {
+        config.snapshot_chunk_bytes_max = self.snapshot_chunk_bytes_max;
+        config.append_bytes_max = self.append_bytes_max;
+        config.snapshot_interval_entries = self.snapshot_interval_entries;
+        config.retained_entries_max = self.retained_entries_max;
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -117,6 +159,33 @@ fn read_cluster(config: &Path, cluster: &Path) -> anyhow::Result<ClusterFile> {
     for region in &file.topology.regions {
         if !file.gateways.contains_key(region.as_str()) {
             bail!("{}: no gateway for region {region}", path.display());
+        }
+    }
+    let limits = &file.limits;
+    harbor_node::transport::messages_fit_frames(
+        limits.frame_bytes_max,
+        limits.append_bytes_max,
+        harbor_replication::ENTRY_BYTES_DEFAULT,
+        limits.snapshot_chunk_bytes_max,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: [limits]: {e}", path.display()))?;
+    for (name, value) in [
+        (
+            "snapshot_chunk_bytes_max",
+            limits.snapshot_chunk_bytes_max as u64,
+        ),
+        ("append_bytes_max", limits.append_bytes_max as u64),
+        (
+            "snapshot_interval_entries",
+            limits.snapshot_interval_entries,
+        ),
+        ("retained_entries_max", limits.retained_entries_max),
+    ] {
+        if value == 0 {
+            bail!(
+                "{}: [limits]: {name} must be greater than zero",
+                path.display()
+            );
         }
     }
     let mut ids: Vec<u64> = file.meta.voters.iter().map(|v| v.id).collect();
@@ -242,8 +311,13 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         .await
         .with_context(|| format!("binding the control endpoint to {control_addr}"))?;
     let sink = LateSink::new();
-    let transport: Arc<dyn Transport> =
-        TcpTransport::start(me.clone(), control_listener, cluster.peers(), sink.sink());
+    let transport: Arc<dyn Transport> = TcpTransport::start_with_frame_limit(
+        me.clone(),
+        control_listener,
+        cluster.peers(),
+        sink.sink(),
+        cluster.limits.frame_bytes_max,
+    );
     let meta: Arc<dyn Metadata> = node.clone();
     let endpoint = Gateway::start(
         me,
@@ -428,9 +502,15 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         .await
         .with_context(|| format!("binding node {name} to {addr}"))?;
     let sink = LateSink::new();
-    let transport: Arc<dyn Transport> =
-        TcpTransport::start(name.clone(), listener, cluster.peers(), sink.sink());
+    let transport: Arc<dyn Transport> = TcpTransport::start_with_frame_limit(
+        name.clone(),
+        listener,
+        cluster.peers(),
+        sink.sink(),
+        cluster.limits.frame_bytes_max,
+    );
     let mut config = NodeConfig::new(file.data_dir.clone());
+    cluster.limits.apply(&mut config);
     // No group of this node has had a leader yet: the cluster is being
     // created, and empty replicas are new ones, not ones that lost their
     // data.
@@ -461,8 +541,13 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
             .await
             .with_context(|| format!("binding the gateway transport to {}", g.transport))?;
         let sink = LateSink::new();
-        let transport: Arc<dyn Transport> =
-            TcpTransport::start(id.clone(), listener, cluster.peers(), sink.sink());
+        let transport: Arc<dyn Transport> = TcpTransport::start_with_frame_limit(
+            id.clone(),
+            listener,
+            cluster.peers(),
+            sink.sink(),
+            cluster.limits.frame_bytes_max,
+        );
         let gateway = Gateway::start(
             id,
             Region::new(region.as_str()).unwrap(),

@@ -4,7 +4,9 @@
 //! acknowledged is lost, no token has two reservations. A planned transfer
 //! goes through a gateway to the metadata leader. Then every metadata voter
 //! is killed and restarted: the map, the generations and the directory
-//! survive. Voters start in any order and at any speed, and one given a
+//! survive. A node whose disk was replaced catches up over TCP from a
+//! snapshot larger than a frame, in chunks, while its groups commit.
+//! Voters start in any order and at any speed, and one given a
 //! changed topology refuses to start with a clear error.
 
 mod common;
@@ -102,6 +104,11 @@ fn free_ports(n: usize) -> Vec<u16> {
 /// Writes the cluster file and one config per process; returns the two
 /// gateway URLs and the voters' HTTP addresses.
 fn write_configs(dir: &Path) -> (Vec<String>, Vec<String>) {
+    write_configs_with(dir, "")
+}
+
+/// As [`write_configs`], with `extra` appended to the cluster file.
+fn write_configs_with(dir: &Path, extra: &str) -> (Vec<String>, Vec<String>) {
     let ports = free_ports(3 * 2 + 6 + 2 * 2);
     let mut p = ports.into_iter();
     let mut cluster = String::from(
@@ -145,6 +152,7 @@ fn write_configs(dir: &Path) -> (Vec<String>, Vec<String>) {
             "{region} = {{ host = \"{region}-1\", http = \"127.0.0.1:{http}\", transport = \"127.0.0.1:{transport}\" }}\n"
         ));
     }
+    cluster.push_str(extra);
     fs::write(dir.join("cluster.toml"), cluster).unwrap();
     (urls, voters)
 }
@@ -408,5 +416,130 @@ async fn voters_start_in_any_order_and_refuse_a_changed_topology() {
             log.contains("topology differs from the one this cluster was created with"),
             "{log}"
         );
+    }
+}
+
+/// A follower node's disk is replaced (SIGKILL, its data directory deleted,
+/// started again) in a deployment whose frames are limited to 2 MiB and
+/// whose leaders keep only a few entries for laggards: it must catch up
+/// from a snapshot of some 30,000 reservations, larger than any frame, sent
+/// in 64 KiB chunks, while its groups keep committing. It says it is
+/// recovering until it has, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_disk_was_replaced_catches_up_from_a_snapshot_larger_than_a_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "\n[limits]\nframe_bytes_max = 2097152\nsnapshot_chunk_bytes_max = 65536\n\
+                  append_bytes_max = 262144\nsnapshot_interval_entries = 20\nretained_entries_max = 10\n";
+    let (urls, _) = write_configs_with(dir.path(), limits);
+    let mut processes = Processes {
+        dir: dir.path().to_path_buf(),
+        children: Vec::new(),
+    };
+    for id in 1..=3 {
+        processes.spawn(&format!("meta-{id}"), "meta");
+    }
+    for node in NODES {
+        processes.spawn(node, "node");
+    }
+    let api = Arc::new(Api::new());
+    wait_healthy(&urls[0], &processes, Duration::from_secs(90)).await;
+    let r = api
+        .put_issuer(&urls[0], "BIG-1", "madrid", 1_000_000_000)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let shard = r.body["shard"].as_u64().unwrap();
+    for batch in 0..4 {
+        let items: Vec<Value> = (0..8_000)
+            .map(|i| {
+                serde_json::json!({
+                    "reservation_token": format!("big-{batch}-{i}"), "issuer_id": "BIG-1",
+                    "amount": 1, "desk": "desk-with-a-name", "trader": "trader-with-a-name",
+                })
+            })
+            .collect();
+        let reply = api
+            .post(
+                format!("{}/v1/reservations:batch", urls[0]),
+                serde_json::json!({ "reservations": items }),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.body["reserved"], 8_000, "{}", reply.body["failed"]);
+    }
+    let leader = api.issuer(&urls[0], "BIG-1").await.body["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let wiped = ["madrid-2", "madrid-3"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .unwrap();
+    processes.kill(wiped);
+    fs::remove_dir_all(dir.path().join("data").join(wiped)).unwrap();
+    processes.spawn(wiped, "node");
+
+    // Writes go on while it catches up.
+    let load = Load::start(&api, &urls, "BIG-1", "during", Duration::from_secs(4));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen_recovering = false;
+    loop {
+        let view = api.get(format!("{}/v1/admin/cluster", urls[0])).await.body;
+        let mine: Vec<&Value> = view["groups"]
+            .as_array()
+            .map(|g| {
+                g.iter()
+                    .flat_map(|g| g["replicas"].as_array().unwrap().iter())
+                    .filter(|r| r["node"] == wiped)
+                    .collect()
+            })
+            .unwrap_or_default();
+        seen_recovering |= mine.iter().any(|r| r["recovering"] == true);
+        let done = !mine.is_empty()
+            && mine
+                .iter()
+                .all(|r| r["answering"] == true && r["recovering"] == false);
+        if done && seen_recovering {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{wiped} did not catch up: {mine:?}\n{}",
+            processes.log(wiped)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let writes = load.finish().await;
+    assert!(
+        writes.iter().any(|w| w.status == 201),
+        "no write went through"
+    );
+    // Every acknowledged write is committed under its token (the issuer's
+    // open reservations are too many to list in one answer).
+    for write in writes.iter().filter(|w| w.status == 201) {
+        let reply = api.token(&urls[1], &write.token, "BIG-1").await;
+        assert_eq!(
+            reply.body["status"], "committed",
+            "{}: {}",
+            write.token, reply.body
+        );
+    }
+    // It caught up through a snapshot (larger than a frame) in chunks.
+    let replica_dir = dir
+        .path()
+        .join("data")
+        .join(wiped)
+        .join(format!("shard-{shard}"));
+    let snapshot = fs::read_dir(&replica_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+        .unwrap_or_else(|| panic!("no snapshot installed in {}", replica_dir.display()));
+    let size = snapshot.metadata().unwrap().len();
+    assert!(size > 2 << 20, "the snapshot ({size} bytes) fits a frame");
+    println!("{wiped} caught up from a {size}-byte snapshot");
+    for name in NODES {
+        let log = processes.log(name);
+        assert!(!log.contains("panicked"), "{name} panicked:\n{log}");
+        assert!(!log.contains("over the frame limit"), "{name}:\n{log}");
     }
 }

@@ -14,6 +14,17 @@ pub struct NodeConfig {
     /// (a replaced disk, a wiped directory) and starts recovering: it will
     /// not lead, and reports itself recovering, until it has caught up.
     pub groups_are_new: bool,
+    /// Bytes of a snapshot sent to a lagging follower in one message (see
+    /// `harbor_replication::Config::snapshot_chunk_bytes_max`): far below
+    /// the TCP transport's frame limit, so any state size catches up.
+    pub snapshot_chunk_bytes_max: usize,
+    /// Payload bytes in one append message (the core's
+    /// `append_bytes_max`).
+    pub append_bytes_max: usize,
+    /// Entries a leader keeps in memory for lagging followers beyond its
+    /// snapshot (the core's `retained_entries_max`); further behind, a
+    /// follower is sent a snapshot.
+    pub retained_entries_max: u64,
     /// Local followers that must hold an entry durably before it commits.
     pub sync_acks: usize,
     /// Writes are refused while a remote copy is further behind than this.
@@ -46,6 +57,9 @@ impl NodeConfig {
         NodeConfig {
             data_dir,
             groups_are_new: false,
+            snapshot_chunk_bytes_max: harbor_replication::SNAPSHOT_CHUNK_BYTES_DEFAULT,
+            append_bytes_max: harbor_replication::APPEND_BYTES_DEFAULT,
+            retained_entries_max: harbor_replication::RETAINED_ENTRIES_DEFAULT,
             sync_acks: 1,
             rpo_budget_ms: 5_000,
             heartbeat_interval_ms: 100,

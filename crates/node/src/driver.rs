@@ -244,6 +244,9 @@ impl<S: Storage> Driver<S> {
         core_config.uncommitted_entries_max = config.uncommitted_entries_max;
         core_config.bugs = config.bugs;
         core_config.lease_ms = config.lease_ms;
+        core_config.snapshot_chunk_bytes_max = config.snapshot_chunk_bytes_max;
+        core_config.append_bytes_max = config.append_bytes_max;
+        core_config.retained_entries_max = config.retained_entries_max;
         let mut machine = machine;
         machine.set_bugs(config.bugs);
         core_config

@@ -11,6 +11,16 @@ pub struct Member {
     pub local: bool,
 }
 
+/// Default bytes of a snapshot in one message (see
+/// [`Config::snapshot_chunk_bytes_max`]).
+pub const SNAPSHOT_CHUNK_BYTES_DEFAULT: usize = 1 << 20;
+/// Default payload bytes in one append message.
+pub const APPEND_BYTES_DEFAULT: usize = 4 << 20;
+/// Default largest payload of one entry.
+pub const ENTRY_BYTES_DEFAULT: usize = 1 << 20;
+/// Default entries kept in memory for lagging followers.
+pub const RETAINED_ENTRIES_DEFAULT: u64 = 1_000_000;
+
 /// Limits and timings of one replica. Every limit of the core lives here.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
@@ -39,6 +49,10 @@ pub struct Config {
     pub retained_entries_max: u64,
     /// The largest payload of one entry.
     pub entry_bytes_max: usize,
+    /// Bytes of a snapshot in one message: a lagging follower is sent the
+    /// state machine in chunks this size, so no message outgrows the
+    /// transport's frame limit however large the state is.
+    pub snapshot_chunk_bytes_max: usize,
     /// A leader serves strong reads only while `sync_acks` local followers
     /// acknowledged, in this generation, an append it sent less than this
     /// long ago. The control plane waits at least this long (plus a drift
@@ -59,12 +73,13 @@ impl Config {
             heartbeat_interval_ms: 50,
             retransmit_timeout_ms: 500,
             append_entries_max: 4096,
-            append_bytes_max: 4 << 20,
+            append_bytes_max: APPEND_BYTES_DEFAULT,
             inflight_entries_max: 65_536,
             uncommitted_entries_max: 65_536,
             rpo_budget_ms: 5_000,
-            retained_entries_max: 1_000_000,
-            entry_bytes_max: 1 << 20,
+            retained_entries_max: RETAINED_ENTRIES_DEFAULT,
+            entry_bytes_max: ENTRY_BYTES_DEFAULT,
+            snapshot_chunk_bytes_max: SNAPSHOT_CHUNK_BYTES_DEFAULT,
             lease_ms: 2_000,
             bugs: Bugs::none(),
         }
@@ -104,6 +119,10 @@ impl Config {
             ("rpo_budget_ms", self.rpo_budget_ms),
             ("retained_entries_max", self.retained_entries_max),
             ("entry_bytes_max", self.entry_bytes_max as u64),
+            (
+                "snapshot_chunk_bytes_max",
+                self.snapshot_chunk_bytes_max as u64,
+            ),
             ("lease_ms", self.lease_ms),
         ];
         for (name, value) in positive {

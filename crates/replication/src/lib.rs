@@ -22,6 +22,11 @@ mod config;
 mod message;
 mod replica;
 
-pub use config::{Config, ConfigError, Member};
-pub use message::{AckEcho, Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotMeta};
+pub use config::{
+    Config, ConfigError, Member, APPEND_BYTES_DEFAULT, ENTRY_BYTES_DEFAULT,
+    RETAINED_ENTRIES_DEFAULT, SNAPSHOT_CHUNK_BYTES_DEFAULT,
+};
+pub use message::{
+    AckEcho, Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotAck, SnapshotMeta,
+};
 pub use replica::{Effect, FollowerStatus, ProposeError, Recovered, Replica, ReplicaStatus, Role};

@@ -32,6 +32,7 @@ pub enum Message {
     Append(Append),
     AppendAck(AppendAck),
     InstallSnapshot(InstallSnapshot),
+    SnapshotAck(SnapshotAck),
 }
 
 impl Message {
@@ -40,6 +41,7 @@ impl Message {
             Message::Append(m) => m.generation,
             Message::AppendAck(m) => m.generation,
             Message::InstallSnapshot(m) => m.generation,
+            Message::SnapshotAck(m) => m.generation,
         }
     }
 
@@ -48,6 +50,7 @@ impl Message {
             Message::Append(m) => m.shard,
             Message::AppendAck(m) => m.shard,
             Message::InstallSnapshot(m) => m.shard,
+            Message::SnapshotAck(m) => m.shard,
         }
     }
 }
@@ -106,14 +109,33 @@ pub struct AppendAck {
     pub ack: AckEcho,
 }
 
-/// Leader → follower too far behind the leader's in-memory log.
+/// Leader → follower too far behind the leader's in-memory log: one chunk
+/// of a state-machine snapshot. Chunks go one at a time, each answered by a
+/// [`SnapshotAck`], so no message is larger than a chunk and an interrupted
+/// transfer resumes where the follower stands. The follower installs the
+/// snapshot only once it holds every byte.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstallSnapshot {
     pub shard: ShardId,
     pub generation: Generation,
     pub leader: NodeId,
     pub meta: SnapshotMeta,
+    /// Where this chunk starts in the snapshot.
+    pub offset: u64,
+    /// The whole snapshot's size.
+    pub total_bytes: u64,
+    /// At most `snapshot_chunk_bytes_max` bytes.
     pub data: Vec<u8>,
     pub commit_index: LogIndex,
     pub closed: Timestamp,
+}
+
+/// Follower → leader: how many bytes of the snapshot ending at
+/// `last_index` it holds (the next chunk starts there).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotAck {
+    pub shard: ShardId,
+    pub generation: Generation,
+    pub last_index: LogIndex,
+    pub received_bytes: u64,
 }

@@ -5,7 +5,10 @@ use harbor_types::{Generation, Hlc, LogIndex, MonoMs, NodeId, Now, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Member};
-use crate::message::{AckEcho, Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotMeta};
+use crate::message::{
+    AckEcho, Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotAck, SnapshotMeta,
+};
+use std::sync::Arc;
 
 /// What the runtime must do, in the order given.
 ///
@@ -121,6 +124,26 @@ struct Progress {
     /// gone.
     life: Option<u64>,
     retired_lives: Vec<u64>,
+    /// A snapshot being sent in chunks, and how much of it the follower
+    /// holds.
+    outgoing: Option<OutgoingSnapshot>,
+}
+
+#[derive(Clone, Debug)]
+struct OutgoingSnapshot {
+    meta: SnapshotMeta,
+    data: Arc<Vec<u8>>,
+    /// Bytes the follower acknowledged holding; the next chunk starts here.
+    acked_bytes: u64,
+}
+
+/// A snapshot a follower is receiving: it is installed only once whole,
+/// so nothing is ever served from part of one.
+#[derive(Clone, Debug)]
+struct IncomingSnapshot {
+    meta: SnapshotMeta,
+    total_bytes: u64,
+    data: Vec<u8>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -227,6 +250,8 @@ pub struct Replica {
     recovering: bool,
     /// The first commit index a leader told this recovering replica.
     recover_to: Option<LogIndex>,
+    /// A snapshot arriving in chunks from the current leader.
+    incoming: Option<IncomingSnapshot>,
 
     // Leader side.
     progress: BTreeMap<NodeId, Progress>,
@@ -290,6 +315,7 @@ impl Replica {
             incarnation: incarnation_of(now),
             recovering: recovered.recovering,
             recover_to: None,
+            incoming: None,
             progress: BTreeMap::new(),
             draining_until: MonoMs::ZERO,
             append_marks: VecDeque::new(),
@@ -456,6 +482,7 @@ impl Replica {
                     ack_echo: None,
                     life: None,
                     retired_lives: Vec::new(),
+                    outgoing: None,
                 };
                 (m.node.clone(), p)
             })
@@ -618,6 +645,7 @@ impl Replica {
         self.closed_pending.clear();
         self.echo = MonoMs::ZERO;
         self.closed_as_of = None;
+        self.incoming = None;
         self.effects.push(Effect::PersistGeneration(generation));
     }
 
@@ -812,20 +840,67 @@ impl Replica {
             return;
         };
         p.next_index = meta.last_index.next();
-        p.last_sent = now.mono;
+        p.snapshot_pending = true;
+        p.outgoing = Some(OutgoingSnapshot {
+            meta,
+            data: Arc::new(data),
+            acked_bytes: 0,
+        });
+        self.send_snapshot_chunk(now, to);
+    }
+
+    /// Sends the chunk of the outgoing snapshot that starts where the
+    /// follower stands.
+    fn send_snapshot_chunk(&mut self, now: Now, to: &NodeId) {
+        let chunk_max = self.config.snapshot_chunk_bytes_max as u64;
+        let (closed, _) = self.close_timestamp(now);
+        let p = self.progress.get_mut(to).expect("unknown follower");
+        let Some(out) = &p.outgoing else {
+            return;
+        };
+        let total = out.data.len() as u64;
+        assert!(out.acked_bytes <= total, "acked past the snapshot's end");
+        let end = total.min(out.acked_bytes + chunk_max);
+        let data = out.data[out.acked_bytes as usize..end as usize].to_vec();
+        assert!(data.len() as u64 <= chunk_max);
         let message = Message::InstallSnapshot(InstallSnapshot {
             shard: self.config.shard,
             generation: self.generation,
             leader: self.config.me.clone(),
-            meta,
+            meta: out.meta,
+            offset: out.acked_bytes,
+            total_bytes: total,
             data,
             commit_index: self.commit,
-            closed: self.close_timestamp(now).0,
+            closed,
         });
+        p.last_sent = now.mono;
         self.effects.push(Effect::Send {
             to: to.clone(),
             message,
         });
+    }
+
+    fn on_snapshot_ack(&mut self, now: Now, from: &NodeId, m: SnapshotAck) {
+        if m.generation != self.generation || self.role != Role::Leader {
+            return;
+        }
+        let Some(p) = self.progress.get_mut(from) else {
+            return;
+        };
+        let Some(out) = p.outgoing.as_mut() else {
+            return;
+        };
+        if out.meta.last_index != m.last_index {
+            return;
+        }
+        let total = out.data.len() as u64;
+        // The follower holds what it says (a restarted one may hold less).
+        out.acked_bytes = m.received_bytes.min(total);
+        p.last_progress = now.mono;
+        if out.acked_bytes < total {
+            self.send_snapshot_chunk(now, from);
+        }
     }
 
     /// How long ago the oldest entry the follower does not hold durably
@@ -926,6 +1001,7 @@ impl Replica {
             Message::Append(m) => self.on_append(now, m),
             Message::AppendAck(m) => self.on_ack(now, from, m),
             Message::InstallSnapshot(m) => self.on_install_snapshot(now, m),
+            Message::SnapshotAck(m) => self.on_snapshot_ack(now, from, m),
         }
     }
 
@@ -1179,10 +1255,55 @@ impl Replica {
             self.recover_to.get_or_insert(m.commit_index);
         }
         if m.meta.last_index <= self.commit {
+            self.incoming = None;
             self.ack_leader(now, true);
             return;
         }
-        // Replace the log: the snapshot covers committed entries we lack.
+        // A chunk that does not fit the snapshot it names is ignored (the
+        // leader is told again where this follower stands).
+        let end = m.offset.checked_add(m.data.len() as u64);
+        let fits = end.is_some_and(|end| end <= m.total_bytes);
+        let same = self
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.meta == m.meta && i.total_bytes == m.total_bytes);
+        if !same {
+            self.incoming = (m.offset == 0).then(|| IncomingSnapshot {
+                meta: m.meta,
+                total_bytes: m.total_bytes,
+                data: Vec::new(),
+            });
+        }
+        let received = match self.incoming.as_mut() {
+            Some(incoming) => {
+                // The next chunk exactly; duplicates and gaps change nothing.
+                if m.offset == incoming.data.len() as u64 && fits {
+                    incoming.data.extend_from_slice(&m.data);
+                }
+                incoming.data.len() as u64
+            }
+            None => 0,
+        };
+        let whole = self
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.data.len() as u64 == i.total_bytes);
+        if !whole {
+            self.effects.push(Effect::Send {
+                to: m.leader.clone(),
+                message: Message::SnapshotAck(SnapshotAck {
+                    shard: self.config.shard,
+                    generation: self.generation,
+                    last_index: m.meta.last_index,
+                    received_bytes: received,
+                }),
+            });
+            return;
+        }
+        let incoming = self.incoming.take().expect("a whole snapshot");
+        // Whole: replace the log; the snapshot covers committed entries we
+        // lack.
+        probe("replication.snapshot_installed_from_chunks");
         self.entries.clear();
         self.compacted = m.meta;
         self.durable = m.meta.last_index;
@@ -1190,8 +1311,8 @@ impl Replica {
         self.leader_matched = m.meta.last_index;
         self.advance_closed();
         self.effects.push(Effect::PersistSnapshot {
-            meta: m.meta,
-            data: m.data,
+            meta: incoming.meta,
+            data: incoming.data,
         });
         self.check_caught_up();
         self.ack_leader(now, true);
@@ -1259,6 +1380,12 @@ impl Replica {
             if p.snapshot_pending && p.match_index >= self.compacted.last_index {
                 p.snapshot_pending = false;
             }
+            if p.outgoing
+                .as_ref()
+                .is_some_and(|o| p.match_index >= o.meta.last_index)
+            {
+                p.outgoing = None;
+            }
             if p.next_index <= p.match_index {
                 p.next_index = p.match_index.next();
             }
@@ -1293,7 +1420,13 @@ impl Replica {
             let p = self.progress.get_mut(&node).unwrap();
             let inflight = p.next_index.prev() > p.match_index;
             let stuck = now.mono.since(p.last_progress) >= retransmit;
-            if inflight && stuck {
+            if stuck && p.outgoing.is_some() {
+                // A chunk or its ack was lost: resume where the follower
+                // stands, rather than build the snapshot again.
+                probe("replication.snapshot_resumed");
+                p.last_progress = now.mono;
+                self.send_snapshot_chunk(now, &node);
+            } else if inflight && stuck {
                 probe("replication.retransmit_after_silence");
                 // Lost or reordered appends: start again after the last ack.
                 p.next_index = p.match_index.next();
@@ -1303,7 +1436,7 @@ impl Replica {
             } else if now.mono.since(p.last_sent) >= heartbeat {
                 if p.snapshot_pending {
                     // Ask again: the snapshot or its ack may have been lost.
-                    if now.mono.since(p.last_sent) >= retransmit {
+                    if p.outgoing.is_none() && now.mono.since(p.last_sent) >= retransmit {
                         p.snapshot_pending = false;
                         self.send_append(now, &node);
                     }

@@ -334,6 +334,9 @@ impl World {
         let mut node_config = NodeConfig::new(std::path::PathBuf::from("/sim"));
         node_config.bugs = options.bugs;
         node_config.snapshot_interval_entries = 200;
+        // Small chunks, so every snapshot sent streams in several and the
+        // network's losses meet resumption.
+        node_config.snapshot_chunk_bytes_max = 512;
         node_config.lease_ms = LEASE_MS;
         // Small segments and preallocation, so crashes meet rolls and zero
         // tails, and the simulated disk's copies stay cheap.

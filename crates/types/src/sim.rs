@@ -67,7 +67,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 21] = [
+pub const PROBES: [&str; 23] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -89,6 +89,8 @@ pub const PROBES: [&str; 21] = [
     "node.recovering_replica_refused_to_lead",
     "replication.recovering_replica_caught_up",
     "replication.follower_came_back_with_another_log",
+    "replication.snapshot_installed_from_chunks",
+    "replication.snapshot_resumed",
 ];
 
 static HITS: [AtomicU64; PROBES.len()] = [const { AtomicU64::new(0) }; PROBES.len()];

@@ -14,7 +14,38 @@ use super::{Sink, Transport};
 use crate::wire::Envelope;
 
 /// The largest frame accepted or sent: a full append batch plus headroom.
+/// A snapshot never needs one of its own size: it goes in chunks.
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
+/// Bytes a frame may need beyond the data it carries (ids, positions,
+/// the envelope): generous, since postcard adds a few bytes per field.
+pub const FRAME_OVERHEAD_BYTES_MAX: usize = 64 << 10;
+const _: () = assert!(
+    harbor_replication::SNAPSHOT_CHUNK_BYTES_DEFAULT + FRAME_OVERHEAD_BYTES_MAX <= FRAME_BYTES_MAX
+);
+const _: () =
+    assert!(harbor_replication::APPEND_BYTES_DEFAULT + FRAME_OVERHEAD_BYTES_MAX <= FRAME_BYTES_MAX);
+const _: () =
+    assert!(harbor_replication::ENTRY_BYTES_DEFAULT + FRAME_OVERHEAD_BYTES_MAX <= FRAME_BYTES_MAX);
+
+/// Whether every message a replica with these limits sends fits a frame of
+/// `frame_bytes_max` (an append carries up to `append_bytes_max`, or one
+/// entry of up to `entry_bytes_max`; a snapshot chunk `chunk_bytes_max`).
+pub fn messages_fit_frames(
+    frame_bytes_max: usize,
+    append_bytes_max: usize,
+    entry_bytes_max: usize,
+    chunk_bytes_max: usize,
+) -> Result<(), String> {
+    let largest = append_bytes_max.max(entry_bytes_max).max(chunk_bytes_max);
+    if largest + FRAME_OVERHEAD_BYTES_MAX > frame_bytes_max {
+        return Err(format!(
+            "frame_bytes_max = {frame_bytes_max} cannot carry a message of {largest} bytes \
+             (append_bytes_max {append_bytes_max}, entry_bytes_max {entry_bytes_max}, \
+             snapshot_chunk_bytes_max {chunk_bytes_max}) plus {FRAME_OVERHEAD_BYTES_MAX} of overhead"
+        ));
+    }
+    Ok(())
+}
 /// Envelopes queued for one peer before new ones are dropped.
 const PEER_QUEUE_MAX: usize = 65_536;
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
@@ -28,11 +59,12 @@ pub struct TcpTransport {
     outbound: Mutex<HashMap<NodeId, mpsc::Sender<Envelope>>>,
     runtime: tokio::runtime::Handle,
     dropped: Arc<AtomicU64>,
+    frame_bytes_max: usize,
 }
 
-fn codec() -> LengthDelimitedCodec {
+fn codec(frame_bytes_max: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
-        .max_frame_length(FRAME_BYTES_MAX)
+        .max_frame_length(frame_bytes_max)
         .new_codec()
 }
 
@@ -45,6 +77,18 @@ impl TcpTransport {
         peers: HashMap<NodeId, SocketAddr>,
         local: Sink,
     ) -> Arc<TcpTransport> {
+        TcpTransport::start_with_frame_limit(me, listener, peers, local, FRAME_BYTES_MAX)
+    }
+
+    /// As [`TcpTransport::start`], with frames of at most `frame_bytes_max`
+    /// bytes either way (larger ones are dropped and counted).
+    pub fn start_with_frame_limit(
+        me: NodeId,
+        listener: TcpListener,
+        peers: HashMap<NodeId, SocketAddr>,
+        local: Sink,
+        frame_bytes_max: usize,
+    ) -> Arc<TcpTransport> {
         let runtime = tokio::runtime::Handle::current();
         let dropped = Arc::new(AtomicU64::new(0));
         let inbound = local.clone();
@@ -55,7 +99,12 @@ impl TcpTransport {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(read_frames(stream, inbound.clone(), accept_dropped.clone()));
+                tokio::spawn(read_frames(
+                    stream,
+                    inbound.clone(),
+                    accept_dropped.clone(),
+                    frame_bytes_max,
+                ));
             }
         });
         Arc::new(TcpTransport {
@@ -65,6 +114,7 @@ impl TcpTransport {
             outbound: Mutex::new(HashMap::new()),
             runtime,
             dropped,
+            frame_bytes_max,
         })
     }
 
@@ -73,8 +123,13 @@ impl TcpTransport {
     }
 }
 
-async fn read_frames(stream: TcpStream, local: Sink, dropped: Arc<AtomicU64>) {
-    let mut frames = FramedRead::new(stream, codec());
+async fn read_frames(
+    stream: TcpStream,
+    local: Sink,
+    dropped: Arc<AtomicU64>,
+    frame_bytes_max: usize,
+) {
+    let mut frames = FramedRead::new(stream, codec(frame_bytes_max));
     while let Some(frame) = frames.next().await {
         let Ok(frame) = frame else {
             return; // Oversized or broken frame: drop the connection.
@@ -93,7 +148,11 @@ async fn read_frames(stream: TcpStream, local: Sink, dropped: Arc<AtomicU64>) {
     }
 }
 
-async fn write_frames(addr: SocketAddr, mut queue: mpsc::Receiver<Envelope>) {
+async fn write_frames(
+    addr: SocketAddr,
+    mut queue: mpsc::Receiver<Envelope>,
+    frame_bytes_max: usize,
+) {
     let mut backoff = Duration::from_millis(10);
     let mut pending: Option<Envelope> = None;
     loop {
@@ -107,7 +166,7 @@ async fn write_frames(addr: SocketAddr, mut queue: mpsc::Receiver<Envelope>) {
         };
         backoff = Duration::from_millis(10);
         let _ = stream.set_nodelay(true);
-        let mut sink = FramedWrite::new(stream, codec());
+        let mut sink = FramedWrite::new(stream, codec(frame_bytes_max));
         loop {
             let envelope = match pending.take() {
                 Some(envelope) => envelope,
@@ -117,7 +176,7 @@ async fn write_frames(addr: SocketAddr, mut queue: mpsc::Receiver<Envelope>) {
                 },
             };
             let bytes = postcard::to_allocvec(&envelope).expect("envelopes serialize");
-            if bytes.len() > FRAME_BYTES_MAX {
+            if bytes.len() > frame_bytes_max {
                 tracing::error!(bytes = bytes.len(), "envelope over the frame limit dropped");
                 continue;
             }
@@ -148,7 +207,8 @@ impl Transport for TcpTransport {
                 .entry(envelope.to.clone())
                 .or_insert_with(|| {
                     let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-                    self.runtime.spawn(write_frames(addr, rx));
+                    self.runtime
+                        .spawn(write_frames(addr, rx, self.frame_bytes_max));
                     tx
                 })
                 .clone()
