@@ -141,9 +141,16 @@ impl MetaNode {
             dir: config.dir.clone(),
             source,
         };
+        let started = std::time::Instant::now();
         let log = LogStore::open(&config.dir).map_err(storage_err)?;
         let (machine, changes) = StateMachine::open(&config.dir).map_err(storage_err)?;
         let applied = machine.applied();
+        tracing::info!(
+            voter = config.id,
+            snapshot_applied = ?applied.read().unwrap().last_applied.map(|l| l.index),
+            ms = started.elapsed().as_millis() as u64,
+            "recovered the metadata state"
+        );
         let map = machine.map();
         let raft_config = Config {
             cluster_name: "harbor-meta".into(),

@@ -84,6 +84,13 @@ impl LogStore {
             Err(e) => return Err(e),
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        tracing::info!(
+            dir = %dir.display(),
+            entries = entries.len(),
+            first = ?entries.keys().next(),
+            last = ?entries.keys().next_back(),
+            "recovered the metadata log"
+        );
         Ok(LogStore {
             inner: Arc::new(Mutex::new(Inner {
                 dir: dir.to_path_buf(),
