@@ -14,6 +14,14 @@ pids="$run/pids"
 
 case "${1:-}" in
 start)
+  if [ -f "$pids" ]; then
+    while read -r pid name; do
+      if kill -0 "$pid" 2>/dev/null; then
+        echo "already started from here ($name is pid $pid); stop it first: $0 stop" >&2
+        exit 1
+      fi
+    done < "$pids"
+  fi
   cargo build --release --quiet --manifest-path "$here/../Cargo.toml"
   harbor="$here/../target/release/harbor"
   mkdir -p "$run/logs"
@@ -33,8 +41,9 @@ start)
     while read -r pid name; do
       if ! kill -0 "$pid" 2>/dev/null; then
         gone=1
-        echo "$name (pid $pid) exited; the end of $run/logs/$name.log:" >&2
-        tail -n 5 "$run/logs/$name.log" | sed 's/^/  /' >&2
+        echo "$name (pid $pid) exited; from $run/logs/$name.log:" >&2
+        { grep -m 3 '^Error' "$run/logs/$name.log" || tail -n 5 "$run/logs/$name.log"; } \
+          | sed 's/^/  /' >&2
       fi
     done < "$pids"
     return $gone
