@@ -511,13 +511,11 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     );
     let mut config = NodeConfig::new(file.data_dir.clone());
     cluster.limits.apply(&mut config);
-    // No group of this node has had a leader yet: the cluster is being
-    // created, and empty replicas are new ones, not ones that lost their
-    // data.
-    config.groups_are_new = map
-        .groups_of(&name)
-        .iter()
-        .all(|g| g.generation == harbor_types::Generation::ZERO);
+    // An empty replica always starts recovering here: the map a node reads
+    // may trail the metadata leader, so it cannot tell a new group from one
+    // whose data it lost. The control plane starts a group whose members
+    // are all empty as a new one (`Action::StartNewGroup`).
+    config.groups_are_new = false;
     let node = {
         let (name, region) = (name.clone(), region.clone());
         tokio::task::spawn_blocking(move || Node::start(name, region, groups, config, transport))

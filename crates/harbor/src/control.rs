@@ -423,6 +423,35 @@ impl ControlLoop {
                 self.nodes.control(&leader, shard, Control::Drain(for_ms));
             }
             Action::TransferAbandoned { .. } => {}
+            Action::StartNewGroup { generation, leader } => {
+                tracing::warn!(
+                    %shard, %leader, %generation,
+                    "every replica of the group is empty: starting it as a new group"
+                );
+                if let Err(e) = self
+                    .meta
+                    .update_group(shard, &leader, generation, None)
+                    .await
+                {
+                    tracing::error!(%shard, error = %e, "cannot publish the new leader; will retry");
+                    self.unpublished
+                        .insert(shard, Action::StartNewGroup { generation, leader });
+                    return;
+                }
+                let members: Vec<NodeId> = self.plans[&shard]
+                    .members
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for member in members {
+                    let control = if member == leader {
+                        Control::LeadNewGroup(generation)
+                    } else {
+                        Control::Follow(generation, leader.clone())
+                    };
+                    self.nodes.control(&member, shard, control);
+                }
+            }
             Action::Lead {
                 generation,
                 leader,

@@ -69,9 +69,8 @@ pub enum DataDirError {
         expected: &'static str,
     },
     #[error(
-        "{dir} is not empty but has no {FORMAT_FILE} file: not a Harbor data directory, or one \
-         written before Harbor marked its data directories; use an empty directory \
-         (nothing was changed)"
+        "{dir} is not empty but has no {FORMAT_FILE} file and is not laid out as a Harbor \
+         data directory of this kind; use an empty directory (nothing was changed)"
     )]
     Unmarked { dir: PathBuf },
 }
@@ -132,11 +131,21 @@ impl DataDir {
                     _lock: lock,
                 });
             }
-            let foreign = fs::read_dir(path)
+            let names: Vec<String> = fs::read_dir(path)
                 .map_err(io("list the directory"))?
                 .filter_map(Result::ok)
-                .any(|entry| entry.file_name() != LOCK_FILE);
-            if foreign {
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name != LOCK_FILE)
+                .collect();
+            if !names.is_empty() && written_before_markers(kind, &names) {
+                // Format 1 is what Harbor wrote before it marked its
+                // directories: adopt it rather than make an operator
+                // start over.
+                tracing::warn!(
+                    dir = %path.display(), kind = kind.as_str(),
+                    "adopting a data directory written before data directories carried a format marker"
+                );
+            } else if !names.is_empty() {
                 // Leave it as it was found: the lock file goes too.
                 drop(lock);
                 let _ = fs::remove_file(&lock_path);
@@ -155,6 +164,24 @@ impl DataDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Whether a directory without a marker holds exactly what Harbor wrote
+/// there before markers existed (the same format, 1): `nodes/` and
+/// `metadata/` for `harbor dev`, `shard-N/` replica directories for a node,
+/// the Raft log files for a voter. Anything else is not adopted.
+fn written_before_markers(kind: DataKind, names: &[String]) -> bool {
+    let known = |name: &str| match kind {
+        DataKind::Dev => name == "nodes" || name == "metadata",
+        DataKind::Node => name
+            .strip_prefix("shard-")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        DataKind::Meta => matches!(
+            name,
+            "raft-log.jsonl" | "vote.json" | "purged.json" | "committed.json" | "snapshot.json"
+        ),
+    };
+    names.iter().all(|name| known(name))
 }
 
 /// `Ok(true)` when `path` carries a marker of this format and kind,
@@ -227,6 +254,28 @@ mod tests {
         assert!(second.to_string().contains(&std::process::id().to_string()));
         drop(held);
         DataDir::open(&path, DataKind::Node).unwrap();
+    }
+
+    /// What Harbor wrote before markers existed is format 1: adopted.
+    #[test]
+    fn a_directory_written_before_markers_is_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node");
+        fs::create_dir_all(node.join("shard-3")).unwrap();
+        fs::write(node.join("shard-3").join("hardstate"), b"x").unwrap();
+        DataDir::open(&node, DataKind::Node).unwrap();
+        assert!(node.join(FORMAT_FILE).exists());
+        let dev = dir.path().join("dev");
+        fs::create_dir_all(dev.join("nodes")).unwrap();
+        fs::create_dir_all(dev.join("metadata")).unwrap();
+        DataDir::open(&dev, DataKind::Dev).unwrap();
+        // A node directory is not a dev one.
+        let other = dir.path().join("other");
+        fs::create_dir_all(other.join("shard-1")).unwrap();
+        assert!(matches!(
+            DataDir::open(&other, DataKind::Dev),
+            Err(DataDirError::Unmarked { .. })
+        ));
     }
 
     #[test]

@@ -117,6 +117,14 @@ pub enum Action {
     TransferAbandoned {
         to: NodeId,
     },
+    /// Every member answered, sealed, that it is recovering with an empty
+    /// log: the group holds nothing anywhere (a new deployment, or every
+    /// copy lost), so `leader` starts it anew at `generation` rather than
+    /// the group waiting forever for data nobody has.
+    StartNewGroup {
+        generation: Generation,
+        leader: NodeId,
+    },
 }
 
 /// Why a planned transfer cannot start.
@@ -320,6 +328,30 @@ impl GroupLeadership {
                 replacing, prefer, ..
             } => {
                 let sealed = |o: &&Observation| o.healthy && o.generation == self.generation;
+                let empty =
+                    |o: &&Observation| o.recovering && o.last_index == LogIndex::ZERO && !o.leading;
+                let all_empty = self
+                    .members
+                    .iter()
+                    .all(|(n, _)| seen(n).filter(sealed).filter(empty).is_some());
+                if all_empty {
+                    let leader = if self.is_local(&replacing) {
+                        replacing.clone()
+                    } else {
+                        self.members
+                            .iter()
+                            .find(|(_, local)| *local)
+                            .map(|(n, _)| n.clone())
+                            .expect("a group has a home-region member")
+                    };
+                    self.leader = leader.clone();
+                    self.phase = Phase::Active;
+                    self.unreachable_since_ms = None;
+                    return Action::StartNewGroup {
+                        generation: self.generation,
+                        leader,
+                    };
+                }
                 // A replica that lost its state answers for nothing.
                 let whole = |o: &&Observation| !o.recovering;
                 // The replicas asked must intersect every commit quorum (the
@@ -533,6 +565,41 @@ mod tests {
                 generation: Generation(2),
                 leader: n("a3"),
                 ended_at: Some(LogIndex(9)),
+            }
+        );
+        assert!(g.is_active());
+    }
+
+    /// Every member empty and recovering (a deployment's first start, or
+    /// every copy lost): the group starts anew rather than wait forever.
+    /// One member with a log, or one that did not answer, and it waits.
+    #[test]
+    fn a_group_whose_members_are_all_empty_starts_anew() {
+        let mut g = group();
+        let empty = |generation| {
+            vec![
+                recovering(obs("a1", generation, (0, 0))),
+                recovering(obs("a2", generation, (0, 0))),
+                recovering(obs("a3", generation, (0, 0))),
+                recovering(obs("b1", generation, (0, 0))),
+            ]
+        };
+        g.observe(&config(), 0, &empty(1));
+        assert!(matches!(
+            g.observe(&config(), 1_000, &empty(1)),
+            Action::Seal { .. }
+        ));
+        let mut one_missing = empty(2);
+        one_missing.pop();
+        assert_eq!(g.observe(&config(), 1_100, &one_missing), Action::None);
+        let mut one_with_data = empty(2);
+        one_with_data[3] = recovering(obs("b1", 2, (1, 5)));
+        assert_eq!(g.observe(&config(), 1_200, &one_with_data), Action::None);
+        assert_eq!(
+            g.observe(&config(), 1_300, &empty(2)),
+            Action::StartNewGroup {
+                generation: Generation(2),
+                leader: n("a1"),
             }
         );
         assert!(g.is_active());

@@ -37,6 +37,11 @@ pub enum Control {
     /// Lead this generation (the control plane named it only after the
     /// previous leader's lease ran out).
     Lead(Generation),
+    /// Lead this generation of a group that holds nothing anywhere: every
+    /// member reported it is recovering with an empty log (a new group,
+    /// or one that lost every copy). The only way a replica that started
+    /// empty may lead.
+    LeadNewGroup(Generation),
     Follow(Generation, NodeId),
     /// A planned transfer: take no writes for this many ms.
     Drain(u64),
@@ -263,6 +268,7 @@ impl<S: Storage> Driver<S> {
                 snapshot,
                 entries,
                 recovering: hard_state.recovering,
+                life_salt: u64::from(std::process::id()).rotate_left(17),
             },
             now,
         );
@@ -385,6 +391,16 @@ impl<S: Storage> Driver<S> {
             return;
         }
         match control {
+            Control::LeadNewGroup(generation) => {
+                if self.core.is_recovering() && self.core.last_index() == LogIndex::ZERO {
+                    tracing::warn!(
+                        shard = %self.shard, node = %self.me, %generation,
+                        "every replica of the group is empty: starting it as a new group"
+                    );
+                    self.core.forget_lost_state();
+                }
+                self.control(now, Control::Lead(generation));
+            }
             Control::Lead(generation) if self.core.is_recovering() => {
                 // A replica without its state must never lead: it would
                 // order new entries over ones it lost. It takes the
@@ -454,9 +470,11 @@ impl<S: Storage> Driver<S> {
     fn execute(&mut self, now: Now, effect: Effect) -> Result<bool, WalError> {
         match effect {
             Effect::PersistGeneration(generation) => {
+                // The durable flag as it stands: only `CaughtUp`, ordered
+                // after what it vouches for, may clear it.
                 self.wal.set_hard_state(&HardState {
                     generation,
-                    recovering: self.core.is_recovering(),
+                    recovering: self.wal.hard_state().recovering,
                 })?;
                 Ok(false)
             }

@@ -107,6 +107,10 @@ pub struct AppendAck {
     pub echo: MonoMs,
     /// This ack, as the leader will name it back (see [`Append::echo_ack`]).
     pub ack: AckEcho,
+    /// The follower lost its durable state and has not caught up: what its
+    /// earlier life acknowledged is gone (a restart with its disk keeps
+    /// everything it ever acknowledged).
+    pub recovering: bool,
 }
 
 /// Leader → follower too far behind the leader's in-memory log: one chunk
@@ -138,4 +142,7 @@ pub struct SnapshotAck {
     pub generation: Generation,
     pub last_index: LogIndex,
     pub received_bytes: u64,
+    /// The follower's life (see [`AckEcho::incarnation`]): a new one may
+    /// hold less than an earlier one acknowledged.
+    pub incarnation: u64,
 }

@@ -96,6 +96,11 @@ pub struct Recovered {
     /// a cluster that had run before) and has not caught up since: it may
     /// lack entries it acknowledged in an earlier life.
     pub recovering: bool,
+    /// Something that differs between two lives of this replica (the
+    /// runtime's process id): mixed with the clocks it starts at into its
+    /// incarnation, so a host whose clocks read the same at every start
+    /// still gets a new one.
+    pub life_salt: u64,
 }
 
 /// The leader's view of one follower.
@@ -135,6 +140,8 @@ struct OutgoingSnapshot {
     data: Arc<Vec<u8>>,
     /// Bytes the follower acknowledged holding; the next chunk starts here.
     acked_bytes: u64,
+    /// The follower life those bytes belong to.
+    life: Option<u64>,
 }
 
 /// A snapshot a follower is receiving: it is installed only once whole,
@@ -312,7 +319,7 @@ impl Replica {
             closed_pending: VecDeque::new(),
             echo: MonoMs::ZERO,
             acked_at: now.mono,
-            incarnation: incarnation_of(now),
+            incarnation: incarnation_of(now) ^ recovered.life_salt,
             recovering: recovered.recovering,
             recover_to: None,
             incoming: None,
@@ -341,6 +348,20 @@ impl Replica {
     /// See [`Recovered::recovering`].
     pub fn is_recovering(&self) -> bool {
         self.recovering
+    }
+
+    /// The control plane found every replica of the group empty: nothing
+    /// was lost that anyone holds, and this one starts the group anew.
+    pub fn forget_lost_state(&mut self) {
+        assert!(self.recovering, "{}: not recovering", self.config.shard);
+        assert_eq!(
+            self.last_index(),
+            LogIndex::ZERO,
+            "{}: a replica with a log cannot start its group anew",
+            self.config.shard
+        );
+        self.recovering = false;
+        self.effects.push(Effect::CaughtUp);
     }
 
     pub fn generation(&self) -> Generation {
@@ -845,6 +866,7 @@ impl Replica {
             meta,
             data: Arc::new(data),
             acked_bytes: 0,
+            life: None,
         });
         self.send_snapshot_chunk(now, to);
     }
@@ -895,8 +917,22 @@ impl Replica {
             return;
         }
         let total = out.data.len() as u64;
-        // The follower holds what it says (a restarted one may hold less).
-        out.acked_bytes = m.received_bytes.min(total);
+        let received = m.received_bytes.min(total);
+        let same_life = out.life.is_none_or(|l| l == m.incarnation);
+        // One chunk in flight: only an ack that moves forward (or one from a
+        // new life of the follower, which may hold less) sends the next.
+        // Duplicated and late acks send nothing, so a resend after a
+        // timeout never becomes a second stream.
+        let advance = if same_life {
+            received > out.acked_bytes
+        } else {
+            true
+        };
+        if !advance {
+            return;
+        }
+        out.life = Some(m.incarnation);
+        out.acked_bytes = received;
         p.last_progress = now.mono;
         if out.acked_bytes < total {
             self.send_snapshot_chunk(now, from);
@@ -1028,6 +1064,7 @@ impl Replica {
                         incarnation: self.incarnation,
                         sent_at: MonoMs::ZERO,
                     },
+                    recovering: self.recovering,
                 }),
             });
             return false;
@@ -1241,6 +1278,7 @@ impl Replica {
                     incarnation: self.incarnation,
                     sent_at: now.mono,
                 },
+                recovering: self.recovering,
             }),
         });
     }
@@ -1296,6 +1334,7 @@ impl Replica {
                     generation: self.generation,
                     last_index: m.meta.last_index,
                     received_bytes: received,
+                    incarnation: self.incarnation,
                 }),
             });
             return;
@@ -1341,18 +1380,22 @@ impl Replica {
             return;
         }
         if p.life.is_some_and(|current| current != life) {
-            // The follower restarted. What it holds now is what it says, not
-            // what its earlier life acknowledged: with a replaced disk, its
-            // log went backwards, and it must be sent everything again.
-            probe("replication.follower_came_back_with_another_log");
+            // The follower restarted. With its disk it still holds all it
+            // ever acknowledged; without (a replaced disk, it says it is
+            // recovering) its log went backwards: believe what it holds
+            // now and send it everything again.
             if p.retired_lives.len() >= RETIRED_LIVES_MAX {
                 p.retired_lives.remove(0);
             }
             p.retired_lives.extend(p.life);
-            p.match_index = m.match_index.min(p.match_index);
-            p.next_index = p.match_index.next();
-            p.snapshot_pending = false;
-            p.last_progress = now.mono;
+            if m.recovering {
+                probe("replication.follower_came_back_with_another_log");
+                p.match_index = m.match_index.min(p.match_index);
+                p.next_index = p.match_index.next();
+                p.snapshot_pending = false;
+                p.outgoing = None;
+                p.last_progress = now.mono;
+            }
         }
         p.life = Some(life);
         p.last_ack = Some(now.mono);

@@ -1035,6 +1035,18 @@ impl World {
                 }
             }
             Action::Lead { .. } => self.publish_generation(shard),
+            Action::StartNewGroup { generation, leader } => {
+                self.trace(|| format!("{shard} starts anew, led by {leader}"));
+                if !self.unreachable(&leader) {
+                    self.drive(&leader, shard, |d, now| {
+                        d.handle(
+                            now,
+                            ReplicaInput::Control(Control::LeadNewGroup(generation)),
+                        )
+                    });
+                }
+                self.publish_generation(shard);
+            }
             Action::Drain { leader, for_ms } => {
                 self.trace(|| format!("drain {leader}: {shard} for {for_ms} ms"));
                 if !self.unreachable(&leader) {
