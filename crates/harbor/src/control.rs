@@ -14,7 +14,7 @@ use harbor_meta::{Action, CatchUp, FailoverConfig, GroupLeadership, Metadata, Ob
 use harbor_node::wire::{GroupStatus, Query, QueryResult, Request, Response};
 use harbor_node::Control;
 use harbor_replication::Role;
-use harbor_types::{NodeId, ShardId};
+use harbor_types::{Generation, LogIndex, NodeId, ShardId};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -423,72 +423,65 @@ impl ControlLoop {
                 self.nodes.control(&leader, shard, Control::Drain(for_ms));
             }
             Action::TransferAbandoned { .. } => {}
-            Action::StartNewGroup { generation, leader } => {
+            Action::StartNewGroup {
+                generation,
+                ref leader,
+            } => {
                 tracing::warn!(
                     %shard, %leader, %generation,
                     "every replica of the group is empty: starting it as a new group"
                 );
-                if let Err(e) = self
-                    .meta
-                    .update_group(shard, &leader, generation, None)
-                    .await
-                {
-                    tracing::error!(%shard, error = %e, "cannot publish the new leader; will retry");
-                    self.unpublished
-                        .insert(shard, Action::StartNewGroup { generation, leader });
-                    return;
-                }
-                let members: Vec<NodeId> = self.plans[&shard]
-                    .members
-                    .iter()
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for member in members {
-                    let control = if member == leader {
-                        Control::LeadNewGroup(generation)
-                    } else {
-                        Control::Follow(generation, leader.clone())
-                    };
-                    self.nodes.control(&member, shard, control);
-                }
+                let lead = Control::LeadNewGroup(generation);
+                self.name_leader(shard, generation, leader.clone(), None, lead, action)
+                    .await;
             }
             Action::Lead {
                 generation,
-                leader,
+                ref leader,
                 ended_at,
             } => {
-                // Publish first: gateways route by the map, and a replica
-                // told before the map changes would refuse as "not leader".
-                if let Err(e) = self
-                    .meta
-                    .update_group(shard, &leader, generation, ended_at)
-                    .await
-                {
-                    tracing::error!(%shard, error = %e, "cannot publish the new leader; will retry");
-                    self.unpublished.insert(
-                        shard,
-                        Action::Lead {
-                            generation,
-                            leader,
-                            ended_at,
-                        },
-                    );
-                    return;
-                }
-                let members: Vec<NodeId> = self.plans[&shard]
-                    .members
-                    .iter()
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for member in members {
-                    let control = if member == leader {
-                        Control::Lead(generation)
-                    } else {
-                        Control::Follow(generation, leader.clone())
-                    };
-                    self.nodes.control(&member, shard, control);
-                }
+                let lead = Control::Lead(generation);
+                self.name_leader(shard, generation, leader.clone(), ended_at, lead, action)
+                    .await;
             }
+        }
+    }
+
+    /// Publishes `leader` of `generation` (gateways route by the map, and a
+    /// replica told before the map changes would refuse as "not leader"),
+    /// then tells the leader `lead` and everyone else to follow. When the
+    /// metadata plane cannot take it, `action` is kept and published again
+    /// every round, and nobody is told.
+    async fn name_leader(
+        &mut self,
+        shard: ShardId,
+        generation: Generation,
+        leader: NodeId,
+        ended_at: Option<LogIndex>,
+        lead: Control,
+        action: Action,
+    ) {
+        if let Err(e) = self
+            .meta
+            .update_group(shard, &leader, generation, ended_at)
+            .await
+        {
+            tracing::error!(%shard, error = %e, "cannot publish the new leader; will retry");
+            self.unpublished.insert(shard, action);
+            return;
+        }
+        let members: Vec<NodeId> = self.plans[&shard]
+            .members
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        for member in members {
+            let control = if member == leader {
+                lead.clone()
+            } else {
+                Control::Follow(generation, leader.clone())
+            };
+            self.nodes.control(&member, shard, control);
         }
     }
 }

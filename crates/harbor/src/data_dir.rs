@@ -79,7 +79,6 @@ pub enum DataDirError {
 /// releases the lock (so does the process's death, however it dies).
 #[derive(Debug)]
 pub struct DataDir {
-    path: PathBuf,
     _lock: File,
 }
 
@@ -126,10 +125,7 @@ impl DataDir {
         if !marked {
             // Under the lock now: nobody else can be marking it.
             if read_marker(path, kind)? {
-                return Ok(DataDir {
-                    path: path.to_path_buf(),
-                    _lock: lock,
-                });
+                return Ok(DataDir { _lock: lock });
             }
             let names: Vec<String> = fs::read_dir(path)
                 .map_err(io("list the directory"))?
@@ -155,14 +151,7 @@ impl DataDir {
             }
             write_marker(path, kind).map_err(io("write its format file"))?;
         }
-        Ok(DataDir {
-            path: path.to_path_buf(),
-            _lock: lock,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(DataDir { _lock: lock })
     }
 }
 

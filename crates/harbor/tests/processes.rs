@@ -37,6 +37,21 @@ struct Processes {
 }
 
 impl Processes {
+    /// The three voters and the six nodes configured in `dir`.
+    fn start_all(dir: &Path) -> Processes {
+        let mut processes = Processes {
+            dir: dir.to_path_buf(),
+            children: Vec::new(),
+        };
+        for id in 1..=3 {
+            processes.spawn(&format!("meta-{id}"), "meta");
+        }
+        for node in NODES {
+            processes.spawn(node, "node");
+        }
+        processes
+    }
+
     fn spawn(&mut self, name: &str, verb: &str) {
         let log = fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_harbor"));
@@ -191,16 +206,7 @@ async fn meta_state(voter: &str) -> Option<Value> {
 async fn a_killed_leader_process_fails_over_and_metadata_survives_voter_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let (urls, voters) = write_configs(dir.path());
-    let mut processes = Processes {
-        dir: dir.path().to_path_buf(),
-        children: Vec::new(),
-    };
-    for id in 1..=3 {
-        processes.spawn(&format!("meta-{id}"), "meta");
-    }
-    for node in NODES {
-        processes.spawn(node, "node");
-    }
+    let mut processes = Processes::start_all(dir.path());
     let api = Arc::new(Api::new());
     wait_healthy(&urls[0], &processes, Duration::from_secs(90)).await;
 
@@ -431,16 +437,7 @@ async fn a_node_whose_disk_was_replaced_catches_up_from_a_snapshot_larger_than_a
     let limits = "\n[limits]\nframe_bytes_max = 2097152\nsnapshot_chunk_bytes_max = 65536\n\
                   append_bytes_max = 262144\nsnapshot_interval_entries = 20\nretained_entries_max = 10\n";
     let (urls, _) = write_configs_with(dir.path(), limits);
-    let mut processes = Processes {
-        dir: dir.path().to_path_buf(),
-        children: Vec::new(),
-    };
-    for id in 1..=3 {
-        processes.spawn(&format!("meta-{id}"), "meta");
-    }
-    for node in NODES {
-        processes.spawn(node, "node");
-    }
+    let mut processes = Processes::start_all(dir.path());
     let api = Arc::new(Api::new());
     wait_healthy(&urls[0], &processes, Duration::from_secs(90)).await;
     let r = api

@@ -58,13 +58,9 @@ fn assign(issuer: &str) -> MetaCommand {
     }
 }
 
-fn has_issuers(n: usize) -> impl Fn(&MetaState) -> bool {
-    move |s| s.directory.len() == n
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_voters_agree_survive_their_leader_and_recover_after_restarts() {
-    let dir = tempfile::tempdir().unwrap();
+/// Three voters on free loopback ports, initialized as one cluster; their
+/// HTTP addresses by id.
+async fn three_voters(dir: &Path) -> (BTreeMap<NodeId, Voter>, BTreeMap<NodeId, String>) {
     let mut listeners = Vec::new();
     let mut addrs = BTreeMap::new();
     for id in 1..=3u64 {
@@ -74,9 +70,20 @@ async fn three_voters_agree_survive_their_leader_and_recover_after_restarts() {
     }
     let mut voters: BTreeMap<NodeId, Voter> = BTreeMap::new();
     for (id, listener) in (1..=3u64).zip(listeners) {
-        voters.insert(id, Voter::start(id, dir.path(), listener).await);
+        voters.insert(id, Voter::start(id, dir, listener).await);
     }
     voters[&1].node.initialize(&addrs).await.unwrap();
+    (voters, addrs)
+}
+
+fn has_issuers(n: usize) -> impl Fn(&MetaState) -> bool {
+    move |s| s.directory.len() == n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voters_agree_survive_their_leader_and_recover_after_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut voters, addrs) = three_voters(dir.path()).await;
     let reply = voters[&2]
         .node
         .write(MetaCommand::Bootstrap(Topology::dev()))
@@ -214,18 +221,7 @@ async fn a_single_voter_recovers_its_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_issuer_placed_through_one_copy_is_found_at_once_through_any_other() {
     let dir = tempfile::tempdir().unwrap();
-    let mut listeners = Vec::new();
-    let mut addrs = BTreeMap::new();
-    for id in 1..=3u64 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        addrs.insert(id, listener.local_addr().unwrap().to_string());
-        listeners.push(listener);
-    }
-    let mut voters: BTreeMap<NodeId, Voter> = BTreeMap::new();
-    for (id, listener) in (1..=3u64).zip(listeners) {
-        voters.insert(id, Voter::start(id, dir.path(), listener).await);
-    }
-    voters[&1].node.initialize(&addrs).await.unwrap();
+    let (voters, addrs) = three_voters(dir.path()).await;
     voters[&1]
         .node
         .write(MetaCommand::Bootstrap(Topology::dev()))

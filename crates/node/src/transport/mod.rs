@@ -16,7 +16,7 @@ mod tcp;
 use std::sync::{Arc, OnceLock};
 
 pub use inproc::{InProcNetwork, LinkFaults};
-pub use tcp::{messages_fit_frames, TcpTransport, FRAME_BYTES_MAX, FRAME_OVERHEAD_BYTES_MAX};
+pub use tcp::{messages_fit_frames, TcpTransport, FRAME_BYTES_MAX};
 
 use crate::wire::Envelope;
 

@@ -18,7 +18,7 @@ use crate::wire::Envelope;
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
 /// Bytes a frame may need beyond the data it carries (ids, positions,
 /// the envelope): generous, since postcard adds a few bytes per field.
-pub const FRAME_OVERHEAD_BYTES_MAX: usize = 64 << 10;
+const FRAME_OVERHEAD_BYTES_MAX: usize = 64 << 10;
 const _: () = assert!(
     harbor_replication::SNAPSHOT_CHUNK_BYTES_DEFAULT + FRAME_OVERHEAD_BYTES_MAX <= FRAME_BYTES_MAX
 );
