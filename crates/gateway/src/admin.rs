@@ -11,9 +11,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use futures::future::BoxFuture;
 use harbor_meta::GenerationEnd;
-use harbor_node::wire::{GroupStatus, Query, QueryResult, Request, Response};
 use harbor_replication::Role;
 use harbor_types::{Generation, LogIndex, NodeId, Region, ShardId};
+use harbor_wire::{GroupStatus, Query, QueryResult, Request, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 

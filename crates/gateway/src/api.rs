@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use harbor_meta::{DirectoryEntry, DirectoryError, MetaError};
-use harbor_node::wire::{Query, QueryResult, Request, Response, Served};
 use harbor_replication::Role;
 use harbor_reservation::{
     Command, IssuerView, Outcome, Rejection, ReservationView, TokenOutcome, TokenView,
@@ -21,6 +20,7 @@ use harbor_types::{
     Amount, IdError, IssuerId, Region, ReservationId, ReservationToken, ShardId, AMOUNT_MAX,
     ID_LEN_MAX,
 };
+use harbor_wire::{Query, QueryResult, Request, Response, Served};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};

@@ -1,7 +1,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use harbor_node::wire::{ErrorCode, NodeError};
 use harbor_reservation::Rejection;
+use harbor_wire::{ErrorCode, NodeError};
 use serde_json::{json, Map, Value};
 
 /// An error answer: `{"error": CODE, "message": TEXT, "retryable": BOOL, ...}`.
@@ -74,18 +74,18 @@ impl ApiError {
 
     /// A node's refusal (not leader, over the RPO budget, timeout, ...).
     pub fn node(e: &NodeError) -> ApiError {
-        let status = match e.code {
+        let status = match e.code() {
             ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
-        let mut error = ApiError::new(status, e.code.as_str(), e.message.clone());
-        error.retryable = e.retryable;
-        error.retry_after_ms = e.retry_after_ms;
+        let mut error = ApiError::new(status, e.code().as_str(), e.message.clone());
+        error.retryable = e.retryable();
+        error.retry_after_ms = e.retry_after_ms();
         error
             .details
-            .insert("outcome_unknown".into(), json!(e.outcome_unknown));
-        if e.outcome_unknown {
+            .insert("outcome_unknown".into(), json!(e.outcome_unknown()));
+        if e.outcome_unknown() {
             error.message.push_str(
                 ". The outcome is unknown: retry with the same reservation_token, or ask GET /v1/reservation-tokens/{token}?issuer_id=... and POST .../resolve",
             );

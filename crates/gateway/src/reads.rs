@@ -14,9 +14,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue};
-use harbor_node::wire::{ErrorCode, Freshness, Query, QueryResult, Request, Response, Served};
 use harbor_replication::Role;
 use harbor_types::{CommitToken, ShardId};
+use harbor_wire::{ErrorCode, Freshness, Query, QueryResult, Request, Response, Served};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -316,7 +316,7 @@ impl Gateway {
                     };
                     return Ok(self.answered(plan, result, served, false, stale));
                 }
-                Ok(Response::Error(e)) if e.code == ErrorCode::ReplicaBehind => {
+                Ok(Response::Error(e)) if e.code() == ErrorCode::ReplicaBehind => {
                     tracing::debug!(%shard, %node, reason = %e.message, "local read goes to the leader");
                 }
                 Ok(other) => tracing::warn!(%shard, %node, ?other, "odd answer to a local read"),

@@ -4,9 +4,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use harbor_meta::Metadata;
-use harbor_node::wire::{Body, Envelope, ErrorCode, NodeError, Request, Response};
-use harbor_node::{Control, Sink, Transport};
 use harbor_types::{Generation, NodeId, Region, ShardId};
+use harbor_wire::{Body, Envelope, ErrorCode, ErrorKind, NodeError, Request, Response};
+use harbor_wire::{Control, Sink, Transport};
 use tokio::sync::oneshot;
 
 use crate::admin::Admin;
@@ -172,10 +172,9 @@ impl Gateway {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
         let Some(mut leader) = self.leader_of(shard) else {
-            return Err(node_error(
-                ErrorCode::UnknownShard,
+            return Err(NodeError::new(
+                ErrorKind::UnknownShard,
                 format!("{shard} is not in the shard map"),
-                false,
             ));
         };
         let mut news_wait = NEWS_WAIT;
@@ -213,16 +212,18 @@ impl Gateway {
                 break;
             }
             match answer {
-                Some(Response::Error(e))
-                    if e.code == ErrorCode::NotLeader
-                        && e.leader_hint.as_ref().is_some_and(|h| *h != leader) =>
-                {
-                    leader = e.leader_hint.clone().unwrap();
+                Some(Response::Error(NodeError {
+                    kind: ErrorKind::NotLeader { hint: Some(hint) },
+                    ..
+                })) if hint != leader => {
+                    leader = hint;
                 }
                 Some(Response::Error(e))
                     if matches!(
-                        e.code,
-                        ErrorCode::NotLeader | ErrorCode::LeadershipChanged | ErrorCode::StaleRoute
+                        e.kind,
+                        ErrorKind::NotLeader { .. }
+                            | ErrorKind::LeadershipChanged { .. }
+                            | ErrorKind::StaleRoute { .. }
                     ) =>
                 {
                     // Leadership is moving (a transfer or failover): wait for
@@ -231,15 +232,15 @@ impl Gateway {
                     // news yet: ask it again shortly. A stale route means
                     // our copy of the map trails the replica's: refresh it
                     // and send to whoever it names.
-                    let wait = if e.code == ErrorCode::NotLeader {
+                    let wait = if e.code() == ErrorCode::NotLeader {
                         news_wait = (news_wait * 2).min(LEADERSHIP_WAIT_MAX);
                         news_wait / 2
                     } else {
-                        e.retry_after_ms
+                        e.retry_after_ms()
                             .map_or(LEADERSHIP_WAIT_MAX, Duration::from_millis)
                             .min(LEADERSHIP_WAIT_MAX)
                     };
-                    if e.code == ErrorCode::StaleRoute {
+                    if e.code() == ErrorCode::StaleRoute {
                         let _ = self.meta.refresh().await;
                     }
                     let until = (tokio::time::Instant::now() + wait).min(deadline);
@@ -264,13 +265,14 @@ impl Gateway {
                 },
             }
         }
-        Err(node_error(
-            ErrorCode::Timeout,
+        Err(NodeError::new(
+            ErrorKind::Timeout {
+                outcome_unknown: is_write,
+            },
             format!(
                 "no answer for {shard} within {} ms",
                 self.config.request_timeout_ms
             ),
-            is_write,
         ))
     }
 
@@ -286,14 +288,15 @@ impl Gateway {
         {
             let mut pending = self.pending.lock().unwrap();
             if pending.len() >= self.config.inflight_requests_max {
-                return Err(node_error(
-                    ErrorCode::Overloaded,
+                return Err(NodeError::new(
+                    ErrorKind::Overloaded {
+                        retry_after_ms: None,
+                    },
                     format!(
                         "gateway {} has {} requests in flight",
                         self.me,
                         pending.len()
                     ),
-                    false,
                 ));
             }
             pending.insert(id, tx);
@@ -332,23 +335,13 @@ impl Gateway {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) | Err(_) => {
                 self.pending.lock().unwrap().remove(&id);
-                Err(node_error(
-                    ErrorCode::Timeout,
+                Err(NodeError::new(
+                    ErrorKind::Timeout {
+                        outcome_unknown: is_write,
+                    },
                     format!("no answer from {node} within {timeout_ms} ms"),
-                    is_write,
                 ))
             }
         }
-    }
-}
-
-pub(crate) fn node_error(code: ErrorCode, message: String, outcome_unknown: bool) -> NodeError {
-    NodeError {
-        code,
-        message,
-        retryable: true,
-        outcome_unknown,
-        leader_hint: None,
-        retry_after_ms: None,
     }
 }

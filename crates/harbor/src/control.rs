@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use harbor_gateway::{ApiError, Gateway};
 use harbor_meta::{Action, CatchUp, FailoverConfig, GroupLeadership, Metadata, Observation, Phase};
-use harbor_node::wire::{GroupStatus, Query, QueryResult, Request, Response};
-use harbor_node::Control;
 use harbor_replication::Role;
 use harbor_types::{Generation, LogIndex, NodeId, ShardId};
+use harbor_wire::Control;
+use harbor_wire::{GroupStatus, Query, QueryResult, Request, Response};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -420,7 +420,8 @@ impl ControlLoop {
                 }
             }
             Action::Drain { leader, for_ms } => {
-                self.nodes.control(&leader, shard, Control::Drain(for_ms));
+                self.nodes
+                    .control(&leader, shard, Control::Drain { for_ms });
             }
             Action::TransferAbandoned { .. } => {}
             Action::StartNewGroup {

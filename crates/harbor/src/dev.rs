@@ -14,10 +14,11 @@ use harbor_meta::{MetaCommand, MetaReply, Metadata, ShardMap, Topology};
 
 use crate::data_dir::{DataDir, DataKind};
 use harbor_meta_raft::{MetaConfig, MetaNode};
-use harbor_node::wire::{Query, QueryResult, Request, Response};
-use harbor_node::{Control, InProcNetwork, Node, NodeConfig};
+use harbor_node::{InProcNetwork, Node, NodeConfig};
 use harbor_replication::Member;
 use harbor_types::{NodeId, Region, ShardId};
+use harbor_wire::Control;
+use harbor_wire::{Query, QueryResult, Request, Response};
 
 use crate::control::{transfer_answer, ControlLoop, Replicas, TransferRequest};
 use axum::http::StatusCode;

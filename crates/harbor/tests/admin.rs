@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::{check_acknowledged, Api, Load};
 use harbor::dev::{DevCluster, DevOptions};
-use harbor_node::wire::{Query, Request, Response};
 use harbor_reservation::Command;
 use harbor_types::{Amount, IssuerId, NodeId, ReservationToken};
+use harbor_wire::{Query, Request, Response};
 use serde_json::json;
 
 async fn start() -> (tempfile::TempDir, DevCluster, Arc<Api>) {

@@ -24,33 +24,12 @@ use harbor_types::{
 use harbor_wal::{FileStorage, HardState, Record, Snapshot, Storage, Wal, WalError};
 use serde::{Deserialize, Serialize};
 
-use crate::config::NodeConfig;
-use crate::transport::Transport;
-use crate::wire::{
-    Body, Envelope, ErrorCode, Freshness, GroupStatus, NodeError, Query, QueryResult, Request,
-    Response, Served,
+use harbor_wire::{
+    Body, Control, Envelope, ErrorKind, Freshness, GroupStatus, NodeError, Query, QueryResult,
+    Request, Response, Served, Transport,
 };
 
-/// Orders from the metadata plane (and the node) to one replica.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Control {
-    /// Lead this generation (the control plane named it only after the
-    /// previous leader's lease ran out).
-    Lead(Generation),
-    /// Lead this generation of a group that holds nothing anywhere: every
-    /// member reported it is recovering with an empty log (a new group,
-    /// or one that lost every copy). The only way a replica that started
-    /// empty may lead.
-    LeadNewGroup(Generation),
-    Follow(Generation, NodeId),
-    /// A planned transfer: take no writes for this many ms.
-    Drain(u64),
-    /// Stop accepting appends older than this generation; the leader is
-    /// named later (failover).
-    Seal(Generation),
-    /// From the node itself only; refused from the network.
-    Shutdown,
-}
+use crate::config::NodeConfig;
 
 pub enum ReplicaInput {
     Envelope(Envelope),
@@ -422,7 +401,7 @@ impl<S: Storage> Driver<S> {
                 self.barrier = None;
                 self.core.become_follower(generation, leader);
             }
-            Control::Drain(for_ms) => self.core.drain(now, for_ms),
+            Control::Drain { for_ms } => self.core.drain(now, for_ms),
             Control::Seal(generation) => {
                 probe("replication.sealed_for_failover");
                 self.barrier = None;
@@ -569,11 +548,12 @@ impl<S: Storage> Driver<S> {
                     self.reply_error(
                         &waiter.reply_to,
                         waiter.request_id,
-                        error(
-                            ErrorCode::LeadershipChanged,
+                        NodeError::new(
+                            ErrorKind::LeadershipChanged {
+                                outcome_unknown: true,
+                                retry_after_ms: None,
+                            },
                             format!("leadership of {} changed to generation {generation}; the write may or may not commit", self.shard),
-                            true,
-                            true,
                         ),
                     );
                 }
@@ -591,11 +571,11 @@ impl<S: Storage> Driver<S> {
             self.reply_error(
                 &waiter.reply_to,
                 waiter.request_id,
-                error(
-                    ErrorCode::ReplicaFailed,
+                NodeError::new(
+                    ErrorKind::ReplicaFailed {
+                        outcome_unknown: true,
+                    },
                     format!("the leader of {} stopped after a storage failure; the write may or may not commit", self.shard),
-                    true,
-                    true,
                 ),
             );
         }
@@ -735,14 +715,12 @@ impl<S: Storage> Driver<S> {
                 Some(_) if now.mono < read.until => self.local_reads.push(read),
                 Some(index) => {
                     probe("node.local_read_behind_session");
-                    let e = error(
-                        ErrorCode::ReplicaBehind,
+                    let e = NodeError::new(
+                        ErrorKind::ReplicaBehind,
                         format!(
                             "{} of {} has applied up to {}, not yet {index}",
                             self.me, self.shard, self.applied
                         ),
-                        true,
-                        false,
                     );
                     self.reply_error(&read.reply_to, read.request_id, e);
                 }
@@ -758,14 +736,12 @@ impl<S: Storage> Driver<S> {
                 probe("node.local_read_too_stale");
                 let age =
                     staleness_ms.map_or("of unknown age".to_string(), |s| format!("{s} ms old"));
-                let e = error(
-                    ErrorCode::ReplicaBehind,
+                let e = NodeError::new(
+                    ErrorKind::ReplicaBehind,
                     format!(
                         "the state of {} on {} is {age}, over the {max} ms budget",
                         self.shard, self.me
                     ),
-                    true,
-                    false,
                 );
                 return self.reply_error(&read.reply_to, read.request_id, e);
             }
@@ -792,11 +768,11 @@ impl<S: Storage> Driver<S> {
         route: Option<Generation>,
     ) {
         if let Some(why) = &self.failed {
-            let e = error(
-                ErrorCode::ReplicaFailed,
+            let e = NodeError::new(
+                ErrorKind::ReplicaFailed {
+                    outcome_unknown: false,
+                },
                 format!("replica of {} on {} stopped: {why}", self.shard, self.me),
-                true,
-                false,
             );
             return self.reply_error(&from, id, e);
         }
@@ -826,11 +802,9 @@ impl<S: Storage> Driver<S> {
         }
         if let Request::LocalRead { query, need, .. } = request {
             if self.local_reads.len() >= self.config.local_reads_waiting_max {
-                let e = error(
-                    ErrorCode::ReplicaBehind,
+                let e = NodeError::new(
+                    ErrorKind::ReplicaBehind,
                     format!("{} of {} holds too many waiting reads", self.me, self.shard),
-                    true,
-                    false,
                 );
                 return self.reply_error(&from, id, e);
             }
@@ -847,33 +821,32 @@ impl<S: Storage> Driver<S> {
         let generation = self.core.generation();
         if route.is_some_and(|r| r < generation) {
             probe("node.stale_route_refused");
-            let mut e = error(
-                ErrorCode::StaleRoute,
+            let e = NodeError::new(
+                ErrorKind::StaleRoute {
+                    hint: self.core.leader().cloned(),
+                },
                 format!(
                     "{} is at {generation} of {}, newer than the sender's map ({}); refresh the map",
                     self.me,
                     self.shard,
                     route.unwrap()
                 ),
-                true,
-                false,
             );
-            e.leader_hint = self.core.leader().cloned();
             return self.reply_error(&from, id, e);
         }
         // A replica behind the sender's map has not heard the news yet: it is
         // not the leader of that generation, even if it leads an older one.
         if !self.core.is_leader() || route.is_some_and(|r| r > generation) {
-            let mut e = error(
-                ErrorCode::NotLeader,
-                format!("{} is not the leader of {}", self.me, self.shard),
-                true,
-                false,
-            );
             // Our idea of the leader is older than the sender's: no hint.
-            if route.is_none_or(|r| r <= generation) {
-                e.leader_hint = self.core.leader().cloned();
-            }
+            let hint = if route.is_none_or(|r| r <= generation) {
+                self.core.leader().cloned()
+            } else {
+                None
+            };
+            let e = NodeError::new(
+                ErrorKind::NotLeader { hint },
+                format!("{} is not the leader of {}", self.me, self.shard),
+            );
             return self.reply_error(&from, id, e);
         }
         match request {
@@ -900,23 +873,19 @@ impl<S: Storage> Driver<S> {
             Request::Read { query, .. } => {
                 if !self.core.has_lease(now) && !self.config.bugs.strong_read_without_lease {
                     probe("node.strong_read_refused_without_lease");
-                    let e = error(
-                        ErrorCode::Unavailable,
+                    let e = NodeError::new(
+                        ErrorKind::Unavailable,
                         format!("the leader of {} holds no lease right now; a strong read could be stale", self.shard),
-                        true,
-                        false,
                     );
                     return self.reply_error(&from, id, e);
                 }
                 if !self.is_ready() {
-                    let e = error(
-                        ErrorCode::Unavailable,
+                    let e = NodeError::new(
+                        ErrorKind::Unavailable,
                         format!(
                             "the leader of {} has not committed its first entry yet",
                             self.shard
                         ),
-                        true,
-                        false,
                     );
                     return self.reply_error(&from, id, e);
                 }
@@ -977,54 +946,28 @@ fn command_issuer(command: &Command) -> Option<&harbor_types::IssuerId> {
     }
 }
 
-pub fn error(
-    code: ErrorCode,
-    message: String,
-    retryable: bool,
-    outcome_unknown: bool,
-) -> NodeError {
-    NodeError {
-        code,
-        message,
-        retryable,
-        outcome_unknown,
-        leader_hint: None,
-        retry_after_ms: None,
-    }
-}
-
 fn propose_error(shard: ShardId, e: ProposeError) -> NodeError {
-    match e {
-        ProposeError::NotLeader { ref leader, .. } => {
-            let mut err = error(ErrorCode::NotLeader, e.to_string(), true, false);
-            err.leader_hint = leader.clone();
-            err
-        }
+    let kind = match e {
+        ProposeError::NotLeader { ref leader, .. } => ErrorKind::NotLeader {
+            hint: leader.clone(),
+        },
         ProposeError::RpoBudgetExceeded { budget_ms, .. } => {
-            let mut err = error(
-                ErrorCode::RpoBudgetExceeded,
-                format!("{shard}: {e}; writes resume when the remote copy catches up"),
-                true,
-                false,
-            );
-            err.retry_after_ms = Some((budget_ms / 5).max(100));
-            err
+            let retry_after_ms = (budget_ms / 5).max(100);
+            let message = format!("{shard}: {e}; writes resume when the remote copy catches up");
+            return NodeError::new(ErrorKind::RpoBudgetExceeded { retry_after_ms }, message);
         }
-        ProposeError::Overloaded { .. } => {
-            let mut err = error(ErrorCode::Overloaded, format!("{shard}: {e}"), true, false);
-            err.retry_after_ms = Some(50);
-            err
-        }
-        ProposeError::TooLarge { .. } => error(ErrorCode::TooLarge, e.to_string(), false, false),
-        ProposeError::Draining { retry_after_ms } => {
-            let mut err = error(
-                ErrorCode::LeadershipChanged,
-                format!("{shard}: {e}"),
-                true,
-                false,
-            );
-            err.retry_after_ms = Some(retry_after_ms);
-            err
-        }
-    }
+        ProposeError::Overloaded { .. } => ErrorKind::Overloaded {
+            retry_after_ms: Some(50),
+        },
+        ProposeError::TooLarge { .. } => ErrorKind::TooLarge,
+        ProposeError::Draining { retry_after_ms } => ErrorKind::LeadershipChanged {
+            outcome_unknown: false,
+            retry_after_ms: Some(retry_after_ms),
+        },
+    };
+    let message = match kind {
+        ErrorKind::NotLeader { .. } | ErrorKind::TooLarge => e.to_string(),
+        _ => format!("{shard}: {e}"),
+    };
+    NodeError::new(kind, message)
 }

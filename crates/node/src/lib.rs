@@ -4,17 +4,16 @@
 //! replication core, the reservation state machine and the WAL, and executes
 //! the core's effects with real IO: a batch of inputs becomes one WAL write
 //! and one fsync (group commit). [`transport`] moves envelopes between
-//! nodes and gateways, in-process or over TCP.
+//! nodes and gateways, in-process or over TCP. What the envelopes carry is
+//! the `harbor-wire` crate's.
 
 pub mod config;
 pub mod driver;
 pub mod node;
 pub mod queue;
 pub mod transport;
-pub mod wire;
 
 pub use config::NodeConfig;
-pub use driver::Control;
 pub use node::{Node, NodeStartError};
 pub use transport::{
     inbox, InProcNetwork, Inbox, LateSink, LinkFaults, Sink, TcpTransport, Transport,

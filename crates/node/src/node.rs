@@ -6,10 +6,10 @@ use harbor_replication::Member;
 use harbor_types::{NodeId, Region, ShardId};
 
 use crate::config::NodeConfig;
-use crate::driver::{error, Control, Driver, DriverStartError, ReplicaInput};
+use harbor_wire::{Body, Control, Envelope, ErrorKind, NodeError, Response, Sink, Transport};
+
+use crate::driver::{Driver, DriverStartError, ReplicaInput};
 use crate::queue::{self, TrySendError};
-use crate::transport::{Sink, Transport};
-use crate::wire::{Body, Envelope, ErrorCode, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeStartError {
@@ -166,25 +166,23 @@ fn deliver(
     };
     let reply_to = envelope.from.clone();
     let refusal = match replicas.get(&shard) {
-        None => error(
-            ErrorCode::UnknownShard,
+        None => NodeError::new(
+            ErrorKind::UnknownShard,
             format!("{me} hosts no replica of {shard}"),
-            true,
-            false,
         ),
         Some(tx) => match tx.try_send(ReplicaInput::Envelope(envelope)) {
             Ok(()) => return true,
-            Err(TrySendError::Full) => error(
-                ErrorCode::Overloaded,
+            Err(TrySendError::Full) => NodeError::new(
+                ErrorKind::Overloaded {
+                    retry_after_ms: None,
+                },
                 format!("the replica of {shard} on {me} has a full queue"),
-                true,
-                false,
             ),
-            Err(TrySendError::Disconnected) => error(
-                ErrorCode::ReplicaFailed,
+            Err(TrySendError::Disconnected) => NodeError::new(
+                ErrorKind::ReplicaFailed {
+                    outcome_unknown: false,
+                },
                 format!("the replica of {shard} on {me} is not running"),
-                true,
-                false,
             ),
         },
     };

@@ -7,11 +7,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use harbor_node::wire::{Body, Envelope, ErrorCode, Query, Request, Response};
-use harbor_node::{Control, Node, NodeConfig, TcpTransport, Transport};
+use harbor_node::{Node, NodeConfig, TcpTransport};
 use harbor_replication::Member;
 use harbor_reservation::{Command, Outcome};
 use harbor_types::{Amount, Generation, IssuerId, NodeId, Region, ReservationToken, ShardId};
+use harbor_wire::{Body, Envelope, ErrorCode, Query, Request, Response};
+use harbor_wire::{Control, Transport};
 use tokio::net::TcpListener;
 
 fn id(name: &str) -> NodeId {
@@ -173,7 +174,7 @@ async fn a_group_replicates_and_answers_over_tcp() {
         };
         assert_eq!(got, request_id);
         match *response {
-            Response::Error(e) => assert_eq!(e.code, code, "{e}"),
+            Response::Error(e) => assert_eq!(e.code(), code, "{e}"),
             other => panic!("route {route} was served: {other:?}"),
         }
     }

@@ -5,11 +5,8 @@ use std::sync::{Arc, Mutex};
 use harbor_meta::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, ShardMap, Topology,
 };
-use harbor_node::driver::{Control, Driver, ReplicaInput};
-use harbor_node::wire::{
-    Body, Envelope, ErrorCode, Freshness, Query, QueryResult, Request, Response,
-};
-use harbor_node::{NodeConfig, Transport};
+use harbor_node::driver::{Driver, ReplicaInput};
+use harbor_node::NodeConfig;
 use harbor_replication::{Member, Role};
 use harbor_reservation::{Command, Outcome, TokenOutcome, TokenView};
 use harbor_types::sim::Bugs;
@@ -18,6 +15,9 @@ use harbor_types::{
     ReservationToken, ShardId, WallMs,
 };
 use harbor_wal::MemStorage;
+use harbor_wire::Control;
+use harbor_wire::Transport;
+use harbor_wire::{Body, Envelope, ErrorCode, Freshness, Query, QueryResult, Request, Response};
 use serde_json::{json, Value};
 
 use crate::rng::Rng;
@@ -1051,7 +1051,7 @@ impl World {
                 self.trace(|| format!("drain {leader}: {shard} for {for_ms} ms"));
                 if !self.unreachable(&leader) {
                     self.drive(&leader, shard, |d, now| {
-                        d.handle(now, ReplicaInput::Control(Control::Drain(for_ms)))
+                        d.handle(now, ReplicaInput::Control(Control::Drain { for_ms }))
                     });
                 }
             }
@@ -1758,17 +1758,17 @@ impl World {
         let read = self.clients[i].inflight.as_ref().unwrap().read.clone();
         match *response {
             Response::Error(e) => {
-                if e.code == ErrorCode::StaleRoute {
+                if e.code() == ErrorCode::StaleRoute {
                     self.clients[i].map_refresh_at = self.now;
                 } else if let (Some(hint), Some(shard)) =
-                    (&e.leader_hint, self.clients[i].inflight_shard)
+                    (e.leader_hint(), self.clients[i].inflight_shard)
                 {
                     if let Some(cached) = self.clients[i].leaders.get_mut(&shard) {
                         cached.0 = hint.clone();
                     }
                 }
-                let kind = if e.outcome_unknown { "info" } else { "fail" };
-                self.complete(i, kind, json!({"error": e.code.as_str()}));
+                let kind = if e.outcome_unknown() { "info" } else { "fail" };
+                self.complete(i, kind, json!({"error": e.code().as_str()}));
             }
             Response::Applied {
                 outcome,

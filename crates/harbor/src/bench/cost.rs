@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use harbor_node::wire::{Query, QueryResult, Request, Response};
+use harbor_wire::{Query, QueryResult, Request, Response};
 use serde::Serialize;
 use serde_json::{json, Value};
 

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{Sink, Transport};
-use crate::wire::Envelope;
+use harbor_wire::Envelope;
 
 /// Envelopes queued on one cross-region link before new ones are dropped.
 const LINK_QUEUE_MAX: usize = 65_536;

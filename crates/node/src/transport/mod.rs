@@ -18,17 +18,8 @@ use std::sync::{Arc, OnceLock};
 pub use inproc::{InProcNetwork, LinkFaults};
 pub use tcp::{messages_fit_frames, TcpTransport, FRAME_BYTES_MAX};
 
-use crate::wire::Envelope;
-
-pub trait Transport: Send + Sync + 'static {
-    /// Best effort delivery of `envelope` to `envelope.to`.
-    fn send(&self, envelope: Envelope);
-}
-
-/// Where one endpoint's envelopes go. Called on the sender's thread (a
-/// replica thread, a tokio worker): it must not block or take a lock the
-/// sender may hold, and it returns false when it dropped the envelope.
-pub type Sink = Arc<dyn Fn(Envelope) -> bool + Send + Sync>;
+use harbor_wire::Envelope;
+pub use harbor_wire::{Sink, Transport};
 
 /// What an [`inbox`] sink takes, in order.
 pub type Inbox = tokio::sync::mpsc::Receiver<Envelope>;

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use super::{Sink, Transport};
-use crate::wire::Envelope;
+use harbor_wire::Envelope;
 
 /// The largest frame accepted or sent: a full append batch plus headroom.
 /// A snapshot never needs one of its own size: it goes in chunks.

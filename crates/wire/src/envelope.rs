@@ -4,7 +4,7 @@
 
 use harbor_replication::{Message, ReplicaStatus, Role};
 
-use crate::driver::Control;
+use crate::error::NodeError;
 use harbor_reservation::{Command, IssuerView, Outcome, ReservationView, TokenView};
 use harbor_types::{
     CommitToken, Generation, IssuerId, LogIndex, NodeId, ReservationId, ReservationToken, ShardId,
@@ -41,6 +41,29 @@ pub enum Body {
         shard: ShardId,
         control: Control,
     },
+}
+
+/// Orders from the metadata plane (and the node) to one replica.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Control {
+    /// Lead this generation (the control plane named it only after the
+    /// previous leader's lease ran out).
+    Lead(Generation),
+    /// Lead this generation of a group that holds nothing anywhere: every
+    /// member reported it is recovering with an empty log (a new group,
+    /// or one that lost every copy). The only way a replica that started
+    /// empty may lead.
+    LeadNewGroup(Generation),
+    Follow(Generation, NodeId),
+    /// A planned transfer: take no writes for `for_ms`.
+    Drain {
+        for_ms: u64,
+    },
+    /// Stop accepting appends older than this generation; the leader is
+    /// named later (failover).
+    Seal(Generation),
+    /// From the node itself only; refused from the network.
+    Shutdown,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -133,62 +156,6 @@ pub enum Response {
         served: Served,
     },
     Error(NodeError),
-}
-
-/// A refusal from a node. `retryable` errors may be retried with the same
-/// token; `outcome_unknown` means the write may or may not commit: look the
-/// token up (or resolve it) before giving up.
-#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct NodeError {
-    pub code: ErrorCode,
-    pub message: String,
-    pub retryable: bool,
-    pub outcome_unknown: bool,
-    pub leader_hint: Option<NodeId>,
-    /// For `rpo_budget_exceeded` and `overloaded`: when to try again.
-    pub retry_after_ms: Option<u64>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    NotLeader,
-    UnknownShard,
-    RpoBudgetExceeded,
-    Overloaded,
-    LeadershipChanged,
-    ReplicaFailed,
-    TooLarge,
-    Timeout,
-    Unavailable,
-    StaleRoute,
-    /// A local read the replica cannot serve fresh enough; ask the leader.
-    ReplicaBehind,
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::NotLeader => "not_leader",
-            ErrorCode::UnknownShard => "unknown_shard",
-            ErrorCode::RpoBudgetExceeded => "rpo_budget_exceeded",
-            ErrorCode::Overloaded => "overloaded",
-            ErrorCode::LeadershipChanged => "leadership_changed",
-            ErrorCode::ReplicaFailed => "replica_failed",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::Timeout => "timeout",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::StaleRoute => "stale_route",
-            ErrorCode::ReplicaBehind => "replica_behind",
-        }
-    }
-}
-
-impl std::fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// A replica's view of its group, for health and admin pages.

@@ -1,0 +1,210 @@
+//! Refusals from a node (or from the gateway's router on a node's behalf).
+//!
+//! A refusal is typed: what a caller branches on (the leader to try, when
+//! to come back, whether a write may still commit) is a field of the kind,
+//! never a flag set beside it. The flat [`ErrorCode`] is what HTTP answers
+//! carry as their machine-readable `error`.
+
+use harbor_types::NodeId;
+use serde::{Deserialize, Serialize};
+
+/// A refusal: what happened, as data, and a message for humans.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{}: {message}", .kind.code())]
+pub struct NodeError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// This replica does not lead the group (at the sender's generation);
+    /// `hint` names the leader it knows of, if that is news to the sender.
+    NotLeader { hint: Option<NodeId> },
+    /// The sender's map names an older generation than this replica's: it
+    /// must refresh its map and resend.
+    StaleRoute { hint: Option<NodeId> },
+    /// The node hosts no replica of the group.
+    UnknownShard,
+    /// The remote copy is further behind than the RPO budget.
+    RpoBudgetExceeded { retry_after_ms: u64 },
+    /// A queue is full.
+    Overloaded { retry_after_ms: Option<u64> },
+    /// The group's leadership is changing. A write that was in flight may
+    /// or may not commit (`outcome_unknown`); a planned transfer refuses
+    /// new writes until `retry_after_ms`.
+    LeadershipChanged {
+        outcome_unknown: bool,
+        retry_after_ms: Option<u64>,
+    },
+    /// The replica stopped (a storage failure); a write it had taken may or
+    /// may not commit (`outcome_unknown`).
+    ReplicaFailed { outcome_unknown: bool },
+    /// The request can never fit; not retryable.
+    TooLarge,
+    /// No answer in time: a write may or may not commit (`outcome_unknown`).
+    Timeout { outcome_unknown: bool },
+    /// The group cannot serve this now (no lease, no first commit yet).
+    Unavailable,
+    /// A local read the replica cannot serve fresh enough; ask the leader.
+    ReplicaBehind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    NotLeader,
+    UnknownShard,
+    RpoBudgetExceeded,
+    Overloaded,
+    LeadershipChanged,
+    ReplicaFailed,
+    TooLarge,
+    Timeout,
+    Unavailable,
+    StaleRoute,
+    ReplicaBehind,
+}
+
+impl NodeError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> NodeError {
+        NodeError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.kind.code()
+    }
+
+    /// Whether the same request may be tried again (with the same token).
+    pub fn retryable(&self) -> bool {
+        !matches!(self.kind, ErrorKind::TooLarge)
+    }
+
+    /// Whether a write may or may not have committed: look its token up
+    /// (or resolve it) before giving up.
+    pub fn outcome_unknown(&self) -> bool {
+        match self.kind {
+            ErrorKind::LeadershipChanged {
+                outcome_unknown, ..
+            }
+            | ErrorKind::ReplicaFailed { outcome_unknown }
+            | ErrorKind::Timeout { outcome_unknown } => outcome_unknown,
+            _ => false,
+        }
+    }
+
+    /// The leader the refusing replica knows of, if any.
+    pub fn leader_hint(&self) -> Option<&NodeId> {
+        match &self.kind {
+            ErrorKind::NotLeader { hint } | ErrorKind::StaleRoute { hint } => hint.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// When to try again, where the refusal says.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self.kind {
+            ErrorKind::RpoBudgetExceeded { retry_after_ms } => Some(retry_after_ms),
+            ErrorKind::Overloaded { retry_after_ms }
+            | ErrorKind::LeadershipChanged { retry_after_ms, .. } => retry_after_ms,
+            _ => None,
+        }
+    }
+}
+
+impl ErrorKind {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ErrorKind::NotLeader { .. } => ErrorCode::NotLeader,
+            ErrorKind::StaleRoute { .. } => ErrorCode::StaleRoute,
+            ErrorKind::UnknownShard => ErrorCode::UnknownShard,
+            ErrorKind::RpoBudgetExceeded { .. } => ErrorCode::RpoBudgetExceeded,
+            ErrorKind::Overloaded { .. } => ErrorCode::Overloaded,
+            ErrorKind::LeadershipChanged { .. } => ErrorCode::LeadershipChanged,
+            ErrorKind::ReplicaFailed { .. } => ErrorCode::ReplicaFailed,
+            ErrorKind::TooLarge => ErrorCode::TooLarge,
+            ErrorKind::Timeout { .. } => ErrorCode::Timeout,
+            ErrorKind::Unavailable => ErrorCode::Unavailable,
+            ErrorKind::ReplicaBehind => ErrorCode::ReplicaBehind,
+        }
+    }
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotLeader => "not_leader",
+            ErrorCode::UnknownShard => "unknown_shard",
+            ErrorCode::RpoBudgetExceeded => "rpo_budget_exceeded",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::LeadershipChanged => "leadership_changed",
+            ErrorCode::ReplicaFailed => "replica_failed",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::StaleRoute => "stale_route",
+            ErrorCode::ReplicaBehind => "replica_behind",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_caller_branches_on_comes_from_the_kind() {
+        let hint = NodeId::new("madrid-1").unwrap();
+        let e = NodeError::new(
+            ErrorKind::NotLeader {
+                hint: Some(hint.clone()),
+            },
+            "not the leader",
+        );
+        assert_eq!(e.code(), ErrorCode::NotLeader);
+        assert_eq!(e.leader_hint(), Some(&hint));
+        assert!(e.retryable() && !e.outcome_unknown());
+        assert_eq!(e.to_string(), "not_leader: not the leader");
+
+        let e = NodeError::new(ErrorKind::TooLarge, "too large");
+        assert!(!e.retryable());
+        let e = NodeError::new(
+            ErrorKind::Timeout {
+                outcome_unknown: true,
+            },
+            "no answer",
+        );
+        assert!(e.outcome_unknown() && e.retryable());
+        let e = NodeError::new(
+            ErrorKind::RpoBudgetExceeded {
+                retry_after_ms: 1_000,
+            },
+            "behind",
+        );
+        assert_eq!(e.retry_after_ms(), Some(1_000));
+        assert_eq!(e.leader_hint(), None);
+    }
+
+    #[test]
+    fn a_refusal_survives_the_wire() {
+        let e = NodeError::new(
+            ErrorKind::LeadershipChanged {
+                outcome_unknown: true,
+                retry_after_ms: Some(20),
+            },
+            "changed",
+        );
+        let bytes = postcard::to_allocvec(&e).unwrap();
+        let back: NodeError = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, e);
+    }
+}
