@@ -84,8 +84,8 @@ impl ApiError {
         error.retry_after_ms = e.retry_after_ms();
         error
             .details
-            .insert("outcome_unknown".into(), json!(e.outcome_unknown()));
-        if e.outcome_unknown() {
+            .insert("outcome_unknown".into(), json!(e.outcome_unknown));
+        if e.outcome_unknown {
             error.message.push_str(
                 ". The outcome is unknown: retry with the same reservation_token, or ask GET /v1/reservation-tokens/{token}?issuer_id=... and POST .../resolve",
             );

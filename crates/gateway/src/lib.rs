@@ -11,6 +11,7 @@
 pub mod admin;
 mod api;
 mod batch;
+pub mod call;
 mod error;
 mod metrics;
 pub mod reads;

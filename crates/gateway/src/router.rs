@@ -4,39 +4,20 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use harbor_meta::Metadata;
-use harbor_types::{Generation, NodeId, Region, ShardId};
-use harbor_wire::{Body, Envelope, ErrorCode, ErrorKind, NodeError, Request, Response};
+use harbor_types::{Generation, MonoMs, NodeId, Region, ShardId};
+use harbor_wire::{Body, Envelope, ErrorKind, NodeError, Request, Response};
 use harbor_wire::{Control, Sink, Transport};
 use tokio::sync::oneshot;
 
 use crate::admin::Admin;
-
-/// How often a waiting request checks whether its group's leader moved.
-const ROUTE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
-/// Leaders one request follows before it gives up.
-const ROUTE_ATTEMPTS_MAX: usize = 32;
-/// How long a request refused with `leadership_changed` waits for the map
-/// to name the next leader before it asks the same one again.
-const LEADERSHIP_WAIT_MAX: Duration = Duration::from_millis(200);
-/// A leader silent for this long makes a waiting request refresh the map
-/// (every `ROUTE_CHECK_INTERVAL` from then on).
-const SILENT_LEADER: Duration = Duration::from_millis(300);
-/// An unanswered request is sent again after this, then after twice as
-/// long, and so on: TCP loses what was written to a connection whose peer
-/// died. The copy keeps the request's id, so whichever answer comes first
-/// is taken, and a slow link (a WAN round trip over a second) still gets
-/// its answers.
-const RESEND_AFTER: Duration = Duration::from_millis(1_000);
-/// How long a request first waits before asking again a node that the map
-/// names leader but that has not heard it yet (doubling on each refusal).
-const NEWS_WAIT: Duration = Duration::from_millis(10);
+use crate::call::{Call, CallLimits, MapEntry, Step};
 
 /// Limits of one gateway.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    /// How long a request waits for its leader. Past it the outcome of a
-    /// write is unknown: the client looks its token up or resolves it.
-    pub request_timeout_ms: u64,
+    /// How a request follows its group's leader, and how long it waits
+    /// (`request_timeout_ms`: past it the outcome of a write is unknown).
+    pub call: CallLimits,
     /// Requests waiting for a node at once; more are refused (503).
     pub inflight_requests_max: usize,
     /// The largest request body.
@@ -54,7 +35,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
-            request_timeout_ms: 5_000,
+            call: CallLimits::default(),
             inflight_requests_max: 100_000,
             body_bytes_max: 64 * 1024,
             batch_body_bytes_max: 4 << 20,
@@ -79,6 +60,8 @@ pub struct Gateway {
     pub(crate) local_turn: AtomicU64,
     /// Local replicas that did not answer a read, skipped until then.
     pub(crate) silent_replicas: Mutex<HashMap<NodeId, std::time::Instant>>,
+    /// The origin of this gateway's monotonic clock.
+    started: tokio::time::Instant,
 }
 
 impl Gateway {
@@ -103,6 +86,7 @@ impl Gateway {
             metrics: crate::metrics::Metrics::default(),
             local_turn: AtomicU64::new(0),
             silent_replicas: Mutex::new(HashMap::new()),
+            started: tokio::time::Instant::now(),
         })
     }
 
@@ -141,139 +125,99 @@ impl Gateway {
         self.admin.get()
     }
 
-    /// The current leader of `shard` per the shard map.
-    pub(crate) fn leader_of(&self, shard: ShardId) -> Option<NodeId> {
-        self.meta.map().groups.get(&shard).map(|g| g.leader.clone())
-    }
-
-    /// The generation the shard map names for `shard`.
-    fn generation_of(&self, shard: ShardId) -> Option<Generation> {
-        self.meta.map().groups.get(&shard).map(|g| g.generation)
-    }
-
     pub(crate) fn region_of(&self, node: &NodeId) -> Option<Region> {
         self.meta.map().region_of(node).cloned()
     }
 
     /// Sends `request` to its group's leader and waits for the answer,
-    /// following the leader: on a not-leader answer with a hint, or when the
-    /// shard map names a new leader while it waits, it sends the request
-    /// again to the new one, and a copy to the same one when it has not
-    /// answered within `RESEND_AFTER` (lost on a dead connection). A
-    /// `leadership_changed`, `stale_route` or hintless `not_leader`
-    /// refusal (a transfer or a failover under way) waits for the map to
-    /// move, then sends again. That is safe for every request: reservations
-    /// are deduplicated by their token, and confirm, release, resolve and
-    /// issuer upserts are idempotent. An old leader whose generation was
-    /// sealed can no longer commit anything.
+    /// following the leader as [`crate::call`] decides (the simulator runs
+    /// the same state machine): this only executes its steps.
     pub async fn call(&self, request: Request) -> Result<Response, NodeError> {
         let shard = request.shard();
         let is_write = matches!(request, Request::Write { .. });
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
-        let Some(mut leader) = self.leader_of(shard) else {
-            return Err(NodeError::new(
-                ErrorKind::UnknownShard,
-                format!("{shard} is not in the shard map"),
-            ));
-        };
-        let mut news_wait = NEWS_WAIT;
-        for _attempt in 0..ROUTE_ATTEMPTS_MAX {
-            let route = self.generation_of(shard);
-            let (id, mut rx) = self.send(&leader, request.clone(), route)?;
-            let sent = tokio::time::Instant::now();
-            let mut resend_at = sent + RESEND_AFTER;
-            let mut resend_every = RESEND_AFTER;
-            let answer = loop {
-                tokio::select! {
-                    answer = &mut rx => break answer.ok(),
-                    _ = tokio::time::sleep(ROUTE_CHECK_INTERVAL) => {
-                        if sent.elapsed() >= SILENT_LEADER {
-                            // The leader may be gone: has the map moved?
-                            let _ = self.meta.refresh().await;
-                        }
-                        let moved = self.leader_of(shard).filter(|l| *l != leader);
-                        if moved.is_some() || tokio::time::Instant::now() >= deadline {
+        let entry = self.entry_of(shard);
+        let (mut call, mut steps) =
+            Call::start(self.clock(), shard, is_write, entry, self.config.call)?;
+        // The current attempt: its id, its answer, where it went.
+        let mut current: Option<(u64, oneshot::Receiver<Response>, NodeId, Option<Generation>)> =
+            None;
+        let mut wake = tokio::time::Instant::now();
+        loop {
+            let mut refreshed = false;
+            for step in steps.drain(..) {
+                match step {
+                    Step::Send { to, route } => {
+                        if let Some((id, ..)) = current.take() {
                             self.pending.lock().unwrap().remove(&id);
-                            break None;
                         }
-                        // A request sent on a connection that died (the peer
-                        // restarted) is lost: send a copy (same id, same
-                        // token).
-                        if tokio::time::Instant::now() >= resend_at {
-                            self.transmit(&leader, id, request.clone(), route);
-                            resend_every *= 2;
-                            resend_at = tokio::time::Instant::now() + resend_every;
-                        }
+                        let (id, rx) = self.send(&to, request.clone(), route)?;
+                        current = Some((id, rx, to, route));
                     }
+                    Step::Resend => {
+                        let (id, _, to, route) = current.as_ref().expect("an attempt to resend");
+                        self.transmit(to, *id, request.clone(), *route);
+                    }
+                    Step::RefreshMap => {
+                        let _ = self.meta.refresh().await;
+                        refreshed = true;
+                    }
+                    Step::WakeAt(at) => wake = self.instant_of(at),
+                    Step::Done(result) => {
+                        if let Some((id, ..)) = current.take() {
+                            self.pending.lock().unwrap().remove(&id);
+                        }
+                        return *result;
+                    }
+                }
+            }
+            if refreshed {
+                steps = call.on_timer(self.clock(), self.entry_of(shard).as_ref());
+                continue;
+            }
+            // `Some(answer)`: the attempt's waiter fired (`None` inside:
+            // it was dropped, as good as no answer).
+            let answered = match current.as_mut() {
+                Some((_, rx, ..)) => {
+                    tokio::select! {
+                        answer = rx => Some(answer.ok()),
+                        _ = tokio::time::sleep_until(wake) => None,
+                    }
+                }
+                None => {
+                    tokio::time::sleep_until(wake).await;
+                    None
                 }
             };
-            if tokio::time::Instant::now() >= deadline && answer.is_none() {
-                break;
-            }
-            match answer {
-                Some(Response::Error(NodeError {
-                    kind: ErrorKind::NotLeader { hint: Some(hint) },
-                    ..
-                })) if hint != leader => {
-                    leader = hint;
-                }
-                Some(Response::Error(e))
-                    if matches!(
-                        e.kind,
-                        ErrorKind::NotLeader { .. }
-                            | ErrorKind::LeadershipChanged { .. }
-                            | ErrorKind::StaleRoute { .. }
-                    ) =>
-                {
-                    // Leadership is moving (a transfer or failover): wait for
-                    // the map to name the next leader, then send again. A
-                    // node the map already names as leader has not heard the
-                    // news yet: ask it again shortly. A stale route means
-                    // our copy of the map trails the replica's: refresh it
-                    // and send to whoever it names.
-                    let wait = if e.code() == ErrorCode::NotLeader {
-                        news_wait = (news_wait * 2).min(LEADERSHIP_WAIT_MAX);
-                        news_wait / 2
-                    } else {
-                        e.retry_after_ms()
-                            .map_or(LEADERSHIP_WAIT_MAX, Duration::from_millis)
-                            .min(LEADERSHIP_WAIT_MAX)
-                    };
-                    if e.code() == ErrorCode::StaleRoute {
-                        let _ = self.meta.refresh().await;
-                    }
-                    let until = (tokio::time::Instant::now() + wait).min(deadline);
-                    while self.leader_of(shard).as_ref() == Some(&leader)
-                        && self.generation_of(shard) == route
-                        && tokio::time::Instant::now() < until
-                    {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        return Ok(Response::Error(e));
-                    }
-                    match self.leader_of(shard) {
-                        Some(next) => leader = next,
-                        None => return Ok(Response::Error(e)),
+            let entry = self.entry_of(shard);
+            steps = match answered {
+                Some(answer) => {
+                    current = None; // its waiter is used up
+                    match answer {
+                        Some(response) => call.on_answer(self.clock(), response, entry.as_ref()),
+                        None => call.on_timer(self.clock(), entry.as_ref()),
                     }
                 }
-                Some(response) => return Ok(response),
-                None => match self.leader_of(shard) {
-                    Some(next) => leader = next,
-                    None => break,
-                },
-            }
+                None => call.on_timer(self.clock(), entry.as_ref()),
+            };
         }
-        Err(NodeError::new(
-            ErrorKind::Timeout {
-                outcome_unknown: is_write,
-            },
-            format!(
-                "no answer for {shard} within {} ms",
-                self.config.request_timeout_ms
-            ),
-        ))
+    }
+
+    /// The shard map's entry for `shard`, as this gateway's copy has it.
+    fn entry_of(&self, shard: ShardId) -> Option<MapEntry> {
+        self.meta.map().groups.get(&shard).map(|g| MapEntry {
+            leader: g.leader.clone(),
+            generation: g.generation,
+        })
+    }
+
+    /// This gateway's monotonic clock, as a [`Call`] reads it.
+    fn clock(&self) -> MonoMs {
+        let elapsed = self.started.elapsed().as_millis();
+        MonoMs::from_millis(u64::try_from(elapsed).unwrap_or(u64::MAX - 1) + 1)
+    }
+
+    fn instant_of(&self, at: MonoMs) -> tokio::time::Instant {
+        self.started + Duration::from_millis(at.as_millis() - 1)
     }
 
     /// Registers a waiter and sends one request to one node.
@@ -335,12 +279,11 @@ impl Gateway {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) | Err(_) => {
                 self.pending.lock().unwrap().remove(&id);
-                Err(NodeError::new(
-                    ErrorKind::Timeout {
-                        outcome_unknown: is_write,
-                    },
-                    format!("no answer from {node} within {timeout_ms} ms"),
-                ))
+                let message = format!("no answer from {node} within {timeout_ms} ms");
+                Err(match is_write {
+                    true => NodeError::in_doubt(ErrorKind::Timeout, message),
+                    false => NodeError::new(ErrorKind::Timeout, message),
+                })
             }
         }
     }

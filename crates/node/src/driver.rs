@@ -548,9 +548,8 @@ impl<S: Storage> Driver<S> {
                     self.reply_error(
                         &waiter.reply_to,
                         waiter.request_id,
-                        NodeError::new(
+                        NodeError::in_doubt(
                             ErrorKind::LeadershipChanged {
-                                outcome_unknown: true,
                                 retry_after_ms: None,
                             },
                             format!("leadership of {} changed to generation {generation}; the write may or may not commit", self.shard),
@@ -571,10 +570,8 @@ impl<S: Storage> Driver<S> {
             self.reply_error(
                 &waiter.reply_to,
                 waiter.request_id,
-                NodeError::new(
-                    ErrorKind::ReplicaFailed {
-                        outcome_unknown: true,
-                    },
+                NodeError::in_doubt(
+                    ErrorKind::ReplicaFailed,
                     format!("the leader of {} stopped after a storage failure; the write may or may not commit", self.shard),
                 ),
             );
@@ -769,9 +766,7 @@ impl<S: Storage> Driver<S> {
     ) {
         if let Some(why) = &self.failed {
             let e = NodeError::new(
-                ErrorKind::ReplicaFailed {
-                    outcome_unknown: false,
-                },
+                ErrorKind::ReplicaFailed,
                 format!("replica of {} on {} stopped: {why}", self.shard, self.me),
             );
             return self.reply_error(&from, id, e);
@@ -961,7 +956,6 @@ fn propose_error(shard: ShardId, e: ProposeError) -> NodeError {
         },
         ProposeError::TooLarge { .. } => ErrorKind::TooLarge,
         ProposeError::Draining { retry_after_ms } => ErrorKind::LeadershipChanged {
-            outcome_unknown: false,
             retry_after_ms: Some(retry_after_ms),
         },
     };

@@ -179,9 +179,7 @@ fn deliver(
                 format!("the replica of {shard} on {me} has a full queue"),
             ),
             Err(TrySendError::Disconnected) => NodeError::new(
-                ErrorKind::ReplicaFailed {
-                    outcome_unknown: false,
-                },
+                ErrorKind::ReplicaFailed,
                 format!("the replica of {shard} on {me} is not running"),
             ),
         },

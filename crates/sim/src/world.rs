@@ -2,6 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
+use harbor_gateway::call::{Call, CallLimits, MapEntry, Step};
 use harbor_meta::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, ShardMap, Topology,
 };
@@ -17,7 +18,7 @@ use harbor_types::{
 use harbor_wal::MemStorage;
 use harbor_wire::Control;
 use harbor_wire::Transport;
-use harbor_wire::{Body, Envelope, ErrorCode, Freshness, Query, QueryResult, Request, Response};
+use harbor_wire::{Body, Envelope, Freshness, Query, QueryResult, Request, Response};
 use serde_json::{json, Value};
 
 use crate::rng::Rng;
@@ -136,6 +137,8 @@ enum Event {
     Tick(NodeId),
     ClientStep(usize),
     ClientTimeout(usize, u64),
+    /// A client's gateway call asked to be woken (client, operation, when).
+    ClientWake(usize, u64, MonoMs),
     Fault,
     Restart(NodeId),
     CrashRestart(NodeId),
@@ -223,6 +226,20 @@ struct Inflight {
     read: Option<LocalRead>,
     /// A batch: its reserves, each its own operation (`op_id` is the first).
     batch: Vec<BatchItem>,
+    /// The gateway's call that carries the request to the leader (the
+    /// shipped state machine), once the request goes there.
+    call: Option<GatewayCall>,
+}
+
+/// A request on its way to its group's leader, as the gateway sends it.
+struct GatewayCall {
+    call: Call,
+    request: Request,
+    /// Where the current attempt went (a resend goes there again).
+    to: NodeId,
+    route: Option<Generation>,
+    /// The wake-up the call asked for last; older ones are stale.
+    wake_at: Option<MonoMs>,
 }
 
 /// One reserve of a batch, recorded under a sub-client of its own
@@ -300,11 +317,17 @@ struct World {
     violations: Vec<String>,
     stats: SimStats,
     node_config: NodeConfig,
+    /// The gateways' call timings: the gateway's own, with this seed's
+    /// timeout and resend interval.
+    call_limits: CallLimits,
     /// `HARBOR_SIM_TRACE=1`: print faults and control-plane decisions.
     tracing: bool,
 }
 
 const TICK_MS: u64 = 10;
+/// A client gives up this long after its gateway's call would have: the
+/// call's own timeout decides, as an HTTP client's would outlast it.
+const CLIENT_GRACE_MS: u64 = 500;
 const LOCAL_DELAY_MS: u64 = 1;
 const WAN_DELAY_MS: u64 = 35;
 /// How long the simulated control plane waits for a silent leader before
@@ -424,8 +447,17 @@ impl World {
             violations: Vec::new(),
             stats: SimStats::default(),
             node_config,
+            call_limits: CallLimits::default(),
             tracing: std::env::var_os("HARBOR_SIM_TRACE").is_some(),
         };
+        world.call_limits = CallLimits {
+            request_timeout_ms: world.options.client_timeout_ms,
+            resend_after_ms: world.rng.range(100, 1_000),
+            ..CallLimits::default()
+        };
+        for i in 0..world.clients.len() {
+            world.refresh_client_map(i);
+        }
         let names: Vec<NodeId> = world.nodes.keys().cloned().collect();
         // The groups are new now; an empty disk later is a lost one.
         world.node_config.groups_are_new = true;
@@ -517,7 +549,11 @@ impl World {
     fn step(&mut self, event: Event) {
         if !matches!(
             event,
-            Event::Deliver(_) | Event::Tick(_) | Event::ClientStep(_) | Event::ClientTimeout(..)
+            Event::Deliver(_)
+                | Event::Tick(_)
+                | Event::ClientStep(_)
+                | Event::ClientTimeout(..)
+                | Event::ClientWake(..)
         ) {
             self.trace(|| format!("{event:?}"));
         }
@@ -526,6 +562,7 @@ impl World {
             Event::Tick(node) => self.tick(node),
             Event::ClientStep(i) => self.client_step(i),
             Event::ClientTimeout(i, op_id) => self.client_timeout(i, op_id),
+            Event::ClientWake(i, op_id, at) => self.client_wake(i, op_id, at),
             Event::Fault => self.fault(),
             Event::Restart(node) => self.restart(&node),
             Event::CrashRestart(node) => {
@@ -547,9 +584,11 @@ impl World {
         }
     }
 
-    /// Registers the issuers before any fault, through the same request path
-    /// as every other write.
+    /// Registers the issuers before any fault but message loss, through the
+    /// same request path as every other write; a registration that times
+    /// out is sent again (an upsert is idempotent), as a client would.
     fn setup_issuers(&mut self) {
+        const TRIES_MAX: usize = 10;
         let issuers = self.issuers.clone();
         for (issuer, shard, limit) in issuers {
             let group = &self.groups[&shard];
@@ -559,22 +598,28 @@ impl World {
                 limit: Amount(limit),
             };
             let value = json!({"issuer_id": issuer, "home_region": group.home, "limit": limit});
-            self.client_send(
-                0,
-                Op::Register,
-                shard,
-                Request::Write { shard, command },
-                value,
-                None,
-            );
-            // Run the world until the registration answers.
-            while self.clients[0].inflight.is_some() {
-                let Some(((at, _), event)) = self.queue.pop_first() else {
-                    panic!("setup stalled");
+            let ok_before = self.stats.ok;
+            for _try in 0..TRIES_MAX {
+                let request = Request::Write {
+                    shard,
+                    command: command.clone(),
                 };
-                self.now = at;
-                self.step(event);
+                self.client_send(0, Op::Register, shard, request, value.clone(), None);
+                // Run the world until the registration answers.
+                while self.clients[0].inflight.is_some() {
+                    let Some(((at, _), event)) = self.queue.pop_first() else {
+                        panic!("setup stalled");
+                    };
+                    self.now = at;
+                    self.step(event);
+                }
+                if self.stats.ok > ok_before {
+                    break;
+                }
             }
+            // A registration that never succeeds is a broken simulator, and
+            // every later operation would fail with it.
+            assert_eq!(self.stats.ok, ok_before + 1, "registering {issuer} failed");
         }
     }
 
@@ -1295,30 +1340,154 @@ impl World {
             token,
             read,
             batch: Vec::new(),
+            call: None,
         });
         match replica {
             Some(replica) => self.send_request(i, replica, request, None),
             None => self.send_to_leader(i, shard, request),
         }
-        let at = self.now + self.options.client_timeout_ms;
+        let at = self.now + self.options.client_timeout_ms + CLIENT_GRACE_MS;
         self.schedule(at, Event::ClientTimeout(i, op_id));
     }
 
+    /// Hands the in-flight operation's request to the gateway's call,
+    /// which takes it to the leader. Some strong reads start from the map
+    /// entry the client's gateway had before its last refresh, as from a
+    /// gateway whose map is older still: an old leader must refuse them
+    /// once it could be replaced (its lease), or they are stale.
     fn send_to_leader(&mut self, i: usize, shard: ShardId, request: Request) {
         let stale = matches!(request, Request::Read { .. }) && self.rng.chance(20);
-        let cached = if stale {
-            self.clients[i].previous_leaders.get(&shard)
-        } else {
-            None
+        let client = &self.clients[i];
+        let cached = stale
+            .then(|| client.previous_leaders.get(&shard))
+            .flatten()
+            .or_else(|| client.leaders.get(&shard))
+            .cloned();
+        let entry = cached.map(|(leader, generation)| MapEntry { leader, generation });
+        let is_write = matches!(request, Request::Write { .. });
+        let now = self.client_clock();
+        match Call::start(now, shard, is_write, entry, self.call_limits) {
+            Ok((call, steps)) => {
+                let to = call.leader().clone();
+                let inflight = self.clients[i]
+                    .inflight
+                    .as_mut()
+                    .expect("an operation in flight");
+                inflight.call = Some(GatewayCall {
+                    call,
+                    request,
+                    to,
+                    route: None,
+                    wake_at: None,
+                });
+                self.run_call(i, steps);
+            }
+            Err(refusal) => self.answered(i, Response::Error(refusal)),
+        }
+    }
+
+    /// Executes a gateway call's steps, as `Gateway::call` does.
+    fn run_call(&mut self, i: usize, steps: Vec<Step>) {
+        for step in steps {
+            let Some(inflight) = self.clients[i].inflight.as_mut() else {
+                return;
+            };
+            let op_id = inflight.op_id;
+            let call = inflight.call.as_mut().expect("a call in flight");
+            match step {
+                Step::Send { to, route } => {
+                    call.to = to.clone();
+                    call.route = route;
+                    let request = call.request.clone();
+                    self.send_request(i, to, request, route);
+                }
+                Step::Resend => {
+                    let (to, id) = (call.to.clone(), inflight.request_id);
+                    let body = Body::Request {
+                        id,
+                        request: call.request.clone(),
+                        route: call.route,
+                    };
+                    let from = self.clients[i].id.clone();
+                    self.send(Envelope { from, to, body });
+                }
+                Step::RefreshMap => {
+                    self.refresh_client_map(i);
+                    let entry = self.client_entry(i);
+                    let now = self.client_clock();
+                    let call = self.clients[i]
+                        .inflight
+                        .as_mut()
+                        .unwrap()
+                        .call
+                        .as_mut()
+                        .unwrap();
+                    let steps = call.call.on_timer(now, entry.as_ref());
+                    return self.run_call(i, steps);
+                }
+                Step::WakeAt(at) => {
+                    call.wake_at = Some(at);
+                    let delay = at.since(self.client_clock());
+                    self.schedule(self.now + delay, Event::ClientWake(i, op_id, at));
+                }
+                Step::Done(result) => {
+                    let response = (*result).unwrap_or_else(Response::Error);
+                    return self.answered(i, response);
+                }
+            }
+        }
+    }
+
+    fn client_wake(&mut self, i: usize, op_id: u64, at: MonoMs) {
+        let Some(inflight) = self.clients[i].inflight.as_ref() else {
+            return;
         };
-        let (to, route) = cached
-            .or_else(|| self.clients[i].leaders.get(&shard))
-            .cloned()
-            .unwrap_or_else(|| {
-                let group = &self.groups[&shard];
-                (group.leader().clone(), group.generation())
-            });
-        self.send_request(i, to, request, Some(route));
+        let current = inflight
+            .call
+            .as_ref()
+            .is_some_and(|c| c.wake_at == Some(at));
+        if inflight.op_id != op_id || !current {
+            return; // a wake-up the call no longer asks for
+        }
+        let entry = self.client_entry(i);
+        let now = self.client_clock();
+        let call = self.clients[i]
+            .inflight
+            .as_mut()
+            .unwrap()
+            .call
+            .as_mut()
+            .unwrap();
+        let steps = call.call.on_timer(now, entry.as_ref());
+        self.run_call(i, steps);
+    }
+
+    /// The clients' monotonic clock (gateways do not skew or step here).
+    fn client_clock(&self) -> MonoMs {
+        MonoMs::from_millis(self.now + 1)
+    }
+
+    /// The client's gateway's map entry for the group in flight.
+    fn client_entry(&self, i: usize) -> Option<MapEntry> {
+        let shard = self.clients[i].inflight_shard?;
+        let (leader, generation) = self.clients[i].leaders.get(&shard)?.clone();
+        Some(MapEntry { leader, generation })
+    }
+
+    /// The client's gateway pulls the published shard map.
+    fn refresh_client_map(&mut self, i: usize) {
+        let leaders = self
+            .groups
+            .iter()
+            .map(|(s, g)| (*s, (g.leader().clone(), g.generation())))
+            .collect();
+        let client = &mut self.clients[i];
+        let before = std::mem::replace(&mut client.leaders, leaders);
+        for (shard, old) in before {
+            if client.leaders.get(&shard) != Some(&old) {
+                client.previous_leaders.insert(shard, old);
+            }
+        }
     }
 
     /// Sends the in-flight operation's request (a new attempt has a new id).
@@ -1411,10 +1580,11 @@ impl World {
             token: None,
             read: None,
             batch: items,
+            call: None,
         });
         let command = Command::Batch(commands);
         self.send_to_leader(i, shard, Request::Write { shard, command });
-        let at = self.now + self.options.client_timeout_ms;
+        let at = self.now + self.options.client_timeout_ms + CLIENT_GRACE_MS;
         self.schedule(at, Event::ClientTimeout(i, op_id));
     }
 
@@ -1536,20 +1706,8 @@ impl World {
             return;
         }
         if self.clients[i].map_refresh_at <= self.now || !self.safety {
-            let next = self.now + self.rng.range(2_000, 5_000);
-            let leaders = self
-                .groups
-                .iter()
-                .map(|(s, g)| (*s, (g.leader().clone(), g.generation())))
-                .collect();
-            let client = &mut self.clients[i];
-            let before = std::mem::replace(&mut client.leaders, leaders);
-            for (shard, old) in before {
-                if client.leaders.get(&shard) != Some(&old) {
-                    client.previous_leaders.insert(shard, old);
-                }
-            }
-            client.map_refresh_at = next;
+            self.refresh_client_map(i);
+            self.clients[i].map_refresh_at = self.now + self.rng.range(2_000, 5_000);
         }
         if let Some((token, issuer)) = self.clients[i].unknown.pop() {
             // An unknown outcome: ask, and make it final.
@@ -1740,7 +1898,20 @@ impl World {
         if inflight.request_id != id {
             return;
         }
-        let op = inflight.op;
+        if inflight.call.is_some() {
+            let entry = self.client_entry(i);
+            let now = self.client_clock();
+            let call = self.clients[i]
+                .inflight
+                .as_mut()
+                .unwrap()
+                .call
+                .as_mut()
+                .unwrap();
+            let steps = call.call.on_answer(now, *response, entry.as_ref());
+            return self.run_call(i, steps);
+        }
+        // A local read's answer (it went to one replica, without a call).
         let refused = match &*response {
             Response::Error(_) => true,
             // Not found at a replica may mean "not yet": the leader decides.
@@ -1755,19 +1926,20 @@ impl World {
                 return self.send_to_leader(i, shard, fallback);
             }
         }
-        let read = self.clients[i].inflight.as_ref().unwrap().read.clone();
-        match *response {
+        self.answered(i, *response);
+    }
+
+    /// The operation in flight got its answer (from its call, or from the
+    /// replica a local read went to).
+    fn answered(&mut self, i: usize, response: Response) {
+        let inflight = self.clients[i]
+            .inflight
+            .as_ref()
+            .expect("an operation in flight");
+        let (op, read) = (inflight.op, inflight.read.clone());
+        match response {
             Response::Error(e) => {
-                if e.code() == ErrorCode::StaleRoute {
-                    self.clients[i].map_refresh_at = self.now;
-                } else if let (Some(hint), Some(shard)) =
-                    (e.leader_hint(), self.clients[i].inflight_shard)
-                {
-                    if let Some(cached) = self.clients[i].leaders.get_mut(&shard) {
-                        cached.0 = hint.clone();
-                    }
-                }
-                let kind = if e.outcome_unknown() { "info" } else { "fail" };
+                let kind = if e.outcome_unknown { "info" } else { "fail" };
                 self.complete(i, kind, json!({"error": e.code().as_str()}));
             }
             Response::Applied {

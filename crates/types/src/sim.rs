@@ -67,7 +67,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 23] = [
+pub const PROBES: [&str; 27] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -91,6 +91,10 @@ pub const PROBES: [&str; 23] = [
     "replication.follower_came_back_with_another_log",
     "replication.snapshot_installed_from_chunks",
     "replication.snapshot_resumed",
+    "gateway.call_resent",
+    "gateway.call_followed_hint",
+    "gateway.call_followed_the_map",
+    "gateway.call_refusal_after_an_attempt_in_doubt",
 ];
 
 static HITS: [AtomicU64; PROBES.len()] = [const { AtomicU64::new(0) }; PROBES.len()];

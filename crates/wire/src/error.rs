@@ -1,9 +1,11 @@
 //! Refusals from a node (or from the gateway's router on a node's behalf).
 //!
 //! A refusal is typed: what a caller branches on (the leader to try, when
-//! to come back, whether a write may still commit) is a field of the kind,
-//! never a flag set beside it. The flat [`ErrorCode`] is what HTTP answers
-//! carry as their machine-readable `error`.
+//! to come back) is a field of its kind. Whether a write may still commit
+//! is not a property of the kind but of what happened before the refusal
+//! (any refusal that follows an attempt in doubt leaves the write in
+//! doubt), so it sits beside the kind. The flat [`ErrorCode`] is what HTTP
+//! answers carry as their machine-readable `error`.
 
 use harbor_types::NodeId;
 use serde::{Deserialize, Serialize};
@@ -14,6 +16,9 @@ use serde::{Deserialize, Serialize};
 pub struct NodeError {
     pub kind: ErrorKind,
     pub message: String,
+    /// The write may or may not commit: look its token up (or resolve
+    /// it) before giving up. Set by [`NodeError::in_doubt`].
+    pub outcome_unknown: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,20 +35,16 @@ pub enum ErrorKind {
     RpoBudgetExceeded { retry_after_ms: u64 },
     /// A queue is full.
     Overloaded { retry_after_ms: Option<u64> },
-    /// The group's leadership is changing. A write that was in flight may
-    /// or may not commit (`outcome_unknown`); a planned transfer refuses
-    /// new writes until `retry_after_ms`.
-    LeadershipChanged {
-        outcome_unknown: bool,
-        retry_after_ms: Option<u64>,
-    },
-    /// The replica stopped (a storage failure); a write it had taken may or
-    /// may not commit (`outcome_unknown`).
-    ReplicaFailed { outcome_unknown: bool },
+    /// The group's leadership is changing: a write that was in flight may
+    /// or may not commit (in doubt); a planned transfer refuses new writes
+    /// until `retry_after_ms`.
+    LeadershipChanged { retry_after_ms: Option<u64> },
+    /// The replica stopped (a storage failure).
+    ReplicaFailed,
     /// The request can never fit; not retryable.
     TooLarge,
-    /// No answer in time: a write may or may not commit (`outcome_unknown`).
-    Timeout { outcome_unknown: bool },
+    /// No answer in time.
+    Timeout,
     /// The group cannot serve this now (no lease, no first commit yet).
     Unavailable,
     /// A local read the replica cannot serve fresh enough; ask the leader.
@@ -67,10 +68,21 @@ pub enum ErrorCode {
 }
 
 impl NodeError {
+    /// A refusal of a request that was not taken: a write refused so did
+    /// not and will not commit.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> NodeError {
         NodeError {
             kind,
             message: message.into(),
+            outcome_unknown: false,
+        }
+    }
+
+    /// A refusal after which a write may or may not commit.
+    pub fn in_doubt(kind: ErrorKind, message: impl Into<String>) -> NodeError {
+        NodeError {
+            outcome_unknown: true,
+            ..NodeError::new(kind, message)
         }
     }
 
@@ -81,19 +93,6 @@ impl NodeError {
     /// Whether the same request may be tried again (with the same token).
     pub fn retryable(&self) -> bool {
         !matches!(self.kind, ErrorKind::TooLarge)
-    }
-
-    /// Whether a write may or may not have committed: look its token up
-    /// (or resolve it) before giving up.
-    pub fn outcome_unknown(&self) -> bool {
-        match self.kind {
-            ErrorKind::LeadershipChanged {
-                outcome_unknown, ..
-            }
-            | ErrorKind::ReplicaFailed { outcome_unknown }
-            | ErrorKind::Timeout { outcome_unknown } => outcome_unknown,
-            _ => false,
-        }
     }
 
     /// The leader the refusing replica knows of, if any.
@@ -124,9 +123,9 @@ impl ErrorKind {
             ErrorKind::RpoBudgetExceeded { .. } => ErrorCode::RpoBudgetExceeded,
             ErrorKind::Overloaded { .. } => ErrorCode::Overloaded,
             ErrorKind::LeadershipChanged { .. } => ErrorCode::LeadershipChanged,
-            ErrorKind::ReplicaFailed { .. } => ErrorCode::ReplicaFailed,
+            ErrorKind::ReplicaFailed => ErrorCode::ReplicaFailed,
             ErrorKind::TooLarge => ErrorCode::TooLarge,
-            ErrorKind::Timeout { .. } => ErrorCode::Timeout,
+            ErrorKind::Timeout => ErrorCode::Timeout,
             ErrorKind::Unavailable => ErrorCode::Unavailable,
             ErrorKind::ReplicaBehind => ErrorCode::ReplicaBehind,
         }
@@ -172,18 +171,13 @@ mod tests {
         );
         assert_eq!(e.code(), ErrorCode::NotLeader);
         assert_eq!(e.leader_hint(), Some(&hint));
-        assert!(e.retryable() && !e.outcome_unknown());
+        assert!(e.retryable() && !e.outcome_unknown);
         assert_eq!(e.to_string(), "not_leader: not the leader");
 
         let e = NodeError::new(ErrorKind::TooLarge, "too large");
         assert!(!e.retryable());
-        let e = NodeError::new(
-            ErrorKind::Timeout {
-                outcome_unknown: true,
-            },
-            "no answer",
-        );
-        assert!(e.outcome_unknown() && e.retryable());
+        let e = NodeError::in_doubt(ErrorKind::Timeout, "no answer");
+        assert!(e.outcome_unknown && e.retryable());
         let e = NodeError::new(
             ErrorKind::RpoBudgetExceeded {
                 retry_after_ms: 1_000,
@@ -196,9 +190,8 @@ mod tests {
 
     #[test]
     fn a_refusal_survives_the_wire() {
-        let e = NodeError::new(
+        let e = NodeError::in_doubt(
             ErrorKind::LeadershipChanged {
-                outcome_unknown: true,
                 retry_after_ms: Some(20),
             },
             "changed",
