@@ -194,7 +194,8 @@ enum Verify {
         seed: Option<u64>,
         /// Switch on a protocol bug the checker must catch:
         /// commit-without-follower-ack, accept-old-generation, apply-token-twice,
-        /// strong-read-without-lease, follower-ignores-session.
+        /// strong-read-without-lease, follower-ignores-session, lease-on-wall-clock,
+        /// directory-from-copy.
         #[arg(long)]
         bug: Option<String>,
         /// Write the history of every failing seed here.

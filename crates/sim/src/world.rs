@@ -4,7 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use harbor_gateway::call::{Call, CallLimits, MapEntry, Step};
 use harbor_meta::{
-    Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, ShardMap, Topology,
+    Action, CatchUp, DirectoryEntry, FailoverConfig, GroupLeadership, MetaCommand, MetaFuture,
+    MetaReply, Metadata, Observation, Phase, ShardMap, Topology,
 };
 use harbor_node::driver::{Driver, ReplicaInput};
 use harbor_node::NodeConfig;
@@ -288,6 +289,8 @@ struct Client {
     /// replaced (its lease), or they are stale.
     previous_leaders: BTreeMap<ShardId, (NodeId, Generation)>,
     map_refresh_at: u64,
+    /// The gateway's copy of the issuer directory, pulled with the map.
+    directory: BTreeMap<IssuerId, DirectoryEntry>,
     inflight_shard: Option<ShardId>,
     /// The newest commit token the client saw per shard: from its own
     /// writes and from what its reads showed (a gateway session).
@@ -302,7 +305,14 @@ struct World {
     queue: BTreeMap<(u64, u64), Event>,
     nodes: BTreeMap<NodeId, SimNode>,
     groups: BTreeMap<ShardId, Group>,
+    /// Issuers whose registration was acknowledged: clients use these.
     issuers: Vec<(IssuerId, ShardId, u64)>,
+    /// The metadata plane's issuer directory (what it committed).
+    directory: BTreeMap<IssuerId, DirectoryEntry>,
+    /// Buckets and groups (fixed: nothing moves yet).
+    placement: Arc<ShardMap>,
+    /// Issuers are being registered before the clients start.
+    setting_up: bool,
     clients: Vec<Client>,
     outbox: Arc<Outbox>,
     history: Vec<String>,
@@ -325,6 +335,9 @@ struct World {
 }
 
 const TICK_MS: u64 = 10;
+/// Issuers the metadata places in one run (4 at the start, the rest
+/// registered while the clients run).
+const ISSUERS_MAX: usize = 12;
 /// A client gives up this long after its gateway's call would have: the
 /// call's own timeout decides, as an HTTP client's would outlast it.
 const CLIENT_GRACE_MS: u64 = 500;
@@ -401,12 +414,19 @@ impl World {
         }
         let regions = map.regions();
         let mut issuers = Vec::new();
+        let mut directory = BTreeMap::new();
         for i in 0..4 {
             let issuer = IssuerId::new(format!("ISS-{i}")).unwrap();
             let region = &regions[i % regions.len()];
             let bucket = map.place_issuer(&issuer, region).unwrap();
             let limit = rng.range(8, 30);
-            issuers.push((issuer, map.shard_of_bucket(bucket), limit));
+            issuers.push((issuer.clone(), map.shard_of_bucket(bucket), limit));
+            let entry = DirectoryEntry {
+                issuer_id: issuer.clone(),
+                home_region: region.clone(),
+                bucket,
+            };
+            directory.insert(issuer, entry);
         }
         let clients = (0..options.clients)
             .map(|i| Client {
@@ -421,6 +441,7 @@ impl World {
                 leaders: BTreeMap::new(),
                 previous_leaders: BTreeMap::new(),
                 map_refresh_at: 0,
+                directory: BTreeMap::new(),
                 inflight_shard: None,
                 session: BTreeMap::new(),
             })
@@ -434,6 +455,9 @@ impl World {
             nodes,
             groups,
             issuers,
+            directory,
+            placement: Arc::new(map.clone()),
+            setting_up: true,
             clients,
             outbox,
             history: Vec::new(),
@@ -513,6 +537,7 @@ impl World {
         }
         self.schedule(CONTROL_INTERVAL_MS, Event::Control);
         self.setup_issuers();
+        self.setting_up = false;
         for i in 0..self.clients.len() {
             self.schedule(self.now + 1, Event::ClientStep(i));
         }
@@ -704,8 +729,19 @@ impl World {
                 }
             }
         }
-        let issuers = self.issuers.clone();
-        for (issuer, shard, _) in issuers {
+        // Every issuer the metadata placed, registered or not (a
+        // registration whose outcome was unknown may have committed).
+        let placed: Vec<(IssuerId, ShardId)> = self
+            .directory
+            .values()
+            .map(|e| {
+                (
+                    e.issuer_id.clone(),
+                    self.placement.shard_of_bucket(e.bucket),
+                )
+            })
+            .collect();
+        for (issuer, shard) in placed {
             let leader = self.groups[&shard].leader().clone();
             let machine = self.nodes[&leader].replicas[&shard].machine();
             let Some(view) = machine.issuer(&issuer) else {
@@ -1342,6 +1378,13 @@ impl World {
             batch: Vec::new(),
             call: None,
         });
+        // The gateway finds the issuer of a read or a reserve in its
+        // directory first; one it cannot find is refused with a 404.
+        if let Some(issuer) = looked_up_issuer(&request) {
+            if self.find(i, issuer).is_none() {
+                return self.complete(i, "fail", json!({"error": "unknown_issuer"}));
+            }
+        }
         match replica {
             Some(replica) => self.send_request(i, replica, request, None),
             None => self.send_to_leader(i, shard, request),
@@ -1474,7 +1517,32 @@ impl World {
         Some(MapEntry { leader, generation })
     }
 
-    /// The client's gateway pulls the published shard map.
+    /// The client's gateway's directory lookup, by the shipped rule
+    /// (`harbor_meta`'s `find`): its copy, else the metadata leader,
+    /// linearizably. With the `directory-from-copy` bug, the "leader"
+    /// answers from the copy, as a gateway that trusted its copy's miss.
+    fn find(&self, i: usize, issuer: &IssuerId) -> Option<ShardId> {
+        let copy = self.clients[i].directory.get(issuer).cloned();
+        let leader = match self.options.bugs.directory_from_copy {
+            true => copy.clone(),
+            false => self.directory.get(issuer).cloned(),
+        };
+        let meta = SimDirectory {
+            map: self.placement.clone(),
+            copy,
+            leader,
+        };
+        let meta: &dyn Metadata = &meta;
+        let lookup = std::pin::pin!(meta.find(issuer));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let std::task::Poll::Ready(found) = std::future::Future::poll(lookup, &mut cx) else {
+            unreachable!("the simulated metadata answers at once");
+        };
+        let entry = found.expect("the simulated metadata is always available")?;
+        Some(self.placement.shard_of_bucket(entry.bucket))
+    }
+
+    /// The client's gateway pulls the published shard map and directory.
     fn refresh_client_map(&mut self, i: usize) {
         let leaders = self
             .groups
@@ -1482,6 +1550,7 @@ impl World {
             .map(|(s, g)| (*s, (g.leader().clone(), g.generation())))
             .collect();
         let client = &mut self.clients[i];
+        client.directory = self.directory.clone();
         let before = std::mem::replace(&mut client.leaders, leaders);
         for (shard, old) in before {
             if client.leaders.get(&shard) != Some(&old) {
@@ -1685,7 +1754,7 @@ impl World {
         let line = json!({"type": kind, "op": inflight.op_id, "client": self.clients[i].id,
                           "f": inflight.op.name(), "time_ms": self.now, "value": value});
         self.record(line);
-        if inflight.op != Op::Register {
+        if !self.setting_up {
             let at = self.now + self.rng.range(1, 20);
             self.schedule(at, Event::ClientStep(i));
         }
@@ -1747,6 +1816,7 @@ impl World {
                 self.transition(i, id, Op::Release);
             }
             78..=92 => self.read_issuer(i),
+            93..=94 if self.directory.len() < ISSUERS_MAX => self.register_issuer(i),
             _ if !client.used.is_empty() => {
                 let used = self.rng.pick(&self.clients[i].used).clone();
                 let shard = self.shard_of(&used.issuer);
@@ -1832,6 +1902,39 @@ impl World {
             None,
             Some((replica, read)),
         );
+    }
+
+    /// Registers a new issuer through this client's gateway, as `PUT
+    /// /v1/issuers/{id}` does: the metadata plane places it (committed
+    /// before it answers), then its group records it. Other clients read
+    /// and reserve on it once that is acknowledged, through gateways whose
+    /// directory copies may not have it yet.
+    fn register_issuer(&mut self, i: usize) {
+        let issuer = IssuerId::new(format!("ISS-{}", self.directory.len())).unwrap();
+        let regions = self.placement.regions();
+        let region = self.rng.pick(&regions).clone();
+        let bucket = self.placement.place_issuer(&issuer, &region).unwrap();
+        let entry = DirectoryEntry {
+            issuer_id: issuer.clone(),
+            home_region: region.clone(),
+            bucket,
+        };
+        self.directory.insert(issuer.clone(), entry);
+        let shard = self.placement.shard_of_bucket(bucket);
+        let limit = self.rng.range(8, 30);
+        let command = Command::UpsertIssuer {
+            issuer_id: issuer.clone(),
+            home_region: region.clone(),
+            limit: Amount(limit),
+        };
+        let value = json!({"issuer_id": issuer, "home_region": region, "limit": limit});
+        let request = Request::Write { shard, command };
+        self.client_send(i, Op::Register, shard, request, value, None);
+    }
+
+    fn shard_of_placed(&self, issuer: &IssuerId) -> ShardId {
+        self.placement
+            .shard_of_bucket(self.directory[issuer].bucket)
     }
 
     fn shard_of(&self, issuer: &IssuerId) -> ShardId {
@@ -1977,7 +2080,13 @@ impl World {
                     }
                     self.complete(i, "ok", value);
                 }
-                Outcome::Issuer { .. } => {
+                Outcome::Issuer { issuer, .. } => {
+                    if !self.issuers.iter().any(|(id, ..)| *id == issuer.issuer_id) {
+                        // Registered: every client may use it from now on,
+                        // whatever its gateway's copy of the directory says.
+                        let shard = self.shard_of_placed(&issuer.issuer_id);
+                        self.issuers.push((issuer.issuer_id, shard, issuer.limit.0));
+                    }
                     raise(&mut self.clients[i].session, commit_token);
                     self.complete(i, "ok", json!({"commit_token": commit_token}));
                 }
@@ -2013,11 +2122,68 @@ impl World {
                     };
                     self.complete(i, "ok", value);
                 }
+                (Op::ReadIssuer, QueryResult::Issuer(None)) => {
+                    self.complete(i, "fail", json!({"error": "unknown_issuer"}));
+                }
                 (_, other) => {
                     self.complete(i, "fail", json!({"error": format!("unexpected {other:?}")}));
                 }
             },
         }
+    }
+}
+
+/// The issuer a gateway looks up in its directory before it routes a
+/// request: reads of an issuer and reserves.
+fn looked_up_issuer(request: &Request) -> Option<&IssuerId> {
+    match request {
+        Request::Read {
+            query: Query::Issuer(issuer),
+            ..
+        }
+        | Request::LocalRead {
+            query: Query::Issuer(issuer),
+            ..
+        } => Some(issuer),
+        Request::Write {
+            command: Command::Reserve { issuer_id, .. },
+            ..
+        } => Some(issuer_id),
+        _ => None,
+    }
+}
+
+/// One gateway's view of the metadata plane for one lookup: its copy, and
+/// what the metadata leader answers linearizably now.
+struct SimDirectory {
+    map: Arc<ShardMap>,
+    copy: Option<DirectoryEntry>,
+    leader: Option<DirectoryEntry>,
+}
+
+impl Metadata for SimDirectory {
+    fn map(&self) -> Arc<ShardMap> {
+        self.map.clone()
+    }
+
+    fn lookup(&self, _issuer: &IssuerId) -> Option<DirectoryEntry> {
+        self.copy.clone()
+    }
+
+    fn write(&self, command: MetaCommand) -> MetaFuture<'_, MetaReply> {
+        unreachable!("the simulator commits metadata itself, not through a lookup: {command:?}")
+    }
+
+    fn refresh(&self) -> MetaFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn lookup_linearizable<'a>(
+        &'a self,
+        _issuer: &'a IssuerId,
+    ) -> MetaFuture<'a, Option<DirectoryEntry>> {
+        let entry = self.leader.clone();
+        Box::pin(async move { Ok(entry) })
     }
 }
 

@@ -27,17 +27,21 @@ pub struct Bugs {
     /// A leader measures its lease on the wall clock instead of the
     /// monotonic one, so a backward step stretches it.
     pub lease_on_wall_clock: bool,
+    /// A gateway takes its directory copy's miss for "no such issuer"
+    /// instead of asking the metadata leader.
+    pub directory_from_copy: bool,
 }
 
 impl Bugs {
     /// The names `harbor verify sim --bug NAME` accepts.
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         "commit-without-follower-ack",
         "accept-old-generation",
         "apply-token-twice",
         "strong-read-without-lease",
         "follower-ignores-session",
         "lease-on-wall-clock",
+        "directory-from-copy",
     ];
 
     pub fn none() -> Bugs {
@@ -54,6 +58,7 @@ impl Bugs {
             "strong-read-without-lease" => bugs.strong_read_without_lease = true,
             "follower-ignores-session" => bugs.follower_ignores_session = true,
             "lease-on-wall-clock" => bugs.lease_on_wall_clock = true,
+            "directory-from-copy" => bugs.directory_from_copy = true,
             other => {
                 return Err(format!(
                     "unknown bug {other:?}; known: {}",

@@ -5,6 +5,11 @@
 //! issuer that completed before it was invoked — in particular one client's
 //! strong reads never go backwards.
 //!
+//! The same holds for the issuer itself: a strong read that answers
+//! `unknown_issuer` after the issuer's registration was acknowledged
+//! (through any gateway) missed that registration, whether the gateway's
+//! directory or the leader's state answered.
+//!
 //! "Before" is strict in `time_ms`: events in the same millisecond are
 //! concurrent. Positions on different shards are not compared.
 
@@ -67,6 +72,7 @@ impl Property for StrongReadsNotStale {
             .collect();
 
         let mut verdict = Verdict::default();
+        self.unknown_after_registration(h, &mut verdict);
         let mut last_by_client: HashMap<(&str, &IssuerId, ShardId), Seen> = HashMap::new();
         for op in h.ops() {
             let Some(applied) = strong_applied(op) else {
@@ -122,6 +128,51 @@ impl Property for StrongReadsNotStale {
     }
 }
 
+impl StrongReadsNotStale {
+    /// Strong reads answered `unknown_issuer` although a registration of
+    /// the issuer was acknowledged before they were invoked.
+    fn unknown_after_registration(&self, h: &History, verdict: &mut Verdict) {
+        // Per issuer: the first acknowledged registration (time, op).
+        let mut registered: HashMap<&IssuerId, (u64, u64)> = HashMap::new();
+        for op in h.ops() {
+            if !matches!(op.call, Call::RegisterIssuer { .. }) || op.ok().is_none() {
+                continue;
+            }
+            let at = op.completed_ms().expect("an acknowledged op completed");
+            let first = registered.entry(op.call.issuer()).or_insert((at, op.id));
+            if at < first.0 {
+                *first = (at, op.id);
+            }
+        }
+        for op in h.ops() {
+            let strong = matches!(
+                op.call,
+                Call::ReadIssuer {
+                    consistency: Consistency::Strong,
+                    ..
+                }
+            );
+            if !strong || op.failed().is_none_or(|e| e.error != "unknown_issuer") {
+                continue;
+            }
+            verdict.items_checked += 1;
+            let issuer = op.call.issuer();
+            let invoked_ms = op.invoked.time_ms;
+            if let Some(&(at, registration)) = registered.get(issuer).filter(|r| r.0 < invoked_ms) {
+                let detail = format!(
+                    "strong read of {issuer} invoked at {invoked_ms} ms by {} answered \
+                     unknown_issuer, yet its registration op {registration} was acknowledged \
+                     at {at} ms",
+                    op.client
+                );
+                verdict
+                    .violations
+                    .push(Violation::new(self, detail, vec![registration, op.id]));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +224,28 @@ mod tests {
         assert!(violations[0]
             .detail
             .contains("behind write op 4 at shard1@g2:1"));
+    }
+
+    #[test]
+    fn an_unknown_issuer_after_its_registration_is_caught() {
+        let mut s = Script::new();
+        // Concurrent with the registration: may say it does not exist.
+        let r = s.invoke("c1", register("N", 100));
+        s.fail("c2", read("N", Strong), "unknown_issuer");
+        s.complete(r, registered("shard1@g1:1"));
+        // Not strong: may lag.
+        s.fail(
+            "c3",
+            read("N", crate::Consistency::Session),
+            "unknown_issuer",
+        );
+        assert_eq!(StrongReadsNotStale.check(&s.history()), vec![]);
+        // Strong, after the registration was acknowledged: missed it.
+        let late = s.fail("c2", read("N", Strong), "unknown_issuer");
+        let violations = StrongReadsNotStale.check(&s.history());
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert_eq!(violations[0].ops, vec![r, late]);
+        assert!(violations[0].detail.contains("unknown_issuer"));
     }
 
     #[test]
