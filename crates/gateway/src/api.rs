@@ -5,11 +5,10 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Query as QueryParams, Request as HttpRequest, State};
+use axum::extract::{Path, Query as QueryParams, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::Json;
 use harbor_meta::{DirectoryEntry, DirectoryError, MetaError};
 use harbor_replication::Role;
 use harbor_reservation::{
@@ -25,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::body::{parse_json, JsonBody};
 use crate::error::ApiError;
 use crate::reads::{ReadAnswer, ReadParams, ReadPlan, Session, SESSION_HEADER};
 use crate::router::Gateway;
@@ -32,83 +32,11 @@ use crate::router::Gateway;
 type Gw = State<Arc<Gateway>>;
 type ApiResult = Result<HttpResponse, ApiError>;
 
-/// The gateway's routes.
-pub fn routes(gateway: Arc<Gateway>) -> Router {
-    let body_limit = gateway.config.body_bytes_max;
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/issuers/{issuer_id}", put(put_issuer).get(get_issuer))
-        .route(
-            "/v1/issuers/{issuer_id}/open-reservations",
-            get(open_reservations),
-        )
-        .route("/v1/reservations", post(reserve))
-        .route(
-            "/v1/reservations:batch",
-            post(crate::batch::reserve_batch).layer(axum::extract::DefaultBodyLimit::max(
-                gateway.config.batch_body_bytes_max,
-            )),
-        )
-        .route("/v1/reservations/{reservation_id}", get(get_reservation))
-        .route("/v1/reservations/{reservation_id}/confirm", post(confirm))
-        .route("/v1/reservations/{reservation_id}/release", post(release))
-        .route("/v1/reservation-tokens/{token}", get(get_token))
-        .route(
-            "/v1/reservation-tokens/{token}/resolve",
-            post(resolve_token),
-        )
-        .route("/v1/admin/cluster", get(crate::admin::cluster))
-        .route(
-            "/v1/admin/groups/{group}/transfer-leader",
-            post(crate::admin::transfer_leader),
-        )
-        .route("/v1/admin/faults", post(crate::admin::fault))
-        .route("/metrics", get(crate::metrics::metrics))
-        .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
-        .with_state(gateway)
-}
-
 // ----- Request bodies ---------------------------------------------------------
-
-/// A JSON body parsed strictly: unknown fields, wrong types, malformed JSON
-/// and oversized bodies are all refused with our error format.
-pub(crate) struct JsonBody<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: HttpRequest, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "the request body is over the size limit",
-                )
-            } else {
-                ApiError::bad_request("invalid_body", e.body_text())
-            }
-        })?;
-        parse_json(&bytes).map(JsonBody)
-    }
-}
-
-pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-            }
-            Category::Data => ApiError::unprocessable("invalid_request", e.to_string()),
-        }
-    })
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PutIssuerBody {
+pub(crate) struct PutIssuerBody {
     home_region: String,
     limit: u64,
 }
@@ -163,7 +91,7 @@ struct ResolveBody {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct TokenParams {
+pub(crate) struct TokenParams {
     #[serde(default)]
     issuer_id: Option<String>,
     #[serde(default)]
@@ -374,6 +302,11 @@ fn object(value: impl serde::Serialize) -> Map<String, Value> {
     }
 }
 
+/// A handler's answer: its reply, or its error stamped with who answered.
+pub(crate) fn respond(gw: &Gateway, result: ApiResult) -> HttpResponse {
+    result.unwrap_or_else(|e| gw.stamp_error(e).into_response())
+}
+
 pub(crate) fn reply(status: StatusCode, body: Map<String, Value>) -> HttpResponse {
     (status, Json(Value::Object(body))).into_response()
 }
@@ -469,7 +402,7 @@ fn token_body(
 
 // ----- Handlers -----------------------------------------------------------------
 
-async fn not_found(State(gw): Gw) -> HttpResponse {
+pub(crate) async fn not_found(State(gw): Gw) -> HttpResponse {
     gw.stamp_error(ApiError::not_found(
         "not_found",
         "no such endpoint; see the README for the API",
@@ -477,7 +410,7 @@ async fn not_found(State(gw): Gw) -> HttpResponse {
     .into_response()
 }
 
-async fn health(State(gw): Gw) -> HttpResponse {
+pub(crate) async fn health(State(gw): Gw) -> HttpResponse {
     let map = gw.meta.map();
     let checks = map.groups.keys().map(|shard| {
         let gw = gw.clone();
@@ -530,15 +463,13 @@ async fn health(State(gw): Gw) -> HttpResponse {
     }
 }
 
-async fn put_issuer(
+pub(crate) async fn put_issuer(
     State(gw): Gw,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<JsonBody<PutIssuerBody>, ApiError>,
 ) -> HttpResponse {
-    put_issuer_inner(&gw, id, &headers, body)
-        .await
-        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+    respond(&gw, put_issuer_inner(&gw, id, &headers, body).await)
 }
 
 async fn put_issuer_inner(
@@ -628,7 +559,7 @@ async fn read_of_issuer(
     Ok((answer, entry))
 }
 
-async fn get_issuer(
+pub(crate) async fn get_issuer(
     State(gw): Gw,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -646,11 +577,10 @@ async fn get_issuer(
         };
         Ok(read_reply(&gw, &answer, issuer_body(view, &entry)))
     };
-    run.await
-        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+    respond(&gw, run.await)
 }
 
-async fn open_reservations(
+pub(crate) async fn open_reservations(
     State(gw): Gw,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -672,11 +602,10 @@ async fn open_reservations(
         body.insert("reservations".into(), json!(list));
         Ok(read_reply(&gw, &answer, body))
     };
-    run.await
-        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+    respond(&gw, run.await)
 }
 
-async fn reserve(
+pub(crate) async fn reserve(
     State(gw): Gw,
     headers: HeaderMap,
     body: Result<JsonBody<ReserveBody>, ApiError>,
@@ -690,8 +619,7 @@ async fn reserve(
         reservation_reply(&gw, applied, StatusCode::CREATED, session)
             .map_err(|e| e.with("reservation_token", &body.reservation_token))
     };
-    run.await
-        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+    respond(&gw, run.await)
 }
 
 fn reservation_reply(
@@ -715,7 +643,7 @@ fn reservation_reply(
     }
 }
 
-async fn get_reservation(
+pub(crate) async fn get_reservation(
     State(gw): Gw,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -733,11 +661,10 @@ async fn get_reservation(
         };
         Ok(read_reply(&gw, &answer, reservation_body(view, None)))
     };
-    run.await
-        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+    respond(&gw, run.await)
 }
 
-async fn confirm(
+pub(crate) async fn confirm(
     State(gw): Gw,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -746,7 +673,7 @@ async fn confirm(
     transition(gw, id, &headers, body, true).await
 }
 
-async fn release(
+pub(crate) async fn release(
     State(gw): Gw,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -778,15 +705,14 @@ async fn transition(
         let applied = gw.write(shard, command).await?;
         reservation_reply(&gw, applied, StatusCode::OK, session)
     };
-    run.await
-        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+    respond(&gw, run.await)
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EmptyBody {}
 
-async fn get_token(
+pub(crate) async fn get_token(
     State(gw): Gw,
     Path(text): Path<String>,
     params: Result<QueryParams<TokenParams>, axum::extract::rejection::QueryRejection>,
@@ -816,8 +742,7 @@ async fn get_token(
             None => token_everywhere(&gw, token).await,
         }
     };
-    run.await
-        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+    respond(&gw, run.await)
 }
 
 /// A token lookup without its issuer asks every group's leader. Slower, but
@@ -870,7 +795,7 @@ async fn token_everywhere(gw: &Gateway, token: ReservationToken) -> ApiResult {
     }
 }
 
-async fn resolve_token(
+pub(crate) async fn resolve_token(
     State(gw): Gw,
     Path(text): Path<String>,
     params: Result<QueryParams<TokenParams>, axum::extract::rejection::QueryRejection>,
@@ -921,6 +846,5 @@ async fn resolve_token(
             other => Err(unexpected_outcome(other)),
         }
     };
-    run.await
-        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+    respond(&gw, run.await)
 }

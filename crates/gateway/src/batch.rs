@@ -10,13 +10,14 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::response::Response as HttpResponse;
 use harbor_reservation::{Command, Outcome, BATCH_COMMANDS_MAX};
 use harbor_types::ShardId;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::api::{reply_in_session, reservation_body, unexpected_outcome, JsonBody, ReserveBody};
+use crate::api::{reply_in_session, reservation_body, respond, unexpected_outcome, ReserveBody};
+use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::reads::Session;
 use crate::router::Gateway;
@@ -37,9 +38,7 @@ pub(crate) async fn reserve_batch(
     headers: HeaderMap,
     body: Result<JsonBody<BatchBody>, ApiError>,
 ) -> HttpResponse {
-    run(&gw, &headers, body)
-        .await
-        .unwrap_or_else(|e| gw.stamp_error(e).into_response())
+    respond(&gw, run(&gw, &headers, body).await)
 }
 
 async fn run(

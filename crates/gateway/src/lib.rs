@@ -11,14 +11,17 @@
 pub mod admin;
 mod api;
 mod batch;
+mod body;
 pub mod call;
+mod cluster;
 mod error;
 mod metrics;
 pub mod reads;
 mod router;
+mod routes;
 
 pub use admin::{Admin, ClusterView, Fault};
-pub use api::routes;
 pub use error::ApiError;
 pub use reads::{Consistency, Session, SESSION_HEADER};
 pub use router::{Gateway, GatewayConfig};
+pub use routes::routes;

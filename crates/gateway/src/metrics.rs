@@ -2,9 +2,6 @@
 //! every replica's status, each group's replication lag and staleness, in
 //! the OpenMetrics text format Prometheus scrapes.
 
-use std::sync::Arc;
-
-use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use prometheus_client::encoding::text::encode;
@@ -14,7 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::router::Gateway;
+use crate::admin::ClusterView;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReadLabels {
@@ -120,54 +117,56 @@ impl Metrics {
     }
 }
 
-pub(crate) async fn metrics(State(gw): State<Arc<Gateway>>) -> HttpResponse {
-    let view = gw.cluster_view().await;
-    let m = &gw.metrics;
-    // Replicas and followers come and go: the gauges show this scrape only.
-    m.staleness_ms.clear();
-    m.replica_up.clear();
-    m.lag_entries.clear();
-    m.lag_ms.clear();
-    for group in &view.groups {
-        for replica in &group.replicas {
-            let labels = ReplicaLabels {
-                group: group.shard.0,
-                node: replica.node.to_string(),
-                region: replica.region.to_string(),
-                role: replica.role.clone(),
-            };
-            m.replica_up
-                .get_or_create(&labels)
-                .set(i64::from(replica.answering));
-            if replica.answering {
-                let staleness = replica.staleness_ms.map_or(-1, |s| s as i64);
-                m.staleness_ms.get_or_create(&labels).set(staleness);
+impl Metrics {
+    /// The scrape: the counters, and gauges of this view of the cluster.
+    pub(crate) fn render(&self, view: &ClusterView) -> HttpResponse {
+        let m = self;
+        // Replicas and followers come and go: the gauges show this scrape only.
+        m.staleness_ms.clear();
+        m.replica_up.clear();
+        m.lag_entries.clear();
+        m.lag_ms.clear();
+        for group in &view.groups {
+            for replica in &group.replicas {
+                let labels = ReplicaLabels {
+                    group: group.shard.0,
+                    node: replica.node.to_string(),
+                    region: replica.region.to_string(),
+                    role: replica.role.clone(),
+                };
+                m.replica_up
+                    .get_or_create(&labels)
+                    .set(i64::from(replica.answering));
+                if replica.answering {
+                    let staleness = replica.staleness_ms.map_or(-1, |s| s as i64);
+                    m.staleness_ms.get_or_create(&labels).set(staleness);
+                }
+            }
+            for follower in &group.followers {
+                let labels = FollowerLabels {
+                    group: group.shard.0,
+                    node: follower.node.to_string(),
+                    local: follower.local,
+                };
+                m.lag_entries
+                    .get_or_create(&labels)
+                    .set(follower.lag_entries as i64);
+                m.lag_ms.get_or_create(&labels).set(follower.lag_ms as i64);
             }
         }
-        for follower in &group.followers {
-            let labels = FollowerLabels {
-                group: group.shard.0,
-                node: follower.node.to_string(),
-                local: follower.local,
-            };
-            m.lag_entries
-                .get_or_create(&labels)
-                .set(follower.lag_entries as i64);
-            m.lag_ms.get_or_create(&labels).set(follower.lag_ms as i64);
+        let mut text = String::new();
+        if let Err(e) = encode(&mut text, &m.registry) {
+            tracing::error!(error = %e, "metrics did not encode");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "metrics did not encode").into_response();
         }
+        (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response()
     }
-    let mut text = String::new();
-    if let Err(e) = encode(&mut text, &m.registry) {
-        tracing::error!(error = %e, "metrics did not encode");
-        return (StatusCode::INTERNAL_SERVER_ERROR, "metrics did not encode").into_response();
-    }
-    (
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
 }

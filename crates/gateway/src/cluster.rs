@@ -1,0 +1,276 @@
+//! `/v1/admin` and `/metrics`: the cluster view the gateway gathers itself
+//! (every replica's status, all at once), planned leader transfers and
+//! faults handed to the [`Admin`] hooks, and the metrics scrape.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use harbor_replication::Role;
+use harbor_types::{NodeId, Region, ShardId};
+use harbor_wire::{GroupStatus, Query, QueryResult, Request, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::admin::{ClusterView, Fault, FollowerView, GroupView, NodeView, ReplicaView};
+use crate::body::parse_json;
+use crate::error::ApiError;
+use crate::router::Gateway;
+
+/// A replica that does not answer within this is shown as unreachable.
+const STATUS_TIMEOUT_MS: u64 = 300;
+
+impl Gateway {
+    /// Asks every replica of every group for its status, all at once.
+    pub async fn cluster_view(&self) -> ClusterView {
+        let started = std::time::Instant::now();
+        // An admin view is worth a fresh copy of the map (a gateway's copy
+        // may trail the metadata plane by its refresh interval).
+        if let Err(e) = self.meta.refresh().await {
+            tracing::warn!(error = %e, "cluster view from a possibly stale map");
+        }
+        let map = self.meta.map();
+        let asks: Vec<(ShardId, NodeId)> = map
+            .groups
+            .values()
+            .flat_map(|g| g.members.iter().map(move |m| (g.shard, m.clone())))
+            .collect();
+        let answers: Vec<(ShardId, NodeId, Option<GroupStatus>)> =
+            futures::future::join_all(asks.into_iter().map(|(shard, node)| async move {
+                let request = Request::Read {
+                    shard,
+                    query: Query::Status,
+                };
+                let status = match self
+                    .call_node_within(&node, request, STATUS_TIMEOUT_MS)
+                    .await
+                {
+                    Ok(Response::Read {
+                        result: QueryResult::Status(status),
+                        ..
+                    }) => Some(status),
+                    _ => None,
+                };
+                (shard, node, status)
+            }))
+            .await;
+        let nodes = map
+            .nodes
+            .iter()
+            .map(|info| {
+                let mine: Vec<_> = answers.iter().filter(|(_, n, _)| *n == info.node).collect();
+                let answering = mine.iter().filter(|(_, _, s)| s.is_some()).count();
+                let health = match answering {
+                    0 => "unreachable",
+                    n if n == mine.len() => "up",
+                    _ => "degraded",
+                };
+                NodeView {
+                    node: info.node.clone(),
+                    region: info.region.clone(),
+                    health: health.into(),
+                    replicas: mine.len(),
+                    replicas_answering: answering,
+                }
+            })
+            .collect();
+        let groups = map
+            .groups
+            .values()
+            .map(|g| {
+                let leader = answers.iter().find_map(|(shard, node, status)| {
+                    status.as_ref().filter(|s| {
+                        *shard == g.shard
+                            && *node == g.leader
+                            && s.replica.role == Role::Leader
+                            && s.replica.generation == g.generation
+                    })
+                });
+                GroupView {
+                    shard: g.shard,
+                    home_region: g.home_region.clone(),
+                    leader: g.leader.clone(),
+                    generation: g.generation,
+                    members: g.members.clone(),
+                    generation_ends: g.ended.clone(),
+                    leader_ready: leader.is_some_and(|s| s.ready),
+                    commit_index: leader.map(|s| s.replica.commit_index),
+                    followers: leader
+                        .map(|s| {
+                            s.replica
+                                .followers
+                                .iter()
+                                .map(|f| FollowerView {
+                                    node: f.node.clone(),
+                                    local: f.local,
+                                    lag_entries: f.lag_entries,
+                                    lag_ms: f.lag_ms,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    replicas: g
+                        .members
+                        .iter()
+                        .map(|member| {
+                            let status = answers.iter().find_map(|(shard, node, status)| {
+                                status
+                                    .as_ref()
+                                    .filter(|_| *shard == g.shard && node == member)
+                            });
+                            ReplicaView {
+                                node: member.clone(),
+                                region: map.region_of(member).cloned().unwrap_or_else(|| {
+                                    Region::new("unknown").expect("a valid region name")
+                                }),
+                                role: match status.map(|s| s.replica.role) {
+                                    Some(Role::Leader) => "leader",
+                                    Some(Role::Follower) => "follower",
+                                    None => "unknown",
+                                }
+                                .into(),
+                                answering: status.is_some(),
+                                applied: status.and_then(|s| s.applied),
+                                staleness_ms: status.and_then(|s| s.staleness_ms),
+                                recovering: status.is_some_and(|s| s.replica.recovering),
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        ClusterView {
+            map_version: map.map_version,
+            regions: map.regions(),
+            nodes,
+            groups,
+            gateway: self.me.clone(),
+            gathered_ms: started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+// ----- Handlers -----------------------------------------------------------------
+
+type Gw = State<Arc<Gateway>>;
+
+pub(crate) async fn cluster(State(gw): Gw) -> HttpResponse {
+    (StatusCode::OK, axum::Json(gw.cluster_view().await)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferBody {
+    to: String,
+}
+
+/// `{group}` is `3` or `shard3`.
+fn parse_group(gw: &Gateway, text: &str) -> Result<ShardId, ApiError> {
+    let digits = text.strip_prefix("shard").unwrap_or(text);
+    let shard = digits
+        .parse::<u32>()
+        .ok()
+        .filter(|_| !digits.starts_with('+'))
+        .map(ShardId)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_group",
+                format!("group must be a shard number like 3 or shard3, not {text:?}"),
+            )
+        })?;
+    if !gw.meta.map().groups.contains_key(&shard) {
+        return Err(
+            ApiError::not_found("unknown_group", format!("no group {shard}")).with("shard", shard),
+        );
+    }
+    Ok(shard)
+}
+
+pub(crate) async fn transfer_leader(
+    State(gw): Gw,
+    Path(group): Path<String>,
+    body: Bytes,
+) -> HttpResponse {
+    let result = async {
+        let shard = parse_group(&gw, &group)?;
+        let body: TransferBody = parse_json(&body)?;
+        let to = NodeId::new(&body.to).map_err(|e| {
+            ApiError::unprocessable("invalid_field", format!("to: {e}")).with("field", "to")
+        })?;
+        if gw.meta.map().region_of(&to).is_none() {
+            return Err(
+                ApiError::not_found("unknown_node", format!("no node {to}")).with("node", &to)
+            );
+        }
+        let admin = gw.admin().ok_or_else(no_control_plane)?;
+        admin.transfer_leader(shard, to).await
+    }
+    .await;
+    answer(&gw, result)
+}
+
+pub(crate) async fn fault(State(gw): Gw, body: Bytes) -> HttpResponse {
+    let result = async {
+        let Some(admin) = gw.admin() else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "faults_disabled",
+                "faults on demand exist only in `harbor dev`",
+            ));
+        };
+        let fault = Fault::parse(parse_json(&body)?)?;
+        let map = gw.meta.map();
+        match &fault {
+            Fault::Crash(n) | Fault::Restart(n) | Fault::Pause(n) | Fault::Resume(n) => {
+                if map.region_of(n).is_none() {
+                    return Err(
+                        ApiError::not_found("unknown_node", format!("no node {n}")).with("node", n)
+                    );
+                }
+            }
+            Fault::Partition(a, b) | Fault::Heal(a, b) | Fault::Delay(a, b, _) => {
+                let regions = map.regions();
+                for r in [a, b] {
+                    if !regions.contains(r) {
+                        return Err(ApiError::not_found(
+                            "unknown_region",
+                            format!("region {r} is not part of this cluster"),
+                        )
+                        .with("region", r));
+                    }
+                }
+            }
+        }
+        admin.fault(fault).await
+    }
+    .await;
+    answer(&gw, result)
+}
+
+fn no_control_plane() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "this gateway has no control plane to ask",
+    )
+}
+
+fn answer(gw: &Gateway, result: Result<Value, ApiError>) -> HttpResponse {
+    match result {
+        Ok(mut body) => {
+            if let Value::Object(map) = &mut body {
+                map.insert("node".into(), json!(gw.me));
+                map.insert("served_by".into(), json!("control_plane"));
+            }
+            (StatusCode::OK, axum::Json(body)).into_response()
+        }
+        Err(e) => gw.stamp_error(e).into_response(),
+    }
+}
+
+pub(crate) async fn metrics(State(gw): Gw) -> HttpResponse {
+    let view = gw.cluster_view().await;
+    gw.metrics.render(&view)
+}
