@@ -22,10 +22,10 @@ use crate::error::ApiError;
 use crate::reads::Session;
 use crate::router::Gateway;
 
-/// Reservations one log entry carries at most. A group's share of a batch
-/// larger than this becomes several entries, sent at once (the leader still
-/// makes them durable with one fsync), each well under the entry size limit.
-const ENTRY_COMMANDS_MAX: usize = 1_024;
+/// A group's share of a batch larger than `ENTRY_COMMANDS_MAX` becomes
+/// several entries, sent at once (the leader still makes them durable with
+/// one fsync), each under the entry size limit (asserted in `limits`).
+use harbor_types::limits::ENTRY_COMMANDS_MAX;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -23,11 +23,12 @@
 //!
 //! [`Gateway::call`]: crate::Gateway::call
 
+use harbor_types::limits;
 use harbor_types::sim::probe;
 use harbor_types::{Generation, MonoMs, NodeId, ShardId};
 use harbor_wire::{ErrorCode, ErrorKind, NodeError, Response};
 
-/// The timings of a call. Defaults are the gateway's.
+/// The timings of a call. Defaults are in `harbor_types::limits`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallLimits {
     /// How long a request waits for its leader. Past it the outcome of a
@@ -60,14 +61,14 @@ pub struct CallLimits {
 impl Default for CallLimits {
     fn default() -> Self {
         CallLimits {
-            request_timeout_ms: 5_000,
-            route_check_interval_ms: 50,
-            route_attempts_max: 32,
-            leadership_wait_ms_max: 200,
-            silent_leader_ms: 300,
-            resend_after_ms: 1_000,
-            news_wait_ms: 10,
-            map_poll_ms: 5,
+            request_timeout_ms: limits::REQUEST_TIMEOUT_MS,
+            route_check_interval_ms: limits::ROUTE_CHECK_INTERVAL_MS,
+            route_attempts_max: limits::ROUTE_ATTEMPTS_MAX,
+            leadership_wait_ms_max: limits::LEADERSHIP_WAIT_MS_MAX,
+            silent_leader_ms: limits::SILENT_LEADER_MS,
+            resend_after_ms: limits::RESEND_AFTER_MS,
+            news_wait_ms: limits::NEWS_WAIT_MS,
+            map_poll_ms: limits::MAP_POLL_MS,
         }
     }
 }
@@ -138,6 +139,32 @@ pub struct Call {
     phase: Phase,
 }
 
+impl CallLimits {
+    /// Checks the timings against each other (a config breaking one would
+    /// never resend, or never look at the map).
+    pub fn validate(&self) -> Result<(), &'static str> {
+        let rules = [
+            ("request_timeout_ms > 0", self.request_timeout_ms > 0),
+            ("route_attempts_max > 0", self.route_attempts_max > 0),
+            ("map_poll_ms > 0", self.map_poll_ms > 0),
+            (
+                "0 < route_check_interval_ms < request_timeout_ms",
+                self.route_check_interval_ms > 0
+                    && self.route_check_interval_ms < self.request_timeout_ms,
+            ),
+            ("resend_after_ms > 0", self.resend_after_ms > 0),
+            (
+                "news_wait_ms <= leadership_wait_ms_max",
+                self.news_wait_ms <= self.leadership_wait_ms_max,
+            ),
+        ];
+        match rules.iter().find(|(_, holds)| !holds) {
+            Some((rule, _)) => Err(rule),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Call {
     /// Starts a call at `now`, to the leader `entry` names; refused when
     /// the group is not in the map.
@@ -148,8 +175,7 @@ impl Call {
         entry: Option<MapEntry>,
         limits: CallLimits,
     ) -> Result<(Call, Vec<Step>), NodeError> {
-        assert!(limits.route_attempts_max > 0 && limits.route_check_interval_ms > 0);
-        assert!(limits.map_poll_ms > 0 && limits.resend_after_ms > 0);
+        assert_eq!(limits.validate(), Ok(()), "{shard}: call limits");
         let Some(entry) = entry else {
             return Err(NodeError::new(
                 ErrorKind::UnknownShard,

@@ -19,8 +19,7 @@ use crate::body::parse_json;
 use crate::error::ApiError;
 use crate::router::Gateway;
 
-/// A replica that does not answer within this is shown as unreachable.
-const STATUS_TIMEOUT_MS: u64 = 300;
+use harbor_types::limits::ADMIN_STATUS_TIMEOUT_MS as STATUS_TIMEOUT_MS;
 
 impl Gateway {
     /// Asks every replica of every group for its status, all at once.

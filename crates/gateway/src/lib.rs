@@ -23,5 +23,5 @@ mod routes;
 pub use admin::{Admin, ClusterView, Fault};
 pub use error::ApiError;
 pub use reads::{Consistency, Session, SESSION_HEADER};
-pub use router::{Gateway, GatewayConfig};
+pub use router::{Gateway, GatewayConfig, GatewayConfigError};
 pub use routes::routes;

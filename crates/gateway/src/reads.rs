@@ -25,14 +25,13 @@ use crate::router::Gateway;
 
 /// The request and response header carrying a session's commit tokens.
 pub const SESSION_HEADER: &str = "harbor-session";
-/// Commit tokens one session header may carry (one per shard at most).
-pub const SESSION_TOKENS_MAX: usize = 4_096;
-/// A bounded read's budget when the caller names none (DESIGN.md §1).
-pub const MAX_STALENESS_MS_DEFAULT: u64 = 2_000;
-/// How long a causal read waits at a local replica when the caller names
-/// no `wait_ms`, and the most it may name.
-pub const CAUSAL_WAIT_MS_DEFAULT: u64 = 1_000;
-pub const CAUSAL_WAIT_MS_MAX: u64 = 10_000;
+// A session header carries at most SESSION_TOKENS_MAX tokens (one per
+// shard); a bounded read's budget defaults to STALENESS_MS_DEFAULT
+// (DESIGN.md §1); a causal read waits CAUSAL_WAIT_MS_DEFAULT at a local
+// replica unless it names a `wait_ms`, at most CAUSAL_WAIT_MS_MAX.
+use harbor_types::limits::{
+    CAUSAL_WAIT_MS_DEFAULT, CAUSAL_WAIT_MS_MAX, SESSION_TOKENS_MAX, STALENESS_MS_DEFAULT,
+};
 
 /// The newest commit token a caller has seen per shard. Sent back with
 /// every answer; a replica serves a session read only once it has applied
@@ -196,7 +195,7 @@ impl ReadPlan {
             "strong" => Consistency::Strong,
             "session" => Consistency::Session,
             "bounded" => Consistency::Bounded {
-                max_staleness_ms: params.max_staleness_ms.unwrap_or(MAX_STALENESS_MS_DEFAULT),
+                max_staleness_ms: params.max_staleness_ms.unwrap_or(STALENESS_MS_DEFAULT),
                 allow_stale: params.allow_stale.unwrap_or(false),
             },
             "causal" => {
@@ -454,7 +453,7 @@ mod tests {
         assert_eq!(
             plan.consistency,
             Consistency::Bounded {
-                max_staleness_ms: MAX_STALENESS_MS_DEFAULT,
+                max_staleness_ms: STALENESS_MS_DEFAULT,
                 allow_stale: false
             }
         );

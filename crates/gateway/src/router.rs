@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use harbor_meta::Metadata;
+use harbor_types::limits;
 use harbor_types::{Generation, MonoMs, NodeId, Region, ShardId};
 use harbor_wire::{Body, Envelope, ErrorKind, NodeError, Request, Response};
 use harbor_wire::{Control, Sink, Transport};
@@ -36,13 +37,45 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             call: CallLimits::default(),
-            inflight_requests_max: 100_000,
-            body_bytes_max: 64 * 1024,
-            batch_body_bytes_max: 4 << 20,
-            local_read_timeout_ms: 500,
-            silent_replica_skip_ms: 5_000,
+            inflight_requests_max: limits::INFLIGHT_REQUESTS_MAX,
+            body_bytes_max: limits::BODY_BYTES_MAX,
+            batch_body_bytes_max: limits::BATCH_BODY_BYTES_MAX,
+            local_read_timeout_ms: limits::LOCAL_READ_TIMEOUT_MS,
+            silent_replica_skip_ms: limits::SILENT_REPLICA_SKIP_MS,
         }
     }
+}
+
+impl GatewayConfig {
+    /// Checks the limits at start-up; a gateway with a config that breaks
+    /// one refuses to start, saying which.
+    pub fn validate(&self) -> Result<(), GatewayConfigError> {
+        self.call
+            .validate()
+            .map_err(|rule| GatewayConfigError { rule })?;
+        let rules = [
+            ("inflight_requests_max > 0", self.inflight_requests_max > 0),
+            (
+                "0 < body_bytes_max <= batch_body_bytes_max",
+                self.body_bytes_max > 0 && self.body_bytes_max <= self.batch_body_bytes_max,
+            ),
+            (
+                "local_read_timeout_ms < call.request_timeout_ms",
+                self.local_read_timeout_ms < self.call.request_timeout_ms,
+            ),
+        ];
+        match rules.iter().find(|(_, holds)| !holds) {
+            Some((rule, _)) => Err(GatewayConfigError { rule }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A gateway config that breaks a limit's rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the gateway's limits must keep {rule}")]
+pub struct GatewayConfigError {
+    pub rule: &'static str,
 }
 
 /// A region's gateway: an endpoint on the transport plus the routing state.
@@ -66,15 +99,16 @@ pub struct Gateway {
 
 impl Gateway {
     /// A gateway sending through `transport`; connect [`Gateway::sink`] to
-    /// it for answers to arrive.
+    /// it for answers to arrive. Refused when `config` breaks a rule.
     pub fn start(
         me: NodeId,
         region: Region,
         meta: Arc<dyn Metadata>,
         transport: Arc<dyn Transport>,
         config: GatewayConfig,
-    ) -> Arc<Gateway> {
-        Arc::new(Gateway {
+    ) -> Result<Arc<Gateway>, GatewayConfigError> {
+        config.validate()?;
+        Ok(Arc::new(Gateway {
             me,
             region,
             meta,
@@ -87,7 +121,7 @@ impl Gateway {
             local_turn: AtomicU64::new(0),
             silent_replicas: Mutex::new(HashMap::new()),
             started: tokio::time::Instant::now(),
-        })
+        }))
     }
 
     /// Where the transport delivers this gateway's envelopes: an answer

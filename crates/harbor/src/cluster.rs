@@ -17,7 +17,7 @@ use harbor_meta::{MetaCommand, MetaReply, Metadata, Topology};
 use harbor_meta_raft::{MetaConfig, MetaNode, RemoteMeta};
 use harbor_node::{LateSink, Node, NodeConfig, TcpTransport, Transport};
 use harbor_replication::Member;
-use harbor_types::{NodeId, Region};
+use harbor_types::{limits, NodeId, Region};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
@@ -50,6 +50,53 @@ pub struct ClusterFile {
     /// Limits every process must agree on (all optional).
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Timings every process must agree on (all optional).
+    #[serde(default)]
+    pub timings: TimingsSection,
+}
+
+/// `[timings]`: the deployment's tunables. Defaults are in
+/// `harbor_types::limits`; the rules between them are checked when the
+/// file is read.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimingsSection {
+    /// Writes are refused while a remote copy is further behind than this.
+    pub rpo_budget_ms: u64,
+    /// A leader's lease; the control plane waits it out (plus a margin)
+    /// before naming the next leader.
+    pub lease_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub retransmit_timeout_ms: u64,
+    /// How long a gateway waits for a group's leader.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for TimingsSection {
+    fn default() -> TimingsSection {
+        TimingsSection {
+            rpo_budget_ms: limits::RPO_BUDGET_MS,
+            lease_ms: limits::LEASE_MS,
+            heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL_MS,
+            retransmit_timeout_ms: limits::RETRANSMIT_TIMEOUT_MS,
+            request_timeout_ms: limits::REQUEST_TIMEOUT_MS,
+        }
+    }
+}
+
+impl TimingsSection {
+    fn apply(&self, config: &mut NodeConfig) {
+        config.rpo_budget_ms = self.rpo_budget_ms;
+        config.lease_ms = self.lease_ms;
+        config.heartbeat_interval_ms = self.heartbeat_interval_ms;
+        config.retransmit_timeout_ms = self.retransmit_timeout_ms;
+    }
+
+    fn gateway(&self) -> GatewayConfig {
+        let mut config = GatewayConfig::default();
+        config.call.request_timeout_ms = self.request_timeout_ms;
+        config
+    }
 }
 
 /// `[limits]`: sizes that bound messages between processes and what a
@@ -73,7 +120,7 @@ impl Default for LimitsSection {
     fn default() -> LimitsSection {
         let node = NodeConfig::new(PathBuf::new());
         LimitsSection {
-            frame_bytes_max: harbor_node::transport::FRAME_BYTES_MAX,
+            frame_bytes_max: limits::FRAME_BYTES_MAX,
             snapshot_chunk_bytes_max: node.snapshot_chunk_bytes_max,
             append_bytes_max: node.append_bytes_max,
             snapshot_interval_entries: node.snapshot_interval_entries,
@@ -165,7 +212,7 @@ fn read_cluster(config: &Path, cluster: &Path) -> anyhow::Result<ClusterFile> {
     harbor_node::transport::messages_fit_frames(
         limits.frame_bytes_max,
         limits.append_bytes_max,
-        harbor_replication::ENTRY_BYTES_DEFAULT,
+        limits::ENTRY_BYTES_MAX,
         limits.snapshot_chunk_bytes_max,
     )
     .map_err(|e| anyhow::anyhow!("{}: [limits]: {e}", path.display()))?;
@@ -188,6 +235,15 @@ fn read_cluster(config: &Path, cluster: &Path) -> anyhow::Result<ClusterFile> {
             );
         }
     }
+    let mut node = NodeConfig::new(PathBuf::new());
+    file.limits.apply(&mut node);
+    file.timings.apply(&mut node);
+    node.validate()
+        .map_err(|e| anyhow::anyhow!("{}: [limits] and [timings]: {e}", path.display()))?;
+    file.timings
+        .gateway()
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: [timings]: {e}", path.display()))?;
     let mut ids: Vec<u64> = file.meta.voters.iter().map(|v| v.id).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -324,10 +380,10 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         cluster.topology.regions[0].clone(),
         meta.clone(),
         transport,
-        GatewayConfig::default(),
-    );
+        cluster.timings.gateway(),
+    )?;
     sink.connect(endpoint.sink());
-    let lease_ms = NodeConfig::new(PathBuf::new()).lease_ms;
+    let lease_ms = cluster.timings.lease_ms;
 
     // The control loop runs on the metadata leader only, afresh each time
     // this voter becomes leader.
@@ -511,6 +567,7 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     );
     let mut config = NodeConfig::new(file.data_dir.clone());
     cluster.limits.apply(&mut config);
+    cluster.timings.apply(&mut config);
     // An empty replica always starts recovering here: the map a node reads
     // may trail the metadata leader, so it cannot tell a new group from one
     // whose data it lost. The control plane starts a group whose members
@@ -551,8 +608,8 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
             Region::new(region.as_str()).unwrap(),
             meta.clone(),
             transport,
-            GatewayConfig::default(),
-        );
+            cluster.timings.gateway(),
+        )?;
         sink.connect(gateway.sink());
         gateway.set_admin(Arc::new(RemoteAdmin {
             voters: cluster.voter_addrs(),
@@ -586,4 +643,43 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     }
     tokio::task::spawn_blocking(move || node.shutdown()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The repository's example cluster file, with `extra` appended.
+    fn read_with(extra: &str) -> anyhow::Result<ClusterFile> {
+        let example = include_str!("../../../deploy/cluster.toml");
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join("cluster.toml"),
+            format!("{example}\n{extra}"),
+        )?;
+        read_cluster(&dir.path().join("node.toml"), Path::new("cluster.toml"))
+    }
+
+    #[test]
+    fn timings_are_read_and_their_rules_checked() {
+        let file = read_with("").unwrap();
+        assert_eq!(file.timings.lease_ms, limits::LEASE_MS);
+        let file = read_with("[timings]\nlease_ms = 3000\nrpo_budget_ms = 2000\n").unwrap();
+        assert_eq!(
+            (file.timings.lease_ms, file.timings.rpo_budget_ms),
+            (3_000, 2_000)
+        );
+
+        let e = read_with("[timings]\nlease_ms = 500\n").unwrap_err();
+        assert!(
+            e.to_string().contains("retransmit_timeout_ms < lease_ms"),
+            "{e}"
+        );
+        let e = read_with("[timings]\nrequest_timeout_ms = 400\n").unwrap_err();
+        assert!(e.to_string().contains("local_read_timeout_ms"), "{e}");
+        let e = read_with("[timings]\nlease_ms = 0\n").unwrap_err();
+        assert!(e.to_string().contains("lease_ms"), "{e}");
+        let e = read_with("[timings]\nleas_ms = 3000\n").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field"), "{e:#}");
+    }
 }

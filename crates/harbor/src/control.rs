@@ -34,25 +34,10 @@ impl Replicas for OverTheWire {
     }
 }
 
-/// How often the control loop looks at every group.
-pub const CONTROL_INTERVAL_MS: u64 = 100;
-/// ... and while a planned transfer is under way (its write pause is a few
-/// of these rounds).
-const TRANSFER_INTERVAL_MS: u64 = 5;
-/// How long a planned transfer may pause a group's writes waiting for its
-/// target to catch up before it is given up.
-pub const DRAIN_MS: u64 = 1_000;
-/// A replica that does not answer a status request within this is
-/// unreachable for this round.
-const STATUS_TIMEOUT_MS: u64 = 250;
-/// ... or within this, on a node that missed the previous round: a dead
-/// node must not slow every round (and so every failover) down.
-const SUSPECT_TIMEOUT_MS: u64 = 40;
-/// How long a leader may stay unreachable before its generation is sealed.
-pub const UNREACHABLE_AFTER_MS: u64 = 500;
-/// Added to the lease for clock drift between the old leader and its
-/// followers (one host in dev; NTP-synchronized hosts in a deployment).
-const LEASE_MARGIN_MS: u64 = 250;
+use harbor_types::limits::{
+    CONTROL_INTERVAL_MS, DRAIN_MS, LEASE_MARGIN_MS, STATUS_TIMEOUT_MS, SUSPECT_TIMEOUT_MS,
+    TRANSFER_INTERVAL_MS, UNREACHABLE_AFTER_MS,
+};
 
 /// A planned leader transfer asked for over the admin API.
 pub struct TransferRequest {

@@ -237,7 +237,7 @@ impl DevCluster {
                 meta.clone(),
                 transport.clone(),
                 options.gateway.clone(),
-            );
+            )?;
             network.attach(id, region.clone(), gateway.sink());
             gateway.set_admin(admin.clone());
             let port = if options.port == 0 {
@@ -281,7 +281,7 @@ impl DevCluster {
             meta.clone(),
             transport.clone(),
             options.gateway.clone(),
-        );
+        )?;
         network.attach_near_all(control_id, control_endpoint.sink());
         let lease_ms = {
             let mut probe = NodeConfig::new(PathBuf::new());

@@ -3,9 +3,10 @@ use std::collections::BTreeMap;
 use harbor_types::{BucketId, Generation, IssuerId, LogIndex, NodeId, Region, ShardId};
 use serde::{Deserialize, Serialize};
 
-/// Logical buckets in a cluster. Fixed for the life of a cluster: buckets
-/// move between groups, their number never changes.
-pub const BUCKETS_DEFAULT: u32 = 2048;
+/// Logical buckets in a cluster (`BUCKETS_DEFAULT`) are fixed for the life
+/// of a cluster: buckets move between groups, their number never changes.
+/// The map keeps `GENERATION_ENDS_KEPT` generation ends per group.
+pub use harbor_types::limits::{BUCKETS_DEFAULT, GENERATION_ENDS_KEPT};
 
 /// The shape of a cluster to create: regions, nodes, groups.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,9 +89,6 @@ pub struct GenerationEnd {
     pub generation: Generation,
     pub last_index: LogIndex,
 }
-
-/// Generation ends kept per group in the map.
-pub const GENERATION_ENDS_KEPT: usize = 8;
 
 /// Bucket → group, group → members, leader and generation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,10 +1,14 @@
 use std::path::PathBuf;
 
+use harbor_replication::Config as CoreConfig;
+use harbor_types::limits;
 use harbor_types::sim::Bugs;
+use harbor_types::{NodeId, ShardId};
 use harbor_wal::WalOptions;
 
-/// Limits and timings of a node's replicas. Every one is configurable and
-/// has a default sized for the 2-region dev cluster.
+/// Limits and timings of a node's replicas. Every one is configurable; the
+/// defaults are in `harbor_types::limits`, and [`NodeConfig::validate`]
+/// checks their rules at start-up.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     /// Each replica keeps its WAL in `data_dir/shard-{id}`.
@@ -57,22 +61,153 @@ impl NodeConfig {
         NodeConfig {
             data_dir,
             groups_are_new: false,
-            snapshot_chunk_bytes_max: harbor_replication::SNAPSHOT_CHUNK_BYTES_DEFAULT,
-            append_bytes_max: harbor_replication::APPEND_BYTES_DEFAULT,
-            retained_entries_max: harbor_replication::RETAINED_ENTRIES_DEFAULT,
-            sync_acks: 1,
-            rpo_budget_ms: 5_000,
-            heartbeat_interval_ms: 100,
-            lease_ms: 2_000,
-            retransmit_timeout_ms: 500,
-            tick_interval_ms: 25,
-            snapshot_interval_entries: 100_000,
-            replica_inbox_capacity: 65_536,
-            batch_inputs_max: 8_192,
-            uncommitted_entries_max: 65_536,
-            local_reads_waiting_max: 4_096,
+            snapshot_chunk_bytes_max: limits::SNAPSHOT_CHUNK_BYTES_MAX,
+            append_bytes_max: limits::APPEND_BYTES_MAX,
+            retained_entries_max: limits::RETAINED_ENTRIES_MAX,
+            sync_acks: limits::SYNC_ACKS,
+            rpo_budget_ms: limits::RPO_BUDGET_MS,
+            heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL_MS,
+            lease_ms: limits::LEASE_MS,
+            retransmit_timeout_ms: limits::RETRANSMIT_TIMEOUT_MS,
+            tick_interval_ms: limits::TICK_INTERVAL_MS,
+            snapshot_interval_entries: limits::SNAPSHOT_INTERVAL_ENTRIES,
+            replica_inbox_capacity: limits::REPLICA_INBOX_CAPACITY,
+            batch_inputs_max: limits::BATCH_INPUTS_MAX,
+            uncommitted_entries_max: limits::UNCOMMITTED_ENTRIES_MAX,
+            local_reads_waiting_max: limits::LOCAL_READS_WAITING_MAX,
             wal: WalOptions::default(),
             bugs: Bugs::none(),
         }
+    }
+
+    /// The replication core's config for one replica of `shard` here: the
+    /// core's own defaults, with every field this config sets.
+    pub fn core_config(&self, shard: ShardId, me: NodeId) -> CoreConfig {
+        let mut core = CoreConfig::new(shard, me);
+        core.sync_acks = self.sync_acks;
+        core.rpo_budget_ms = self.rpo_budget_ms;
+        core.heartbeat_interval_ms = self.heartbeat_interval_ms;
+        core.retransmit_timeout_ms = self.retransmit_timeout_ms;
+        core.uncommitted_entries_max = self.uncommitted_entries_max;
+        core.lease_ms = self.lease_ms;
+        core.snapshot_chunk_bytes_max = self.snapshot_chunk_bytes_max;
+        core.append_bytes_max = self.append_bytes_max;
+        core.retained_entries_max = self.retained_entries_max;
+        core.bugs = self.bugs;
+        core
+    }
+
+    /// Checks the limits against each other, at start-up: a node with a
+    /// config that breaks one refuses to start, saying which.
+    pub fn validate(&self) -> Result<(), NodeConfigError> {
+        let positive = [
+            (
+                "snapshot_chunk_bytes_max",
+                self.snapshot_chunk_bytes_max as u64,
+            ),
+            ("append_bytes_max", self.append_bytes_max as u64),
+            ("retained_entries_max", self.retained_entries_max),
+            ("rpo_budget_ms", self.rpo_budget_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("lease_ms", self.lease_ms),
+            ("retransmit_timeout_ms", self.retransmit_timeout_ms),
+            ("tick_interval_ms", self.tick_interval_ms),
+            ("snapshot_interval_entries", self.snapshot_interval_entries),
+            ("replica_inbox_capacity", self.replica_inbox_capacity as u64),
+            ("batch_inputs_max", self.batch_inputs_max as u64),
+            ("uncommitted_entries_max", self.uncommitted_entries_max),
+            (
+                "local_reads_waiting_max",
+                self.local_reads_waiting_max as u64,
+            ),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(NodeConfigError::Zero { name });
+        }
+        let ordered = [
+            (
+                "tick_interval_ms <= heartbeat_interval_ms",
+                self.tick_interval_ms <= self.heartbeat_interval_ms,
+            ),
+            (
+                "heartbeat_interval_ms < retransmit_timeout_ms",
+                self.heartbeat_interval_ms < self.retransmit_timeout_ms,
+            ),
+            (
+                "retransmit_timeout_ms < lease_ms",
+                self.retransmit_timeout_ms < self.lease_ms,
+            ),
+            (
+                "retransmit_timeout_ms < rpo_budget_ms",
+                self.retransmit_timeout_ms < self.rpo_budget_ms,
+            ),
+            (
+                "batch_inputs_max <= replica_inbox_capacity",
+                self.batch_inputs_max <= self.replica_inbox_capacity,
+            ),
+            (
+                "uncommitted_entries_max <= retained_entries_max",
+                self.uncommitted_entries_max <= self.retained_entries_max,
+            ),
+            (
+                "entry_bytes_max <= append_bytes_max",
+                limits::ENTRY_BYTES_MAX <= self.append_bytes_max,
+            ),
+            (
+                "an entry fits one WAL record",
+                limits::ENTRY_BYTES_MAX + WAL_RECORD_OVERHEAD_BYTES
+                    <= self.wal.record_size_bytes_max as usize,
+            ),
+        ];
+        if let Some((rule, _)) = ordered.iter().find(|(_, holds)| !holds) {
+            return Err(NodeConfigError::Inconsistent { rule });
+        }
+        Ok(())
+    }
+}
+
+/// What a WAL record adds to an entry's payload (its timestamp, lengths).
+const WAL_RECORD_OVERHEAD_BYTES: usize = 64;
+const _: () = assert!(
+    limits::ENTRY_BYTES_MAX + WAL_RECORD_OVERHEAD_BYTES
+        <= harbor_wal::RECORD_SIZE_BYTES_DEFAULT as usize
+);
+
+/// A node config that breaks a limit's rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeConfigError {
+    #[error("{name} must be greater than zero")]
+    Zero { name: &'static str },
+    #[error("the node's limits must keep {rule}")]
+    Inconsistent { rule: &'static str },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_hold_and_a_broken_rule_is_named() {
+        let config = NodeConfig::new(PathBuf::from("data"));
+        assert_eq!(config.validate(), Ok(()));
+        let mut bad = config.clone();
+        bad.lease_ms = bad.retransmit_timeout_ms;
+        assert_eq!(
+            bad.validate(),
+            Err(NodeConfigError::Inconsistent {
+                rule: "retransmit_timeout_ms < lease_ms"
+            })
+        );
+        let mut bad = config.clone();
+        bad.batch_inputs_max = 0;
+        assert_eq!(
+            bad.validate(),
+            Err(NodeConfigError::Zero {
+                name: "batch_inputs_max"
+            })
+        );
+        let mut bad = config;
+        bad.tick_interval_ms = bad.heartbeat_interval_ms + 1;
+        assert!(bad.validate().is_err());
     }
 }

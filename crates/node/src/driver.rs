@@ -13,9 +13,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use harbor_replication::{
-    Config as CoreConfig, Effect, Entry, Member, ProposeError, Recovered, Replica, SnapshotMeta,
-};
+use harbor_replication::{Effect, Entry, Member, ProposeError, Recovered, Replica, SnapshotMeta};
 use harbor_reservation::{ApplyContext, Command, StateMachine};
 use harbor_types::sim::probe;
 use harbor_types::{
@@ -35,9 +33,6 @@ pub enum ReplicaInput {
     Envelope(Envelope),
     Control(Control),
 }
-
-/// How long an idle follower sleeps between looks at its inbox.
-const FOLLOWER_WAIT_MS: u64 = 500;
 
 /// What the WAL stores per entry besides index and generation.
 #[derive(Serialize, Deserialize)]
@@ -220,17 +215,7 @@ impl<S: Storage> Driver<S> {
             ms = started.elapsed().as_millis() as u64,
             "recovered the replica"
         );
-        let mut core_config = CoreConfig::new(shard, me.clone());
-        core_config.sync_acks = config.sync_acks;
-        core_config.rpo_budget_ms = config.rpo_budget_ms;
-        core_config.heartbeat_interval_ms = config.heartbeat_interval_ms;
-        core_config.retransmit_timeout_ms = config.retransmit_timeout_ms;
-        core_config.uncommitted_entries_max = config.uncommitted_entries_max;
-        core_config.bugs = config.bugs;
-        core_config.lease_ms = config.lease_ms;
-        core_config.snapshot_chunk_bytes_max = config.snapshot_chunk_bytes_max;
-        core_config.append_bytes_max = config.append_bytes_max;
-        core_config.retained_entries_max = config.retained_entries_max;
+        let core_config = config.core_config(shard, me.clone());
         let mut machine = machine;
         machine.set_bugs(config.bugs);
         core_config
@@ -275,7 +260,7 @@ impl<S: Storage> Driver<S> {
         let tick = Duration::from_millis(self.config.tick_interval_ms);
         // Followers have no timers of their own: they wake for messages, and
         // rarely otherwise, which keeps an idle process idle.
-        let follower_wait = Duration::from_millis(FOLLOWER_WAIT_MS);
+        let follower_wait = Duration::from_millis(harbor_types::limits::FOLLOWER_WAIT_MS);
         let mut last_tick = MonoMs::ZERO;
         loop {
             let wait = if self.core.is_leader() || !self.local_reads.is_empty() {

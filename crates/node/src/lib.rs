@@ -13,7 +13,7 @@ pub mod node;
 pub mod queue;
 pub mod transport;
 
-pub use config::NodeConfig;
+pub use config::{NodeConfig, NodeConfigError};
 pub use node::{Node, NodeStartError};
 pub use transport::{
     inbox, InProcNetwork, Inbox, LateSink, LinkFaults, Sink, TcpTransport, Transport,

@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 use harbor_replication::Member;
 use harbor_types::{NodeId, Region, ShardId};
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, NodeConfigError};
 use harbor_wire::{Body, Control, Envelope, ErrorKind, NodeError, Response, Sink, Transport};
 
 use crate::driver::{Driver, DriverStartError, ReplicaInput};
@@ -13,6 +13,11 @@ use crate::queue::{self, TrySendError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeStartError {
+    #[error("node {node}: {source}")]
+    Config {
+        node: NodeId,
+        source: NodeConfigError,
+    },
     #[error("node {node}: {source}")]
     Replica {
         node: NodeId,
@@ -52,6 +57,10 @@ impl Node {
         config: NodeConfig,
         transport: Arc<dyn Transport>,
     ) -> Result<Node, NodeStartError> {
+        config.validate().map_err(|source| NodeStartError::Config {
+            node: id.clone(),
+            source,
+        })?;
         let mut handles: HashMap<ShardId, ReplicaHandle> = HashMap::new();
         for (shard, members) in groups {
             let driver = Driver::open(

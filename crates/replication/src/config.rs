@@ -1,3 +1,4 @@
+use harbor_types::limits;
 use harbor_types::sim::Bugs;
 use harbor_types::{NodeId, ShardId};
 use serde::{Deserialize, Serialize};
@@ -11,17 +12,9 @@ pub struct Member {
     pub local: bool,
 }
 
-/// Default bytes of a snapshot in one message (see
-/// [`Config::snapshot_chunk_bytes_max`]).
-pub const SNAPSHOT_CHUNK_BYTES_DEFAULT: usize = 1 << 20;
-/// Default payload bytes in one append message.
-pub const APPEND_BYTES_DEFAULT: usize = 4 << 20;
-/// Default largest payload of one entry.
-pub const ENTRY_BYTES_DEFAULT: usize = 1 << 20;
-/// Default entries kept in memory for lagging followers.
-pub const RETAINED_ENTRIES_DEFAULT: u64 = 1_000_000;
-
-/// Limits and timings of one replica. Every limit of the core lives here.
+/// Limits and timings of one replica: every one the core takes from its
+/// runtime (the bounds of its own bookkeeping and every default are in
+/// `harbor_types::limits`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
     pub shard: ShardId,
@@ -69,18 +62,18 @@ impl Config {
         Config {
             shard,
             me,
-            sync_acks: 1,
-            heartbeat_interval_ms: 50,
-            retransmit_timeout_ms: 500,
-            append_entries_max: 4096,
-            append_bytes_max: APPEND_BYTES_DEFAULT,
-            inflight_entries_max: 65_536,
-            uncommitted_entries_max: 65_536,
-            rpo_budget_ms: 5_000,
-            retained_entries_max: RETAINED_ENTRIES_DEFAULT,
-            entry_bytes_max: ENTRY_BYTES_DEFAULT,
-            snapshot_chunk_bytes_max: SNAPSHOT_CHUNK_BYTES_DEFAULT,
-            lease_ms: 2_000,
+            sync_acks: limits::SYNC_ACKS,
+            heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL_MS,
+            retransmit_timeout_ms: limits::RETRANSMIT_TIMEOUT_MS,
+            append_entries_max: limits::APPEND_ENTRIES_MAX,
+            append_bytes_max: limits::APPEND_BYTES_MAX,
+            inflight_entries_max: limits::INFLIGHT_ENTRIES_MAX,
+            uncommitted_entries_max: limits::UNCOMMITTED_ENTRIES_MAX,
+            rpo_budget_ms: limits::RPO_BUDGET_MS,
+            retained_entries_max: limits::RETAINED_ENTRIES_MAX,
+            entry_bytes_max: limits::ENTRY_BYTES_MAX,
+            snapshot_chunk_bytes_max: limits::SNAPSHOT_CHUNK_BYTES_MAX,
+            lease_ms: limits::LEASE_MS,
             bugs: Bugs::none(),
         }
     }
@@ -130,9 +123,19 @@ impl Config {
                 return Err(ConfigError::Zero { name });
             }
         }
-        if self.retransmit_timeout_ms < self.heartbeat_interval_ms {
+        if self.retransmit_timeout_ms <= self.heartbeat_interval_ms {
             return Err(ConfigError::Inconsistent {
-                why: "retransmit_timeout_ms must be at least heartbeat_interval_ms",
+                why: "retransmit_timeout_ms must be longer than heartbeat_interval_ms",
+            });
+        }
+        if self.lease_ms <= self.retransmit_timeout_ms {
+            return Err(ConfigError::Inconsistent {
+                why: "lease_ms must be longer than retransmit_timeout_ms",
+            });
+        }
+        if self.entry_bytes_max > self.append_bytes_max {
+            return Err(ConfigError::Inconsistent {
+                why: "entry_bytes_max must not exceed append_bytes_max",
             });
         }
         Ok(())

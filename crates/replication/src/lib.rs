@@ -22,10 +22,7 @@ mod config;
 mod message;
 mod replica;
 
-pub use config::{
-    Config, ConfigError, Member, APPEND_BYTES_DEFAULT, ENTRY_BYTES_DEFAULT,
-    RETAINED_ENTRIES_DEFAULT, SNAPSHOT_CHUNK_BYTES_DEFAULT,
-};
+pub use config::{Config, ConfigError, Member};
 pub use message::{
     AckEcho, Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotAck, SnapshotMeta,
 };

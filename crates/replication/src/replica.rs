@@ -1,5 +1,6 @@
 use std::collections::{BTreeMap, VecDeque};
 
+use harbor_types::limits::{APPEND_MARKS_MAX, CLOSED_PENDING_MAX, RETIRED_LIVES_MAX};
 use harbor_types::sim::probe;
 use harbor_types::{Generation, Hlc, LogIndex, MonoMs, NodeId, Now, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -189,12 +190,6 @@ pub struct ReplicaStatus {
     pub recovering: bool,
 }
 
-/// Closed timestamps a follower keeps waiting for their entries to commit.
-const CLOSED_PENDING_MAX: usize = 64;
-/// Earlier lives of a follower a leader remembers (to ignore their late acks).
-const RETIRED_LIVES_MAX: usize = 4;
-/// Runs of appended entries a leader remembers the time of (for lag).
-const APPEND_MARKS_MAX: usize = 16_384;
 /// An identity for one life of a replica, from the clocks it started at:
 /// two lives never start at the same instant of both clocks.
 fn incarnation_of(now: Now) -> u64 {

@@ -3,14 +3,13 @@ use harbor_types::{
 };
 use serde::{Deserialize, Serialize};
 
-/// The longest hold a client may ask for: 7 days. Longer exposure is a
-/// confirmed reservation, not a hold.
-pub const HOLD_TTL_MS_MAX: u64 = 7 * 24 * 60 * 60 * 1000;
+/// The longest hold a client may ask for (7 days: longer exposure is a
+/// confirmed reservation, not a hold), and the most commands one
+/// [`Command::Batch`] carries (TigerBeetle takes up to 8,190 events per
+/// request; so do we). Both are defined with every other limit.
+pub use harbor_types::limits::{BATCH_COMMANDS_MAX, HOLD_TTL_MS_MAX};
 /// The longest `desk` or `trader` accepted, in bytes.
 pub const FIELD_LEN_MAX: usize = harbor_types::ID_LEN_MAX;
-/// The most commands one [`Command::Batch`] carries (TigerBeetle takes up to
-/// 8,190 events per request; so do we).
-pub const BATCH_COMMANDS_MAX: usize = 8_190;
 
 /// One command of a group's replicated log, encoded with postcard.
 ///

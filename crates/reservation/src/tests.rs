@@ -766,3 +766,33 @@ fn a_batch_applies_each_command_on_its_own_in_order() {
     let view = log.sm.token(&issuer("A"), &token("b2")).unwrap();
     assert!(matches!(view.outcome, TokenOutcome::Rejected { .. }));
 }
+
+#[test]
+fn the_largest_client_command_fits_command_bytes_max() {
+    // Every text field at its longest, every number at its largest: the
+    // bound `harbor_types::limits` sizes a batch entry with.
+    let issuer_id = IssuerId::new("I".repeat(harbor_types::ID_LEN_MAX)).unwrap();
+    let token = ReservationToken::new("t".repeat(harbor_types::TOKEN_LEN_MAX)).unwrap();
+    let field = "f".repeat(FIELD_LEN_MAX);
+    let commands = [
+        Command::Reserve {
+            token: token.clone(),
+            issuer_id: issuer_id.clone(),
+            amount: Amount(AMOUNT_MAX),
+            desk: field.clone(),
+            trader: field,
+            hold_ttl_ms: Some(HOLD_TTL_MS_MAX),
+        },
+        Command::Confirm {
+            reservation_id: ReservationId::new(issuer_id.clone(), u64::MAX),
+        },
+        Command::ResolveToken { issuer_id, token },
+    ];
+    for command in commands {
+        let bytes = postcard::to_allocvec(&command).unwrap().len();
+        assert!(
+            bytes <= harbor_types::limits::COMMAND_BYTES_MAX,
+            "{bytes} bytes: {command:?}"
+        );
+    }
+}

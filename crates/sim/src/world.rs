@@ -374,10 +374,14 @@ impl World {
         // network's losses meet resumption.
         node_config.snapshot_chunk_bytes_max = 512;
         node_config.lease_ms = LEASE_MS;
+        node_config.retransmit_timeout_ms = LEASE_MS / 2;
         // Small segments and preallocation, so crashes meet rolls and zero
         // tails, and the simulated disk's copies stay cheap.
         node_config.wal.segment_size_bytes = 64 << 10;
         node_config.wal.preallocate_bytes = 4 << 10;
+        node_config
+            .validate()
+            .expect("the simulator's node config keeps the limits' rules");
         let outbox = Arc::new(Outbox::default());
         let mut nodes = BTreeMap::new();
         for info in &map.nodes {

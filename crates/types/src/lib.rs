@@ -1,12 +1,15 @@
 //! Shared vocabulary of every Harbor plane: identifiers, log positions,
 //! commit tokens, the two clocks, hybrid-logical timestamps and money amounts.
 //!
+//! Every default limit and timing is in [`limits`].
+//!
 //! Every id and position is a newtype so a core's public API never takes a
 //! bare `u64` or `String` whose meaning the reader has to guess.
 
 mod clock;
 mod hlc;
 mod ids;
+pub mod limits;
 mod position;
 pub mod sim;
 

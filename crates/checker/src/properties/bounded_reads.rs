@@ -14,13 +14,13 @@ use crate::format::{Call, Consistency, Reply};
 use crate::{History, Property, Verdict, Violation};
 
 /// The staleness budget of a bounded read that names none (DESIGN.md §1).
-pub const BOUNDED_STALENESS_MS_DEFAULT: u64 = 2_000;
+pub const BOUNDED_STALENESS_MS_DEFAULT: u64 = harbor_types::limits::STALENESS_MS_DEFAULT;
 
 /// Staleness is measured on the serving replica's clock against the
 /// leader's: the two may disagree by the clock-skew bound Harbor assumes
-/// (the failover's lease margin, 250 ms), so a write acknowledged within
-/// that much of the budget's edge may or may not be included.
-pub const CLOCK_UNCERTAINTY_MS: u64 = 250;
+/// (the failover's lease margin), so a write acknowledged within that much
+/// of the budget's edge may or may not be included.
+pub const CLOCK_UNCERTAINTY_MS: u64 = harbor_types::limits::LEASE_MARGIN_MS;
 
 pub struct BoundedReads;
 

@@ -10,8 +10,7 @@ use tokio::time::Instant;
 use super::{Sink, Transport};
 use harbor_wire::Envelope;
 
-/// Envelopes queued on one cross-region link before new ones are dropped.
-const LINK_QUEUE_MAX: usize = 65_536;
+use harbor_types::limits::LINK_QUEUE_MAX;
 
 /// Faults between regions, changed at run time (dev mode, tests).
 #[derive(Clone, Debug, Default)]

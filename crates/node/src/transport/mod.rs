@@ -16,7 +16,7 @@ mod tcp;
 use std::sync::{Arc, OnceLock};
 
 pub use inproc::{InProcNetwork, LinkFaults};
-pub use tcp::{messages_fit_frames, TcpTransport, FRAME_BYTES_MAX};
+pub use tcp::{messages_fit_frames, TcpTransport};
 
 use harbor_wire::Envelope;
 pub use harbor_wire::{Sink, Transport};

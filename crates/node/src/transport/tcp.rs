@@ -13,19 +13,10 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use super::{Sink, Transport};
 use harbor_wire::Envelope;
 
-/// The largest frame accepted or sent: a full append batch plus headroom.
-/// A snapshot never needs one of its own size: it goes in chunks.
-pub const FRAME_BYTES_MAX: usize = 64 << 20;
-/// Bytes a frame may need beyond the data it carries (ids, positions,
-/// the envelope): generous, since postcard adds a few bytes per field.
-const FRAME_OVERHEAD_BYTES_MAX: usize = 64 << 10;
-const _: () = assert!(
-    harbor_replication::SNAPSHOT_CHUNK_BYTES_DEFAULT + FRAME_OVERHEAD_BYTES_MAX <= FRAME_BYTES_MAX
-);
-const _: () =
-    assert!(harbor_replication::APPEND_BYTES_DEFAULT + FRAME_OVERHEAD_BYTES_MAX <= FRAME_BYTES_MAX);
-const _: () =
-    assert!(harbor_replication::ENTRY_BYTES_DEFAULT + FRAME_OVERHEAD_BYTES_MAX <= FRAME_BYTES_MAX);
+use harbor_types::limits::{
+    APPEND_ENTRIES_MAX, ENTRY_OVERHEAD_BYTES_MAX, FRAME_BYTES_MAX, FRAME_OVERHEAD_BYTES_MAX,
+    PEER_QUEUE_MAX,
+};
 
 /// Whether every message a replica with these limits sends fits a frame of
 /// `frame_bytes_max` (an append carries up to `append_bytes_max`, or one
@@ -36,7 +27,11 @@ pub fn messages_fit_frames(
     entry_bytes_max: usize,
     chunk_bytes_max: usize,
 ) -> Result<(), String> {
-    let largest = append_bytes_max.max(entry_bytes_max).max(chunk_bytes_max);
+    // An append stops at its byte limit but carries at least one entry;
+    // each of its entries adds its position and time.
+    let entries_overhead = APPEND_ENTRIES_MAX * ENTRY_OVERHEAD_BYTES_MAX;
+    let append = append_bytes_max.max(entry_bytes_max) + entries_overhead;
+    let largest = append.max(chunk_bytes_max);
     if largest + FRAME_OVERHEAD_BYTES_MAX > frame_bytes_max {
         return Err(format!(
             "frame_bytes_max = {frame_bytes_max} cannot carry a message of {largest} bytes \
@@ -46,8 +41,6 @@ pub fn messages_fit_frames(
     }
     Ok(())
 }
-/// Envelopes queued for one peer before new ones are dropped.
-const PEER_QUEUE_MAX: usize = 65_536;
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
 
 /// Envelopes as length-delimited postcard frames over TCP, one outbound
