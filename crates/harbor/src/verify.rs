@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use harbor_sim::{run, SimOptions};
-use harbor_types::sim::{probe_hits, Bugs};
+use harbor_types::sim::{Bugs, PROBES};
 
 /// Returns whether every seed was clean.
 pub fn sim(
@@ -37,12 +37,16 @@ pub fn sim(
     let mut last_progress = Instant::now();
     let mut failing = Vec::new();
     let mut ops = 0;
+    let mut probes: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
     for (n, seed) in (first..first + count).enumerate() {
         let mut options = SimOptions::new(seed);
         options.bugs = bugs;
         options.safety_ms = safety_ms;
         let outcome = run(options);
         ops += outcome.stats.ops;
+        for (name, hits) in &outcome.probes {
+            *probes.entry(name).or_default() += hits;
+        }
         if count == 1 {
             println!("seed {seed}: {:?}", outcome.stats);
             if let Some(dir) = &history_dir {
@@ -89,7 +93,7 @@ pub fn sim(
         }
     }
     let _ = std::panic::take_hook();
-    let hits = probe_hits();
+    let hits: Vec<(&str, u64)> = PROBES.iter().map(|p| (*p, probes[p])).collect();
     let missed: Vec<&str> = hits
         .iter()
         .filter(|(_, h)| *h == 0)

@@ -923,6 +923,15 @@ impl Replica {
         } else {
             true
         };
+        if same_life && received < out.acked_bytes {
+            // The follower holds less than we counted (it dropped a partial
+            // snapshot, or this ack is a late duplicate): resume from what
+            // it says when the transfer stalls, never from bytes it lacks.
+            // A late duplicate costs nothing: the next ack moves forward.
+            probe("replication.snapshot_ack_went_backwards");
+            out.acked_bytes = received;
+            return;
+        }
         if !advance {
             return;
         }
@@ -1296,18 +1305,25 @@ impl Replica {
         // leader is told again where this follower stands).
         let end = m.offset.checked_add(m.data.len() as u64);
         let fits = end.is_some_and(|end| end <= m.total_bytes);
-        let same = self
-            .incoming
-            .as_ref()
-            .is_some_and(|i| i.meta == m.meta && i.total_bytes == m.total_bytes);
-        if !same {
-            self.incoming = (m.offset == 0).then(|| IncomingSnapshot {
+        let same = |i: &IncomingSnapshot| i.meta == m.meta && i.total_bytes == m.total_bytes;
+        // Another snapshot replaces the one being received only from its
+        // start, and only if it is not older: a late chunk of an earlier
+        // snapshot (reordered, duplicated) must not throw away the newer
+        // one's progress.
+        let replaces = m.offset == 0
+            && self
+                .incoming
+                .as_ref()
+                .is_none_or(|i| !same(i) && i.meta.last_index <= m.meta.last_index);
+        if replaces {
+            self.incoming = Some(IncomingSnapshot {
                 meta: m.meta,
                 total_bytes: m.total_bytes,
                 data: Vec::new(),
             });
         }
-        let received = match self.incoming.as_mut() {
+        // What this follower holds of the snapshot the chunk is from.
+        let received = match self.incoming.as_mut().filter(|i| same(i)) {
             Some(incoming) => {
                 // The next chunk exactly; duplicates and gaps change nothing.
                 if m.offset == incoming.data.len() as u64 && fits {
@@ -1315,7 +1331,10 @@ impl Replica {
                 }
                 incoming.data.len() as u64
             }
-            None => 0,
+            None => {
+                probe("replication.snapshot_chunk_of_another_snapshot_ignored");
+                0
+            }
         };
         let whole = self
             .incoming

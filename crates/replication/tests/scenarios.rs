@@ -834,3 +834,84 @@ fn a_snapshot_streams_in_chunks_and_resumes_after_a_loss() {
     g.settle();
     assert_eq!(g.committed("r1"), index);
 }
+
+/// Found by the swarm sweep (a 3-region seed): a leader that started a
+/// second snapshot for a follower sent its chunks while a chunk of the
+/// first was still on the wire. The late chunk made the follower drop the
+/// second snapshot's progress, and the leader, ignoring an ack that went
+/// backwards, resent from bytes the follower no longer had, forever.
+#[test]
+fn a_late_chunk_of_an_earlier_snapshot_does_not_stall_the_newer_one() {
+    let mut g = Group::with_config(|c| {
+        c.retained_entries_max = 2;
+        c.snapshot_chunk_bytes_max = 3;
+    });
+    g.settle();
+    g.down.push(node("r1"));
+    for i in 0..10 {
+        g.propose(&format!("w{i}"));
+    }
+    g.settle();
+    let commit = g.get("l1").commit_index();
+    g.replica("l1").compact(commit);
+    g.down.clear();
+
+    let chunks_to_r1 = |g: &mut Group| -> Vec<(u64, LogIndex)> {
+        g.network
+            .iter()
+            .filter_map(|(_, to, m)| match m {
+                Message::InstallSnapshot(s) if *to == node("r1") => {
+                    Some((s.offset, s.meta.last_index))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    // The first snapshot: its first chunk arrives, its second is held back.
+    let first = g.get("l1").compacted();
+    let now = g.clocks();
+    g.replica("l1")
+        .send_snapshot(now, &node("r1"), first, b"first state".to_vec());
+    g.run_effects();
+    g.deliver_to("r1");
+    g.deliver_to("l1");
+    assert_eq!(chunks_to_r1(&mut g), vec![(3, first.last_index)]);
+    let late = g
+        .network
+        .pop_front()
+        .expect("the first snapshot's second chunk");
+
+    // The leader moves on to a newer snapshot for r1 (as when it asks
+    // again after a lost message), and r1 receives its first chunk.
+    for i in 0..3 {
+        g.propose(&format!("x{i}"));
+    }
+    g.down.push(node("r1"));
+    g.settle();
+    g.down.clear();
+    let commit = g.get("l1").commit_index();
+    g.replica("l1").compact(commit);
+    let second = g.get("l1").compacted();
+    assert!(second.last_index > first.last_index);
+    let now = g.clocks();
+    g.replica("l1")
+        .send_snapshot(now, &node("r1"), second, b"second state".to_vec());
+    g.run_effects();
+    g.network.retain(|(_, to, _)| *to == node("r1"));
+    g.deliver_to("r1");
+    g.deliver_to("l1");
+    assert_eq!(chunks_to_r1(&mut g), vec![(3, second.last_index)]);
+
+    // The first snapshot's late chunk arrives before the second's.
+    g.network.push_front(late);
+    g.deliver_to("r1");
+    g.settle();
+    for _ in 0..20 {
+        g.tick(600);
+        g.settle();
+    }
+    assert_eq!(g.snapshots_installed, vec![(node("r1"), second.last_index)]);
+    let index = g.propose("after");
+    g.settle();
+    assert_eq!(g.committed("r1"), index);
+}

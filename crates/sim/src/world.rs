@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use harbor_gateway::call::{Call, CallLimits, MapEntry, Step};
 use harbor_meta::{
     Action, CatchUp, DirectoryEntry, FailoverConfig, GroupLeadership, MetaCommand, MetaFuture,
-    MetaReply, Metadata, Observation, Phase, ShardMap, Topology,
+    MetaReply, Metadata, Observation, Phase, ShardMap,
 };
 use harbor_node::driver::{Driver, ReplicaInput};
 use harbor_node::NodeConfig;
@@ -23,6 +23,7 @@ use harbor_wire::{Body, Envelope, Freshness, Query, QueryResult, Request, Respon
 use serde_json::{json, Value};
 
 use crate::rng::Rng;
+use crate::swarm::Swarm;
 
 /// One run's shape. Every field has a default sized for CI sweeps.
 #[derive(Clone, Debug)]
@@ -38,6 +39,9 @@ pub struct SimOptions {
     pub clients: usize,
     /// How long a client waits before it calls an operation unknown.
     pub client_timeout_ms: u64,
+    /// Draw this seed's topology, limits and timings (swarm testing);
+    /// otherwise every seed runs the fixed shape of [`Swarm::fixed`].
+    pub swarm: bool,
 }
 
 impl SimOptions {
@@ -50,6 +54,7 @@ impl SimOptions {
             liveness_ms_max: 30_000,
             clients: 10,
             client_timeout_ms: 1_000,
+            swarm: true,
         }
     }
 }
@@ -87,21 +92,33 @@ pub struct SimOutcome {
     /// Everything the checker and the simulator's own checks found.
     pub violations: Vec<String>,
     pub stats: SimStats,
+    /// Coverage probes this run hit, and how often (every probe listed).
+    pub probes: Vec<(&'static str, u64)>,
 }
 
 /// Runs one seed to the end and checks it. A panic inside the cluster (a
 /// failed assertion) is reported as a violation, with the history so far.
 pub fn run(options: SimOptions) -> SimOutcome {
     let seed = options.seed;
-    let mut world = World::new(options);
+    // Whatever ran on this thread before is not this run's.
+    let _ = harbor_types::sim::take_probe_hits();
+    let mut world = match catch_unwind(AssertUnwindSafe(|| World::new(options))) {
+        Ok(world) => world,
+        Err(panic) => {
+            let text = panic_text(panic.as_ref());
+            return SimOutcome {
+                seed,
+                history: String::new(),
+                violations: vec![format!("the simulator could not build its world: {text}")],
+                stats: SimStats::default(),
+                probes: harbor_types::sim::take_probe_hits(),
+            };
+        }
+    };
     let result = catch_unwind(AssertUnwindSafe(|| world.run()));
     let mut violations = Vec::new();
     if let Err(panic) = result {
-        let text = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
+        let text = panic_text(panic.as_ref());
         violations.push(format!("assertion failed inside the cluster: {text}"));
     }
     violations.extend(world.violations.iter().cloned());
@@ -119,7 +136,16 @@ pub fn run(options: SimOptions) -> SimOutcome {
         history,
         violations,
         stats: world.stats.clone(),
+        probes: harbor_types::sim::take_probe_hits(),
     }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Envelopes sent by drivers during one step.
@@ -327,6 +353,8 @@ struct World {
     violations: Vec<String>,
     stats: SimStats,
     node_config: NodeConfig,
+    /// This seed's shape: topology, limits, timings, delays.
+    swarm: Swarm,
     /// The gateways' call timings: the gateway's own, with this seed's
     /// timeout and resend interval.
     call_limits: CallLimits,
@@ -341,18 +369,11 @@ const ISSUERS_MAX: usize = 12;
 /// A client gives up this long after its gateway's call would have: the
 /// call's own timeout decides, as an HTTP client's would outlast it.
 const CLIENT_GRACE_MS: u64 = 500;
-const LOCAL_DELAY_MS: u64 = 1;
-const WAN_DELAY_MS: u64 = 35;
-/// How long the simulated control plane waits for a silent leader before
-/// sealing its generation (the planner then also waits out its lease).
-const FAILOVER_AFTER_MS: u64 = 1_000;
 /// How often the control plane looks at the groups.
 const CONTROL_INTERVAL_MS: u64 = 100;
 /// How long a planned transfer may pause a group's writes.
 const DRAIN_MS: u64 = 500;
 const CLOCK_SKEW_MS_MAX: i64 = 50;
-/// Leader lease in the simulation, shorter than `FAILOVER_AFTER_MS`.
-const LEASE_MS: u64 = 500;
 /// Waited after sealing beyond the lease. Leases run on monotonic clocks,
 /// which neither skew nor steps touch; the margin is the same as a
 /// deployment's order of magnitude, so the sweep keeps it honest.
@@ -361,20 +382,29 @@ const LEASE_MARGIN_MS: u64 = 2 * CLOCK_SKEW_MS_MAX as u64 + 100;
 impl World {
     fn new(options: SimOptions) -> World {
         let mut rng = Rng::new(options.seed);
-        let topology = Topology {
-            groups_per_region: 1,
-            buckets: 16,
-            ..Topology::dev()
+        let swarm = match options.swarm {
+            true => Swarm::draw(&mut rng),
+            false => Swarm::fixed(),
         };
-        let map = ShardMap::from_topology(&topology);
+        let map = ShardMap::from_topology(&swarm.topology);
         let mut node_config = NodeConfig::new(std::path::PathBuf::from("/sim"));
         node_config.bugs = options.bugs;
-        node_config.snapshot_interval_entries = 200;
+        node_config.sync_acks = swarm.sync_acks;
+        node_config.batch_inputs_max = swarm.batch_inputs_max;
+        node_config.snapshot_interval_entries = swarm.snapshot_interval_entries;
+        node_config.retained_entries_max = swarm.retained_entries_max;
+        node_config.uncommitted_entries_max = node_config
+            .uncommitted_entries_max
+            .min(swarm.retained_entries_max);
         // Small chunks, so every snapshot sent streams in several and the
         // network's losses meet resumption.
         node_config.snapshot_chunk_bytes_max = 512;
-        node_config.lease_ms = LEASE_MS;
-        node_config.retransmit_timeout_ms = LEASE_MS / 2;
+        node_config.heartbeat_interval_ms = swarm.heartbeat_interval_ms;
+        node_config.tick_interval_ms = node_config
+            .tick_interval_ms
+            .min(swarm.heartbeat_interval_ms);
+        node_config.retransmit_timeout_ms = swarm.retransmit_timeout_ms;
+        node_config.lease_ms = swarm.lease_ms;
         // Small segments and preallocation, so crashes meet rolls and zero
         // tails, and the simulated disk's copies stay cheap.
         node_config.wal.segment_size_bytes = 64 << 10;
@@ -475,12 +505,13 @@ impl World {
             violations: Vec::new(),
             stats: SimStats::default(),
             node_config,
+            swarm,
             call_limits: CallLimits::default(),
             tracing: std::env::var_os("HARBOR_SIM_TRACE").is_some(),
         };
         world.call_limits = CallLimits {
             request_timeout_ms: world.options.client_timeout_ms,
-            resend_after_ms: world.rng.range(100, 1_000),
+            resend_after_ms: world.swarm.resend_after_ms,
             ..CallLimits::default()
         };
         for i in 0..world.clients.len() {
@@ -886,9 +917,9 @@ impl World {
             }
         }
         let base = if from == to {
-            LOCAL_DELAY_MS
+            self.swarm.local_delay_ms
         } else {
-            WAN_DELAY_MS
+            self.swarm.wan_delay_ms
         };
         let jitter = if self.options.faults {
             self.rng.range(0, 8)
@@ -1061,7 +1092,7 @@ impl World {
     /// The control plane's periodic look: what every reachable replica
     /// reports goes to each group's planner, and its decisions go out.
     fn control(&mut self) {
-        let config = failover_config();
+        let config = failover_config(&self.swarm);
         let shards: Vec<ShardId> = self.groups.keys().copied().collect();
         for shard in shards {
             let observations: Vec<Observation> = self.groups[&shard]
@@ -1226,7 +1257,8 @@ impl World {
                 let at = self.now + self.rng.range(200, 2_500);
                 self.schedule(at, Event::Restart(name));
             }
-            20..=27 if self.nodes[&name].up => {
+            // A node may host no replica (a spare in its region).
+            20..=27 if self.nodes[&name].up && !self.nodes[&name].disks.is_empty() => {
                 let shards: Vec<ShardId> = self.nodes[&name].disks.keys().copied().collect();
                 let shard = *self.rng.pick(&shards);
                 self.nodes[&name].disks[&shard].fail_next_sync();
@@ -1242,8 +1274,9 @@ impl World {
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect();
-                let (a, b) = (regions[0].clone(), regions[1].clone());
-                let (a, b) = if self.rng.chance(50) { (a, b) } else { (b, a) };
+                let a = self.rng.pick(&regions).clone();
+                let others: Vec<Region> = regions.into_iter().filter(|r| *r != a).collect();
+                let b = self.rng.pick(&others).clone();
                 self.partitions.insert((a.clone(), b.clone()));
                 let heal = self.now + self.rng.range(200, 2_000);
                 self.schedule(heal, Event::Heal(a.clone(), b.clone()));
@@ -1315,7 +1348,7 @@ impl World {
                 let to = self.rng.pick(&targets).clone();
                 let now = self.now;
                 let plan = &mut self.groups.get_mut(&shard).unwrap().plan;
-                if let Ok(action) = plan.transfer(&failover_config(), now, &to) {
+                if let Ok(action) = plan.transfer(&failover_config(&self.swarm), now, &to) {
                     self.trace(|| format!("transfer {shard} to {to}"));
                     self.apply_action(shard, action);
                 }
@@ -2198,10 +2231,10 @@ fn raise(session: &mut BTreeMap<ShardId, CommitToken>, token: CommitToken) {
     }
 }
 
-fn failover_config() -> FailoverConfig {
+fn failover_config(swarm: &Swarm) -> FailoverConfig {
     FailoverConfig {
-        unreachable_after_ms: FAILOVER_AFTER_MS,
-        lease_ms: LEASE_MS,
+        unreachable_after_ms: swarm.unreachable_after_ms,
+        lease_ms: swarm.lease_ms,
         lease_margin_ms: LEASE_MARGIN_MS,
         drain_ms: DRAIN_MS,
     }

@@ -4,10 +4,10 @@
 //! Both are compiled into every build, as FoundationDB's BUGGIFY and
 //! CODE_PROBE are, but only the simulator turns a bug switch on: no
 //! configuration file, flag or API of a running Harbor can. A probe costs a
-//! relaxed atomic increment and marks a rare branch so a seed sweep can show
-//! it ran.
+//! thread-local increment and marks a rare branch so a seed sweep can show
+//! it ran; each simulated run reports its own hits.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
 
 /// Protocol bugs the simulator can switch on to prove the checker catches
 /// them. Each is off by default.
@@ -72,7 +72,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 27] = [
+pub const PROBES: [&str; 29] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -96,37 +96,38 @@ pub const PROBES: [&str; 27] = [
     "replication.follower_came_back_with_another_log",
     "replication.snapshot_installed_from_chunks",
     "replication.snapshot_resumed",
+    "replication.snapshot_chunk_of_another_snapshot_ignored",
+    "replication.snapshot_ack_went_backwards",
     "gateway.call_resent",
     "gateway.call_followed_hint",
     "gateway.call_followed_the_map",
     "gateway.call_refusal_after_an_attempt_in_doubt",
 ];
 
-static HITS: [AtomicU64; PROBES.len()] = [const { AtomicU64::new(0) }; PROBES.len()];
+thread_local! {
+    /// Hits per probe on this thread. A simulated run happens on one
+    /// thread, so it counts its own hits, whatever runs beside it.
+    static HITS: [Cell<u64>; PROBES.len()] = const { [const { Cell::new(0) }; PROBES.len()] };
+}
 
 /// Marks that a rare branch ran. `name` must be listed in [`PROBES`].
 pub fn probe(name: &'static str) {
     match PROBES.iter().position(|p| *p == name) {
-        Some(i) => {
-            HITS[i].fetch_add(1, Ordering::Relaxed);
-        }
+        Some(i) => HITS.with(|hits| hits[i].set(hits[i].get() + 1)),
         None => debug_assert!(false, "probe {name:?} is not listed in PROBES"),
     }
 }
 
-/// Hits per probe since the process started (or the last reset).
-pub fn probe_hits() -> Vec<(&'static str, u64)> {
-    PROBES
-        .iter()
-        .zip(HITS.iter())
-        .map(|(name, hits)| (*name, hits.load(Ordering::Relaxed)))
-        .collect()
-}
-
-pub fn reset_probes() {
-    for hits in &HITS {
-        hits.store(0, Ordering::Relaxed);
-    }
+/// Hits per probe on this thread since the last call, which starts the
+/// count afresh: the simulator takes them before and after each run.
+pub fn take_probe_hits() -> Vec<(&'static str, u64)> {
+    HITS.with(|hits| {
+        PROBES
+            .iter()
+            .zip(hits.iter())
+            .map(|(name, hits)| (*name, hits.take()))
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -142,11 +143,22 @@ mod tests {
     }
 
     #[test]
-    fn probes_count_hits() {
+    fn probes_count_hits_per_thread_until_taken() {
+        let _ = take_probe_hits();
         probe("wal.torn_tail_cut_at_recovery");
-        let hits = probe_hits();
-        assert!(hits
-            .iter()
-            .any(|(n, h)| *n == "wal.torn_tail_cut_at_recovery" && *h >= 1));
+        probe("wal.torn_tail_cut_at_recovery");
+        std::thread::spawn(|| probe("wal.torn_tail_cut_at_recovery"))
+            .join()
+            .unwrap();
+        let hits = take_probe_hits();
+        assert_eq!(hits.len(), PROBES.len());
+        let torn = |hits: &[(&str, u64)]| {
+            hits.iter()
+                .find(|(n, _)| *n == "wal.torn_tail_cut_at_recovery")
+                .unwrap()
+                .1
+        };
+        assert_eq!(torn(&hits), 2);
+        assert_eq!(torn(&take_probe_hits()), 0);
     }
 }
