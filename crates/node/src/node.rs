@@ -124,8 +124,8 @@ impl Node {
         shards
     }
 
-    /// Tells one replica its role. Blocks while its queue is full: control
-    /// orders are never dropped.
+    /// Tells one replica its role. Never blocks and never drops: a control
+    /// order is queued even past the replica's queue bound (they are few).
     pub fn control(&self, shard: ShardId, control: Control) {
         if let Some(tx) = self.replicas.get(&shard) {
             let _ = tx.force_send(ReplicaInput::Control(control));

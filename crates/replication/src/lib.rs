@@ -1,9 +1,10 @@
 //! The replication core of one replica group, sans IO.
 //!
 //! A [`Replica`] is a deterministic state machine over its inputs
-//! (`propose`, `receive`, `persisted`, `tick`, `become_leader`, ...). Each
-//! input takes the current time in milliseconds from the caller and pushes
-//! [`Effect`]s, which the caller drains with [`Replica::drain_effects`] and
+//! (`propose`, `receive`, `persisted`, `tick`, `become_leader`, ...). Every
+//! input whose outcome depends on time takes both clocks from the caller
+//! (`Now`; `seal`, `become_follower` and `compact` do not need them) and
+//! pushes [`Effect`]s, which the caller drains with [`Replica::drain_effects`] and
 //! executes **in order**. There is no IO, no clock and no randomness in here:
 //! the node runtime drives it with a real WAL and sockets, the simulator with
 //! fake ones.

@@ -70,7 +70,9 @@ pub enum Control {
 pub enum Request {
     /// Order a command through the group's leader.
     Write { shard: ShardId, command: Command },
-    /// Read the leader's applied state; it must hold a lease (strong).
+    /// Read the leader's applied state; it must hold a lease (strong). A
+    /// `Query::Status` is the exception: any replica answers it about
+    /// itself, whatever its role (the admin view and the control plane).
     Read { shard: ShardId, query: Query },
     /// Read this replica's applied state, whatever its role, if it is fresh
     /// enough for the caller; else it answers `replica_behind` and the

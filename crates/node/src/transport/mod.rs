@@ -2,7 +2,9 @@
 //!
 //! Sending never blocks and may drop: replication retransmits, and a client
 //! request that is lost times out with an unknown outcome, which the token
-//! protocol turns into a definite one. Every queue is bounded.
+//! protocol turns into a definite one. Every queue is bounded, except that
+//! a control order to a replica is queued past its bound rather than
+//! dropped (they are few: one per role change).
 //!
 //! An endpoint receives through a [`Sink`] the transport calls on the
 //! sender's thread: a node's puts the envelope straight into its replica's

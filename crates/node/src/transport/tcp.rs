@@ -145,6 +145,7 @@ async fn write_frames(
     addr: SocketAddr,
     mut queue: mpsc::Receiver<Envelope>,
     frame_bytes_max: usize,
+    dropped: Arc<AtomicU64>,
 ) {
     let mut backoff = Duration::from_millis(10);
     let mut pending: Option<Envelope> = None;
@@ -171,6 +172,7 @@ async fn write_frames(
             let bytes = postcard::to_allocvec(&envelope).expect("envelopes serialize");
             if bytes.len() > frame_bytes_max {
                 tracing::error!(bytes = bytes.len(), "envelope over the frame limit dropped");
+                dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if sink.send(bytes::Bytes::from(bytes)).await.is_err() {
@@ -200,8 +202,12 @@ impl Transport for TcpTransport {
                 .entry(envelope.to.clone())
                 .or_insert_with(|| {
                     let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-                    self.runtime
-                        .spawn(write_frames(addr, rx, self.frame_bytes_max));
+                    self.runtime.spawn(write_frames(
+                        addr,
+                        rx,
+                        self.frame_bytes_max,
+                        self.dropped.clone(),
+                    ));
                     tx
                 })
                 .clone()
