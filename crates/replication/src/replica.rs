@@ -1454,6 +1454,17 @@ impl Replica {
             }
         } else {
             let resend_from = p.match_index.max(m.hint).next();
+            // A follower being sent a snapshot rejects appends until it
+            // installs it: the snapshot covers what it lacks, so starting
+            // another (from scratch) would only restart the transfer.
+            let covered = p
+                .outgoing
+                .as_ref()
+                .is_some_and(|o| resend_from <= o.meta.last_index);
+            if covered {
+                probe("replication.rejection_covered_by_the_snapshot_in_flight");
+                return;
+            }
             if resend_from < p.next_index {
                 p.next_index = resend_from;
                 p.last_progress = now.mono;

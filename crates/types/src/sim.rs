@@ -72,7 +72,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 29] = [
+pub const PROBES: [&str; 30] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -98,6 +98,7 @@ pub const PROBES: [&str; 29] = [
     "replication.snapshot_resumed",
     "replication.snapshot_chunk_of_another_snapshot_ignored",
     "replication.snapshot_ack_went_backwards",
+    "replication.rejection_covered_by_the_snapshot_in_flight",
     "gateway.call_resent",
     "gateway.call_followed_hint",
     "gateway.call_followed_the_map",
