@@ -1,8 +1,8 @@
-//! Writing a history: a [`HistoryRecorder`] numbers operations and asserts
-//! the file invariants on the write side (a broken history is a bug in the
-//! producer, so it panics). The checker's tests build their histories with
-//! it; the simulator still writes JSON lines itself (moving it onto the
-//! recorder is open work), and the parser checks those on the read side.
+//! Writing a history: the simulator and the checker's tests record what
+//! their clients did through a [`HistoryRecorder`], which numbers
+//! operations and asserts the file invariants on the write side (a broken
+//! history is a bug in the producer, so it panics; the simulator reports
+//! the panic as a violation of its run).
 
 use crate::format::{
     Call, ErrorLine, ErrorReply, FinalLine, Function, HistoryLine, InvokeLine, LeaderLine,

@@ -2,6 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
+use harbor_checker::{Call as HistoryCall, ErrorReply, FinalLine, HistoryRecorder, Reply};
 use harbor_gateway::call::{Call, CallLimits, MapEntry, Step};
 use harbor_meta::{
     Action, CatchUp, DirectoryEntry, FailoverConfig, GroupLeadership, MetaCommand, MetaFuture,
@@ -122,7 +123,7 @@ pub fn run(options: SimOptions) -> SimOutcome {
         violations.push(format!("assertion failed inside the cluster: {text}"));
     }
     violations.extend(world.violations.iter().cloned());
-    let history = world.history.join("\n") + "\n";
+    let history = world.recorder.to_jsonl();
     match harbor_checker::History::parse(&history) {
         Ok(parsed) => {
             let report = harbor_checker::check(&parsed);
@@ -272,8 +273,8 @@ struct GatewayCall {
 /// One reserve of a batch, recorded under a sub-client of its own
 /// (`client-3.b1`) so the history keeps one operation per client in flight.
 struct BatchItem {
+    /// The op the recorder gave it, under its sub-client.
     op_id: u64,
-    client: String,
     used: TokenUse,
 }
 
@@ -341,8 +342,10 @@ struct World {
     setting_up: bool,
     clients: Vec<Client>,
     outbox: Arc<Outbox>,
-    history: Vec<String>,
-    next_op: u64,
+    /// Numbers operations and asserts the history's invariants as it is
+    /// written (a broken history is a simulator bug: it panics, and the
+    /// run reports it).
+    recorder: HistoryRecorder,
     next_request: u64,
     partitions: BTreeSet<(Region, Region)>,
     /// Nodes cut off from the other nodes (not from clients) until a time.
@@ -494,8 +497,7 @@ impl World {
             setting_up: true,
             clients,
             outbox,
-            history: Vec::new(),
-            next_op: 1,
+            recorder: HistoryRecorder::new(),
             next_request: 1,
             partitions: BTreeSet::new(),
             isolated: BTreeMap::new(),
@@ -555,8 +557,32 @@ impl World {
         self.queue.insert((at, self.seq), event);
     }
 
-    fn record(&mut self, line: Value) {
-        self.history.push(line.to_string());
+    /// Records an invoke; returns its op id. Values are built as the
+    /// history format's JSON and typed here, once.
+    fn invoke(&mut self, client: &str, f: &str, value: Value) -> u64 {
+        let call: HistoryCall = serde_json::from_value(json!({"f": f, "value": value}))
+            .unwrap_or_else(|e| panic!("the simulator built an invalid {f} call: {e}"));
+        self.recorder.invoke(self.now, client, call)
+    }
+
+    /// Records a completion: `ok`, `fail` (definite) or `info` (unknown).
+    fn completed(&mut self, kind: &str, op: u64, f: &str, value: Value) {
+        match kind {
+            "ok" => {
+                let reply: Reply = serde_json::from_value(json!({"f": f, "value": value}))
+                    .unwrap_or_else(|e| panic!("the simulator built an invalid {f} reply: {e}"));
+                self.recorder.ok(self.now, op, reply);
+            }
+            "fail" => {
+                let error: ErrorReply = serde_json::from_value(value)
+                    .unwrap_or_else(|e| panic!("the simulator built an invalid {f} failure: {e}"));
+                self.recorder.fail(self.now, op, error);
+            }
+            _ => {
+                let error = value["error"].as_str().unwrap_or("unknown").to_string();
+                self.recorder.info(self.now, op, &error);
+            }
+        }
     }
 
     // ----- The run ------------------------------------------------------------
@@ -808,11 +834,13 @@ impl World {
                 })
                 .collect();
             let line = json!({
-                "type": "final", "time_ms": self.now, "issuer_id": issuer, "shard": shard.0,
+                "time_ms": self.now, "issuer_id": issuer, "shard": shard.0,
                 "limit": view.limit, "reserved": view.reserved,
                 "reservations": reservations, "tokens": tokens,
             });
-            self.record(line);
+            let line: FinalLine = serde_json::from_value(line)
+                .unwrap_or_else(|e| panic!("the simulator built an invalid final line: {e}"));
+            self.recorder.final_state(line);
         }
         self.finished = true;
     }
@@ -885,9 +913,8 @@ impl World {
             .then(|| driver.core().generation());
         if let Some(generation) = leading {
             if self.leaders_seen.insert((shard, generation, name.clone())) {
-                let line = json!({"type": "leader", "time_ms": self.now, "shard": shard.0,
-                                  "generation": generation.0, "node": name});
-                self.record(line);
+                self.recorder
+                    .leader(self.now, shard, generation, name.clone());
             }
         }
         self.pump();
@@ -1396,12 +1423,8 @@ impl World {
         token: Option<(ReservationToken, IssuerId)>,
         local: Option<(NodeId, LocalRead)>,
     ) {
-        let op_id = self.next_op;
-        self.next_op += 1;
-        let client = &self.clients[i];
-        let line = json!({"type": "invoke", "op": op_id, "client": client.id, "f": op.name(),
-                          "time_ms": self.now, "value": value});
-        self.record(line);
+        let client = self.clients[i].id.to_string();
+        let op_id = self.invoke(&client, op.name(), value);
         self.stats.ops += 1;
         self.clients[i].inflight_shard = Some(shard);
         let (replica, read) = local.unzip();
@@ -1650,21 +1673,12 @@ impl World {
                 self.clients[i].used.push(used.clone());
                 used
             };
-            let op_id = self.next_op;
-            self.next_op += 1;
             let client = format!("{}.b{k}", self.clients[i].id);
             let value = json!({"token": used.token, "issuer_id": used.issuer, "amount": used.amount,
                                "hold_ttl_ms": used.hold_ttl_ms});
-            self.record(
-                json!({"type": "invoke", "op": op_id, "client": client, "f": "reserve",
-                               "time_ms": self.now, "value": value}),
-            );
+            let op_id = self.invoke(&client, "reserve", value);
             self.stats.ops += 1;
-            items.push(BatchItem {
-                op_id,
-                client,
-                used,
-            });
+            items.push(BatchItem { op_id, used });
         }
         let commands = items
             .iter()
@@ -1741,10 +1755,7 @@ impl World {
                     self.clients[i].unknown.push(token);
                 }
             }
-            self.record(
-                json!({"type": kind, "op": item.op_id, "client": item.client,
-                               "f": "reserve", "time_ms": self.now, "value": value}),
-            );
+            self.completed(kind, item.op_id, "reserve", value);
         }
         let at = self.now + self.rng.range(1, 20);
         self.schedule(at, Event::ClientStep(i));
@@ -1788,9 +1799,7 @@ impl World {
                 }
             }
         }
-        let line = json!({"type": kind, "op": inflight.op_id, "client": self.clients[i].id,
-                          "f": inflight.op.name(), "time_ms": self.now, "value": value});
-        self.record(line);
+        self.completed(kind, inflight.op_id, inflight.op.name(), value);
         if !self.setting_up {
             let at = self.now + self.rng.range(1, 20);
             self.schedule(at, Event::ClientStep(i));
