@@ -3,7 +3,6 @@
 //! demand), the faults themselves, and the cluster view's shape. The
 //! handlers are in `cluster`.
 
-use axum::http::StatusCode;
 use futures::future::BoxFuture;
 use harbor_meta::GenerationEnd;
 use harbor_types::{Generation, LogIndex, NodeId, Region, ShardId};
@@ -15,19 +14,37 @@ use crate::error::ApiError;
 /// What the control plane's runner offers the admin API.
 pub trait Admin: Send + Sync {
     /// Moves `shard`'s leadership to `to`; answers when it is done.
-    fn transfer_leader(&self, shard: ShardId, to: NodeId)
-        -> BoxFuture<'_, Result<Value, ApiError>>;
+    fn transfer_leader(
+        &self,
+        shard: ShardId,
+        to: NodeId,
+    ) -> BoxFuture<'_, Result<Value, AdminError>>;
     /// Injects a fault. Only `harbor dev` implements it.
-    fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<Value, ApiError>> {
+    fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<Value, AdminError>> {
         let _ = fault;
-        Box::pin(async {
-            Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "faults_disabled",
-                "faults on demand exist only in `harbor dev`",
-            ))
-        })
+        Box::pin(async { Err(AdminError::FaultsDisabled) })
     }
+}
+
+/// Why the control plane did not do what it was asked: domain errors, which
+/// the HTTP layer maps to status codes (`ApiError::admin`). `code` is the
+/// machine-readable `error` of the answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// The request does not fit the cluster as it is (a transfer to the
+    /// leader itself, to a replica outside the home region, ...).
+    #[error("{message}")]
+    Refused { code: &'static str, message: String },
+    /// The control plane could not do it now (no metadata leader, a
+    /// transfer abandoned, shutting down); asking again may work.
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
+    /// Faults on demand exist only in `harbor dev`.
+    #[error("faults on demand exist only in `harbor dev`")]
+    FaultsDisabled,
+    /// It failed where it should not have (a node did not restart).
+    #[error("{message}")]
+    Failed { code: &'static str, message: String },
 }
 
 /// A fault on demand (`POST /v1/admin/faults`).

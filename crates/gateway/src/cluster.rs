@@ -14,7 +14,9 @@ use harbor_wire::{GroupStatus, Query, QueryResult, Request, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::admin::{ClusterView, Fault, FollowerView, GroupView, NodeView, ReplicaView};
+use crate::admin::{
+    AdminError, ClusterView, Fault, FollowerView, GroupView, NodeView, ReplicaView,
+};
 use crate::body::parse_json;
 use crate::error::ApiError;
 use crate::router::Gateway;
@@ -204,7 +206,10 @@ pub(crate) async fn transfer_leader(
             );
         }
         let admin = gw.admin().ok_or_else(no_control_plane)?;
-        admin.transfer_leader(shard, to).await
+        admin
+            .transfer_leader(shard, to)
+            .await
+            .map_err(|e| ApiError::admin(&e))
     }
     .await;
     answer(&gw, result)
@@ -213,11 +218,7 @@ pub(crate) async fn transfer_leader(
 pub(crate) async fn fault(State(gw): Gw, body: Bytes) -> HttpResponse {
     let result = async {
         let Some(admin) = gw.admin() else {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "faults_disabled",
-                "faults on demand exist only in `harbor dev`",
-            ));
+            return Err(ApiError::admin(&AdminError::FaultsDisabled));
         };
         let fault = Fault::parse(parse_json(&body)?)?;
         let map = gw.meta.map();
@@ -242,7 +243,7 @@ pub(crate) async fn fault(State(gw): Gw, body: Bytes) -> HttpResponse {
                 }
             }
         }
-        admin.fault(fault).await
+        admin.fault(fault).await.map_err(|e| ApiError::admin(&e))
     }
     .await;
     answer(&gw, result)

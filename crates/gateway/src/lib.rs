@@ -20,7 +20,7 @@ pub mod reads;
 mod router;
 mod routes;
 
-pub use admin::{Admin, ClusterView, Fault};
+pub use admin::{Admin, AdminError, ClusterView, Fault};
 pub use error::ApiError;
 pub use reads::{Consistency, Session, SESSION_HEADER};
 pub use router::{Gateway, GatewayConfig, GatewayConfigError};

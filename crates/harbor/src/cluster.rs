@@ -26,11 +26,10 @@ use crate::control::{
 };
 use crate::data_dir::{DataDir, DataKind};
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use futures::future::BoxFuture;
-use harbor_gateway::{Admin, ApiError};
+use harbor_gateway::{Admin, AdminError};
 use harbor_types::ShardId;
 use serde::Serialize;
 use serde_json::Value;
@@ -490,7 +489,7 @@ impl Admin for RemoteAdmin {
         &self,
         shard: ShardId,
         to: NodeId,
-    ) -> BoxFuture<'_, Result<Value, ApiError>> {
+    ) -> BoxFuture<'_, Result<Value, AdminError>> {
         Box::pin(async move {
             let ask = TransferAsk { shard, to };
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -506,13 +505,10 @@ impl Admin for RemoteAdmin {
                     }
                 }
                 if tokio::time::Instant::now() >= deadline {
-                    let mut e = ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
-                        "no metadata leader took the transfer",
-                    );
-                    e.retryable = true;
-                    return Err(e);
+                    return Err(AdminError::Unavailable {
+                        code: "unavailable",
+                        message: "no metadata leader took the transfer".into(),
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

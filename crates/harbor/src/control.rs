@@ -8,8 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
-use harbor_gateway::{ApiError, Gateway};
+use harbor_gateway::{AdminError, Gateway};
 use harbor_meta::{Action, CatchUp, FailoverConfig, GroupLeadership, Metadata, Observation, Phase};
 use harbor_replication::Role;
 use harbor_types::{Generation, LogIndex, NodeId, ShardId};
@@ -56,23 +55,17 @@ pub enum TransferFailed {
 }
 
 /// A transfer's outcome as the admin API answers it.
-pub fn transfer_answer(result: Result<TransferDone, TransferFailed>) -> Result<Value, ApiError> {
+pub fn transfer_answer(result: Result<TransferDone, TransferFailed>) -> Result<Value, AdminError> {
     match result {
         Ok(done) => Ok(serde_json::to_value(done).expect("serializes")),
-        Err(TransferFailed::Refused(message)) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "transfer_refused",
+        Err(TransferFailed::Refused(message)) => Err(AdminError::Refused {
+            code: "transfer_refused",
             message,
-        )),
-        Err(TransferFailed::Abandoned(message)) => {
-            let mut e = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "transfer_abandoned",
-                message,
-            );
-            e.retryable = true;
-            Err(e)
-        }
+        }),
+        Err(TransferFailed::Abandoned(message)) => Err(AdminError::Unavailable {
+            code: "transfer_abandoned",
+            message,
+        }),
     }
 }
 

@@ -21,9 +21,8 @@ use harbor_wire::Control;
 use harbor_wire::{Query, QueryResult, Request, Response};
 
 use crate::control::{transfer_answer, ControlLoop, Replicas, TransferRequest};
-use axum::http::StatusCode;
 use futures::future::BoxFuture;
-use harbor_gateway::{Admin, ApiError, Fault};
+use harbor_gateway::{Admin, AdminError, Fault};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -437,30 +436,24 @@ impl Admin for DevAdmin {
         &self,
         shard: ShardId,
         to: NodeId,
-    ) -> BoxFuture<'_, Result<Value, ApiError>> {
+    ) -> BoxFuture<'_, Result<Value, AdminError>> {
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
             let request = TransferRequest { shard, to, reply };
-            let gone = || {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "the control loop is shutting down",
-                )
+            let gone = || AdminError::Unavailable {
+                code: "unavailable",
+                message: "the control loop is shutting down".into(),
             };
             self.transfers.send(request).await.map_err(|_| gone())?;
             transfer_answer(answer.await.map_err(|_| gone())?)
         })
     }
 
-    fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<Value, ApiError>> {
+    fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<Value, AdminError>> {
         Box::pin(async move {
-            let start_failed = |node: &NodeId, e: anyhow::Error| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "restart_failed",
-                    format!("{node} did not start: {e:#}"),
-                )
+            let start_failed = |node: &NodeId, e: anyhow::Error| AdminError::Failed {
+                code: "restart_failed",
+                message: format!("{node} did not start: {e:#}"),
             };
             let changed = match &fault {
                 Fault::Crash(node) => {
