@@ -209,7 +209,7 @@ pub(crate) async fn transfer_leader(
         admin
             .transfer_leader(shard, to)
             .await
-            .map_err(|e| ApiError::admin(&e))
+            .map_err(|e| admin_error(&e))
     }
     .await;
     answer(&gw, result)
@@ -218,7 +218,7 @@ pub(crate) async fn transfer_leader(
 pub(crate) async fn fault(State(gw): Gw, body: Bytes) -> HttpResponse {
     let result = async {
         let Some(admin) = gw.admin() else {
-            return Err(ApiError::admin(&AdminError::FaultsDisabled));
+            return Err(admin_error(&AdminError::FaultsDisabled));
         };
         let fault = Fault::parse(parse_json(&body)?)?;
         let map = gw.meta.map();
@@ -243,10 +243,23 @@ pub(crate) async fn fault(State(gw): Gw, body: Bytes) -> HttpResponse {
                 }
             }
         }
-        admin.fault(fault).await.map_err(|e| ApiError::admin(&e))
+        admin.fault(fault).await.map_err(|e| admin_error(&e))
     }
     .await;
     answer(&gw, result)
+}
+
+/// The control plane's refusal of an admin request, as an HTTP answer.
+fn admin_error(e: &AdminError) -> ApiError {
+    let (status, code) = match e {
+        AdminError::Refused { code, .. } => (StatusCode::CONFLICT, *code),
+        AdminError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, *code),
+        AdminError::FaultsDisabled => (StatusCode::FORBIDDEN, "faults_disabled"),
+        AdminError::Failed { code, .. } => (StatusCode::INTERNAL_SERVER_ERROR, *code),
+    };
+    let mut error = ApiError::new(status, code, e.to_string());
+    error.retryable = matches!(e, AdminError::Unavailable { .. });
+    error
 }
 
 fn no_control_plane() -> ApiError {
@@ -273,4 +286,49 @@ fn answer(gw: &Gateway, result: Result<Value, ApiError>) -> HttpResponse {
 pub(crate) async fn metrics(State(gw): Gw) -> HttpResponse {
     let view = gw.cluster_view().await;
     gw.metrics.render(&view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_planes_refusals_map_to_status_codes() {
+        let cases = [
+            (
+                AdminError::Refused {
+                    code: "transfer_refused",
+                    message: "already the leader".into(),
+                },
+                StatusCode::CONFLICT,
+                false,
+            ),
+            (
+                AdminError::Unavailable {
+                    code: "transfer_abandoned",
+                    message: "the target fell behind".into(),
+                },
+                StatusCode::SERVICE_UNAVAILABLE,
+                true,
+            ),
+            (AdminError::FaultsDisabled, StatusCode::FORBIDDEN, false),
+            (
+                AdminError::Failed {
+                    code: "restart_failed",
+                    message: "no disk".into(),
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+                false,
+            ),
+        ];
+        for (admin, status, retryable) in cases {
+            let e = admin_error(&admin);
+            assert_eq!((e.status, e.retryable), (status, retryable), "{admin:?}");
+            assert_eq!(e.message, admin.to_string());
+        }
+        assert_eq!(
+            admin_error(&AdminError::FaultsDisabled).code,
+            "faults_disabled"
+        );
+    }
 }

@@ -4,8 +4,6 @@ use harbor_reservation::Rejection;
 use harbor_wire::{ErrorCode, NodeError};
 use serde_json::{json, Map, Value};
 
-use crate::admin::AdminError;
-
 /// An error answer: `{"error": CODE, "message": TEXT, "retryable": BOOL, ...}`.
 #[derive(Clone, Debug)]
 pub struct ApiError {
@@ -74,19 +72,6 @@ impl ApiError {
         error
     }
 
-    /// The control plane's refusal of an admin request.
-    pub fn admin(e: &AdminError) -> ApiError {
-        let (status, code) = match e {
-            AdminError::Refused { code, .. } => (StatusCode::CONFLICT, *code),
-            AdminError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, *code),
-            AdminError::FaultsDisabled => (StatusCode::FORBIDDEN, "faults_disabled"),
-            AdminError::Failed { code, .. } => (StatusCode::INTERNAL_SERVER_ERROR, *code),
-        };
-        let mut error = ApiError::new(status, code, e.to_string());
-        error.retryable = matches!(e, AdminError::Unavailable { .. });
-        error
-    }
-
     /// A node's refusal (not leader, over the RPO budget, timeout, ...).
     pub fn node(e: &NodeError) -> ApiError {
         let status = match e.code() {
@@ -135,50 +120,5 @@ impl IntoResponse for ApiError {
             );
         }
         response
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_control_planes_refusals_map_to_status_codes() {
-        let cases = [
-            (
-                AdminError::Refused {
-                    code: "transfer_refused",
-                    message: "already the leader".into(),
-                },
-                StatusCode::CONFLICT,
-                false,
-            ),
-            (
-                AdminError::Unavailable {
-                    code: "transfer_abandoned",
-                    message: "the target fell behind".into(),
-                },
-                StatusCode::SERVICE_UNAVAILABLE,
-                true,
-            ),
-            (AdminError::FaultsDisabled, StatusCode::FORBIDDEN, false),
-            (
-                AdminError::Failed {
-                    code: "restart_failed",
-                    message: "no disk".into(),
-                },
-                StatusCode::INTERNAL_SERVER_ERROR,
-                false,
-            ),
-        ];
-        for (admin, status, retryable) in cases {
-            let e = ApiError::admin(&admin);
-            assert_eq!((e.status, e.retryable), (status, retryable), "{admin:?}");
-            assert_eq!(e.message, admin.to_string());
-        }
-        assert_eq!(
-            ApiError::admin(&AdminError::FaultsDisabled).code,
-            "faults_disabled"
-        );
     }
 }
