@@ -264,6 +264,15 @@ impl Call {
         }
     }
 
+    /// The caller could not send the attempt (its own queue is full): the
+    /// call ends with that refusal, in doubt if an earlier attempt was.
+    pub fn on_send_refused(&mut self, refusal: NodeError) -> Vec<Step> {
+        if self.is_done() {
+            return Vec::new();
+        }
+        self.finish(Err(refusal))
+    }
+
     /// Time passed, or the map may have moved: `entry` is what the
     /// caller's copy says now. Safe to call at any moment.
     pub fn on_timer(&mut self, now: MonoMs, entry: Option<&MapEntry>) -> Vec<Step> {
@@ -720,5 +729,22 @@ mod tests {
             panic!("expected the refusal, got {steps:?}");
         };
         assert!(e.outcome_unknown, "{e}");
+    }
+
+    #[test]
+    fn a_send_refused_after_an_attempt_in_doubt_is_in_doubt() {
+        let (mut call, _) = start(true, entry("ny-1", 4));
+        call.on_timer(at(51), Some(&entry("ny-2", 5)));
+        let full = NodeError::new(
+            ErrorKind::Overloaded {
+                retry_after_ms: None,
+            },
+            "full",
+        );
+        let steps = call.on_send_refused(full);
+        let Some(Err(e)) = done(&steps) else {
+            panic!("expected the refusal, got {steps:?}");
+        };
+        assert!(e.outcome_unknown && call.is_done());
     }
 }

@@ -184,8 +184,17 @@ impl Gateway {
                         if let Some((id, ..)) = current.take() {
                             self.pending.lock().unwrap().remove(&id);
                         }
-                        let (id, rx) = self.send(&to, request.clone(), route)?;
-                        current = Some((id, rx, to, route));
+                        match self.send(&to, request.clone(), route) {
+                            Ok((id, rx)) => current = Some((id, rx, to, route)),
+                            Err(refusal) => {
+                                // Ends the call (the steps after it are moot).
+                                let steps = call.on_send_refused(refusal);
+                                let Some(Step::Done(result)) = steps.into_iter().next() else {
+                                    unreachable!("a refused send ends the call");
+                                };
+                                return *result;
+                            }
+                        }
                     }
                     Step::Resend => {
                         let (id, _, to, route) = current.as_ref().expect("an attempt to resend");

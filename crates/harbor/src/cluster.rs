@@ -666,6 +666,11 @@ mod tests {
             (3_000, 2_000)
         );
 
+        // Small limits, as tests use, fit the rules.
+        let small = "[limits]\nframe_bytes_max = 2097152\nsnapshot_chunk_bytes_max = 65536\n\
+                     append_bytes_max = 262144\nsnapshot_interval_entries = 500\n\
+                     retained_entries_max = 100\n";
+        read_with(small).unwrap();
         let e = read_with("[timings]\nlease_ms = 500\n").unwrap_err();
         assert!(
             e.to_string().contains("retransmit_timeout_ms < lease_ms"),

@@ -146,14 +146,6 @@ impl NodeConfig {
                 self.batch_inputs_max <= self.replica_inbox_capacity,
             ),
             (
-                "uncommitted_entries_max <= retained_entries_max",
-                self.uncommitted_entries_max <= self.retained_entries_max,
-            ),
-            (
-                "entry_bytes_max <= append_bytes_max",
-                limits::ENTRY_BYTES_MAX <= self.append_bytes_max,
-            ),
-            (
                 "an entry fits one WAL record",
                 limits::ENTRY_BYTES_MAX + WAL_RECORD_OVERHEAD_BYTES
                     <= self.wal.record_size_bytes_max as usize,

@@ -133,11 +133,7 @@ impl Config {
                 why: "lease_ms must be longer than retransmit_timeout_ms",
             });
         }
-        if self.entry_bytes_max > self.append_bytes_max {
-            return Err(ConfigError::Inconsistent {
-                why: "entry_bytes_max must not exceed append_bytes_max",
-            });
-        }
+
         Ok(())
     }
 }

@@ -396,9 +396,6 @@ impl World {
         node_config.batch_inputs_max = swarm.batch_inputs_max;
         node_config.snapshot_interval_entries = swarm.snapshot_interval_entries;
         node_config.retained_entries_max = swarm.retained_entries_max;
-        node_config.uncommitted_entries_max = node_config
-            .uncommitted_entries_max
-            .min(swarm.retained_entries_max);
         // Small chunks, so every snapshot sent streams in several and the
         // network's losses meet resumption.
         node_config.snapshot_chunk_bytes_max = 512;

@@ -50,7 +50,6 @@ const _: () = assert!(
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES_MAX + FRAME_OVERHEAD_BYTES_MAX <= FRAME_BYTES_MAX);
 const _: () = assert!(ENTRY_COMMANDS_MAX * COMMAND_BYTES_MAX <= ENTRY_BYTES_MAX);
 const _: () = assert!(ENTRY_COMMANDS_MAX <= BATCH_COMMANDS_MAX);
-const _: () = assert!(ENTRY_BYTES_MAX <= APPEND_BYTES_MAX);
 
 // ----- Replication -----------------------------------------------------------
 
@@ -74,7 +73,6 @@ pub const RETIRED_LIVES_MAX: usize = 4;
 /// lag in time.
 pub const APPEND_MARKS_MAX: usize = 16_384;
 
-const _: () = assert!(UNCOMMITTED_ENTRIES_MAX <= RETAINED_ENTRIES_MAX);
 const _: () = assert!(APPEND_ENTRIES_MAX as u64 <= INFLIGHT_ENTRIES_MAX);
 
 // ----- Timings of a replica ------------------------------------------------------
