@@ -1,15 +1,20 @@
-//! Every default limit and timing of Harbor, written once, with the
-//! relations between them asserted at compile time (TigerBeetle's
-//! `constants.zig`). The configs of each plane (the replication core's
+//! Every default limit and timing of the replication core, the node, the
+//! gateway and the control loop, written once, with the relations between
+//! them asserted at compile time (TigerBeetle's `constants.zig`). The configs of each plane (the replication core's
 //! `Config`, `NodeConfig`, `GatewayConfig` and its `CallLimits`, the
 //! control loop) take their defaults from here; a deployment overrides
 //! the tunable ones in its cluster file, and each config's `validate`
 //! checks the same relations again at start-up, on the values it runs
 //! with.
 //!
-//! Names put the unit last: `lease_ms`, `frame_bytes_max`. Limits the WAL
-//! keeps on its own records live in `harbor-wal` (asserted there), and
-//! input sizes of ids next to the ids (`ID_LEN_MAX`, `TOKEN_LEN_MAX`).
+//! Names put the unit last: `lease_ms`, `frame_bytes_max`. Kept elsewhere,
+//! on purpose: the WAL's record and segment sizes in `harbor-wal` (asserted
+//! there, and against `ENTRY_BYTES_MAX` in `harbor-node`), the input sizes
+//! of ids next to the ids (`ID_LEN_MAX`, `TOKEN_LEN_MAX`), `harbor-client`'s
+//! own (it depends on no other Harbor crate), the Raft timings of
+//! `harbor-meta-raft`, and the simulator's own timings (its control round,
+//! drain and clock skew; the node config each seed draws passes the same
+//! `validate`).
 
 // ----- Messages and entries ----------------------------------------------------
 
