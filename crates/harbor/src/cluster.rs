@@ -673,7 +673,8 @@ mod tests {
         read_with(small).unwrap();
         let e = read_with("[timings]\nlease_ms = 500\n").unwrap_err();
         assert!(
-            e.to_string().contains("retransmit_timeout_ms < lease_ms"),
+            e.to_string()
+                .contains("lease_ms must be longer than retransmit_timeout_ms"),
             "{e}"
         );
         let e = read_with("[timings]\nrequest_timeout_ms = 400\n").unwrap_err();

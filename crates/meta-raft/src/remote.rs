@@ -33,6 +33,13 @@ pub struct RemoteMeta {
 const REFRESH_GAP: Duration = Duration::from_millis(100);
 
 impl RemoteMeta {
+    /// The voter that last took a write first, then every voter.
+    fn voters_leader_first(&self) -> Vec<String> {
+        let mut order: Vec<String> = self.leader.lock().unwrap().iter().cloned().collect();
+        order.extend(self.voters.iter().cloned());
+        order
+    }
+
     /// Connects to the voters (HTTP addresses) and waits until they serve a
     /// bootstrapped map.
     pub async fn connect(
@@ -144,9 +151,7 @@ impl Metadata for RemoteMeta {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + self.write_timeout;
             loop {
-                let mut order: Vec<String> = self.leader.lock().unwrap().iter().cloned().collect();
-                order.extend(self.voters.iter().cloned());
-                for addr in order {
+                for addr in self.voters_leader_first() {
                     match self.write_to(&addr, &command).await {
                         Some(WriteAnswer::Applied(reply)) => {
                             *self.leader.lock().unwrap() = Some(addr);
@@ -179,9 +184,7 @@ impl Metadata for RemoteMeta {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + self.write_timeout;
             loop {
-                let mut order: Vec<String> = self.leader.lock().unwrap().iter().cloned().collect();
-                order.extend(self.voters.iter().cloned());
-                for addr in order {
+                for addr in self.voters_leader_first() {
                     let answer = match self.lookup_at(&addr, issuer).await {
                         Some(LookupAnswer::NotLeader {
                             leader_addr: Some(leader),

@@ -10,44 +10,15 @@
 //! refused change changes nothing; `refresh` brings the local copy's map up
 //! to what was committed before it was called.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use harbor_meta::{DirectoryError, MetaCommand, MetaError, Metadata, Topology};
-use harbor_meta_raft::{MetaConfig, MetaNode, NodeId, RemoteMeta};
+use harbor_meta_raft::RemoteMeta;
 use harbor_types::{Generation, IssuerId, Region};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
-async fn voters(dir: &Path) -> (Vec<Arc<MetaNode>>, Vec<JoinHandle<()>>, Vec<String>) {
-    let mut listeners = Vec::new();
-    let mut addrs = BTreeMap::new();
-    for id in 1..=3u64 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        addrs.insert(id, listener.local_addr().unwrap().to_string());
-        listeners.push(listener);
-    }
-    let (mut nodes, mut servers) = (Vec::new(), Vec::new());
-    for (id, listener) in (1..=3u64).zip(listeners) {
-        let mut config = MetaConfig::new(id as NodeId, dir.join(format!("voter-{id}")));
-        config.heartbeat_ms = 50;
-        config.election_timeout_ms = (300, 600);
-        let node = MetaNode::start(&config).await.unwrap();
-        let app = node.router();
-        servers.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        }));
-        nodes.push(node);
-    }
-    nodes[0].initialize(&addrs).await.unwrap();
-    nodes[0]
-        .write(MetaCommand::Bootstrap(Topology::dev()))
-        .await
-        .unwrap();
-    (nodes, servers, addrs.into_values().collect())
-}
+mod common;
+use common::three_voters;
 
 /// The suite, on two handles; `tag` keeps each run's issuers apart.
 async fn conformance(tag: &str, one: Arc<dyn Metadata>, other: Arc<dyn Metadata>) {
@@ -114,21 +85,28 @@ async fn conformance(tag: &str, one: Arc<dyn Metadata>, other: Arc<dyn Metadata>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn voters_and_remote_copies_keep_one_contract() {
     let dir = tempfile::tempdir().unwrap();
-    let (nodes, servers, addrs) = voters(dir.path()).await;
-    let leader = nodes[0].leader().unwrap();
-    let follower = nodes.iter().find(|n| n.id != leader).unwrap().clone();
-    let leading = nodes.iter().find(|n| n.id == leader).unwrap().clone();
-    conformance("VOTERS", leading, follower).await;
+    let (voters, addrs) = three_voters(dir.path()).await;
+    voters[&1]
+        .node
+        .write(MetaCommand::Bootstrap(Topology::dev()))
+        .await
+        .unwrap();
+    let leader = voters[&1].node.leader().unwrap();
+    let follower = voters.keys().find(|id| **id != leader).unwrap();
+    conformance(
+        "VOTERS",
+        voters[&leader].node.clone(),
+        voters[follower].node.clone(),
+    )
+    .await;
 
+    let addrs: Vec<String> = addrs.into_values().collect();
     let connect = || RemoteMeta::connect(addrs.clone(), Duration::from_secs(10));
     let (one, other): (Arc<dyn Metadata>, Arc<dyn Metadata>) =
         (connect().await.unwrap(), connect().await.unwrap());
     conformance("REMOTE", one, other).await;
 
-    for node in nodes {
-        node.shutdown().await;
-    }
-    for server in servers {
-        server.abort();
+    for (_, voter) in voters {
+        voter.stop().await;
     }
 }

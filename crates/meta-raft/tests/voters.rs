@@ -3,42 +3,16 @@
 //! restart on their data directories (one voter and all three).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use harbor_meta::{MetaCommand, MetaReply, MetaState, Metadata, Topology};
-use harbor_meta_raft::{MetaConfig, MetaNode, NodeId, RemoteMeta};
+use harbor_meta_raft::RemoteMeta;
 use harbor_types::{Generation, IssuerId, Region, ShardId};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
-struct Voter {
-    node: Arc<MetaNode>,
-    server: JoinHandle<()>,
-}
-
-impl Voter {
-    async fn start(id: NodeId, dir: &Path, listener: TcpListener) -> Voter {
-        let mut config = MetaConfig::new(id, dir.join(format!("voter-{id}")));
-        // Short timeouts: loopback, and a test that waits for elections.
-        config.heartbeat_ms = 50;
-        config.election_timeout_ms = (300, 600);
-        let node = MetaNode::start(&config).await.unwrap();
-        let app = node.router();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Voter { node, server }
-    }
-
-    /// As a crash looks from outside: Raft stops, the address goes dark.
-    async fn stop(self) {
-        self.node.shutdown().await;
-        self.server.abort();
-        let _ = self.server.await;
-    }
-}
+mod common;
+use common::{three_voters, Voter};
 
 async fn listen(addr: &str) -> TcpListener {
     // The port was just released by a stopped voter: retry briefly.
@@ -56,24 +30,6 @@ fn assign(issuer: &str) -> MetaCommand {
         issuer_id: IssuerId::new(issuer).unwrap(),
         home_region: Region::new("madrid").unwrap(),
     }
-}
-
-/// Three voters on free loopback ports, initialized as one cluster; their
-/// HTTP addresses by id.
-async fn three_voters(dir: &Path) -> (BTreeMap<NodeId, Voter>, BTreeMap<NodeId, String>) {
-    let mut listeners = Vec::new();
-    let mut addrs = BTreeMap::new();
-    for id in 1..=3u64 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        addrs.insert(id, listener.local_addr().unwrap().to_string());
-        listeners.push(listener);
-    }
-    let mut voters: BTreeMap<NodeId, Voter> = BTreeMap::new();
-    for (id, listener) in (1..=3u64).zip(listeners) {
-        voters.insert(id, Voter::start(id, dir, listener).await);
-    }
-    voters[&1].node.initialize(&addrs).await.unwrap();
-    (voters, addrs)
 }
 
 fn has_issuers(n: usize) -> impl Fn(&MetaState) -> bool {

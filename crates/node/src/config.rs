@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use harbor_replication::Config as CoreConfig;
+use harbor_replication::{Config as CoreConfig, ConfigError as CoreConfigError};
 use harbor_types::limits;
 use harbor_types::sim::Bugs;
 use harbor_types::{NodeId, ShardId};
@@ -98,24 +98,15 @@ impl NodeConfig {
     }
 
     /// Checks the limits against each other, at start-up: a node with a
-    /// config that breaks one refuses to start, saying which.
+    /// config that breaks one refuses to start, saying which. The core's
+    /// own rules are the core's (`Config::check_limits`); these are the
+    /// node's.
     pub fn validate(&self) -> Result<(), NodeConfigError> {
         let positive = [
-            (
-                "snapshot_chunk_bytes_max",
-                self.snapshot_chunk_bytes_max as u64,
-            ),
-            ("append_bytes_max", self.append_bytes_max as u64),
-            ("retained_entries_max", self.retained_entries_max),
-            ("rpo_budget_ms", self.rpo_budget_ms),
-            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
-            ("lease_ms", self.lease_ms),
-            ("retransmit_timeout_ms", self.retransmit_timeout_ms),
             ("tick_interval_ms", self.tick_interval_ms),
             ("snapshot_interval_entries", self.snapshot_interval_entries),
             ("replica_inbox_capacity", self.replica_inbox_capacity as u64),
             ("batch_inputs_max", self.batch_inputs_max as u64),
-            ("uncommitted_entries_max", self.uncommitted_entries_max),
             (
                 "local_reads_waiting_max",
                 self.local_reads_waiting_max as u64,
@@ -130,18 +121,6 @@ impl NodeConfig {
                 self.tick_interval_ms <= self.heartbeat_interval_ms,
             ),
             (
-                "heartbeat_interval_ms < retransmit_timeout_ms",
-                self.heartbeat_interval_ms < self.retransmit_timeout_ms,
-            ),
-            (
-                "retransmit_timeout_ms < lease_ms",
-                self.retransmit_timeout_ms < self.lease_ms,
-            ),
-            (
-                "retransmit_timeout_ms < rpo_budget_ms",
-                self.retransmit_timeout_ms < self.rpo_budget_ms,
-            ),
-            (
                 "batch_inputs_max <= replica_inbox_capacity",
                 self.batch_inputs_max <= self.replica_inbox_capacity,
             ),
@@ -154,7 +133,8 @@ impl NodeConfig {
         if let Some((rule, _)) = ordered.iter().find(|(_, holds)| !holds) {
             return Err(NodeConfigError::Inconsistent { rule });
         }
-        Ok(())
+        let any = NodeId::new("any").expect("a valid id");
+        Ok(self.core_config(ShardId(0), any).check_limits()?)
     }
 }
 
@@ -168,6 +148,9 @@ const _: () = assert!(
 /// A node config that breaks a limit's rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NodeConfigError {
+    /// A rule of the replication core.
+    #[error("{0}")]
+    Core(#[from] CoreConfigError),
     #[error("{name} must be greater than zero")]
     Zero { name: &'static str },
     #[error("the node's limits must keep {rule}")]
@@ -186,9 +169,9 @@ mod tests {
         bad.lease_ms = bad.retransmit_timeout_ms;
         assert_eq!(
             bad.validate(),
-            Err(NodeConfigError::Inconsistent {
-                rule: "retransmit_timeout_ms < lease_ms"
-            })
+            Err(NodeConfigError::Core(CoreConfigError::Inconsistent {
+                why: "lease_ms must be longer than retransmit_timeout_ms"
+            }))
         );
         let mut bad = config.clone();
         bad.batch_inputs_max = 0;

@@ -102,6 +102,12 @@ impl Config {
                 local_followers,
             });
         }
+        self.check_limits()
+    }
+
+    /// Checks the limits against each other (the membership aside): what
+    /// a node checks once at start for all its replicas.
+    pub fn check_limits(&self) -> Result<(), ConfigError> {
         let positive = [
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("retransmit_timeout_ms", self.retransmit_timeout_ms),
@@ -133,7 +139,11 @@ impl Config {
                 why: "lease_ms must be longer than retransmit_timeout_ms",
             });
         }
-
+        if self.rpo_budget_ms <= self.retransmit_timeout_ms {
+            return Err(ConfigError::Inconsistent {
+                why: "rpo_budget_ms must be longer than retransmit_timeout_ms",
+            });
+        }
         Ok(())
     }
 }

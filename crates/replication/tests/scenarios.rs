@@ -763,12 +763,10 @@ fn a_follower_with_a_replaced_disk_is_noticed_and_caught_up() {
     assert_eq!(l2.match_index, last);
 }
 
-/// A snapshot goes in chunks no larger than `snapshot_chunk_bytes_max`,
-/// one at a time; nothing is installed before the last byte arrives; a
-/// lost chunk is sent again from where the follower stands, not from the
-/// start.
-#[test]
-fn a_snapshot_streams_in_chunks_and_resumes_after_a_loss() {
+/// A group with 3-byte snapshot chunks whose remote follower r1 missed
+/// ten entries the leader has compacted away: r1 needs a snapshot. Returns
+/// the group and the compaction point.
+fn r1_behind_the_compaction_point() -> (Group, LogIndex) {
     let mut g = Group::with_config(|c| {
         c.retained_entries_max = 2;
         c.snapshot_chunk_bytes_max = 3;
@@ -782,6 +780,16 @@ fn a_snapshot_streams_in_chunks_and_resumes_after_a_loss() {
     let commit = g.get("l1").commit_index();
     g.replica("l1").compact(commit);
     g.down.clear();
+    (g, commit)
+}
+
+/// A snapshot goes in chunks no larger than `snapshot_chunk_bytes_max`,
+/// one at a time; nothing is installed before the last byte arrives; a
+/// lost chunk is sent again from where the follower stands, not from the
+/// start.
+#[test]
+fn a_snapshot_streams_in_chunks_and_resumes_after_a_loss() {
+    let (mut g, commit) = r1_behind_the_compaction_point();
     g.tick(600);
     g.settle();
     assert_eq!(g.snapshots_needed, vec![(node("l1"), node("r1"))]);
@@ -842,19 +850,7 @@ fn a_snapshot_streams_in_chunks_and_resumes_after_a_loss() {
 /// backwards, resent from bytes the follower no longer had, forever.
 #[test]
 fn a_late_chunk_of_an_earlier_snapshot_does_not_stall_the_newer_one() {
-    let mut g = Group::with_config(|c| {
-        c.retained_entries_max = 2;
-        c.snapshot_chunk_bytes_max = 3;
-    });
-    g.settle();
-    g.down.push(node("r1"));
-    for i in 0..10 {
-        g.propose(&format!("w{i}"));
-    }
-    g.settle();
-    let commit = g.get("l1").commit_index();
-    g.replica("l1").compact(commit);
-    g.down.clear();
+    let (mut g, _) = r1_behind_the_compaction_point();
 
     let chunks_to_r1 = |g: &mut Group| -> Vec<(u64, LogIndex)> {
         g.network

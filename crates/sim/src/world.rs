@@ -1513,17 +1513,7 @@ impl World {
                 }
                 Step::RefreshMap => {
                     self.refresh_client_map(i);
-                    let entry = self.client_entry(i);
-                    let now = self.client_clock();
-                    let call = self.clients[i]
-                        .inflight
-                        .as_mut()
-                        .unwrap()
-                        .call
-                        .as_mut()
-                        .unwrap();
-                    let steps = call.call.on_timer(now, entry.as_ref());
-                    return self.run_call(i, steps);
+                    return self.feed_call(i, |call, now, entry| call.on_timer(now, entry));
                 }
                 Step::WakeAt(at) => {
                     call.wake_at = Some(at);
@@ -1549,16 +1539,24 @@ impl World {
         if inflight.op_id != op_id || !current {
             return; // a wake-up the call no longer asks for
         }
+        self.feed_call(i, |call, now, entry| call.on_timer(now, entry));
+    }
+
+    /// Gives the client's call one input (with the time and what the
+    /// client's map says now) and executes the steps it answers.
+    fn feed_call(
+        &mut self,
+        i: usize,
+        input: impl FnOnce(&mut Call, MonoMs, Option<&MapEntry>) -> Vec<Step>,
+    ) {
         let entry = self.client_entry(i);
         let now = self.client_clock();
-        let call = self.clients[i]
+        let inflight = self.clients[i]
             .inflight
             .as_mut()
-            .unwrap()
-            .call
-            .as_mut()
-            .unwrap();
-        let steps = call.call.on_timer(now, entry.as_ref());
+            .expect("an operation in flight");
+        let call = &mut inflight.call.as_mut().expect("a call in flight").call;
+        let steps = input(call, now, entry.as_ref());
         self.run_call(i, steps);
     }
 
@@ -2045,17 +2043,8 @@ impl World {
             return;
         }
         if inflight.call.is_some() {
-            let entry = self.client_entry(i);
-            let now = self.client_clock();
-            let call = self.clients[i]
-                .inflight
-                .as_mut()
-                .unwrap()
-                .call
-                .as_mut()
-                .unwrap();
-            let steps = call.call.on_answer(now, *response, entry.as_ref());
-            return self.run_call(i, steps);
+            let response = *response;
+            return self.feed_call(i, |call, now, entry| call.on_answer(now, response, entry));
         }
         // A local read's answer (it went to one replica, without a call).
         let refused = match &*response {
