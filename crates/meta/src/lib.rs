@@ -4,14 +4,19 @@
 //! [`placement`] builds topologies and maps issuers to buckets. [`state`] is
 //! the metadata state machine (shard map and issuer directory, changed by
 //! commands in log order); `harbor-meta-raft` replicates it with Raft.
-//! [`failover`] plans each group's leadership. [`metadata`] is how gateways
+//! [`failover`] plans each group's leadership, and [`control`] turns the
+//! plans into orders, round by round, for the control loop that runs them. [`metadata`] is how gateways
 //! and the control plane reach whichever metadata plane runs.
 
+pub mod control;
 pub mod failover;
 pub mod metadata;
 pub mod placement;
 pub mod state;
 
+pub use control::{
+    Ask, ControlConfig, ControlCore, ControlStats, Order, TransferDone, TransferFailed,
+};
 pub use failover::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, TransferError,
 };

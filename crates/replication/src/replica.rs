@@ -443,6 +443,24 @@ impl Replica {
 
     // ----- Generations -----------------------------------------------------
 
+    /// Whether `generation` is one [`Replica::become_leader`] may take, as
+    /// far as generations go (a recovering replica may take none): a newer
+    /// one, or the one it is sealed at without a leader, provided it holds
+    /// no entry of it. An order that arrives late (a deposed control loop's,
+    /// a slow connection's) fails this and is ignored by the runtime.
+    pub fn may_lead(&self, generation: Generation) -> bool {
+        let sealed =
+            generation == self.generation && self.role == Role::Follower && self.leader.is_none();
+        generation > self.generation
+            || (sealed && self.generation_at(self.last_index()).unwrap_or_default() < generation)
+    }
+
+    /// Whether [`Replica::become_follower`] may take `generation` led by
+    /// `leader`.
+    pub fn may_follow(&self, generation: Generation, leader: &NodeId) -> bool {
+        generation >= self.generation && *leader != self.config.me
+    }
+
     /// The metadata plane named this replica leader of `generation`.
     pub fn become_leader(&mut self, now: Now, generation: Generation) {
         assert!(

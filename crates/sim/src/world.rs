@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use harbor_checker::{Call as HistoryCall, ErrorReply, FinalLine, HistoryRecorder, Reply};
 use harbor_gateway::call::{Call, CallLimits, MapEntry, Step};
 use harbor_meta::{
-    Action, CatchUp, DirectoryEntry, FailoverConfig, GroupLeadership, MetaCommand, MetaFuture,
-    MetaReply, Metadata, Observation, Phase, ShardMap,
+    ControlConfig, ControlCore, DirectoryEntry, FailoverConfig, MetaCommand, MetaFuture, MetaReply,
+    Metadata, Order, ShardMap,
 };
 use harbor_node::driver::{Driver, ReplicaInput};
 use harbor_node::NodeConfig;
@@ -22,6 +22,10 @@ use harbor_wire::Control;
 use harbor_wire::Transport;
 use harbor_wire::{Body, Envelope, Freshness, Query, QueryResult, Request, Response};
 use serde_json::{json, Value};
+
+use harbor_types::limits::{
+    CONTROL_INTERVAL_MS, STATUS_TIMEOUT_MS, SUSPECT_TIMEOUT_MS, TRANSFER_INTERVAL_MS,
+};
 
 use crate::rng::Rng;
 use crate::swarm::Swarm;
@@ -74,6 +78,8 @@ pub struct SimStats {
     /// Planned leader transfers that named their target.
     pub transfers: u64,
     pub transfers_abandoned: u64,
+    /// Control orders delivered after newer ones (a deposed control loop).
+    pub stale_orders: u64,
     /// Batches of reserves answered with their outcomes.
     pub batches: u64,
     pub partitions: u64,
@@ -190,9 +196,6 @@ struct SimNode {
     /// Wall-clock steps (an operator, NTP, a resumed VM), by seconds, in
     /// either direction; the monotonic clock does not see them.
     wall_step_ms: i64,
-    /// When the node next hears from the control plane (it polls; news of a
-    /// new generation is not instant).
-    refresh_at: u64,
     replicas: BTreeMap<ShardId, Driver<MemStorage>>,
     disks: BTreeMap<ShardId, MemStorage>,
 }
@@ -200,17 +203,17 @@ struct SimNode {
 struct Group {
     home: Region,
     members: Vec<NodeId>,
-    /// The control plane's view and decisions (harbor-meta's planner).
-    plan: GroupLeadership,
+    /// The leader and generation the metadata plane publishes (what
+    /// gateways route by).
+    published: (NodeId, Generation),
+    /// Earlier publications with when they were made, newest last (a few):
+    /// a gateway's copy of the map may trail the metadata leader's.
+    history: Vec<(u64, NodeId, Generation)>,
 }
 
 impl Group {
     fn leader(&self) -> &NodeId {
-        &self.plan.leader
-    }
-
-    fn generation(&self) -> Generation {
-        self.plan.generation
+        &self.published.0
     }
 }
 
@@ -332,6 +335,10 @@ struct World {
     queue: BTreeMap<(u64, u64), Event>,
     nodes: BTreeMap<NodeId, SimNode>,
     groups: BTreeMap<ShardId, Group>,
+    /// The control loop's decisions, as shipped (`harbor_meta::ControlCore`).
+    control: ControlCore,
+    /// The newest orders it sent, newest last.
+    recent_orders: Vec<(NodeId, ShardId, Control)>,
     /// Issuers whose registration was acknowledged: clients use these.
     issuers: Vec<(IssuerId, ShardId, u64)>,
     /// The metadata plane's issuer directory (what it committed).
@@ -366,14 +373,16 @@ struct World {
 }
 
 const TICK_MS: u64 = 10;
+/// How far a gateway's copy of the shard map may trail the metadata leader.
+const MAP_LAG_MS_MAX: u64 = 400;
+/// Control orders remembered, to replay as a deposed control loop's.
+const RECENT_ORDERS_MAX: usize = 32;
 /// Issuers the metadata places in one run (4 at the start, the rest
 /// registered while the clients run).
 const ISSUERS_MAX: usize = 12;
 /// A client gives up this long after its gateway's call would have: the
 /// call's own timeout decides, as an HTTP client's would outlast it.
 const CLIENT_GRACE_MS: u64 = 500;
-/// How often the control plane looks at the groups.
-const CONTROL_INTERVAL_MS: u64 = 100;
 /// How long a planned transfer may pause a group's writes.
 const DRAIN_MS: u64 = 500;
 const CLOCK_SKEW_MS_MAX: i64 = 50;
@@ -424,28 +433,29 @@ impl World {
                     mono_origin_ms: 1 + rng.range(0, 1_000_000),
                     skew_ms: 0,
                     wall_step_ms: 0,
-                    refresh_at: 0,
                     replicas: BTreeMap::new(),
                     disks: BTreeMap::new(),
                 },
             );
         }
+        // Every group starts at generation 1, led by the map's leader.
+        let mut map = map;
+        for g in map.groups.values_mut() {
+            g.generation = Generation(1);
+        }
         let mut groups = BTreeMap::new();
         for g in map.groups.values() {
-            let members = g
-                .members
-                .iter()
-                .map(|m| (m.clone(), map.region_of(m) == Some(&g.home_region)))
-                .collect();
             groups.insert(
                 g.shard,
                 Group {
                     home: g.home_region.clone(),
                     members: g.members.clone(),
-                    plan: GroupLeadership::new(g.shard, Generation(1), g.leader.clone(), members),
+                    published: (g.leader.clone(), g.generation),
+                    history: Vec::new(),
                 },
             );
         }
+        let control = ControlCore::new(&map, control_config(&swarm));
         let regions = map.regions();
         let mut issuers = Vec::new();
         let mut directory = BTreeMap::new();
@@ -488,6 +498,8 @@ impl World {
             queue: BTreeMap::new(),
             nodes,
             groups,
+            control,
+            recent_orders: Vec::new(),
             issuers,
             directory,
             placement: Arc::new(map.clone()),
@@ -589,10 +601,7 @@ impl World {
         for node in &names {
             self.schedule(0, Event::Tick(node.clone()));
         }
-        let shards: Vec<ShardId> = self.groups.keys().copied().collect();
-        for shard in shards {
-            self.publish_generation(shard);
-        }
+        self.bootstrap();
         self.schedule(CONTROL_INTERVAL_MS, Event::Control);
         self.setup_issuers();
         self.setting_up = false;
@@ -720,22 +729,24 @@ impl World {
             let Some(driver) = leader.replicas.get(shard).filter(|_| leader.up) else {
                 return Some(format!("{shard}: leader {} is down", group.leader()));
             };
-            if !driver.is_ready() {
+            if !driver.group().is_ready() {
                 return Some(format!(
                     "{shard}: {} is not leading, or has not applied its generation's first entry",
                     group.leader()
                 ));
             }
-            let commit = driver.core().commit_index();
+            let commit = driver.group().replica().commit_index();
             for member in &group.members {
                 let node = &self.nodes[member];
                 let Some(replica) = node.replicas.get(shard).filter(|_| node.up) else {
                     return Some(format!("{shard}: {member} is down"));
                 };
-                if replica.applied_index() != commit || replica.core().commit_index() != commit {
+                if replica.group().applied_index() != commit
+                    || replica.group().replica().commit_index() != commit
+                {
                     return Some(format!(
                         "{shard}: {member} applied {} of {commit}",
-                        replica.applied_index()
+                        replica.group().applied_index()
                     ));
                 }
             }
@@ -753,7 +764,10 @@ impl World {
             node.paused_until = 0;
             node.skew_ms = 0;
             node.wall_step_ms = 0;
-            let failed = node.replicas.values().any(|r| r.failure().is_some());
+            let failed = node
+                .replicas
+                .values()
+                .any(|r| r.group().failure().is_some());
             if !node.up {
                 self.restart(&name);
             } else if failed {
@@ -774,8 +788,8 @@ impl World {
             let mut reference: Option<(NodeId, Vec<u8>)> = None;
             for member in &group.members {
                 let replica = &self.nodes[member].replicas[shard];
-                replica.machine().check_invariants();
-                let bytes = replica.machine().snapshot();
+                replica.group().machine().check_invariants();
+                let bytes = replica.group().machine().snapshot();
                 match &reference {
                     None => reference = Some((member.clone(), bytes)),
                     Some((first, expected)) if *expected != bytes => {
@@ -801,7 +815,7 @@ impl World {
             .collect();
         for (issuer, shard) in placed {
             let leader = self.groups[&shard].leader().clone();
-            let machine = self.nodes[&leader].replicas[&shard].machine();
+            let machine = self.nodes[&leader].replicas[&shard].group().machine();
             let Some(view) = machine.issuer(&issuer) else {
                 continue;
             };
@@ -905,9 +919,10 @@ impl World {
         f(driver, now);
         driver.finish_batch(now);
         let leading = driver
-            .core()
+            .group()
+            .replica()
             .is_leader()
-            .then(|| driver.core().generation());
+            .then(|| driver.group().replica().generation());
         if let Some(generation) = leading {
             if self.leaders_seen.insert((shard, generation, name.clone())) {
                 self.recorder
@@ -992,7 +1007,13 @@ impl World {
 
     fn tick(&mut self, name: NodeId) {
         let node = &self.nodes[&name];
-        if !self.safety && node.up && node.replicas.values().any(|r| r.failure().is_some()) {
+        if !self.safety
+            && node.up
+            && node
+                .replicas
+                .values()
+                .any(|r| r.group().failure().is_some())
+        {
             // Faults have healed: the operator restarts a replica that
             // stopped on a storage failure.
             self.trace(|| format!("operator restarts {name} (a replica failed)"));
@@ -1001,11 +1022,6 @@ impl World {
         }
         let node = &self.nodes[&name];
         if node.up && node.paused_until <= self.now {
-            if node.refresh_at <= self.now {
-                let next = self.now + self.rng.range(700, 1_300);
-                self.nodes.get_mut(&name).unwrap().refresh_at = next;
-                self.refresh(&name);
-            }
             let shards: Vec<ShardId> = self.nodes[&name].replicas.keys().copied().collect();
             for shard in shards {
                 self.drive(&name, shard, |driver, now| driver.tick(now));
@@ -1016,50 +1032,41 @@ impl World {
 
     // ----- The control plane's part --------------------------------------------
 
-    /// Tells every running member of `shard` the group's generation and leader.
-    fn publish_generation(&mut self, shard: ShardId) {
-        let group = &self.groups[&shard];
-        let (leader, generation, members) = (
-            group.leader().clone(),
-            group.generation(),
-            group.members.clone(),
-        );
-        for member in members {
-            // A node the control plane cannot reach hears later (refresh).
-            if self.unreachable(&member) {
-                continue;
+    /// At start, as `harbor dev` does: every member hears the published
+    /// leader of generation 1 directly.
+    fn bootstrap(&mut self) {
+        let shards: Vec<ShardId> = self.groups.keys().copied().collect();
+        for shard in shards {
+            let group = &self.groups[&shard];
+            let (leader, generation) = group.published.clone();
+            for member in group.members.clone() {
+                let control = if member == leader {
+                    Control::Lead(generation)
+                } else {
+                    Control::Follow(generation, leader.clone())
+                };
+                self.tell(&member, shard, control);
             }
-            self.tell(&member, shard, &leader, generation);
         }
     }
 
-    fn tell(&mut self, member: &NodeId, shard: ShardId, leader: &NodeId, generation: Generation) {
-        self.trace(|| format!("tell {member}: {shard} {generation} leader {leader}"));
-        let Some(current) = self.nodes[member]
-            .replicas
-            .get(&shard)
-            .map(|r| r.core().generation())
-        else {
+    /// An order from the control plane; one the node cannot hear now (down,
+    /// cut off, paused) is lost, and sent again when the replica reports a
+    /// stale role.
+    fn tell(&mut self, member: &NodeId, shard: ShardId, control: Control) {
+        if self.unreachable(member) || self.nodes[member].paused_until > self.now {
+            self.trace(|| format!("lost order to {member}: {shard} {control:?}"));
             return;
-        };
-        if member == leader {
-            let leading = self.nodes[member].replicas[&shard].core().is_leader();
-            if current < generation || (current == generation && !leading) {
-                self.drive(member, shard, |d, now| {
-                    d.handle(now, ReplicaInput::Control(Control::Lead(generation)))
-                });
-            }
-        } else if current < generation
-            || self.nodes[member].replicas[&shard].core().leader() != Some(leader)
-        {
-            let leader = leader.clone();
-            self.drive(member, shard, |d, now| {
-                d.handle(
-                    now,
-                    ReplicaInput::Control(Control::Follow(generation, leader)),
-                )
-            });
         }
+        self.trace(|| format!("tell {member}: {shard} {control:?}"));
+        self.recent_orders
+            .push((member.clone(), shard, control.clone()));
+        if self.recent_orders.len() > RECENT_ORDERS_MAX {
+            self.recent_orders.remove(0);
+        }
+        self.drive(member, shard, |d, now| {
+            d.handle(now, ReplicaInput::Control(control))
+        });
     }
 
     fn crash(&mut self, name: &NodeId) {
@@ -1081,26 +1088,36 @@ impl World {
         if self.nodes[name].up {
             return;
         }
-        // A new process: its monotonic clock has a new origin.
+        // A new process: its monotonic clock has a new origin. Its
+        // replicas hear their roles from the control loop's next round.
         let origin = 1 + self.rng.range(0, 1_000_000);
         self.nodes.get_mut(name).unwrap().mono_origin_ms = origin;
         self.open_replicas(name);
         let node = self.nodes.get_mut(name).unwrap();
         node.up = true;
         node.paused_until = 0;
-        for shard in self.shards_of(name) {
-            let group = self.groups.get_mut(&shard).unwrap();
-            if !group.plan.is_active() {
-                let generation = group.generation();
-                self.seal(name, shard, generation);
-            } else if group.leader() == name {
-                let action = group.plan.leader_restarted();
-                self.apply_action(shard, action);
-            } else {
-                let (leader, generation) = (group.leader().clone(), group.generation());
-                self.tell(name, shard, &leader, generation);
+        if self.safety && self.options.faults && self.rng.chance(30) {
+            // A deposed control loop (the metadata plane changed leaders)
+            // reconnects and delivers what it had queued for this node.
+            let stale: Vec<(ShardId, Control)> = self
+                .recent_orders
+                .iter()
+                .filter(|(node, _, _)| node == name)
+                .map(|(_, shard, control)| (*shard, control.clone()))
+                .collect();
+            if let Some((shard, control)) = stale.last().cloned() {
+                self.stale_order(name, shard, control);
             }
         }
+    }
+
+    /// An order that is no longer current reaches a replica.
+    fn stale_order(&mut self, name: &NodeId, shard: ShardId, control: Control) {
+        self.trace(|| format!("stale order to {name}: {shard} {control:?}"));
+        self.stats.stale_orders += 1;
+        self.drive(name, shard, |d, now| {
+            d.handle(now, ReplicaInput::Control(control))
+        });
     }
 
     /// The control plane cannot reach `node`: it is down, or cut off.
@@ -1113,141 +1130,79 @@ impl World {
                 .is_some_and(|until| *until > self.now)
     }
 
-    /// The control plane's periodic look: what every reachable replica
-    /// reports goes to each group's planner, and its decisions go out.
+    /// A round of the control loop, as shipped: every replica the control
+    /// plane can reach answers its status (the same `GroupCore::status` a
+    /// status request gets), the core decides, and its orders are carried
+    /// out.
     fn control(&mut self) {
-        let config = failover_config(&self.swarm);
-        let shards: Vec<ShardId> = self.groups.keys().copied().collect();
-        for shard in shards {
-            let observations: Vec<Observation> = self.groups[&shard]
-                .members
-                .iter()
-                .filter(|m| !self.unreachable(m) && self.nodes[*m].paused_until <= self.now)
-                .filter_map(|m| {
-                    let replica = self.nodes[m].replicas.get(&shard)?;
-                    let core = replica.core();
-                    let last = core.last_index();
-                    Some(Observation {
-                        node: m.clone(),
-                        reachable: true,
-                        healthy: replica.failure().is_none(),
-                        generation: core.generation(),
-                        leading: core.is_leader(),
-                        last_index: last,
-                        last_generation: core.generation_at(last).unwrap_or_default(),
-                        acked_ms_ago: core.status(self.node_now(m)).acked_ms_ago,
-                        recovering: core.is_recovering(),
-                    })
-                })
-                .collect();
-            let now = self.now;
-            let group = self.groups.get_mut(&shard).unwrap();
-            let before = group.plan.leader.clone();
-            let transferring = matches!(
-                group.plan.phase,
-                Phase::Sealed {
-                    prefer: Some(_),
-                    ..
-                }
-            );
-            let action = group.plan.observe(&config, now, &observations);
-            if matches!(action, Action::TransferAbandoned { .. }) {
-                self.stats.transfers_abandoned += 1;
-            }
-            if matches!(&action, Action::Lead { leader, .. } if *leader != before) {
-                if transferring {
-                    self.stats.transfers += 1;
+        let orders = self.control.republish();
+        self.execute(orders);
+        let answers = self
+            .control
+            .asks()
+            .into_iter()
+            .map(|ask| {
+                let node = &self.nodes[&ask.node];
+                let status = if self.unreachable(&ask.node) || node.paused_until > self.now {
+                    None
                 } else {
-                    self.stats.failovers += 1;
-                }
-            }
-            self.apply_action(shard, action);
-        }
-        self.schedule(self.now + CONTROL_INTERVAL_MS, Event::Control);
+                    let now = self.node_now(&ask.node);
+                    node.replicas
+                        .get(&ask.shard)
+                        .and_then(|r| r.group().status(now).ok())
+                };
+                (ask, status)
+            })
+            .collect();
+        let orders = self.control.round(self.now, answers);
+        self.execute(orders);
+        self.schedule(self.now + self.control.interval_ms(), Event::Control);
     }
 
-    fn apply_action(&mut self, shard: ShardId, action: Action) {
-        match action {
-            Action::None => {}
-            Action::Seal { generation, nodes } => {
-                for node in nodes {
-                    self.seal(&node, shard, generation);
+    /// Carries out the control core's orders. The metadata plane sometimes
+    /// refuses a publication (it is changing leaders), which the core
+    /// retries every round.
+    fn execute(&mut self, orders: Vec<Order>) {
+        let mut queue = std::collections::VecDeque::from(orders);
+        while let Some(order) = queue.pop_front() {
+            match order {
+                Order::Tell {
+                    node,
+                    shard,
+                    control,
+                } => self.tell(&node, shard, control),
+                Order::Publish {
+                    shard,
+                    leader,
+                    generation,
+                    ended_at: _,
+                } => {
+                    let result = if self.safety && self.options.faults && self.rng.chance(5) {
+                        self.trace(|| format!("publishing {shard} {generation} failed"));
+                        Err("the metadata plane is electing a leader".to_string())
+                    } else {
+                        self.trace(|| format!("publish {shard} {generation} led by {leader}"));
+                        let now = self.now;
+                        let group = self.groups.get_mut(&shard).unwrap();
+                        let (old_leader, old_generation) =
+                            std::mem::replace(&mut group.published, (leader, generation));
+                        group.history.push((now, old_leader, old_generation));
+                        if group.history.len() > 4 {
+                            group.history.remove(0);
+                        }
+                        Ok(())
+                    };
+                    queue.extend(self.control.published(shard, result));
                 }
-            }
-            Action::Lead { .. } => self.publish_generation(shard),
-            Action::StartNewGroup { generation, leader } => {
-                self.trace(|| format!("{shard} starts anew, led by {leader}"));
-                if !self.unreachable(&leader) {
-                    self.drive(&leader, shard, |d, now| {
-                        d.handle(
-                            now,
-                            ReplicaInput::Control(Control::LeadNewGroup(generation)),
-                        )
-                    });
-                }
-                self.publish_generation(shard);
-            }
-            Action::Drain { leader, for_ms } => {
-                self.trace(|| format!("drain {leader}: {shard} for {for_ms} ms"));
-                if !self.unreachable(&leader) {
-                    self.drive(&leader, shard, |d, now| {
-                        d.handle(now, ReplicaInput::Control(Control::Drain { for_ms }))
-                    });
-                }
-            }
-            Action::TransferAbandoned { to } => {
-                self.trace(|| format!("transfer of {shard} to {to} abandoned"));
-            }
-        }
-    }
-
-    fn seal(&mut self, member: &NodeId, shard: ShardId, generation: Generation) {
-        self.trace(|| format!("seal {member}: {shard} {generation}"));
-        let current = self.nodes[member]
-            .replicas
-            .get(&shard)
-            .map(|r| r.core().generation());
-        if current.is_some_and(|g| g < generation) {
-            self.drive(member, shard, |d, now| {
-                d.handle(now, ReplicaInput::Control(Control::Seal(generation)))
-            });
-        }
-    }
-
-    /// What a node does when it hears from the control plane: bring every
-    /// replica to the group's current generation and leader.
-    fn refresh(&mut self, name: &NodeId) {
-        if self.unreachable(name) {
-            return;
-        }
-        for shard in self.shards_of(name) {
-            let Some(replica) = self.nodes[name].replicas.get(&shard) else {
-                continue;
-            };
-            if replica.failure().is_some() {
-                continue;
-            }
-            let core = replica.core();
-            let catch_up = self.groups[&shard].plan.catch_up(
-                name,
-                core.generation(),
-                core.is_leader(),
-                core.leader(),
-                core.is_recovering(),
-            );
-            match catch_up {
-                CatchUp::Nothing => {}
-                CatchUp::Seal(generation) => self.seal(name, shard, generation),
-                CatchUp::Lead(generation) | CatchUp::Follow(generation, _) => {
-                    let leader = self.groups[&shard].leader().clone();
-                    self.tell(name, shard, &leader, generation);
-                }
-                CatchUp::NewGeneration => {
-                    let action = self.groups.get_mut(&shard).unwrap().plan.leader_restarted();
-                    self.apply_action(shard, action);
+                Order::TransferEnded { result, .. } => {
+                    self.trace(|| format!("transfer ended: {result:?}"));
                 }
             }
         }
+        let stats = self.control.stats();
+        self.stats.failovers = stats.failovers;
+        self.stats.transfers = stats.transfers;
+        self.stats.transfers_abandoned = stats.transfers_abandoned;
     }
 
     // ----- Faults -----------------------------------------------------------------
@@ -1257,7 +1212,7 @@ impl World {
         self.nodes
             .values()
             .flat_map(|n| n.replicas.values())
-            .any(|r| r.core().is_recovering())
+            .any(|r| r.group().replica().is_recovering())
     }
 
     fn step_wall_clock(&mut self, name: &NodeId, step_ms: i64) {
@@ -1370,12 +1325,9 @@ impl World {
                     .cloned()
                     .collect();
                 let to = self.rng.pick(&targets).clone();
-                let now = self.now;
-                let plan = &mut self.groups.get_mut(&shard).unwrap().plan;
-                if let Ok(action) = plan.transfer(&failover_config(&self.swarm), now, &to) {
-                    self.trace(|| format!("transfer {shard} to {to}"));
-                    self.apply_action(shard, action);
-                }
+                self.trace(|| format!("transfer {shard} to {to}?"));
+                let orders = self.control.transfer(self.now, shard, &to, 0);
+                self.execute(orders);
             }
             77..=81 => {
                 let skew =
@@ -1386,6 +1338,13 @@ impl World {
                 let step = self.rng.range(1_000, 5_000) as i64;
                 let step = if self.rng.chance(50) { step } else { -step };
                 self.step_wall_clock(&name, step);
+            }
+            99 if !self.recent_orders.is_empty() => {
+                // A deposed control loop's order arrives late.
+                let (node, shard, control) = self.rng.pick(&self.recent_orders).clone();
+                if self.nodes[&node].up {
+                    self.stale_order(&node, shard, control);
+                }
             }
             _ => {}
         }
@@ -1598,11 +1557,34 @@ impl World {
     }
 
     /// The client's gateway pulls the published shard map and directory.
+    /// Under faults the gateway's copy may trail the metadata leader by up
+    /// to `MAP_LAG_MS_MAX` (it read a lagging voter), never going back from
+    /// what it had.
     fn refresh_client_map(&mut self, i: usize) {
+        let lag = match self.safety && self.options.faults {
+            true => self.rng.range(0, MAP_LAG_MS_MAX),
+            false => 0,
+        };
+        let as_of = self.now.saturating_sub(lag);
         let leaders = self
             .groups
             .iter()
-            .map(|(s, g)| (*s, (g.leader().clone(), g.generation())))
+            .map(|(s, g)| {
+                // The newest publication made by `as_of`: the current one,
+                // unless a later one replaced it after `as_of`.
+                let mut entry = g.published.clone();
+                for (replaced_at, leader, generation) in g.history.iter().rev() {
+                    if *replaced_at > as_of {
+                        entry = (leader.clone(), *generation);
+                    }
+                }
+                let had = self.clients[i].leaders.get(s);
+                let entry = match had {
+                    Some(had) if had.1 > entry.1 => had.clone(),
+                    _ => entry,
+                };
+                (*s, entry)
+            })
             .collect();
         let client = &mut self.clients[i];
         client.directory = self.directory.clone();
@@ -2226,12 +2208,19 @@ fn raise(session: &mut BTreeMap<ShardId, CommitToken>, token: CommitToken) {
     }
 }
 
-fn failover_config(swarm: &Swarm) -> FailoverConfig {
-    FailoverConfig {
-        unreachable_after_ms: swarm.unreachable_after_ms,
-        lease_ms: swarm.lease_ms,
-        lease_margin_ms: LEASE_MARGIN_MS,
-        drain_ms: DRAIN_MS,
+fn control_config(swarm: &Swarm) -> ControlConfig {
+    ControlConfig {
+        failover: FailoverConfig {
+            unreachable_after_ms: swarm.unreachable_after_ms,
+            lease_ms: swarm.lease_ms,
+            lease_margin_ms: LEASE_MARGIN_MS,
+            drain_ms: DRAIN_MS,
+        },
+        interval_ms: CONTROL_INTERVAL_MS,
+        transfer_interval_ms: TRANSFER_INTERVAL_MS,
+        // Statuses answer at once here; the timeouts only name suspects.
+        status_timeout_ms: STATUS_TIMEOUT_MS,
+        suspect_timeout_ms: SUSPECT_TIMEOUT_MS,
     }
 }
 

@@ -92,6 +92,7 @@ pub const PROBES: [&str; 30] = [
     "reservation.hold_expired_at_confirm",
     "node.replica_started_without_its_state",
     "node.recovering_replica_refused_to_lead",
+    "node.stale_control_order_ignored",
     "replication.recovering_replica_caught_up",
     "replication.follower_came_back_with_another_log",
     "replication.snapshot_installed_from_chunks",
@@ -100,7 +101,6 @@ pub const PROBES: [&str; 30] = [
     "replication.snapshot_ack_went_backwards",
     "replication.rejection_covered_by_the_snapshot_in_flight",
     "gateway.call_resent",
-    "gateway.call_followed_hint",
     "gateway.call_followed_the_map",
     "gateway.call_refusal_after_an_attempt_in_doubt",
 ];

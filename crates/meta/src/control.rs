@@ -1,0 +1,495 @@
+//! The control loop's decisions, without IO: the runtime (`harbor`'s
+//! control loop, or the simulator) asks every replica for its status at the
+//! interval [`ControlCore::interval_ms`] names, hands the answers to
+//! [`ControlCore::round`], and executes the [`Order`]s that come back:
+//! orders to replicas, leaders to publish in the metadata plane (reported
+//! back with [`ControlCore::published`]) and transfers to answer.
+//!
+//! Rules it keeps:
+//! - A new leader is published before anyone is told (gateways route by the
+//!   map, and a replica told first would refuse as "not leader"); when the
+//!   metadata plane cannot take it, it is published again every round and
+//!   nobody is told in between.
+//! - A group whose publication is outstanding is not looked at again.
+//! - Replicas that missed news are told again, but not in a round that just
+//!   acted (their statuses predate the news).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use harbor_replication::Role;
+use harbor_types::{Generation, LogIndex, NodeId, ShardId};
+use harbor_wire::{Control, GroupStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::failover::{Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase};
+use crate::placement::ShardMap;
+
+/// The control loop's timings; defaults in `harbor_types::limits`.
+#[derive(Clone, Copy, Debug)]
+pub struct ControlConfig {
+    pub failover: FailoverConfig,
+    /// Between two rounds.
+    pub interval_ms: u64,
+    /// Between two rounds while a planned transfer is under way.
+    pub transfer_interval_ms: u64,
+    /// How long a round waits for a replica's status.
+    pub status_timeout_ms: u64,
+    /// ... for one on a node that did not answer the previous round.
+    pub suspect_timeout_ms: u64,
+}
+
+/// One status to ask for in a round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ask {
+    pub shard: ShardId,
+    pub node: NodeId,
+    pub timeout_ms: u64,
+}
+
+/// What the runtime does for the core.
+#[derive(Clone, Debug)]
+pub enum Order {
+    /// Send this order to the replica of `shard` on `node`. An order that
+    /// does not arrive is sent again when the replica reports a stale role.
+    Tell {
+        node: NodeId,
+        shard: ShardId,
+        control: Control,
+    },
+    /// Publish `leader` of `generation` in the metadata plane; report the
+    /// result with [`ControlCore::published`].
+    Publish {
+        shard: ShardId,
+        leader: NodeId,
+        generation: Generation,
+        ended_at: Option<LogIndex>,
+    },
+    /// A planned transfer ended: answer its caller.
+    TransferEnded {
+        ticket: u64,
+        result: Result<TransferDone, TransferFailed>,
+    },
+}
+
+/// A finished transfer: writes to the group paused for `pause_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferDone {
+    pub shard: ShardId,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub generation: Generation,
+    pub pause_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferFailed {
+    /// Not started: a bad target, or the group is changing leaders already.
+    Refused(String),
+    /// Started, then given up; the old leader still leads.
+    Abandoned(String),
+}
+
+/// What the core decided so far, for tests and the simulator.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ControlStats {
+    /// A leader replaced without a transfer.
+    pub failovers: u64,
+    pub transfers: u64,
+    pub transfers_abandoned: u64,
+    /// Publications the metadata plane refused (tried again next round).
+    pub publish_failures: u64,
+}
+
+struct PendingTransfer {
+    from: NodeId,
+    started_ms: u64,
+    ticket: u64,
+}
+
+pub struct ControlCore {
+    config: ControlConfig,
+    plans: BTreeMap<ShardId, GroupLeadership>,
+    transfers: BTreeMap<ShardId, PendingTransfer>,
+    /// Nodes with a replica that did not answer the previous round.
+    suspects: BTreeSet<NodeId>,
+    /// Leaders chosen, handed out to publish, not yet reported.
+    publishing: BTreeMap<ShardId, Action>,
+    /// Leaders the metadata plane did not take: published again every
+    /// round, and nobody is told before.
+    unpublished: BTreeMap<ShardId, Action>,
+    /// Replicas seen recovering lost state, so each is logged once as it
+    /// starts and once as it is done.
+    recovering: BTreeSet<(ShardId, NodeId)>,
+    stats: ControlStats,
+}
+
+impl ControlCore {
+    /// Plans every group of `map` from what it publishes.
+    pub fn new(map: &ShardMap, config: ControlConfig) -> ControlCore {
+        config.failover.validate().expect("valid failover config");
+        let plans = map
+            .groups
+            .values()
+            .map(|g| {
+                let members = g
+                    .members
+                    .iter()
+                    .map(|m| (m.clone(), map.region_of(m) == Some(&g.home_region)))
+                    .collect();
+                (
+                    g.shard,
+                    GroupLeadership::new(g.shard, g.generation, g.leader.clone(), members),
+                )
+            })
+            .collect();
+        ControlCore {
+            config,
+            plans,
+            transfers: BTreeMap::new(),
+            suspects: BTreeSet::new(),
+            publishing: BTreeMap::new(),
+            unpublished: BTreeMap::new(),
+            recovering: BTreeSet::new(),
+            stats: ControlStats::default(),
+        }
+    }
+
+    /// Until the next round: shorter while a transfer is under way.
+    pub fn interval_ms(&self) -> u64 {
+        if self.transfers.is_empty() {
+            self.config.interval_ms
+        } else {
+            self.config.transfer_interval_ms
+        }
+    }
+
+    pub fn plan(&self, shard: ShardId) -> Option<&GroupLeadership> {
+        self.plans.get(&shard)
+    }
+
+    pub fn stats(&self) -> ControlStats {
+        self.stats
+    }
+
+    /// Every replica of every group, asked at once: a round costs one
+    /// status timeout at most, however many replicas are down.
+    pub fn asks(&self) -> Vec<Ask> {
+        self.plans
+            .iter()
+            .flat_map(|(shard, plan)| {
+                plan.members.iter().map(move |(node, _)| Ask {
+                    shard: *shard,
+                    node: node.clone(),
+                    timeout_ms: if self.suspects.contains(node) {
+                        self.config.suspect_timeout_ms
+                    } else {
+                        self.config.status_timeout_ms
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// What the last round could not publish, to publish again before
+    /// asking for statuses.
+    pub fn republish(&mut self) -> Vec<Order> {
+        let mut orders = Vec::new();
+        for (shard, action) in std::mem::take(&mut self.unpublished) {
+            self.apply(shard, action, &mut orders);
+        }
+        orders
+    }
+
+    /// One round: the answers to [`ControlCore::asks`] (`None`: no answer
+    /// in time) at `now_ms` (monotonic).
+    pub fn round(&mut self, now_ms: u64, answers: Vec<(Ask, Option<GroupStatus>)>) -> Vec<Order> {
+        let mut by_shard: BTreeMap<ShardId, Vec<GroupStatus>> = BTreeMap::new();
+        self.suspects.clear();
+        for (ask, status) in answers {
+            if status.is_none() {
+                self.suspects.insert(ask.node.clone());
+            }
+            by_shard.entry(ask.shard).or_default().extend(status);
+        }
+        let mut orders = Vec::new();
+        for (shard, statuses) in by_shard {
+            self.look_at(now_ms, shard, statuses, &mut orders);
+        }
+        orders
+    }
+
+    /// A planned transfer of `shard`'s leadership to `to`, asked for with
+    /// `ticket` (which its `TransferEnded` carries).
+    pub fn transfer(
+        &mut self,
+        now_ms: u64,
+        shard: ShardId,
+        to: &NodeId,
+        ticket: u64,
+    ) -> Vec<Order> {
+        let refused = |why: String| {
+            vec![Order::TransferEnded {
+                ticket,
+                result: Err(TransferFailed::Refused(why)),
+            }]
+        };
+        let Some(plan) = self.plans.get_mut(&shard) else {
+            return refused(format!("no group {shard}"));
+        };
+        let from = plan.leader.clone();
+        match plan.transfer(&self.config.failover, now_ms, to) {
+            Err(e) => refused(e.to_string()),
+            Ok(action) => {
+                tracing::info!(%shard, %from, %to, "leader transfer");
+                let mut orders = Vec::new();
+                let earlier = self.transfers.insert(
+                    shard,
+                    PendingTransfer {
+                        from,
+                        started_ms: now_ms,
+                        ticket,
+                    },
+                );
+                if let Some(earlier) = earlier {
+                    // The planner took a new transfer, so the earlier one
+                    // is over without a leader change.
+                    orders.push(Order::TransferEnded {
+                        ticket: earlier.ticket,
+                        result: Err(TransferFailed::Abandoned(format!(
+                            "a later transfer of {shard} replaced this one"
+                        ))),
+                    });
+                }
+                self.apply(shard, action, &mut orders);
+                orders
+            }
+        }
+    }
+
+    /// How the publication of `shard`'s leader went: on success everyone is
+    /// told; otherwise it is published again next round.
+    pub fn published(&mut self, shard: ShardId, result: Result<(), String>) -> Vec<Order> {
+        let Some(action) = self.publishing.remove(&shard) else {
+            return Vec::new();
+        };
+        if let Err(e) = result {
+            tracing::error!(%shard, error = %e, "cannot publish the new leader; will retry");
+            self.stats.publish_failures += 1;
+            self.unpublished.insert(shard, action);
+            return Vec::new();
+        }
+        let (generation, leader, lead) = match action {
+            Action::Lead {
+                generation, leader, ..
+            } => (generation, leader, Control::Lead(generation)),
+            Action::StartNewGroup { generation, leader } => {
+                (generation, leader, Control::LeadNewGroup(generation))
+            }
+            other => unreachable!("published {other:?}"),
+        };
+        self.plans[&shard]
+            .members
+            .iter()
+            .map(|(member, _)| Order::Tell {
+                node: member.clone(),
+                shard,
+                control: if *member == leader {
+                    lead.clone()
+                } else {
+                    Control::Follow(generation, leader.clone())
+                },
+            })
+            .collect()
+    }
+
+    /// One group's round: the planner's decision, then news for replicas
+    /// that missed it.
+    fn look_at(
+        &mut self,
+        now_ms: u64,
+        shard: ShardId,
+        statuses: Vec<GroupStatus>,
+        orders: &mut Vec<Order>,
+    ) {
+        if self.unpublished.contains_key(&shard) || self.publishing.contains_key(&shard) {
+            return;
+        }
+        let observations: Vec<Observation> = statuses.iter().map(observation).collect();
+        for o in &observations {
+            let key = (shard, o.node.clone());
+            if o.recovering && self.recovering.insert(key.clone()) {
+                tracing::warn!(
+                    %shard, node = %o.node,
+                    "replica lost its state and is catching up: it will not lead, and a failover \
+                     of this group waits for it (or for the old leader) rather than risk an \
+                     acknowledged write"
+                );
+            } else if !o.recovering && self.recovering.remove(&key) {
+                tracing::info!(%shard, node = %o.node, "replica caught up after losing its state");
+            }
+        }
+        let plan = self
+            .plans
+            .get_mut(&shard)
+            .expect("asked about a group it plans");
+        let before = plan.leader.clone();
+        let transfer = matches!(
+            plan.phase,
+            Phase::Draining { .. }
+                | Phase::Sealed {
+                    prefer: Some(_),
+                    ..
+                }
+        );
+        let action = plan.observe(&self.config.failover, now_ms, &observations);
+        match &action {
+            Action::Lead {
+                leader, generation, ..
+            } if *leader != before => {
+                if transfer {
+                    self.stats.transfers += 1;
+                } else {
+                    self.stats.failovers += 1;
+                    tracing::warn!(%shard, from = %before, to = %leader, %generation, "leader failed over");
+                }
+            }
+            Action::TransferAbandoned { .. } => self.stats.transfers_abandoned += 1,
+            _ => {}
+        }
+        self.transfer_ended(now_ms, shard, &action, orders);
+        if !matches!(action, Action::None) {
+            return self.apply(shard, action, orders);
+        }
+        for status in &statuses {
+            let replica = &status.replica;
+            let catch_up = self.plans[&shard].catch_up(
+                &status.node,
+                replica.generation,
+                replica.role == Role::Leader,
+                replica.leader.as_ref(),
+                replica.recovering,
+            );
+            let control = match catch_up {
+                CatchUp::Nothing => continue,
+                CatchUp::Seal(generation) => Control::Seal(generation),
+                CatchUp::Lead(generation) => Control::Lead(generation),
+                CatchUp::Follow(generation, leader) => Control::Follow(generation, leader),
+                CatchUp::NewGeneration => {
+                    let action = self.plans.get_mut(&shard).unwrap().leader_restarted();
+                    return self.apply(shard, action, orders);
+                }
+            };
+            orders.push(Order::Tell {
+                node: status.node.clone(),
+                shard,
+                control,
+            });
+        }
+    }
+
+    /// Answers the caller of a transfer that just ended.
+    fn transfer_ended(
+        &mut self,
+        now_ms: u64,
+        shard: ShardId,
+        action: &Action,
+        orders: &mut Vec<Order>,
+    ) {
+        let (Action::Lead { .. } | Action::TransferAbandoned { .. }) = action else {
+            return;
+        };
+        let Some(pending) = self.transfers.remove(&shard) else {
+            return;
+        };
+        let result = match action {
+            Action::Lead {
+                leader, generation, ..
+            } => {
+                let done = TransferDone {
+                    shard,
+                    from: pending.from,
+                    to: leader.clone(),
+                    generation: *generation,
+                    pause_ms: now_ms.saturating_sub(pending.started_ms),
+                };
+                tracing::info!(?done, "leader transfer done");
+                Ok(done)
+            }
+            Action::TransferAbandoned { to } => Err(TransferFailed::Abandoned(format!(
+                "{to} did not catch up with {from} within {drain} ms (or one of them stopped \
+                 answering); {from} still leads {shard}",
+                from = pending.from,
+                drain = self.config.failover.drain_ms,
+            ))),
+            _ => unreachable!(),
+        };
+        orders.push(Order::TransferEnded {
+            ticket: pending.ticket,
+            result,
+        });
+    }
+
+    fn apply(&mut self, shard: ShardId, action: Action, orders: &mut Vec<Order>) {
+        match action {
+            Action::None | Action::TransferAbandoned { .. } => {}
+            Action::Seal { generation, nodes } => {
+                orders.extend(nodes.into_iter().map(|node| Order::Tell {
+                    node,
+                    shard,
+                    control: Control::Seal(generation),
+                }));
+            }
+            Action::Drain { leader, for_ms } => orders.push(Order::Tell {
+                node: leader,
+                shard,
+                control: Control::Drain { for_ms },
+            }),
+            Action::StartNewGroup {
+                generation,
+                ref leader,
+            } => {
+                tracing::warn!(
+                    %shard, %leader, %generation,
+                    "every replica of the group is empty: starting it as a new group"
+                );
+                orders.push(Order::Publish {
+                    shard,
+                    leader: leader.clone(),
+                    generation,
+                    ended_at: None,
+                });
+                self.publishing.insert(shard, action);
+            }
+            Action::Lead {
+                generation,
+                ref leader,
+                ended_at,
+            } => {
+                orders.push(Order::Publish {
+                    shard,
+                    leader: leader.clone(),
+                    generation,
+                    ended_at,
+                });
+                self.publishing.insert(shard, action);
+            }
+        }
+    }
+}
+
+/// What the planner reads from a replica's status: it answered, so it is
+/// reachable and running (a stopped replica answers with an error).
+fn observation(s: &GroupStatus) -> Observation {
+    Observation {
+        node: s.node.clone(),
+        reachable: true,
+        healthy: true,
+        generation: s.replica.generation,
+        leading: s.replica.role == Role::Leader,
+        last_index: s.replica.last_index,
+        last_generation: s.replica.last_generation,
+        acked_ms_ago: s.replica.acked_ms_ago,
+        recovering: s.replica.recovering,
+    }
+}
