@@ -264,27 +264,11 @@ impl Gateway {
         query: Query,
         plan: &ReadPlan,
     ) -> Result<ReadAnswer, ApiError> {
-        let need = match plan.consistency {
-            Consistency::Strong => None,
-            Consistency::Session => Some(Freshness {
-                applied_at_least: plan.session.get(shard).map(|t| t.index),
-                max_staleness_ms: None,
-                wait_ms: 0,
-            }),
-            Consistency::Bounded {
-                max_staleness_ms,
-                allow_stale,
-            } => Some(Freshness {
-                applied_at_least: None,
-                max_staleness_ms: (!allow_stale).then_some(max_staleness_ms),
-                wait_ms: 0,
-            }),
-            Consistency::Causal { wait_ms } => Some(Freshness {
-                applied_at_least: plan.needs.get(shard).map(|t| t.index),
-                max_staleness_ms: None,
-                wait_ms,
-            }),
-        };
+        let need = freshness(
+            plan.consistency,
+            plan.session.get(shard),
+            plan.needs.get(shard),
+        );
         let local = match need {
             Some(_) => self.local_replica(shard),
             None => Local::None,
@@ -301,24 +285,20 @@ impl Gateway {
                 .call_node_within(&node, request, wait_ms + self.config.local_read_timeout_ms)
                 .await
             {
-                // "Not found" from a replica may only mean "not yet": the
-                // leader confirms it.
-                Ok(Response::Read { result, .. }) if is_absent(&result) => {
-                    tracing::debug!(%shard, %node, "local replica does not know it; asking the leader");
-                }
-                Ok(Response::Read { result, served }) => {
-                    let stale = match plan.consistency {
-                        Consistency::Bounded {
-                            max_staleness_ms, ..
-                        } => served.staleness_ms.is_none_or(|s| s > max_staleness_ms),
-                        _ => false,
-                    };
-                    return Ok(self.answered(plan, result, served, false, stale));
-                }
-                Ok(Response::Error(e)) if e.code() == ErrorCode::ReplicaBehind => {
-                    tracing::debug!(%shard, %node, reason = %e.message, "local read goes to the leader");
-                }
-                Ok(other) => tracing::warn!(%shard, %node, ?other, "odd answer to a local read"),
+                Ok(response) => match (judge_local(plan.consistency, &response), response) {
+                    (LocalAnswer::Serve { stale }, Response::Read { result, served }) => {
+                        return Ok(self.answered(plan, result, served, false, stale));
+                    }
+                    (_, Response::Error(e)) if e.code() == ErrorCode::ReplicaBehind => {
+                        tracing::debug!(%shard, %node, reason = %e.message, "local read goes to the leader");
+                    }
+                    (_, Response::Read { .. }) => {
+                        tracing::debug!(%shard, %node, "local replica does not know it; asking the leader");
+                    }
+                    (_, other) => {
+                        tracing::warn!(%shard, %node, ?other, "odd answer to a local read")
+                    }
+                },
                 Err(e) => {
                     tracing::debug!(%shard, %node, error = %e, "local replica did not answer");
                     let until =
@@ -398,6 +378,65 @@ enum Local {
     Silent,
     /// The group has no replica in this region: the leader serves its reads.
     None,
+}
+
+/// What a read of a shard asks of a local replica, per its guarantee
+/// (`None`: strong, only the leader serves it). `session` is the caller's
+/// newest commit token for the shard; `needs` adds a causal read's
+/// dependencies. The simulator's clients plan their reads with it too.
+pub fn freshness(
+    consistency: Consistency,
+    session: Option<CommitToken>,
+    needs: Option<CommitToken>,
+) -> Option<Freshness> {
+    match consistency {
+        Consistency::Strong => None,
+        Consistency::Session => Some(Freshness {
+            applied_at_least: session.map(|t| t.index),
+            max_staleness_ms: None,
+            wait_ms: 0,
+        }),
+        Consistency::Bounded {
+            max_staleness_ms,
+            allow_stale,
+        } => Some(Freshness {
+            applied_at_least: None,
+            max_staleness_ms: (!allow_stale).then_some(max_staleness_ms),
+            wait_ms: 0,
+        }),
+        Consistency::Causal { wait_ms } => Some(Freshness {
+            applied_at_least: needs.map(|t| t.index),
+            max_staleness_ms: None,
+            wait_ms,
+        }),
+    }
+}
+
+/// What a gateway does with a local replica's answer to a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalAnswer {
+    /// Answer with it; `stale`: over a bounded read's budget (served
+    /// anyway because the caller allowed stale answers).
+    Serve { stale: bool },
+    /// Ask the leader: the replica was not fresh enough, or does not know
+    /// the thing (which may only mean "not yet"), or answered oddly.
+    AskLeader,
+}
+
+pub fn judge_local(consistency: Consistency, response: &Response) -> LocalAnswer {
+    match response {
+        Response::Read { result, .. } if is_absent(result) => LocalAnswer::AskLeader,
+        Response::Read { served, .. } => {
+            let stale = match consistency {
+                Consistency::Bounded {
+                    max_staleness_ms, ..
+                } => served.staleness_ms.is_none_or(|s| s > max_staleness_ms),
+                _ => false,
+            };
+            LocalAnswer::Serve { stale }
+        }
+        _ => LocalAnswer::AskLeader,
+    }
 }
 
 fn is_absent(result: &QueryResult) -> bool {

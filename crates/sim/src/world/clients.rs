@@ -1,0 +1,870 @@
+//! Clients: each records its operations and sends them through its
+//! gateway's own `Call`, map copy and directory rule.
+
+use super::*;
+
+impl World {
+    pub(super) fn client_send(
+        &mut self,
+        i: usize,
+        op: Op,
+        shard: ShardId,
+        request: Request,
+        value: Value,
+        token: Option<(ReservationToken, IssuerId)>,
+    ) {
+        self.client_send_to(i, op, shard, request, value, token, None);
+    }
+
+    /// Starts an operation: to the leader the client's map names, or, for
+    /// a local read, to the given replica (without a route).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn client_send_to(
+        &mut self,
+        i: usize,
+        op: Op,
+        shard: ShardId,
+        request: Request,
+        value: Value,
+        token: Option<(ReservationToken, IssuerId)>,
+        local: Option<(NodeId, LocalRead)>,
+    ) {
+        let client = self.clients[i].id.to_string();
+        let op_id = self.invoke(&client, op.name(), value);
+        self.stats.ops += 1;
+        self.clients[i].inflight_shard = Some(shard);
+        let (replica, read) = local.unzip();
+        let request_id = self.next_request;
+        self.clients[i].inflight = Some(Inflight {
+            op_id,
+            request_id,
+            op,
+            token,
+            read,
+            batch: Vec::new(),
+            call: None,
+        });
+        // The gateway finds the issuer of a read or a reserve in its
+        // directory first; one it cannot find is refused with a 404.
+        if let Some(issuer) = looked_up_issuer(&request) {
+            if self.find(i, issuer).is_none() {
+                return self.complete(i, "fail", json!({"error": "unknown_issuer"}));
+            }
+        }
+        match replica {
+            Some(replica) => self.send_request(i, replica, request, None),
+            None => self.send_to_leader(i, shard, request),
+        }
+        let at = self.now + self.options.client_timeout_ms + CLIENT_GRACE_MS;
+        self.schedule(at, Event::ClientTimeout(i, op_id));
+    }
+
+    /// Hands the in-flight operation's request to the gateway's call,
+    /// which takes it to the leader. Some strong reads start from the map
+    /// entry the client's gateway had before its last refresh, as from a
+    /// gateway whose map is older still: an old leader must refuse them
+    /// once it could be replaced (its lease), or they are stale.
+    pub(super) fn send_to_leader(&mut self, i: usize, shard: ShardId, request: Request) {
+        let stale = matches!(request, Request::Read { .. }) && self.rng.chance(20);
+        let client = &self.clients[i];
+        let cached = stale
+            .then(|| client.previous_leaders.get(&shard))
+            .flatten()
+            .or_else(|| client.leaders.get(&shard))
+            .cloned();
+        let entry = cached.map(|(leader, generation)| MapEntry { leader, generation });
+        let is_write = matches!(request, Request::Write { .. });
+        let now = self.client_clock();
+        match Call::start(now, shard, is_write, entry, self.call_limits) {
+            Ok((call, steps)) => {
+                let to = call.leader().clone();
+                let inflight = self.clients[i]
+                    .inflight
+                    .as_mut()
+                    .expect("an operation in flight");
+                inflight.call = Some(GatewayCall {
+                    call,
+                    request,
+                    to,
+                    route: None,
+                    wake_at: None,
+                });
+                self.run_call(i, steps);
+            }
+            Err(refusal) => self.answered(i, Response::Error(refusal)),
+        }
+    }
+
+    /// Executes a gateway call's steps, as `Gateway::call` does.
+    pub(super) fn run_call(&mut self, i: usize, steps: Vec<Step>) {
+        for step in steps {
+            let Some(inflight) = self.clients[i].inflight.as_mut() else {
+                return;
+            };
+            let op_id = inflight.op_id;
+            let call = inflight.call.as_mut().expect("a call in flight");
+            match step {
+                Step::Send { to, route } => {
+                    call.to = to.clone();
+                    call.route = route;
+                    let request = call.request.clone();
+                    self.send_request(i, to, request, route);
+                }
+                Step::Resend => {
+                    let (to, id) = (call.to.clone(), inflight.request_id);
+                    let body = Body::Request {
+                        id,
+                        request: call.request.clone(),
+                        route: call.route,
+                    };
+                    let from = self.clients[i].id.clone();
+                    self.send(Envelope { from, to, body });
+                }
+                Step::RefreshMap => {
+                    self.refresh_client_map(i);
+                    return self.feed_call(i, |call, now, entry| call.on_timer(now, entry));
+                }
+                Step::WakeAt(at) => {
+                    call.wake_at = Some(at);
+                    let delay = at.since(self.client_clock());
+                    self.schedule(self.now + delay, Event::ClientWake(i, op_id, at));
+                }
+                Step::Done(result) => {
+                    let response = (*result).unwrap_or_else(Response::Error);
+                    return self.answered(i, response);
+                }
+            }
+        }
+    }
+
+    pub(super) fn client_wake(&mut self, i: usize, op_id: u64, at: MonoMs) {
+        let Some(inflight) = self.clients[i].inflight.as_ref() else {
+            return;
+        };
+        let current = inflight
+            .call
+            .as_ref()
+            .is_some_and(|c| c.wake_at == Some(at));
+        if inflight.op_id != op_id || !current {
+            return; // a wake-up the call no longer asks for
+        }
+        self.feed_call(i, |call, now, entry| call.on_timer(now, entry));
+    }
+
+    /// Gives the client's call one input (with the time and what the
+    /// client's map says now) and executes the steps it answers.
+    pub(super) fn feed_call(
+        &mut self,
+        i: usize,
+        input: impl FnOnce(&mut Call, MonoMs, Option<&MapEntry>) -> Vec<Step>,
+    ) {
+        let entry = self.client_entry(i);
+        let now = self.client_clock();
+        let inflight = self.clients[i]
+            .inflight
+            .as_mut()
+            .expect("an operation in flight");
+        let call = &mut inflight.call.as_mut().expect("a call in flight").call;
+        let steps = input(call, now, entry.as_ref());
+        self.run_call(i, steps);
+    }
+
+    /// The clients' monotonic clock (gateways do not skew or step here).
+    pub(super) fn client_clock(&self) -> MonoMs {
+        MonoMs::from_millis(self.now + 1)
+    }
+
+    /// The client's gateway's map entry for the group in flight.
+    pub(super) fn client_entry(&self, i: usize) -> Option<MapEntry> {
+        let shard = self.clients[i].inflight_shard?;
+        let (leader, generation) = self.clients[i].leaders.get(&shard)?.clone();
+        Some(MapEntry { leader, generation })
+    }
+
+    /// The client's gateway's directory lookup, by the shipped rule
+    /// (`harbor_meta`'s `find`): its copy, else the metadata leader,
+    /// linearizably. With the `directory-from-copy` bug, the "leader"
+    /// answers from the copy, as a gateway that trusted its copy's miss.
+    pub(super) fn find(&self, i: usize, issuer: &IssuerId) -> Option<ShardId> {
+        let copy = self.clients[i].directory.get(issuer).cloned();
+        let leader = match self.options.bugs.directory_from_copy {
+            true => copy.clone(),
+            false => self.directory.get(issuer).cloned(),
+        };
+        let meta = SimDirectory {
+            map: self.placement.clone(),
+            copy,
+            leader,
+        };
+        let meta: &dyn Metadata = &meta;
+        let lookup = std::pin::pin!(meta.find(issuer));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let std::task::Poll::Ready(found) = std::future::Future::poll(lookup, &mut cx) else {
+            unreachable!("the simulated metadata answers at once");
+        };
+        let entry = found.expect("the simulated metadata is always available")?;
+        Some(self.placement.shard_of_bucket(entry.bucket))
+    }
+
+    /// The client's gateway pulls the published shard map and directory.
+    /// Under faults the gateway's copy may trail the metadata leader by up
+    /// to `MAP_LAG_MS_MAX` (it read a lagging voter), never going back from
+    /// what it had.
+    pub(super) fn refresh_client_map(&mut self, i: usize) {
+        let lag = match self.safety && self.options.faults {
+            true => self.rng.range(0, MAP_LAG_MS_MAX),
+            false => 0,
+        };
+        let as_of = self.now.saturating_sub(lag);
+        let leaders = self
+            .groups
+            .iter()
+            .map(|(s, g)| {
+                // The newest publication made by `as_of`: the current one,
+                // unless a later one replaced it after `as_of`.
+                let mut entry = g.published.clone();
+                for (replaced_at, leader, generation) in g.history.iter().rev() {
+                    if *replaced_at > as_of {
+                        entry = (leader.clone(), *generation);
+                    }
+                }
+                let had = self.clients[i].leaders.get(s);
+                let entry = match had {
+                    Some(had) if had.1 > entry.1 => had.clone(),
+                    _ => entry,
+                };
+                (*s, entry)
+            })
+            .collect();
+        let client = &mut self.clients[i];
+        client.directory = self.directory.clone();
+        let before = std::mem::replace(&mut client.leaders, leaders);
+        for (shard, old) in before {
+            if client.leaders.get(&shard) != Some(&old) {
+                client.previous_leaders.insert(shard, old);
+            }
+        }
+    }
+
+    /// Sends the in-flight operation's request (a new attempt has a new id).
+    pub(super) fn send_request(
+        &mut self,
+        i: usize,
+        to: NodeId,
+        request: Request,
+        route: Option<Generation>,
+    ) {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        let inflight = self.clients[i]
+            .inflight
+            .as_mut()
+            .expect("an operation in flight");
+        inflight.request_id = request_id;
+        let envelope = Envelope {
+            from: self.clients[i].id.clone(),
+            to,
+            body: Body::Request {
+                id: request_id,
+                request,
+                route,
+            },
+        };
+        self.send(envelope);
+    }
+
+    /// Sends 2 to 4 reserves on one group as one `Command::Batch`, some of
+    /// them replays of earlier tokens.
+    pub(super) fn reserve_batch(&mut self, i: usize) {
+        let shard = self.rng.pick(&self.issuers).1;
+        let on_shard: Vec<IssuerId> = self
+            .issuers
+            .iter()
+            .filter(|(_, s, _)| *s == shard)
+            .map(|(issuer, _, _)| issuer.clone())
+            .collect();
+        let count = self.rng.range(2, 4);
+        let mut items = Vec::new();
+        for k in 0..count {
+            let replays: Vec<TokenUse> = self.clients[i]
+                .used
+                .iter()
+                .filter(|u| on_shard.contains(&u.issuer))
+                .cloned()
+                .collect();
+            let used = if !replays.is_empty() && self.rng.chance(20) {
+                self.rng.pick(&replays).clone()
+            } else {
+                let n = self.clients[i].next_token;
+                self.clients[i].next_token += 1;
+                let used = TokenUse {
+                    token: ReservationToken::new(format!("{}-t{n}", self.clients[i].id)).unwrap(),
+                    issuer: self.rng.pick(&on_shard).clone(),
+                    amount: self.rng.range(1, 6),
+                    hold_ttl_ms: self.rng.chance(30).then(|| self.rng.range(100, 3_000)),
+                };
+                self.clients[i].used.push(used.clone());
+                used
+            };
+            let client = format!("{}.b{k}", self.clients[i].id);
+            let value = json!({"token": used.token, "issuer_id": used.issuer, "amount": used.amount,
+                               "hold_ttl_ms": used.hold_ttl_ms});
+            let op_id = self.invoke(&client, "reserve", value);
+            self.stats.ops += 1;
+            items.push(BatchItem { op_id, used });
+        }
+        let commands = items
+            .iter()
+            .map(|item| Command::Reserve {
+                token: item.used.token.clone(),
+                issuer_id: item.used.issuer.clone(),
+                amount: Amount(item.used.amount),
+                desk: "desk".into(),
+                trader: "trader".into(),
+                hold_ttl_ms: item.used.hold_ttl_ms,
+            })
+            .collect();
+        let op_id = items[0].op_id;
+        self.clients[i].inflight_shard = Some(shard);
+        self.clients[i].inflight = Some(Inflight {
+            op_id,
+            request_id: 0,
+            op: Op::ReserveBatch,
+            token: None,
+            read: None,
+            batch: items,
+            call: None,
+        });
+        let command = Command::Batch(commands);
+        self.send_to_leader(i, shard, Request::Write { shard, command });
+        let at = self.now + self.options.client_timeout_ms + CLIENT_GRACE_MS;
+        self.schedule(at, Event::ClientTimeout(i, op_id));
+    }
+
+    /// Ends a batch: one completion per reserve (`None`: the batch's own
+    /// `kind` and `value`, for all of them).
+    pub(super) fn complete_batch(
+        &mut self,
+        i: usize,
+        kind: &str,
+        value: Value,
+        outcomes: Option<Vec<Outcome>>,
+        commit_token: Option<CommitToken>,
+    ) {
+        let inflight = self.clients[i].inflight.take().expect("a batch in flight");
+        let outcomes: Vec<Option<Outcome>> = match outcomes {
+            Some(outcomes) => outcomes.into_iter().map(Some).collect(),
+            None => inflight.batch.iter().map(|_| None).collect(),
+        };
+        if let Some(token) = commit_token {
+            raise(&mut self.clients[i].session, token);
+        }
+        for (item, outcome) in inflight.batch.iter().zip(outcomes) {
+            let (kind, value) = match outcome {
+                None => (kind, value.clone()),
+                Some(Outcome::Reservation {
+                    reservation,
+                    replayed,
+                }) => {
+                    self.track(i, &reservation);
+                    (
+                        "ok",
+                        json!({"reservation_id": reservation.reservation_id, "status": reservation.status,
+                                  "commit_token": commit_token, "replayed": replayed}),
+                    )
+                }
+                Some(Outcome::Rejected(r)) => (
+                    "fail",
+                    json!({"error": r.code(), "commit_token": commit_token}),
+                ),
+                Some(other) => ("info", json!({"error": format!("unexpected {other:?}")})),
+            };
+            match kind {
+                "ok" => self.stats.ok += 1,
+                "fail" => self.stats.fail += 1,
+                _ => {
+                    self.stats.info += 1;
+                    let token = (item.used.token.clone(), item.used.issuer.clone());
+                    self.clients[i].unknown.push(token);
+                }
+            }
+            self.completed(kind, item.op_id, "reserve", value);
+        }
+        let at = self.now + self.rng.range(1, 20);
+        self.schedule(at, Event::ClientStep(i));
+    }
+
+    /// Keeps the client's lists of its held and confirmed reservations.
+    pub(super) fn track(&mut self, i: usize, reservation: &harbor_reservation::ReservationView) {
+        let client = &mut self.clients[i];
+        let id = reservation.reservation_id.clone();
+        client.held.retain(|h| *h != id);
+        client.mine.retain(|h| *h != id);
+        match reservation.status {
+            harbor_reservation::Status::Held => {
+                client.held.push(id.clone());
+                client.mine.push(id);
+            }
+            harbor_reservation::Status::Confirmed => client.mine.push(id),
+            _ => {}
+        }
+    }
+
+    pub(super) fn complete(&mut self, i: usize, kind: &str, value: Value) {
+        if self.clients[i]
+            .inflight
+            .as_ref()
+            .is_some_and(|f| f.op == Op::ReserveBatch)
+        {
+            return self.complete_batch(i, kind, value, None, None);
+        }
+        let client = &mut self.clients[i];
+        let inflight = client.inflight.take().expect("an operation in flight");
+        match kind {
+            "ok" => self.stats.ok += 1,
+            "fail" => self.stats.fail += 1,
+            _ => self.stats.info += 1,
+        }
+        if kind == "info" {
+            if let Some(token) = inflight.token.clone() {
+                if matches!(inflight.op, Op::Reserve | Op::Resolve) {
+                    self.clients[i].unknown.push(token);
+                }
+            }
+        }
+        self.completed(kind, inflight.op_id, inflight.op.name(), value);
+        if !self.setting_up {
+            let at = self.now + self.rng.range(1, 20);
+            self.schedule(at, Event::ClientStep(i));
+        }
+    }
+
+    pub(super) fn client_timeout(&mut self, i: usize, op_id: u64) {
+        if self.clients[i]
+            .inflight
+            .as_ref()
+            .is_some_and(|f| f.op_id == op_id)
+        {
+            self.complete(i, "info", json!({"error": "timeout"}));
+        }
+    }
+
+    pub(super) fn client_step(&mut self, i: usize) {
+        if self.clients[i].inflight.is_some() {
+            return;
+        }
+        if self.clients[i].map_refresh_at <= self.now || !self.safety {
+            self.refresh_client_map(i);
+            self.clients[i].map_refresh_at = self.now + self.rng.range(2_000, 5_000);
+        }
+        if let Some((token, issuer)) = self.clients[i].unknown.pop() {
+            // An unknown outcome: ask, and make it final.
+            let shard = self.shard_of(&issuer);
+            let value = json!({"token": token, "issuer_id": issuer});
+            let command = Command::ResolveToken {
+                issuer_id: issuer.clone(),
+                token: token.clone(),
+            };
+            return self.client_send(
+                i,
+                Op::Resolve,
+                shard,
+                Request::Write { shard, command },
+                value,
+                Some((token, issuer)),
+            );
+        }
+        if !self.safety {
+            return;
+        }
+        let roll = self.rng.range(0, 99);
+        let client = &self.clients[i];
+        match roll {
+            0..=41 => self.new_reservation(i),
+            42..=49 => self.reserve_batch(i),
+            50..=59 if !client.used.is_empty() => {
+                let used = self.rng.pick(&self.clients[i].used).clone();
+                self.reserve(i, used);
+            }
+            60..=69 if !client.held.is_empty() => {
+                let id = self.rng.pick(&self.clients[i].held).clone();
+                self.transition(i, id, Op::Confirm);
+            }
+            70..=77 if !client.mine.is_empty() => {
+                let id = self.rng.pick(&self.clients[i].mine).clone();
+                self.transition(i, id, Op::Release);
+            }
+            78..=92 => self.read_issuer(i),
+            93..=94 if self.directory.len() < ISSUERS_MAX => self.register_issuer(i),
+            _ if !client.used.is_empty() => {
+                let used = self.rng.pick(&self.clients[i].used).clone();
+                let shard = self.shard_of(&used.issuer);
+                let value = json!({"token": used.token, "issuer_id": used.issuer});
+                let request = Request::Read {
+                    shard,
+                    query: Query::Token(used.issuer.clone(), used.token.clone()),
+                };
+                self.client_send(i, Op::TokenLookup, shard, request, value, None);
+            }
+            _ => self.new_reservation(i),
+        }
+    }
+
+    /// A read of an issuer in one of the four modes. The non-strong ones go
+    /// to a replica in the client's region with what it needs to be fresh
+    /// enough, as a gateway sends them.
+    pub(super) fn read_issuer(&mut self, i: usize) {
+        let (issuer, shard, _) = self.rng.pick(&self.issuers).clone();
+        let strong = Request::Read {
+            shard,
+            query: Query::Issuer(issuer.clone()),
+        };
+        let session = self.clients[i].session.get(&shard).copied();
+        let consistency = match self.rng.range(0, 99) {
+            0..=29 => Consistency::Strong,
+            30..=59 => Consistency::Session,
+            60..=84 => Consistency::Bounded {
+                max_staleness_ms: *self.rng.pick(&[300, 1_000, 2_000]),
+                allow_stale: false,
+            },
+            _ => Consistency::Causal { wait_ms: 200 },
+        };
+        // What the gateway asks of a local replica (its dependencies are
+        // the session here).
+        let Some(need) = freshness(consistency, session, session) else {
+            let value = json!({"issuer_id": issuer, "consistency": "strong"});
+            return self.client_send(i, Op::ReadIssuer, shard, strong, value, None);
+        };
+        let named: Vec<CommitToken> = need.applied_at_least.and(session).into_iter().collect();
+        let value = json!({"issuer_id": issuer, "consistency": consistency.name(),
+                           "max_staleness_ms": need.max_staleness_ms});
+        let local: Vec<NodeId> = self.groups[&shard]
+            .members
+            .iter()
+            .filter(|m| self.nodes[*m].region == self.clients[i].region)
+            .cloned()
+            .collect();
+        let Some(replica) = (!local.is_empty()).then(|| self.rng.pick(&local).clone()) else {
+            return self.client_send(i, Op::ReadIssuer, shard, strong, value, None);
+        };
+        let read = LocalRead {
+            consistency,
+            named,
+            fallback: Some(strong),
+        };
+        let request = Request::LocalRead {
+            shard,
+            query: Query::Issuer(issuer),
+            need,
+        };
+        self.client_send_to(
+            i,
+            Op::ReadIssuer,
+            shard,
+            request,
+            value,
+            None,
+            Some((replica, read)),
+        );
+    }
+
+    /// Registers a new issuer through this client's gateway, as `PUT
+    /// /v1/issuers/{id}` does: the metadata plane places it (committed
+    /// before it answers), then its group records it. Other clients read
+    /// and reserve on it once that is acknowledged, through gateways whose
+    /// directory copies may not have it yet.
+    pub(super) fn register_issuer(&mut self, i: usize) {
+        let issuer = IssuerId::new(format!("ISS-{}", self.directory.len())).unwrap();
+        let regions = self.placement.regions();
+        let region = self.rng.pick(&regions).clone();
+        let bucket = self.placement.place_issuer(&issuer, &region).unwrap();
+        let entry = DirectoryEntry {
+            issuer_id: issuer.clone(),
+            home_region: region.clone(),
+            bucket,
+        };
+        self.directory.insert(issuer.clone(), entry);
+        let shard = self.placement.shard_of_bucket(bucket);
+        let limit = self.rng.range(8, 30);
+        let command = Command::UpsertIssuer {
+            issuer_id: issuer.clone(),
+            home_region: region.clone(),
+            limit: Amount(limit),
+        };
+        let value = json!({"issuer_id": issuer, "home_region": region, "limit": limit});
+        let request = Request::Write { shard, command };
+        self.client_send(i, Op::Register, shard, request, value, None);
+    }
+
+    pub(super) fn shard_of_placed(&self, issuer: &IssuerId) -> ShardId {
+        self.placement
+            .shard_of_bucket(self.directory[issuer].bucket)
+    }
+
+    pub(super) fn shard_of(&self, issuer: &IssuerId) -> ShardId {
+        self.issuers.iter().find(|(i, _, _)| i == issuer).unwrap().1
+    }
+
+    pub(super) fn new_reservation(&mut self, i: usize) {
+        let n = self.clients[i].next_token;
+        self.clients[i].next_token += 1;
+        let token = ReservationToken::new(format!("{}-t{n}", self.clients[i].id)).unwrap();
+        let issuer = self.rng.pick(&self.issuers).0.clone();
+        let amount = self.rng.range(1, 6);
+        let hold_ttl_ms = self.rng.chance(30).then(|| self.rng.range(100, 3_000));
+        let used = TokenUse {
+            token,
+            issuer,
+            amount,
+            hold_ttl_ms,
+        };
+        self.clients[i].used.push(used.clone());
+        self.reserve(i, used);
+    }
+
+    pub(super) fn reserve(&mut self, i: usize, used: TokenUse) {
+        let shard = self.shard_of(&used.issuer);
+        let value = json!({"token": used.token, "issuer_id": used.issuer, "amount": used.amount,
+                           "hold_ttl_ms": used.hold_ttl_ms});
+        let command = Command::Reserve {
+            token: used.token.clone(),
+            issuer_id: used.issuer.clone(),
+            amount: Amount(used.amount),
+            desk: "desk".into(),
+            trader: "trader".into(),
+            hold_ttl_ms: used.hold_ttl_ms,
+        };
+        let token = Some((used.token, used.issuer));
+        self.client_send(
+            i,
+            Op::Reserve,
+            shard,
+            Request::Write { shard, command },
+            value,
+            token,
+        );
+    }
+
+    pub(super) fn transition(&mut self, i: usize, id: ReservationId, op: Op) {
+        let shard = self.shard_of(id.issuer());
+        let value = json!({"reservation_id": id});
+        let command = match op {
+            Op::Confirm => Command::Confirm { reservation_id: id },
+            _ => Command::Release { reservation_id: id },
+        };
+        self.client_send(i, op, shard, Request::Write { shard, command }, value, None);
+    }
+
+    pub(super) fn client_response(&mut self, i: usize, envelope: Envelope) {
+        let Body::Response { id, response } = envelope.body else {
+            return;
+        };
+        let Some(inflight) = &self.clients[i].inflight else {
+            return; // a late answer after a timeout
+        };
+        if inflight.request_id != id {
+            return;
+        }
+        if inflight.call.is_some() {
+            let response = *response;
+            return self.feed_call(i, |call, now, entry| call.on_answer(now, response, entry));
+        }
+        // A local read's answer (it went to one replica, without a call),
+        // judged by the gateway's rule.
+        let consistency = self.clients[i]
+            .inflight
+            .as_ref()
+            .and_then(|f| f.read.as_ref())
+            .map(|r| r.consistency);
+        let refused =
+            consistency.is_some_and(|c| judge_local(c, &response) == LocalAnswer::AskLeader);
+        if refused {
+            let inflight = self.clients[i].inflight.as_mut().unwrap();
+            if let Some(fallback) = inflight.read.as_mut().and_then(|r| r.fallback.take()) {
+                // The local replica could not serve the read: ask the leader.
+                let shard = self.clients[i].inflight_shard.expect("a shard in flight");
+                return self.send_to_leader(i, shard, fallback);
+            }
+        }
+        self.answered(i, *response);
+    }
+
+    /// The operation in flight got its answer (from its call, or from the
+    /// replica a local read went to).
+    pub(super) fn answered(&mut self, i: usize, response: Response) {
+        let inflight = self.clients[i]
+            .inflight
+            .as_ref()
+            .expect("an operation in flight");
+        let (op, read) = (inflight.op, inflight.read.clone());
+        match response {
+            Response::Error(e) => {
+                let kind = if e.outcome_unknown { "info" } else { "fail" };
+                self.complete(i, kind, json!({"error": e.code().as_str()}));
+            }
+            Response::Applied {
+                outcome,
+                commit_token,
+                ..
+            } => match outcome {
+                Outcome::Reservation {
+                    reservation,
+                    replayed,
+                } => {
+                    raise(&mut self.clients[i].session, commit_token);
+                    self.track(i, &reservation);
+                    let value = json!({"reservation_id": reservation.reservation_id, "status": reservation.status,
+                                       "commit_token": commit_token, "replayed": replayed});
+                    self.complete(i, "ok", value);
+                }
+                Outcome::Batch(outcomes) if op == Op::ReserveBatch => {
+                    self.stats.batches += 1;
+                    self.complete_batch(i, "ok", Value::Null, Some(outcomes), Some(commit_token));
+                }
+                Outcome::Rejected(r) => {
+                    self.complete(
+                        i,
+                        "fail",
+                        json!({"error": r.code(), "commit_token": commit_token}),
+                    );
+                }
+                Outcome::Token(view) => {
+                    raise(&mut self.clients[i].session, commit_token);
+                    let mut value = token_json(&view);
+                    value["commit_token"] = json!(commit_token);
+                    if let TokenOutcome::Committed { reservation_id, .. } = &view.outcome {
+                        self.clients[i].mine.push(reservation_id.clone());
+                    }
+                    self.complete(i, "ok", value);
+                }
+                Outcome::Issuer { issuer, .. } => {
+                    if !self.issuers.iter().any(|(id, ..)| *id == issuer.issuer_id) {
+                        // Registered: every client may use it from now on,
+                        // whatever its gateway's copy of the directory says.
+                        let shard = self.shard_of_placed(&issuer.issuer_id);
+                        self.issuers.push((issuer.issuer_id, shard, issuer.limit.0));
+                    }
+                    raise(&mut self.clients[i].session, commit_token);
+                    self.complete(i, "ok", json!({"commit_token": commit_token}));
+                }
+                other => {
+                    self.complete(i, "info", json!({"error": format!("unexpected {other:?}")}));
+                }
+            },
+            Response::Read { result, served } => match (op, result) {
+                (Op::ReadIssuer, QueryResult::Issuer(Some(view))) => {
+                    let stale = match read.as_ref().map(|r| r.consistency) {
+                        Some(Consistency::Bounded {
+                            max_staleness_ms, ..
+                        }) => served.staleness_ms.is_none_or(|s| s > max_staleness_ms),
+                        _ => false,
+                    };
+                    let served_by = match served.role {
+                        Role::Leader => "leader",
+                        Role::Follower => "follower",
+                    };
+                    let named = read.map(|r| r.named).unwrap_or_default();
+                    if let Some(applied) = served.applied {
+                        raise(&mut self.clients[i].session, applied);
+                    }
+                    let value = json!({"limit": view.limit, "reserved": view.reserved,
+                                       "applied": served.applied, "stale": stale,
+                                       "staleness_ms": served.staleness_ms,
+                                       "served_by": served_by, "session": named,
+                                       "node": served.node});
+                    self.complete(i, "ok", value);
+                }
+                (Op::TokenLookup, QueryResult::Token(view)) => {
+                    let value = match view {
+                        Some(view) => token_json(&view),
+                        None => json!({"status": "unknown"}),
+                    };
+                    self.complete(i, "ok", value);
+                }
+                (Op::ReadIssuer, QueryResult::Issuer(None)) => {
+                    self.complete(i, "fail", json!({"error": "unknown_issuer"}));
+                }
+                (_, other) => {
+                    self.complete(i, "fail", json!({"error": format!("unexpected {other:?}")}));
+                }
+            },
+        }
+    }
+}
+
+/// The issuer a gateway looks up in its directory before it routes a
+/// request: reads of an issuer and reserves.
+pub(super) fn looked_up_issuer(request: &Request) -> Option<&IssuerId> {
+    match request {
+        Request::Read {
+            query: Query::Issuer(issuer),
+            ..
+        }
+        | Request::LocalRead {
+            query: Query::Issuer(issuer),
+            ..
+        } => Some(issuer),
+        Request::Write {
+            command: Command::Reserve { issuer_id, .. },
+            ..
+        } => Some(issuer_id),
+        _ => None,
+    }
+}
+
+/// One gateway's view of the metadata plane for one lookup: its copy, and
+/// what the metadata leader answers linearizably now.
+struct SimDirectory {
+    map: Arc<ShardMap>,
+    copy: Option<DirectoryEntry>,
+    leader: Option<DirectoryEntry>,
+}
+
+impl Metadata for SimDirectory {
+    fn map(&self) -> Arc<ShardMap> {
+        self.map.clone()
+    }
+
+    fn lookup(&self, _issuer: &IssuerId) -> Option<DirectoryEntry> {
+        self.copy.clone()
+    }
+
+    fn write(&self, command: MetaCommand) -> MetaFuture<'_, MetaReply> {
+        unreachable!("the simulator commits metadata itself, not through a lookup: {command:?}")
+    }
+
+    fn refresh(&self) -> MetaFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn lookup_linearizable<'a>(
+        &'a self,
+        _issuer: &'a IssuerId,
+    ) -> MetaFuture<'a, Option<DirectoryEntry>> {
+        let entry = self.leader.clone();
+        Box::pin(async move { Ok(entry) })
+    }
+}
+
+pub(super) fn raise(session: &mut BTreeMap<ShardId, CommitToken>, token: CommitToken) {
+    let newest = session.entry(token.shard).or_insert(token);
+    if token > *newest {
+        *newest = token;
+    }
+}
+pub(super) fn token_json(view: &TokenView) -> Value {
+    match &view.outcome {
+        TokenOutcome::Committed {
+            reservation_id,
+            commit_token,
+        } => {
+            json!({"status": "committed", "reservation_id": reservation_id, "commit_token": commit_token})
+        }
+        TokenOutcome::Rejected { code, commit_token } => {
+            json!({"status": "rejected", "reason": code, "commit_token": commit_token})
+        }
+        TokenOutcome::Abandoned { commit_token } => {
+            json!({"status": "abandoned", "commit_token": commit_token})
+        }
+    }
+}
