@@ -14,6 +14,7 @@ mod batch;
 mod body;
 pub mod call;
 mod cluster;
+pub mod endpoint;
 mod error;
 mod metrics;
 pub mod reads;

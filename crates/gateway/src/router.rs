@@ -1,17 +1,18 @@
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use harbor_meta::Metadata;
 use harbor_types::limits;
 use harbor_types::{Generation, MonoMs, NodeId, Region, ShardId};
-use harbor_wire::{Body, Envelope, ErrorKind, NodeError, Request, Response};
-use harbor_wire::{Control, Sink, Transport};
+use harbor_wire::{Control, NodeError, Request, Response};
+use harbor_wire::{Sink, Transport};
 use tokio::sync::oneshot;
 
 use crate::admin::Admin;
 use crate::call::{Call, CallLimits, MapEntry, Step};
+use crate::endpoint::Endpoint;
 
 /// Limits of one gateway.
 #[derive(Clone, Debug)]
@@ -84,9 +85,7 @@ pub struct Gateway {
     pub(crate) region: Region,
     pub(crate) meta: Arc<dyn Metadata>,
     pub(crate) config: GatewayConfig,
-    transport: Arc<dyn Transport>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
-    next_id: AtomicU64,
+    endpoint: Arc<Endpoint>,
     admin: OnceLock<Arc<dyn Admin>>,
     pub(crate) metrics: crate::metrics::Metrics,
     /// Turns local reads take among a group's replicas in this region.
@@ -108,14 +107,13 @@ impl Gateway {
         config: GatewayConfig,
     ) -> Result<Arc<Gateway>, GatewayConfigError> {
         config.validate()?;
+        let endpoint = Endpoint::new(me.clone(), transport, config.inflight_requests_max);
         Ok(Arc::new(Gateway {
             me,
             region,
             meta,
             config,
-            transport,
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
+            endpoint,
             admin: OnceLock::new(),
             metrics: crate::metrics::Metrics::default(),
             local_turn: AtomicU64::new(0),
@@ -127,21 +125,8 @@ impl Gateway {
     /// Where the transport delivers this gateway's envelopes: an answer
     /// completes its waiting request on the sender's thread. A late answer
     /// after a timeout finds no one waiting and is dropped.
-    pub fn sink(self: &Arc<Self>) -> Sink {
-        let gateway = Arc::downgrade(self);
-        Arc::new(move |envelope| {
-            let Some(gateway) = gateway.upgrade() else {
-                return false;
-            };
-            let Body::Response { id, response } = envelope.body else {
-                return false;
-            };
-            let waiter = gateway.pending.lock().unwrap().remove(&id);
-            if let Some(tx) = waiter {
-                let _ = tx.send(*response);
-            }
-            true
-        })
+    pub fn sink(&self) -> Sink {
+        self.endpoint.sink()
     }
 
     pub fn region(&self) -> &Region {
@@ -182,9 +167,9 @@ impl Gateway {
                 match step {
                     Step::Send { to, route } => {
                         if let Some((id, ..)) = current.take() {
-                            self.pending.lock().unwrap().remove(&id);
+                            self.endpoint.forget(id);
                         }
-                        match self.send(&to, request.clone(), route) {
+                        match self.endpoint.send(&to, request.clone(), route) {
                             Ok((id, rx)) => current = Some((id, rx, to, route)),
                             Err(refusal) => {
                                 // Ends the call (the steps after it are moot).
@@ -198,7 +183,7 @@ impl Gateway {
                     }
                     Step::Resend => {
                         let (id, _, to, route) = current.as_ref().expect("an attempt to resend");
-                        self.transmit(to, *id, request.clone(), *route);
+                        self.endpoint.transmit(to, *id, request.clone(), *route);
                     }
                     Step::RefreshMap => {
                         let _ = self.meta.refresh().await;
@@ -207,7 +192,7 @@ impl Gateway {
                     Step::WakeAt(at) => wake = self.instant_of(at),
                     Step::Done(result) => {
                         if let Some((id, ..)) = current.take() {
-                            self.pending.lock().unwrap().remove(&id);
+                            self.endpoint.forget(id);
                         }
                         return *result;
                     }
@@ -263,50 +248,9 @@ impl Gateway {
         self.started + Duration::from_millis(at.as_millis() - 1)
     }
 
-    /// Registers a waiter and sends one request to one node.
-    fn send(
-        &self,
-        node: &NodeId,
-        request: Request,
-        route: Option<Generation>,
-    ) -> Result<(u64, oneshot::Receiver<Response>), NodeError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut pending = self.pending.lock().unwrap();
-            if pending.len() >= self.config.inflight_requests_max {
-                return Err(NodeError::new(
-                    ErrorKind::Overloaded {
-                        retry_after_ms: None,
-                    },
-                    format!(
-                        "gateway {} has {} requests in flight",
-                        self.me,
-                        pending.len()
-                    ),
-                ));
-            }
-            pending.insert(id, tx);
-        }
-        self.transmit(node, id, request, route);
-        Ok((id, rx))
-    }
-
-    fn transmit(&self, node: &NodeId, id: u64, request: Request, route: Option<Generation>) {
-        self.transport.send(Envelope {
-            from: self.me.clone(),
-            to: node.clone(),
-            body: Body::Request { id, request, route },
-        });
-    }
-
     /// Sends a control-plane order to one replica (no answer).
     pub fn send_control(&self, node: &NodeId, shard: ShardId, control: Control) {
-        self.transport.send(Envelope {
-            from: self.me.clone(),
-            to: node.clone(),
-            body: Body::Control { shard, control },
-        });
+        self.endpoint.send_control(node, shard, control);
     }
 
     /// One request to one node, waiting at most `timeout_ms`.
@@ -316,18 +260,8 @@ impl Gateway {
         request: Request,
         timeout_ms: u64,
     ) -> Result<Response, NodeError> {
-        let is_write = matches!(request, Request::Write { .. });
-        let (id, rx) = self.send(node, request, None)?;
-        match tokio::time::timeout(Duration::from_millis(timeout_ms), rx).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(_)) | Err(_) => {
-                self.pending.lock().unwrap().remove(&id);
-                let message = format!("no answer from {node} within {timeout_ms} ms");
-                Err(match is_write {
-                    true => NodeError::in_doubt(ErrorKind::Timeout, message),
-                    false => NodeError::new(ErrorKind::Timeout, message),
-                })
-            }
-        }
+        self.endpoint
+            .call_node_within(node, request, timeout_ms)
+            .await
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use harbor_gateway::endpoint::Endpoint;
 use harbor_gateway::{Gateway, GatewayConfig};
 use harbor_meta::{MetaCommand, MetaReply, Metadata, Topology};
 use harbor_meta_raft::{MetaConfig, MetaNode, RemoteMeta};
@@ -374,13 +375,11 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         cluster.limits.frame_bytes_max,
     );
     let meta: Arc<dyn Metadata> = node.clone();
-    let endpoint = Gateway::start(
+    let endpoint = Endpoint::new(
         me,
-        cluster.topology.regions[0].clone(),
-        meta.clone(),
         transport,
-        cluster.timings.gateway(),
-    )?;
+        cluster.timings.gateway().inflight_requests_max,
+    );
     sink.connect(endpoint.sink());
     let lease_ms = cluster.timings.lease_ms;
 

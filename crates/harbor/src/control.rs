@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harbor_gateway::{AdminError, Gateway};
+use harbor_gateway::endpoint::Endpoint;
+use harbor_gateway::AdminError;
 use harbor_meta::{Ask, ControlConfig, ControlCore, FailoverConfig, Metadata, Order};
 pub use harbor_meta::{TransferDone, TransferFailed};
 use harbor_types::{NodeId, ShardId};
@@ -27,7 +28,7 @@ pub trait Replicas: Send + Sync {
 }
 
 /// Orders sent over the transport (a metadata process to node processes).
-pub struct OverTheWire(pub Arc<Gateway>);
+pub struct OverTheWire(pub Arc<Endpoint>);
 
 impl Replicas for OverTheWire {
     fn control(&self, node: &NodeId, shard: ShardId, control: Control) {
@@ -64,7 +65,7 @@ pub fn transfer_answer(result: Result<TransferDone, TransferFailed>) -> Result<V
 
 pub struct ControlLoop {
     core: ControlCore,
-    endpoint: Arc<Gateway>,
+    endpoint: Arc<Endpoint>,
     meta: Arc<dyn Metadata>,
     nodes: Arc<dyn Replicas>,
     started: Instant,
@@ -76,7 +77,7 @@ pub struct ControlLoop {
 
 impl ControlLoop {
     pub fn new(
-        endpoint: Arc<Gateway>,
+        endpoint: Arc<Endpoint>,
         meta: Arc<dyn Metadata>,
         nodes: Arc<dyn Replicas>,
         lease_ms: u64,

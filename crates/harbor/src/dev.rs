@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use harbor_gateway::endpoint::Endpoint;
 use harbor_gateway::{Gateway, GatewayConfig};
 use harbor_meta::{MetaCommand, MetaReply, Metadata, ShardMap, Topology};
 
@@ -272,15 +273,12 @@ impl DevCluster {
         }
         // The control plane stands for a metadata plane with a voter in
         // each region: near every region, untouched by WAN faults.
-        let control_region = map.regions()[0].clone();
         let control_id = NodeId::new("control-plane").unwrap();
-        let control_endpoint = Gateway::start(
+        let control_endpoint = Endpoint::new(
             control_id.clone(),
-            control_region,
-            meta.clone(),
             transport.clone(),
-            options.gateway.clone(),
-        )?;
+            options.gateway.inflight_requests_max,
+        );
         network.attach_near_all(control_id, control_endpoint.sink());
         let lease_ms = {
             let mut probe = NodeConfig::new(PathBuf::new());
