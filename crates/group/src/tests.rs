@@ -325,3 +325,23 @@ fn a_storage_failure_answers_every_waiting_write_in_doubt_and_stops_the_replica(
     assert_eq!(p.error_of(2), ErrorCode::ReplicaFailed);
     assert!(p.a.ready().is_empty(), "a stopped replica writes nothing");
 }
+
+#[test]
+fn control_orders_older_than_the_replica_change_nothing() {
+    let mut p = Pair::new();
+    // Late orders of generation 1's own making, and older ones: a deposed
+    // control loop's, or a slow connection's.
+    p.step_a(Input::Control(Control::Seal(Generation(1))));
+    p.step_a(Input::Control(Control::Lead(Generation(1))));
+    p.step_a(Input::Control(Control::LeadNewGroup(Generation(1))));
+    p.step_b(Input::Control(Control::Follow(Generation(0), node("b"))));
+    p.step_b(Input::Control(Control::Follow(Generation(1), node("b"))));
+    p.step_b(Input::Control(Control::Lead(Generation(1))));
+    p.settle();
+    assert!(p.a.is_ready(), "the leader kept its barrier and its role");
+    assert_eq!(p.b.replica().leader(), Some(&node("a")));
+    // It still takes writes.
+    p.step_a(request(1, upsert("acme"), Some(Generation(1))));
+    p.settle();
+    assert!(matches!(p.replies[..], [(1, Response::Applied { .. })]));
+}

@@ -493,3 +493,179 @@ fn observation(s: &GroupStatus) -> Observation {
         recovering: s.replica.recovering,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use harbor_replication::ReplicaStatus;
+    use harbor_types::{Region, Timestamp};
+
+    use super::*;
+    use crate::placement::Topology;
+
+    const SHARD: ShardId = ShardId(0);
+
+    /// One region, one group of three replicas at generation 1.
+    fn core() -> (ControlCore, Vec<NodeId>) {
+        let mut map = ShardMap::from_topology(&Topology {
+            regions: vec![Region::new("madrid").unwrap()],
+            nodes_per_region: 3,
+            groups_per_region: 1,
+            local_replicas: 3,
+            remote_replicas: 0,
+            buckets: 4,
+        });
+        let group = map.groups.get_mut(&SHARD).unwrap();
+        group.generation = Generation(1);
+        let members = group.members.clone();
+        let config = ControlConfig {
+            failover: FailoverConfig {
+                unreachable_after_ms: 500,
+                lease_ms: 2_000,
+                lease_margin_ms: 250,
+                drain_ms: 1_000,
+            },
+            interval_ms: 100,
+            transfer_interval_ms: 5,
+            status_timeout_ms: 250,
+            suspect_timeout_ms: 40,
+        };
+        (ControlCore::new(&map, config), members)
+    }
+
+    fn status(node: &NodeId, generation: u64, leader: Option<&NodeId>, last: u64) -> GroupStatus {
+        let leading = leader == Some(node);
+        GroupStatus {
+            shard: SHARD,
+            node: node.clone(),
+            replica: ReplicaStatus {
+                role: if leading {
+                    Role::Leader
+                } else {
+                    Role::Follower
+                },
+                generation: Generation(generation),
+                leader: leader.cloned(),
+                last_index: LogIndex(last),
+                last_generation: Generation(1),
+                durable_index: LogIndex(last),
+                commit_index: LogIndex(last),
+                followers: Vec::new(),
+                closed: None::<Timestamp>,
+                // Long enough ago that no old lease rests on it.
+                acked_ms_ago: 10_000,
+                recovering: false,
+            },
+            ready: leading,
+            applied: None,
+            staleness_ms: None,
+            issuers: 0,
+        }
+    }
+
+    /// Answers every ask: `None` for the nodes in `silent`.
+    fn answers(
+        core: &ControlCore,
+        f: impl Fn(&NodeId) -> Option<GroupStatus>,
+    ) -> Vec<(Ask, Option<GroupStatus>)> {
+        core.asks()
+            .into_iter()
+            .map(|ask| {
+                let status = f(&ask.node);
+                (ask, status)
+            })
+            .collect()
+    }
+
+    fn told(orders: &[Order]) -> Vec<(NodeId, Control)> {
+        orders
+            .iter()
+            .filter_map(|o| match o {
+                Order::Tell { node, control, .. } => Some((node.clone(), control.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_over_leader_is_published_before_anyone_is_told_and_a_refused_publication_is_retried(
+    ) {
+        let (mut core, m) = core();
+        let (old, a, b) = (&m[0], &m[1], &m[2]);
+        // The leader stops answering; its followers still follow it.
+        let mut publish = None;
+        let mut now = 0;
+        while publish.is_none() {
+            now += 100;
+            assert!(now < 10_000, "no failover");
+            // Once sealed, they follow nobody.
+            let gen = core.plan(SHARD).unwrap().generation.0;
+            let follows = (gen == 1).then_some(old);
+            let round = answers(&core, |n| match n {
+                n if n == old => None,
+                n if n == a => Some(status(n, gen, follows, 10)),
+                n => Some(status(n, gen, follows, 8)),
+            });
+            let orders = core.round(now, round);
+            for order in &orders {
+                match order {
+                    Order::Publish { leader, .. } => publish = Some(leader.clone()),
+                    Order::Tell { control, .. } => assert!(
+                        matches!(control, Control::Seal(_)),
+                        "told {control:?} before the new leader was published"
+                    ),
+                    Order::TransferEnded { .. } => unreachable!(),
+                }
+            }
+        }
+        // The longest log leads.
+        assert_eq!(publish.as_ref(), Some(a));
+        // The metadata plane refuses: nobody is told, and the group is not
+        // looked at again until the publication goes through.
+        assert!(core.published(SHARD, Err("no leader".into())).is_empty());
+        assert_eq!(core.stats().publish_failures, 1);
+        let round = answers(&core, |n| Some(status(n, 2, None, 10)));
+        assert!(core.round(now + 100, round).is_empty());
+        let again = core.republish();
+        assert!(matches!(&again[..], [Order::Publish { leader, .. }] if leader == a));
+        let orders = core.published(SHARD, Ok(()));
+        let mut told = told(&orders);
+        told.sort_by(|x, y| x.0.cmp(&y.0));
+        let generation = core.plan(SHARD).unwrap().generation;
+        assert_eq!(
+            told,
+            vec![
+                (old.clone(), Control::Follow(generation, a.clone())),
+                (a.clone(), Control::Lead(generation)),
+                (b.clone(), Control::Follow(generation, a.clone())),
+            ]
+        );
+        assert_eq!(core.stats().failovers, 1);
+    }
+
+    #[test]
+    fn a_replica_that_missed_news_is_told_again_and_a_restarted_leader_gets_a_new_generation() {
+        let (mut core, m) = core();
+        let (leader, b) = (&m[0], &m[2]);
+        // `b` restarted and follows nobody; the leader is fine.
+        let round = answers(&core, |n| match n {
+            n if n == b => Some(status(n, 1, None, 5)),
+            n => Some(status(n, 1, Some(leader), 5)),
+        });
+        let orders = core.round(100, round);
+        assert_eq!(
+            told(&orders),
+            vec![(b.clone(), Control::Follow(Generation(1), leader.clone()))]
+        );
+        // The leader restarted: it reports its generation without leading
+        // it, and must never continue it.
+        let round = answers(&core, |n| match n {
+            n if n == leader => Some(status(n, 1, None, 5)),
+            n => Some(status(n, 1, Some(leader), 5)),
+        });
+        let orders = core.round(200, round);
+        assert!(
+            matches!(&orders[..], [Order::Publish { leader: l, generation, .. }] if l == leader && *generation == Generation(2)),
+            "{orders:?}"
+        );
+    }
+}

@@ -44,7 +44,7 @@ pub enum Body {
 }
 
 /// Orders from the metadata plane (and the node) to one replica.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Control {
     /// Lead this generation (the control plane named it only after the
     /// previous leader's lease ran out).
