@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use harbor_gateway::endpoint::Endpoint;
 use harbor_gateway::AdminError;
-use harbor_meta::{Ask, ControlConfig, ControlCore, FailoverConfig, Metadata, Order};
+use harbor_meta::{Ask, ControlConfig, ControlCore, Metadata, Order};
 pub use harbor_meta::{TransferDone, TransferFailed};
 use harbor_types::{NodeId, ShardId};
 use harbor_wire::Control;
@@ -35,11 +35,6 @@ impl Replicas for OverTheWire {
         self.0.send_control(node, shard, control);
     }
 }
-
-use harbor_types::limits::{
-    CONTROL_INTERVAL_MS, DRAIN_MS, LEASE_MARGIN_MS, STATUS_TIMEOUT_MS, SUSPECT_TIMEOUT_MS,
-    TRANSFER_INTERVAL_MS, UNREACHABLE_AFTER_MS,
-};
 
 /// A planned leader transfer asked for over the admin API.
 pub struct TransferRequest {
@@ -83,20 +78,8 @@ impl ControlLoop {
         lease_ms: u64,
         requests: mpsc::Receiver<TransferRequest>,
     ) -> ControlLoop {
-        let config = ControlConfig {
-            failover: FailoverConfig {
-                unreachable_after_ms: UNREACHABLE_AFTER_MS,
-                lease_ms,
-                lease_margin_ms: LEASE_MARGIN_MS,
-                drain_ms: DRAIN_MS,
-            },
-            interval_ms: CONTROL_INTERVAL_MS,
-            transfer_interval_ms: TRANSFER_INTERVAL_MS,
-            status_timeout_ms: STATUS_TIMEOUT_MS,
-            suspect_timeout_ms: SUSPECT_TIMEOUT_MS,
-        };
         ControlLoop {
-            core: ControlCore::new(&meta.map(), config),
+            core: ControlCore::new(&meta.map(), ControlConfig::new(lease_ms)),
             endpoint,
             meta,
             nodes,

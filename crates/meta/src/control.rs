@@ -38,6 +38,29 @@ pub struct ControlConfig {
     pub suspect_timeout_ms: u64,
 }
 
+impl ControlConfig {
+    /// The defaults of `harbor_types::limits`, for replicas whose leases
+    /// last `lease_ms`.
+    pub fn new(lease_ms: u64) -> ControlConfig {
+        use harbor_types::limits::{
+            CONTROL_INTERVAL_MS, DRAIN_MS, LEASE_MARGIN_MS, STATUS_TIMEOUT_MS, SUSPECT_TIMEOUT_MS,
+            TRANSFER_INTERVAL_MS, UNREACHABLE_AFTER_MS,
+        };
+        ControlConfig {
+            failover: FailoverConfig {
+                unreachable_after_ms: UNREACHABLE_AFTER_MS,
+                lease_ms,
+                lease_margin_ms: LEASE_MARGIN_MS,
+                drain_ms: DRAIN_MS,
+            },
+            interval_ms: CONTROL_INTERVAL_MS,
+            transfer_interval_ms: TRANSFER_INTERVAL_MS,
+            status_timeout_ms: STATUS_TIMEOUT_MS,
+            suspect_timeout_ms: SUSPECT_TIMEOUT_MS,
+        }
+    }
+}
+
 /// One status to ask for in a round.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ask {

@@ -6,8 +6,8 @@ use harbor_checker::{Call as HistoryCall, ErrorReply, FinalLine, HistoryRecorder
 use harbor_gateway::call::{Call, CallLimits, MapEntry, Step};
 use harbor_gateway::reads::{freshness, judge_local, Consistency, LocalAnswer};
 use harbor_meta::{
-    ControlConfig, ControlCore, DirectoryEntry, FailoverConfig, MetaCommand, MetaFuture, MetaReply,
-    Metadata, Order, ShardMap,
+    ControlConfig, ControlCore, DirectoryEntry, MetaCommand, MetaFuture, MetaReply, Metadata,
+    Order, ShardMap,
 };
 use harbor_node::driver::{Driver, ReplicaInput};
 use harbor_node::NodeConfig;
@@ -24,9 +24,7 @@ use harbor_wire::Transport;
 use harbor_wire::{Body, Envelope, Query, QueryResult, Request, Response};
 use serde_json::{json, Value};
 
-use harbor_types::limits::{
-    CONTROL_INTERVAL_MS, STATUS_TIMEOUT_MS, SUSPECT_TIMEOUT_MS, TRANSFER_INTERVAL_MS,
-};
+use harbor_types::limits::CONTROL_INTERVAL_MS;
 
 use crate::rng::Rng;
 use crate::swarm::Swarm;
@@ -176,7 +174,8 @@ impl Transport for Outbox {
 
 #[derive(Debug)]
 enum Event {
-    Deliver(Envelope),
+    /// An envelope, and the life of the node that sent it (0 for a client).
+    Deliver(Envelope, u64),
     Tick(NodeId),
     ClientStep(usize),
     ClientTimeout(usize, u64),
@@ -200,6 +199,9 @@ struct SimNode {
     /// The node's monotonic clock reads simulated time plus this (a new
     /// origin at every start, like a new process). Never steps.
     mono_origin_ms: u64,
+    /// Counts the node's processes: a message from an earlier one is not
+    /// delivered once a later one runs.
+    life: u64,
     /// Wall-clock drift, within `CLOCK_SKEW_MS_MAX`.
     skew_ms: i64,
     /// Wall-clock steps (an operator, NTP, a resumed VM), by seconds, in
@@ -441,6 +443,7 @@ impl World {
                     up: true,
                     paused_until: 0,
                     mono_origin_ms: 1 + rng.range(0, 1_000_000),
+                    life: 1,
                     skew_ms: 0,
                     wall_step_ms: 0,
                     replicas: BTreeMap::new(),
@@ -651,7 +654,7 @@ impl World {
     fn step(&mut self, event: Event) {
         if !matches!(
             event,
-            Event::Deliver(_)
+            Event::Deliver(..)
                 | Event::Tick(_)
                 | Event::ClientStep(_)
                 | Event::ClientTimeout(..)
@@ -660,7 +663,7 @@ impl World {
             self.trace(|| format!("{event:?}"));
         }
         match event {
-            Event::Deliver(envelope) => self.deliver(envelope),
+            Event::Deliver(envelope, life) => self.deliver(envelope, life),
             Event::Tick(node) => self.tick(node),
             Event::ClientStep(i) => self.client_step(i),
             Event::ClientTimeout(i, op_id) => self.client_timeout(i, op_id),

@@ -26,7 +26,9 @@ impl World {
         // A new process: its monotonic clock has a new origin. Its
         // replicas hear their roles from the control loop's next round.
         let origin = 1 + self.rng.range(0, 1_000_000);
-        self.nodes.get_mut(name).unwrap().mono_origin_ms = origin;
+        let node = self.nodes.get_mut(name).unwrap();
+        node.mono_origin_ms = origin;
+        node.life += 1;
         self.open_replicas(name);
         let node = self.nodes.get_mut(name).unwrap();
         node.up = true;

@@ -112,6 +112,7 @@ impl World {
         } else {
             0
         };
+        let life = self.nodes.get(&envelope.from).map_or(0, |n| n.life);
         let replication = matches!(envelope.body, Body::Replication(_));
         if replication && self.safety && self.options.faults && self.rng.chance(1) {
             // A duplicate, sometimes a ghost that arrives seconds later,
@@ -120,12 +121,24 @@ impl World {
             // replayed), as on the real transports.
             let late = if self.rng.chance(30) { 3_000 } else { 30 };
             let again = self.now + base + self.rng.range(0, late);
-            self.schedule(again, Event::Deliver(envelope.clone()));
+            self.schedule(again, Event::Deliver(envelope.clone(), life));
         }
-        self.schedule(self.now + base + jitter, Event::Deliver(envelope));
+        self.schedule(self.now + base + jitter, Event::Deliver(envelope, life));
     }
 
-    pub(super) fn deliver(&mut self, envelope: Envelope) {
+    /// `life`: the sender's process when it sent. A process's messages
+    /// never arrive after its successor started: TCP delivers a dead
+    /// process's frames at once or not at all (the late duplicates above
+    /// come from a process that still runs).
+    pub(super) fn deliver(&mut self, envelope: Envelope, life: u64) {
+        if self
+            .nodes
+            .get(&envelope.from)
+            .is_some_and(|sender| sender.life != life)
+        {
+            self.stats.dropped += 1;
+            return;
+        }
         if let Some(i) = self.clients.iter().position(|c| c.id == envelope.to) {
             self.stats.delivered += 1;
             return self.client_response(i, envelope);
@@ -138,7 +151,7 @@ impl World {
         }
         if node.paused_until > self.now {
             let at = node.paused_until;
-            self.schedule(at, Event::Deliver(envelope));
+            self.schedule(at, Event::Deliver(envelope, life));
             return;
         }
         let shard = match &envelope.body {
