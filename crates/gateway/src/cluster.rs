@@ -45,6 +45,7 @@ impl Gateway {
                     query: Query::Status,
                 };
                 let status = match self
+                    .endpoint()
                     .call_node_within(&node, request, STATUS_TIMEOUT_MS)
                     .await
                 {

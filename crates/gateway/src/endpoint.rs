@@ -38,10 +38,6 @@ impl Endpoint {
         })
     }
 
-    pub fn me(&self) -> &NodeId {
-        &self.me
-    }
-
     /// Where the transport delivers this endpoint's envelopes: an answer
     /// completes its waiting request on the sender's thread. A late answer
     /// after a timeout finds no one waiting and is dropped.

@@ -282,6 +282,7 @@ impl Gateway {
                 need,
             };
             match self
+                .endpoint()
                 .call_node_within(&node, request, wait_ms + self.config.local_read_timeout_ms)
                 .await
             {

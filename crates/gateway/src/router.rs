@@ -6,7 +6,7 @@ use std::time::Duration;
 use harbor_meta::Metadata;
 use harbor_types::limits;
 use harbor_types::{Generation, MonoMs, NodeId, Region, ShardId};
-use harbor_wire::{Control, NodeError, Request, Response};
+use harbor_wire::{NodeError, Request, Response};
 use harbor_wire::{Sink, Transport};
 use tokio::sync::oneshot;
 
@@ -248,20 +248,9 @@ impl Gateway {
         self.started + Duration::from_millis(at.as_millis() - 1)
     }
 
-    /// Sends a control-plane order to one replica (no answer).
-    pub fn send_control(&self, node: &NodeId, shard: ShardId, control: Control) {
-        self.endpoint.send_control(node, shard, control);
-    }
-
-    /// One request to one node, waiting at most `timeout_ms`.
-    pub async fn call_node_within(
-        &self,
-        node: &NodeId,
-        request: Request,
-        timeout_ms: u64,
-    ) -> Result<Response, NodeError> {
-        self.endpoint
-            .call_node_within(node, request, timeout_ms)
-            .await
+    /// Where this gateway's requests to single nodes go (local reads,
+    /// status requests).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 }

@@ -402,13 +402,13 @@ impl GroupCore {
                 self.core.become_follower(generation, leader);
             }
             Control::Drain { for_ms } => self.core.drain(now, for_ms),
-            Control::Seal(generation) if generation <= self.core.generation() => {
-                self.stale_order(Control::Seal(generation))
-            }
             Control::Seal(generation) => {
-                probe("replication.sealed_for_failover");
-                self.barrier = None;
-                self.core.seal(generation);
+                if self.core.seal(generation) {
+                    probe("replication.sealed_for_failover");
+                    self.barrier = None;
+                } else {
+                    self.stale_order(Control::Seal(generation));
+                }
             }
             // The runtime's own: it stops the loop; nothing to step.
             Control::Shutdown => {}

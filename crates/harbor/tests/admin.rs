@@ -245,6 +245,7 @@ async fn a_paused_leader_that_returns_can_neither_commit_nor_serve_strong_reads(
                 hold_ttl_ms: None,
             };
             gateway
+                .endpoint()
                 .call_node_within(&leader, Request::Write { shard, command }, 20_000)
                 .await
         })
@@ -253,6 +254,7 @@ async fn a_paused_leader_that_returns_can_neither_commit_nor_serve_strong_reads(
         let (gateway, leader, issuer) = (gateway.clone(), old.leader.clone(), issuer.clone());
         tokio::spawn(async move {
             gateway
+                .endpoint()
                 .call_node_within(
                     &leader,
                     Request::Read {

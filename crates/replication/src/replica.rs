@@ -449,10 +449,17 @@ impl Replica {
     /// no entry of it. An order that arrives late (a deposed control loop's,
     /// a slow connection's) fails this and is ignored by the runtime.
     pub fn may_lead(&self, generation: Generation) -> bool {
-        let sealed =
-            generation == self.generation && self.role == Role::Follower && self.leader.is_none();
         generation > self.generation
-            || (sealed && self.generation_at(self.last_index()).unwrap_or_default() < generation)
+            || (self.sealed_at(generation)
+                && self.generation_at(self.last_index()).unwrap_or_default() < generation)
+    }
+
+    /// Sealed at `generation` with no leader yet: the one named next may be
+    /// this replica, provided it never took part in that generation (a
+    /// restarted leader of N looks sealed at N too, and must never continue
+    /// N: followers may hold entries of N it lost).
+    fn sealed_at(&self, generation: Generation) -> bool {
+        generation == self.generation && self.role == Role::Follower && self.leader.is_none()
     }
 
     /// Whether [`Replica::become_follower`] may take `generation` led by
@@ -468,26 +475,14 @@ impl Replica {
             "{}: a replica that lost its state was named to lead {generation}",
             self.config.shard
         );
-        // A replica sealed at `generation` (no leader yet) may be the one
-        // named to lead it, provided it never took part in that generation:
-        // a restarted leader of N looks sealed at N too, and must never
-        // continue N (followers may hold entries of N it lost).
-        let sealed =
-            generation == self.generation && self.role == Role::Follower && self.leader.is_none();
-        if sealed {
-            let last_generation = self.generation_at(self.last_index()).unwrap_or_default();
-            assert!(
-                last_generation < generation,
-                "{}: named to lead generation {generation}, but its log already holds entries of it",
-                self.config.shard
-            );
-        }
         assert!(
-            generation > self.generation || sealed,
-            "{}: leader of generation {generation} must be newer than the known {}",
+            self.may_lead(generation),
+            "{}: named to lead generation {generation}, which is older than the known {}, \
+             or one it already holds entries of",
             self.config.shard,
             self.generation
         );
+        let sealed = self.sealed_at(generation);
         if self.role == Role::Leader {
             self.step_down(generation);
         }
@@ -639,26 +634,27 @@ impl Replica {
 
     /// The control plane sealed this replica's generation: it stops
     /// accepting appends of older generations and waits to be told the new
-    /// leader.
-    pub fn seal(&mut self, generation: Generation) {
+    /// leader. Returns false, changing nothing, for a generation it already
+    /// has (an order that arrived late).
+    pub fn seal(&mut self, generation: Generation) -> bool {
         if generation <= self.generation {
-            return;
+            return false;
         }
         if self.role == Role::Leader {
             self.step_down(generation);
         }
         self.adopt_generation(generation, None);
+        true
     }
 
     /// The metadata plane named `leader` for `generation`.
     pub fn become_follower(&mut self, generation: Generation, leader: NodeId) {
         assert!(
-            generation >= self.generation,
-            "{}: cannot follow generation {generation}, already at {}",
+            self.may_follow(generation, &leader),
+            "{}: cannot follow {leader} in generation {generation}, already at {} (or it is us)",
             self.config.shard,
             self.generation
         );
-        assert_ne!(leader, self.config.me, "use become_leader to lead");
         if generation > self.generation {
             if self.role == Role::Leader {
                 self.step_down(generation);
