@@ -88,8 +88,9 @@ pub struct Ready {
     /// Set when `writes` appended entries: fsync, then step
     /// `Input::Synced(token)`.
     pub sync: Option<Unsynced>,
-    /// Peer messages and client replies: send them once `writes` (and the
-    /// sync) succeeded, and none if they failed.
+    /// Peer messages and client replies: send them once `writes`
+    /// succeeded (none if one failed), before the sync; none vouches for
+    /// the records the sync makes durable.
     pub messages: Vec<Envelope>,
 }
 
@@ -234,6 +235,7 @@ impl GroupCore {
             members,
             Recovered {
                 generation: hard_state.generation,
+                led: hard_state.led,
                 snapshot,
                 entries,
                 recovering: hard_state.recovering,
@@ -512,10 +514,11 @@ impl GroupCore {
 
     fn effect(&mut self, effect: Effect) {
         match effect {
-            Effect::PersistGeneration(generation) => {
+            Effect::PersistGeneration { generation, led } => {
                 // The durable flag as it stands: only `CaughtUp`, ordered
                 // after what it vouches for, may clear it.
                 self.hard_state.generation = generation;
+                self.hard_state.led = led;
                 self.writes.push(Write::HardState(self.hard_state));
             }
             Effect::Persist {

@@ -14,10 +14,11 @@
 //! 2. [`GroupCore::ready`] → a [`Ready`]: storage writes in order, whether
 //!    they need an fsync, and envelopes to send (peer messages and client
 //!    replies);
-//! 3. execute the writes in order, fsync if asked, and only then send the
-//!    envelopes and hand the [`Unsynced`] token back as [`Input::Synced`];
-//!    when a write or the fsync fails, send nothing and step
-//!    [`Input::StorageFailed`].
+//! 3. execute the writes in order (hard state and snapshots are durable
+//!    when written, appended records once synced), then send the envelopes,
+//!    then fsync if asked and hand the [`Unsynced`] token back as
+//!    [`Input::Synced`]; when a write fails, send nothing, and when a write
+//!    or the fsync fails, step [`Input::StorageFailed`].
 //!
 //! Ordering rules the types carry:
 //! - A client learns of a write only once its entry is applied, and an
@@ -25,10 +26,12 @@
 //!   (asserted where the reply is made).
 //! - Durability is reported only with the token of the `Ready` whose writes
 //!   were synced; the core cannot be told of a sync it did not ask for.
-//! - A `Ready`'s messages go out after its writes: some vouch for them (a
-//!   follower acknowledges an installed snapshot in the same `Ready` that
-//!   installs it). Acknowledgements of appended entries wait for the sync
-//!   report, so they come out of a later `Ready`.
+//! - A `Ready`'s messages go out after its writes, and before their fsync:
+//!   some vouch for a write that is durable when done (a follower
+//!   acknowledges an installed snapshot in the same `Ready` that installs
+//!   it), none for appended records, whose acknowledgements wait for the
+//!   sync report and come out of a later `Ready`. So a leader's appends
+//!   reach its followers while it syncs its own copy (Raft thesis §10.2.1).
 //!
 //! No IO, no clock, no thread: given the same inputs and times, a
 //! `GroupCore` does the same thing, which is what lets the simulator run it

@@ -49,6 +49,7 @@ fn replica(me: &str) -> GroupCore {
             records: Vec::new(),
             hard_state: HardState {
                 generation: Generation::ZERO,
+                led: false,
                 recovering: false,
             },
             torn_tail_bytes_cut: 0,

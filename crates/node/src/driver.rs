@@ -3,9 +3,9 @@
 //! Every rule lives in the group core (`harbor-group`); the driver only
 //! executes: it takes a batch of inputs (up to `batch_inputs_max`) and
 //! steps the core with each at the time it read, then drains the core's
-//! `Ready` until it is empty: WAL writes (buffered), one fsync for the
-//! round, the sync reported back, envelopes sent. A batch of inputs becomes
-//! one WAL write and one fsync (group commit).
+//! `Ready` until it is empty: WAL writes (appends buffered), envelopes
+//! sent, one fsync for the round, the sync reported back. A batch of
+//! inputs becomes one WAL write and one fsync (group commit).
 
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
@@ -258,11 +258,12 @@ impl<S: Storage> Driver<S> {
             sync,
             messages,
         } = ready;
-        let mut result = writes.into_iter().try_for_each(|w| self.write(w));
-        if result.is_ok() && sync.is_some() {
-            result = self.wal.sync();
-        }
-        if let Err(e) = result {
+        // Only appended records wait for the fsync (hard state and snapshots
+        // are durable when written), and no message vouches for them: acks
+        // of appended entries come out of a later `Ready`, after `Synced`.
+        // So the messages leave before the fsync, and a leader's appends
+        // reach its followers while it syncs its own copy.
+        if let Err(e) = writes.into_iter().try_for_each(|w| self.write(w)) {
             // Nothing of this `Ready` leaves: a message may vouch for a
             // write that failed (a snapshot's acknowledgement does).
             return self.group.step(now, Input::StorageFailed(e.to_string()));
@@ -271,7 +272,10 @@ impl<S: Storage> Driver<S> {
             self.transport.send(envelope);
         }
         if let Some(token) = sync {
-            self.group.step(now, Input::Synced(token));
+            match self.wal.sync() {
+                Ok(()) => self.group.step(now, Input::Synced(token)),
+                Err(e) => self.group.step(now, Input::StorageFailed(e.to_string())),
+            }
         }
     }
 

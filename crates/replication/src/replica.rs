@@ -25,7 +25,11 @@ use std::sync::Arc;
 /// - `Commit` means every entry up to `upto` is committed: apply them in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
-    PersistGeneration(Generation),
+    /// The newest generation, and whether this replica leads it.
+    PersistGeneration {
+        generation: Generation,
+        led: bool,
+    },
     Persist {
         truncate_from: Option<LogIndex>,
         entries: Vec<Entry>,
@@ -90,6 +94,8 @@ pub enum ProposeError {
 #[derive(Clone, Debug, Default)]
 pub struct Recovered {
     pub generation: Generation,
+    /// This replica led `generation` (it must never lead it again).
+    pub led: bool,
     pub snapshot: SnapshotMeta,
     /// Durable entries after the snapshot, contiguous.
     pub entries: Vec<Entry>,
@@ -208,6 +214,8 @@ pub struct Replica {
     role: Role,
     /// The newest generation made durable here. Invariant: never decreases.
     generation: Generation,
+    /// This replica led `generation` (durable: see [`Recovered::led`]).
+    led: bool,
     leader: Option<NodeId>,
     hlc: Hlc,
 
@@ -250,7 +258,8 @@ pub struct Replica {
     /// See [`Recovered::recovering`]. Cleared (and `Effect::CaughtUp`
     /// emitted) once `commit` reaches `recover_to`.
     recovering: bool,
-    /// The first commit index a leader told this recovering replica.
+    /// The last index of the first leader this recovering replica heard
+    /// from in the newest generation the control plane told it of.
     recover_to: Option<LogIndex>,
     /// A snapshot arriving in chunks from the current leader.
     incoming: Option<IncomingSnapshot>,
@@ -301,6 +310,7 @@ impl Replica {
             members,
             role: Role::Follower,
             generation: recovered.generation,
+            led: recovered.led,
             leader: None,
             hlc,
             compacted: recovered.snapshot,
@@ -451,13 +461,16 @@ impl Replica {
     pub fn may_lead(&self, generation: Generation) -> bool {
         generation > self.generation
             || (self.sealed_at(generation)
+                && !self.led
                 && self.generation_at(self.last_index()).unwrap_or_default() < generation)
     }
 
     /// Sealed at `generation` with no leader yet: the one named next may be
     /// this replica, provided it never took part in that generation (a
     /// restarted leader of N looks sealed at N too, and must never continue
-    /// N: followers may hold entries of N it lost).
+    /// N: followers may hold entries of N it lost, since a leader sends
+    /// entries before its own fsync; it remembers that it led N in its hard
+    /// state, as it may hold no entry of N).
     fn sealed_at(&self, generation: Generation) -> bool {
         generation == self.generation && self.role == Role::Follower && self.leader.is_none()
     }
@@ -488,6 +501,11 @@ impl Replica {
         }
         if sealed {
             self.leader = Some(self.config.me.clone());
+            self.led = true;
+            self.effects.push(Effect::PersistGeneration {
+                generation,
+                led: true,
+            });
         } else {
             self.adopt_generation(generation, Some(self.config.me.clone()));
         }
@@ -668,6 +686,7 @@ impl Replica {
     fn adopt_generation(&mut self, generation: Generation, leader: Option<NodeId>) {
         assert!(generation > self.generation);
         self.generation = generation;
+        self.led = leader.as_ref() == Some(&self.config.me);
         self.leader = leader;
         // Only the committed prefix is known to be in every later leader's log.
         self.leader_matched = self.commit;
@@ -676,7 +695,13 @@ impl Replica {
         self.echo = MonoMs::ZERO;
         self.closed_as_of = None;
         self.incoming = None;
-        self.effects.push(Effect::PersistGeneration(generation));
+        // A recovering replica's target comes from a leader of the newest
+        // generation it was told of.
+        self.recover_to = None;
+        self.effects.push(Effect::PersistGeneration {
+            generation,
+            led: self.led,
+        });
     }
 
     fn step_down(&mut self, newer: Generation) {
@@ -1087,6 +1112,16 @@ impl Replica {
             });
             return false;
         }
+        if generation > self.generation && self.recovering {
+            // A replica that lost its state does not know which generation
+            // its earlier life took part in: a leader it hears from may be a
+            // deposed one (of a generation older than the one it acked in,
+            // with less committed), whose commit index would count it caught
+            // up too early. It takes generations only from the control plane
+            // until it is caught up.
+            probe("replication.recovering_replica_ignores_untold_generation");
+            return false;
+        }
         if generation > self.generation {
             if self.role == Role::Leader {
                 self.step_down(generation);
@@ -1169,7 +1204,11 @@ impl Replica {
         assert!(self.leader_matched <= self.last_index());
         self.leader_commit = self.leader_commit.max(m.commit_index);
         if self.recovering {
-            self.recover_to.get_or_insert(m.commit_index);
+            // Everything the leader holds, not only what it has committed:
+            // an ack of our earlier life it has not counted yet may still
+            // commit an entry, and that entry is in its log.
+            self.recover_to
+                .get_or_insert(m.leader_last_index.max(m.commit_index));
         }
         // Complete as of when the echoed ack left here, less how far the
         // leader's closed timestamp lay behind its clock; an echo of an
@@ -1217,10 +1256,14 @@ impl Replica {
         self.check_caught_up();
     }
 
-    /// A recovering replica is caught up once it has committed what its
-    /// leader had committed when it first heard from one: everything it may
-    /// have acknowledged before it lost its state was committed by then or
-    /// never will be (it was acknowledged by others).
+    /// A recovering replica is caught up once it has committed everything
+    /// the leader of the current generation held when it first heard from
+    /// it: every entry its earlier life acknowledged that was, or may yet
+    /// be, committed is in that leader's log (a leader holds every entry
+    /// committed before its generation, and the replica's acks of this
+    /// generation went to it, before anything it sent since). The current
+    /// generation is the one the control plane told it of: a deposed
+    /// leader's log may lack entries committed after it.
     fn check_caught_up(&mut self) {
         if !self.recovering {
             return;
@@ -1307,9 +1350,8 @@ impl Replica {
         }
         self.hlc.observe(m.closed);
         self.leader_commit = self.leader_commit.max(m.commit_index);
-        if self.recovering {
-            self.recover_to.get_or_insert(m.commit_index);
-        }
+        // A recovering replica takes its target from the appends that follow
+        // (they say how long the leader's log is).
         if m.meta.last_index <= self.commit {
             self.incoming = None;
             self.ack_leader(now, true);

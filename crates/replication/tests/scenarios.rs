@@ -146,7 +146,7 @@ impl Group {
                             .push((name.clone(), meta.last_index));
                     }
                     Effect::CaughtUp => self.caught_up.push(name.clone()),
-                    Effect::PersistGeneration(_) | Effect::SteppedDown { .. } => {}
+                    Effect::PersistGeneration { .. } | Effect::SteppedDown { .. } => {}
                 }
             }
         }
@@ -553,6 +553,65 @@ fn a_sealed_generation_fences_the_old_leader_and_the_sealed_replica_can_lead_it(
         g.replica("l1").entry(committed).unwrap().generation,
         Generation(1)
     );
+}
+
+/// A leader of generation N that restarts before its first entry of N is
+/// durable looks sealed at N (a follower of N with no leader and no entry
+/// of N), yet its followers may hold entries of N it sent before its own
+/// fsync. Its hard state says it led N, so a late order to lead N again
+/// (queued on a connection across its restart) is not one it may take.
+#[test]
+fn a_restarted_leader_never_leads_its_generation_again() {
+    let mut g = Group::new();
+    g.settle();
+    let now = g.clocks();
+    g.replica("l2").seal(Generation(2));
+    g.replica("l2").become_leader(now, Generation(2));
+    let effects = g.replica("l2").drain_effects();
+    assert!(
+        effects.contains(&Effect::PersistGeneration {
+            generation: Generation(2),
+            led: true
+        }),
+        "leading a sealed generation is made durable first: {effects:?}"
+    );
+    let members = vec![
+        Member {
+            node: node("l1"),
+            local: true,
+        },
+        Member {
+            node: node("l2"),
+            local: true,
+        },
+        Member {
+            node: node("l3"),
+            local: true,
+        },
+        Member {
+            node: node("r1"),
+            local: false,
+        },
+    ];
+    let restarted = |led| {
+        let recovered = Recovered {
+            generation: Generation(2),
+            led,
+            ..Recovered::default()
+        };
+        Replica::new(
+            Config::new(ShardId(7), node("l2")),
+            members.clone(),
+            recovered,
+            now,
+        )
+    };
+    // It held no entry of generation 2 (its barrier was not durable).
+    let leader = restarted(true);
+    assert!(!leader.may_lead(Generation(2)));
+    assert!(leader.may_lead(Generation(3)));
+    // A replica only sealed at 2 may still be named its leader.
+    assert!(restarted(false).may_lead(Generation(2)));
 }
 
 #[test]

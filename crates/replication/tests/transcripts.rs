@@ -12,6 +12,9 @@
 //!   `heartbeat_interval_ms`, `retransmit_timeout_ms`, `rpo_budget_ms`
 //! - `start l1 l2 r1:remote ...` the members (local unless `:remote`)
 //! - `elect NODE GEN` NODE leads generation GEN, every other one follows it
+//! - `lead NODE GEN`, `follow NODE GEN LEADER`: one control order to one
+//!   replica
+//! - `wipe NODE` NODE restarts on an empty disk (it lost its state)
 //! - `seal NODE GEN`, `compact NODE INDEX`
 //! - `snapshot NODE TO BYTES` NODE answers `SnapshotNeeded` for TO with a
 //!   snapshot of BYTES bytes at its compaction point
@@ -34,6 +37,8 @@ struct Script {
     config: Vec<(String, u64)>,
     now_ms: u64,
     replicas: BTreeMap<NodeId, Replica>,
+    /// How each replica was started, to start it again.
+    configs: BTreeMap<NodeId, (Config, Vec<Member>)>,
     network: VecDeque<(NodeId, NodeId, Message)>,
     /// The newest entry each replica wrote (durable at its next `persist`).
     written: BTreeMap<NodeId, (LogIndex, Generation)>,
@@ -55,6 +60,7 @@ impl Script {
             config: Vec::new(),
             now_ms: 1_000,
             replicas: BTreeMap::new(),
+            configs: BTreeMap::new(),
             network: VecDeque::new(),
             written: BTreeMap::new(),
         }
@@ -116,8 +122,11 @@ impl Script {
                         }
                     }
                     config.validate(&members).expect("a valid config");
-                    let replica = Replica::new(config, members.clone(), Recovered::default(), now);
+                    let replica =
+                        Replica::new(config.clone(), members.clone(), Recovered::default(), now);
                     self.replicas.insert(m.node.clone(), replica);
+                    self.configs
+                        .insert(m.node.clone(), (config, members.clone()));
                 }
             }
             ["elect", leader, generation] => {
@@ -129,6 +138,25 @@ impl Script {
                         replica.become_follower(generation, node(leader));
                     }
                 }
+            }
+            ["lead", name, generation] => {
+                self.replica(name)
+                    .become_leader(now, Generation(number(generation)));
+            }
+            ["follow", name, generation, leader] => {
+                self.replica(name)
+                    .become_follower(Generation(number(generation)), node(leader));
+            }
+            ["wipe", name] => {
+                let (config, members) = self.configs[&node(name)].clone();
+                let recovered = Recovered {
+                    recovering: true,
+                    life_salt: 1,
+                    ..Recovered::default()
+                };
+                self.written.remove(&node(name));
+                let replica = Replica::new(config, members, recovered, now);
+                self.replicas.insert(node(name), replica);
             }
             ["seal", name, generation] => {
                 self.replica(name).seal(Generation(number(generation)));
@@ -219,7 +247,10 @@ impl Script {
         for (name, replica) in self.replicas.iter_mut() {
             for effect in replica.drain_effects() {
                 let text = match effect {
-                    Effect::PersistGeneration(g) => format!("PersistGeneration {g}"),
+                    Effect::PersistGeneration { generation, led } => {
+                        let led = if led { " led" } else { "" };
+                        format!("PersistGeneration {generation}{led}")
+                    }
                     Effect::Persist {
                         truncate_from,
                         entries,

@@ -72,7 +72,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 30] = [
+pub const PROBES: [&str; 31] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -94,6 +94,7 @@ pub const PROBES: [&str; 30] = [
     "node.recovering_replica_refused_to_lead",
     "node.stale_control_order_ignored",
     "replication.recovering_replica_caught_up",
+    "replication.recovering_replica_ignores_untold_generation",
     "replication.follower_came_back_with_another_log",
     "replication.snapshot_installed_from_chunks",
     "replication.snapshot_resumed",

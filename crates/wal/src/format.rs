@@ -40,6 +40,7 @@ const HARD_STATE_MAGIC: [u8; 4] = *b"HHS2";
 /// Flags of the hard state; any other bit set is a format this binary does
 /// not know.
 const HARD_STATE_FLAG_RECOVERING: u64 = 1;
+const HARD_STATE_FLAG_LED: u64 = 2;
 
 /// The file holding the [`HardState`].
 pub const HARD_STATE_NAME: &str = "hardstate";
@@ -251,11 +252,13 @@ pub fn encode_hard_state(hard_state: &HardState) -> Vec<u8> {
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&HARD_STATE_MAGIC);
     out.extend_from_slice(&hard_state.generation.0.to_le_bytes());
-    let flags = if hard_state.recovering {
-        HARD_STATE_FLAG_RECOVERING
-    } else {
-        0
-    };
+    let mut flags = 0;
+    if hard_state.recovering {
+        flags |= HARD_STATE_FLAG_RECOVERING;
+    }
+    if hard_state.led {
+        flags |= HARD_STATE_FLAG_LED;
+    }
     out.extend_from_slice(&flags.to_le_bytes());
     let crc = crc32c::crc32c(&out[4..]);
     out[0..4].copy_from_slice(&crc.to_le_bytes());
@@ -284,18 +287,19 @@ pub fn decode_hard_state(buf: &[u8]) -> Result<HardState, String> {
         }
         return Ok(HardState {
             generation,
-            recovering: false,
+            ..HardState::default()
         });
     }
     if buf[4..8] != HARD_STATE_MAGIC {
         return Err(format!("bad hard state magic {:?}", &buf[4..8]));
     }
     let flags = u64_at(buf, 16);
-    if flags & !HARD_STATE_FLAG_RECOVERING != 0 {
+    if flags & !(HARD_STATE_FLAG_RECOVERING | HARD_STATE_FLAG_LED) != 0 {
         return Err(format!("unknown hard state flags {flags:#x}"));
     }
     Ok(HardState {
         generation,
+        led: flags & HARD_STATE_FLAG_LED != 0,
         recovering: flags & HARD_STATE_FLAG_RECOVERING != 0,
     })
 }
@@ -442,12 +446,21 @@ mod tests {
         }
         assert!(decode_snapshot(&buf[..buf.len() - 1]).is_err());
 
+        for (led, recovering) in [(false, true), (true, false), (true, true)] {
+            let hard_state = HardState {
+                generation: Generation(5),
+                led,
+                recovering,
+            };
+            let buf = encode_hard_state(&hard_state);
+            assert_eq!(decode_hard_state(&buf).unwrap(), hard_state);
+        }
         let hard_state = HardState {
             generation: Generation(5),
+            led: false,
             recovering: true,
         };
         let buf = encode_hard_state(&hard_state);
-        assert_eq!(decode_hard_state(&buf).unwrap(), hard_state);
         for at in 0..buf.len() {
             let mut bad = buf.clone();
             bad[at] ^= 1;

@@ -125,11 +125,14 @@ pub struct Snapshot {
 }
 
 /// Small durable state a replica must not forget: the newest generation it
-/// has seen, which fences off older leaders after a restart, and whether it
-/// lost its state and has not caught up since.
+/// has seen, which fences off older leaders after a restart, whether it
+/// led that generation (a restarted leader must never continue it: its
+/// followers may hold entries of it that it lost), and whether it lost its
+/// state and has not caught up since.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HardState {
     pub generation: Generation,
+    pub led: bool,
     pub recovering: bool,
 }
 

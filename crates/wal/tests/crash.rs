@@ -43,6 +43,7 @@ impl Driver<'_> {
     fn set_hard_state(&mut self, generation: u64) -> Result<(), WalError> {
         let hs = HardState {
             generation: Generation(generation),
+            led: false,
             recovering: false,
         };
         self.oracle.hard_state_attempt(&hs);
@@ -220,7 +221,7 @@ proptest! {
                 }
                 Op::HardState => {
                     hard += 1;
-                    let hs = HardState { generation: Generation(hard), recovering: false };
+                    let hs = HardState { generation: Generation(hard), led: false, recovering: false };
                     oracle.hard_state_attempt(&hs);
                     wal.set_hard_state(&hs).unwrap();
                     oracle.hard_state_ok(&hs);

@@ -431,6 +431,7 @@ fn failed_fsync_poisons_the_wal() {
     assert!(matches!(
         wal.set_hard_state(&HardState {
             generation: Generation(1),
+            led: false,
             recovering: false,
         }),
         Err(WalError::Poisoned)
@@ -658,11 +659,13 @@ fn hard_state_is_durable_when_set() {
     let (mut wal, _) = open_mem(&disk);
     wal.set_hard_state(&HardState {
         generation: Generation(4),
+        led: false,
         recovering: false,
     })
     .unwrap();
     wal.set_hard_state(&HardState {
         generation: Generation(6),
+        led: false,
         recovering: false,
     })
     .unwrap();
@@ -692,6 +695,7 @@ fn corrupt_hard_state_or_snapshot_refuses_to_open() {
     wal.install_snapshot(&snapshot(3, 1)).unwrap();
     wal.set_hard_state(&HardState {
         generation: Generation(1),
+        led: false,
         recovering: false,
     })
     .unwrap();
