@@ -350,7 +350,10 @@ impl Client {
         check_id("home_region", home_region, ID_LEN_MAX)?;
         check_amount("limit", limit, 0)?;
         let mut call = Call::new(Method::PUT, true, &["issuers", issuer_id]);
-        call.body = Some(json!({"home_region": home_region, "limit": limit}));
+        call.body = Some(to_json(&harbor_api::PutIssuer {
+            home_region: home_region.to_string(),
+            limit,
+        }));
         self.run(call).await
     }
 
@@ -390,7 +393,7 @@ impl Client {
         let end = Instant::now() + self.timing.deadline;
         let resolve_time = self.timing.resolve_time.min(self.timing.deadline / 2);
         let mut call = Call::new(Method::POST, true, &["reservations"]);
-        call.body = Some(body);
+        call.body = Some(to_json(&body));
         let last = match self.execute(&call, end - resolve_time).await {
             Ok(value) => return parse(value),
             Err(Failure::Final(e)) if e.code() == Some("token_abandoned") => {
@@ -497,12 +500,12 @@ impl Client {
                 requests.len()
             )));
         }
-        let items = requests
+        let reservations = requests
             .into_iter()
             .map(|r| reserve_body(r).map(|(_, body)| body))
-            .collect::<Result<Vec<Value>, Error>>()?;
+            .collect::<Result<Vec<_>, Error>>()?;
         let mut call = Call::new(Method::POST, true, &["reservations:batch"]);
-        call.body = Some(json!({ "reservations": items }));
+        call.body = Some(to_json(&harbor_api::ReserveBatch { reservations }));
         let answer: Value = self.run(call).await?;
         let results = answer["results"]
             .as_array()
@@ -795,7 +798,7 @@ pub enum BatchResult {
 }
 
 /// A reserve request's token (generated if absent) and checked body.
-fn reserve_body(request: ReserveRequest) -> Result<(String, Value), Error> {
+fn reserve_body(request: ReserveRequest) -> Result<(String, harbor_api::Reserve), Error> {
     check_id("issuer_id", &request.issuer_id, ID_LEN_MAX)?;
     check_amount("amount", request.amount, 1)?;
     check_label("desk", &request.desk)?;
@@ -805,23 +808,32 @@ fn reserve_body(request: ReserveRequest) -> Result<(String, Value), Error> {
         None => new_reservation_token(),
     };
     check_id("reservation_token", &token, TOKEN_LEN_MAX)?;
-    let mut body = json!({
-        "reservation_token": token,
-        "issuer_id": request.issuer_id,
-        "amount": request.amount,
-        "desk": request.desk,
-        "trader": request.trader,
-    });
-    if let Some(ttl) = request.hold_ttl {
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        if ms == 0 || ms > HOLD_TTL_MS_MAX {
-            return Err(Error::InvalidInput(format!(
-                "a hold lasts from 1 ms to {HOLD_TTL_MS_MAX} ms, got {ttl:?}"
-            )));
+    let hold_ttl_ms = match request.hold_ttl {
+        None => None,
+        Some(ttl) => {
+            let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            if ms == 0 || ms > HOLD_TTL_MS_MAX {
+                return Err(Error::InvalidInput(format!(
+                    "a hold lasts from 1 ms to {HOLD_TTL_MS_MAX} ms, got {ttl:?}"
+                )));
+            }
+            Some(ms)
         }
-        body["hold_ttl_ms"] = json!(ms);
-    }
+    };
+    let body = harbor_api::Reserve {
+        reservation_token: token.clone(),
+        issuer_id: request.issuer_id,
+        amount: request.amount,
+        desk: request.desk,
+        trader: request.trader,
+        hold_ttl_ms,
+    };
     Ok((token, body))
+}
+
+/// A request body as JSON (the API's types always serialize).
+fn to_json(body: &impl serde::Serialize) -> Value {
+    serde_json::to_value(body).expect("request bodies serialize")
 }
 
 fn resolve_call(token: &str, issuer_id: &str) -> Call {

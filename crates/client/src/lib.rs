@@ -62,8 +62,10 @@ mod token;
 
 pub use client::{BatchResult, Client, ClientBuilder, BATCH_MAX, SESSION_HEADER};
 pub use error::{ApiError, Error};
+/// The HTTP API's types, which the answers above come from.
+pub use harbor_api as api;
 pub use model::{
-    CommitToken, Consistency, Health, Issuer, OpenReservations, ParseCommitTokenError, Reservation,
-    ReservationStatus, ReserveRequest, Served, TokenState, TokenStatus, Transfer,
+    CommitToken, Consistency, Health, HlcTime, Issuer, OpenReservations, ParseCommitTokenError,
+    Reservation, ReservationStatus, ReserveRequest, Served, TokenState, TokenStatus, Transfer,
 };
 pub use token::{new_reservation_token, AMOUNT_MAX, HOLD_TTL_MS_MAX, ID_LEN_MAX, TOKEN_LEN_MAX};

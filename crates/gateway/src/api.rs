@@ -9,10 +9,11 @@ use axum::extract::{Path, Query as QueryParams, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::Json;
+use harbor_api as api;
 use harbor_meta::{DirectoryEntry, DirectoryError, MetaError};
 use harbor_replication::Role;
 use harbor_reservation::{
-    Command, IssuerView, Outcome, Rejection, ReservationView, TokenOutcome, TokenView,
+    Command, IssuerView, Outcome, Rejection, ReservationView, Status, TokenOutcome, TokenView,
     HOLD_TTL_MS_MAX,
 };
 use harbor_types::{
@@ -21,7 +22,7 @@ use harbor_types::{
 };
 use harbor_wire::{Query, QueryResult, Request, Response, Served};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::body::{parse_json, JsonBody};
@@ -33,60 +34,35 @@ type Gw = State<Arc<Gateway>>;
 type ApiResult = Result<HttpResponse, ApiError>;
 
 // ----- Request bodies ---------------------------------------------------------
+//
+// The bodies are `harbor-api`'s types (shared with `harbor-client`); here
+// each field is checked and turned into a command.
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct PutIssuerBody {
-    home_region: String,
-    limit: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ReserveBody {
-    pub reservation_token: String,
-    pub issuer_id: String,
-    amount: u64,
-    desk: String,
-    trader: String,
-    #[serde(default)]
-    hold_ttl_ms: Option<u64>,
-}
-
-impl ReserveBody {
-    /// Checks every field; the command to order and its issuer.
-    pub(crate) fn command(&self) -> Result<(Command, IssuerId), ApiError> {
-        let token = token(&self.reservation_token)?;
-        let issuer = issuer_id(&self.issuer_id)?;
-        let amount = amount("amount", self.amount, 1)?;
-        let desk = label("desk", &self.desk)?;
-        let trader = label("trader", &self.trader)?;
-        if let Some(ttl) = self.hold_ttl_ms {
-            if ttl == 0 || ttl > HOLD_TTL_MS_MAX {
-                return Err(ApiError::unprocessable(
-                    "invalid_field",
-                    format!("hold_ttl_ms must be from 1 to {HOLD_TTL_MS_MAX}, or null for a confirmed reservation"),
-                )
-                .with("field", "hold_ttl_ms"));
-            }
+/// Checks every field of a reserve; the command to order and its issuer.
+pub(crate) fn reserve_command(body: &api::Reserve) -> Result<(Command, IssuerId), ApiError> {
+    let token = token(&body.reservation_token)?;
+    let issuer = issuer_id(&body.issuer_id)?;
+    let amount = amount("amount", body.amount, 1)?;
+    let desk = label("desk", &body.desk)?;
+    let trader = label("trader", &body.trader)?;
+    if let Some(ttl) = body.hold_ttl_ms {
+        if ttl == 0 || ttl > HOLD_TTL_MS_MAX {
+            return Err(ApiError::unprocessable(
+                "invalid_field",
+                format!("hold_ttl_ms must be from 1 to {HOLD_TTL_MS_MAX}, or null for a confirmed reservation"),
+            )
+            .with("field", "hold_ttl_ms"));
         }
-        let command = Command::Reserve {
-            token,
-            issuer_id: issuer.clone(),
-            amount,
-            desk,
-            trader,
-            hold_ttl_ms: self.hold_ttl_ms,
-        };
-        Ok((command, issuer))
     }
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ResolveBody {
-    #[serde(default)]
-    issuer_id: Option<String>,
+    let command = Command::Reserve {
+        token,
+        issuer_id: issuer.clone(),
+        amount,
+        desk,
+        trader,
+        hold_ttl_ms: body.hold_ttl_ms,
+    };
+    Ok((command, issuer))
 }
 
 #[derive(Deserialize, Default)]
@@ -186,7 +162,7 @@ impl Gateway {
     }
 
     /// Fields every answer carries: who served it, from where, how fresh.
-    pub(crate) fn stamp(&self, body: &mut Map<String, Value>, served: &Served) {
+    pub(crate) fn served(&self, served: &Served) -> api::Served {
         let region = self
             .region_of(&served.node)
             .map(|r| r.to_string())
@@ -195,15 +171,22 @@ impl Gateway {
             Role::Leader => "leader",
             Role::Follower => "follower",
         };
-        body.insert("region".into(), json!(region));
-        body.insert("node".into(), json!(served.node));
-        body.insert("served_by".into(), json!(served_by));
-        body.insert("gateway_region".into(), json!(self.region));
-        body.insert("shard".into(), json!(served.shard.0));
-        body.insert("generation".into(), json!(served.generation.0));
-        body.insert("applied".into(), json!(served.applied));
-        body.insert("staleness_ms".into(), json!(served.staleness_ms));
-        body.insert("stale".into(), json!(false));
+        api::Served {
+            served_by: served_by.to_string(),
+            region,
+            node: served.node.to_string(),
+            applied: served.applied.map(commit_token),
+            staleness_ms: served.staleness_ms,
+            shard: Some(served.shard.0),
+            generation: Some(served.generation.0),
+            gateway_region: Some(self.region.to_string()),
+            ..api::Served::default()
+        }
+    }
+
+    /// The same fields, on an error answer.
+    pub(crate) fn stamp(&self, body: &mut Map<String, Value>, served: &Served) {
+        body.extend(object(self.served(served)));
     }
 
     /// A rejection decided by the leader: the leader's stamp, the entry that
@@ -295,7 +278,7 @@ pub(crate) fn unexpected(response: Response) -> ApiError {
     )
 }
 
-fn object(value: impl serde::Serialize) -> Map<String, Value> {
+pub(crate) fn object(value: impl serde::Serialize) -> Map<String, Value> {
     match serde_json::to_value(value).expect("views serialize") {
         Value::Object(map) => map,
         other => panic!("expected a JSON object, got {other}"),
@@ -326,78 +309,126 @@ pub(crate) fn reply_in_session(
     response
 }
 
-/// A committed write's answer: stamped, in the session raised by its entry.
-fn write_reply(
-    gw: &Gateway,
-    status: StatusCode,
-    mut body: Map<String, Value>,
-    applied: &Applied,
-    mut session: Session,
-) -> HttpResponse {
-    gw.stamp(&mut body, &applied.served);
+/// A typed answer; with the session (already in its `served` fields) in
+/// the `Harbor-Session` header too.
+fn answer(status: StatusCode, body: &impl Serialize, session: Option<&Session>) -> HttpResponse {
+    let mut response = (status, Json(body)).into_response();
+    if let Some(session) = session {
+        response
+            .headers_mut()
+            .insert(SESSION_HEADER, session.header_value());
+    }
+    response
+}
+
+/// A committed write's stamp, in the session raised by its entry.
+fn write_stamp(gw: &Gateway, applied: &Applied, session: &mut Session) -> api::Served {
     session.include(applied.commit_token);
-    reply_in_session(status, body, &session)
+    api::Served {
+        session: Some(session.to_string()),
+        ..gw.served(&applied.served)
+    }
 }
 
-/// A read's answer: stamped with how it was served, in the raised session.
-fn read_reply(gw: &Gateway, answer: &ReadAnswer, mut body: Map<String, Value>) -> HttpResponse {
-    answer.stamp(gw, &mut body);
-    reply_in_session(StatusCode::OK, body, &answer.session)
+pub(crate) fn commit_token(t: harbor_types::CommitToken) -> api::CommitToken {
+    api::CommitToken {
+        shard: t.shard.0,
+        generation: t.generation.0,
+        index: t.index.0,
+    }
 }
 
-fn issuer_body(issuer: &IssuerView, entry: &DirectoryEntry) -> Map<String, Value> {
-    let mut body = object(issuer);
-    body.insert("bucket".into(), json!(entry.bucket.0));
-    body
+fn issuer_answer(issuer: &IssuerView, entry: &DirectoryEntry) -> api::Issuer {
+    api::Issuer {
+        issuer_id: issuer.issuer_id.to_string(),
+        home_region: issuer.home_region.to_string(),
+        limit: issuer.limit.0,
+        reserved: issuer.reserved.0,
+        remaining: issuer.remaining.0,
+        reservations_open: issuer.reservations_open,
+        bucket: Some(entry.bucket.0),
+        updated: issuer.updated.map(commit_token),
+        created: false,
+        changed: false,
+        commit_token: None,
+        served: api::Served::default(),
+    }
 }
 
-pub(crate) fn reservation_body(
+/// A reservation, with its issuer's headroom when the write returned it.
+pub(crate) fn reservation_answer(
     reservation: &ReservationView,
     issuer: Option<&IssuerView>,
-) -> Map<String, Value> {
-    let mut body = object(reservation);
-    if let Some(issuer) = issuer {
-        body.insert("remaining".into(), json!(issuer.remaining));
-        body.insert("reserved".into(), json!(issuer.reserved));
-        body.insert("limit".into(), json!(issuer.limit));
+) -> api::Reservation {
+    let status = match reservation.status {
+        Status::Held => api::ReservationStatus::Held,
+        Status::Confirmed => api::ReservationStatus::Confirmed,
+        Status::Released => api::ReservationStatus::Released,
+        Status::Expired => api::ReservationStatus::Expired,
+    };
+    api::Reservation {
+        reservation_id: reservation.reservation_id.to_string(),
+        issuer_id: reservation.issuer_id.to_string(),
+        reservation_token: reservation.reservation_token.to_string(),
+        amount: reservation.amount.0,
+        desk: reservation.desk.clone(),
+        trader: reservation.trader.clone(),
+        status,
+        expires_at_ms: reservation.expires_at_ms,
+        created: Some(commit_token(reservation.created)),
+        created_at: Some(api::HlcTime {
+            wall_ms: reservation.created_at.wall_ms,
+            logical: reservation.created_at.logical,
+        }),
+        updated: Some(commit_token(reservation.updated)),
+        replayed: false,
+        commit_token: None,
+        remaining: issuer.map(|i| i.remaining.0),
+        reserved: issuer.map(|i| i.reserved.0),
+        limit: issuer.map(|i| i.limit.0),
+        served: api::Served::default(),
     }
-    body
 }
 
-fn token_body(
+fn token_answer(
     view: Option<&TokenView>,
     issuer: Option<&IssuerId>,
     token: &ReservationToken,
-) -> Map<String, Value> {
-    let mut body = Map::new();
-    body.insert("reservation_token".into(), json!(token));
-    body.insert(
-        "issuer_id".into(),
-        json!(view.map(|v| &v.issuer_id).or(issuer)),
-    );
+) -> api::TokenStatus {
+    let mut answer = api::TokenStatus {
+        reservation_token: token.to_string(),
+        issuer_id: view.map(|v| &v.issuer_id).or(issuer).map(|i| i.to_string()),
+        status: api::TokenState::Unknown,
+        reservation_id: None,
+        reason: None,
+        commit_token: None,
+        resolved_at: None,
+        served: api::Served::default(),
+    };
     match view.map(|v| &v.outcome) {
-        None => {
-            body.insert("status".into(), json!("unknown"));
-        }
+        None => {}
         Some(TokenOutcome::Committed {
             reservation_id,
-            commit_token,
+            commit_token: at,
         }) => {
-            body.insert("status".into(), json!("committed"));
-            body.insert("reservation_id".into(), json!(reservation_id));
-            body.insert("commit_token".into(), json!(commit_token));
+            answer.status = api::TokenState::Committed;
+            answer.reservation_id = Some(reservation_id.to_string());
+            answer.commit_token = Some(commit_token(*at));
         }
-        Some(TokenOutcome::Rejected { code, commit_token }) => {
-            body.insert("status".into(), json!("rejected"));
-            body.insert("reason".into(), json!(code));
-            body.insert("commit_token".into(), json!(commit_token));
+        Some(TokenOutcome::Rejected {
+            code,
+            commit_token: at,
+        }) => {
+            answer.status = api::TokenState::Rejected;
+            answer.reason = Some(code.clone());
+            answer.commit_token = Some(commit_token(*at));
         }
-        Some(TokenOutcome::Abandoned { commit_token }) => {
-            body.insert("status".into(), json!("abandoned"));
-            body.insert("commit_token".into(), json!(commit_token));
+        Some(TokenOutcome::Abandoned { commit_token: at }) => {
+            answer.status = api::TokenState::Abandoned;
+            answer.commit_token = Some(commit_token(*at));
         }
     }
-    body
+    answer
 }
 
 // ----- Handlers -----------------------------------------------------------------
@@ -467,7 +498,7 @@ pub(crate) async fn put_issuer(
     State(gw): Gw,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Result<JsonBody<PutIssuerBody>, ApiError>,
+    body: Result<JsonBody<api::PutIssuer>, ApiError>,
 ) -> HttpResponse {
     respond(&gw, put_issuer_inner(&gw, id, &headers, body).await)
 }
@@ -476,7 +507,7 @@ async fn put_issuer_inner(
     gw: &Gateway,
     id: String,
     headers: &HeaderMap,
-    body: Result<JsonBody<PutIssuerBody>, ApiError>,
+    body: Result<JsonBody<api::PutIssuer>, ApiError>,
 ) -> ApiResult {
     let issuer = issuer_id(&id)?;
     let session = Session::from_headers(headers)?;
@@ -517,16 +548,20 @@ async fn put_issuer_inner(
             created,
             changed,
         } => {
-            let mut body = issuer_body(issuer, &entry);
-            body.insert("created".into(), json!(created));
-            body.insert("changed".into(), json!(changed));
-            body.insert("commit_token".into(), json!(applied.commit_token));
+            let mut session = session;
+            let body = api::Issuer {
+                created: *created,
+                changed: *changed,
+                commit_token: Some(commit_token(applied.commit_token)),
+                served: write_stamp(gw, &applied, &mut session),
+                ..issuer_answer(issuer, &entry)
+            };
             let status = if *created {
                 StatusCode::CREATED
             } else {
                 StatusCode::OK
             };
-            Ok(write_reply(gw, status, body, &applied, session))
+            Ok(answer(status, &body, Some(&session)))
         }
         Outcome::Rejected(r) => Err(gw.rejected(r, &applied, session)),
         other => Err(unexpected_outcome(other)),
@@ -575,7 +610,11 @@ pub(crate) async fn get_issuer(
                 format!("unknown issuer {issuer}"),
             ));
         };
-        Ok(read_reply(&gw, &answer, issuer_body(view, &entry)))
+        let body = api::Issuer {
+            served: answer.served(&gw),
+            ..issuer_answer(view, &entry)
+        };
+        Ok(self::answer(StatusCode::OK, &body, Some(&answer.session)))
     };
     respond(&gw, run.await)
 }
@@ -596,11 +635,13 @@ pub(crate) async fn open_reservations(
                 format!("unknown issuer {issuer}"),
             ));
         };
-        let mut body = Map::new();
-        body.insert("issuer_id".into(), json!(issuer));
-        body.insert("count".into(), json!(list.len()));
-        body.insert("reservations".into(), json!(list));
-        Ok(read_reply(&gw, &answer, body))
+        let body = api::OpenReservations {
+            issuer_id: issuer.to_string(),
+            count: list.len() as u64,
+            reservations: list.iter().map(|r| reservation_answer(r, None)).collect(),
+            served: answer.served(&gw),
+        };
+        Ok(self::answer(StatusCode::OK, &body, Some(&answer.session)))
     };
     respond(&gw, run.await)
 }
@@ -608,12 +649,12 @@ pub(crate) async fn open_reservations(
 pub(crate) async fn reserve(
     State(gw): Gw,
     headers: HeaderMap,
-    body: Result<JsonBody<ReserveBody>, ApiError>,
+    body: Result<JsonBody<api::Reserve>, ApiError>,
 ) -> HttpResponse {
     let run = async {
         let session = Session::from_headers(&headers)?;
         let JsonBody(body) = body?;
-        let (command, issuer) = body.command()?;
+        let (command, issuer) = reserve_command(&body)?;
         let (_, shard) = gw.directory(&issuer).await?;
         let applied = gw.write(shard, command).await?;
         reservation_reply(&gw, applied, StatusCode::CREATED, session)
@@ -633,10 +674,14 @@ fn reservation_reply(
             reservation,
             replayed,
         } => {
-            let mut body = reservation_body(reservation, applied.issuer.as_ref());
-            body.insert("replayed".into(), json!(replayed));
-            body.insert("commit_token".into(), json!(applied.commit_token));
-            Ok(write_reply(gw, status, body, &applied, session))
+            let mut session = session;
+            let body = api::Reservation {
+                replayed: *replayed,
+                commit_token: Some(commit_token(applied.commit_token)),
+                served: write_stamp(gw, &applied, &mut session),
+                ..reservation_answer(reservation, applied.issuer.as_ref())
+            };
+            Ok(answer(status, &body, Some(&session)))
         }
         Outcome::Rejected(r) => Err(gw.rejected(r, &applied, session)),
         other => Err(unexpected_outcome(other)),
@@ -659,7 +704,11 @@ pub(crate) async fn get_reservation(
                 format!("unknown reservation {id}"),
             ));
         };
-        Ok(read_reply(&gw, &answer, reservation_body(view, None)))
+        let body = api::Reservation {
+            served: answer.served(&gw),
+            ..reservation_answer(view, None)
+        };
+        Ok(self::answer(StatusCode::OK, &body, Some(&answer.session)))
     };
     respond(&gw, run.await)
 }
@@ -694,7 +743,7 @@ async fn transition(
         let session = Session::from_headers(headers)?;
         if !body.is_empty() {
             // No fields are defined; an empty object is fine, anything else is refused.
-            let _: EmptyBody = parse_json(&body)?;
+            let _: api::Empty = parse_json(&body)?;
         }
         let (_, shard) = gw.directory(reservation_id.issuer()).await?;
         let command = if confirm {
@@ -707,10 +756,6 @@ async fn transition(
     };
     respond(&gw, run.await)
 }
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EmptyBody {}
 
 pub(crate) async fn get_token(
     State(gw): Gw,
@@ -735,9 +780,11 @@ pub(crate) async fn get_token(
                         "wrong result",
                     ));
                 };
-                let mut body = token_body(view.as_ref(), Some(&issuer), &token);
-                gw.stamp(&mut body, &served);
-                Ok(reply(StatusCode::OK, body))
+                let body = api::TokenStatus {
+                    served: gw.served(&served),
+                    ..token_answer(view.as_ref(), Some(&issuer), &token)
+                };
+                Ok(answer(StatusCode::OK, &body, None))
             }
             None => token_everywhere(&gw, token).await,
         }
@@ -764,18 +811,20 @@ async fn token_everywhere(gw: &Gateway, token: ReservationToken) -> ApiResult {
     }
     match found.len() {
         0 => {
-            let mut body = token_body(None, None, &token);
+            let mut body = token_answer(None, None, &token);
             if let Some(served) = last_served {
-                gw.stamp(&mut body, &served);
+                body.served = gw.served(&served);
             }
-            body.insert("served_by".into(), json!("leaders"));
-            Ok(reply(StatusCode::OK, body))
+            body.served.served_by = "leaders".to_string();
+            Ok(answer(StatusCode::OK, &body, None))
         }
         1 => {
             let (view, served) = &found[0];
-            let mut body = token_body(Some(view), None, &token);
-            gw.stamp(&mut body, served);
-            Ok(reply(StatusCode::OK, body))
+            let body = api::TokenStatus {
+                served: gw.served(served),
+                ..token_answer(Some(view), None, &token)
+            };
+            Ok(answer(StatusCode::OK, &body, None))
         }
         _ => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -806,8 +855,8 @@ pub(crate) async fn resolve_token(
         let token = token(&text)?;
         let session = Session::from_headers(&headers)?;
         let params = query_params(params)?;
-        let body: ResolveBody = if body.is_empty() {
-            ResolveBody::default()
+        let body: api::ResolveToken = if body.is_empty() {
+            api::ResolveToken::default()
         } else {
             parse_json(&body)?
         };
@@ -838,9 +887,13 @@ pub(crate) async fn resolve_token(
             .await?;
         match &applied.outcome {
             Outcome::Token(view) => {
-                let mut body = token_body(Some(view), Some(&issuer), &token);
-                body.insert("resolved_at".into(), json!(applied.commit_token));
-                Ok(write_reply(&gw, StatusCode::OK, body, &applied, session))
+                let mut session = session;
+                let body = api::TokenStatus {
+                    resolved_at: Some(commit_token(applied.commit_token)),
+                    served: write_stamp(&gw, &applied, &mut session),
+                    ..token_answer(Some(view), Some(&issuer), &token)
+                };
+                Ok(answer(StatusCode::OK, &body, Some(&session)))
             }
             Outcome::Rejected(r) => Err(gw.rejected(r, &applied, session)),
             other => Err(unexpected_outcome(other)),

@@ -13,10 +13,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response as HttpResponse;
 use harbor_reservation::{Command, Outcome, BATCH_COMMANDS_MAX};
 use harbor_types::ShardId;
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::api::{reply_in_session, reservation_body, respond, unexpected_outcome, ReserveBody};
+use crate::api::{
+    commit_token, object, reply_in_session, reservation_answer, reserve_command, respond,
+    unexpected_outcome,
+};
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::reads::Session;
@@ -27,16 +29,10 @@ use crate::router::Gateway;
 /// one fsync), each under the entry size limit (asserted in `limits`).
 use harbor_types::limits::ENTRY_COMMANDS_MAX;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct BatchBody {
-    reservations: Vec<ReserveBody>,
-}
-
 pub(crate) async fn reserve_batch(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    body: Result<JsonBody<BatchBody>, ApiError>,
+    body: Result<JsonBody<harbor_api::ReserveBatch>, ApiError>,
 ) -> HttpResponse {
     respond(&gw, run(&gw, &headers, body).await)
 }
@@ -44,7 +40,7 @@ pub(crate) async fn reserve_batch(
 async fn run(
     gw: &Gateway,
     headers: &HeaderMap,
-    body: Result<JsonBody<BatchBody>, ApiError>,
+    body: Result<JsonBody<harbor_api::ReserveBatch>, ApiError>,
 ) -> Result<HttpResponse, ApiError> {
     let mut session = Session::from_headers(headers)?;
     let JsonBody(body) = body?;
@@ -63,7 +59,7 @@ async fn run(
     let mut by_shard: BTreeMap<ShardId, Vec<(usize, Command)>> = BTreeMap::new();
     let mut shard_of: HashMap<String, Result<ShardId, ApiError>> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
-        let checked = item.command();
+        let checked = reserve_command(item);
         let placed = match checked {
             Err(e) => Err(e),
             Ok((command, issuer)) => {
@@ -123,9 +119,13 @@ async fn run(
                     reservation,
                     replayed,
                 } => {
-                    let mut body = reservation_body(reservation, None);
+                    let answer = harbor_api::Reservation {
+                        replayed: *replayed,
+                        commit_token: Some(commit_token(applied.commit_token)),
+                        ..reservation_answer(reservation, None)
+                    };
+                    let mut body = object(&answer);
                     body.insert("ok".into(), json!(true));
-                    body.insert("replayed".into(), json!(replayed));
                     body
                 }
                 Outcome::Rejected(rejection) => failed(ApiError::rejection(rejection)),

@@ -18,7 +18,6 @@ use harbor_replication::Role;
 use harbor_types::{CommitToken, ShardId};
 use harbor_wire::{ErrorCode, Freshness, Query, QueryResult, Request, Response, Served};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::router::Gateway;
@@ -247,12 +246,14 @@ pub(crate) struct ReadAnswer {
 
 impl ReadAnswer {
     /// The fields every read answer carries.
-    pub(crate) fn stamp(&self, gw: &Gateway, body: &mut Map<String, Value>) {
-        gw.stamp(body, &self.served);
-        body.insert("consistency".into(), json!(self.consistency.name()));
-        body.insert("fallback".into(), json!(self.fallback));
-        body.insert("stale".into(), json!(self.stale));
-        body.insert("session".into(), json!(self.session.to_string()));
+    pub(crate) fn served(&self, gw: &Gateway) -> harbor_api::Served {
+        harbor_api::Served {
+            consistency: Some(self.consistency.name().to_string()),
+            fallback: self.fallback,
+            stale: self.stale,
+            session: Some(self.session.to_string()),
+            ..gw.served(&self.served)
+        }
     }
 }
 

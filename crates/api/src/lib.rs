@@ -1,0 +1,454 @@
+//! Harbor's HTTP API as types: what a client sends (request bodies), what
+//! the gateway answers (reservations, issuers, token outcomes, each stamped
+//! with who served it and how fresh it is) and the error body. The gateway
+//! writes these types and `harbor-client` reads them, so the contract is
+//! written once.
+//!
+//! Answers tolerate fields they do not know (the gateway adds fields over
+//! time) and default the ones an older gateway does not send yet. Request
+//! bodies refuse unknown fields: a misspelt field is an error, not a
+//! silently ignored one.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A commit position: `shard15@g1:3` is entry 3 of shard 15's generation 1.
+/// Of two tokens of one shard, the higher `(generation, index)` is newer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CommitToken {
+    pub shard: u32,
+    pub generation: u64,
+    pub index: u64,
+}
+
+impl CommitToken {
+    /// Whether `self` is a later position of the same shard than `other`.
+    pub fn is_newer_than(&self, other: &CommitToken) -> bool {
+        self.shard == other.shard && (self.generation, self.index) > (other.generation, other.index)
+    }
+}
+
+impl fmt::Display for CommitToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shard{}@g{}:{}", self.shard, self.generation, self.index)
+    }
+}
+
+/// A string that is not a commit token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a commit token looks like shard15@g1:3, got {0:?}")]
+pub struct ParseCommitTokenError(pub String);
+
+impl FromStr for CommitToken {
+    type Err = ParseCommitTokenError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let err = || ParseCommitTokenError(text.to_string());
+        // Digits only: `parse` alone would also take a leading '+'.
+        let number = |s: &str| -> Result<u64, ParseCommitTokenError> {
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(err());
+            }
+            s.parse().map_err(|_| err())
+        };
+        let rest = text.strip_prefix("shard").ok_or_else(err)?;
+        let (shard, rest) = rest.split_once("@g").ok_or_else(err)?;
+        let (generation, index) = rest.split_once(':').ok_or_else(err)?;
+        Ok(CommitToken {
+            shard: u32::try_from(number(shard)?).map_err(|_| err())?,
+            generation: number(generation)?,
+            index: number(index)?,
+        })
+    }
+}
+
+impl Serialize for CommitToken {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CommitToken {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+// ----- Request bodies ------------------------------------------------------
+
+/// `PUT /v1/issuers/{issuer_id}`: register an issuer or change its limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutIssuer {
+    pub home_region: String,
+    pub limit: u64,
+}
+
+/// `POST /v1/reservations` (and each item of a batch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reserve {
+    /// The idempotency token: every retry sends the same one.
+    pub reservation_token: String,
+    pub issuer_id: String,
+    pub amount: u64,
+    pub desk: String,
+    pub trader: String,
+    /// A hold that expires unless confirmed; absent or null: confirmed at
+    /// once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_ttl_ms: Option<u64>,
+}
+
+/// `POST /v1/reservations:batch`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveBatch {
+    pub reservations: Vec<Reserve>,
+}
+
+/// `POST /v1/reservation-tokens/{token}/resolve` (the issuer may instead be
+/// given as `?issuer_id=`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveToken {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_id: Option<String>,
+}
+
+/// Confirm and release take no fields: an empty object (or no body).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+// ----- Answers --------------------------------------------------------------
+
+/// A hybrid logical clock time: wall milliseconds, then a counter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct HlcTime {
+    pub wall_ms: u64,
+    pub logical: u32,
+}
+
+/// How and where an answer was produced. Every answer carries these fields;
+/// the consistency ones (`consistency`, `fallback`, `staleness_ms`,
+/// `stale`) are those of reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Served {
+    /// The mode the read was served with (`strong`, `session`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
+    /// `leader` or `follower` (`gateway` on answers the gateway gave itself).
+    pub served_by: String,
+    /// A nearby replica could not serve the read, so the leader did.
+    pub fallback: bool,
+    /// The region and node of the replica that answered.
+    pub region: String,
+    pub node: String,
+    /// The newest entry applied to the state shown.
+    pub applied: Option<CommitToken>,
+    /// How old the state may be; `None` when the replica knows no bound.
+    pub staleness_ms: Option<u64>,
+    /// The replica could not promise the requested bound (bounded reads
+    /// with `allow_stale`).
+    pub stale: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// The region of the gateway the client talked to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_region: Option<String>,
+    /// The caller's session raised by what this answer showed (also in the
+    /// `Harbor-Session` header): send it with the next request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+impl Served {
+    /// Nothing set: an item of a list, whose answer carries the stamp.
+    pub fn is_empty(&self) -> bool {
+        *self == Served::default()
+    }
+}
+
+/// An issuer and its exposure.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issuer {
+    pub issuer_id: String,
+    pub home_region: String,
+    pub limit: u64,
+    /// Held plus confirmed amounts.
+    pub reserved: u64,
+    pub remaining: u64,
+    #[serde(default)]
+    pub reservations_open: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<u32>,
+    /// The last entry that changed `limit` or `reserved`.
+    #[serde(default)]
+    pub updated: Option<CommitToken>,
+    /// Writes only: this call registered the issuer. A retried call whose
+    /// first attempt registered it answers `false`.
+    #[serde(default)]
+    pub created: bool,
+    /// Writes only: this call changed the limit.
+    #[serde(default)]
+    pub changed: bool,
+    /// Writes only: the entry that recorded the write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_token: Option<CommitToken>,
+    #[serde(flatten)]
+    pub served: Served,
+}
+
+/// The life cycle of a reservation: `held` → `confirmed` | `released` |
+/// `expired`, `confirmed` → `released`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReservationStatus {
+    Held,
+    Confirmed,
+    Released,
+    Expired,
+    /// A status this client does not know yet.
+    #[serde(other)]
+    Other,
+}
+
+/// A reservation, as a write made it or a read found it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// `ISSUER:rN`.
+    pub reservation_id: String,
+    pub issuer_id: String,
+    pub reservation_token: String,
+    pub amount: u64,
+    #[serde(default)]
+    pub desk: String,
+    #[serde(default)]
+    pub trader: String,
+    pub status: ReservationStatus,
+    /// Set exactly while the reservation is held.
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+    /// The entry that created the reservation.
+    #[serde(default)]
+    pub created: Option<CommitToken>,
+    /// When that entry was ordered (the leader's hybrid logical clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<HlcTime>,
+    /// The last entry that changed it.
+    #[serde(default)]
+    pub updated: Option<CommitToken>,
+    /// Writes: an earlier attempt (or request) with this token or
+    /// transition had already done it; this answer repeats its outcome.
+    #[serde(default)]
+    pub replayed: bool,
+    /// Writes: the entry that recorded the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_token: Option<CommitToken>,
+    /// Writes: the issuer's headroom after the write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// Who served the answer; empty on the items of a list.
+    #[serde(flatten, skip_serializing_if = "Served::is_empty")]
+    pub served: Served,
+}
+
+/// An issuer's held and confirmed reservations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenReservations {
+    pub issuer_id: String,
+    #[serde(default)]
+    pub count: u64,
+    pub reservations: Vec<Reservation>,
+    #[serde(flatten)]
+    pub served: Served,
+}
+
+/// `GET /v1/health`: whether every group has a ready leader. A cluster
+/// still starting answers 503 with code `unavailable`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub groups: u64,
+    #[serde(default)]
+    pub groups_not_ready: Vec<u32>,
+    pub map_version: u64,
+    pub region: String,
+    pub node: String,
+}
+
+/// A finished planned leader transfer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub from: String,
+    pub to: String,
+    pub generation: u64,
+    /// How long the group took no writes.
+    pub pause_ms: u64,
+}
+
+/// The durable outcome of a reservation token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    /// Nothing is recorded for it yet: a request with it may still commit.
+    Unknown,
+    /// It reserved `reservation_id`.
+    Committed,
+    /// It was refused for `reason` (an error code such as
+    /// `insufficient_exposure`); it never reserves.
+    Rejected,
+    /// It was resolved before any request with it committed; it never
+    /// reserves.
+    Abandoned,
+}
+
+/// A token lookup's or resolve's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenStatus {
+    pub reservation_token: String,
+    #[serde(default)]
+    pub issuer_id: Option<String>,
+    pub status: TokenState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The entry that recorded the outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_token: Option<CommitToken>,
+    /// Resolve only: the entry of the resolve itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<CommitToken>,
+    #[serde(flatten)]
+    pub served: Served,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_tokens_parse_print_and_order() {
+        let t: CommitToken = "shard15@g1:3".parse().unwrap();
+        assert_eq!(
+            t,
+            CommitToken {
+                shard: 15,
+                generation: 1,
+                index: 3
+            }
+        );
+        assert_eq!(t.to_string(), "shard15@g1:3");
+        let later_gen: CommitToken = "shard15@g2:1".parse().unwrap();
+        assert!(later_gen.is_newer_than(&t));
+        assert!(!t.is_newer_than(&later_gen));
+        let other_shard: CommitToken = "shard3@g9:9".parse().unwrap();
+        assert!(!other_shard.is_newer_than(&t));
+        for bad in [
+            "",
+            "shard",
+            "shard1@g2",
+            "shard1@g:3",
+            "shard+1@g2:3",
+            "s1@g2:3",
+            "shard1@g2:3x",
+        ] {
+            assert!(bad.parse::<CommitToken>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn answers_tolerate_unknown_and_missing_fields() {
+        let body = serde_json::json!({
+            "reservation_id": "MUNI-77:r1", "issuer_id": "MUNI-77", "reservation_token": "t1",
+            "amount": 600, "desk": "d", "trader": "t", "status": "confirmed",
+            "expires_at_ms": null, "created": "shard15@g1:3", "updated": "shard15@g1:3",
+            "created_at": {"wall_ms": 1, "logical": 0}, "replayed": false,
+            "commit_token": "shard15@g1:3", "remaining": 400, "region": "newyork",
+            "node": "newyork-2", "served_by": "leader", "applied": "shard15@g1:3",
+            "staleness_ms": 0, "stale": false, "something_new": [1, 2]
+        });
+        let r: Reservation = serde_json::from_value(body).unwrap();
+        assert_eq!(r.status, ReservationStatus::Confirmed);
+        assert_eq!(r.remaining, Some(400));
+        assert_eq!(r.served.node, "newyork-2");
+        assert_eq!(r.served.staleness_ms, Some(0));
+        assert!(!r.served.fallback);
+        let s: TokenStatus = serde_json::from_value(serde_json::json!({
+            "reservation_token": "t", "status": "abandoned", "commit_token": "shard1@g1:5"
+        }))
+        .unwrap();
+        assert_eq!(s.status, TokenState::Abandoned);
+    }
+
+    #[test]
+    fn request_bodies_refuse_unknown_fields_and_omit_what_is_unset() {
+        let body = Reserve {
+            reservation_token: "t1".into(),
+            issuer_id: "MUNI-77".into(),
+            amount: 5,
+            desk: "d".into(),
+            trader: "t".into(),
+            hold_ttl_ms: None,
+        };
+        let json = serde_json::to_value(&body).unwrap();
+        assert!(json.get("hold_ttl_ms").is_none());
+        assert_eq!(serde_json::from_value::<Reserve>(json).unwrap(), body);
+        let misspelt = serde_json::json!({"home_region": "madrid", "limit": 1, "limt": 2});
+        assert!(serde_json::from_value::<PutIssuer>(misspelt).is_err());
+    }
+
+    #[test]
+    fn a_list_item_carries_no_stamp_and_an_answer_its_whole_stamp() {
+        let item = Reservation {
+            reservation_id: "MUNI-77:r1".into(),
+            issuer_id: "MUNI-77".into(),
+            reservation_token: "t1".into(),
+            amount: 5,
+            desk: "d".into(),
+            trader: "t".into(),
+            status: ReservationStatus::Held,
+            expires_at_ms: Some(9),
+            created: None,
+            created_at: None,
+            updated: None,
+            replayed: false,
+            commit_token: None,
+            remaining: None,
+            reserved: None,
+            limit: None,
+            served: Served::default(),
+        };
+        let json = serde_json::to_value(&item).unwrap();
+        for absent in ["served_by", "node", "session", "commit_token", "remaining"] {
+            assert!(json.get(absent).is_none(), "{absent} in {json}");
+        }
+        let answer = Reservation {
+            served: Served {
+                served_by: "leader".into(),
+                node: "madrid-1".into(),
+                session: Some("s".into()),
+                ..Served::default()
+            },
+            ..item
+        };
+        let json = serde_json::to_value(&answer).unwrap();
+        assert_eq!(json["served_by"], "leader");
+        assert_eq!(json["session"], "s");
+        assert_eq!(json["staleness_ms"], serde_json::Value::Null);
+        assert_eq!(serde_json::from_value::<Reservation>(json).unwrap(), answer);
+    }
+}
