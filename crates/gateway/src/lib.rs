@@ -16,6 +16,7 @@ pub mod call;
 mod cluster;
 pub mod endpoint;
 mod error;
+pub mod local;
 mod metrics;
 pub mod reads;
 mod router;

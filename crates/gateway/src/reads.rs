@@ -10,16 +10,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue};
 use harbor_replication::Role;
-use harbor_types::{CommitToken, ShardId};
+use harbor_types::{CommitToken, NodeId, ShardId};
 use harbor_wire::{ErrorCode, Freshness, Query, QueryResult, Request, Response, Served};
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use crate::local::Local;
 use crate::router::Gateway;
 
 /// The request and response header carrying a session's commit tokens.
@@ -305,7 +305,7 @@ impl Gateway {
                     tracing::debug!(%shard, %node, error = %e, "local replica did not answer");
                     let until =
                         Instant::now() + Duration::from_millis(self.config.silent_replica_skip_ms);
-                    self.silent_replicas.lock().unwrap().insert(node, until);
+                    self.local_replicas.lock().unwrap().silent(node, until);
                 }
             }
             fallback = true;
@@ -349,37 +349,17 @@ impl Gateway {
         let Some(group) = map.groups.get(&shard) else {
             return Local::None;
         };
-        let here: Vec<_> = group
+        let here: Vec<NodeId> = group
             .members
             .iter()
             .filter(|n| map.region_of(n) == Some(&self.region))
+            .cloned()
             .collect();
-        if here.is_empty() {
-            return Local::None;
-        }
-        let now = Instant::now();
-        let answering: Vec<_> = {
-            let mut silent = self.silent_replicas.lock().unwrap();
-            silent.retain(|_, until| *until > now);
-            here.into_iter()
-                .filter(|n| !silent.contains_key(*n))
-                .collect()
-        };
-        if answering.is_empty() {
-            return Local::Silent;
-        }
-        let turn = self.local_turn.fetch_add(1, Ordering::Relaxed) as usize;
-        Local::Replica(answering[turn % answering.len()].clone())
+        self.local_replicas
+            .lock()
+            .unwrap()
+            .pick(Instant::now(), &here)
     }
-}
-
-/// Where a local read can go.
-enum Local {
-    Replica(harbor_types::NodeId),
-    /// The group has replicas in this region, but none answered lately.
-    Silent,
-    /// The group has no replica in this region: the leader serves its reads.
-    None,
 }
 
 /// What a read of a shard asks of a local replica, per its guarantee

@@ -1,5 +1,3 @@
-use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -13,6 +11,7 @@ use tokio::sync::oneshot;
 use crate::admin::Admin;
 use crate::call::{Call, CallLimits, MapEntry, Step};
 use crate::endpoint::Endpoint;
+use crate::local::LocalReplicas;
 
 /// Limits of one gateway.
 #[derive(Clone, Debug)]
@@ -88,10 +87,8 @@ pub struct Gateway {
     endpoint: Arc<Endpoint>,
     admin: OnceLock<Arc<dyn Admin>>,
     pub(crate) metrics: crate::metrics::Metrics,
-    /// Turns local reads take among a group's replicas in this region.
-    pub(crate) local_turn: AtomicU64,
-    /// Local replicas that did not answer a read, skipped until then.
-    pub(crate) silent_replicas: Mutex<HashMap<NodeId, std::time::Instant>>,
+    /// Which local replica the next local read goes to.
+    pub(crate) local_replicas: Mutex<LocalReplicas<std::time::Instant>>,
     /// The origin of this gateway's monotonic clock.
     started: tokio::time::Instant,
 }
@@ -116,8 +113,7 @@ impl Gateway {
             endpoint,
             admin: OnceLock::new(),
             metrics: crate::metrics::Metrics::default(),
-            local_turn: AtomicU64::new(0),
-            silent_replicas: Mutex::new(HashMap::new()),
+            local_replicas: Mutex::new(LocalReplicas::default()),
             started: tokio::time::Instant::now(),
         }))
     }

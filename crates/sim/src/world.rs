@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use harbor_checker::{Call as HistoryCall, ErrorReply, FinalLine, HistoryRecorder, Reply};
 use harbor_gateway::call::{Call, CallLimits, MapEntry, Step};
+use harbor_gateway::local::{Local, LocalReplicas};
 use harbor_gateway::reads::{freshness, judge_local, Consistency, LocalAnswer};
 use harbor_meta::{
     ControlConfig, ControlCore, DirectoryEntry, MetaCommand, MetaFuture, MetaReply, Metadata,
@@ -24,7 +25,7 @@ use harbor_wire::Transport;
 use harbor_wire::{Body, Envelope, Query, QueryResult, Request, Response};
 use serde_json::{json, Value};
 
-use harbor_types::limits::CONTROL_INTERVAL_MS;
+use harbor_types::limits::{self, CONTROL_INTERVAL_MS};
 
 use crate::rng::Rng;
 use crate::swarm::Swarm;
@@ -179,6 +180,9 @@ enum Event {
     Tick(NodeId),
     ClientStep(usize),
     ClientTimeout(usize, u64),
+    /// The replica a local read went to did not answer in time (client,
+    /// request id): the gateway skips it for a while and asks the leader.
+    LocalReadTimeout(usize, u64),
     /// A client's gateway call asked to be woken (client, operation, when).
     ClientWake(usize, u64, MonoMs),
     Fault,
@@ -294,6 +298,8 @@ struct BatchItem {
 
 #[derive(Clone)]
 struct LocalRead {
+    /// The replica asked.
+    replica: NodeId,
     /// The read's guarantee, as the gateway plans and judges it.
     consistency: Consistency,
     /// The tokens the client named (its session, or causal dependencies).
@@ -380,6 +386,9 @@ struct World {
     /// The gateways' call timings: the gateway's own, with this seed's
     /// timeout and resend interval.
     call_limits: CallLimits,
+    /// Each region's gateway: which local replica its next local read
+    /// goes to (the gateway's own rule, on simulated time).
+    local_replicas: BTreeMap<Region, LocalReplicas<u64>>,
     /// `HARBOR_SIM_TRACE=1`: print faults and control-plane decisions.
     tracing: bool,
 }
@@ -531,6 +540,7 @@ impl World {
             node_config,
             swarm,
             call_limits: CallLimits::default(),
+            local_replicas: BTreeMap::new(),
             tracing: std::env::var_os("HARBOR_SIM_TRACE").is_some(),
         };
         world.call_limits = CallLimits {
@@ -658,6 +668,7 @@ impl World {
                 | Event::Tick(_)
                 | Event::ClientStep(_)
                 | Event::ClientTimeout(..)
+                | Event::LocalReadTimeout(..)
                 | Event::ClientWake(..)
         ) {
             self.trace(|| format!("{event:?}"));
@@ -667,6 +678,7 @@ impl World {
             Event::Tick(node) => self.tick(node),
             Event::ClientStep(i) => self.client_step(i),
             Event::ClientTimeout(i, op_id) => self.client_timeout(i, op_id),
+            Event::LocalReadTimeout(i, request_id) => self.local_read_timeout(i, request_id),
             Event::ClientWake(i, op_id, at) => self.client_wake(i, op_id, at),
             Event::Fault => self.fault(),
             Event::Restart(node) => self.restart(&node),

@@ -544,10 +544,19 @@ impl World {
             .filter(|m| self.nodes[*m].region == self.clients[i].region)
             .cloned()
             .collect();
-        let Some(replica) = (!local.is_empty()).then(|| self.rng.pick(&local).clone()) else {
+        let region = self.clients[i].region.clone();
+        let picked = self
+            .local_replicas
+            .entry(region)
+            .or_default()
+            .pick(self.now, &local);
+        let Local::Replica(replica) = picked else {
+            // None in the region, or none answered lately: the leader.
             return self.client_send(i, Op::ReadIssuer, shard, strong, value, None);
         };
+        let timeout_at = self.now + need.wait_ms + limits::LOCAL_READ_TIMEOUT_MS;
         let read = LocalRead {
+            replica: replica.clone(),
             consistency,
             named,
             fallback: Some(strong),
@@ -566,6 +575,36 @@ impl World {
             None,
             Some((replica, read)),
         );
+        if let Some(inflight) = &self.clients[i].inflight {
+            let request_id = inflight.request_id;
+            self.schedule(timeout_at, Event::LocalReadTimeout(i, request_id));
+        }
+    }
+
+    /// A local read's replica did not answer within the gateway's timeout:
+    /// skip it for a while and ask the leader, as `Gateway::read_as` does.
+    pub(super) fn local_read_timeout(&mut self, i: usize, request_id: u64) {
+        let Some(inflight) = self.clients[i].inflight.as_mut() else {
+            return;
+        };
+        if inflight.request_id != request_id || inflight.call.is_some() {
+            return; // answered, or already with the leader
+        }
+        let Some(read) = inflight.read.as_mut() else {
+            return;
+        };
+        let Some(fallback) = read.fallback.take() else {
+            return;
+        };
+        let replica = read.replica.clone();
+        let region = self.clients[i].region.clone();
+        let until = self.now + limits::SILENT_REPLICA_SKIP_MS;
+        self.local_replicas
+            .entry(region)
+            .or_default()
+            .silent(replica, until);
+        let shard = self.clients[i].inflight_shard.expect("a shard in flight");
+        self.send_to_leader(i, shard, fallback);
     }
 
     /// Registers a new issuer through this client's gateway, as `PUT
