@@ -280,6 +280,7 @@ pub struct OpenReservations {
 /// still starting answers 503 with code `unavailable`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
+    /// `ok`, or `starting` (with the fields of an [`ErrorBody`]).
     pub status: String,
     pub groups: u64,
     #[serde(default)]
@@ -334,6 +335,57 @@ pub struct TokenStatus {
     pub resolved_at: Option<CommitToken>,
     #[serde(flatten)]
     pub served: Served,
+}
+
+/// An error answer: `{"error": CODE, "message": TEXT, "retryable": BOOL,
+/// ...details}`. The details are the fields the code defines (`remaining`
+/// and `requested` for `insufficient_exposure`, `field` for
+/// `invalid_field`, `outcome_unknown` for a node's refusal, ...) and who
+/// answered (`region`, `node`, `served_by`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The machine-readable code, such as `insufficient_exposure`.
+    pub error: String,
+    pub message: String,
+    /// The same request may succeed later.
+    #[serde(default)]
+    pub retryable: bool,
+    #[serde(flatten)]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One item of a batch's answer: `ok`, and its reservation or its refusal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchItem {
+    pub ok: bool,
+    #[serde(flatten)]
+    pub outcome: BatchOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BatchOutcome {
+    Reserved(Box<Reservation>),
+    /// With the HTTP status the item would have had alone.
+    Refused {
+        http_status: u16,
+        #[serde(flatten)]
+        error: ErrorBody,
+    },
+}
+
+/// `POST /v1/reservations:batch`: one result per item, in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchAnswer {
+    pub count: u64,
+    /// Items that reserved (or replayed a reservation).
+    pub reserved: u64,
+    pub failed: u64,
+    pub results: Vec<BatchItem>,
+    #[serde(default)]
+    pub gateway_region: Option<String>,
+    #[serde(default)]
+    pub session: Option<String>,
 }
 
 #[cfg(test)]
@@ -450,5 +502,38 @@ mod tests {
         assert_eq!(json["session"], "s");
         assert_eq!(json["staleness_ms"], serde_json::Value::Null);
         assert_eq!(serde_json::from_value::<Reservation>(json).unwrap(), answer);
+    }
+
+    #[test]
+    fn batch_items_are_told_apart_by_their_fields() {
+        let answer: BatchAnswer = serde_json::from_value(serde_json::json!({
+            "count": 2, "reserved": 1, "failed": 1, "gateway_region": "madrid",
+            "results": [
+                {"ok": true, "reservation_id": "I:r1", "issuer_id": "I", "reservation_token": "t1",
+                 "amount": 5, "status": "confirmed", "replayed": false},
+                {"ok": false, "http_status": 409, "error": "insufficient_exposure",
+                 "message": "m", "retryable": false, "reservation_token": "t2", "remaining": 3}
+            ]
+        }))
+        .unwrap();
+        let BatchOutcome::Reserved(reservation) = &answer.results[0].outcome else {
+            panic!("{:?}", answer.results[0]);
+        };
+        assert_eq!(reservation.reservation_id, "I:r1");
+        let BatchOutcome::Refused { http_status, error } = &answer.results[1].outcome else {
+            panic!("{:?}", answer.results[1]);
+        };
+        assert_eq!(
+            (*http_status, error.error.as_str()),
+            (409, "insufficient_exposure")
+        );
+        assert_eq!(error.details["remaining"], 3);
+        assert!(!error.details.contains_key("ok"));
+        let again = serde_json::to_value(&answer).unwrap();
+        assert_eq!(again["results"][1]["ok"], false);
+        assert_eq!(
+            serde_json::from_value::<BatchAnswer>(again).unwrap(),
+            answer
+        );
     }
 }

@@ -506,23 +506,16 @@ impl Client {
             .collect::<Result<Vec<_>, Error>>()?;
         let mut call = Call::new(Method::POST, true, &["reservations:batch"]);
         call.body = Some(to_json(&harbor_api::ReserveBatch { reservations }));
-        let answer: Value = self.run(call).await?;
-        let results = answer["results"]
-            .as_array()
-            .ok_or_else(|| Error::Protocol("a batch answer without results".into()))?;
-        results
-            .iter()
-            .map(|item| {
-                if item["ok"] == true {
-                    parse(item.clone()).map(|r| BatchResult::Reserved(Box::new(r)))
-                } else {
-                    let status = item["http_status"].as_u64().unwrap_or(0) as u16;
-                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT);
-                    let e = api_error(status, &HeaderMap::new(), Some(item.clone()), b"");
-                    Ok(BatchResult::Refused(e))
-                }
-            })
-            .collect()
+        let answer: harbor_api::BatchAnswer = self.run(call).await?;
+        let results = answer.results.into_iter().map(|item| match item.outcome {
+            harbor_api::BatchOutcome::Reserved(reservation) => BatchResult::Reserved(reservation),
+            harbor_api::BatchOutcome::Refused { http_status, error } => {
+                let status = StatusCode::from_u16(http_status).unwrap_or(StatusCode::CONFLICT);
+                let value = serde_json::to_value(error).expect("an error body serializes");
+                BatchResult::Refused(api_error(status, &HeaderMap::new(), Some(value), b""))
+            }
+        });
+        Ok(results.collect())
     }
 
     /// Confirms a hold. Retried on any failure, since confirming a confirmed
@@ -870,20 +863,28 @@ fn api_error(
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     match value {
-        Some(Value::Object(mut details)) if details.get("error").is_some_and(Value::is_string) => {
-            let text = |v: Option<Value>| match v {
-                Some(Value::String(s)) => s,
-                _ => String::new(),
+        Some(value @ Value::Object(_)) if value.get("error").is_some_and(Value::is_string) => {
+            let body: harbor_api::ErrorBody = match serde_json::from_value(value) {
+                Ok(body) => body,
+                Err(e) => {
+                    return ApiError {
+                        status: status.as_u16(),
+                        code: "invalid_error_body".to_string(),
+                        message: e.to_string(),
+                        retryable: false,
+                        outcome_unknown: false,
+                        retry_after,
+                        details: Map::new(),
+                    }
+                }
             };
-            let code = text(details.remove("error"));
-            let message = text(details.remove("message"));
-            let retryable = details.remove("retryable").and_then(|v| v.as_bool());
+            let mut details = body.details;
             let outcome_unknown = details.remove("outcome_unknown").and_then(|v| v.as_bool());
             ApiError {
                 status: status.as_u16(),
-                code,
-                message,
-                retryable: retryable.unwrap_or(false),
+                code: body.error,
+                message: body.message,
+                retryable: body.retryable,
                 outcome_unknown: outcome_unknown.unwrap_or(false),
                 retry_after,
                 details,

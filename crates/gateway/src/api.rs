@@ -294,21 +294,6 @@ pub(crate) fn reply(status: StatusCode, body: Map<String, Value>) -> HttpRespons
     (status, Json(Value::Object(body))).into_response()
 }
 
-/// An answer that carries the caller's session, raised by what it showed:
-/// in the body and in the `Harbor-Session` header, to send next time.
-pub(crate) fn reply_in_session(
-    status: StatusCode,
-    mut body: Map<String, Value>,
-    session: &Session,
-) -> HttpResponse {
-    body.insert("session".into(), json!(session.to_string()));
-    let mut response = reply(status, body);
-    response
-        .headers_mut()
-        .insert(SESSION_HEADER, session.header_value());
-    response
-}
-
 /// A typed answer; with the session (already in its `served` fields) in
 /// the `Harbor-Session` header too.
 fn answer(status: StatusCode, body: &impl Serialize, session: Option<&Session>) -> HttpResponse {
@@ -469,29 +454,36 @@ pub(crate) async fn health(State(gw): Gw) -> HttpResponse {
         .filter(|(_, r)| !r)
         .map(|(s, _)| s.0)
         .collect();
-    let mut body = Map::new();
-    body.insert("groups".into(), json!(results.len()));
-    body.insert("groups_not_ready".into(), json!(not_ready));
-    body.insert("region".into(), json!(gw.region));
-    body.insert("node".into(), json!(gw.me));
+    let ready = not_ready.is_empty();
+    let health = api::Health {
+        status: if ready { "ok" } else { "starting" }.to_string(),
+        groups: results.len() as u64,
+        groups_not_ready: not_ready,
+        map_version: map.map_version,
+        region: gw.region.to_string(),
+        node: gw.me.to_string(),
+    };
+    let mut body = object(&health);
     body.insert("served_by".into(), json!("gateway"));
-    body.insert("map_version".into(), json!(map.map_version));
-    if not_ready.is_empty() {
-        body.insert("status".into(), json!("ok"));
-        reply(StatusCode::OK, body)
-    } else {
-        body.insert("status".into(), json!("starting"));
-        body.insert("error".into(), json!("unavailable"));
-        body.insert("retryable".into(), json!(true));
-        body.insert(
-            "message".into(),
-            json!(format!(
-                "{} groups have no ready leader yet",
-                not_ready.len()
-            )),
-        );
-        reply(StatusCode::SERVICE_UNAVAILABLE, body)
+    if ready {
+        return reply(StatusCode::OK, body);
     }
+    let error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        format!(
+            "{} groups have no ready leader yet",
+            health.groups_not_ready.len()
+        ),
+    );
+    body.extend(object(
+        ApiError {
+            retryable: true,
+            ..error
+        }
+        .body(),
+    ));
+    reply(StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 pub(crate) async fn put_issuer(

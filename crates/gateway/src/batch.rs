@@ -10,18 +10,16 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::response::Response as HttpResponse;
+use harbor_api::{BatchAnswer, BatchItem, BatchOutcome};
 use harbor_reservation::{Command, Outcome, BATCH_COMMANDS_MAX};
 use harbor_types::ShardId;
-use serde_json::{json, Map, Value};
 
-use crate::api::{
-    commit_token, object, reply_in_session, reservation_answer, reserve_command, respond,
-    unexpected_outcome,
-};
+use crate::api::{commit_token, reservation_answer, reserve_command, respond, unexpected_outcome};
 use crate::body::JsonBody;
 use crate::error::ApiError;
-use crate::reads::Session;
+use crate::reads::{Session, SESSION_HEADER};
 use crate::router::Gateway;
 
 /// A group's share of a batch larger than `ENTRY_COMMANDS_MAX` becomes
@@ -54,7 +52,7 @@ async fn run(
             ),
         ));
     }
-    let mut results: Vec<Option<Map<String, Value>>> = vec![None; items.len()];
+    let mut results: Vec<Option<BatchItem>> = vec![None; items.len()];
     // Group → (item, command); the directory is asked once per issuer.
     let mut by_shard: BTreeMap<ShardId, Vec<(usize, Command)>> = BTreeMap::new();
     let mut shard_of: HashMap<String, Result<ShardId, ApiError>> = HashMap::new();
@@ -114,53 +112,64 @@ async fn run(
             continue;
         };
         for (i, outcome) in indexes.into_iter().zip(outcomes) {
-            let mut result = match outcome {
+            let at = commit_token(applied.commit_token);
+            results[i] = Some(match outcome {
                 Outcome::Reservation {
                     reservation,
                     replayed,
-                } => {
-                    let answer = harbor_api::Reservation {
+                } => BatchItem {
+                    ok: true,
+                    outcome: BatchOutcome::Reserved(Box::new(harbor_api::Reservation {
                         replayed: *replayed,
-                        commit_token: Some(commit_token(applied.commit_token)),
+                        commit_token: Some(at),
                         ..reservation_answer(reservation, None)
-                    };
-                    let mut body = object(&answer);
-                    body.insert("ok".into(), json!(true));
-                    body
+                    })),
+                },
+                Outcome::Rejected(rejection) => {
+                    failed(ApiError::rejection(rejection).with("commit_token", at))
                 }
-                Outcome::Rejected(rejection) => failed(ApiError::rejection(rejection)),
                 other => failed(unexpected_outcome(other)),
-            };
-            result.insert("commit_token".into(), json!(applied.commit_token));
-            results[i] = Some(result);
+            });
         }
     }
-    let results: Vec<Value> = results
+    let results: Vec<BatchItem> = results
         .into_iter()
         .zip(&items)
         .map(|(result, item)| {
             let mut result = result.expect("every item has a result");
+            if let BatchOutcome::Refused { error, .. } = &mut result.outcome {
+                error
+                    .details
+                    .entry("reservation_token")
+                    .or_insert(item.reservation_token.clone().into());
+            }
             result
-                .entry("reservation_token")
-                .or_insert(json!(item.reservation_token));
-            Value::Object(result)
         })
         .collect();
-    let committed = results.iter().filter(|r| r["ok"] == true).count();
-    let mut body = Map::new();
-    body.insert("count".into(), json!(results.len()));
-    body.insert("reserved".into(), json!(committed));
-    body.insert("failed".into(), json!(results.len() - committed));
-    body.insert("results".into(), Value::Array(results));
-    body.insert("gateway_region".into(), json!(gw.region));
-    Ok(reply_in_session(StatusCode::OK, body, &session))
+    let reserved = results.iter().filter(|r| r.ok).count() as u64;
+    let answer = BatchAnswer {
+        count: results.len() as u64,
+        reserved,
+        failed: results.len() as u64 - reserved,
+        results,
+        gateway_region: Some(gw.region.to_string()),
+        session: Some(session.to_string()),
+    };
+    let mut response = (StatusCode::OK, axum::Json(answer)).into_response();
+    response
+        .headers_mut()
+        .insert(SESSION_HEADER, session.header_value());
+    Ok(response)
 }
 
-/// One item's failure, in the shape of an error answer plus `"ok": false`
-/// and the HTTP status it would have had alone.
-fn failed(e: ApiError) -> Map<String, Value> {
-    let mut body = e.to_json();
-    body.insert("ok".into(), json!(false));
-    body.insert("http_status".into(), json!(e.status.as_u16()));
-    body
+/// One item's failure: the error answer it would have had alone, and that
+/// answer's HTTP status.
+fn failed(e: ApiError) -> BatchItem {
+    BatchItem {
+        ok: false,
+        outcome: BatchOutcome::Refused {
+            http_status: e.status.as_u16(),
+            error: e.body(),
+        },
+    }
 }

@@ -96,22 +96,23 @@ impl ApiError {
 
 impl ApiError {
     /// The body of the error answer.
-    pub fn to_json(&self) -> Map<String, Value> {
-        let mut body = Map::new();
-        body.insert("error".into(), json!(self.code));
-        body.insert("message".into(), json!(self.message));
-        body.insert("retryable".into(), json!(self.retryable));
-        for (k, v) in &self.details {
-            body.entry(k.clone()).or_insert(v.clone());
+    pub fn body(&self) -> harbor_api::ErrorBody {
+        let mut details = self.details.clone();
+        for named in ["error", "message", "retryable"] {
+            details.remove(named);
         }
-        body
+        harbor_api::ErrorBody {
+            error: self.code.to_string(),
+            message: self.message.clone(),
+            retryable: self.retryable,
+            details,
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = self.to_json();
-        let mut response = (self.status, axum::Json(Value::Object(body))).into_response();
+        let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(ms) = self.retry_after_ms {
             let seconds = ms.div_ceil(1000).max(1);
             response.headers_mut().insert(
