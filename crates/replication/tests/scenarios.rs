@@ -12,6 +12,28 @@ fn node(name: &str) -> NodeId {
     NodeId::new(name).unwrap()
 }
 
+/// Three replicas in the home region and one remote.
+fn members() -> Vec<Member> {
+    vec![
+        Member {
+            node: node("l1"),
+            local: true,
+        },
+        Member {
+            node: node("l2"),
+            local: true,
+        },
+        Member {
+            node: node("l3"),
+            local: true,
+        },
+        Member {
+            node: node("r1"),
+            local: false,
+        },
+    ]
+}
+
 /// Three local replicas (l1 leads) and one remote (r1).
 struct Group {
     now_ms: u64,
@@ -37,24 +59,7 @@ impl Group {
     }
 
     fn with_config(tune: impl Fn(&mut Config)) -> Group {
-        let members = vec![
-            Member {
-                node: node("l1"),
-                local: true,
-            },
-            Member {
-                node: node("l2"),
-                local: true,
-            },
-            Member {
-                node: node("l3"),
-                local: true,
-            },
-            Member {
-                node: node("r1"),
-                local: false,
-            },
-        ];
+        let members = members();
         let mut replicas = BTreeMap::new();
         for m in &members {
             let mut config = Config::new(ShardId(7), m.node.clone());
@@ -575,24 +580,7 @@ fn a_restarted_leader_never_leads_its_generation_again() {
         }),
         "leading a sealed generation is made durable first: {effects:?}"
     );
-    let members = vec![
-        Member {
-            node: node("l1"),
-            local: true,
-        },
-        Member {
-            node: node("l2"),
-            local: true,
-        },
-        Member {
-            node: node("l3"),
-            local: true,
-        },
-        Member {
-            node: node("r1"),
-            local: false,
-        },
-    ];
+    let members = members();
     let restarted = |led| {
         let recovered = Recovered {
             generation: Generation(2),
