@@ -134,9 +134,10 @@ pub struct HlcTime {
     pub logical: u32,
 }
 
-/// How and where an answer was produced. Every answer carries these fields;
-/// the consistency ones (`consistency`, `fallback`, `staleness_ms`,
-/// `stale`) are those of reads.
+/// How and where an answer was produced. Every answer carries these fields
+/// (the items of a list or a batch do not: their answer does); the
+/// consistency ones (`consistency`, `fallback`, `staleness_ms`, `stale`)
+/// are those of reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Served {
@@ -193,11 +194,11 @@ pub struct Issuer {
     /// The last entry that changed `limit` or `reserved`.
     #[serde(default)]
     pub updated: Option<CommitToken>,
-    /// Writes only: this call registered the issuer. A retried call whose
-    /// first attempt registered it answers `false`.
+    /// Writes: this call registered the issuer (a retried call whose first
+    /// attempt registered it answers `false`). Reads say `false`.
     #[serde(default)]
     pub created: bool,
-    /// Writes only: this call changed the limit.
+    /// Writes: this call changed the limit. Reads say `false`.
     #[serde(default)]
     pub changed: bool,
     /// Writes only: the entry that recorded the write.
@@ -248,6 +249,7 @@ pub struct Reservation {
     pub updated: Option<CommitToken>,
     /// Writes: an earlier attempt (or request) with this token or
     /// transition had already done it; this answer repeats its outcome.
+    /// Reads say `false`.
     #[serde(default)]
     pub replayed: bool,
     /// Writes: the entry that recorded the answer.
@@ -346,6 +348,7 @@ pub struct TokenStatus {
 pub struct ErrorBody {
     /// The machine-readable code, such as `insufficient_exposure`.
     pub error: String,
+    #[serde(default)]
     pub message: String,
     /// The same request may succeed later.
     #[serde(default)]

@@ -4,8 +4,8 @@
 //! executes: it takes a batch of inputs (up to `batch_inputs_max`) and
 //! steps the core with each at the time it read, then drains the core's
 //! `Ready` until it is empty: WAL writes (appends buffered), envelopes
-//! sent, one fsync for the round, the sync reported back. A batch of
-//! inputs becomes one WAL write and one fsync (group commit).
+//! sent, one fsync if the `Ready` appended, the sync reported back. A batch
+//! of inputs becomes one WAL write and one fsync (group commit).
 
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;

@@ -456,8 +456,10 @@ impl Replica {
     /// Whether `generation` is one [`Replica::become_leader`] may take, as
     /// far as generations go (a recovering replica may take none): a newer
     /// one, or the one it is sealed at without a leader, provided it holds
-    /// no entry of it. An order that arrives late (a deposed control loop's,
-    /// a slow connection's) fails this and is ignored by the runtime.
+    /// no entry of it (and never led it). An order that arrives late (a
+    /// deposed control loop's, a slow connection's) fails this and is
+    /// ignored by the runtime, unless the replica lost its state: at
+    /// generation 0 it cannot tell a late order from a current one.
     pub fn may_lead(&self, generation: Generation) -> bool {
         generation > self.generation
             || (self.sealed_at(generation)
@@ -1428,6 +1430,11 @@ impl Replica {
     }
 
     fn on_ack(&mut self, now: Now, from: &NodeId, m: AppendAck) {
+        if m.generation > self.generation && self.recovering {
+            // As for appends: generations only from the control plane.
+            probe("replication.recovering_replica_ignores_untold_generation");
+            return;
+        }
         if m.generation > self.generation {
             probe("replication.leader_fenced_by_newer_generation");
             // A newer generation exists: we are fenced. The metadata plane

@@ -2,7 +2,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
-use harbor_checker::{Call as HistoryCall, ErrorReply, FinalLine, HistoryRecorder, Reply};
+use harbor_checker::{
+    Call as HistoryCall, Consistency as HistoryConsistency, ErrorReply, FinalLine,
+    FinalReservation, FinalToken, HistoryRecorder, LookupStatus, OpResult, Reply,
+    ReservationStatus, ServedBy, TokenStatus,
+};
 use harbor_gateway::call::{Call, CallLimits, MapEntry, Step};
 use harbor_gateway::local::{Local, LocalReplicas};
 use harbor_gateway::reads::{freshness, judge_local, Consistency, LocalAnswer};
@@ -23,7 +27,6 @@ use harbor_wal::MemStorage;
 use harbor_wire::Control;
 use harbor_wire::Transport;
 use harbor_wire::{Body, Envelope, Query, QueryResult, Request, Response};
-use serde_json::{json, Value};
 
 use harbor_types::limits::{self, CONTROL_INTERVAL_MS};
 
@@ -244,21 +247,6 @@ enum Op {
     /// Several reserves in one `Command::Batch`; each is recorded as an
     /// operation of its own sub-client.
     ReserveBatch,
-}
-
-impl Op {
-    fn name(self) -> &'static str {
-        match self {
-            Op::Register => "register_issuer",
-            Op::Reserve => "reserve",
-            Op::Confirm => "confirm",
-            Op::Release => "release",
-            Op::Resolve => "resolve",
-            Op::TokenLookup => "token_lookup",
-            Op::ReadIssuer => "read_issuer",
-            Op::ReserveBatch => "reserve",
-        }
-    }
 }
 
 struct Inflight {
@@ -589,31 +577,17 @@ impl World {
         self.queue.insert((at, self.seq), event);
     }
 
-    /// Records an invoke; returns its op id. Values are built as the
-    /// history format's JSON and typed here, once.
-    fn invoke(&mut self, client: &str, f: &str, value: Value) -> u64 {
-        let call: HistoryCall = serde_json::from_value(json!({"f": f, "value": value}))
-            .unwrap_or_else(|e| panic!("the simulator built an invalid {f} call: {e}"));
+    /// Records an invoke; returns its op id.
+    fn invoke(&mut self, client: &str, call: HistoryCall) -> u64 {
         self.recorder.invoke(self.now, client, call)
     }
 
     /// Records a completion: `ok`, `fail` (definite) or `info` (unknown).
-    fn completed(&mut self, kind: &str, op: u64, f: &str, value: Value) {
-        match kind {
-            "ok" => {
-                let reply: Reply = serde_json::from_value(json!({"f": f, "value": value}))
-                    .unwrap_or_else(|e| panic!("the simulator built an invalid {f} reply: {e}"));
-                self.recorder.ok(self.now, op, reply);
-            }
-            "fail" => {
-                let error: ErrorReply = serde_json::from_value(value)
-                    .unwrap_or_else(|e| panic!("the simulator built an invalid {f} failure: {e}"));
-                self.recorder.fail(self.now, op, error);
-            }
-            _ => {
-                let error = value["error"].as_str().unwrap_or("unknown").to_string();
-                self.recorder.info(self.now, op, &error);
-            }
+    fn completed(&mut self, op: u64, result: OpResult) {
+        match result {
+            OpResult::Ok(reply) => self.recorder.ok(self.now, op, reply),
+            OpResult::Fail(error) => self.recorder.fail(self.now, op, error),
+            OpResult::Info(error) => self.recorder.info(self.now, op, &error.error),
         }
     }
 
@@ -714,14 +688,18 @@ impl World {
                 home_region: group.home.clone(),
                 limit: Amount(limit),
             };
-            let value = json!({"issuer_id": issuer, "home_region": group.home, "limit": limit});
+            let call = HistoryCall::RegisterIssuer {
+                issuer_id: issuer.clone(),
+                home_region: group.home.clone(),
+                limit: Amount(limit),
+            };
             let ok_before = self.stats.ok;
             for _try in 0..TRIES_MAX {
                 let request = Request::Write {
                     shard,
                     command: command.clone(),
                 };
-                self.client_send(0, Op::Register, shard, request, value.clone(), None);
+                self.client_send(0, Op::Register, shard, request, call.clone(), None);
                 // Run the world until the registration answers.
                 while self.clients[0].inflight.is_some() {
                     let Some(((at, _), event)) = self.queue.pop_first() else {

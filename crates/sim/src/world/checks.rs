@@ -1,7 +1,7 @@
 //! The end of a run: liveness (the cluster converges once faults heal)
 //! and the final checks of every replica's state.
 
-use super::clients::token_json;
+use super::clients::{status, token_outcome};
 use super::*;
 
 impl World {
@@ -114,33 +114,36 @@ impl World {
                 let Some(r) = machine.reservation(&ReservationId::new(issuer.clone(), seq)) else {
                     break;
                 };
-                reservations.push(json!({
-                    "reservation_id": r.reservation_id, "token": r.reservation_token,
-                    "amount": r.amount, "status": r.status,
-                }));
+                reservations.push(FinalReservation {
+                    reservation_id: r.reservation_id,
+                    token: r.reservation_token,
+                    amount: r.amount,
+                    status: status(r.status),
+                });
             }
             let mut tokens = BTreeMap::new();
             for client in &self.clients {
                 for used in client.used.iter().filter(|u| u.issuer == issuer) {
                     if let Some(view) = machine.token(&issuer, &used.token) {
-                        tokens.insert(used.token.to_string(), token_json(&view));
+                        let (status, reservation_id) = token_outcome(&view);
+                        let token = FinalToken {
+                            token: used.token.clone(),
+                            status,
+                            reservation_id,
+                        };
+                        tokens.insert(used.token.to_string(), token);
                     }
                 }
             }
-            let tokens: Vec<Value> = tokens
-                .into_iter()
-                .map(|(token, mut v)| {
-                    v["token"] = json!(token);
-                    v
-                })
-                .collect();
-            let line = json!({
-                "time_ms": self.now, "issuer_id": issuer, "shard": shard.0,
-                "limit": view.limit, "reserved": view.reserved,
-                "reservations": reservations, "tokens": tokens,
-            });
-            let line: FinalLine = serde_json::from_value(line)
-                .unwrap_or_else(|e| panic!("the simulator built an invalid final line: {e}"));
+            let line = FinalLine {
+                time_ms: self.now,
+                issuer_id: issuer,
+                shard,
+                limit: view.limit,
+                reserved: view.reserved,
+                reservations,
+                tokens: tokens.into_values().collect(),
+            };
             self.recorder.final_state(line);
         }
         self.finished = true;

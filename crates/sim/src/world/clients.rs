@@ -10,10 +10,10 @@ impl World {
         op: Op,
         shard: ShardId,
         request: Request,
-        value: Value,
+        call: HistoryCall,
         token: Option<(ReservationToken, IssuerId)>,
     ) {
-        self.client_send_to(i, op, shard, request, value, token, None);
+        self.client_send_to(i, op, shard, request, call, token, None);
     }
 
     /// Starts an operation: to the leader the client's map names, or, for
@@ -25,12 +25,12 @@ impl World {
         op: Op,
         shard: ShardId,
         request: Request,
-        value: Value,
+        call: HistoryCall,
         token: Option<(ReservationToken, IssuerId)>,
         local: Option<(NodeId, LocalRead)>,
     ) {
         let client = self.clients[i].id.to_string();
-        let op_id = self.invoke(&client, op.name(), value);
+        let op_id = self.invoke(&client, call);
         self.stats.ops += 1;
         self.clients[i].inflight_shard = Some(shard);
         let (replica, read) = local.unzip();
@@ -48,7 +48,7 @@ impl World {
         // directory first; one it cannot find is refused with a 404.
         if let Some(issuer) = looked_up_issuer(&request) {
             if self.find(i, issuer).is_none() {
-                return self.complete(i, "fail", json!({"error": "unknown_issuer"}));
+                return self.complete(i, OpResult::Fail(ErrorReply::new("unknown_issuer")));
             }
         }
         match replica {
@@ -307,9 +307,7 @@ impl World {
                 used
             };
             let client = format!("{}.b{k}", self.clients[i].id);
-            let value = json!({"token": used.token, "issuer_id": used.issuer, "amount": used.amount,
-                               "hold_ttl_ms": used.hold_ttl_ms});
-            let op_id = self.invoke(&client, "reserve", value);
+            let op_id = self.invoke(&client, reserve_call(&used));
             self.stats.ops += 1;
             items.push(BatchItem { op_id, used });
         }
@@ -341,54 +339,53 @@ impl World {
         self.schedule(at, Event::ClientTimeout(i, op_id));
     }
 
-    /// Ends a batch: one completion per reserve (`None`: the batch's own
-    /// `kind` and `value`, for all of them).
+    /// Ends a batch: one completion per reserve, from the batch entry's
+    /// outcomes and commit token, or `Err`: the same result for all.
     pub(super) fn complete_batch(
         &mut self,
         i: usize,
-        kind: &str,
-        value: Value,
-        outcomes: Option<Vec<Outcome>>,
-        commit_token: Option<CommitToken>,
+        outcomes: Result<(Vec<Outcome>, CommitToken), OpResult>,
     ) {
         let inflight = self.clients[i].inflight.take().expect("a batch in flight");
-        let outcomes: Vec<Option<Outcome>> = match outcomes {
-            Some(outcomes) => outcomes.into_iter().map(Some).collect(),
-            None => inflight.batch.iter().map(|_| None).collect(),
+        let results: Vec<OpResult> = match outcomes {
+            Err(all) => inflight.batch.iter().map(|_| all.clone()).collect(),
+            Ok((outcomes, commit_token)) => {
+                raise(&mut self.clients[i].session, commit_token);
+                outcomes
+                    .into_iter()
+                    .map(|outcome| match outcome {
+                        Outcome::Reservation {
+                            reservation,
+                            replayed,
+                        } => {
+                            self.track(i, &reservation);
+                            OpResult::Ok(Reply::Reserve {
+                                reservation_id: reservation.reservation_id,
+                                status: status(reservation.status),
+                                commit_token,
+                                replayed,
+                            })
+                        }
+                        Outcome::Rejected(r) => OpResult::Fail(ErrorReply {
+                            error: r.code().to_string(),
+                            commit_token: Some(commit_token),
+                        }),
+                        other => unexpected(&other),
+                    })
+                    .collect()
+            }
         };
-        if let Some(token) = commit_token {
-            raise(&mut self.clients[i].session, token);
-        }
-        for (item, outcome) in inflight.batch.iter().zip(outcomes) {
-            let (kind, value) = match outcome {
-                None => (kind, value.clone()),
-                Some(Outcome::Reservation {
-                    reservation,
-                    replayed,
-                }) => {
-                    self.track(i, &reservation);
-                    (
-                        "ok",
-                        json!({"reservation_id": reservation.reservation_id, "status": reservation.status,
-                                  "commit_token": commit_token, "replayed": replayed}),
-                    )
-                }
-                Some(Outcome::Rejected(r)) => (
-                    "fail",
-                    json!({"error": r.code(), "commit_token": commit_token}),
-                ),
-                Some(other) => ("info", json!({"error": format!("unexpected {other:?}")})),
-            };
-            match kind {
-                "ok" => self.stats.ok += 1,
-                "fail" => self.stats.fail += 1,
-                _ => {
+        for (item, result) in inflight.batch.iter().zip(results) {
+            match result {
+                OpResult::Ok(_) => self.stats.ok += 1,
+                OpResult::Fail(_) => self.stats.fail += 1,
+                OpResult::Info(_) => {
                     self.stats.info += 1;
                     let token = (item.used.token.clone(), item.used.issuer.clone());
                     self.clients[i].unknown.push(token);
                 }
             }
-            self.completed(kind, item.op_id, "reserve", value);
+            self.completed(item.op_id, result);
         }
         let at = self.now + self.rng.range(1, 20);
         self.schedule(at, Event::ClientStep(i));
@@ -410,29 +407,29 @@ impl World {
         }
     }
 
-    pub(super) fn complete(&mut self, i: usize, kind: &str, value: Value) {
+    pub(super) fn complete(&mut self, i: usize, result: OpResult) {
         if self.clients[i]
             .inflight
             .as_ref()
             .is_some_and(|f| f.op == Op::ReserveBatch)
         {
-            return self.complete_batch(i, kind, value, None, None);
+            return self.complete_batch(i, Err(result));
         }
         let client = &mut self.clients[i];
         let inflight = client.inflight.take().expect("an operation in flight");
-        match kind {
-            "ok" => self.stats.ok += 1,
-            "fail" => self.stats.fail += 1,
-            _ => self.stats.info += 1,
+        match result {
+            OpResult::Ok(_) => self.stats.ok += 1,
+            OpResult::Fail(_) => self.stats.fail += 1,
+            OpResult::Info(_) => self.stats.info += 1,
         }
-        if kind == "info" {
+        if matches!(result, OpResult::Info(_)) {
             if let Some(token) = inflight.token.clone() {
                 if matches!(inflight.op, Op::Reserve | Op::Resolve) {
                     self.clients[i].unknown.push(token);
                 }
             }
         }
-        self.completed(kind, inflight.op_id, inflight.op.name(), value);
+        self.completed(inflight.op_id, result);
         if !self.setting_up {
             let at = self.now + self.rng.range(1, 20);
             self.schedule(at, Event::ClientStep(i));
@@ -445,7 +442,7 @@ impl World {
             .as_ref()
             .is_some_and(|f| f.op_id == op_id)
         {
-            self.complete(i, "info", json!({"error": "timeout"}));
+            self.complete(i, OpResult::Info(ErrorReply::new("timeout")));
         }
     }
 
@@ -460,7 +457,10 @@ impl World {
         if let Some((token, issuer)) = self.clients[i].unknown.pop() {
             // An unknown outcome: ask, and make it final.
             let shard = self.shard_of(&issuer);
-            let value = json!({"token": token, "issuer_id": issuer});
+            let call = HistoryCall::Resolve {
+                token: token.clone(),
+                issuer_id: issuer.clone(),
+            };
             let command = Command::ResolveToken {
                 issuer_id: issuer.clone(),
                 token: token.clone(),
@@ -470,7 +470,7 @@ impl World {
                 Op::Resolve,
                 shard,
                 Request::Write { shard, command },
-                value,
+                call,
                 Some((token, issuer)),
             );
         }
@@ -499,12 +499,15 @@ impl World {
             _ if !client.used.is_empty() => {
                 let used = self.rng.pick(&self.clients[i].used).clone();
                 let shard = self.shard_of(&used.issuer);
-                let value = json!({"token": used.token, "issuer_id": used.issuer});
+                let call = HistoryCall::TokenLookup {
+                    token: used.token.clone(),
+                    issuer_id: used.issuer.clone(),
+                };
                 let request = Request::Read {
                     shard,
                     query: Query::Token(used.issuer.clone(), used.token.clone()),
                 };
-                self.client_send(i, Op::TokenLookup, shard, request, value, None);
+                self.client_send(i, Op::TokenLookup, shard, request, call, None);
             }
             _ => self.new_reservation(i),
         }
@@ -532,12 +535,24 @@ impl World {
         // What the gateway asks of a local replica (its dependencies are
         // the session here).
         let Some(need) = freshness(consistency, session, session) else {
-            let value = json!({"issuer_id": issuer, "consistency": "strong"});
-            return self.client_send(i, Op::ReadIssuer, shard, strong, value, None);
+            let call = HistoryCall::ReadIssuer {
+                issuer_id: issuer,
+                consistency: HistoryConsistency::Strong,
+                max_staleness_ms: None,
+            };
+            return self.client_send(i, Op::ReadIssuer, shard, strong, call, None);
         };
         let named: Vec<CommitToken> = need.applied_at_least.and(session).into_iter().collect();
-        let value = json!({"issuer_id": issuer, "consistency": consistency.name(),
-                           "max_staleness_ms": need.max_staleness_ms});
+        let call = HistoryCall::ReadIssuer {
+            issuer_id: issuer.clone(),
+            consistency: match consistency {
+                Consistency::Strong => HistoryConsistency::Strong,
+                Consistency::Session => HistoryConsistency::Session,
+                Consistency::Bounded { .. } => HistoryConsistency::Bounded,
+                Consistency::Causal { .. } => HistoryConsistency::Causal,
+            },
+            max_staleness_ms: need.max_staleness_ms,
+        };
         let local: Vec<NodeId> = self.groups[&shard]
             .members
             .iter()
@@ -552,7 +567,7 @@ impl World {
             .pick(self.now, &local);
         let Local::Replica(replica) = picked else {
             // None in the region, or none answered lately: the leader.
-            return self.client_send(i, Op::ReadIssuer, shard, strong, value, None);
+            return self.client_send(i, Op::ReadIssuer, shard, strong, call, None);
         };
         let timeout_at = self.now + need.wait_ms + limits::LOCAL_READ_TIMEOUT_MS;
         let read = LocalRead {
@@ -571,7 +586,7 @@ impl World {
             Op::ReadIssuer,
             shard,
             request,
-            value,
+            call,
             None,
             Some((replica, read)),
         );
@@ -630,9 +645,13 @@ impl World {
             home_region: region.clone(),
             limit: Amount(limit),
         };
-        let value = json!({"issuer_id": issuer, "home_region": region, "limit": limit});
+        let call = HistoryCall::RegisterIssuer {
+            issuer_id: issuer,
+            home_region: region,
+            limit: Amount(limit),
+        };
         let request = Request::Write { shard, command };
-        self.client_send(i, Op::Register, shard, request, value, None);
+        self.client_send(i, Op::Register, shard, request, call, None);
     }
 
     pub(super) fn shard_of_placed(&self, issuer: &IssuerId) -> ShardId {
@@ -663,8 +682,7 @@ impl World {
 
     pub(super) fn reserve(&mut self, i: usize, used: TokenUse) {
         let shard = self.shard_of(&used.issuer);
-        let value = json!({"token": used.token, "issuer_id": used.issuer, "amount": used.amount,
-                           "hold_ttl_ms": used.hold_ttl_ms});
+        let call = reserve_call(&used);
         let command = Command::Reserve {
             token: used.token.clone(),
             issuer_id: used.issuer.clone(),
@@ -679,19 +697,28 @@ impl World {
             Op::Reserve,
             shard,
             Request::Write { shard, command },
-            value,
+            call,
             token,
         );
     }
 
     pub(super) fn transition(&mut self, i: usize, id: ReservationId, op: Op) {
         let shard = self.shard_of(id.issuer());
-        let value = json!({"reservation_id": id});
-        let command = match op {
-            Op::Confirm => Command::Confirm { reservation_id: id },
-            _ => Command::Release { reservation_id: id },
+        let (call, command) = match op {
+            Op::Confirm => (
+                HistoryCall::Confirm {
+                    reservation_id: id.clone(),
+                },
+                Command::Confirm { reservation_id: id },
+            ),
+            _ => (
+                HistoryCall::Release {
+                    reservation_id: id.clone(),
+                },
+                Command::Release { reservation_id: id },
+            ),
         };
-        self.client_send(i, op, shard, Request::Write { shard, command }, value, None);
+        self.client_send(i, op, shard, Request::Write { shard, command }, call, None);
     }
 
     pub(super) fn client_response(&mut self, i: usize, envelope: Envelope) {
@@ -736,47 +763,68 @@ impl World {
             .as_ref()
             .expect("an operation in flight");
         let (op, read) = (inflight.op, inflight.read.clone());
-        match response {
+        let result = match response {
             Response::Error(e) => {
-                let kind = if e.outcome_unknown { "info" } else { "fail" };
-                self.complete(i, kind, json!({"error": e.code().as_str()}));
+                let error = ErrorReply::new(e.code().as_str());
+                if e.outcome_unknown {
+                    OpResult::Info(error)
+                } else {
+                    OpResult::Fail(error)
+                }
             }
             Response::Applied {
                 outcome,
                 commit_token,
                 ..
-            } => match outcome {
-                Outcome::Reservation {
-                    reservation,
-                    replayed,
-                } => {
+            } => match (op, outcome) {
+                (
+                    Op::Reserve | Op::Confirm | Op::Release,
+                    Outcome::Reservation {
+                        reservation,
+                        replayed,
+                    },
+                ) => {
                     raise(&mut self.clients[i].session, commit_token);
                     self.track(i, &reservation);
-                    let value = json!({"reservation_id": reservation.reservation_id, "status": reservation.status,
-                                       "commit_token": commit_token, "replayed": replayed});
-                    self.complete(i, "ok", value);
+                    let status = status(reservation.status);
+                    OpResult::Ok(match op {
+                        Op::Reserve => Reply::Reserve {
+                            reservation_id: reservation.reservation_id,
+                            status,
+                            commit_token,
+                            replayed,
+                        },
+                        Op::Confirm => Reply::Confirm {
+                            status,
+                            commit_token,
+                        },
+                        _ => Reply::Release {
+                            status,
+                            commit_token,
+                        },
+                    })
                 }
-                Outcome::Batch(outcomes) if op == Op::ReserveBatch => {
+                (Op::ReserveBatch, Outcome::Batch(outcomes)) => {
                     self.stats.batches += 1;
-                    self.complete_batch(i, "ok", Value::Null, Some(outcomes), Some(commit_token));
+                    return self.complete_batch(i, Ok((outcomes, commit_token)));
                 }
-                Outcome::Rejected(r) => {
-                    self.complete(
-                        i,
-                        "fail",
-                        json!({"error": r.code(), "commit_token": commit_token}),
-                    );
-                }
-                Outcome::Token(view) => {
+                (_, Outcome::Rejected(r)) => OpResult::Fail(ErrorReply {
+                    error: r.code().to_string(),
+                    commit_token: Some(commit_token),
+                }),
+                (Op::Resolve, Outcome::Token(view)) => {
                     raise(&mut self.clients[i].session, commit_token);
-                    let mut value = token_json(&view);
-                    value["commit_token"] = json!(commit_token);
-                    if let TokenOutcome::Committed { reservation_id, .. } = &view.outcome {
-                        self.clients[i].mine.push(reservation_id.clone());
+                    let (status, reservation_id) = token_outcome(&view);
+                    if let Some(id) = &reservation_id {
+                        self.clients[i].mine.push(id.clone());
                     }
-                    self.complete(i, "ok", value);
+                    OpResult::Ok(Reply::Resolve {
+                        status,
+                        reservation_id,
+                        commit_token: Some(commit_token),
+                    })
                 }
-                Outcome::Issuer { issuer, .. } => {
+                (Op::Register, Outcome::Issuer { issuer, .. }) => {
                     if !self.issuers.iter().any(|(id, ..)| *id == issuer.issuer_id) {
                         // Registered: every client may use it from now on,
                         // whatever its gateway's copy of the directory says.
@@ -784,11 +832,9 @@ impl World {
                         self.issuers.push((issuer.issuer_id, shard, issuer.limit.0));
                     }
                     raise(&mut self.clients[i].session, commit_token);
-                    self.complete(i, "ok", json!({"commit_token": commit_token}));
+                    OpResult::Ok(Reply::RegisterIssuer { commit_token })
                 }
-                other => {
-                    self.complete(i, "info", json!({"error": format!("unexpected {other:?}")}));
-                }
+                (_, other) => unexpected(&other),
             },
             Response::Read { result, served } => match (op, result) {
                 (Op::ReadIssuer, QueryResult::Issuer(Some(view))) => {
@@ -799,35 +845,50 @@ impl World {
                         _ => false,
                     };
                     let served_by = match served.role {
-                        Role::Leader => "leader",
-                        Role::Follower => "follower",
+                        Role::Leader => ServedBy::Leader,
+                        Role::Follower => ServedBy::Follower,
                     };
                     let named = read.map(|r| r.named).unwrap_or_default();
                     if let Some(applied) = served.applied {
                         raise(&mut self.clients[i].session, applied);
                     }
-                    let value = json!({"limit": view.limit, "reserved": view.reserved,
-                                       "applied": served.applied, "stale": stale,
-                                       "staleness_ms": served.staleness_ms,
-                                       "served_by": served_by, "session": named,
-                                       "node": served.node});
-                    self.complete(i, "ok", value);
+                    OpResult::Ok(Reply::ReadIssuer {
+                        limit: view.limit,
+                        reserved: view.reserved,
+                        applied: served
+                            .applied
+                            .expect("a replica that knows an issuer has applied an entry"),
+                        stale,
+                        staleness_ms: served.staleness_ms,
+                        served_by,
+                        session: named,
+                    })
                 }
                 (Op::TokenLookup, QueryResult::Token(view)) => {
-                    let value = match view {
-                        Some(view) => token_json(&view),
-                        None => json!({"status": "unknown"}),
+                    let (status, reservation_id) = match view {
+                        Some(view) => {
+                            let (status, reservation_id) = token_outcome(&view);
+                            let status = match status {
+                                TokenStatus::Committed => LookupStatus::Committed,
+                                TokenStatus::Rejected => LookupStatus::Rejected,
+                                TokenStatus::Abandoned => LookupStatus::Abandoned,
+                            };
+                            (status, reservation_id)
+                        }
+                        None => (LookupStatus::Unknown, None),
                     };
-                    self.complete(i, "ok", value);
+                    OpResult::Ok(Reply::TokenLookup {
+                        status,
+                        reservation_id,
+                    })
                 }
                 (Op::ReadIssuer, QueryResult::Issuer(None)) => {
-                    self.complete(i, "fail", json!({"error": "unknown_issuer"}));
+                    OpResult::Fail(ErrorReply::new("unknown_issuer"))
                 }
-                (_, other) => {
-                    self.complete(i, "fail", json!({"error": format!("unexpected {other:?}")}));
-                }
+                (_, other) => OpResult::Fail(ErrorReply::new(format!("unexpected {other:?}"))),
             },
-        }
+        };
+        self.complete(i, result);
     }
 }
 
@@ -891,19 +952,36 @@ pub(super) fn raise(session: &mut BTreeMap<ShardId, CommitToken>, token: CommitT
         *newest = token;
     }
 }
-pub(super) fn token_json(view: &TokenView) -> Value {
+/// A token's recorded outcome, as the history names it.
+pub(super) fn token_outcome(view: &TokenView) -> (TokenStatus, Option<ReservationId>) {
     match &view.outcome {
-        TokenOutcome::Committed {
-            reservation_id,
-            commit_token,
-        } => {
-            json!({"status": "committed", "reservation_id": reservation_id, "commit_token": commit_token})
+        TokenOutcome::Committed { reservation_id, .. } => {
+            (TokenStatus::Committed, Some(reservation_id.clone()))
         }
-        TokenOutcome::Rejected { code, commit_token } => {
-            json!({"status": "rejected", "reason": code, "commit_token": commit_token})
-        }
-        TokenOutcome::Abandoned { commit_token } => {
-            json!({"status": "abandoned", "commit_token": commit_token})
-        }
+        TokenOutcome::Rejected { .. } => (TokenStatus::Rejected, None),
+        TokenOutcome::Abandoned { .. } => (TokenStatus::Abandoned, None),
     }
+}
+
+pub(super) fn status(status: harbor_reservation::Status) -> ReservationStatus {
+    match status {
+        harbor_reservation::Status::Held => ReservationStatus::Held,
+        harbor_reservation::Status::Confirmed => ReservationStatus::Confirmed,
+        harbor_reservation::Status::Released => ReservationStatus::Released,
+        harbor_reservation::Status::Expired => ReservationStatus::Expired,
+    }
+}
+
+fn reserve_call(used: &TokenUse) -> HistoryCall {
+    HistoryCall::Reserve {
+        token: used.token.clone(),
+        issuer_id: used.issuer.clone(),
+        amount: Amount(used.amount),
+        hold_ttl_ms: used.hold_ttl_ms,
+    }
+}
+
+/// An answer the operation cannot have: recorded as unknown.
+fn unexpected(outcome: &Outcome) -> OpResult {
+    OpResult::Info(ErrorReply::new(format!("unexpected {outcome:?}")))
 }
