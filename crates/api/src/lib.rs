@@ -339,6 +339,175 @@ pub struct TokenStatus {
     pub served: Served,
 }
 
+/// Every machine-readable code an error answer's `error` field can hold,
+/// written once: the gateway answers with these, the node's refusals and
+/// the state machine's rejections name theirs from here, and a client
+/// matches on them. A client should treat a code it does not know as a
+/// refusal of that request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ErrorCode {
+    // Request checks: the body, the query, the path.
+    InvalidJson,
+    InvalidBody,
+    BodyTooLarge,
+    InvalidQuery,
+    InvalidRequest,
+    InvalidField,
+    InvalidAmount,
+    InvalidSession,
+    InvalidConsistency,
+    InvalidBatch,
+    InvalidGroup,
+    IssuerRequired,
+    NotFound,
+    UnknownIssuer,
+    UnknownReservation,
+    UnknownRegion,
+    UnknownNode,
+    UnknownGroup,
+    AmbiguousToken,
+    // The state machine's rejections (a token's durable outcome where it says so).
+    InsufficientExposure,
+    TokenPayloadMismatch,
+    TokenAbandoned,
+    InvalidTransition,
+    HoldExpired,
+    HomeRegionMismatch,
+    LimitBelowReserved,
+    // A node's refusals (most are retryable).
+    NotLeader,
+    UnknownShard,
+    RpoBudgetExceeded,
+    Overloaded,
+    LeadershipChanged,
+    ReplicaFailed,
+    TooLarge,
+    Timeout,
+    Unavailable,
+    StaleRoute,
+    ReplicaBehind,
+    // The cluster and its control plane.
+    MetadataUnavailable,
+    TransferRefused,
+    TransferAbandoned,
+    FaultsDisabled,
+    RestartFailed,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 43] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidBody,
+        ErrorCode::BodyTooLarge,
+        ErrorCode::InvalidQuery,
+        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidField,
+        ErrorCode::InvalidAmount,
+        ErrorCode::InvalidSession,
+        ErrorCode::InvalidConsistency,
+        ErrorCode::InvalidBatch,
+        ErrorCode::InvalidGroup,
+        ErrorCode::IssuerRequired,
+        ErrorCode::NotFound,
+        ErrorCode::UnknownIssuer,
+        ErrorCode::UnknownReservation,
+        ErrorCode::UnknownRegion,
+        ErrorCode::UnknownNode,
+        ErrorCode::UnknownGroup,
+        ErrorCode::AmbiguousToken,
+        ErrorCode::InsufficientExposure,
+        ErrorCode::TokenPayloadMismatch,
+        ErrorCode::TokenAbandoned,
+        ErrorCode::InvalidTransition,
+        ErrorCode::HoldExpired,
+        ErrorCode::HomeRegionMismatch,
+        ErrorCode::LimitBelowReserved,
+        ErrorCode::NotLeader,
+        ErrorCode::UnknownShard,
+        ErrorCode::RpoBudgetExceeded,
+        ErrorCode::Overloaded,
+        ErrorCode::LeadershipChanged,
+        ErrorCode::ReplicaFailed,
+        ErrorCode::TooLarge,
+        ErrorCode::Timeout,
+        ErrorCode::Unavailable,
+        ErrorCode::StaleRoute,
+        ErrorCode::ReplicaBehind,
+        ErrorCode::MetadataUnavailable,
+        ErrorCode::TransferRefused,
+        ErrorCode::TransferAbandoned,
+        ErrorCode::FaultsDisabled,
+        ErrorCode::RestartFailed,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidBody => "invalid_body",
+            ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::InvalidQuery => "invalid_query",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::InvalidAmount => "invalid_amount",
+            ErrorCode::InvalidSession => "invalid_session",
+            ErrorCode::InvalidConsistency => "invalid_consistency",
+            ErrorCode::InvalidBatch => "invalid_batch",
+            ErrorCode::InvalidGroup => "invalid_group",
+            ErrorCode::IssuerRequired => "issuer_required",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::UnknownIssuer => "unknown_issuer",
+            ErrorCode::UnknownReservation => "unknown_reservation",
+            ErrorCode::UnknownRegion => "unknown_region",
+            ErrorCode::UnknownNode => "unknown_node",
+            ErrorCode::UnknownGroup => "unknown_group",
+            ErrorCode::AmbiguousToken => "ambiguous_token",
+            ErrorCode::InsufficientExposure => "insufficient_exposure",
+            ErrorCode::TokenPayloadMismatch => "token_payload_mismatch",
+            ErrorCode::TokenAbandoned => "token_abandoned",
+            ErrorCode::InvalidTransition => "invalid_transition",
+            ErrorCode::HoldExpired => "hold_expired",
+            ErrorCode::HomeRegionMismatch => "home_region_mismatch",
+            ErrorCode::LimitBelowReserved => "limit_below_reserved",
+            ErrorCode::NotLeader => "not_leader",
+            ErrorCode::UnknownShard => "unknown_shard",
+            ErrorCode::RpoBudgetExceeded => "rpo_budget_exceeded",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::LeadershipChanged => "leadership_changed",
+            ErrorCode::ReplicaFailed => "replica_failed",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::StaleRoute => "stale_route",
+            ErrorCode::ReplicaBehind => "replica_behind",
+            ErrorCode::MetadataUnavailable => "metadata_unavailable",
+            ErrorCode::TransferRefused => "transfer_refused",
+            ErrorCode::TransferAbandoned => "transfer_abandoned",
+            ErrorCode::FaultsDisabled => "faults_disabled",
+            ErrorCode::RestartFailed => "restart_failed",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ErrorCode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == text)
+            .ok_or_else(|| format!("unknown error code {text:?}"))
+    }
+}
+
 /// An error answer: `{"error": CODE, "message": TEXT, "retryable": BOOL,
 /// ...details}`. The details are the fields the code defines (`remaining`
 /// and `requested` for `insufficient_exposure`, `field` for
@@ -538,5 +707,20 @@ mod tests {
             serde_json::from_value::<BatchAnswer>(again).unwrap(),
             answer
         );
+    }
+
+    #[test]
+    fn error_codes_are_distinct_snake_case_and_parse_back() {
+        let mut seen = std::collections::BTreeSet::new();
+        for code in ErrorCode::ALL {
+            let text = code.as_str();
+            assert!(seen.insert(text), "{text} twice");
+            assert!(
+                text.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{text}"
+            );
+            assert_eq!(text.parse::<ErrorCode>(), Ok(code));
+        }
+        assert!("no_such_code".parse::<ErrorCode>().is_err());
     }
 }

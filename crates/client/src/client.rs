@@ -10,7 +10,10 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
+use harbor_api::ErrorCode;
+
 use crate::error::{ApiError, Error};
+
 use crate::model::{
     Consistency, Health, Issuer, OpenReservations, Reservation, ReserveRequest, TokenState,
     TokenStatus, Transfer,
@@ -396,7 +399,9 @@ impl Client {
         call.body = Some(to_json(&body));
         let last = match self.execute(&call, end - resolve_time).await {
             Ok(value) => return parse(value),
-            Err(Failure::Final(e)) if e.code() == Some("token_abandoned") => {
+            Err(Failure::Final(e))
+                if e.api().and_then(ApiError::error_code) == Some(ErrorCode::TokenAbandoned) =>
+            {
                 return Err(Error::Abandoned {
                     reservation_token: token,
                 })

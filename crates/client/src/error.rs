@@ -24,6 +24,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The code as a known [`harbor_api::ErrorCode`]; `None` for a code this
+    /// client does not know (a newer gateway's).
+    pub fn error_code(&self) -> Option<harbor_api::ErrorCode> {
+        self.code.parse().ok()
+    }
+
     /// A field of the answer.
     pub fn detail(&self, key: &str) -> Option<&Value> {
         self.details.get(key)

@@ -21,7 +21,7 @@
 //! ```no_run
 //! use std::time::Duration;
 //!
-//! use harbor_client::{Client, Consistency, Error, ReserveRequest};
+//! use harbor_client::{Client, Consistency, Error, ErrorCode, ReserveRequest};
 //!
 //! # async fn example() -> Result<(), Error> {
 //! let client = Client::builder(["http://127.0.0.1:7400", "http://127.0.0.1:7401"])
@@ -45,7 +45,7 @@
 //!     .await
 //! {
 //!     Ok(r) => println!("reserved {}", r.reservation_id),
-//!     Err(Error::Rejected(e)) if e.code == "insufficient_exposure" => {
+//!     Err(Error::Rejected(e)) if e.error_code() == Some(ErrorCode::InsufficientExposure) => {
 //!         println!("refused: only {:?} left", e.remaining())
 //!     }
 //!     Err(e) => return Err(e),
@@ -64,6 +64,7 @@ pub use client::{BatchResult, Client, ClientBuilder, BATCH_MAX, SESSION_HEADER};
 pub use error::{ApiError, Error};
 /// The HTTP API's types, which the answers above come from.
 pub use harbor_api as api;
+pub use harbor_api::ErrorCode;
 pub use model::{
     CommitToken, Consistency, Health, HlcTime, Issuer, OpenReservations, ParseCommitTokenError,
     Reservation, ReservationStatus, ReserveRequest, Served, TokenState, TokenStatus, Transfer,

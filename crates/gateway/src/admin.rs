@@ -4,6 +4,7 @@
 //! handlers are in `cluster`.
 
 use futures::future::BoxFuture;
+use harbor_api::ErrorCode;
 use harbor_meta::GenerationEnd;
 use harbor_types::{Generation, LogIndex, NodeId, Region, ShardId};
 use serde::{Deserialize, Serialize};
@@ -34,17 +35,17 @@ pub enum AdminError {
     /// The request does not fit the cluster as it is (a transfer to the
     /// leader itself, to a replica outside the home region, ...).
     #[error("{message}")]
-    Refused { code: &'static str, message: String },
+    Refused { code: ErrorCode, message: String },
     /// The control plane could not do it now (no metadata leader, a
     /// transfer abandoned, shutting down); asking again may work.
     #[error("{message}")]
-    Unavailable { code: &'static str, message: String },
+    Unavailable { code: ErrorCode, message: String },
     /// Faults on demand exist only in `harbor dev`.
     #[error("faults on demand exist only in `harbor dev`")]
     FaultsDisabled,
     /// It failed where it should not have (a node did not restart).
     #[error("{message}")]
-    Failed { code: &'static str, message: String },
+    Failed { code: ErrorCode, message: String },
 }
 
 /// A fault on demand (`POST /v1/admin/faults`).
@@ -96,7 +97,7 @@ impl Fault {
 
     pub(crate) fn parse(body: FaultBody) -> Result<Fault, ApiError> {
         let invalid = |field: &'static str, message: String| {
-            ApiError::unprocessable("invalid_field", message).with("field", field)
+            ApiError::unprocessable(ErrorCode::InvalidField, message).with("field", field)
         };
         let node = || -> Result<NodeId, ApiError> {
             let text = body.node.as_deref().ok_or_else(|| {
@@ -276,7 +277,7 @@ mod tests {
             r#"{"kind":"delay","regions":["madrid","newyork"],"ms":600000}"#,
         ] {
             let e = parse(bad).unwrap_err();
-            assert_eq!(e.code, "invalid_field", "{bad}");
+            assert_eq!(e.code, ErrorCode::InvalidField, "{bad}");
         }
     }
 }

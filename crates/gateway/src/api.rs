@@ -2,6 +2,7 @@
 //! to a node: bad input gets a 4xx with a machine-readable code and changes
 //! nothing.
 
+use harbor_api::ErrorCode;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -48,7 +49,7 @@ pub(crate) fn reserve_command(body: &api::Reserve) -> Result<(Command, IssuerId)
     if let Some(ttl) = body.hold_ttl_ms {
         if ttl == 0 || ttl > HOLD_TTL_MS_MAX {
             return Err(ApiError::unprocessable(
-                "invalid_field",
+                ErrorCode::InvalidField,
                 format!("hold_ttl_ms must be from 1 to {HOLD_TTL_MS_MAX}, or null for a confirmed reservation"),
             )
             .with("field", "hold_ttl_ms"));
@@ -79,7 +80,7 @@ fn query_params<T: DeserializeOwned + Default>(
 ) -> Result<T, ApiError> {
     params
         .map(|QueryParams(p)| p)
-        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+        .map_err(|e| ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text()))
 }
 
 /// Token lookups decide what a client does after a timeout: they are
@@ -88,7 +89,7 @@ fn check_token_consistency(consistency: Option<&str>) -> Result<(), ApiError> {
     match consistency {
         None | Some("strong") => Ok(()),
         Some(other) => Err(ApiError::bad_request(
-            "invalid_consistency",
+            ErrorCode::InvalidConsistency,
             format!("token lookups are always strong, got consistency={other:?}"),
         )
         .with("supported", ["strong"])),
@@ -98,7 +99,7 @@ fn check_token_consistency(consistency: Option<&str>) -> Result<(), ApiError> {
 // ----- Validation -------------------------------------------------------------
 
 fn invalid(field: &'static str, e: IdError) -> ApiError {
-    ApiError::unprocessable("invalid_field", e.to_string()).with("field", field)
+    ApiError::unprocessable(ErrorCode::InvalidField, e.to_string()).with("field", field)
 }
 
 fn issuer_id(text: &str) -> Result<IssuerId, ApiError> {
@@ -108,7 +109,7 @@ fn issuer_id(text: &str) -> Result<IssuerId, ApiError> {
 fn reservation_id(text: &str) -> Result<ReservationId, ApiError> {
     ReservationId::parse(text).map_err(|_| {
         ApiError::unprocessable(
-            "invalid_field",
+            ErrorCode::InvalidField,
             format!("reservation_id must look like ISSUER:r17, got {text:?}"),
         )
         .with("field", "reservation_id")
@@ -122,7 +123,7 @@ fn token(text: &str) -> Result<ReservationToken, ApiError> {
 fn amount(field: &'static str, value: u64, min: u64) -> Result<Amount, ApiError> {
     if value < min || value > AMOUNT_MAX {
         return Err(ApiError::unprocessable(
-            "invalid_amount",
+            ErrorCode::InvalidAmount,
             format!(
                 "{field} must be an integer from {min} to {AMOUNT_MAX} (minor units), got {value}"
             ),
@@ -137,7 +138,7 @@ fn label(field: &'static str, value: &str) -> Result<String, ApiError> {
         !value.is_empty() && value.len() <= ID_LEN_MAX && value.chars().all(|c| !c.is_control());
     if !ok {
         return Err(ApiError::unprocessable(
-            "invalid_field",
+            ErrorCode::InvalidField,
             format!("{field} must be 1 to {ID_LEN_MAX} bytes of printable text"),
         )
         .with("field", field));
@@ -154,7 +155,7 @@ impl Gateway {
     ) -> Result<(DirectoryEntry, ShardId), ApiError> {
         let entry = self.meta.find(issuer).await.map_err(metadata_unavailable)?;
         let entry = entry.ok_or_else(|| {
-            ApiError::not_found("unknown_issuer", format!("unknown issuer {issuer}"))
+            ApiError::not_found(ErrorCode::UnknownIssuer, format!("unknown issuer {issuer}"))
                 .with("issuer_id", issuer)
         })?;
         let shard = self.meta.map().shard_of_bucket(entry.bucket);
@@ -262,7 +263,7 @@ fn metadata_unavailable(e: MetaError) -> ApiError {
     tracing::warn!(error = %e, "metadata plane did not answer");
     let mut error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "metadata_unavailable",
+        ErrorCode::MetadataUnavailable,
         e.to_string(),
     );
     error.retryable = true;
@@ -273,7 +274,7 @@ pub(crate) fn unexpected(response: Response) -> ApiError {
     tracing::error!(?response, "node answered with the wrong kind of response");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
+        ErrorCode::Internal,
         "the node answered with the wrong kind of response",
     )
 }
@@ -420,7 +421,7 @@ fn token_answer(
 
 pub(crate) async fn not_found(State(gw): Gw) -> HttpResponse {
     gw.stamp_error(ApiError::not_found(
-        "not_found",
+        ErrorCode::NotFound,
         "no such endpoint; see the README for the API",
     ))
     .into_response()
@@ -470,7 +471,7 @@ pub(crate) async fn health(State(gw): Gw) -> HttpResponse {
     }
     let error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
+        ErrorCode::Unavailable,
         format!(
             "{} groups have no ready leader yet",
             health.groups_not_ready.len()
@@ -511,7 +512,7 @@ async fn put_issuer_inner(
         Ok(Err(DirectoryError::HomeRegionMismatch { existing, .. })) => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                "home_region_mismatch",
+                ErrorCode::HomeRegionMismatch,
                 format!(
                     "issuer {issuer} is homed in {existing}; moving an issuer is not supported yet"
                 ),
@@ -520,7 +521,7 @@ async fn put_issuer_inner(
         }
         Ok(Err(DirectoryError::UnknownRegion { region })) => {
             return Err(ApiError::unprocessable(
-                "unknown_region",
+                ErrorCode::UnknownRegion,
                 format!("region {region} is not part of this cluster"),
             )
             .with("regions", gw.meta.map().regions()))
@@ -564,7 +565,7 @@ pub(crate) fn unexpected_outcome(outcome: &Outcome) -> ApiError {
     tracing::error!(?outcome, "unexpected outcome");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
+        ErrorCode::Internal,
         "unexpected outcome",
     )
 }
@@ -598,7 +599,7 @@ pub(crate) async fn get_issuer(
         let (answer, entry) = read_of_issuer(&gw, &headers, params, &issuer, query).await?;
         let QueryResult::Issuer(Some(view)) = &answer.result else {
             return Err(ApiError::not_found(
-                "unknown_issuer",
+                ErrorCode::UnknownIssuer,
                 format!("unknown issuer {issuer}"),
             ));
         };
@@ -623,7 +624,7 @@ pub(crate) async fn open_reservations(
         let (answer, _) = read_of_issuer(&gw, &headers, params, &issuer, query).await?;
         let QueryResult::OpenReservations(Some(list)) = &answer.result else {
             return Err(ApiError::not_found(
-                "unknown_issuer",
+                ErrorCode::UnknownIssuer,
                 format!("unknown issuer {issuer}"),
             ));
         };
@@ -692,7 +693,7 @@ pub(crate) async fn get_reservation(
         let (answer, _) = read_of_issuer(&gw, &headers, params, id.issuer(), query).await?;
         let QueryResult::Reservation(Some(view)) = &answer.result else {
             return Err(ApiError::not_found(
-                "unknown_reservation",
+                ErrorCode::UnknownReservation,
                 format!("unknown reservation {id}"),
             ));
         };
@@ -768,7 +769,7 @@ pub(crate) async fn get_token(
                 let QueryResult::Token(view) = result else {
                     return Err(ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
+                        ErrorCode::Internal,
                         "wrong result",
                     ));
                 };
@@ -820,7 +821,7 @@ async fn token_everywhere(gw: &Gateway, token: ReservationToken) -> ApiResult {
         }
         _ => Err(ApiError::new(
             StatusCode::CONFLICT,
-            "ambiguous_token",
+            ErrorCode::AmbiguousToken,
             format!(
                 "token {token} was used with {} issuers; pass ?issuer_id=",
                 found.len()
@@ -855,14 +856,14 @@ pub(crate) async fn resolve_token(
         let issuer = match (params.issuer_id, body.issuer_id) {
             (Some(a), Some(b)) if a != b => {
                 return Err(ApiError::unprocessable(
-                    "invalid_request",
+                    ErrorCode::InvalidRequest,
                     "issuer_id in the query and in the body differ",
                 ))
             }
             (Some(a), _) | (None, Some(a)) => issuer_id(&a)?,
             (None, None) => {
                 return Err(ApiError::unprocessable(
-                    "issuer_required",
+                    ErrorCode::IssuerRequired,
                     "resolve needs the issuer the token was used with: ?issuer_id=... or {\"issuer_id\": ...}",
                 ))
             }

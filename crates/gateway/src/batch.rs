@@ -5,6 +5,7 @@
 //! `ENTRY_COMMANDS_MAX` reservations); a rejected or invalid item never
 //! fails the others.
 
+use harbor_api::ErrorCode;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -45,7 +46,7 @@ async fn run(
     let items = body.reservations;
     if items.is_empty() || items.len() > BATCH_COMMANDS_MAX {
         return Err(ApiError::unprocessable(
-            "invalid_batch",
+            ErrorCode::InvalidBatch,
             format!(
                 "a batch holds 1 to {BATCH_COMMANDS_MAX} reservations, got {}",
                 items.len()
@@ -65,7 +66,7 @@ async fn run(
                     let found = match gw.directory(&issuer).await {
                         Ok((_, shard)) => Ok(shard),
                         // The metadata plane is down: nothing can be placed.
-                        Err(e) if e.code == "metadata_unavailable" => return Err(e),
+                        Err(e) if e.code == ErrorCode::MetadataUnavailable => return Err(e),
                         Err(e) => Err(e),
                     };
                     shard_of.insert(issuer.to_string(), found);

@@ -3,6 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request as HttpRequest};
 use axum::http::StatusCode;
+use harbor_api::ErrorCode;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -19,11 +20,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
+                    ErrorCode::BodyTooLarge,
                     "the request body is over the size limit",
                 )
             } else {
-                ApiError::bad_request("invalid_body", e.body_text())
+                ApiError::bad_request(ErrorCode::InvalidBody, e.body_text())
             }
         })?;
         parse_json(&bytes).map(JsonBody)
@@ -34,10 +35,11 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-            }
-            Category::Data => ApiError::unprocessable("invalid_request", e.to_string()),
+            Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
+                ErrorCode::InvalidJson,
+                format!("the body is not valid JSON: {e}"),
+            ),
+            Category::Data => ApiError::unprocessable(ErrorCode::InvalidRequest, e.to_string()),
         }
     })
 }

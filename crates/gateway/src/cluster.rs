@@ -2,6 +2,7 @@
 //! (every replica's status, all at once), planned leader transfers and
 //! faults handed to the [`Admin`] hooks, and the metrics scrape.
 
+use harbor_api::ErrorCode;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -178,13 +179,14 @@ fn parse_group(gw: &Gateway, text: &str) -> Result<ShardId, ApiError> {
         .map(ShardId)
         .ok_or_else(|| {
             ApiError::bad_request(
-                "invalid_group",
+                ErrorCode::InvalidGroup,
                 format!("group must be a shard number like 3 or shard3, not {text:?}"),
             )
         })?;
     if !gw.meta.map().groups.contains_key(&shard) {
         return Err(
-            ApiError::not_found("unknown_group", format!("no group {shard}")).with("shard", shard),
+            ApiError::not_found(ErrorCode::UnknownGroup, format!("no group {shard}"))
+                .with("shard", shard),
         );
     }
     Ok(shard)
@@ -199,11 +201,12 @@ pub(crate) async fn transfer_leader(
         let shard = parse_group(&gw, &group)?;
         let body: TransferBody = parse_json(&body)?;
         let to = NodeId::new(&body.to).map_err(|e| {
-            ApiError::unprocessable("invalid_field", format!("to: {e}")).with("field", "to")
+            ApiError::unprocessable(ErrorCode::InvalidField, format!("to: {e}")).with("field", "to")
         })?;
         if gw.meta.map().region_of(&to).is_none() {
             return Err(
-                ApiError::not_found("unknown_node", format!("no node {to}")).with("node", &to)
+                ApiError::not_found(ErrorCode::UnknownNode, format!("no node {to}"))
+                    .with("node", &to),
             );
         }
         let admin = gw.admin().ok_or_else(no_control_plane)?;
@@ -226,9 +229,11 @@ pub(crate) async fn fault(State(gw): Gw, body: Bytes) -> HttpResponse {
         match &fault {
             Fault::Crash(n) | Fault::Restart(n) | Fault::Pause(n) | Fault::Resume(n) => {
                 if map.region_of(n).is_none() {
-                    return Err(
-                        ApiError::not_found("unknown_node", format!("no node {n}")).with("node", n)
-                    );
+                    return Err(ApiError::not_found(
+                        ErrorCode::UnknownNode,
+                        format!("no node {n}"),
+                    )
+                    .with("node", n));
                 }
             }
             Fault::Partition(a, b) | Fault::Heal(a, b) | Fault::Delay(a, b, _) => {
@@ -236,7 +241,7 @@ pub(crate) async fn fault(State(gw): Gw, body: Bytes) -> HttpResponse {
                 for r in [a, b] {
                     if !regions.contains(r) {
                         return Err(ApiError::not_found(
-                            "unknown_region",
+                            ErrorCode::UnknownRegion,
                             format!("region {r} is not part of this cluster"),
                         )
                         .with("region", r));
@@ -255,7 +260,7 @@ fn admin_error(e: &AdminError) -> ApiError {
     let (status, code) = match e {
         AdminError::Refused { code, .. } => (StatusCode::CONFLICT, *code),
         AdminError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, *code),
-        AdminError::FaultsDisabled => (StatusCode::FORBIDDEN, "faults_disabled"),
+        AdminError::FaultsDisabled => (StatusCode::FORBIDDEN, ErrorCode::FaultsDisabled),
         AdminError::Failed { code, .. } => (StatusCode::INTERNAL_SERVER_ERROR, *code),
     };
     let mut error = ApiError::new(status, code, e.to_string());
@@ -266,7 +271,7 @@ fn admin_error(e: &AdminError) -> ApiError {
 fn no_control_plane() -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
+        ErrorCode::Unavailable,
         "this gateway has no control plane to ask",
     )
 }
@@ -298,7 +303,7 @@ mod tests {
         let cases = [
             (
                 AdminError::Refused {
-                    code: "transfer_refused",
+                    code: harbor_api::ErrorCode::TransferRefused,
                     message: "already the leader".into(),
                 },
                 StatusCode::CONFLICT,
@@ -306,7 +311,7 @@ mod tests {
             ),
             (
                 AdminError::Unavailable {
-                    code: "transfer_abandoned",
+                    code: harbor_api::ErrorCode::TransferAbandoned,
                     message: "the target fell behind".into(),
                 },
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -315,7 +320,7 @@ mod tests {
             (AdminError::FaultsDisabled, StatusCode::FORBIDDEN, false),
             (
                 AdminError::Failed {
-                    code: "restart_failed",
+                    code: harbor_api::ErrorCode::RestartFailed,
                     message: "no disk".into(),
                 },
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -329,7 +334,7 @@ mod tests {
         }
         assert_eq!(
             admin_error(&AdminError::FaultsDisabled).code,
-            "faults_disabled"
+            ErrorCode::FaultsDisabled
         );
     }
 }

@@ -1,14 +1,15 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use harbor_api::ErrorCode;
 use harbor_reservation::Rejection;
-use harbor_wire::{ErrorCode, NodeError};
+use harbor_wire::{ErrorCode as NodeCode, NodeError};
 use serde_json::{json, Map, Value};
 
 /// An error answer: `{"error": CODE, "message": TEXT, "retryable": BOOL, ...}`.
 #[derive(Clone, Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub retryable: bool,
     /// Extra machine-readable fields merged into the body.
@@ -17,7 +18,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -28,15 +29,15 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn unprocessable(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn not_found(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, code, message)
     }
 
@@ -62,7 +63,7 @@ impl ApiError {
                 StatusCode::NOT_FOUND
             }
         };
-        let mut error = ApiError::new(status, rejection.code(), rejection.to_string());
+        let mut error = ApiError::new(status, rejection.error_code(), rejection.to_string());
         // Externally tagged: {"insufficient_exposure": {...fields}}.
         if let Ok(Value::Object(tagged)) = serde_json::to_value(rejection) {
             if let Some(Value::Object(fields)) = tagged.into_iter().next().map(|(_, v)| v) {
@@ -75,11 +76,11 @@ impl ApiError {
     /// A node's refusal (not leader, over the RPO budget, timeout, ...).
     pub fn node(e: &NodeError) -> ApiError {
         let status = match e.code() {
-            ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            NodeCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            NodeCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
-        let mut error = ApiError::new(status, e.code().as_str(), e.message.clone());
+        let mut error = ApiError::new(status, e.code().api(), e.message.clone());
         error.retryable = e.retryable();
         error.retry_after_ms = e.retry_after_ms();
         error

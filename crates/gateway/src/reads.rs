@@ -13,9 +13,12 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue};
+use harbor_api::ErrorCode;
 use harbor_replication::Role;
 use harbor_types::{CommitToken, NodeId, ShardId};
-use harbor_wire::{ErrorCode, Freshness, Query, QueryResult, Request, Response, Served};
+use harbor_wire::{
+    ErrorCode as NodeCode, Freshness, Query, QueryResult, Request, Response, Served,
+};
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -104,7 +107,7 @@ impl fmt::Display for Session {
 
 fn invalid_session(message: String) -> ApiError {
     ApiError::bad_request(
-        "invalid_session",
+        ErrorCode::InvalidSession,
         format!("{message}; send the session value from an earlier answer, like shard3@g2:99,shard15@g1:2"),
     )
 }
@@ -174,7 +177,7 @@ impl ReadPlan {
         let only_for = |param: &str, present: bool, mode: &str| {
             if present && name != mode {
                 Err(ApiError::bad_request(
-                    "invalid_query",
+                    ErrorCode::InvalidQuery,
                     format!("{param} applies to consistency={mode} only, not {name}"),
                 ))
             } else {
@@ -201,7 +204,7 @@ impl ReadPlan {
                 let wait_ms = params.wait_ms.unwrap_or(CAUSAL_WAIT_MS_DEFAULT);
                 if wait_ms > CAUSAL_WAIT_MS_MAX {
                     return Err(ApiError::bad_request(
-                        "invalid_query",
+                        ErrorCode::InvalidQuery,
                         format!("wait_ms must be at most {CAUSAL_WAIT_MS_MAX}, got {wait_ms}"),
                     ));
                 }
@@ -218,7 +221,7 @@ impl ReadPlan {
             }
             other => {
                 return Err(ApiError::bad_request(
-                    "invalid_consistency",
+                    ErrorCode::InvalidConsistency,
                     format!("consistency={other:?} is not a read mode"),
                 )
                 .with("supported", ["strong", "session", "bounded", "causal"]))
@@ -291,7 +294,7 @@ impl Gateway {
                     (LocalAnswer::Serve { stale }, Response::Read { result, served }) => {
                         return Ok(self.answered(plan, result, served, false, stale));
                     }
-                    (_, Response::Error(e)) if e.code() == ErrorCode::ReplicaBehind => {
+                    (_, Response::Error(e)) if e.code() == NodeCode::ReplicaBehind => {
                         tracing::debug!(%shard, %node, reason = %e.message, "local read goes to the leader");
                     }
                     (_, Response::Read { .. }) => {
@@ -464,7 +467,7 @@ mod tests {
         assert_eq!(Session::parse("").unwrap(), Session::default());
         for bad in ["shard3", "shard3@g2:99,x", "shard3@g2:-1"] {
             let e = Session::parse(bad).unwrap_err();
-            assert_eq!(e.code, "invalid_session", "{bad}");
+            assert_eq!(e.code, ErrorCode::InvalidSession, "{bad}");
         }
     }
 
@@ -495,7 +498,7 @@ mod tests {
             ("consistency=eventual", "invalid_consistency"),
         ] {
             let e = ReadPlan::new(params(q), &h).err().unwrap();
-            assert_eq!(e.code, code, "{q}");
+            assert_eq!(e.code.as_str(), code, "{q}");
         }
         let plan = ReadPlan::new(
             params("consistency=causal&wait_ms=50&after=shard2@g1:7"),

@@ -505,7 +505,7 @@ impl Admin for RemoteAdmin {
                 }
                 if tokio::time::Instant::now() >= deadline {
                     return Err(AdminError::Unavailable {
-                        code: "unavailable",
+                        code: harbor_api::ErrorCode::Unavailable,
                         message: "no metadata leader took the transfer".into(),
                     });
                 }

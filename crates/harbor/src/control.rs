@@ -48,11 +48,11 @@ pub fn transfer_answer(result: Result<TransferDone, TransferFailed>) -> Result<V
     match result {
         Ok(done) => Ok(serde_json::to_value(done).expect("serializes")),
         Err(TransferFailed::Refused(message)) => Err(AdminError::Refused {
-            code: "transfer_refused",
+            code: harbor_api::ErrorCode::TransferRefused,
             message,
         }),
         Err(TransferFailed::Abandoned(message)) => Err(AdminError::Unavailable {
-            code: "transfer_abandoned",
+            code: harbor_api::ErrorCode::TransferAbandoned,
             message,
         }),
     }

@@ -439,7 +439,7 @@ impl Admin for DevAdmin {
             let (reply, answer) = oneshot::channel();
             let request = TransferRequest { shard, to, reply };
             let gone = || AdminError::Unavailable {
-                code: "unavailable",
+                code: harbor_api::ErrorCode::Unavailable,
                 message: "the control loop is shutting down".into(),
             };
             self.transfers.send(request).await.map_err(|_| gone())?;
@@ -450,7 +450,7 @@ impl Admin for DevAdmin {
     fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<Value, AdminError>> {
         Box::pin(async move {
             let start_failed = |node: &NodeId, e: anyhow::Error| AdminError::Failed {
-                code: "restart_failed",
+                code: harbor_api::ErrorCode::RestartFailed,
                 message: format!("{node} did not start: {e:#}"),
             };
             let changed = match &fault {

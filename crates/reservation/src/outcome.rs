@@ -1,3 +1,4 @@
+use harbor_api::ErrorCode;
 use harbor_types::{
     Amount, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
 };
@@ -185,18 +186,22 @@ pub enum Rejection {
 impl Rejection {
     /// A stable machine-readable code for APIs and metrics.
     pub fn code(&self) -> &'static str {
+        self.error_code().as_str()
+    }
+
+    pub fn error_code(&self) -> ErrorCode {
         match self {
-            Rejection::InsufficientExposure { .. } => "insufficient_exposure",
-            Rejection::TokenPayloadMismatch { .. } => "token_payload_mismatch",
-            Rejection::TokenAbandoned { .. } => "token_abandoned",
-            Rejection::UnknownIssuer { .. } => "unknown_issuer",
-            Rejection::UnknownReservation { .. } => "unknown_reservation",
-            Rejection::InvalidTransition { .. } => "invalid_transition",
-            Rejection::HoldExpired { .. } => "hold_expired",
-            Rejection::HomeRegionMismatch { .. } => "home_region_mismatch",
-            Rejection::LimitBelowReserved { .. } => "limit_below_reserved",
-            Rejection::InvalidAmount { .. } => "invalid_amount",
-            Rejection::InvalidField { .. } => "invalid_field",
+            Rejection::InsufficientExposure { .. } => ErrorCode::InsufficientExposure,
+            Rejection::TokenPayloadMismatch { .. } => ErrorCode::TokenPayloadMismatch,
+            Rejection::TokenAbandoned { .. } => ErrorCode::TokenAbandoned,
+            Rejection::UnknownIssuer { .. } => ErrorCode::UnknownIssuer,
+            Rejection::UnknownReservation { .. } => ErrorCode::UnknownReservation,
+            Rejection::InvalidTransition { .. } => ErrorCode::InvalidTransition,
+            Rejection::HoldExpired { .. } => ErrorCode::HoldExpired,
+            Rejection::HomeRegionMismatch { .. } => ErrorCode::HomeRegionMismatch,
+            Rejection::LimitBelowReserved { .. } => ErrorCode::LimitBelowReserved,
+            Rejection::InvalidAmount { .. } => ErrorCode::InvalidAmount,
+            Rejection::InvalidField { .. } => ErrorCode::InvalidField,
         }
     }
 

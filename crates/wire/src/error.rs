@@ -134,18 +134,24 @@ impl ErrorKind {
 
 impl ErrorCode {
     pub fn as_str(self) -> &'static str {
+        self.api().as_str()
+    }
+
+    /// The code as the HTTP API names it (the one list of codes).
+    pub fn api(self) -> harbor_api::ErrorCode {
+        use harbor_api::ErrorCode as Api;
         match self {
-            ErrorCode::NotLeader => "not_leader",
-            ErrorCode::UnknownShard => "unknown_shard",
-            ErrorCode::RpoBudgetExceeded => "rpo_budget_exceeded",
-            ErrorCode::Overloaded => "overloaded",
-            ErrorCode::LeadershipChanged => "leadership_changed",
-            ErrorCode::ReplicaFailed => "replica_failed",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::Timeout => "timeout",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::StaleRoute => "stale_route",
-            ErrorCode::ReplicaBehind => "replica_behind",
+            ErrorCode::NotLeader => Api::NotLeader,
+            ErrorCode::UnknownShard => Api::UnknownShard,
+            ErrorCode::RpoBudgetExceeded => Api::RpoBudgetExceeded,
+            ErrorCode::Overloaded => Api::Overloaded,
+            ErrorCode::LeadershipChanged => Api::LeadershipChanged,
+            ErrorCode::ReplicaFailed => Api::ReplicaFailed,
+            ErrorCode::TooLarge => Api::TooLarge,
+            ErrorCode::Timeout => Api::Timeout,
+            ErrorCode::Unavailable => Api::Unavailable,
+            ErrorCode::StaleRoute => Api::StaleRoute,
+            ErrorCode::ReplicaBehind => Api::ReplicaBehind,
         }
     }
 }
