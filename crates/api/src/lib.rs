@@ -120,6 +120,14 @@ pub struct ResolveToken {
     pub issuer_id: Option<String>,
 }
 
+/// `POST /v1/admin/groups/{group}/transfer-leader`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferLeader {
+    /// The replica to lead next (a member in the group's home region).
+    pub to: String,
+}
+
 /// Confirm and release take no fields: an empty object (or no body).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,11 +303,21 @@ pub struct Health {
 /// A finished planned leader transfer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transfer {
+    #[serde(default)]
+    pub shard: u32,
     pub from: String,
     pub to: String,
     pub generation: u64,
     /// How long the group took no writes.
     pub pause_ms: u64,
+}
+
+/// A fault injected on demand (`harbor dev` only): the fault as understood,
+/// and whether it changed anything (crashing a crashed node does not).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaultDone {
+    pub fault: serde_json::Value,
+    pub changed: bool,
 }
 
 /// The durable outcome of a reservation token.
@@ -337,6 +355,84 @@ pub struct TokenStatus {
     pub resolved_at: Option<CommitToken>,
     #[serde(flatten)]
     pub served: Served,
+}
+
+// ----- Admin answers ----------------------------------------------------------
+
+/// `GET /v1/admin/cluster`: every node and group as the gateway that
+/// assembled it found them (each replica was asked for its status).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub map_version: u64,
+    pub regions: Vec<String>,
+    pub nodes: Vec<NodeView>,
+    pub groups: Vec<GroupView>,
+    /// The gateway that assembled the view, and how long it took.
+    pub gateway: String,
+    pub gathered_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub node: String,
+    pub region: String,
+    /// `up` when every replica on it answered, `degraded` when some did,
+    /// `unreachable` when none did.
+    pub health: String,
+    pub replicas: u64,
+    pub replicas_answering: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    pub shard: u32,
+    pub home_region: String,
+    pub leader: String,
+    pub generation: u64,
+    pub members: Vec<String>,
+    /// Where recent generations' logs ended (newest last).
+    pub generation_ends: Vec<GenerationEnd>,
+    /// The named leader answered as leader of the published generation and
+    /// committed its first entry.
+    pub leader_ready: bool,
+    pub commit_index: Option<u64>,
+    /// Each follower as the leader sees it (empty when the leader does not
+    /// answer).
+    pub followers: Vec<FollowerView>,
+    /// Each member as it sees itself.
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// Generation `generation` of a group ended with the entry at `last_index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationEnd {
+    pub generation: u64,
+    pub last_index: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub node: String,
+    pub region: String,
+    /// `leader`, `follower`, or `unknown` when it did not answer.
+    pub role: String,
+    pub answering: bool,
+    pub applied: Option<CommitToken>,
+    /// How old its state may be (see [`Served::staleness_ms`]); `None` when
+    /// it knows no bound or did not answer.
+    pub staleness_ms: Option<u64>,
+    /// It lost its durable state (a replaced disk) and has not caught up:
+    /// it will not lead, and a failover does not count on it.
+    #[serde(default)]
+    pub recovering: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowerView {
+    pub node: String,
+    pub local: bool,
+    pub lag_entries: u64,
+    pub lag_ms: u64,
 }
 
 /// Every machine-readable code an error answer's `error` field can hold,

@@ -10,7 +10,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
-use harbor_api::ErrorCode;
+use harbor_api::{ClusterView, ErrorCode};
 
 use crate::error::{ApiError, Error};
 
@@ -591,9 +591,8 @@ impl Client {
     }
 
     /// `GET /v1/admin/cluster`: nodes, groups, leaders, generations, lag and
-    /// staleness, as the JSON the gateway sends (its shape is documented in
-    /// the README and in `harbor_gateway::ClusterView`).
-    pub async fn cluster(&self) -> Result<Value, Error> {
+    /// staleness.
+    pub async fn cluster(&self) -> Result<ClusterView, Error> {
         self.run(Call::new(Method::GET, false, &["admin", "cluster"]))
             .await
     }
@@ -606,7 +605,7 @@ impl Client {
         let group = group.to_string();
         let path = ["admin", "groups", group.as_str(), "transfer-leader"];
         let mut call = Call::new(Method::POST, false, &path);
-        call.body = Some(json!({ "to": to }));
+        call.body = Some(to_json(&harbor_api::TransferLeader { to: to.to_string() }));
         // An abandoned transfer is retryable on the wire, but trying again
         // at once would only drain the group again: the caller decides.
         call.retry_refusals = false;

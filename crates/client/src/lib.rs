@@ -64,7 +64,7 @@ pub use client::{BatchResult, Client, ClientBuilder, BATCH_MAX, SESSION_HEADER};
 pub use error::{ApiError, Error};
 /// The HTTP API's types, which the answers above come from.
 pub use harbor_api as api;
-pub use harbor_api::ErrorCode;
+pub use harbor_api::{ClusterView, ErrorCode};
 pub use model::{
     CommitToken, Consistency, Health, HlcTime, Issuer, OpenReservations, ParseCommitTokenError,
     Reservation, ReservationStatus, ReserveRequest, Served, TokenState, TokenStatus, Transfer,

@@ -5,9 +5,9 @@
 
 use futures::future::BoxFuture;
 use harbor_api::ErrorCode;
-use harbor_meta::GenerationEnd;
-use harbor_types::{Generation, LogIndex, NodeId, Region, ShardId};
-use serde::{Deserialize, Serialize};
+
+use harbor_types::{NodeId, Region, ShardId};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -19,9 +19,9 @@ pub trait Admin: Send + Sync {
         &self,
         shard: ShardId,
         to: NodeId,
-    ) -> BoxFuture<'_, Result<Value, AdminError>>;
+    ) -> BoxFuture<'_, Result<harbor_api::Transfer, AdminError>>;
     /// Injects a fault. Only `harbor dev` implements it.
-    fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<Value, AdminError>> {
+    fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<harbor_api::FaultDone, AdminError>> {
         let _ = fault;
         Box::pin(async { Err(AdminError::FaultsDisabled) })
     }
@@ -181,73 +181,8 @@ impl Fault {
 
 // ----- The cluster view ---------------------------------------------------------
 
-/// `GET /v1/admin/cluster`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ClusterView {
-    pub map_version: u64,
-    pub regions: Vec<Region>,
-    pub nodes: Vec<NodeView>,
-    pub groups: Vec<GroupView>,
-    /// The gateway that assembled the view, and how long it took.
-    pub gateway: NodeId,
-    pub gathered_ms: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NodeView {
-    pub node: NodeId,
-    pub region: Region,
-    /// `up` when every replica on it answered, `degraded` when some did,
-    /// `unreachable` when none did.
-    pub health: String,
-    pub replicas: usize,
-    pub replicas_answering: usize,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct GroupView {
-    pub shard: ShardId,
-    pub home_region: Region,
-    pub leader: NodeId,
-    pub generation: Generation,
-    pub members: Vec<NodeId>,
-    /// Where recent generations' logs ended (newest last).
-    pub generation_ends: Vec<GenerationEnd>,
-    /// The named leader answered as leader of the published generation and
-    /// committed its first entry.
-    pub leader_ready: bool,
-    pub commit_index: Option<LogIndex>,
-    /// Each follower as the leader sees it (empty when the leader does not
-    /// answer).
-    pub followers: Vec<FollowerView>,
-    /// Each member as it sees itself.
-    pub replicas: Vec<ReplicaView>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ReplicaView {
-    pub node: NodeId,
-    pub region: Region,
-    /// `leader`, `follower`, or `unknown` when it did not answer.
-    pub role: String,
-    pub answering: bool,
-    pub applied: Option<harbor_types::CommitToken>,
-    /// How old its state may be (see `Served::staleness_ms`); `None` when
-    /// it knows no bound or did not answer.
-    pub staleness_ms: Option<u64>,
-    /// It lost its durable state (a replaced disk) and has not caught up:
-    /// it will not lead, and a failover does not count on it.
-    #[serde(default)]
-    pub recovering: bool,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct FollowerView {
-    pub node: NodeId,
-    pub local: bool,
-    pub lag_entries: u64,
-    pub lag_ms: u64,
-}
+/// The cluster view's shape is the API's (`harbor-api`).
+pub use harbor_api::{ClusterView, FollowerView, GroupView, NodeView, ReplicaView};
 
 #[cfg(test)]
 mod tests {

@@ -10,14 +10,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use harbor_replication::Role;
-use harbor_types::{NodeId, Region, ShardId};
+use harbor_types::{NodeId, ShardId};
 use harbor_wire::{GroupStatus, Query, QueryResult, Request, Response};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::admin::{
     AdminError, ClusterView, Fault, FollowerView, GroupView, NodeView, ReplicaView,
 };
+use crate::api::{commit_token, object};
 use crate::body::parse_json;
 use crate::error::ApiError;
 use crate::router::Gateway;
@@ -71,11 +71,11 @@ impl Gateway {
                     _ => "degraded",
                 };
                 NodeView {
-                    node: info.node.clone(),
-                    region: info.region.clone(),
+                    node: info.node.to_string(),
+                    region: info.region.to_string(),
                     health: health.into(),
-                    replicas: mine.len(),
-                    replicas_answering: answering,
+                    replicas: mine.len() as u64,
+                    replicas_answering: answering as u64,
                 }
             })
             .collect();
@@ -92,21 +92,28 @@ impl Gateway {
                     })
                 });
                 GroupView {
-                    shard: g.shard,
-                    home_region: g.home_region.clone(),
-                    leader: g.leader.clone(),
-                    generation: g.generation,
-                    members: g.members.clone(),
-                    generation_ends: g.ended.clone(),
+                    shard: g.shard.0,
+                    home_region: g.home_region.to_string(),
+                    leader: g.leader.to_string(),
+                    generation: g.generation.0,
+                    members: g.members.iter().map(|m| m.to_string()).collect(),
+                    generation_ends: g
+                        .ended
+                        .iter()
+                        .map(|e| harbor_api::GenerationEnd {
+                            generation: e.generation.0,
+                            last_index: e.last_index.0,
+                        })
+                        .collect(),
                     leader_ready: leader.is_some_and(|s| s.ready),
-                    commit_index: leader.map(|s| s.replica.commit_index),
+                    commit_index: leader.map(|s| s.replica.commit_index.0),
                     followers: leader
                         .map(|s| {
                             s.replica
                                 .followers
                                 .iter()
                                 .map(|f| FollowerView {
-                                    node: f.node.clone(),
+                                    node: f.node.to_string(),
                                     local: f.local,
                                     lag_entries: f.lag_entries,
                                     lag_ms: f.lag_ms,
@@ -124,10 +131,10 @@ impl Gateway {
                                     .filter(|_| *shard == g.shard && node == member)
                             });
                             ReplicaView {
-                                node: member.clone(),
-                                region: map.region_of(member).cloned().unwrap_or_else(|| {
-                                    Region::new("unknown").expect("a valid region name")
-                                }),
+                                node: member.to_string(),
+                                region: map
+                                    .region_of(member)
+                                    .map_or_else(|| "unknown".to_string(), |r| r.to_string()),
                                 role: match status.map(|s| s.replica.role) {
                                     Some(Role::Leader) => "leader",
                                     Some(Role::Follower) => "follower",
@@ -135,7 +142,7 @@ impl Gateway {
                                 }
                                 .into(),
                                 answering: status.is_some(),
-                                applied: status.and_then(|s| s.applied),
+                                applied: status.and_then(|s| s.applied).map(commit_token),
                                 staleness_ms: status.and_then(|s| s.staleness_ms),
                                 recovering: status.is_some_and(|s| s.replica.recovering),
                             }
@@ -146,10 +153,10 @@ impl Gateway {
             .collect();
         ClusterView {
             map_version: map.map_version,
-            regions: map.regions(),
+            regions: map.regions().iter().map(|r| r.to_string()).collect(),
             nodes,
             groups,
-            gateway: self.me.clone(),
+            gateway: self.me.to_string(),
             gathered_ms: started.elapsed().as_millis() as u64,
         }
     }
@@ -161,12 +168,6 @@ type Gw = State<Arc<Gateway>>;
 
 pub(crate) async fn cluster(State(gw): Gw) -> HttpResponse {
     (StatusCode::OK, axum::Json(gw.cluster_view().await)).into_response()
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TransferBody {
-    to: String,
 }
 
 /// `{group}` is `3` or `shard3`.
@@ -199,7 +200,7 @@ pub(crate) async fn transfer_leader(
 ) -> HttpResponse {
     let result = async {
         let shard = parse_group(&gw, &group)?;
-        let body: TransferBody = parse_json(&body)?;
+        let body: harbor_api::TransferLeader = parse_json(&body)?;
         let to = NodeId::new(&body.to).map_err(|e| {
             ApiError::unprocessable(ErrorCode::InvalidField, format!("to: {e}")).with("field", "to")
         })?;
@@ -213,6 +214,7 @@ pub(crate) async fn transfer_leader(
         admin
             .transfer_leader(shard, to)
             .await
+            .map(object)
             .map_err(|e| admin_error(&e))
     }
     .await;
@@ -249,7 +251,11 @@ pub(crate) async fn fault(State(gw): Gw, body: Bytes) -> HttpResponse {
                 }
             }
         }
-        admin.fault(fault).await.map_err(|e| admin_error(&e))
+        admin
+            .fault(fault)
+            .await
+            .map(object)
+            .map_err(|e| admin_error(&e))
     }
     .await;
     answer(&gw, result)
@@ -276,13 +282,11 @@ fn no_control_plane() -> ApiError {
     )
 }
 
-fn answer(gw: &Gateway, result: Result<Value, ApiError>) -> HttpResponse {
+fn answer(gw: &Gateway, result: Result<Map<String, Value>, ApiError>) -> HttpResponse {
     match result {
         Ok(mut body) => {
-            if let Value::Object(map) = &mut body {
-                map.insert("node".into(), json!(gw.me));
-                map.insert("served_by".into(), json!("control_plane"));
-            }
+            body.insert("node".into(), json!(gw.me));
+            body.insert("served_by".into(), json!("control_plane"));
             (StatusCode::OK, axum::Json(body)).into_response()
         }
         Err(e) => gw.stamp_error(e).into_response(),

@@ -129,7 +129,7 @@ impl Metrics {
         for group in &view.groups {
             for replica in &group.replicas {
                 let labels = ReplicaLabels {
-                    group: group.shard.0,
+                    group: group.shard,
                     node: replica.node.to_string(),
                     region: replica.region.to_string(),
                     role: replica.role.clone(),
@@ -144,7 +144,7 @@ impl Metrics {
             }
             for follower in &group.followers {
                 let labels = FollowerLabels {
-                    group: group.shard.0,
+                    group: group.shard,
                     node: follower.node.to_string(),
                     local: follower.local,
                 };

@@ -33,7 +33,6 @@ use futures::future::BoxFuture;
 use harbor_gateway::{Admin, AdminError};
 use harbor_types::ShardId;
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 /// The cluster file: shared by every process.
@@ -488,7 +487,7 @@ impl Admin for RemoteAdmin {
         &self,
         shard: ShardId,
         to: NodeId,
-    ) -> BoxFuture<'_, Result<Value, AdminError>> {
+    ) -> BoxFuture<'_, Result<harbor_api::Transfer, AdminError>> {
         Box::pin(async move {
             let ask = TransferAsk { shard, to };
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

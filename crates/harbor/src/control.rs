@@ -17,7 +17,6 @@ pub use harbor_meta::{TransferDone, TransferFailed};
 use harbor_types::{NodeId, ShardId};
 use harbor_wire::Control;
 use harbor_wire::{GroupStatus, Query, QueryResult, Request, Response};
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How the control loop reaches replicas with orders.
@@ -44,9 +43,17 @@ pub struct TransferRequest {
 }
 
 /// A transfer's outcome as the admin API answers it.
-pub fn transfer_answer(result: Result<TransferDone, TransferFailed>) -> Result<Value, AdminError> {
+pub fn transfer_answer(
+    result: Result<TransferDone, TransferFailed>,
+) -> Result<harbor_api::Transfer, AdminError> {
     match result {
-        Ok(done) => Ok(serde_json::to_value(done).expect("serializes")),
+        Ok(done) => Ok(harbor_api::Transfer {
+            shard: done.shard.0,
+            from: done.from.to_string(),
+            to: done.to.to_string(),
+            generation: done.generation.0,
+            pause_ms: done.pause_ms,
+        }),
         Err(TransferFailed::Refused(message)) => Err(AdminError::Refused {
             code: harbor_api::ErrorCode::TransferRefused,
             message,

@@ -24,7 +24,6 @@ use harbor_wire::{Query, QueryResult, Request, Response};
 use crate::control::{transfer_answer, ControlLoop, Replicas, TransferRequest};
 use futures::future::BoxFuture;
 use harbor_gateway::{Admin, AdminError, Fault};
-use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -434,7 +433,7 @@ impl Admin for DevAdmin {
         &self,
         shard: ShardId,
         to: NodeId,
-    ) -> BoxFuture<'_, Result<Value, AdminError>> {
+    ) -> BoxFuture<'_, Result<harbor_api::Transfer, AdminError>> {
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
             let request = TransferRequest { shard, to, reply };
@@ -447,7 +446,7 @@ impl Admin for DevAdmin {
         })
     }
 
-    fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<Value, AdminError>> {
+    fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<harbor_api::FaultDone, AdminError>> {
         Box::pin(async move {
             let start_failed = |node: &NodeId, e: anyhow::Error| AdminError::Failed {
                 code: harbor_api::ErrorCode::RestartFailed,
@@ -507,7 +506,10 @@ impl Admin for DevAdmin {
                 }
             };
             tracing::warn!(?fault, changed, "fault injected");
-            Ok(json!({"fault": fault.to_json(), "changed": changed}))
+            Ok(harbor_api::FaultDone {
+                fault: fault.to_json(),
+                changed,
+            })
         })
     }
 }

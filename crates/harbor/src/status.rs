@@ -99,14 +99,12 @@ pub fn render(view: &ClusterView) -> String {
         let _ = writeln!(
             out,
             "{:<8} {:<10} {:<14} {:>4} {:<6} {:>8}  {}",
-            g.shard.to_string(),
-            g.home_region.to_string(),
-            g.leader.to_string(),
-            g.generation.0,
+            format!("shard{}", g.shard),
+            g.home_region,
+            g.leader,
+            g.generation,
             if g.leader_ready { "yes" } else { "no" },
-            g.commit_index
-                .map(|c| c.0.to_string())
-                .unwrap_or("-".into()),
+            g.commit_index.map_or("-".into(), |c| c.to_string()),
             followers
         );
     }

@@ -379,18 +379,12 @@ async fn the_client_keeps_the_session_across_regions() {
     assert_eq!(newyork.health().await.unwrap().status, "ok");
     let view = newyork.cluster().await.unwrap();
     let shard = issuer.served.shard.expect("reads name their shard");
-    let group = view["groups"]
-        .as_array()
-        .unwrap()
+    let group = view.groups.iter().find(|g| g.shard == shard).unwrap();
+    let leader = group.leader.as_str();
+    let target = group
+        .members
         .iter()
-        .find(|g| g["shard"] == shard)
-        .unwrap();
-    let leader = group["leader"].as_str().unwrap();
-    let target = group["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_str().unwrap())
+        .map(String::as_str)
         .find(|m| *m != leader && m.starts_with("newyork"))
         .unwrap();
     let moved = newyork.transfer_leader(shard, target).await.unwrap();
