@@ -2,7 +2,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use harbor_api::ErrorCode;
 use harbor_reservation::Rejection;
-use harbor_wire::{ErrorCode as NodeCode, NodeError};
+use harbor_wire::NodeError;
 use serde_json::{json, Map, Value};
 
 /// An error answer: `{"error": CODE, "message": TEXT, "retryable": BOOL, ...}`.
@@ -76,11 +76,11 @@ impl ApiError {
     /// A node's refusal (not leader, over the RPO budget, timeout, ...).
     pub fn node(e: &NodeError) -> ApiError {
         let status = match e.code() {
-            NodeCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            NodeCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
-        let mut error = ApiError::new(status, e.code().api(), e.message.clone());
+        let mut error = ApiError::new(status, e.code(), e.message.clone());
         error.retryable = e.retryable();
         error.retry_after_ms = e.retry_after_ms();
         error

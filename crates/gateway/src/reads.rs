@@ -16,9 +16,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use harbor_api::ErrorCode;
 use harbor_replication::Role;
 use harbor_types::{CommitToken, NodeId, ShardId};
-use harbor_wire::{
-    ErrorCode as NodeCode, Freshness, Query, QueryResult, Request, Response, Served,
-};
+use harbor_wire::{Freshness, Query, QueryResult, Request, Response, Served};
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -294,7 +292,7 @@ impl Gateway {
                     (LocalAnswer::Serve { stale }, Response::Read { result, served }) => {
                         return Ok(self.answered(plan, result, served, false, stale));
                     }
-                    (_, Response::Error(e)) if e.code() == NodeCode::ReplicaBehind => {
+                    (_, Response::Error(e)) if e.code() == ErrorCode::ReplicaBehind => {
                         tracing::debug!(%shard, %node, reason = %e.message, "local read goes to the leader");
                     }
                     (_, Response::Read { .. }) => {

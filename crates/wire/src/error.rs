@@ -4,9 +4,10 @@
 //! to come back) is a field of its kind. Whether a write may still commit
 //! is not a property of the kind but of what happened before the refusal
 //! (any refusal that follows an attempt in doubt leaves the write in
-//! doubt), so it sits beside the kind. The flat [`ErrorCode`] is what HTTP
-//! answers carry as their machine-readable `error`.
+//! doubt), so it sits beside the kind. Its flat code is an [`ErrorCode`]
+//! of the API's one list, the machine-readable `error` HTTP answers carry.
 
+pub use harbor_api::ErrorCode;
 use harbor_types::NodeId;
 use serde::{Deserialize, Serialize};
 
@@ -48,22 +49,6 @@ pub enum ErrorKind {
     /// The group cannot serve this now (no lease, no first commit yet).
     Unavailable,
     /// A local read the replica cannot serve fresh enough; ask the leader.
-    ReplicaBehind,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    NotLeader,
-    UnknownShard,
-    RpoBudgetExceeded,
-    Overloaded,
-    LeadershipChanged,
-    ReplicaFailed,
-    TooLarge,
-    Timeout,
-    Unavailable,
-    StaleRoute,
     ReplicaBehind,
 }
 
@@ -129,36 +114,6 @@ impl ErrorKind {
             ErrorKind::Unavailable => ErrorCode::Unavailable,
             ErrorKind::ReplicaBehind => ErrorCode::ReplicaBehind,
         }
-    }
-}
-
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        self.api().as_str()
-    }
-
-    /// The code as the HTTP API names it (the one list of codes).
-    pub fn api(self) -> harbor_api::ErrorCode {
-        use harbor_api::ErrorCode as Api;
-        match self {
-            ErrorCode::NotLeader => Api::NotLeader,
-            ErrorCode::UnknownShard => Api::UnknownShard,
-            ErrorCode::RpoBudgetExceeded => Api::RpoBudgetExceeded,
-            ErrorCode::Overloaded => Api::Overloaded,
-            ErrorCode::LeadershipChanged => Api::LeadershipChanged,
-            ErrorCode::ReplicaFailed => Api::ReplicaFailed,
-            ErrorCode::TooLarge => Api::TooLarge,
-            ErrorCode::Timeout => Api::Timeout,
-            ErrorCode::Unavailable => Api::Unavailable,
-            ErrorCode::StaleRoute => Api::StaleRoute,
-            ErrorCode::ReplicaBehind => Api::ReplicaBehind,
-        }
-    }
-}
-
-impl std::fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
