@@ -516,8 +516,7 @@ impl Client {
             harbor_api::BatchOutcome::Reserved(reservation) => BatchResult::Reserved(reservation),
             harbor_api::BatchOutcome::Refused { http_status, error } => {
                 let status = StatusCode::from_u16(http_status).unwrap_or(StatusCode::CONFLICT);
-                let value = serde_json::to_value(error).expect("an error body serializes");
-                BatchResult::Refused(api_error(status, &HeaderMap::new(), Some(value), b""))
+                BatchResult::Refused(error_of(status, error, None))
             }
         });
         Ok(results.collect())
@@ -855,6 +854,25 @@ fn parse<T: DeserializeOwned>(value: Value) -> Result<T, Error> {
 /// format (a proxy's page, a gateway that died mid-answer) is still an
 /// answer: a 502, 503 or 504 of that kind may be retried and leaves a
 /// write's outcome unknown.
+/// An error answer's body as the client's error.
+fn error_of(
+    status: StatusCode,
+    body: harbor_api::ErrorBody,
+    retry_after: Option<Duration>,
+) -> ApiError {
+    let mut details = body.details;
+    let outcome_unknown = details.remove("outcome_unknown").and_then(|v| v.as_bool());
+    ApiError {
+        status: status.as_u16(),
+        code: body.error,
+        message: body.message,
+        retryable: body.retryable,
+        outcome_unknown: outcome_unknown.unwrap_or(false),
+        retry_after,
+        details,
+    }
+}
+
 fn api_error(
     status: StatusCode,
     headers: &HeaderMap,
@@ -868,30 +886,17 @@ fn api_error(
         .map(Duration::from_secs);
     match value {
         Some(value @ Value::Object(_)) if value.get("error").is_some_and(Value::is_string) => {
-            let body: harbor_api::ErrorBody = match serde_json::from_value(value) {
-                Ok(body) => body,
-                Err(e) => {
-                    return ApiError {
-                        status: status.as_u16(),
-                        code: "invalid_error_body".to_string(),
-                        message: e.to_string(),
-                        retryable: false,
-                        outcome_unknown: false,
-                        retry_after,
-                        details: Map::new(),
-                    }
-                }
-            };
-            let mut details = body.details;
-            let outcome_unknown = details.remove("outcome_unknown").and_then(|v| v.as_bool());
-            ApiError {
-                status: status.as_u16(),
-                code: body.error,
-                message: body.message,
-                retryable: body.retryable,
-                outcome_unknown: outcome_unknown.unwrap_or(false),
-                retry_after,
-                details,
+            match serde_json::from_value(value) {
+                Ok(body) => error_of(status, body, retry_after),
+                Err(e) => ApiError {
+                    status: status.as_u16(),
+                    code: "invalid_error_body".to_string(),
+                    message: e.to_string(),
+                    retryable: false,
+                    outcome_unknown: false,
+                    retry_after,
+                    details: Map::new(),
+                },
             }
         }
         _ => {

@@ -176,18 +176,13 @@ impl Gateway {
             served_by: served_by.to_string(),
             region,
             node: served.node.to_string(),
-            applied: served.applied.map(commit_token),
+            applied: served.applied.map(api::CommitToken::from),
             staleness_ms: served.staleness_ms,
             shard: Some(served.shard.0),
             generation: Some(served.generation.0),
             gateway_region: Some(self.region.to_string()),
             ..api::Served::default()
         }
-    }
-
-    /// The same fields, on an error answer.
-    pub(crate) fn stamp(&self, body: &mut Map<String, Value>, served: &Served) {
-        body.extend(object(self.served(served)));
     }
 
     /// A rejection decided by the leader: the leader's stamp, the entry that
@@ -198,7 +193,7 @@ impl Gateway {
         if let Some(issuer) = &applied.issuer {
             e = e.with("remaining", issuer.remaining);
         }
-        self.stamp(&mut e.details, &applied.served);
+        e.details.extend(object(self.served(&applied.served)));
         session.include(applied.commit_token);
         e.with("session", session.to_string())
     }
@@ -316,14 +311,6 @@ fn write_stamp(gw: &Gateway, applied: &Applied, session: &mut Session) -> api::S
     }
 }
 
-pub(crate) fn commit_token(t: harbor_types::CommitToken) -> api::CommitToken {
-    api::CommitToken {
-        shard: t.shard.0,
-        generation: t.generation.0,
-        index: t.index.0,
-    }
-}
-
 fn issuer_answer(issuer: &IssuerView, entry: &DirectoryEntry) -> api::Issuer {
     api::Issuer {
         issuer_id: issuer.issuer_id.to_string(),
@@ -333,7 +320,7 @@ fn issuer_answer(issuer: &IssuerView, entry: &DirectoryEntry) -> api::Issuer {
         remaining: issuer.remaining.0,
         reservations_open: issuer.reservations_open,
         bucket: Some(entry.bucket.0),
-        updated: issuer.updated.map(commit_token),
+        updated: issuer.updated.map(api::CommitToken::from),
         created: false,
         changed: false,
         commit_token: None,
@@ -361,12 +348,12 @@ pub(crate) fn reservation_answer(
         trader: reservation.trader.clone(),
         status,
         expires_at_ms: reservation.expires_at_ms,
-        created: Some(commit_token(reservation.created)),
+        created: Some(api::CommitToken::from(reservation.created)),
         created_at: Some(api::HlcTime {
             wall_ms: reservation.created_at.wall_ms,
             logical: reservation.created_at.logical,
         }),
-        updated: Some(commit_token(reservation.updated)),
+        updated: Some(api::CommitToken::from(reservation.updated)),
         replayed: false,
         commit_token: None,
         remaining: issuer.map(|i| i.remaining.0),
@@ -399,7 +386,7 @@ fn token_answer(
         }) => {
             answer.status = api::TokenState::Committed;
             answer.reservation_id = Some(reservation_id.to_string());
-            answer.commit_token = Some(commit_token(*at));
+            answer.commit_token = Some(api::CommitToken::from(*at));
         }
         Some(TokenOutcome::Rejected {
             code,
@@ -407,11 +394,11 @@ fn token_answer(
         }) => {
             answer.status = api::TokenState::Rejected;
             answer.reason = Some(code.clone());
-            answer.commit_token = Some(commit_token(*at));
+            answer.commit_token = Some(api::CommitToken::from(*at));
         }
         Some(TokenOutcome::Abandoned { commit_token: at }) => {
             answer.status = api::TokenState::Abandoned;
-            answer.commit_token = Some(commit_token(*at));
+            answer.commit_token = Some(api::CommitToken::from(*at));
         }
     }
     answer
@@ -545,7 +532,7 @@ async fn put_issuer_inner(
             let body = api::Issuer {
                 created: *created,
                 changed: *changed,
-                commit_token: Some(commit_token(applied.commit_token)),
+                commit_token: Some(api::CommitToken::from(applied.commit_token)),
                 served: write_stamp(gw, &applied, &mut session),
                 ..issuer_answer(issuer, &entry)
             };
@@ -670,7 +657,7 @@ fn reservation_reply(
             let mut session = session;
             let body = api::Reservation {
                 replayed: *replayed,
-                commit_token: Some(commit_token(applied.commit_token)),
+                commit_token: Some(api::CommitToken::from(applied.commit_token)),
                 served: write_stamp(gw, &applied, &mut session),
                 ..reservation_answer(reservation, applied.issuer.as_ref())
             };
@@ -882,7 +869,7 @@ pub(crate) async fn resolve_token(
             Outcome::Token(view) => {
                 let mut session = session;
                 let body = api::TokenStatus {
-                    resolved_at: Some(commit_token(applied.commit_token)),
+                    resolved_at: Some(api::CommitToken::from(applied.commit_token)),
                     served: write_stamp(&gw, &applied, &mut session),
                     ..token_answer(Some(view), Some(&issuer), &token)
                 };

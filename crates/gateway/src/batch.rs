@@ -17,7 +17,7 @@ use harbor_api::{BatchAnswer, BatchItem, BatchOutcome};
 use harbor_reservation::{Command, Outcome, BATCH_COMMANDS_MAX};
 use harbor_types::ShardId;
 
-use crate::api::{commit_token, reservation_answer, reserve_command, respond, unexpected_outcome};
+use crate::api::{reservation_answer, reserve_command, respond, unexpected_outcome};
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::reads::{Session, SESSION_HEADER};
@@ -113,7 +113,7 @@ async fn run(
             continue;
         };
         for (i, outcome) in indexes.into_iter().zip(outcomes) {
-            let at = commit_token(applied.commit_token);
+            let at = harbor_api::CommitToken::from(applied.commit_token);
             results[i] = Some(match outcome {
                 Outcome::Reservation {
                     reservation,

@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use crate::admin::{
     AdminError, ClusterView, Fault, FollowerView, GroupView, NodeView, ReplicaView,
 };
-use crate::api::{commit_token, object};
+use crate::api::object;
 use crate::body::parse_json;
 use crate::error::ApiError;
 use crate::router::Gateway;
@@ -142,7 +142,9 @@ impl Gateway {
                                 }
                                 .into(),
                                 answering: status.is_some(),
-                                applied: status.and_then(|s| s.applied).map(commit_token),
+                                applied: status
+                                    .and_then(|s| s.applied)
+                                    .map(harbor_api::CommitToken::from),
                                 staleness_ms: status.and_then(|s| s.staleness_ms),
                                 recovering: status.is_some_and(|s| s.replica.recovering),
                             }

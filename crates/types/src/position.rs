@@ -77,13 +77,31 @@ pub struct CommitToken {
     pub index: LogIndex,
 }
 
+// The text form is the HTTP API's (`harbor_api::CommitToken`), written
+// there once.
 impl fmt::Display for CommitToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "shard{}@g{}:{}",
-            self.shard.0, self.generation.0, self.index.0
-        )
+        harbor_api::CommitToken::from(*self).fmt(f)
+    }
+}
+
+impl From<CommitToken> for harbor_api::CommitToken {
+    fn from(t: CommitToken) -> Self {
+        harbor_api::CommitToken {
+            shard: t.shard.0,
+            generation: t.generation.0,
+            index: t.index.0,
+        }
+    }
+}
+
+impl From<harbor_api::CommitToken> for CommitToken {
+    fn from(t: harbor_api::CommitToken) -> Self {
+        CommitToken {
+            shard: ShardId(t.shard),
+            generation: Generation(t.generation),
+            index: LogIndex(t.index),
+        }
     }
 }
 
@@ -121,22 +139,9 @@ impl FromStr for CommitToken {
     type Err = ParseCommitTokenError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let err = || ParseCommitTokenError(text.to_string());
-        let rest = text.strip_prefix("shard").ok_or_else(err)?;
-        let (shard, rest) = rest.split_once("@g").ok_or_else(err)?;
-        let (generation, index) = rest.split_once(':').ok_or_else(err)?;
-        let number = |s: &str| -> Result<u64, ParseCommitTokenError> {
-            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(err());
-            }
-            s.parse::<u64>().map_err(|_| err())
-        };
-        let shard = u32::try_from(number(shard)?).map_err(|_| err())?;
-        Ok(CommitToken {
-            shard: ShardId(shard),
-            generation: Generation(number(generation)?),
-            index: LogIndex(number(index)?),
-        })
+        text.parse::<harbor_api::CommitToken>()
+            .map(CommitToken::from)
+            .map_err(|_| ParseCommitTokenError(text.to_string()))
     }
 }
 
