@@ -166,8 +166,11 @@ pub struct GroupCore {
 impl GroupCore {
     /// Rebuilds a replica from what its WAL held. `groups_are_new`: a
     /// replica with nothing on disk starts a new group, rather than one
-    /// that lost its state. `life_salt` differs between two lives of the
-    /// replica (see `Recovered::life_salt`).
+    /// that lost its state. `fence`: the oldest generation the metadata
+    /// plane may still name to this group's replicas (`GroupInfo::fence`,
+    /// read when the node starts), where a replica that lost its state
+    /// starts. `life_salt` differs between two lives of the replica (see
+    /// `Recovered::life_salt`).
     #[allow(clippy::too_many_arguments)]
     pub fn recover(
         me: NodeId,
@@ -176,6 +179,7 @@ impl GroupCore {
         settings: Settings,
         found: harbor_wal::Recovered,
         groups_are_new: bool,
+        fence: Generation,
         life_salt: u64,
         now: Now,
     ) -> Result<GroupCore, RecoverError> {
@@ -198,6 +202,13 @@ impl GroupCore {
                  it will not lead and counts for nothing until it has caught up"
             );
             hard_state.recovering = true;
+            // It cannot tell a late order from a current one by what it
+            // holds: it starts at the group's fence, which every order
+            // still current names at least.
+            if fence > Generation::ZERO {
+                probe("node.lost_replica_starts_at_the_fence");
+                hard_state.generation = fence;
+            }
             writes.push(Write::HardState(hard_state));
         }
         let (mut machine, snapshot) = match &found.snapshot {

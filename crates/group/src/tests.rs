@@ -27,6 +27,12 @@ fn settings() -> crate::Settings {
 }
 
 fn replica(me: &str) -> GroupCore {
+    start(me, true, Generation::ZERO)
+}
+
+/// A replica that finds its disk empty: of a new group, or one that lost
+/// its state (then it starts at `fence`).
+fn start(me: &str, groups_are_new: bool, fence: Generation) -> GroupCore {
     let members = vec![
         Member {
             node: node("a"),
@@ -55,7 +61,8 @@ fn replica(me: &str) -> GroupCore {
             torn_tail_bytes_cut: 0,
             zero_tail_bytes_cut: 0,
         },
-        true,
+        groups_are_new,
+        fence,
         1,
         Now::both(1),
     )
@@ -345,4 +352,40 @@ fn control_orders_older_than_the_replica_change_nothing() {
     p.step_a(request(1, upsert("acme"), Some(Generation(1))));
     p.settle();
     assert!(matches!(p.replies[..], [(1, Response::Applied { .. })]));
+}
+
+#[test]
+fn a_replica_that_lost_its_disk_starts_at_the_fence_and_refuses_older_orders() {
+    let mut b = start("b", false, Generation(3));
+    // It says so durably before anything else, generation included.
+    let ready = b.ready();
+    assert!(
+        matches!(&ready.writes[..], [Write::HardState(h)] if h.recovering && h.generation == Generation(3)),
+        "{:?}",
+        ready.writes
+    );
+    assert!(b.replica().is_recovering());
+    assert_eq!(b.replica().generation(), Generation(3));
+    // A deposed control loop's order, or one queued across the restart,
+    // names an older generation and its deposed leader: refused.
+    b.step(
+        Now::both(2),
+        Input::Control(Control::Follow(Generation(2), node("a"))),
+    );
+    b.step(
+        Now::both(2),
+        Input::Control(Control::LeadNewGroup(Generation(1))),
+    );
+    assert_eq!(b.replica().leader(), None);
+    assert_eq!(b.replica().generation(), Generation(3));
+    // The current one is taken.
+    b.step(
+        Now::both(3),
+        Input::Control(Control::Follow(Generation(3), node("a"))),
+    );
+    assert_eq!(b.replica().leader(), Some(&node("a")));
+    assert!(
+        b.replica().is_recovering(),
+        "it catches up before it counts"
+    );
 }

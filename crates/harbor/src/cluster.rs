@@ -17,7 +17,6 @@ use harbor_gateway::{Gateway, GatewayConfig};
 use harbor_meta::{MetaCommand, MetaReply, Metadata, Topology};
 use harbor_meta_raft::{MetaConfig, MetaNode, RemoteMeta};
 use harbor_node::{LateSink, Node, NodeConfig, TcpTransport, Transport};
-use harbor_replication::Member;
 use harbor_types::{limits, NodeId, Region};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
@@ -528,26 +527,17 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         .context("reaching the metadata plane")?;
     meta.refresh_every(Duration::from_secs(1));
     let meta: Arc<dyn Metadata> = meta;
-    let map = meta.map();
+    // Read linearizably: a replica that finds its disk empty starts at its
+    // group's fence as the metadata plane holds it now.
+    let map = meta
+        .map_linearizable()
+        .await
+        .context("reading the shard map from the metadata leader")?;
     let region = map
         .region_of(&name)
         .with_context(|| format!("node {name} is not in the shard map"))?
         .clone();
-    let groups = map
-        .groups_of(&name)
-        .into_iter()
-        .map(|g| {
-            let members = g
-                .members
-                .iter()
-                .map(|m| Member {
-                    node: m.clone(),
-                    local: map.region_of(m) == Some(&g.home_region),
-                })
-                .collect();
-            (g.shard, members)
-        })
-        .collect();
+    let groups = crate::dev::replica_plans(&map, &name);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding node {name} to {addr}"))?;

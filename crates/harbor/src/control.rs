@@ -163,6 +163,14 @@ impl ControlLoop {
                         .map_err(|e| e.to_string());
                     queue.extend(self.core.published(shard, result));
                 }
+                Order::RecordSeal { shard, generation } => {
+                    let result = self
+                        .meta
+                        .seal_group(shard, generation)
+                        .await
+                        .map_err(|e| e.to_string());
+                    queue.extend(self.core.published(shard, result));
+                }
                 Order::TransferEnded { ticket, result } => {
                     if let Some(reply) = self.waiting.remove(&ticket) {
                         let _ = reply.send(result);

@@ -15,7 +15,7 @@ use harbor_meta::{MetaCommand, MetaReply, Metadata, ShardMap, Topology};
 
 use crate::data_dir::{DataDir, DataKind};
 use harbor_meta_raft::{MetaConfig, MetaNode};
-use harbor_node::{InProcNetwork, Node, NodeConfig};
+use harbor_node::{InProcNetwork, Node, NodeConfig, ReplicaPlan};
 use harbor_replication::Member;
 use harbor_types::{NodeId, Region, ShardId};
 use harbor_wire::Control;
@@ -92,12 +92,32 @@ pub struct NodeSet {
     running: Mutex<BTreeMap<NodeId, Node>>,
     network: InProcNetwork,
     map: Arc<ShardMap>,
+    meta: Arc<dyn Metadata>,
     data_dir: PathBuf,
     tune_node: fn(&mut NodeConfig),
     /// Until every node first started: the data directory was new, so the
     /// groups are being created. After that, a node that starts empty lost
     /// its data.
     groups_are_new: std::sync::atomic::AtomicBool,
+}
+
+/// The replicas `node` runs, as `map` describes their groups.
+pub fn replica_plans(map: &ShardMap, node: &NodeId) -> Vec<ReplicaPlan> {
+    map.groups_of(node)
+        .into_iter()
+        .map(|g| ReplicaPlan {
+            shard: g.shard,
+            members: g
+                .members
+                .iter()
+                .map(|m| Member {
+                    node: m.clone(),
+                    local: map.region_of(m) == Some(&g.home_region),
+                })
+                .collect(),
+            fence: g.fence(),
+        })
+        .collect()
 }
 
 impl NodeSet {
@@ -111,22 +131,14 @@ impl NodeSet {
             .region_of(node)
             .with_context(|| format!("no node {node} in the map"))?
             .clone();
-        let groups = self
-            .map
-            .groups_of(node)
-            .into_iter()
-            .map(|g| {
-                let members = g
-                    .members
-                    .iter()
-                    .map(|m| Member {
-                        node: m.clone(),
-                        local: self.map.region_of(m) == Some(&g.home_region),
-                    })
-                    .collect();
-                (g.shard, members)
-            })
-            .collect();
+        // Read linearizably: a replica that finds its disk empty starts at
+        // its group's fence as the metadata plane holds it now.
+        let map = self
+            .meta
+            .map_linearizable()
+            .await
+            .context("reading the shard map")?;
+        let groups = replica_plans(&map, node);
         let mut config = NodeConfig::new(self.data_dir.join("nodes").join(node.as_str()));
         config.groups_are_new = self
             .groups_are_new
@@ -199,6 +211,7 @@ impl DevCluster {
             running: Mutex::new(BTreeMap::new()),
             network: network.clone(),
             map: map.clone(),
+            meta: meta.clone(),
             data_dir: options.data_dir.clone(),
             tune_node: options.tune_node,
             groups_are_new: (!any_replica_state(&options.data_dir.join("nodes"))).into(),

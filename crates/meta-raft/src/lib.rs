@@ -108,6 +108,19 @@ pub enum LookupAnswer {
     Failed(String),
 }
 
+/// The answer of `GET /meta/map`: the shard map, linearizable, from the
+/// metadata leader.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MapAnswer {
+    Map(ShardMap),
+    /// Not the leader; ask this address (when known).
+    NotLeader {
+        leader_addr: Option<String>,
+    },
+    Failed(String),
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LookupQuery {
     pub issuer_id: IssuerId,
@@ -271,6 +284,52 @@ impl MetaNode {
         }
     }
 
+    /// On the leader: the map once everything committed before is applied.
+    async fn map_here(&self) -> MapAnswer {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => MapAnswer::Map((*Metadata::map(self)).clone()),
+            Err(e) => match e.forward_to_leader() {
+                Some(forward) => MapAnswer::NotLeader {
+                    leader_addr: forward.leader_node.as_ref().map(|n| n.addr.clone()),
+                },
+                None => MapAnswer::Failed(e.to_string()),
+            },
+        }
+    }
+
+    /// A linearizable read of the map through the leader (this voter or
+    /// the one it names), retrying across elections until
+    /// `write_timeout_ms`.
+    pub async fn map_linearizable(&self) -> Result<ShardMap, MetaRaftError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.write_timeout_ms);
+        loop {
+            let answer = match self.map_here().await {
+                MapAnswer::NotLeader {
+                    leader_addr: Some(addr),
+                } => {
+                    let url = format!("http://{addr}/meta/map");
+                    match self.client.get(&url).send().await {
+                        Ok(response) => response
+                            .json()
+                            .await
+                            .unwrap_or(MapAnswer::NotLeader { leader_addr: None }),
+                        Err(_) => MapAnswer::NotLeader { leader_addr: None },
+                    }
+                }
+                other => other,
+            };
+            match answer {
+                MapAnswer::Map(map) => return Ok(map),
+                MapAnswer::Failed(e) => return Err(MetaRaftError::Raft(e)),
+                MapAnswer::NotLeader { .. } => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(MetaRaftError::NoLeader(self.write_timeout_ms));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn lookup_at(&self, addr: &str, issuer: &IssuerId) -> LookupAnswer {
         let url = format!("http://{addr}/meta/lookup");
         let query = LookupQuery {
@@ -362,6 +421,7 @@ impl MetaNode {
             .route("/meta/write", post(write))
             .route("/meta/state", get(state))
             .route("/meta/lookup", get(lookup))
+            .route("/meta/map", get(map))
             .with_state(self.clone())
     }
 }
@@ -402,6 +462,15 @@ impl Metadata for MetaNode {
         })
     }
 
+    fn map_linearizable(&self) -> MetaFuture<'_, Arc<ShardMap>> {
+        Box::pin(async move {
+            MetaNode::map_linearizable(self)
+                .await
+                .map(Arc::new)
+                .map_err(|e| MetaError::Unavailable(e.to_string()))
+        })
+    }
+
     /// On the leader: confirms leadership and waits until everything
     /// committed is applied. A follower's copy trails by a heartbeat at
     /// most; stale-route answers repair the rest.
@@ -423,6 +492,11 @@ type Node = State<Arc<MetaNode>>;
 /// Answered by the leader only, so what it says is linearizable.
 async fn lookup(State(node): Node, Query(query): Query<LookupQuery>) -> Json<LookupAnswer> {
     Json(node.lookup_here(&query.issuer_id).await)
+}
+
+/// Answered by the leader only, so what it says is linearizable.
+async fn map(State(node): Node) -> Json<MapAnswer> {
+    Json(node.map_here().await)
 }
 
 async fn append(

@@ -12,7 +12,7 @@ use harbor_meta::{
 };
 use harbor_types::IssuerId;
 
-use crate::{LookupAnswer, LookupQuery, StateAnswer, WriteAnswer};
+use crate::{LookupAnswer, LookupQuery, MapAnswer, StateAnswer, WriteAnswer};
 
 pub struct RemoteMeta {
     voters: Vec<String>,
@@ -131,6 +131,12 @@ impl RemoteMeta {
         response.json().await.ok()
     }
 
+    async fn map_at(&self, addr: &str) -> Option<MapAnswer> {
+        let url = format!("http://{addr}/meta/map");
+        let response = self.client.get(&url).send().await.ok()?;
+        response.json().await.ok()
+    }
+
     async fn write_to(&self, addr: &str, command: &MetaCommand) -> Option<WriteAnswer> {
         let url = format!("http://{addr}/meta/write");
         let response = self.client.post(&url).json(command).send().await.ok()?;
@@ -213,6 +219,44 @@ impl Metadata for RemoteMeta {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(MetaError::Unavailable(format!(
                         "no metadata leader among {:?} answered a lookup",
+                        self.voters
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    /// Asked of the metadata leader every time; a newer map than the local
+    /// copy replaces it.
+    fn map_linearizable(&self) -> MetaFuture<'_, Arc<ShardMap>> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + self.write_timeout;
+            loop {
+                for addr in self.voters_leader_first() {
+                    let answer = match self.map_at(&addr).await {
+                        Some(MapAnswer::NotLeader {
+                            leader_addr: Some(leader),
+                        }) => self.map_at(&leader).await.map(|a| (leader, a)),
+                        other => other.map(|a| (addr, a)),
+                    };
+                    match answer {
+                        Some((addr, MapAnswer::Map(map))) => {
+                            *self.leader.lock().unwrap() = Some(addr);
+                            let map = Arc::new(map);
+                            let mut current = self.map.write().unwrap();
+                            if map.map_version >= current.map_version {
+                                *current = map.clone();
+                            }
+                            return Ok(map);
+                        }
+                        Some((_, MapAnswer::Failed(e))) => return Err(MetaError::Unavailable(e)),
+                        Some((_, MapAnswer::NotLeader { .. })) | None => {}
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(MetaError::Unavailable(format!(
+                        "no metadata leader among {:?} answered for the map",
                         self.voters
                     )));
                 }

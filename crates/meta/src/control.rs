@@ -10,6 +10,10 @@
 //!   map, and a replica told first would refuse as "not leader"); when the
 //!   metadata plane cannot take it, it is published again every round and
 //!   nobody is told in between.
+//! - A seal is recorded in the metadata plane before anyone is told, the
+//!   same way: every generation an order names is one the metadata plane
+//!   holds, so a replica that lost its disk starts at the group's fence
+//!   (`GroupInfo::fence`) and refuses any order older than it.
 //! - A group whose publication is outstanding is not looked at again.
 //! - Replicas that missed news are told again, but not in a round that just
 //!   acted (their statuses predate the news).
@@ -86,6 +90,13 @@ pub enum Order {
         leader: NodeId,
         generation: Generation,
         ended_at: Option<LogIndex>,
+    },
+    /// Record in the metadata plane that `shard`'s replicas are about to be
+    /// sealed at `generation`; report the result with
+    /// [`ControlCore::published`].
+    RecordSeal {
+        shard: ShardId,
+        generation: Generation,
     },
     /// A planned transfer ended: answer its caller.
     TransferEnded {
@@ -290,19 +301,29 @@ impl ControlCore {
         }
     }
 
-    /// How the publication of `shard`'s leader went: on success everyone is
-    /// told; otherwise it is published again next round.
+    /// How the publication of `shard`'s leader (or seal) went: on success
+    /// the replicas are told; otherwise it is published again next round.
     pub fn published(&mut self, shard: ShardId, result: Result<(), String>) -> Vec<Order> {
         let Some(action) = self.publishing.remove(&shard) else {
             return Vec::new();
         };
         if let Err(e) = result {
-            tracing::error!(%shard, error = %e, "cannot publish the new leader; will retry");
+            tracing::error!(%shard, ?action, error = %e, "the metadata plane did not take it; will retry");
             self.stats.publish_failures += 1;
             self.unpublished.insert(shard, action);
             return Vec::new();
         }
         let (generation, leader, lead) = match action {
+            Action::Seal { generation, nodes } => {
+                return nodes
+                    .into_iter()
+                    .map(|node| Order::Tell {
+                        node,
+                        shard,
+                        control: Control::Seal(generation),
+                    })
+                    .collect();
+            }
             Action::Lead {
                 generation, leader, ..
             } => (generation, leader, Control::Lead(generation)),
@@ -456,12 +477,9 @@ impl ControlCore {
     fn apply(&mut self, shard: ShardId, action: Action, orders: &mut Vec<Order>) {
         match action {
             Action::None | Action::TransferAbandoned { .. } => {}
-            Action::Seal { generation, nodes } => {
-                orders.extend(nodes.into_iter().map(|node| Order::Tell {
-                    node,
-                    shard,
-                    control: Control::Seal(generation),
-                }));
+            Action::Seal { generation, .. } => {
+                orders.push(Order::RecordSeal { shard, generation });
+                self.publishing.insert(shard, action);
             }
             Action::Drain { leader, for_ms } => orders.push(Order::Tell {
                 node: leader,
@@ -616,6 +634,7 @@ mod tests {
         let (old, a, b) = (&m[0], &m[1], &m[2]);
         // The leader stops answering; its followers still follow it.
         let mut publish = None;
+        let mut sealed = false;
         let mut now = 0;
         while publish.is_none() {
             now += 100;
@@ -628,7 +647,20 @@ mod tests {
                 n if n == a => Some(status(n, gen, follows, 10)),
                 n => Some(status(n, gen, follows, 8)),
             });
-            let orders = core.round(now, round);
+            let mut orders = core.round(now, round);
+            // A seal is recorded before anyone is told of it.
+            if let [Order::RecordSeal { generation, .. }] = &orders[..] {
+                assert_eq!(*generation, Generation(2));
+                assert!(core.published(SHARD, Err("no leader".into())).is_empty());
+                let again = core.republish();
+                assert!(
+                    matches!(&again[..], [Order::RecordSeal { .. }]),
+                    "{again:?}"
+                );
+                orders = core.published(SHARD, Ok(()));
+                assert_eq!(told(&orders).len(), 2, "the reachable replicas are sealed");
+                sealed = true;
+            }
             for order in &orders {
                 match order {
                     Order::Publish { leader, .. } => publish = Some(leader.clone()),
@@ -636,16 +668,19 @@ mod tests {
                         matches!(control, Control::Seal(_)),
                         "told {control:?} before the new leader was published"
                     ),
-                    Order::TransferEnded { .. } => unreachable!(),
+                    Order::RecordSeal { .. } | Order::TransferEnded { .. } => {
+                        unreachable!("{order:?}")
+                    }
                 }
             }
         }
+        assert!(sealed, "the generation was never sealed");
         // The longest log leads.
         assert_eq!(publish.as_ref(), Some(a));
         // The metadata plane refuses: nobody is told, and the group is not
         // looked at again until the publication goes through.
         assert!(core.published(SHARD, Err("no leader".into())).is_empty());
-        assert_eq!(core.stats().publish_failures, 1);
+        assert_eq!(core.stats().publish_failures, 2);
         let round = answers(&core, |n| Some(status(n, 2, None, 10)));
         assert!(core.round(now + 100, round).is_empty());
         let again = core.republish();

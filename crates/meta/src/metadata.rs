@@ -44,6 +44,11 @@ pub trait Metadata: Send + Sync {
         &'a self,
         issuer: &'a IssuerId,
     ) -> MetaFuture<'a, Option<DirectoryEntry>>;
+    /// The shard map as the metadata plane holds it now: linearizable, so
+    /// everything committed before the call began is in it. What a replica
+    /// that lost its disk starts from (its group's fence) must come from
+    /// here, never from a copy that may trail.
+    fn map_linearizable(&self) -> MetaFuture<'_, Arc<ShardMap>>;
 }
 
 impl dyn Metadata {
@@ -83,6 +88,22 @@ impl dyn Metadata {
             MetaReply::Assigned(result) => Ok(result),
             MetaReply::Refused(reason) => Err(MetaError::Refused(reason)),
             other => Err(MetaError::Unavailable(format!("assign answered {other:?}"))),
+        }
+    }
+
+    /// Records that a group's replicas are about to be sealed at
+    /// `generation` (see `MetaCommand::SealGroup`).
+    pub async fn seal_group(
+        &self,
+        shard: ShardId,
+        generation: Generation,
+    ) -> Result<(), MetaError> {
+        match self
+            .write(MetaCommand::SealGroup { shard, generation })
+            .await?
+        {
+            MetaReply::Refused(reason) => Err(MetaError::Refused(reason)),
+            _ => Ok(()),
         }
     }
 

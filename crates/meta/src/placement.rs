@@ -76,6 +76,11 @@ pub struct GroupInfo {
     pub members: Vec<NodeId>,
     pub leader: NodeId,
     pub generation: Generation,
+    /// The newest generation the control plane sealed replicas at, recorded
+    /// before any replica is told (a seal names the next generation before
+    /// its leader is chosen, so it may be ahead of `generation`).
+    #[serde(default)]
+    pub sealed: Generation,
     /// Where recent generations' logs ended (newest last, at most
     /// `GENERATION_ENDS_KEPT`): a returning replica's entries past its
     /// generation's end were never committed.
@@ -84,6 +89,17 @@ pub struct GroupInfo {
 }
 
 /// Generation `generation` of a group ended with the entry at `last_index`.
+impl GroupInfo {
+    /// The oldest generation any replica of the group may still be told
+    /// about: every order the control plane sends names a generation it
+    /// recorded here first. A replica that lost its disk starts at this
+    /// generation, so a late order naming an older one (a deposed control
+    /// loop's, one a connection queued across its restart) is refused.
+    pub fn fence(&self) -> Generation {
+        self.generation.max(self.sealed)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationEnd {
     pub generation: Generation,
@@ -153,6 +169,7 @@ impl ShardMap {
                     leader: members[0].clone(),
                     members,
                     generation: Generation::ZERO,
+                    sealed: Generation::ZERO,
                     ended: Vec::new(),
                 },
             );

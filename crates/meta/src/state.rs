@@ -49,6 +49,15 @@ pub enum MetaCommand {
         #[serde(default)]
         ended_at: Option<LogIndex>,
     },
+    /// The control plane is about to seal a group's replicas at
+    /// `generation` (a failover or transfer is under way): recorded before
+    /// any replica is told, so the group's fence covers every generation a
+    /// replica may hear of. Refused when older than the published
+    /// generation; sealing at one already recorded changes nothing.
+    SealGroup {
+        shard: ShardId,
+        generation: Generation,
+    },
     /// Places a new issuer, or finds where it is.
     Assign {
         issuer_id: IssuerId,
@@ -94,7 +103,8 @@ impl MetaState {
             MetaCommand::Bootstrap(_) => unreachable!("handled above"),
             MetaCommand::BeginEpoch => {
                 for group in map.groups.values_mut() {
-                    group.generation = group.generation.next();
+                    group.generation = group.fence().next();
+                    group.sealed = group.generation;
                 }
                 map.map_version += 1;
             }
@@ -116,6 +126,15 @@ impl MetaState {
                         group.generation
                     ));
                 }
+                // A generation has one leader: two control loops (one of
+                // them deposed) that chose different leaders for the same
+                // generation must not both be published.
+                if *generation == group.generation && *leader != group.leader {
+                    return MetaReply::Refused(format!(
+                        "{shard}: generation {generation} is led by {} already",
+                        group.leader
+                    ));
+                }
                 if let (Some(last_index), true) = (ended_at, *generation > group.generation) {
                     group.ended.push(GenerationEnd {
                         generation: group.generation,
@@ -126,7 +145,23 @@ impl MetaState {
                 }
                 group.leader = leader.clone();
                 group.generation = *generation;
+                group.sealed = group.sealed.max(*generation);
                 map.map_version += 1;
+            }
+            MetaCommand::SealGroup { shard, generation } => {
+                let Some(group) = map.groups.get_mut(shard) else {
+                    return MetaReply::Refused(format!("no group {shard}"));
+                };
+                if *generation < group.generation {
+                    return MetaReply::Refused(format!(
+                        "{shard}: cannot seal at {generation}: generation {} is published",
+                        group.generation
+                    ));
+                }
+                if *generation > group.sealed {
+                    group.sealed = *generation;
+                    map.map_version += 1;
+                }
             }
             MetaCommand::Assign {
                 issuer_id,
@@ -278,7 +313,30 @@ mod tests {
             ended_at: None,
         };
         assert!(matches!(state.apply(&stranger), MetaReply::Refused(_)));
+        // A generation has one leader.
+        let other = MetaCommand::UpdateGroup {
+            shard: ShardId(0),
+            leader: group.members[0].clone(),
+            generation: Generation(2),
+            ended_at: None,
+        };
+        assert!(matches!(state.apply(&other), MetaReply::Refused(_)));
         assert_eq!(state.map.as_ref().unwrap().map_version, 3);
+
+        // A seal is recorded ahead of the published generation, and the
+        // fence is the newer of the two.
+        let seal = |generation| MetaCommand::SealGroup {
+            shard: ShardId(0),
+            generation: Generation(generation),
+        };
+        assert!(matches!(state.apply(&seal(1)), MetaReply::Refused(_)));
+        assert_eq!(state.apply(&seal(3)), MetaReply::Map { map_version: 4 });
+        assert_eq!(state.apply(&seal(3)), MetaReply::Map { map_version: 4 });
+        let sealed = &state.map.as_ref().unwrap().groups[&ShardId(0)];
+        assert_eq!(
+            (sealed.generation, sealed.fence()),
+            (Generation(2), Generation(3))
+        );
 
         // The same commands give the same state.
         let mut replay = MetaState::default();
@@ -287,6 +345,7 @@ mod tests {
             assign.clone(),
             MetaCommand::BeginEpoch,
             update(2),
+            seal(3),
         ] {
             replay.apply(&command);
         }

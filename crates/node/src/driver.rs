@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use harbor_group::{GroupCore, Input, Ready, Settings, Write};
-use harbor_replication::Member;
 use harbor_types::{MonoMs, NodeId, Now, ShardId, WallMs};
 use harbor_wal::{FileStorage, Storage, Wal, WalError};
 
 use harbor_wire::{Body, Control, Envelope, Transport};
 
 use crate::config::NodeConfig;
+use crate::node::ReplicaPlan;
 
 pub enum ReplicaInput {
     Envelope(Envelope),
@@ -63,11 +63,11 @@ impl Driver<FileStorage> {
     /// rebuilds its state.
     pub fn open(
         me: NodeId,
-        shard: ShardId,
-        members: Vec<Member>,
+        plan: ReplicaPlan,
         config: NodeConfig,
         transport: Arc<dyn Transport>,
     ) -> Result<Driver, DriverStartError> {
+        let shard = plan.shard;
         let dir = config.data_dir.join(format!("shard-{}", shard.0));
         let storage = FileStorage::new(&dir).map_err(|source| DriverStartError::Wal {
             shard,
@@ -77,15 +77,7 @@ impl Driver<FileStorage> {
                 source,
             },
         })?;
-        Driver::open_on(
-            me,
-            shard,
-            members,
-            config,
-            storage,
-            transport,
-            read_clocks(),
-        )
+        Driver::open_on(me, plan, config, storage, transport, read_clocks())
     }
 }
 
@@ -93,14 +85,18 @@ impl<S: Storage> Driver<S> {
     /// Opens the replica on `storage` and rebuilds its state from it.
     pub fn open_on(
         me: NodeId,
-        shard: ShardId,
-        members: Vec<Member>,
+        plan: ReplicaPlan,
         config: NodeConfig,
         storage: S,
         transport: Arc<dyn Transport>,
         now: Now,
     ) -> Result<Driver<S>, DriverStartError> {
         let started = Instant::now();
+        let ReplicaPlan {
+            shard,
+            members,
+            fence,
+        } = plan;
         let (wal, found) = Wal::open(storage, config.wal.clone())
             .map_err(|source| DriverStartError::Wal { shard, source })?;
         if found.torn_tail_bytes_cut > 0 {
@@ -121,6 +117,7 @@ impl<S: Storage> Driver<S> {
             settings,
             found,
             config.groups_are_new,
+            fence,
             u64::from(std::process::id()).rotate_left(17),
             now,
         )

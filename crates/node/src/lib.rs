@@ -15,7 +15,7 @@ pub mod queue;
 pub mod transport;
 
 pub use config::{NodeConfig, NodeConfigError};
-pub use node::{Node, NodeStartError};
+pub use node::{Node, NodeStartError, ReplicaPlan};
 pub use transport::{
     inbox, InProcNetwork, Inbox, LateSink, LinkFaults, Sink, TcpTransport, Transport,
 };

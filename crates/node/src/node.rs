@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use harbor_replication::Member;
-use harbor_types::{NodeId, Region, ShardId};
+use harbor_types::{Generation, NodeId, Region, ShardId};
 
 use crate::config::{NodeConfig, NodeConfigError};
 use harbor_wire::{Body, Control, Envelope, ErrorKind, NodeError, Response, Sink, Transport};
@@ -35,6 +35,18 @@ struct ReplicaHandle {
     thread: JoinHandle<()>,
 }
 
+/// One replica a node runs, as the metadata plane described its group when
+/// the node started.
+#[derive(Clone, Debug)]
+pub struct ReplicaPlan {
+    pub shard: ShardId,
+    pub members: Vec<Member>,
+    /// The group's fence (`GroupInfo::fence`), read linearizably: where the
+    /// replica starts if it finds its disk empty, so it refuses every
+    /// order older than what the metadata plane had recorded.
+    pub fence: Generation,
+}
+
 /// A host for replicas of many groups, each on a thread of its own.
 /// Envelopes reach a replica's queue through the node's [`Node::sink`], on
 /// the sender's thread.
@@ -53,7 +65,7 @@ impl Node {
     pub fn start(
         id: NodeId,
         region: Region,
-        groups: Vec<(ShardId, Vec<Member>)>,
+        groups: Vec<ReplicaPlan>,
         config: NodeConfig,
         transport: Arc<dyn Transport>,
     ) -> Result<Node, NodeStartError> {
@@ -62,18 +74,13 @@ impl Node {
             source,
         })?;
         let mut handles: HashMap<ShardId, ReplicaHandle> = HashMap::new();
-        for (shard, members) in groups {
-            let driver = Driver::open(
-                id.clone(),
-                shard,
-                members,
-                config.clone(),
-                transport.clone(),
-            )
-            .map_err(|source| NodeStartError::Replica {
-                node: id.clone(),
-                source,
-            })?;
+        for plan in groups {
+            let shard = plan.shard;
+            let driver = Driver::open(id.clone(), plan, config.clone(), transport.clone())
+                .map_err(|source| NodeStartError::Replica {
+                    node: id.clone(),
+                    source,
+                })?;
             let (tx, rx) = queue::bounded(config.replica_inbox_capacity);
             let thread = std::thread::Builder::new()
                 .name(format!("{id}/shard{}", shard.0))

@@ -67,7 +67,12 @@ async fn a_group_replicates_and_answers_over_tcp() {
         .unwrap();
         let node = tokio::task::spawn_blocking({
             let members = members.clone();
-            move || Node::start(id(name), region, vec![(shard, members)], config, transport)
+            let plan = harbor_node::ReplicaPlan {
+                shard,
+                members,
+                fence: Generation::ZERO,
+            };
+            move || Node::start(id(name), region, vec![plan], config, transport)
         })
         .await
         .unwrap()

@@ -15,7 +15,7 @@ use harbor_meta::{
     Order, ShardMap,
 };
 use harbor_node::driver::{Driver, ReplicaInput};
-use harbor_node::NodeConfig;
+use harbor_node::{NodeConfig, ReplicaPlan};
 use harbor_replication::{Member, Role};
 use harbor_reservation::{Command, Outcome, TokenOutcome, TokenView};
 use harbor_types::sim::Bugs;
@@ -224,6 +224,8 @@ struct Group {
     /// The leader and generation the metadata plane publishes (what
     /// gateways route by).
     published: (NodeId, Generation),
+    /// The newest generation a seal was recorded at (`GroupInfo::sealed`).
+    sealed: Generation,
     /// Earlier publications with when they were made, newest last (a few):
     /// a gateway's copy of the map may trail the metadata leader's.
     history: Vec<(u64, NodeId, Generation)>,
@@ -461,6 +463,7 @@ impl World {
                     home: g.home_region.clone(),
                     members: g.members.clone(),
                     published: (g.leader.clone(), g.generation),
+                    sealed: g.generation,
                     history: Vec::new(),
                 },
             );

@@ -72,7 +72,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 31] = [
+pub const PROBES: [&str; 32] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -91,6 +91,7 @@ pub const PROBES: [&str; 31] = [
     "node.wal_failure_stops_replica",
     "reservation.hold_expired_at_confirm",
     "node.replica_started_without_its_state",
+    "node.lost_replica_starts_at_the_fence",
     "node.recovering_replica_refused_to_lead",
     "node.stale_control_order_ignored",
     "replication.recovering_replica_caught_up",

@@ -115,6 +115,26 @@ impl World {
                     };
                     queue.extend(self.control.published(shard, result));
                 }
+                Order::RecordSeal { shard, generation } => {
+                    let result = if self.safety && self.options.faults && self.rng.chance(5) {
+                        // A write that timed out may have committed all
+                        // the same.
+                        if self.rng.chance(50) {
+                            let group = self.groups.get_mut(&shard).unwrap();
+                            group.sealed = group.sealed.max(generation);
+                        }
+                        self.trace(|| {
+                            format!("recording the seal of {shard} at {generation} failed")
+                        });
+                        Err("the metadata plane is electing a leader".to_string())
+                    } else {
+                        self.trace(|| format!("seal {shard} at {generation} recorded"));
+                        let group = self.groups.get_mut(&shard).unwrap();
+                        group.sealed = group.sealed.max(generation);
+                        Ok(())
+                    };
+                    queue.extend(self.control.published(shard, result));
+                }
                 Order::TransferEnded { result, .. } => {
                     self.trace(|| format!("transfer ended: {result:?}"));
                 }

@@ -30,10 +30,15 @@ impl World {
                 .collect();
             let disk = self.nodes[name].disks[&shard].clone();
             let transport: Arc<dyn Transport> = self.outbox.clone();
-            let driver = match Driver::open_on(
-                name.clone(),
+            // The simulator's metadata is linearizable by construction.
+            let plan = ReplicaPlan {
                 shard,
                 members,
+                fence: group.published.1.max(group.sealed),
+            };
+            let driver = match Driver::open_on(
+                name.clone(),
+                plan,
                 self.node_config.clone(),
                 disk,
                 transport,
