@@ -425,6 +425,9 @@ pub struct ReplicaView {
     /// it will not lead, and a failover does not count on it.
     #[serde(default)]
     pub recovering: bool,
+    /// Estimated bytes of changes it keeps for change feeds.
+    #[serde(default)]
+    pub changes_retained_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -454,6 +457,8 @@ pub enum ErrorCode {
     InvalidConsistency,
     InvalidBatch,
     InvalidGroup,
+    InvalidCursor,
+    CursorExpired,
     IssuerRequired,
     NotFound,
     UnknownIssuer,
@@ -492,7 +497,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 43] = [
+    pub const ALL: [ErrorCode; 45] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidBody,
         ErrorCode::BodyTooLarge,
@@ -504,6 +509,8 @@ impl ErrorCode {
         ErrorCode::InvalidConsistency,
         ErrorCode::InvalidBatch,
         ErrorCode::InvalidGroup,
+        ErrorCode::InvalidCursor,
+        ErrorCode::CursorExpired,
         ErrorCode::IssuerRequired,
         ErrorCode::NotFound,
         ErrorCode::UnknownIssuer,
@@ -551,6 +558,8 @@ impl ErrorCode {
             ErrorCode::InvalidConsistency => "invalid_consistency",
             ErrorCode::InvalidBatch => "invalid_batch",
             ErrorCode::InvalidGroup => "invalid_group",
+            ErrorCode::InvalidCursor => "invalid_cursor",
+            ErrorCode::CursorExpired => "cursor_expired",
             ErrorCode::IssuerRequired => "issuer_required",
             ErrorCode::NotFound => "not_found",
             ErrorCode::UnknownIssuer => "unknown_issuer",
@@ -654,6 +663,66 @@ pub struct BatchAnswer {
     pub gateway_region: Option<String>,
     #[serde(default)]
     pub session: Option<String>,
+}
+
+// ----- Change feed ---------------------------------------------------------------
+
+/// One line of `GET /v1/changefeed` (`application/x-ndjson`): a change, or
+/// a resolved mark. `cursor` is opaque: `from=CURSOR` continues right
+/// after the line that carried it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FeedLine {
+    Change(ChangeLine),
+    Resolved(ResolvedLine),
+    /// The feed cannot go on (a position expired while it ran): the last
+    /// line. Resume from the cursor of the line before it.
+    Error(ErrorBody),
+}
+
+/// A committed change, in the Debezium envelope's shape: `op`, `source`,
+/// `before` and `after` (the fields the change touched; `before` is
+/// `null` where the row is new or its earlier state is not part of the
+/// change).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChangeLine {
+    pub cursor: String,
+    /// `issuer_registered`, `limit_changed`, `reservation_created`,
+    /// `reservation_rejected`, `reservation_confirmed`,
+    /// `reservation_released`, `reservation_expired`, `token_abandoned`.
+    pub op: String,
+    pub source: ChangeSource,
+    pub key: ChangeKey,
+    pub reservation_token: Option<String>,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+}
+
+/// Where a change was committed: its group, the generation and index of
+/// its log entry, its place (`sub`) among the entry's changes, the group's
+/// home region, and the entry's HLC time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeSource {
+    pub shard: u32,
+    pub generation: u64,
+    pub index: u64,
+    pub sub: u32,
+    pub region: String,
+    pub hlc: HlcTime,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeKey {
+    pub issuer_id: String,
+    pub reservation_id: Option<String>,
+}
+
+/// Every change with a time at or before `resolved` on the shards of the
+/// feed has been sent on this feed before this line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedLine {
+    pub cursor: String,
+    pub resolved: HlcTime,
 }
 
 #[cfg(test)]

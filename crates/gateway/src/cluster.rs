@@ -147,6 +147,8 @@ impl Gateway {
                                     .map(harbor_api::CommitToken::from),
                                 staleness_ms: status.and_then(|s| s.staleness_ms),
                                 recovering: status.is_some_and(|s| s.replica.recovering),
+                                changes_retained_bytes: status
+                                    .map_or(0, |s| s.changes_retained_bytes),
                             }
                         })
                         .collect(),

@@ -44,6 +44,10 @@ pub struct Metrics {
     replica_up: Family<ReplicaLabels, Gauge>,
     lag_entries: Family<FollowerLabels, Gauge>,
     lag_ms: Family<FollowerLabels, Gauge>,
+    changes_retained_bytes: Family<ReplicaLabels, Gauge>,
+    feeds_open: Gauge,
+    feed_changes: Counter,
+    feed_resolved_lag_ms: Gauge,
 }
 
 impl Default for Metrics {
@@ -86,8 +90,37 @@ impl Default for Metrics {
             "Age of the oldest entry the follower has not acknowledged",
             lag_ms.clone(),
         );
+        let changes_retained_bytes = Family::default();
+        registry.register(
+            "changes_retained_bytes",
+            "Estimated bytes of changes a replica keeps for change feeds (at scrape time)",
+            changes_retained_bytes.clone(),
+        );
+        let feeds_open = Gauge::default();
+        registry.register(
+            "changefeeds_open",
+            "Change feeds this gateway is serving",
+            feeds_open.clone(),
+        );
+        let feed_changes = Counter::default();
+        registry.register(
+            "changefeed_changes",
+            "Changes this gateway's feeds sent",
+            feed_changes.clone(),
+        );
+        let feed_resolved_lag_ms = Gauge::default();
+        registry.register(
+            "changefeed_resolved_lag_ms",
+            "How far behind this gateway's wall clock the newest resolved mark it sent was, \
+             when it was sent",
+            feed_resolved_lag_ms.clone(),
+        );
         Metrics {
             registry,
+            changes_retained_bytes,
+            feeds_open,
+            feed_changes,
+            feed_resolved_lag_ms,
             reads,
             stale_reads,
             staleness_ms,
@@ -118,6 +151,24 @@ impl Metrics {
 }
 
 impl Metrics {
+    pub(crate) fn feed_opened(&self) {
+        self.feeds_open.inc();
+    }
+
+    pub(crate) fn feed_closed(&self) {
+        self.feeds_open.dec();
+    }
+
+    pub(crate) fn feed_sent(&self, changes: u64) {
+        self.feed_changes.inc_by(changes);
+    }
+
+    pub(crate) fn feed_resolved(&self, lag_ms: i64) {
+        self.feed_resolved_lag_ms.set(lag_ms);
+    }
+}
+
+impl Metrics {
     /// The scrape: the counters, and gauges of this view of the cluster.
     pub(crate) fn render(&self, view: &ClusterView) -> HttpResponse {
         let m = self;
@@ -126,6 +177,7 @@ impl Metrics {
         m.replica_up.clear();
         m.lag_entries.clear();
         m.lag_ms.clear();
+        m.changes_retained_bytes.clear();
         for group in &view.groups {
             for replica in &group.replicas {
                 let labels = ReplicaLabels {
@@ -140,6 +192,9 @@ impl Metrics {
                 if replica.answering {
                     let staleness = replica.staleness_ms.map_or(-1, |s| s as i64);
                     m.staleness_ms.get_or_create(&labels).set(staleness);
+                    m.changes_retained_bytes
+                        .get_or_create(&labels)
+                        .set(replica.changes_retained_bytes as i64);
                 }
             }
             for follower in &group.followers {

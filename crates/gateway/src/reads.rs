@@ -345,7 +345,7 @@ impl Gateway {
 
     /// A replica of `shard` in this gateway's region, taken in turn,
     /// skipping ones that recently did not answer.
-    fn local_replica(&self, shard: ShardId) -> Local {
+    pub(crate) fn local_replica(&self, shard: ShardId) -> Local {
         let map = self.meta.map();
         let Some(group) = map.groups.get(&shard) else {
             return Local::None;

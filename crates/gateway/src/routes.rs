@@ -13,6 +13,7 @@ use crate::api::{
 };
 use crate::batch::reserve_batch;
 use crate::cluster::{cluster, fault, metrics, transfer_leader};
+use crate::feed_http::changefeed;
 use crate::router::Gateway;
 
 /// The gateway's routes.
@@ -38,6 +39,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
             "/v1/reservation-tokens/{token}/resolve",
             post(resolve_token),
         )
+        .route("/v1/changefeed", get(changefeed))
         .route("/v1/admin/cluster", get(cluster))
         .route(
             "/v1/admin/groups/{group}/transfer-leader",

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::changes::ChangeLog;
 use harbor_replication::{
     Config as CoreConfig, ConfigError as CoreConfigError, Effect, Entry, Member, Message,
     Recovered, Replica, SnapshotMeta,
@@ -24,6 +25,11 @@ pub struct Settings {
     pub snapshot_interval_entries: u64,
     /// Local reads held at once while they wait to apply what they need.
     pub local_reads_waiting_max: usize,
+    /// Changes kept in memory for change feeds, by estimated size.
+    pub changes_retained_bytes: usize,
+    /// An idle leader proposes a no-op after this long, so its group's
+    /// resolved time (what change feeds promise) keeps advancing.
+    pub resolved_tick_ms: u64,
     /// Simulator-only protocol bugs; always off in a running node.
     pub bugs: Bugs,
 }
@@ -147,6 +153,8 @@ pub struct GroupCore {
     pub(crate) applied: LogIndex,
     /// Index of the snapshot the WAL holds (or will, once `writes` run).
     snapshot_index: LogIndex,
+    /// What applied entries yielded, for change feeds.
+    pub(crate) changes: ChangeLog,
     /// The hard state as the writes handed out leave it.
     hard_state: HardState,
     pub(crate) waiters: BTreeMap<LogIndex, Waiter>,
@@ -156,6 +164,13 @@ pub struct GroupCore {
     pub(crate) barrier: Option<(Generation, LogIndex)>,
     /// An `ExpireHolds` proposal not yet applied.
     expiry_pending: Option<LogIndex>,
+    /// The time of the newest applied entry (unknown after a restart until
+    /// one applies).
+    applied_at: Option<Timestamp>,
+    /// The leader's last index when it last looked, and since when it has
+    /// not moved: an idle leader proposes a no-op now and then, so the
+    /// group's resolved time keeps advancing.
+    idle: (LogIndex, MonoMs),
     pub(crate) local_reads: Vec<LocalRead>,
     /// Set after a storage failure: the replica stops taking part.
     pub(crate) failed: Option<String>,
@@ -241,7 +256,7 @@ impl GroupCore {
                 payload: decoded.payload,
             });
         }
-        let core = Replica::new(
+        let mut core = Replica::new(
             core_config,
             members,
             Recovered {
@@ -254,6 +269,10 @@ impl GroupCore {
             },
             now,
         );
+        let applied_at = machine.applied_at();
+        if let Some(at) = applied_at {
+            core.observe_time(at);
+        }
         Ok(GroupCore {
             me,
             shard,
@@ -263,10 +282,13 @@ impl GroupCore {
             now,
             applied: snapshot.last_index,
             snapshot_index: snapshot.last_index,
+            changes: ChangeLog::new(snapshot.last_index, settings.changes_retained_bytes),
             hard_state,
             waiters: BTreeMap::new(),
             barrier: None,
             expiry_pending: None,
+            applied_at,
+            idle: (LogIndex::ZERO, now.mono),
             local_reads: Vec::new(),
             failed: None,
             writes,
@@ -358,6 +380,7 @@ impl GroupCore {
                 if self.failed.is_none() {
                     self.core.tick(now);
                     self.propose_expiry(now);
+                    self.propose_tick(now);
                 }
             }
             Input::Synced(Unsynced { index, generation }) => {
@@ -438,6 +461,41 @@ impl GroupCore {
             generation = %self.core.generation(), leader = ?self.core.leader(),
             "ignored a control order older than this replica's state"
         );
+    }
+
+    /// A ready leader whose log has not moved for `resolved_tick_ms`
+    /// orders a no-op: its time, once applied, is the group's new
+    /// resolved time (see [`GroupCore::resolved`]).
+    fn propose_tick(&mut self, now: Now) {
+        let last = self.core.last_index();
+        if last != self.idle.0 || !self.is_ready() {
+            self.idle = (last, now.mono);
+            return;
+        }
+        if now.mono.since(self.idle.1) < self.settings.resolved_tick_ms {
+            return;
+        }
+        let payload = postcard::to_allocvec(&Command::Noop).unwrap();
+        if self.core.propose(now, payload).is_ok() {
+            probe("node.idle_leader_ticked");
+        }
+        self.idle = (self.core.last_index(), now.mono);
+    }
+
+    /// The newest time every change of the group at or before it is
+    /// applied here: the time of the newest applied entry, once every
+    /// entry this replica knows committed is applied. Entries' times rise
+    /// along the log: a leader stamps its entries from its HLC, and a new
+    /// leader's HLC has seen every entry it holds, which includes every
+    /// committed one. So no entry after it, in this generation or a later
+    /// one, has an earlier time: a change feed that sent every change up
+    /// to here may promise it (its resolved mark). Unlike a closed
+    /// timestamp, it rests on no clock and no lease.
+    pub fn resolved(&self) -> Option<Timestamp> {
+        if self.applied < self.core.commit_index() {
+            return None;
+        }
+        self.applied_at
     }
 
     fn propose_expiry(&mut self, now: Now) {
@@ -575,6 +633,11 @@ impl GroupCore {
                 self.machine.set_bugs(self.settings.bugs);
                 self.applied = meta.last_index;
                 self.snapshot_index = meta.last_index;
+                self.changes.restart(meta.last_index);
+                self.applied_at = self.machine.applied_at();
+                if let Some(at) = self.applied_at {
+                    self.core.observe_time(at);
+                }
             }
             Effect::Send { to, message } => self.outbox.push(Envelope {
                 from: self.me.clone(),
@@ -653,8 +716,10 @@ impl GroupCore {
                 position,
                 at: entry.at,
             };
-            let applied = self.machine.apply(&ctx, &command);
+            let mut applied = self.machine.apply(&ctx, &command);
             self.applied = index;
+            self.applied_at = Some(entry.at);
+            self.changes.push(std::mem::take(&mut applied.events));
             if self.expiry_pending == Some(index) {
                 self.expiry_pending = None;
             }

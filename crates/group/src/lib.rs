@@ -37,6 +37,7 @@
 //! `GroupCore` does the same thing, which is what lets the simulator run it
 //! exactly as it ships.
 
+mod changes;
 mod group;
 mod requests;
 #[cfg(test)]

@@ -10,9 +10,13 @@
 //!   lease and the leader's first entry applied.
 
 use harbor_replication::ProposeError;
+use harbor_types::limits::CHANGES_PAGE_MAX;
 use harbor_types::sim::probe;
 use harbor_types::{Generation, NodeId, Now, ShardId};
-use harbor_wire::{ErrorKind, GroupStatus, NodeError, Query, QueryResult, Request, Response};
+use harbor_wire::{
+    Change, ChangePosition, ChangesPage, ErrorKind, GroupStatus, NodeError, Query, QueryResult,
+    Request, Response,
+};
 
 use crate::group::{GroupCore, LocalRead, Waiter};
 
@@ -138,6 +142,7 @@ impl GroupCore {
             applied: self.machine.applied(),
             staleness_ms: self.staleness_ms(now),
             issuers: self.machine.issuers().count() as u64,
+            changes_retained_bytes: self.changes.retained_bytes() as u64,
         })
     }
 
@@ -250,7 +255,36 @@ impl GroupCore {
                     .collect(),
             ),
             Query::Status => unreachable!("answered before admission"),
+            Query::Changes { after, max } => {
+                QueryResult::Changes(self.changes(after, max as usize))
+            }
         }
+    }
+}
+
+impl GroupCore {
+    /// The group's changes after `after`, at most `max` (and at most
+    /// `CHANGES_PAGE_MAX`): what a change feed reads from this replica.
+    pub fn changes(&self, after: ChangePosition, max: usize) -> ChangesPage {
+        let bugs = self.settings.bugs;
+        let resolved = if bugs.resolved_from_lease {
+            self.core.closed_timestamp(self.now)
+        } else {
+            self.resolved()
+        };
+        let max = max.clamp(1, CHANGES_PAGE_MAX);
+        let mut page = self.changes.page(after, max, self.applied, resolved);
+        if bugs.feed_skips_change && page.changes.len() > 1 {
+            page.changes.remove(0);
+        }
+        page
+    }
+
+    /// Every change this replica keeps, and the position it keeps them
+    /// after, as they are (the simulator's reference for its feeds).
+    pub fn kept_changes(&self) -> (ChangePosition, Vec<Change>) {
+        let (after, changes) = self.changes.kept();
+        (after, changes.cloned().collect())
     }
 }
 

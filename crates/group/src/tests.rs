@@ -22,6 +22,8 @@ fn settings() -> crate::Settings {
     crate::Settings {
         snapshot_interval_entries: 1_000,
         local_reads_waiting_max: 4,
+        changes_retained_bytes: 1 << 20,
+        resolved_tick_ms: 500,
         bugs: Bugs::none(),
     }
 }

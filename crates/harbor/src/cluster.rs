@@ -66,6 +66,9 @@ pub struct TimingsSection {
     pub lease_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub retransmit_timeout_ms: u64,
+    /// An idle leader orders a no-op after this long, so change feeds'
+    /// resolved marks advance.
+    pub resolved_tick_ms: u64,
     /// How long a gateway waits for a group's leader.
     pub request_timeout_ms: u64,
 }
@@ -77,6 +80,7 @@ impl Default for TimingsSection {
             lease_ms: limits::LEASE_MS,
             heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL_MS,
             retransmit_timeout_ms: limits::RETRANSMIT_TIMEOUT_MS,
+            resolved_tick_ms: limits::RESOLVED_TICK_MS,
             request_timeout_ms: limits::REQUEST_TIMEOUT_MS,
         }
     }
@@ -88,6 +92,7 @@ impl TimingsSection {
         config.lease_ms = self.lease_ms;
         config.heartbeat_interval_ms = self.heartbeat_interval_ms;
         config.retransmit_timeout_ms = self.retransmit_timeout_ms;
+        config.resolved_tick_ms = self.resolved_tick_ms;
     }
 
     fn gateway(&self) -> GatewayConfig {
@@ -112,6 +117,9 @@ pub struct LimitsSection {
     pub snapshot_interval_entries: u64,
     /// Entries a leader keeps in memory for lagging followers.
     pub retained_entries_max: u64,
+    /// Changes each replica keeps in memory for change feeds (estimated
+    /// bytes).
+    pub changes_retained_bytes: usize,
 }
 
 impl Default for LimitsSection {
@@ -123,6 +131,7 @@ impl Default for LimitsSection {
             append_bytes_max: node.append_bytes_max,
             snapshot_interval_entries: node.snapshot_interval_entries,
             retained_entries_max: node.retained_entries_max,
+            changes_retained_bytes: node.changes_retained_bytes,
         }
     }
 }
@@ -133,6 +142,7 @@ impl LimitsSection {
         config.append_bytes_max = self.append_bytes_max;
         config.snapshot_interval_entries = self.snapshot_interval_entries;
         config.retained_entries_max = self.retained_entries_max;
+        config.changes_retained_bytes = self.changes_retained_bytes;
     }
 }
 

@@ -600,6 +600,7 @@ mod tests {
             applied: None,
             staleness_ms: None,
             issuers: 0,
+            changes_retained_bytes: 0,
         }
     }
 

@@ -51,6 +51,12 @@ pub struct NodeConfig {
     /// Local reads (session, bounded, causal) a replica holds at once while
     /// they wait to apply what they need; more are sent to the leader.
     pub local_reads_waiting_max: usize,
+    /// Changes each replica keeps in memory for change feeds (estimated
+    /// bytes); a feed cursor older than what is kept is refused as expired.
+    pub changes_retained_bytes: usize,
+    /// An idle leader proposes a no-op after this long, so the resolved
+    /// time change feeds promise keeps advancing.
+    pub resolved_tick_ms: u64,
     pub wal: WalOptions,
     /// Simulator-only protocol bugs; always off in a running node.
     pub bugs: Bugs,
@@ -75,6 +81,8 @@ impl NodeConfig {
             batch_inputs_max: limits::BATCH_INPUTS_MAX,
             uncommitted_entries_max: limits::UNCOMMITTED_ENTRIES_MAX,
             local_reads_waiting_max: limits::LOCAL_READS_WAITING_MAX,
+            changes_retained_bytes: limits::CHANGES_RETAINED_BYTES,
+            resolved_tick_ms: limits::RESOLVED_TICK_MS,
             wal: WalOptions::default(),
             bugs: Bugs::none(),
         }
@@ -111,6 +119,8 @@ impl NodeConfig {
                 "local_reads_waiting_max",
                 self.local_reads_waiting_max as u64,
             ),
+            ("changes_retained_bytes", self.changes_retained_bytes as u64),
+            ("resolved_tick_ms", self.resolved_tick_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(NodeConfigError::Zero { name });

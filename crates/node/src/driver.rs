@@ -108,6 +108,8 @@ impl<S: Storage> Driver<S> {
         let settings = Settings {
             snapshot_interval_entries: config.snapshot_interval_entries,
             local_reads_waiting_max: config.local_reads_waiting_max,
+            changes_retained_bytes: config.changes_retained_bytes,
+            resolved_tick_ms: config.resolved_tick_ms,
             bugs: config.bugs,
         };
         let group = GroupCore::recover(

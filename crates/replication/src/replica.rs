@@ -483,6 +483,13 @@ impl Replica {
         generation >= self.generation && *leader != self.config.me
     }
 
+    /// The time of an entry this replica holds only inside a snapshot (its
+    /// state machine's last applied one): like every entry it holds, its
+    /// own entries, if it leads, are ordered after it.
+    pub fn observe_time(&mut self, at: Timestamp) {
+        self.hlc.observe(at);
+    }
+
     /// The metadata plane named this replica leader of `generation`.
     pub fn become_leader(&mut self, now: Now, generation: Generation) {
         assert!(
@@ -1145,6 +1152,12 @@ impl Replica {
             return;
         }
         self.hlc.observe(m.closed);
+        // Times rise along the log, across leaders too: a replica named
+        // leader orders its entries after every one it holds (change feeds
+        // promise resolved times on that).
+        if let Some(last) = m.entries.last() {
+            self.hlc.observe(last.at);
+        }
         let mut prev_index = m.prev_index;
         let mut prev_generation = m.prev_generation;
         let mut entries = m.entries;

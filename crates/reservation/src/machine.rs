@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The first byte of every snapshot. Bump it when the encoding changes.
-pub const SNAPSHOT_FORMAT: u8 = 1;
+/// 2: the state, then the time of the last applied entry (1: the state
+/// alone, still read).
+pub const SNAPSHOT_FORMAT: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -124,6 +126,11 @@ impl Issuer {
 pub struct StateMachine {
     pub(crate) applied: Option<CommitToken>,
     pub(crate) issuers: BTreeMap<IssuerId, Issuer>,
+    /// The time of the last applied entry: a replica restored from a
+    /// snapshot orders its own entries after it. Encoded after the state
+    /// (see [`SNAPSHOT_FORMAT`]).
+    #[serde(skip)]
+    pub(crate) applied_at: Option<Timestamp>,
     /// Index: `(expires_at_ms, id)` of every held reservation, so the next
     /// expiry and each `ExpireHolds` cost O(log n) per hold. Rebuilt on restore.
     #[serde(skip)]
@@ -301,6 +308,7 @@ impl StateMachine {
             );
         }
         self.applied = Some(ctx.position);
+        self.applied_at = Some(ctx.at);
         let mut events = Vec::new();
         let outcome = match cmd {
             Command::Batch(commands) => Outcome::Batch(
@@ -579,7 +587,7 @@ impl StateMachine {
         if ctx.at.wall_ms >= expires_at_ms {
             // Due but not yet swept: expire it in this entry so the answer and
             // the state agree.
-            let amount = close(
+            close(
                 issuer,
                 &mut self.holds_by_expiry,
                 id,
@@ -589,8 +597,11 @@ impl StateMachine {
             events.push(Event::ReservationExpired {
                 position: ctx.position,
                 at: ctx.at,
-                reservation_id: id.clone(),
-                amount,
+                reservation: reservation_view(
+                    id.issuer(),
+                    id.seq(),
+                    &issuer.reservations[&id.seq()],
+                ),
             });
             probe("reservation.hold_expired_at_confirm");
             return Err(Rejection::HoldExpired {
@@ -606,14 +617,14 @@ impl StateMachine {
         r.status = Status::Confirmed;
         r.expires_at_ms = None;
         r.updated = ctx.position;
+        let reservation = reservation_view(id.issuer(), id.seq(), r);
         events.push(Event::ReservationConfirmed {
             position: ctx.position,
             at: ctx.at,
-            reservation_id: id.clone(),
-            amount: r.amount,
+            reservation: reservation.clone(),
         });
         Ok(Outcome::Reservation {
-            reservation: reservation_view(id.issuer(), id.seq(), r),
+            reservation,
             replayed: false,
         })
     }
@@ -638,7 +649,7 @@ impl StateMachine {
                 })
             }
             Status::Held | Status::Confirmed => {
-                let amount = close(
+                close(
                     issuer,
                     &mut self.holds_by_expiry,
                     id,
@@ -648,8 +659,11 @@ impl StateMachine {
                 events.push(Event::ReservationReleased {
                     position: ctx.position,
                     at: ctx.at,
-                    reservation_id: id.clone(),
-                    amount,
+                    reservation: reservation_view(
+                        id.issuer(),
+                        id.seq(),
+                        &issuer.reservations[&id.seq()],
+                    ),
                 });
                 false
             }
@@ -673,7 +687,7 @@ impl StateMachine {
                 .issuers
                 .get_mut(id.issuer())
                 .expect("hold of a known issuer");
-            let amount = close(
+            close(
                 issuer,
                 &mut self.holds_by_expiry,
                 &id,
@@ -683,8 +697,11 @@ impl StateMachine {
             events.push(Event::ReservationExpired {
                 position: ctx.position,
                 at: ctx.at,
-                reservation_id: id,
-                amount,
+                reservation: reservation_view(
+                    id.issuer(),
+                    id.seq(),
+                    &issuer.reservations[&id.seq()],
+                ),
             });
             count = count.checked_add(1).expect("expired count overflow");
         }
@@ -721,6 +738,12 @@ impl StateMachine {
     /// The position of the last applied entry.
     pub fn applied(&self) -> Option<CommitToken> {
         self.applied
+    }
+
+    /// The time of the last applied entry (`None` from a snapshot of
+    /// format 1).
+    pub fn applied_at(&self) -> Option<Timestamp> {
+        self.applied_at
     }
 
     pub fn issuer(&self, id: &IssuerId) -> Option<IssuerView> {
@@ -767,6 +790,8 @@ impl StateMachine {
         let mut bytes = vec![SNAPSHOT_FORMAT];
         let body = postcard::to_stdvec(self).expect("state machine encodes");
         bytes.extend_from_slice(&body);
+        let at = postcard::to_stdvec(&self.applied_at).expect("a time encodes");
+        bytes.extend_from_slice(&at);
         bytes
     }
 
@@ -774,13 +799,18 @@ impl StateMachine {
     /// corrupt bytes give an error rather than a replica that panics later.
     pub fn restore(bytes: &[u8]) -> Result<StateMachine, SnapshotError> {
         let (&format, body) = bytes.split_first().ok_or(SnapshotError::Empty)?;
-        if format != SNAPSHOT_FORMAT {
+        if format != SNAPSHOT_FORMAT && format != 1 {
             return Err(SnapshotError::UnsupportedFormat {
                 found: format,
                 expected: SNAPSHOT_FORMAT,
             });
         }
-        let (mut machine, rest): (StateMachine, _) = postcard::take_from_bytes(body)?;
+        let (mut machine, mut rest): (StateMachine, _) = postcard::take_from_bytes(body)?;
+        if format >= 2 {
+            let (at, after): (Option<Timestamp>, _) = postcard::take_from_bytes(rest)?;
+            machine.applied_at = at;
+            rest = after;
+        }
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes { count: rest.len() });
         }

@@ -246,23 +246,23 @@ pub enum Event {
         requested: Amount,
         remaining: Amount,
     },
+    /// `reservation` as it stands after the change.
     ReservationConfirmed {
         position: CommitToken,
         at: Timestamp,
-        reservation_id: ReservationId,
-        amount: Amount,
+        reservation: ReservationView,
     },
+    /// `reservation` as it stands after the change.
     ReservationReleased {
         position: CommitToken,
         at: Timestamp,
-        reservation_id: ReservationId,
-        amount: Amount,
+        reservation: ReservationView,
     },
+    /// `reservation` as it stands after the change.
     ReservationExpired {
         position: CommitToken,
         at: Timestamp,
-        reservation_id: ReservationId,
-        amount: Amount,
+        reservation: ReservationView,
     },
     TokenAbandoned {
         position: CommitToken,
@@ -273,6 +273,20 @@ pub enum Event {
 }
 
 impl Event {
+    /// The time of the entry that made the change (the leader's HLC).
+    pub fn at(&self) -> Timestamp {
+        match self {
+            Event::IssuerRegistered { at, .. }
+            | Event::LimitChanged { at, .. }
+            | Event::ReservationCreated { at, .. }
+            | Event::ReservationRejected { at, .. }
+            | Event::ReservationConfirmed { at, .. }
+            | Event::ReservationReleased { at, .. }
+            | Event::ReservationExpired { at, .. }
+            | Event::TokenAbandoned { at, .. } => *at,
+        }
+    }
+
     pub fn position(&self) -> CommitToken {
         match self {
             Event::IssuerRegistered { position, .. }

@@ -139,6 +139,7 @@ fn check_replay(before: &StateMachine, after: &StateMachine, original: &Applied,
     }
     let mut unchanged = after.clone();
     unchanged.applied = before.applied;
+    unchanged.applied_at = before.applied_at;
     assert_eq!(
         unchanged.snapshot(),
         before.snapshot(),

@@ -516,7 +516,7 @@ fn expire_holds_expires_exactly_the_due_holds() {
         .events
         .iter()
         .map(|e| match e {
-            Event::ReservationExpired { reservation_id, .. } => reservation_id.to_string(),
+            Event::ReservationExpired { reservation, .. } => reservation.reservation_id.to_string(),
             other => panic!("{other:?}"),
         })
         .collect();
@@ -631,6 +631,14 @@ fn snapshot_round_trips_and_corrupt_snapshots_are_errors() {
     let restored = StateMachine::restore(&bytes).unwrap();
     assert_eq!(restored, log.sm, "indexes rebuilt too");
     assert_eq!(restored.next_hold_expiry_ms(), Some(1_500));
+    assert!(restored.applied_at().is_some());
+    assert_eq!(restored.applied_at(), log.sm.applied_at());
+    // Format 1 (the state alone) still reads, without the time.
+    let at_len = postcard::to_stdvec(&log.sm.applied_at()).unwrap().len();
+    let mut format_1 = bytes[..bytes.len() - at_len].to_vec();
+    format_1[0] = 1;
+    let old = StateMachine::restore(&format_1).unwrap();
+    assert_eq!((old.applied(), old.applied_at()), (log.sm.applied(), None));
 
     let mut other_format = bytes.clone();
     other_format[0] = SNAPSHOT_FORMAT + 1;

@@ -28,6 +28,13 @@ pub struct Swarm {
     pub wan_delay_ms: u64,
     /// The gateways' resend interval.
     pub resend_after_ms: u64,
+    /// Changes each replica keeps for change feeds (small ones make the
+    /// feed's positions expire).
+    pub changes_retained_bytes: usize,
+    /// How long an idle leader waits before its no-op: longer than a
+    /// remote replica takes to apply one, or the cluster is never quiet
+    /// for the liveness check.
+    pub resolved_tick_ms: u64,
 }
 
 const REGIONS: [&str; 3] = ["madrid", "newyork", "tokyo"];
@@ -53,6 +60,8 @@ impl Swarm {
             local_delay_ms: 1,
             wan_delay_ms: 35,
             resend_after_ms: 1_000,
+            changes_retained_bytes: harbor_types::limits::CHANGES_RETAINED_BYTES,
+            resolved_tick_ms: harbor_types::limits::RESOLVED_TICK_MS,
         }
     }
 
@@ -60,7 +69,8 @@ impl Swarm {
     /// remote ones per other region, 1–2 groups per region, `sync_acks`
     /// from 1 to all local followers (at most 2), small and large batches,
     /// snapshot intervals and retained logs (so lagging followers get
-    /// snapshots), and timings that keep the limits' rules.
+    /// snapshots), and timings that keep the limits' rules; change budgets
+    /// small enough to evict.
     pub fn draw(rng: &mut Rng) -> Swarm {
         let regions = rng.range(2, 3) as usize;
         let local_replicas = rng.range(2, 5) as usize;
@@ -99,6 +109,10 @@ impl Swarm {
             local_delay_ms: rng.range(1, 3),
             wan_delay_ms: rng.range(15, 80),
             resend_after_ms: rng.range(100, 1_000),
+            // Drawn after the rest, so the shapes above stay what they
+            // were for every seed.
+            changes_retained_bytes: *rng.pick(&[4 << 10, 64 << 10, 16 << 20]),
+            resolved_tick_ms: *rng.pick(&[300, 500, 1_000]),
             topology,
         }
     }

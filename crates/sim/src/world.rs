@@ -37,6 +37,7 @@ mod checks;
 mod clients;
 mod control;
 mod faults;
+mod feeds;
 mod network;
 
 use control::control_config;
@@ -91,6 +92,12 @@ pub struct SimStats {
     pub transfers_abandoned: u64,
     /// Control orders delivered after newer ones (a deposed control loop).
     pub stale_orders: u64,
+    /// Change-feed consumer crashes (it resumes from its checkpoint).
+    pub feed_restarts: u64,
+    /// Feed positions a replica no longer kept (a new feed session).
+    pub feed_expired: u64,
+    /// Resolved marks the feed sent.
+    pub feed_resolved: u64,
     /// Batches of reserves answered with their outcomes.
     pub batches: u64,
     pub partitions: u64,
@@ -196,6 +203,8 @@ enum Event {
     Heal(Region, Region),
     /// The control plane looks at every group.
     Control,
+    /// The change-feed consumer asks for more.
+    FeedPoll,
     Liveness,
 }
 
@@ -381,6 +390,8 @@ struct World {
     local_replicas: BTreeMap<Region, LocalReplicas<u64>>,
     /// `HARBOR_SIM_TRACE=1`: print faults and control-plane decisions.
     tracing: bool,
+    /// The change-feed consumer (taken out while it runs).
+    feed: Option<feeds::SimFeed>,
 }
 
 const TICK_MS: u64 = 10;
@@ -416,6 +427,8 @@ impl World {
         node_config.batch_inputs_max = swarm.batch_inputs_max;
         node_config.snapshot_interval_entries = swarm.snapshot_interval_entries;
         node_config.retained_entries_max = swarm.retained_entries_max;
+        node_config.changes_retained_bytes = swarm.changes_retained_bytes;
+        node_config.resolved_tick_ms = swarm.resolved_tick_ms;
         // Small chunks, so every snapshot sent streams in several and the
         // network's losses meet resumption.
         node_config.snapshot_chunk_bytes_max = 512;
@@ -533,6 +546,7 @@ impl World {
             call_limits: CallLimits::default(),
             local_replicas: BTreeMap::new(),
             tracing: std::env::var_os("HARBOR_SIM_TRACE").is_some(),
+            feed: None,
         };
         world.call_limits = CallLimits {
             request_timeout_ms: world.options.client_timeout_ms,
@@ -605,6 +619,7 @@ impl World {
         self.schedule(CONTROL_INTERVAL_MS, Event::Control);
         self.setup_issuers();
         self.setting_up = false;
+        self.start_feed();
         for i in 0..self.clients.len() {
             self.schedule(self.now + 1, Event::ClientStep(i));
         }
@@ -674,6 +689,7 @@ impl World {
                 self.partitions.remove(&(a, b));
             }
             Event::Control => self.control(),
+            Event::FeedPoll => self.feed_poll(),
             Event::Liveness => self.start_liveness(),
         }
     }

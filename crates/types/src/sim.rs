@@ -30,11 +30,17 @@ pub struct Bugs {
     /// A gateway takes its directory copy's miss for "no such issuer"
     /// instead of asking the metadata leader.
     pub directory_from_copy: bool,
+    /// A replica's change-feed answer promises its lease's "now" (what a
+    /// strong read may serve) instead of a time its committed log covers.
+    pub resolved_from_lease: bool,
+    /// A replica's change-feed answer leaves out the first change after
+    /// the asked position.
+    pub feed_skips_change: bool,
 }
 
 impl Bugs {
     /// The names `harbor verify sim --bug NAME` accepts.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 9] = [
         "commit-without-follower-ack",
         "accept-old-generation",
         "apply-token-twice",
@@ -42,6 +48,8 @@ impl Bugs {
         "follower-ignores-session",
         "lease-on-wall-clock",
         "directory-from-copy",
+        "resolved-from-lease",
+        "feed-skips-change",
     ];
 
     pub fn none() -> Bugs {
@@ -59,6 +67,8 @@ impl Bugs {
             "follower-ignores-session" => bugs.follower_ignores_session = true,
             "lease-on-wall-clock" => bugs.lease_on_wall_clock = true,
             "directory-from-copy" => bugs.directory_from_copy = true,
+            "resolved-from-lease" => bugs.resolved_from_lease = true,
+            "feed-skips-change" => bugs.feed_skips_change = true,
             other => {
                 return Err(format!(
                     "unknown bug {other:?}; known: {}",
@@ -72,7 +82,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 32] = [
+pub const PROBES: [&str; 35] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -92,6 +102,9 @@ pub const PROBES: [&str; 32] = [
     "reservation.hold_expired_at_confirm",
     "node.replica_started_without_its_state",
     "node.lost_replica_starts_at_the_fence",
+    "node.idle_leader_ticked",
+    "changes.position_expired",
+    "changes.evicted_for_budget",
     "node.recovering_replica_refused_to_lead",
     "node.stale_control_order_ignored",
     "replication.recovering_replica_caught_up",

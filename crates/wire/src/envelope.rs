@@ -4,6 +4,7 @@
 
 use harbor_replication::{Message, ReplicaStatus, Role};
 
+use crate::changes::{ChangePosition, ChangesPage};
 use crate::error::NodeError;
 use harbor_reservation::{Command, IssuerView, Outcome, ReservationView, TokenView};
 use harbor_types::{
@@ -117,6 +118,11 @@ pub enum Query {
     /// Every issuer's token record for this token (a lookup without issuer).
     TokenAnyIssuer(ReservationToken),
     Status,
+    /// The group's changes after `after`, at most `max` (change feeds).
+    Changes {
+        after: ChangePosition,
+        max: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -127,6 +133,7 @@ pub enum QueryResult {
     Token(Option<TokenView>),
     Tokens(Vec<TokenView>),
     Status(GroupStatus),
+    Changes(ChangesPage),
 }
 
 /// How and where an answer was produced.
@@ -172,4 +179,7 @@ pub struct GroupStatus {
     /// As in [`Served::staleness_ms`].
     pub staleness_ms: Option<u64>,
     pub issuers: u64,
+    /// Estimated bytes of changes kept for change feeds.
+    #[serde(default)]
+    pub changes_retained_bytes: u64,
 }

@@ -3,10 +3,12 @@
 //! they carry ([`envelope`]), typed refusals ([`error`]) and the transport
 //! trait ([`transport`]). Plain data: no threads, no runtime, no IO.
 
+pub mod changes;
 pub mod envelope;
 pub mod error;
 pub mod transport;
 
+pub use changes::{Change, ChangePosition, ChangesPage};
 pub use envelope::{
     Body, Control, Envelope, Freshness, GroupStatus, Query, QueryResult, Request, Response, Served,
 };

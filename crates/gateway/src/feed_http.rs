@@ -1,0 +1,495 @@
+//! `GET /v1/changefeed?from=beginning|now|CURSOR[&shards=0,3][&resolved_ms=N][&follow=true|false]`:
+//! the change streams of a gateway's groups as one NDJSON feed, read from
+//! replicas in the gateway's region where it can (the leader otherwise).
+//! The rules are [`Feed`]'s; this is its IO.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query as QueryParams, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use futures::channel::mpsc;
+use futures::SinkExt;
+use harbor_api::{ChangeKey, ChangeLine, ChangeSource, ErrorCode, FeedLine, HlcTime, ResolvedLine};
+use harbor_reservation::Event;
+use harbor_types::limits::{
+    CHANGEFEED_POLL_MS, CHANGEFEED_RESOLVED_MS_DEFAULT, CHANGEFEED_RESOLVED_MS_MIN,
+    CHANGES_PAGE_MAX, LOCAL_READ_TIMEOUT_MS,
+};
+use harbor_types::{NodeId, ShardId, Timestamp};
+use harbor_wire::{
+    Change, ChangePosition, ChangesPage, Freshness, Query, QueryResult, Request, Response,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::changefeed::{Expired, Feed, FeedCursor, Sent};
+use crate::error::ApiError;
+use crate::local::Local;
+use crate::router::Gateway;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FeedParams {
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    shards: Option<String>,
+    #[serde(default)]
+    resolved_ms: Option<u64>,
+    #[serde(default)]
+    follow: Option<bool>,
+}
+
+type FeedQuery = Result<QueryParams<FeedParams>, axum::extract::rejection::QueryRejection>;
+
+pub(crate) async fn changefeed(State(gw): State<Arc<Gateway>>, params: FeedQuery) -> HttpResponse {
+    match start(&gw, params).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn start(gw: &Arc<Gateway>, params: FeedQuery) -> Result<HttpResponse, ApiError> {
+    let params = params
+        .map(|QueryParams(p)| p)
+        .map_err(|e| ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
+    let resolved_ms = params.resolved_ms.unwrap_or(CHANGEFEED_RESOLVED_MS_DEFAULT);
+    if resolved_ms < CHANGEFEED_RESOLVED_MS_MIN {
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidQuery,
+            format!("resolved_ms must be at least {CHANGEFEED_RESOLVED_MS_MIN}, got {resolved_ms}"),
+        )
+        .with("field", "resolved_ms"));
+    }
+    let follow = params.follow.unwrap_or(true);
+    let map = gw.meta.map();
+    let all: BTreeSet<ShardId> = map.groups.keys().copied().collect();
+    let shards = match &params.shards {
+        None => all.clone(),
+        Some(text) => parse_shards(text, &all)?,
+    };
+    let from = params.from.as_deref().unwrap_or("now");
+    let cursor = match from {
+        "beginning" => FeedCursor(shards.iter().map(|s| (*s, ChangePosition::START)).collect()),
+        "now" => {
+            let mut positions = BTreeMap::new();
+            for shard in &shards {
+                positions.insert(*shard, gw.applied_position(*shard).await?);
+            }
+            FeedCursor(positions)
+        }
+        text => {
+            let cursor = FeedCursor::parse(text).map_err(|message| {
+                ApiError::bad_request(ErrorCode::InvalidCursor, message).with("field", "from")
+            })?;
+            let named: BTreeSet<ShardId> = cursor.0.keys().copied().collect();
+            if params.shards.is_some() && named != shards {
+                return Err(ApiError::bad_request(
+                    ErrorCode::InvalidCursor,
+                    "the cursor follows other shards than `shards` names; leave `shards` out to resume",
+                )
+                .with("field", "shards"));
+            }
+            if let Some(unknown) = named.difference(&all).next() {
+                return Err(ApiError::bad_request(
+                    ErrorCode::InvalidCursor,
+                    format!("the cursor names {unknown}, which this cluster does not have"),
+                )
+                .with("field", "from"));
+            }
+            cursor
+        }
+    };
+    let mut feed = Feed::new(cursor);
+    // The first round before the answer's status: a position that expired
+    // is a 410, not a line.
+    let mut first = Vec::new();
+    if let Err(expired) = gw.poll(&mut feed, &mut first, !follow).await {
+        return Err(expired_error(&feed, expired));
+    }
+    let (mut tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    let gw = gw.clone();
+    tokio::spawn(async move {
+        let _open = OpenFeed::new(gw.clone());
+        let poll = Duration::from_millis(CHANGEFEED_POLL_MS);
+        let resolved_every = Duration::from_millis(resolved_ms);
+        let mut lines = first;
+        let mut next_resolved = tokio::time::Instant::now();
+        loop {
+            if tokio::time::Instant::now() >= next_resolved || !follow {
+                if let Some(sent) = feed.resolved() {
+                    lines.push(gw.line(&sent));
+                }
+                next_resolved = tokio::time::Instant::now() + resolved_every;
+            }
+            gw.count(&lines);
+            // The client went away: the feed ends.
+            if !lines.is_empty() && tx.send(Ok(ndjson(&mut lines))).await.is_err() {
+                return;
+            }
+            if !follow {
+                return;
+            }
+            tokio::time::sleep(poll).await;
+            if let Err(expired) = gw.poll(&mut feed, &mut lines, false).await {
+                lines.push(FeedLine::Error(expired_error(&feed, expired).body()));
+                let _ = tx.send(Ok(ndjson(&mut lines))).await;
+                return;
+            }
+        }
+    });
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(rx),
+    )
+        .into_response())
+}
+
+/// Counts a feed as open while it lives.
+struct OpenFeed(Arc<Gateway>);
+
+impl OpenFeed {
+    fn new(gw: Arc<Gateway>) -> OpenFeed {
+        gw.metrics.feed_opened();
+        OpenFeed(gw)
+    }
+}
+
+impl Drop for OpenFeed {
+    fn drop(&mut self) {
+        self.0.metrics.feed_closed();
+    }
+}
+
+/// The lines as NDJSON, emptying `lines`.
+fn ndjson(lines: &mut Vec<FeedLine>) -> Bytes {
+    let mut text = String::new();
+    for line in lines.drain(..) {
+        text.push_str(&serde_json::to_string(&line).expect("lines serialize"));
+        text.push('\n');
+    }
+    Bytes::from(text)
+}
+
+fn parse_shards(text: &str, all: &BTreeSet<ShardId>) -> Result<BTreeSet<ShardId>, ApiError> {
+    let mut shards = BTreeSet::new();
+    for part in text.split(',') {
+        let shard = part
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .map(ShardId)
+            .filter(|s| all.contains(s))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    ErrorCode::InvalidQuery,
+                    format!(
+                        "shards: {part:?} is not a group of this cluster (0..{})",
+                        all.len()
+                    ),
+                )
+                .with("field", "shards")
+            })?;
+        shards.insert(shard);
+    }
+    Ok(shards)
+}
+
+fn expired_error(feed: &Feed, expired: Expired) -> ApiError {
+    let mut oldest = feed.cursor().clone();
+    oldest.0.insert(expired.shard, expired.oldest);
+    ApiError::new(
+        StatusCode::GONE,
+        ErrorCode::CursorExpired,
+        format!(
+            "{} no longer keeps the changes at this cursor (a replica restarted, or the \
+             retention budget evicted them); continue from oldest_cursor, knowing changes \
+             between were not delivered, or start again from=beginning or from=now",
+            expired.shard
+        ),
+    )
+    .with("oldest_cursor", oldest.encode())
+    .with("shard", expired.shard.0)
+}
+
+impl Gateway {
+    /// One round: every group's new changes, page after page, as lines.
+    /// `leader_first`: ask the leader before a local replica (a feed that
+    /// ends wants everything committed when it began).
+    async fn poll(
+        &self,
+        feed: &mut Feed,
+        lines: &mut Vec<FeedLine>,
+        leader_first: bool,
+    ) -> Result<(), Expired> {
+        for shard in feed.shards() {
+            loop {
+                let Some(page) = self
+                    .changes_after(shard, feed.position(shard), leader_first)
+                    .await
+                else {
+                    break;
+                };
+                let full = page.changes.len() >= CHANGES_PAGE_MAX;
+                for sent in feed.take(shard, page)? {
+                    lines.push(self.line(&sent));
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A page of `shard`'s changes after `after`, from the first replica
+    /// that has it: one in this region, then the leader, then the others.
+    /// `None` when none answered (the feed waits; its resolved mark does
+    /// not move past this group).
+    async fn changes_after(
+        &self,
+        shard: ShardId,
+        after: ChangePosition,
+        leader_first: bool,
+    ) -> Option<ChangesPage> {
+        let map = self.meta.map();
+        let group = map.groups.get(&shard)?;
+        let mut order: Vec<NodeId> = Vec::new();
+        if leader_first {
+            order.push(group.leader.clone());
+        }
+        if let Local::Replica(node) = self.local_replica(shard) {
+            order.push(node);
+        }
+        order.push(group.leader.clone());
+        order.extend(group.members.iter().cloned());
+        let mut seen = BTreeSet::new();
+        let mut expired = None;
+        for node in order {
+            if !seen.insert(node.clone()) {
+                continue;
+            }
+            let request = Request::LocalRead {
+                shard,
+                query: Query::Changes {
+                    after,
+                    max: CHANGES_PAGE_MAX as u32,
+                },
+                need: Freshness::default(),
+            };
+            match self
+                .endpoint()
+                .call_node_within(&node, request, LOCAL_READ_TIMEOUT_MS)
+                .await
+            {
+                Ok(Response::Read {
+                    result: QueryResult::Changes(page),
+                    ..
+                }) if page.expired.is_none() => return Some(page),
+                Ok(Response::Read {
+                    result: QueryResult::Changes(page),
+                    ..
+                }) => expired = Some(page),
+                _ => continue,
+            }
+        }
+        expired
+    }
+
+    /// Where `shard`'s stream stands now: after what its leader applied.
+    async fn applied_position(&self, shard: ShardId) -> Result<ChangePosition, ApiError> {
+        let map = self.meta.map();
+        let leader = map.groups[&shard].leader.clone();
+        let request = Request::Read {
+            shard,
+            query: Query::Status,
+        };
+        match self
+            .endpoint()
+            .call_node_within(&leader, request, LOCAL_READ_TIMEOUT_MS)
+            .await
+        {
+            Ok(Response::Read {
+                result: QueryResult::Status(status),
+                ..
+            }) => Ok(ChangePosition::entry_end(
+                status.applied.map(|a| a.index).unwrap_or_default(),
+            )),
+            _ => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                format!("{shard}: its leader did not say where its log stands; try again"),
+            )
+            .with("shard", shard.0)),
+        }
+    }
+
+    /// The feed metrics of lines about to be sent.
+    fn count(&self, lines: &[FeedLine]) {
+        let changes = lines
+            .iter()
+            .filter(|l| matches!(l, FeedLine::Change(_)))
+            .count();
+        self.metrics.feed_sent(changes as u64);
+        let newest = lines.iter().rev().find_map(|l| match l {
+            FeedLine::Resolved(r) => Some(r.resolved.wall_ms),
+            _ => None,
+        });
+        if let Some(wall_ms) = newest {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            self.metrics.feed_resolved(now_ms - wall_ms as i64);
+        }
+    }
+
+    fn line(&self, sent: &Sent) -> FeedLine {
+        match sent {
+            Sent::Change {
+                shard,
+                change,
+                cursor,
+            } => {
+                let region = self
+                    .meta
+                    .map()
+                    .groups
+                    .get(shard)
+                    .map(|g| g.home_region.to_string())
+                    .unwrap_or_default();
+                FeedLine::Change(change_line(change, region, cursor.encode()))
+            }
+            Sent::Resolved { resolved, cursor } => FeedLine::Resolved(ResolvedLine {
+                cursor: cursor.encode(),
+                resolved: hlc(*resolved),
+            }),
+        }
+    }
+}
+
+fn hlc(at: Timestamp) -> HlcTime {
+    HlcTime {
+        wall_ms: at.wall_ms,
+        logical: at.logical,
+    }
+}
+
+/// A change in the Debezium envelope's shape.
+pub fn change_line(change: &Change, region: String, cursor: String) -> ChangeLine {
+    let event = &change.event;
+    let position = event.position();
+    let (op, issuer_id, reservation_id, token, before, after) = match event {
+        Event::IssuerRegistered {
+            issuer_id,
+            home_region,
+            limit,
+            ..
+        } => (
+            "issuer_registered",
+            issuer_id.to_string(),
+            None,
+            None,
+            None,
+            Some(
+                json!({"issuer_id": issuer_id.to_string(), "home_region": home_region.to_string(), "limit": limit.0}),
+            ),
+        ),
+        Event::LimitChanged {
+            issuer_id,
+            limit_before,
+            limit,
+            ..
+        } => (
+            "limit_changed",
+            issuer_id.to_string(),
+            None,
+            None,
+            Some(json!({"limit": limit_before.0})),
+            Some(json!({"limit": limit.0})),
+        ),
+        Event::ReservationRejected {
+            issuer_id,
+            token,
+            code,
+            requested,
+            remaining,
+            ..
+        } => (
+            "reservation_rejected",
+            issuer_id.to_string(),
+            None,
+            Some(token.to_string()),
+            None,
+            Some(json!({"error": code, "requested": requested.0, "remaining": remaining.0})),
+        ),
+        Event::TokenAbandoned {
+            issuer_id, token, ..
+        } => (
+            "token_abandoned",
+            issuer_id.to_string(),
+            None,
+            Some(token.to_string()),
+            None,
+            Some(json!({"status": "abandoned"})),
+        ),
+        Event::ReservationCreated { reservation, .. }
+        | Event::ReservationConfirmed { reservation, .. }
+        | Event::ReservationReleased { reservation, .. }
+        | Event::ReservationExpired { reservation, .. } => {
+            let op = match event {
+                Event::ReservationCreated { .. } => "reservation_created",
+                Event::ReservationConfirmed { .. } => "reservation_confirmed",
+                Event::ReservationReleased { .. } => "reservation_released",
+                _ => "reservation_expired",
+            };
+            let before = match event {
+                Event::ReservationConfirmed { .. } => Some(json!({"status": "held"})),
+                _ => None,
+            };
+            let row = crate::api::reservation_answer(reservation, None);
+            let after = json!({
+                "reservation_id": row.reservation_id,
+                "issuer_id": row.issuer_id,
+                "reservation_token": row.reservation_token,
+                "amount": row.amount,
+                "desk": row.desk,
+                "trader": row.trader,
+                "status": row.status,
+                "expires_at_ms": row.expires_at_ms,
+            });
+            (
+                op,
+                reservation.issuer_id.to_string(),
+                Some(reservation.reservation_id.to_string()),
+                Some(reservation.reservation_token.to_string()),
+                before,
+                Some(after),
+            )
+        }
+    };
+    ChangeLine {
+        cursor,
+        op: op.to_string(),
+        source: ChangeSource {
+            shard: position.shard.0,
+            generation: position.generation.0,
+            index: position.index.0,
+            sub: change.sub,
+            region,
+            hlc: hlc(event.at()),
+        },
+        key: ChangeKey {
+            issuer_id,
+            reservation_id,
+        },
+        reservation_token: token,
+        before,
+        after,
+    }
+}
