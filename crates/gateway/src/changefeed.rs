@@ -64,6 +64,9 @@ impl FeedCursor {
                 return Err(bad());
             }
         }
+        if positions.is_empty() {
+            return Err(format!("{text:?} follows no group"));
+        }
         Ok(FeedCursor(positions))
     }
 }
@@ -153,6 +156,19 @@ impl Feed {
             *newest = (*newest).max(resolved);
         }
         Ok(sent)
+    }
+
+    /// The resolved mark every group has promised, sent or not (the last
+    /// line of a feed that ends).
+    pub fn resolved_now(&self) -> Option<Sent> {
+        if self.resolved.len() < self.at.0.len() {
+            return None;
+        }
+        let low = self.resolved.values().min().copied()?;
+        Some(Sent::Resolved {
+            resolved: low,
+            cursor: self.at.clone(),
+        })
     }
 
     /// A resolved mark, when every group has promised a time past the last

@@ -17,9 +17,16 @@ use futures::SinkExt;
 use harbor_api::{ChangeKey, ChangeLine, ChangeSource, ErrorCode, FeedLine, HlcTime, ResolvedLine};
 use harbor_reservation::Event;
 use harbor_types::limits::{
-    CHANGEFEED_POLL_MS, CHANGEFEED_RESOLVED_MS_DEFAULT, CHANGEFEED_RESOLVED_MS_MIN,
-    CHANGES_PAGE_MAX, LOCAL_READ_TIMEOUT_MS,
+    CHANGEFEED_POLL_MS, CHANGEFEED_RESOLVED_MS_DEFAULT, CHANGEFEED_RESOLVED_MS_MAX,
+    CHANGEFEED_RESOLVED_MS_MIN, CHANGES_PAGE_MAX, LOCAL_READ_TIMEOUT_MS,
 };
+
+/// Pages of one group a following feed takes per round: a group written
+/// faster than pages come back cannot hold the others (or memory) up.
+const PAGES_PER_ROUND: usize = 4;
+/// How long a feed that ends (`follow=false`) waits for every group to
+/// hand over what it had committed.
+const FEED_TO_END_MS_MAX: Duration = Duration::from_secs(10);
 use harbor_types::{NodeId, ShardId, Timestamp};
 use harbor_wire::{
     Change, ChangePosition, ChangesPage, Freshness, Query, QueryResult, Request, Response,
@@ -59,10 +66,12 @@ async fn start(gw: &Arc<Gateway>, params: FeedQuery) -> Result<HttpResponse, Api
         .map(|QueryParams(p)| p)
         .map_err(|e| ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
     let resolved_ms = params.resolved_ms.unwrap_or(CHANGEFEED_RESOLVED_MS_DEFAULT);
-    if resolved_ms < CHANGEFEED_RESOLVED_MS_MIN {
+    if !(CHANGEFEED_RESOLVED_MS_MIN..=CHANGEFEED_RESOLVED_MS_MAX).contains(&resolved_ms) {
         return Err(ApiError::bad_request(
             ErrorCode::InvalidQuery,
-            format!("resolved_ms must be at least {CHANGEFEED_RESOLVED_MS_MIN}, got {resolved_ms}"),
+            format!(
+                "resolved_ms must be within {CHANGEFEED_RESOLVED_MS_MIN}..={CHANGEFEED_RESOLVED_MS_MAX}, got {resolved_ms}"
+            ),
         )
         .with("field", "resolved_ms"));
     }
@@ -105,12 +114,22 @@ async fn start(gw: &Arc<Gateway>, params: FeedQuery) -> Result<HttpResponse, Api
             cursor
         }
     };
+    // A feed that ends sends what every group's leader had applied when
+    // the request arrived.
+    let mut until = BTreeMap::new();
+    if !follow {
+        for shard in cursor.0.keys() {
+            until.insert(*shard, gw.applied_position(*shard).await?);
+        }
+    }
+    let start = cursor.clone();
     let mut feed = Feed::new(cursor);
-    // The first round before the answer's status: a position that expired
-    // is a 410, not a line.
+    // One page of each group before the answer's status: a position that
+    // expired is a 410, not a line. Nothing was sent yet, so the cursor to
+    // continue from is the one asked for, with the expired group moved.
     let mut first = Vec::new();
-    if let Err(expired) = gw.poll(&mut feed, &mut first, !follow).await {
-        return Err(expired_error(&feed, expired));
+    if let Err(expired) = gw.poll(&mut feed, &mut first, !follow, 1).await {
+        return Err(expired_error(&start, expired));
     }
     let (mut tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
     let gw = gw.clone();
@@ -118,26 +137,52 @@ async fn start(gw: &Arc<Gateway>, params: FeedQuery) -> Result<HttpResponse, Api
         let _open = OpenFeed::new(gw.clone());
         let poll = Duration::from_millis(CHANGEFEED_POLL_MS);
         let resolved_every = Duration::from_millis(resolved_ms);
+        let deadline = tokio::time::Instant::now() + FEED_TO_END_MS_MAX;
         let mut lines = first;
         let mut next_resolved = tokio::time::Instant::now();
         loop {
-            if tokio::time::Instant::now() >= next_resolved || !follow {
-                if let Some(sent) = feed.resolved() {
-                    lines.push(gw.line(&sent));
-                }
-                next_resolved = tokio::time::Instant::now() + resolved_every;
-            }
-            gw.count(&lines);
             // The client went away: the feed ends.
-            if !lines.is_empty() && tx.send(Ok(ndjson(&mut lines))).await.is_err() {
+            if tx.is_closed() {
                 return;
             }
-            if !follow {
+            let done = !follow
+                && until
+                    .iter()
+                    .all(|(shard, end)| feed.position(*shard) >= *end);
+            if done {
+                lines.extend(feed.resolved_now().map(|sent| gw.line(&sent)));
+            } else if tokio::time::Instant::now() >= next_resolved {
+                lines.extend(feed.resolved().map(|sent| gw.line(&sent)));
+                next_resolved = tokio::time::Instant::now() + resolved_every;
+            }
+            if !done && !follow && tokio::time::Instant::now() >= deadline {
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "a group did not answer with everything it had committed when the feed began; \
+                     continue from the last line's cursor",
+                );
+                e.retryable = true;
+                lines.push(FeedLine::Error(e.body()));
+            }
+            if !lines.is_empty() {
+                let count = gw.count(&lines);
+                if tx.send(Ok(ndjson(&mut lines))).await.is_err() {
+                    return;
+                }
+                count.sent(&gw);
+            }
+            if done || (!follow && tokio::time::Instant::now() >= deadline) {
                 return;
             }
             tokio::time::sleep(poll).await;
-            if let Err(expired) = gw.poll(&mut feed, &mut lines, false).await {
-                lines.push(FeedLine::Error(expired_error(&feed, expired).body()));
+            if let Err(expired) = gw
+                .poll(&mut feed, &mut lines, !follow, PAGES_PER_ROUND)
+                .await
+            {
+                lines.push(FeedLine::Error(
+                    expired_error(feed.cursor(), expired).body(),
+                ));
                 let _ = tx.send(Ok(ndjson(&mut lines))).await;
                 return;
             }
@@ -149,6 +194,24 @@ async fn start(gw: &Arc<Gateway>, params: FeedQuery) -> Result<HttpResponse, Api
         Body::from_stream(rx),
     )
         .into_response())
+}
+
+/// Lines' worth of feed metrics, counted once they are sent.
+struct Counted {
+    changes: u64,
+    resolved_wall_ms: Option<u64>,
+}
+
+impl Counted {
+    fn sent(self, gw: &Gateway) {
+        gw.metrics.feed_sent(self.changes);
+        if let Some(wall_ms) = self.resolved_wall_ms {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            gw.metrics.feed_resolved(now_ms - wall_ms as i64);
+        }
+    }
 }
 
 /// Counts a feed as open while it lives.
@@ -201,8 +264,8 @@ fn parse_shards(text: &str, all: &BTreeSet<ShardId>) -> Result<BTreeSet<ShardId>
     Ok(shards)
 }
 
-fn expired_error(feed: &Feed, expired: Expired) -> ApiError {
-    let mut oldest = feed.cursor().clone();
+fn expired_error(sent: &FeedCursor, expired: Expired) -> ApiError {
+    let mut oldest = sent.clone();
     oldest.0.insert(expired.shard, expired.oldest);
     ApiError::new(
         StatusCode::GONE,
@@ -227,9 +290,10 @@ impl Gateway {
         feed: &mut Feed,
         lines: &mut Vec<FeedLine>,
         leader_first: bool,
+        pages_max: usize,
     ) -> Result<(), Expired> {
         for shard in feed.shards() {
-            loop {
+            for _ in 0..pages_max {
                 let Some(page) = self
                     .changes_after(shard, feed.position(shard), leader_first)
                     .await
@@ -270,7 +334,12 @@ impl Gateway {
         order.push(group.leader.clone());
         order.extend(group.members.iter().cloned());
         let mut seen = BTreeSet::new();
-        let mut expired = None;
+        // Expired only if no replica that answered has it and the leader
+        // (or every replica) answered: one restarted replica and a slow
+        // leader do not end a feed.
+        let mut expired: Option<ChangesPage> = None;
+        let mut leader_answered = false;
+        let mut silent = false;
         for node in order {
             if !seen.insert(node.clone()) {
                 continue;
@@ -283,69 +352,78 @@ impl Gateway {
                 },
                 need: Freshness::default(),
             };
-            match self
+            let answer = self
                 .endpoint()
                 .call_node_within(&node, request, LOCAL_READ_TIMEOUT_MS)
-                .await
-            {
-                Ok(Response::Read {
-                    result: QueryResult::Changes(page),
-                    ..
-                }) if page.expired.is_none() => return Some(page),
-                Ok(Response::Read {
-                    result: QueryResult::Changes(page),
-                    ..
-                }) => expired = Some(page),
-                _ => continue,
+                .await;
+            let Ok(Response::Read {
+                result: QueryResult::Changes(page),
+                ..
+            }) = answer
+            else {
+                silent = true;
+                continue;
+            };
+            if page.expired.is_none() {
+                return Some(page);
+            }
+            leader_answered |= node == group.leader;
+            let older = |e: &ChangesPage| e.expired < page.expired;
+            if !expired.as_ref().is_some_and(older) {
+                expired = Some(page);
             }
         }
-        expired
+        expired.filter(|_| leader_answered || !silent)
     }
 
-    /// Where `shard`'s stream stands now: after what its leader applied.
+    /// Where `shard`'s stream stands now: after what its leader applied
+    /// (a replica that says it leads, the map refreshed once if not).
     async fn applied_position(&self, shard: ShardId) -> Result<ChangePosition, ApiError> {
-        let map = self.meta.map();
-        let leader = map.groups[&shard].leader.clone();
-        let request = Request::Read {
-            shard,
-            query: Query::Status,
-        };
-        match self
-            .endpoint()
-            .call_node_within(&leader, request, LOCAL_READ_TIMEOUT_MS)
-            .await
-        {
-            Ok(Response::Read {
+        for attempt in 0..2 {
+            if attempt > 0 {
+                let _ = self.meta.refresh().await;
+            }
+            let leader = self.meta.map().groups[&shard].leader.clone();
+            let request = Request::Read {
+                shard,
+                query: Query::Status,
+            };
+            let answer = self
+                .endpoint()
+                .call_node_within(&leader, request, LOCAL_READ_TIMEOUT_MS)
+                .await;
+            if let Ok(Response::Read {
                 result: QueryResult::Status(status),
                 ..
-            }) => Ok(ChangePosition::entry_end(
-                status.applied.map(|a| a.index).unwrap_or_default(),
-            )),
-            _ => Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Unavailable,
-                format!("{shard}: its leader did not say where its log stands; try again"),
-            )
-            .with("shard", shard.0)),
+            }) = answer
+            {
+                if status.ready {
+                    let applied = status.applied.map(|a| a.index).unwrap_or_default();
+                    return Ok(ChangePosition::entry_end(applied));
+                }
+            }
         }
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            format!("{shard}: no leader said where its log stands; try again"),
+        )
+        .with("shard", shard.0);
+        e.retryable = true;
+        Err(e)
     }
 
-    /// The feed metrics of lines about to be sent.
-    fn count(&self, lines: &[FeedLine]) {
-        let changes = lines
-            .iter()
-            .filter(|l| matches!(l, FeedLine::Change(_)))
-            .count();
-        self.metrics.feed_sent(changes as u64);
-        let newest = lines.iter().rev().find_map(|l| match l {
-            FeedLine::Resolved(r) => Some(r.resolved.wall_ms),
-            _ => None,
-        });
-        if let Some(wall_ms) = newest {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            self.metrics.feed_resolved(now_ms - wall_ms as i64);
+    /// What `lines` will add to the feed metrics once sent.
+    fn count(&self, lines: &[FeedLine]) -> Counted {
+        Counted {
+            changes: lines
+                .iter()
+                .filter(|l| matches!(l, FeedLine::Change(_)))
+                .count() as u64,
+            resolved_wall_ms: lines.iter().rev().find_map(|l| match l {
+                FeedLine::Resolved(r) => Some(r.resolved.wall_ms),
+                _ => None,
+            }),
         }
     }
 

@@ -47,7 +47,7 @@ impl ChangeLog {
                 last: sub + 1 == count,
                 event,
             };
-            self.bytes += CHANGE_BYTES_ESTIMATE;
+            self.bytes += estimated_bytes(&change);
             self.changes.push_back(change);
         }
         while self.bytes > self.budget_bytes {
@@ -55,7 +55,7 @@ impl ChangeLog {
                 break;
             };
             probe("changes.evicted_for_budget");
-            self.bytes -= CHANGE_BYTES_ESTIMATE;
+            self.bytes -= estimated_bytes(&oldest);
             self.kept_after = oldest.cursor();
         }
     }
@@ -95,9 +95,10 @@ impl ChangeLog {
         }
     }
 
-    /// Everything kept, and the position it is kept after.
-    pub(crate) fn kept(&self) -> (ChangePosition, impl Iterator<Item = &Change>) {
-        (self.kept_after, self.changes.iter())
+    /// Every change kept after `after`, as it is.
+    pub(crate) fn kept_after(&self, after: ChangePosition) -> impl Iterator<Item = &Change> {
+        let start = self.changes.partition_point(|c| position(c) <= after);
+        self.changes.iter().skip(start)
     }
 
     pub(crate) fn retained_bytes(&self) -> usize {
@@ -112,9 +113,38 @@ fn position(change: &Change) -> ChangePosition {
     }
 }
 
-/// What a change costs in memory, roughly: its fixed size and the strings
-/// of a typical reservation (ids, desk, trader, token).
-const CHANGE_BYTES_ESTIMATE: usize = std::mem::size_of::<Change>() + 96;
+/// What a change costs in memory, roughly: its own size and its strings'
+/// (an allocation's overhead aside).
+fn estimated_bytes(change: &Change) -> usize {
+    let strings = match &change.event {
+        Event::IssuerRegistered {
+            issuer_id,
+            home_region,
+            ..
+        } => issuer_id.as_str().len() + home_region.as_str().len(),
+        Event::LimitChanged { issuer_id, .. } => issuer_id.as_str().len(),
+        Event::ReservationRejected {
+            issuer_id,
+            token,
+            code,
+            ..
+        } => issuer_id.as_str().len() + token.as_str().len() + code.len(),
+        Event::TokenAbandoned {
+            issuer_id, token, ..
+        } => issuer_id.as_str().len() + token.as_str().len(),
+        Event::ReservationCreated { reservation, .. }
+        | Event::ReservationConfirmed { reservation, .. }
+        | Event::ReservationReleased { reservation, .. }
+        | Event::ReservationExpired { reservation, .. } => {
+            // The reservation id holds the issuer's id again.
+            2 * reservation.issuer_id.as_str().len()
+                + reservation.reservation_token.as_str().len()
+                + reservation.desk.len()
+                + reservation.trader.len()
+        }
+    };
+    std::mem::size_of::<Change>() + strings
+}
 
 #[cfg(test)]
 mod tests {
@@ -180,7 +210,11 @@ mod tests {
 
     #[test]
     fn an_evicted_or_restored_position_is_expired_never_a_gap() {
-        let budget = 3 * CHANGE_BYTES_ESTIMATE;
+        let budget = 3 * estimated_bytes(&Change {
+            sub: 0,
+            last: true,
+            event: event(1),
+        });
         let mut log = ChangeLog::new(LogIndex(0), budget);
         for index in 1..=5 {
             log.push(vec![event(index)]);

@@ -184,7 +184,8 @@ impl GroupCore {
     /// that lost its state. `fence`: the oldest generation the metadata
     /// plane may still name to this group's replicas (`GroupInfo::fence`,
     /// read when the node starts), where a replica that lost its state
-    /// starts. `life_salt` differs between two lives of the replica (see
+    /// starts, and whether that generation has a published leader (then it
+    /// will not lead it). `life_salt` differs between two lives of the replica (see
     /// `Recovered::life_salt`).
     #[allow(clippy::too_many_arguments)]
     pub fn recover(
@@ -194,7 +195,7 @@ impl GroupCore {
         settings: Settings,
         found: harbor_wal::Recovered,
         groups_are_new: bool,
-        fence: Generation,
+        (fence, fence_is_led): (Generation, bool),
         life_salt: u64,
         now: Now,
     ) -> Result<GroupCore, RecoverError> {
@@ -223,6 +224,9 @@ impl GroupCore {
             if fence > Generation::ZERO {
                 probe("node.lost_replica_starts_at_the_fence");
                 hard_state.generation = fence;
+                // If it led that generation, followers hold entries of it
+                // that it lost: a late order to lead it must fail.
+                hard_state.led = fence_is_led;
             }
             writes.push(Write::HardState(hard_state));
         }

@@ -280,11 +280,10 @@ impl GroupCore {
         page
     }
 
-    /// Every change this replica keeps, and the position it keeps them
-    /// after, as they are (the simulator's reference for its feeds).
-    pub fn kept_changes(&self) -> (ChangePosition, Vec<Change>) {
-        let (after, changes) = self.changes.kept();
-        (after, changes.cloned().collect())
+    /// Every change this replica keeps after `after`, as it is, whatever
+    /// the bug switches (the simulator's reference for its feeds).
+    pub fn kept_changes_after(&self, after: ChangePosition) -> Vec<Change> {
+        self.changes.kept_after(after).cloned().collect()
     }
 }
 

@@ -29,12 +29,12 @@ fn settings() -> crate::Settings {
 }
 
 fn replica(me: &str) -> GroupCore {
-    start(me, true, Generation::ZERO)
+    start(me, true, (Generation::ZERO, false))
 }
 
 /// A replica that finds its disk empty: of a new group, or one that lost
 /// its state (then it starts at `fence`).
-fn start(me: &str, groups_are_new: bool, fence: Generation) -> GroupCore {
+fn start(me: &str, groups_are_new: bool, fence: (Generation, bool)) -> GroupCore {
     let members = vec![
         Member {
             node: node("a"),
@@ -358,7 +358,7 @@ fn control_orders_older_than_the_replica_change_nothing() {
 
 #[test]
 fn a_replica_that_lost_its_disk_starts_at_the_fence_and_refuses_older_orders() {
-    let mut b = start("b", false, Generation(3));
+    let mut b = start("b", false, (Generation(3), false));
     // It says so durably before anything else, generation included.
     let ready = b.ready();
     assert!(
@@ -390,4 +390,31 @@ fn a_replica_that_lost_its_disk_starts_at_the_fence_and_refuses_older_orders() {
         b.replica().is_recovering(),
         "it catches up before it counts"
     );
+}
+
+#[test]
+fn a_replica_that_lost_its_disk_never_leads_a_generation_that_has_a_leader() {
+    // Generation 3 has a published leader, perhaps this replica in its
+    // earlier life: its followers hold entries of 3 this one lost.
+    let mut b = start("b", false, (Generation(3), true));
+    let _ = b.ready();
+    b.step(
+        Now::both(2),
+        Input::Control(Control::LeadNewGroup(Generation(3))),
+    );
+    b.step(Now::both(2), Input::Control(Control::Lead(Generation(3))));
+    assert!(!b.replica().is_leader());
+    assert!(
+        b.replica().is_recovering(),
+        "it did not start its group anew"
+    );
+    // A sealed generation without a leader yet may still start a group
+    // whose every copy is gone.
+    let mut c = start("b", false, (Generation(4), false));
+    let _ = c.ready();
+    c.step(
+        Now::both(2),
+        Input::Control(Control::LeadNewGroup(Generation(4))),
+    );
+    assert!(c.replica().is_leader());
 }

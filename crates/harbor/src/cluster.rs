@@ -562,9 +562,8 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     let mut config = NodeConfig::new(file.data_dir.clone());
     cluster.limits.apply(&mut config);
     cluster.timings.apply(&mut config);
-    // An empty replica always starts recovering here: the map a node reads
-    // may trail the metadata leader, so it cannot tell a new group from one
-    // whose data it lost. The control plane starts a group whose members
+    // An empty replica always starts recovering here: a node cannot tell a
+    // new group from one whose data it lost. The control plane starts a group whose members
     // are all empty as a new one (`Action::StartNewGroup`).
     config.groups_are_new = false;
     let node = {

@@ -116,6 +116,7 @@ pub fn replica_plans(map: &ShardMap, node: &NodeId) -> Vec<ReplicaPlan> {
                 })
                 .collect(),
             fence: g.fence(),
+            fence_is_led: g.fence_is_led(),
         })
         .collect()
 }

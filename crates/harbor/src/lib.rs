@@ -5,4 +5,5 @@ pub mod cluster;
 pub mod control;
 pub mod data_dir;
 pub mod dev;
+pub mod sink;
 pub mod status;

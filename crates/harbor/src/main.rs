@@ -58,6 +58,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a change feed into NATS JetStream: one message per change (its
+    /// position as Nats-Msg-Id), resolved marks on their own subject, a
+    /// durable checkpoint it resumes from after a crash.
+    Changefeed {
+        /// Any gateway (repeat for several; tried in turn).
+        #[arg(long = "url", default_value = "http://127.0.0.1:7400")]
+        urls: Vec<String>,
+        /// Where to deliver: nats://HOST:PORT (JetStream must be enabled).
+        #[arg(long)]
+        sink: String,
+        /// The JetStream stream, created over SUBJECT.> if missing.
+        #[arg(long, default_value = "HARBOR")]
+        stream: String,
+        /// Changes go to SUBJECT.changes.SHARD, resolved marks to
+        /// SUBJECT.resolved.
+        #[arg(long, default_value = "harbor")]
+        subject: String,
+        /// The cursor file it resumes from.
+        #[arg(long, default_value = "harbor-changefeed.cursor")]
+        checkpoint: PathBuf,
+        /// Where to start without a checkpoint: beginning or now.
+        #[arg(long, default_value = "beginning")]
+        from: String,
+        /// Only these groups (`0,3`), without a checkpoint.
+        #[arg(long)]
+        shards: Option<String>,
+        /// JetStream drops a change published again within this window (a
+        /// restart's replay) as a duplicate.
+        #[arg(long, default_value_t = 120)]
+        duplicate_window_s: u64,
+    },
     /// Prove Harbor's promises: deterministic simulation, history checking.
     Verify {
         #[command(subcommand)]
@@ -218,6 +249,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { .. } => "error",
         Command::Dev { .. } => "warn,harbor=info",
         Command::Status { .. } => "warn",
+        Command::Changefeed { .. } => "warn",
         Command::Meta { .. } | Command::Node { .. } => "warn,harbor=info",
     };
     tracing_subscriber::fmt()
@@ -238,6 +270,36 @@ fn main() -> anyhow::Result<()> {
             wan_delay_ms,
         } => runtime.block_on(dev(data_dir, port, wan_delay_ms)),
         Command::Status { url, json } => runtime.block_on(harbor::status::status(&url, json)),
+        Command::Changefeed {
+            urls,
+            sink,
+            stream,
+            subject,
+            checkpoint,
+            from,
+            shards,
+            duplicate_window_s,
+        } => {
+            if !sink.starts_with("nats://") {
+                anyhow::bail!("--sink {sink:?}: only nats:// sinks are supported");
+            }
+            if from != "beginning" && from != "now" {
+                anyhow::bail!("--from {from:?}: beginning or now (a checkpoint holds the cursor)");
+            }
+            let options = harbor::sink::SinkOptions {
+                urls,
+                nats: sink,
+                stream,
+                subject_prefix: subject,
+                checkpoint,
+                from,
+                shards,
+                duplicate_window: std::time::Duration::from_secs(duplicate_window_s),
+            };
+            runtime.block_on(until_signal(|stop| {
+                harbor::sink::run_sink_command(options, stop)
+            }))
+        }
         Command::Meta { config } => runtime.block_on(until_signal(|stop| async move {
             harbor::cluster::run_meta(&config, stop).await
         })),

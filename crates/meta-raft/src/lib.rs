@@ -318,13 +318,18 @@ impl MetaNode {
                 }
                 other => other,
             };
-            match answer {
+            // A failure (no quorum for a moment) is tried again until the
+            // deadline, like a missing leader.
+            let failed = match answer {
                 MapAnswer::Map(map) => return Ok(map),
-                MapAnswer::Failed(e) => return Err(MetaRaftError::Raft(e)),
-                MapAnswer::NotLeader { .. } => {}
-            }
+                MapAnswer::Failed(e) => Some(e),
+                MapAnswer::NotLeader { .. } => None,
+            };
             if tokio::time::Instant::now() >= deadline {
-                return Err(MetaRaftError::NoLeader(self.write_timeout_ms));
+                return Err(match failed {
+                    Some(e) => MetaRaftError::Raft(e),
+                    None => MetaRaftError::NoLeader(self.write_timeout_ms),
+                });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -250,7 +250,11 @@ impl Metadata for RemoteMeta {
                             }
                             return Ok(map);
                         }
-                        Some((_, MapAnswer::Failed(e))) => return Err(MetaError::Unavailable(e)),
+                        // No quorum for a moment: tried again until the
+                        // deadline.
+                        Some((_, MapAnswer::Failed(e))) => {
+                            tracing::debug!(error = %e, "the metadata leader could not read the map");
+                        }
                         Some((_, MapAnswer::NotLeader { .. })) | None => {}
                     }
                 }

@@ -88,7 +88,6 @@ pub struct GroupInfo {
     pub ended: Vec<GenerationEnd>,
 }
 
-/// Generation `generation` of a group ended with the entry at `last_index`.
 impl GroupInfo {
     /// The oldest generation any replica of the group may still be told
     /// about: every order the control plane sends names a generation it
@@ -98,8 +97,16 @@ impl GroupInfo {
     pub fn fence(&self) -> Generation {
         self.generation.max(self.sealed)
     }
+
+    /// Whether the fence generation has a published leader: then a
+    /// replica that lost its disk must not lead it either (if it led it,
+    /// its followers hold entries of it that it lost).
+    pub fn fence_is_led(&self) -> bool {
+        self.sealed <= self.generation
+    }
 }
 
+/// Generation `generation` of a group ended with the entry at `last_index`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationEnd {
     pub generation: Generation,

@@ -96,6 +96,7 @@ impl<S: Storage> Driver<S> {
             shard,
             members,
             fence,
+            fence_is_led,
         } = plan;
         let (wal, found) = Wal::open(storage, config.wal.clone())
             .map_err(|source| DriverStartError::Wal { shard, source })?;
@@ -119,7 +120,7 @@ impl<S: Storage> Driver<S> {
             settings,
             found,
             config.groups_are_new,
-            fence,
+            (fence, fence_is_led),
             u64::from(std::process::id()).rotate_left(17),
             now,
         )

@@ -45,6 +45,9 @@ pub struct ReplicaPlan {
     /// replica starts if it finds its disk empty, so it refuses every
     /// order older than what the metadata plane had recorded.
     pub fence: Generation,
+    /// The fence generation has a published leader
+    /// (`GroupInfo::fence_is_led`): such a replica refuses to lead it.
+    pub fence_is_led: bool,
 }
 
 /// A host for replicas of many groups, each on a thread of its own.

@@ -71,6 +71,7 @@ async fn a_group_replicates_and_answers_over_tcp() {
                 shard,
                 members,
                 fence: Generation::ZERO,
+                fence_is_led: false,
             };
             move || Node::start(id(name), region, vec![plan], config, transport)
         })

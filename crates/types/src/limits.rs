@@ -127,7 +127,7 @@ const _: () = assert!(BATCH_INPUTS_MAX <= REPLICA_INBOX_CAPACITY);
 pub const CHANGES_RETAINED_BYTES: usize = 16 << 20;
 /// An idle leader proposes a no-op after this long, so the resolved time
 /// change feeds promise keeps advancing (each costs one small entry).
-pub const RESOLVED_TICK_MS: u64 = 500;
+pub const RESOLVED_TICK_MS: u64 = 1_000;
 /// Changes one answer to a feed carries at most.
 pub const CHANGES_PAGE_MAX: usize = 2_048;
 /// How often a feed asks each group for what is new.
@@ -135,6 +135,7 @@ pub const CHANGEFEED_POLL_MS: u64 = 20;
 /// A feed's resolved lines, when the client names no interval.
 pub const CHANGEFEED_RESOLVED_MS_DEFAULT: u64 = 1_000;
 pub const CHANGEFEED_RESOLVED_MS_MIN: u64 = 10;
+pub const CHANGEFEED_RESOLVED_MS_MAX: u64 = 60_000;
 
 // ----- The control loop --------------------------------------------------------------
 

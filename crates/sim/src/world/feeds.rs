@@ -23,6 +23,9 @@ const FEED_POLL_MS: (u64, u64) = (10, 80);
 
 pub(super) struct SimFeed {
     feed: Feed,
+    /// Every change any replica held at any poll, by group and position:
+    /// the reference the sessions are checked against.
+    truth: BTreeMap<ShardId, BTreeMap<ChangePosition, Change>>,
     /// Where the consumer durably stands: it resumes here after a crash.
     checkpoint: FeedCursor,
     sessions: Vec<FeedSession>,
@@ -46,6 +49,7 @@ impl SimFeed {
         let start = FeedCursor(shards.map(|s| (s, ChangePosition::START)).collect());
         SimFeed {
             feed: Feed::new(start.clone()),
+            truth: BTreeMap::new(),
             checkpoint: start.clone(),
             sessions: vec![FeedSession {
                 start: start.clone(),
@@ -85,6 +89,7 @@ impl World {
             self.trace(|| format!("feed consumer restarts from {from:?}"));
             sim.resume(from);
         }
+        self.gather_truth(&mut sim);
         for shard in sim.feed.shards() {
             let members = self.groups[&shard].members.clone();
             let node = self.rng.pick(&members).clone();
@@ -145,51 +150,45 @@ impl World {
         self.schedule(at, Event::FeedPoll);
     }
 
-    /// The feed's promises, against every change the replicas hold now and
-    /// every change any page carried.
+    /// The feed's promises, against every change a replica held at a poll
+    /// or holds now, and every change a page carried.
     pub(super) fn check_feed(&mut self) {
-        let Some(sim) = self.feed.take() else {
+        let Some(mut sim) = self.feed.take() else {
             return;
         };
-        // What each group's stream holds, position by position.
-        let mut truth: BTreeMap<ShardId, BTreeMap<ChangePosition, Change>> = BTreeMap::new();
-        let mut add = |violations: &mut Vec<String>,
-                       shard: ShardId,
-                       change: &Change,
-                       from: &str| {
-            let at = position(change);
-            match truth.entry(shard).or_default().entry(at) {
-                MapEntry::Vacant(v) => {
-                    v.insert(change.clone());
-                }
-                MapEntry::Occupied(o) if o.get() != change => {
-                    violations.push(format!(
-                        "feed: {shard} has two different changes at {at:?} ({from}): {:?} and {change:?}",
-                        o.get()
-                    ));
-                }
-                _ => {}
-            }
-        };
-        for (shard, group) in &self.groups {
-            for member in &group.members {
-                if let Some(driver) = self.nodes[member].replicas.get(shard) {
-                    let (_, kept) = driver.group().kept_changes();
-                    for change in &kept {
-                        add(&mut self.violations, *shard, change, member.as_str());
-                    }
-                }
-            }
-        }
+        self.gather_truth(&mut sim);
         for session in &sim.sessions {
             for received in &session.received {
                 if let Received::Change(shard, _, change) = received {
-                    add(&mut self.violations, *shard, change, "a page");
+                    let violation = add_truth(&mut sim.truth, *shard, change, "a page");
+                    self.violations.extend(violation);
                 }
             }
         }
+        let truth = std::mem::take(&mut sim.truth);
         for (n, session) in sim.sessions.iter().enumerate() {
             self.check_session(n, session, &truth);
+        }
+    }
+
+    /// What every replica holds past what the reference has: changes are
+    /// evicted, so the reference is gathered as the run goes.
+    fn gather_truth(&mut self, sim: &mut SimFeed) {
+        for (shard, group) in &self.groups {
+            for member in &group.members {
+                let Some(driver) = self.nodes[member].replicas.get(shard) else {
+                    continue;
+                };
+                let after = sim
+                    .truth
+                    .get(shard)
+                    .and_then(|t| t.keys().next_back().copied())
+                    .unwrap_or(ChangePosition::START);
+                for change in driver.group().kept_changes_after(after) {
+                    let violation = add_truth(&mut sim.truth, *shard, &change, member.as_str());
+                    self.violations.extend(violation);
+                }
+            }
         }
     }
 
@@ -251,6 +250,28 @@ impl World {
                 ));
             }
         }
+    }
+}
+
+/// Adds a change to the reference; a different change at the same
+/// position is a violation.
+fn add_truth(
+    truth: &mut BTreeMap<ShardId, BTreeMap<ChangePosition, Change>>,
+    shard: ShardId,
+    change: &Change,
+    from: &str,
+) -> Option<String> {
+    let at = position(change);
+    match truth.entry(shard).or_default().entry(at) {
+        MapEntry::Vacant(v) => {
+            v.insert(change.clone());
+            None
+        }
+        MapEntry::Occupied(o) if o.get() != change => Some(format!(
+            "feed: {shard} has two different changes at {at:?} ({from}): {:?} and {change:?}",
+            o.get()
+        )),
+        MapEntry::Occupied(_) => None,
     }
 }
 

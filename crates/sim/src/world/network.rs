@@ -35,6 +35,7 @@ impl World {
                 shard,
                 members,
                 fence: group.published.1.max(group.sealed),
+                fence_is_led: group.sealed <= group.published.1,
             };
             let driver = match Driver::open_on(
                 name.clone(),
