@@ -210,6 +210,31 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// How soon an acknowledged write shows on the other region's change
+    /// feed, and whether the feed keeps up with the write rate.
+    Cdc {
+        /// The gateway the feed is read from. Without --reader and
+        /// --writer a dev cluster is started (the feed read in newyork).
+        #[arg(long)]
+        reader: Option<String>,
+        /// A gateway in the issuers' home region (the writers use it).
+        #[arg(long)]
+        writer: Option<String>,
+        #[arg(long, default_value = "madrid")]
+        home_region: String,
+        #[arg(long, default_value_t = 1000)]
+        issuers: usize,
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+        /// Reservations per request (the batch API).
+        #[arg(long, default_value_t = 20)]
+        batch: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -369,6 +394,29 @@ fn main() -> anyhow::Result<()> {
                 json,
             },
         )),
+        Command::Bench {
+            what:
+                Some(Bench::Cdc {
+                    reader,
+                    writer,
+                    home_region,
+                    issuers,
+                    writers,
+                    batch,
+                    seconds,
+                    json,
+                }),
+            ..
+        } => runtime.block_on(harbor::bench::cdc::cdc(harbor::bench::cdc::CdcOptions {
+            reader,
+            writer,
+            home_region,
+            issuers,
+            writers,
+            batch,
+            seconds,
+            json,
+        })),
         Command::Verify { what } => {
             drop(runtime);
             let clean = match what {

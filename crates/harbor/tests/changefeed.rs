@@ -219,3 +219,62 @@ async fn bad_feed_parameters_are_refused() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_older_than_what_is_kept_is_refused_with_where_to_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = harbor::dev::DevOptions::new(dir.path().to_path_buf());
+    options.port = 0;
+    // Room for a handful of changes per replica.
+    options.tune_node = |config| config.changes_retained_bytes = 4 << 10;
+    let cluster = harbor::dev::DevCluster::start(options).await.unwrap();
+    cluster.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let madrid = cluster.url("madrid");
+    let api = Api::new();
+    assert_eq!(
+        api.put_issuer(&madrid, "MUNI-1", "madrid", 1_000_000)
+            .await
+            .status,
+        201
+    );
+    for i in 0..40 {
+        let reply = api
+            .reserve(&madrid, &format!("tok-{i}"), "MUNI-1", 1, "madrid-rates")
+            .await;
+        assert_eq!(reply.status, 201);
+    }
+    let shard = changes(&feed(&api, &madrid, "from=now&follow=false").await)
+        .first()
+        .map(|c| c.source.shard);
+    assert!(shard.is_none(), "nothing after now");
+    let reply = api
+        .get(format!(
+            "{madrid}/v1/changefeed?from=beginning&follow=false"
+        ))
+        .await;
+    assert_eq!(
+        (reply.status, reply.code()),
+        (410, "cursor_expired"),
+        "{}",
+        reply.body
+    );
+    let oldest = reply.body["oldest_cursor"].as_str().unwrap().to_string();
+    // From there on, the feed goes on, and every line it sends is after
+    // the expired group's oldest kept position.
+    let rest = feed(&api, &madrid, &format!("from={oldest}&follow=false")).await;
+    let rest = changes(&rest);
+    assert!(!rest.is_empty());
+    assert!(rest.iter().all(|c| c.key.issuer_id == "MUNI-1"));
+    let tokens: BTreeSet<_> = rest
+        .iter()
+        .filter_map(|c| c.reservation_token.clone())
+        .collect();
+    assert!(
+        tokens.contains("tok-39"),
+        "the newest change is there: {tokens:?}"
+    );
+    assert!(
+        !tokens.contains("tok-0"),
+        "the oldest was evicted: {tokens:?}"
+    );
+}

@@ -1,6 +1,7 @@
 //! `harbor bench`: workloads against a running cluster (or a dev cluster it
 //! starts), measured with HdrHistogram and reported as a table and JSON.
 
+pub mod cdc;
 pub mod cost;
 pub mod reads;
 pub mod workload;

@@ -1,0 +1,268 @@
+//! `harbor bench cdc`: how soon an acknowledged write shows on the change
+//! feed of the other region's gateway, and whether the feed keeps up. It
+//! follows `GET /v1/changefeed?from=now` on the reader gateway while
+//! writers load the issuers' home region through the batch API, and
+//! measures, per reservation, the time from its acknowledgement to the
+//! arrival of its `reservation_created` line (a line that arrives before
+//! the acknowledgement counts as 0). Every acknowledged reservation must
+//! arrive exactly once.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use harbor_api::FeedLine;
+use serde_json::json;
+
+use super::{histogram, micros, BenchCluster, Latency};
+
+#[derive(Clone, Debug)]
+pub struct CdcOptions {
+    /// The gateway the feed is read from; `None` (with `writer`): start a
+    /// dev cluster and read through `newyork`.
+    pub reader: Option<String>,
+    /// A gateway in the issuers' home region.
+    pub writer: Option<String>,
+    pub home_region: String,
+    pub issuers: usize,
+    pub writers: usize,
+    /// Reservations per request (the batch API).
+    pub batch: usize,
+    pub seconds: u64,
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Token → when its change line arrived.
+    arrived: HashMap<String, Instant>,
+    repeated: u64,
+    changes: u64,
+    resolved: u64,
+}
+
+pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
+    let mut dev = None;
+    let (reader, writer) = match (&options.reader, &options.writer) {
+        (Some(r), Some(w)) => (
+            r.trim_end_matches('/').to_string(),
+            w.trim_end_matches('/').to_string(),
+        ),
+        (None, None) => {
+            let started = BenchCluster::start(|_| {}).await?;
+            let other = if options.home_region == "madrid" {
+                "newyork"
+            } else {
+                "madrid"
+            };
+            let urls = (
+                started.cluster.url(other),
+                started.cluster.url(&options.home_region),
+            );
+            dev = Some(started);
+            urls
+        }
+        _ => bail!("give both --reader and --writer, or neither (a dev cluster is started)"),
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let issuers: Vec<String> = (0..options.issuers)
+        .map(|i| format!("CDC-{}-{i}", options.home_region.to_uppercase()))
+        .collect();
+    eprintln!(
+        "registering {} issuers homed in {} ...",
+        issuers.len(),
+        options.home_region
+    );
+    for issuer in &issuers {
+        let answer = http
+            .put(format!("{writer}/v1/issuers/{issuer}"))
+            .json(&json!({"home_region": options.home_region, "limit": 9_000_000_000_000u64}))
+            .send()
+            .await
+            .with_context(|| format!("registering {issuer} through {writer}"))?;
+        if !answer.status().is_success() {
+            bail!(
+                "registering {issuer}: {} {}",
+                answer.status(),
+                answer.text().await?
+            );
+        }
+    }
+
+    // The feed, from now, on the other region's gateway.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut feed = http
+        .get(format!("{reader}/v1/changefeed?from=now&resolved_ms=100"))
+        .send()
+        .await
+        .with_context(|| format!("opening the feed on {reader}"))?;
+    if !feed.status().is_success() {
+        bail!(
+            "the feed on {reader} answered {}: {}",
+            feed.status(),
+            feed.text().await?
+        );
+    }
+    let reading = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut text = String::new();
+            while let Ok(Some(chunk)) = feed.chunk().await {
+                let now = Instant::now();
+                text.push_str(&String::from_utf8_lossy(&chunk));
+                let mut seen = seen.lock().unwrap();
+                while let Some(end) = text.find('\n') {
+                    let raw: String = text.drain(..=end).collect();
+                    match serde_json::from_str::<FeedLine>(raw.trim_end()) {
+                        Ok(FeedLine::Change(c)) => {
+                            seen.changes += 1;
+                            if c.op == "reservation_created" {
+                                let token = c.reservation_token.unwrap_or_default();
+                                if seen.arrived.insert(token, now).is_some() {
+                                    seen.repeated += 1;
+                                }
+                            }
+                        }
+                        Ok(FeedLine::Resolved(_)) => seen.resolved += 1,
+                        Ok(FeedLine::Error(e)) => {
+                            eprintln!("the feed stopped: {} {}", e.error, e.message);
+                            return;
+                        }
+                        Err(e) => {
+                            eprintln!("a line that is not a feed line: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    eprintln!(
+        "{} writers, batches of {}, {} s; the feed is read through {reader} ...",
+        options.writers, options.batch, options.seconds
+    );
+    let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let started = Instant::now();
+    let until = started + Duration::from_secs(options.seconds);
+    let mut tasks = Vec::new();
+    for w in 0..options.writers {
+        let (http, writer, issuers, acked) =
+            (http.clone(), writer.clone(), issuers.clone(), acked.clone());
+        let batch = options.batch.max(1);
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut errors = 0u64;
+            while Instant::now() < until {
+                let items: Vec<_> = (0..batch)
+                    .map(|i| {
+                        n += 1;
+                        let issuer = &issuers[(n as usize + i) % issuers.len()];
+                        json!({"reservation_token": format!("cdc-{w}-{n}"), "issuer_id": issuer,
+                               "amount": 1, "desk": "bench", "trader": "cdc"})
+                    })
+                    .collect();
+                let tokens: Vec<String> = items
+                    .iter()
+                    .map(|i| i["reservation_token"].as_str().unwrap().to_string())
+                    .collect();
+                let answer = http
+                    .post(format!("{writer}/v1/reservations:batch"))
+                    .json(&json!({ "reservations": items }))
+                    .send()
+                    .await;
+                let now = Instant::now();
+                let Ok(answer) = answer else {
+                    errors += 1;
+                    continue;
+                };
+                let Ok(body) = answer.json::<harbor_api::BatchAnswer>().await else {
+                    errors += 1;
+                    continue;
+                };
+                let mut acked = acked.lock().unwrap();
+                for (item, token) in body.results.iter().zip(tokens) {
+                    if item.ok {
+                        acked.push((token, now));
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = 0;
+    for task in tasks {
+        errors += task.await?;
+    }
+    let wrote_for = started.elapsed();
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    // Give the feed time to deliver the last writes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let missing = {
+            let seen = seen.lock().unwrap();
+            acked
+                .iter()
+                .filter(|(t, _)| !seen.arrived.contains_key(t))
+                .count()
+        };
+        if missing == 0 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reading.abort();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let mut visible = histogram();
+    let mut missing = 0u64;
+    for (token, at) in &acked {
+        match seen.arrived.get(token) {
+            Some(arrived) => {
+                visible.record(micros(arrived.saturating_duration_since(*at)))?;
+            }
+            None => missing += 1,
+        }
+    }
+    let latency = Latency::of(&visible);
+    let secs = wrote_for.as_secs_f64();
+    println!(
+        "wrote {} reservations in {secs:.1} s ({:.0}/s, {errors} errors); the feed on {reader} carried {} changes ({:.0}/s) and {} resolved marks",
+        acked.len(),
+        acked.len() as f64 / secs,
+        seen.changes,
+        seen.changes as f64 / secs,
+        seen.resolved,
+    );
+    println!(
+        "acknowledged -> on the other region's feed: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {missing} missing, {} repeated",
+        latency.p50_ms, latency.p90_ms, latency.p99_ms, latency.max_ms, seen.repeated
+    );
+    if let Some(path) = &options.json {
+        let doc = json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "reader": reader, "writer": writer, "home_region": options.home_region,
+            "issuers": options.issuers, "writers": options.writers, "batch": options.batch,
+            "seconds": secs, "reservations": acked.len(), "errors": errors,
+            "feed_changes": seen.changes, "resolved_marks": seen.resolved,
+            "missing": missing, "repeated": seen.repeated, "visible_latency": latency,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(dev) = dev {
+        dev.stop().await;
+    }
+    if missing > 0 || seen.repeated > 0 {
+        bail!(
+            "the feed lost {missing} acknowledged reservations and repeated {}",
+            seen.repeated
+        );
+    }
+    Ok(())
+}
