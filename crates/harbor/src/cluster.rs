@@ -424,9 +424,19 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
                 }
             })
         };
+        let map = match meta.map_linearizable().await {
+            Ok(map) => map,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the map as the metadata leader; trying again");
+                watcher.abort();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
         let control = ControlLoop::new(
             endpoint.clone(),
             meta.clone(),
+            &map,
             Arc::new(OverTheWire(endpoint.clone())),
             lease_ms,
             requests,
@@ -539,10 +549,21 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     let meta: Arc<dyn Metadata> = meta;
     // Read linearizably: a replica that finds its disk empty starts at its
     // group's fence as the metadata plane holds it now.
-    let map = meta
-        .map_linearizable()
-        .await
-        .context("reading the shard map from the metadata leader")?;
+    // The metadata plane may be electing a leader while nodes start.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let map = loop {
+        match meta.map_linearizable().await {
+            Ok(map) => break map,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "waiting for the metadata leader to read the shard map");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(e))
+                    .context("reading the shard map from the metadata leader")
+            }
+        }
+    };
     let region = map
         .region_of(&name)
         .with_context(|| format!("node {name} is not in the shard map"))?

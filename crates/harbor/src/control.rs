@@ -78,15 +78,20 @@ pub struct ControlLoop {
 }
 
 impl ControlLoop {
+    /// A loop that plans from `map`, which the caller read linearizably
+    /// (`Metadata::map_linearizable`): a loop that starts from a map that
+    /// trails the metadata plane would tell replicas of generations that
+    /// are over.
     pub fn new(
         endpoint: Arc<Endpoint>,
         meta: Arc<dyn Metadata>,
+        map: &harbor_meta::ShardMap,
         nodes: Arc<dyn Replicas>,
         lease_ms: u64,
         requests: mpsc::Receiver<TransferRequest>,
     ) -> ControlLoop {
         ControlLoop {
-            core: ControlCore::new(&meta.map(), ControlConfig::new(lease_ms)),
+            core: ControlCore::new(map, ControlConfig::new(lease_ms)),
             endpoint,
             meta,
             nodes,

@@ -298,9 +298,14 @@ impl DevCluster {
             (options.tune_node)(&mut probe);
             probe.lease_ms
         };
+        let control_map = meta
+            .map_linearizable()
+            .await
+            .context("reading the map for the control loop")?;
         let control_loop = ControlLoop::new(
             control_endpoint,
             meta.clone(),
+            &control_map,
             nodes.clone(),
             lease_ms,
             transfer_requests,

@@ -65,7 +65,8 @@ enum Command {
         /// Any gateway (repeat for several; tried in turn).
         #[arg(long = "url", default_value = "http://127.0.0.1:7400")]
         urls: Vec<String>,
-        /// Where to deliver: nats://HOST:PORT (JetStream must be enabled).
+        /// Where to deliver: nats://HOST:PORT (JetStream must be enabled),
+        /// or an http:// URL that takes batches of lines by POST.
         #[arg(long)]
         sink: String,
         /// The JetStream stream, created over SUBJECT.> if missing.
@@ -305,21 +306,27 @@ fn main() -> anyhow::Result<()> {
             shards,
             duplicate_window_s,
         } => {
-            if !sink.starts_with("nats://") {
-                anyhow::bail!("--sink {sink:?}: only nats:// sinks are supported");
-            }
+            let target = if sink.starts_with("nats://") {
+                harbor::sink::SinkTarget::Nats {
+                    url: sink,
+                    stream,
+                    subject_prefix: subject,
+                    duplicate_window: std::time::Duration::from_secs(duplicate_window_s),
+                }
+            } else if sink.starts_with("http://") || sink.starts_with("https://") {
+                harbor::sink::SinkTarget::Webhook { url: sink }
+            } else {
+                anyhow::bail!("--sink {sink:?}: nats://HOST:PORT or an http:// URL");
+            };
             if from != "beginning" && from != "now" {
                 anyhow::bail!("--from {from:?}: beginning or now (a checkpoint holds the cursor)");
             }
             let options = harbor::sink::SinkOptions {
                 urls,
-                nats: sink,
-                stream,
-                subject_prefix: subject,
+                target,
                 checkpoint,
                 from,
                 shards,
-                duplicate_window: std::time::Duration::from_secs(duplicate_window_s),
             };
             runtime.block_on(until_signal(|stop| {
                 harbor::sink::run_sink_command(options, stop)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{start_dev, Api};
-use harbor::sink::{run_sink, SinkOptions, SinkStats};
+use harbor::sink::{run_sink, SinkOptions, SinkStats, SinkTarget};
 use harbor_api::FeedLine;
 use tokio::sync::watch;
 
@@ -122,13 +122,15 @@ async fn the_nats_sink_stores_every_change_once_across_a_crash() {
     };
     let options = SinkOptions {
         urls: vec![madrid.clone()],
-        nats: nats.url.clone(),
-        stream: "HARBOR".into(),
-        subject_prefix: "harbor".into(),
+        target: SinkTarget::Nats {
+            url: nats.url.clone(),
+            stream: "HARBOR".into(),
+            subject_prefix: "harbor".into(),
+            duplicate_window: Duration::from_secs(120),
+        },
         checkpoint: dir.path().join("sink.cursor"),
         from: "beginning".into(),
         shards: None,
-        duplicate_window: Duration::from_secs(120),
     };
 
     // A first sink, killed mid-stream (no goodbye, no final checkpoint)
@@ -199,5 +201,100 @@ async fn the_nats_sink_stores_every_change_once_across_a_crash() {
         first.published.load(Ordering::Relaxed),
         second.published.load(Ordering::Relaxed),
         second.duplicates.load(Ordering::Relaxed)
+    );
+}
+
+/// A webhook receiver that refuses every third batch: what it kept, by
+/// position, and how many lines came twice.
+#[derive(Default)]
+struct Receiver {
+    positions: BTreeSet<String>,
+    repeats: u64,
+    batches: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_sink_delivers_every_change_through_refused_batches() {
+    use axum::routing::post;
+    use std::sync::Mutex;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = start_dev(dir.path()).await;
+    let madrid = cluster.url("madrid");
+    let api = Api::new();
+    assert_eq!(
+        api.put_issuer(&madrid, "W-1", "madrid", 1_000_000)
+            .await
+            .status,
+        201
+    );
+    for i in 0..40 {
+        let reply = api
+            .reserve(&madrid, &format!("w-{i}"), "W-1", 1, "madrid-rates")
+            .await;
+        assert_eq!(reply.status, 201);
+    }
+    let received = Arc::new(Mutex::new(Receiver::default()));
+    let app = axum::Router::new().route(
+        "/hook",
+        post({
+            let received = received.clone();
+            move |body: axum::Json<serde_json::Value>| {
+                let received = received.clone();
+                async move {
+                    let mut r = received.lock().unwrap();
+                    r.batches += 1;
+                    if r.batches % 3 == 0 {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    for line in body["lines"].as_array().unwrap() {
+                        if line["kind"] == "change" {
+                            let s = &line["source"];
+                            let id = format!("{}-{}-{}", s["shard"], s["index"], s["sub"]);
+                            if !r.positions.insert(id) {
+                                r.repeats += 1;
+                            }
+                        }
+                    }
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let options = SinkOptions {
+        urls: vec![madrid.clone()],
+        target: SinkTarget::Webhook { url: hook },
+        checkpoint: dir.path().join("hook.cursor"),
+        from: "beginning".into(),
+        shards: None,
+    };
+    let stats = Arc::new(SinkStats::default());
+    let (stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(run_sink(options, stats.clone(), stop));
+    let expected = positions(&api, &madrid).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Resolved marks keep batches coming, so some are refused.
+    let done = || {
+        let r = received.lock().unwrap();
+        r.positions.len() >= expected.len() && r.batches >= 4
+    };
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "the webhook did not get every change"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_tx.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    server.abort();
+    let r = received.lock().unwrap();
+    assert_eq!(r.positions, expected, "every change, and only those");
+    assert_eq!(
+        r.repeats, 0,
+        "a refused batch was not kept, so nothing came twice"
     );
 }
