@@ -1,9 +1,10 @@
 use std::path::PathBuf;
 
+use harbor_replication::Member;
 use harbor_replication::{Config as CoreConfig, ConfigError as CoreConfigError};
 use harbor_types::limits;
 use harbor_types::sim::Bugs;
-use harbor_types::{NodeId, ShardId};
+use harbor_types::{Generation, NodeId, ShardId};
 use harbor_wal::WalOptions;
 
 /// Limits and timings of a node's replicas. Every one is configurable; the
@@ -195,4 +196,19 @@ mod tests {
         bad.tick_interval_ms = bad.heartbeat_interval_ms + 1;
         assert!(bad.validate().is_err());
     }
+}
+
+/// One replica a node runs, as the metadata plane described its group when
+/// the node started.
+#[derive(Clone, Debug)]
+pub struct ReplicaPlan {
+    pub shard: ShardId,
+    pub members: Vec<Member>,
+    /// The group's fence (`GroupInfo::fence`), read linearizably: where the
+    /// replica starts if it finds its disk empty, so it refuses every
+    /// order older than what the metadata plane had recorded.
+    pub fence: Generation,
+    /// The fence generation has a published leader
+    /// (`GroupInfo::fence_is_led`): such a replica refuses to lead it.
+    pub fence_is_led: bool,
 }

@@ -17,8 +17,7 @@ use harbor_wal::{FileStorage, Storage, Wal, WalError};
 
 use harbor_wire::{Body, Control, Envelope, Transport};
 
-use crate::config::NodeConfig;
-use crate::node::ReplicaPlan;
+use crate::config::{NodeConfig, ReplicaPlan};
 
 pub enum ReplicaInput {
     Envelope(Envelope),

@@ -14,8 +14,8 @@ pub mod node;
 pub mod queue;
 pub mod transport;
 
-pub use config::{NodeConfig, NodeConfigError};
-pub use node::{Node, NodeStartError, ReplicaPlan};
+pub use config::{NodeConfig, NodeConfigError, ReplicaPlan};
+pub use node::{Node, NodeStartError};
 pub use transport::{
     inbox, InProcNetwork, Inbox, LateSink, LinkFaults, Sink, TcpTransport, Transport,
 };

@@ -2,10 +2,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use harbor_replication::Member;
-use harbor_types::{Generation, NodeId, Region, ShardId};
+use harbor_types::{NodeId, Region, ShardId};
 
-use crate::config::{NodeConfig, NodeConfigError};
+use crate::config::{NodeConfig, NodeConfigError, ReplicaPlan};
 use harbor_wire::{Body, Control, Envelope, ErrorKind, NodeError, Response, Sink, Transport};
 
 use crate::driver::{Driver, DriverStartError, ReplicaInput};
@@ -33,21 +32,6 @@ pub enum NodeStartError {
 struct ReplicaHandle {
     tx: queue::Sender<ReplicaInput>,
     thread: JoinHandle<()>,
-}
-
-/// One replica a node runs, as the metadata plane described its group when
-/// the node started.
-#[derive(Clone, Debug)]
-pub struct ReplicaPlan {
-    pub shard: ShardId,
-    pub members: Vec<Member>,
-    /// The group's fence (`GroupInfo::fence`), read linearizably: where the
-    /// replica starts if it finds its disk empty, so it refuses every
-    /// order older than what the metadata plane had recorded.
-    pub fence: Generation,
-    /// The fence generation has a published leader
-    /// (`GroupInfo::fence_is_led`): such a replica refuses to lead it.
-    pub fence_is_led: bool,
 }
 
 /// A host for replicas of many groups, each on a thread of its own.

@@ -72,26 +72,7 @@ pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
     let issuers: Vec<String> = (0..options.issuers)
         .map(|i| format!("CDC-{}-{i}", options.home_region.to_uppercase()))
         .collect();
-    eprintln!(
-        "registering {} issuers homed in {} ...",
-        issuers.len(),
-        options.home_region
-    );
-    for issuer in &issuers {
-        let answer = http
-            .put(format!("{writer}/v1/issuers/{issuer}"))
-            .json(&json!({"home_region": options.home_region, "limit": 9_000_000_000_000u64}))
-            .send()
-            .await
-            .with_context(|| format!("registering {issuer} through {writer}"))?;
-        if !answer.status().is_success() {
-            bail!(
-                "registering {issuer}: {} {}",
-                answer.status(),
-                answer.text().await?
-            );
-        }
-    }
+    super::register_issuers(&http, &writer, &issuers, &options.home_region).await?;
 
     // The feed, from now, on the other region's gateway.
     let seen = Arc::new(Mutex::new(Seen::default()));

@@ -83,6 +83,37 @@ pub(crate) struct Restart {
     pub start: Duration,
 }
 
+/// Registers `issuers` homed in `home_region` through `gateway`, with
+/// limits no benchmark reaches.
+pub(crate) async fn register_issuers(
+    http: &reqwest::Client,
+    gateway: &str,
+    issuers: &[String],
+    home_region: &str,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    eprintln!(
+        "registering {} issuers homed in {home_region} ...",
+        issuers.len()
+    );
+    for issuer in issuers {
+        let answer = http
+            .put(format!("{gateway}/v1/issuers/{issuer}"))
+            .json(&serde_json::json!({"home_region": home_region, "limit": 9_000_000_000_000u64}))
+            .send()
+            .await
+            .with_context(|| format!("registering {issuer} through {gateway}"))?;
+        if !answer.status().is_success() {
+            anyhow::bail!(
+                "registering {issuer}: {} {}",
+                answer.status(),
+                answer.text().await?
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Counts by error code on one line, or "no errors".
 pub(crate) fn print_errors(label: &str, errors: &BTreeMap<String, u64>) {
     if errors.is_empty() {
