@@ -161,12 +161,9 @@ impl Feed {
     /// The resolved mark every group has promised, sent or not (the last
     /// line of a feed that ends).
     pub fn resolved_now(&self) -> Option<Sent> {
-        if self.resolved.len() < self.at.0.len() {
-            return None;
-        }
-        let low = self.resolved.values().min().copied()?;
+        let resolved = self.promised()?;
         Some(Sent::Resolved {
-            resolved: low,
+            resolved,
             cursor: self.at.clone(),
         })
     }
@@ -174,18 +171,21 @@ impl Feed {
     /// A resolved mark, when every group has promised a time past the last
     /// one sent.
     pub fn resolved(&mut self) -> Option<Sent> {
-        if self.resolved.len() < self.at.0.len() {
-            return None;
-        }
-        let low = self.resolved.values().min().copied()?;
+        let low = self.promised()?;
         if self.sent_resolved.is_some_and(|sent| sent >= low) {
             return None;
         }
         self.sent_resolved = Some(low);
-        Some(Sent::Resolved {
-            resolved: low,
-            cursor: self.at.clone(),
-        })
+        self.resolved_now()
+    }
+
+    /// The time every group of the feed has promised: the oldest of their
+    /// marks, once each has given one.
+    fn promised(&self) -> Option<Timestamp> {
+        if self.resolved.len() < self.at.0.len() {
+            return None;
+        }
+        self.resolved.values().min().copied()
     }
 }
 

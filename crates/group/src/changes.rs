@@ -79,7 +79,7 @@ impl ChangeLog {
                 expired: Some(self.kept_after),
             };
         }
-        let start = self.changes.partition_point(|c| position(c) <= after);
+        let start = self.changes.partition_point(|c| c.position() <= after);
         let changes: Vec<Change> = self.changes.iter().skip(start).take(max).cloned().collect();
         let cut = self.changes.len() - start > changes.len();
         let upto = match changes.last() {
@@ -97,19 +97,12 @@ impl ChangeLog {
 
     /// Every change kept after `after`, as it is.
     pub(crate) fn kept_after(&self, after: ChangePosition) -> impl Iterator<Item = &Change> {
-        let start = self.changes.partition_point(|c| position(c) <= after);
+        let start = self.changes.partition_point(|c| c.position() <= after);
         self.changes.iter().skip(start)
     }
 
     pub(crate) fn retained_bytes(&self) -> usize {
         self.bytes
-    }
-}
-
-fn position(change: &Change) -> ChangePosition {
-    ChangePosition {
-        index: change.event.position().index,
-        sub: change.sub,
     }
 }
 
@@ -174,7 +167,7 @@ mod tests {
     }
 
     fn positions(page: &ChangesPage) -> Vec<ChangePosition> {
-        page.changes.iter().map(position).collect()
+        page.changes.iter().map(Change::position).collect()
     }
 
     #[test]

@@ -164,9 +164,6 @@ pub struct GroupCore {
     pub(crate) barrier: Option<(Generation, LogIndex)>,
     /// An `ExpireHolds` proposal not yet applied.
     expiry_pending: Option<LogIndex>,
-    /// The time of the newest applied entry (unknown after a restart until
-    /// one applies).
-    applied_at: Option<Timestamp>,
     /// The leader's last index when it last looked, and since when it has
     /// not moved: an idle leader proposes a no-op now and then, so the
     /// group's resolved time keeps advancing.
@@ -273,8 +270,7 @@ impl GroupCore {
             },
             now,
         );
-        let applied_at = machine.applied_at();
-        if let Some(at) = applied_at {
+        if let Some(at) = machine.applied_at() {
             core.observe_time(at);
         }
         Ok(GroupCore {
@@ -291,7 +287,6 @@ impl GroupCore {
             waiters: BTreeMap::new(),
             barrier: None,
             expiry_pending: None,
-            applied_at,
             idle: (LogIndex::ZERO, now.mono),
             local_reads: Vec::new(),
             failed: None,
@@ -499,7 +494,9 @@ impl GroupCore {
         if self.applied < self.core.commit_index() {
             return None;
         }
-        self.applied_at
+        // The state machine keeps it, snapshots included (unknown from a
+        // snapshot of format 1 until an entry applies).
+        self.machine.applied_at()
     }
 
     fn propose_expiry(&mut self, now: Now) {
@@ -638,8 +635,7 @@ impl GroupCore {
                 self.applied = meta.last_index;
                 self.snapshot_index = meta.last_index;
                 self.changes.restart(meta.last_index);
-                self.applied_at = self.machine.applied_at();
-                if let Some(at) = self.applied_at {
+                if let Some(at) = self.machine.applied_at() {
                     self.core.observe_time(at);
                 }
             }
@@ -722,7 +718,6 @@ impl GroupCore {
             };
             let mut applied = self.machine.apply(&ctx, &command);
             self.applied = index;
-            self.applied_at = Some(entry.at);
             self.changes.push(std::mem::take(&mut applied.events));
             if self.expiry_pending == Some(index) {
                 self.expiry_pending = None;

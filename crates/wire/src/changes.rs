@@ -45,6 +45,14 @@ pub struct Change {
 }
 
 impl Change {
+    /// Where the change is in its group's stream.
+    pub fn position(&self) -> ChangePosition {
+        ChangePosition {
+            index: self.event.position().index,
+            sub: self.sub,
+        }
+    }
+
     /// Where a feed stands once it delivered this change.
     pub fn cursor(&self) -> ChangePosition {
         let index = self.event.position().index;

@@ -116,7 +116,7 @@ impl World {
                     let session = sim.sessions.last_mut().unwrap();
                     for sent in sent {
                         if let Sent::Change { shard, change, .. } = sent {
-                            let position = position(&change);
+                            let position = change.position();
                             session
                                 .received
                                 .push(Received::Change(shard, position, change));
@@ -261,7 +261,7 @@ fn add_truth(
     change: &Change,
     from: &str,
 ) -> Option<String> {
-    let at = position(change);
+    let at = change.position();
     match truth.entry(shard).or_default().entry(at) {
         MapEntry::Vacant(v) => {
             v.insert(change.clone());
@@ -272,12 +272,5 @@ fn add_truth(
             o.get()
         )),
         MapEntry::Occupied(_) => None,
-    }
-}
-
-fn position(change: &Change) -> ChangePosition {
-    ChangePosition {
-        index: change.event.position().index,
-        sub: change.sub,
     }
 }
