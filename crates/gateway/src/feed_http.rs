@@ -34,7 +34,7 @@ use harbor_wire::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::changefeed::{Expired, Feed, FeedCursor, Sent};
+use harbor_cdc::feed::{Expired, Feed, FeedCursor, Sent};
 use crate::error::ApiError;
 use crate::local::Local;
 use crate::router::Gateway;

@@ -13,7 +13,6 @@ mod api;
 mod batch;
 mod body;
 pub mod call;
-pub mod changefeed;
 mod cluster;
 pub mod endpoint;
 mod error;

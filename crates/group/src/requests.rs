@@ -10,11 +10,12 @@
 //!   lease and the leader's first entry applied.
 
 use harbor_replication::ProposeError;
+use harbor_reservation::ScanKey;
 use harbor_types::limits::CHANGES_PAGE_MAX;
 use harbor_types::sim::probe;
 use harbor_types::{Generation, NodeId, Now, ShardId};
 use harbor_wire::{
-    Change, ChangePosition, ChangesPage, ErrorKind, GroupStatus, NodeError, Query, QueryResult,
+    Change, ChangePosition, ChangesPage, ErrorKind, GroupStatus, NodeError, Query, QueryResult, ScanPage,
     Request, Response,
 };
 
@@ -258,6 +259,7 @@ impl GroupCore {
             Query::Changes { after, max } => {
                 QueryResult::Changes(self.changes(after, max as usize))
             }
+            Query::Scan { after, max } => QueryResult::Scan(self.scan(after.as_ref(), max as usize)),
         }
     }
 }
@@ -278,6 +280,15 @@ impl GroupCore {
             page.changes.remove(0);
         }
         page
+    }
+
+    /// A page of this replica's state after `after`, at most `max` rows
+    /// (and at most `CHANGES_PAGE_MAX`), at the position it had applied.
+    pub fn scan(&self, after: Option<&ScanKey>, max: usize) -> ScanPage {
+        ScanPage {
+            rows: self.machine.scan(after, max.clamp(1, CHANGES_PAGE_MAX)),
+            at: ChangePosition::entry_end(self.applied),
+        }
     }
 
     /// Every change this replica keeps after `after`, as it is, whatever

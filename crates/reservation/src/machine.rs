@@ -117,6 +117,29 @@ impl Issuer {
     }
 }
 
+/// Where a scan of a group's state stands: after an issuer's row (`seq`
+/// 0) or after one of its reservations.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ScanKey {
+    pub issuer_id: IssuerId,
+    pub seq: u64,
+}
+
+impl ScanKey {
+    pub fn issuer(issuer_id: IssuerId) -> ScanKey {
+        ScanKey { issuer_id, seq: 0 }
+    }
+}
+
+/// A page of [`StateMachine::scan`]. `next` is where the following page
+/// starts; `None` once the state is read to its end.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanRows {
+    pub issuers: Vec<IssuerView>,
+    pub reservations: Vec<ReservationView>,
+    pub next: Option<ScanKey>,
+}
+
 /// The reservation state machine of one replica group. Every replica applies
 /// the same committed entries in log order and so holds the same state:
 /// apply is a pure function of (state, entry), with no clock, randomness or
@@ -782,6 +805,49 @@ impl StateMachine {
         self.holds_by_expiry
             .first()
             .map(|(expires_at_ms, _)| *expires_at_ms)
+    }
+
+    /// A page of the whole state, issuer by issuer (each issuer's row, then
+    /// its reservations by seq), after `after` and at most `max` rows: what
+    /// a change feed's initial scan and a projection's rebuild read.
+    pub fn scan(&self, after: Option<&ScanKey>, max: usize) -> ScanRows {
+        let mut rows = ScanRows::default();
+        let mut taken = 0;
+        let issuers = match after {
+            Some(key) => self
+                .issuers
+                .range::<IssuerId, _>((std::ops::Bound::Included(&key.issuer_id), std::ops::Bound::Unbounded)),
+            None => self.issuers.range::<IssuerId, _>(..),
+        };
+        for (issuer_id, issuer) in issuers {
+            let from = match after {
+                Some(key) if key.issuer_id == *issuer_id => key.seq,
+                _ => {
+                    if taken == max {
+                        break;
+                    }
+                    rows.issuers.push(issuer_view(issuer_id, issuer));
+                    taken += 1;
+                    rows.next = Some(ScanKey::issuer(issuer_id.clone()));
+                    0
+                }
+            };
+            for (seq, r) in issuer.reservations.range(from + 1..) {
+                if taken == max {
+                    return rows;
+                }
+                rows.reservations.push(reservation_view(issuer_id, *seq, r));
+                taken += 1;
+                rows.next = Some(ScanKey {
+                    issuer_id: issuer_id.clone(),
+                    seq: *seq,
+                });
+            }
+        }
+        if taken < max {
+            rows.next = None;
+        }
+        rows
     }
 
     /// Encode the whole state: a format byte, then postcard. Deterministic:

@@ -38,6 +38,7 @@ mod clients;
 mod control;
 mod faults;
 mod feeds;
+mod projections;
 mod network;
 
 use control::control_config;
@@ -98,6 +99,12 @@ pub struct SimStats {
     pub feed_expired: u64,
     /// Resolved marks the feed sent.
     pub feed_resolved: u64,
+    /// Projection crashes (it is rebuilt from a scan of every group).
+    pub projection_rebuilds: u64,
+    /// Groups the projection scanned again after its position expired.
+    pub projection_rescans: u64,
+    /// Scan pages refused for standing before their scan's first page.
+    pub projection_stale_scan_pages: u64,
     /// Batches of reserves answered with their outcomes.
     pub batches: u64,
     pub partitions: u64,
@@ -205,6 +212,7 @@ enum Event {
     Control,
     /// The change-feed consumer asks for more.
     FeedPoll,
+    ProjectionPoll,
     Liveness,
 }
 
@@ -392,6 +400,8 @@ struct World {
     tracing: bool,
     /// The change-feed consumer (taken out while it runs).
     feed: Option<feeds::SimFeed>,
+    /// The projection (taken out while it runs).
+    projection: Option<projections::SimProjection>,
 }
 
 const TICK_MS: u64 = 10;
@@ -547,6 +557,7 @@ impl World {
             local_replicas: BTreeMap::new(),
             tracing: std::env::var_os("HARBOR_SIM_TRACE").is_some(),
             feed: None,
+            projection: None,
         };
         world.call_limits = CallLimits {
             request_timeout_ms: world.options.client_timeout_ms,
@@ -620,6 +631,7 @@ impl World {
         self.setup_issuers();
         self.setting_up = false;
         self.start_feed();
+        self.start_projection();
         for i in 0..self.clients.len() {
             self.schedule(self.now + 1, Event::ClientStep(i));
         }
@@ -690,6 +702,7 @@ impl World {
             }
             Event::Control => self.control(),
             Event::FeedPoll => self.feed_poll(),
+            Event::ProjectionPoll => self.projection_poll(),
             Event::Liveness => self.start_liveness(),
         }
     }

@@ -36,11 +36,17 @@ pub struct Bugs {
     /// A replica's change-feed answer leaves out the first change after
     /// the asked position.
     pub feed_skips_change: bool,
+    /// A projection's watermark is the newest of its groups' resolved
+    /// marks instead of the oldest.
+    pub projection_watermark_early: bool,
+    /// A projection counts a commit token as included once its tail
+    /// reached the token's entry, before every change of that entry.
+    pub projection_includes_by_index: bool,
 }
 
 impl Bugs {
     /// The names `harbor verify sim --bug NAME` accepts.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 11] = [
         "commit-without-follower-ack",
         "accept-old-generation",
         "apply-token-twice",
@@ -50,6 +56,8 @@ impl Bugs {
         "directory-from-copy",
         "resolved-from-lease",
         "feed-skips-change",
+        "projection-watermark-early",
+        "projection-includes-by-index",
     ];
 
     pub fn none() -> Bugs {
@@ -69,6 +77,8 @@ impl Bugs {
             "directory-from-copy" => bugs.directory_from_copy = true,
             "resolved-from-lease" => bugs.resolved_from_lease = true,
             "feed-skips-change" => bugs.feed_skips_change = true,
+            "projection-watermark-early" => bugs.projection_watermark_early = true,
+            "projection-includes-by-index" => bugs.projection_includes_by_index = true,
             other => {
                 return Err(format!(
                     "unknown bug {other:?}; known: {}",
@@ -82,7 +92,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 35] = [
+pub const PROBES: [&str; 37] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -118,6 +128,8 @@ pub const PROBES: [&str; 35] = [
     "gateway.call_resent",
     "gateway.call_followed_the_map",
     "gateway.call_refusal_after_an_attempt_in_doubt",
+    "projection.rescanned_after_expiry",
+    "projection.stale_scan_page_refused",
 ];
 
 thread_local! {

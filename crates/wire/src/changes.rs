@@ -7,7 +7,7 @@
 //! apply, so every replica of a group yields the same changes at the same
 //! positions: a feed may read from any of them and resume on another.
 
-use harbor_reservation::Event;
+use harbor_reservation::{Event, ScanRows};
 use harbor_types::{LogIndex, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -85,4 +85,15 @@ pub struct ChangesPage {
     /// nothing is returned, and this is the oldest position it can continue
     /// from.
     pub expired: Option<ChangePosition>,
+}
+
+/// A replica's answer to `Query::Scan`: a page of its state as it stood
+/// once it had applied up to `at`. Pages of one scan may stand at
+/// different positions; a reader applies a later change to a scanned row
+/// only if the change is after the row's page (see `harbor_cdc`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanPage {
+    pub rows: ScanRows,
+    /// The end of the last entry the replica had applied.
+    pub at: ChangePosition,
 }

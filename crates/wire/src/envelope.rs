@@ -4,9 +4,9 @@
 
 use harbor_replication::{Message, ReplicaStatus, Role};
 
-use crate::changes::{ChangePosition, ChangesPage};
+use crate::changes::{ChangePosition, ChangesPage, ScanPage};
 use crate::error::NodeError;
-use harbor_reservation::{Command, IssuerView, Outcome, ReservationView, TokenView};
+use harbor_reservation::{Command, IssuerView, Outcome, ReservationView, ScanKey, TokenView};
 use harbor_types::{
     CommitToken, Generation, IssuerId, LogIndex, NodeId, ReservationId, ReservationToken, ShardId,
 };
@@ -123,6 +123,12 @@ pub enum Query {
         after: ChangePosition,
         max: u32,
     },
+    /// A page of the group's whole state after `after`, at most `max`
+    /// rows (initial scans).
+    Scan {
+        after: Option<ScanKey>,
+        max: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -134,6 +140,7 @@ pub enum QueryResult {
     Tokens(Vec<TokenView>),
     Status(GroupStatus),
     Changes(ChangesPage),
+    Scan(ScanPage),
 }
 
 /// How and where an answer was produced.

@@ -8,7 +8,7 @@ pub mod envelope;
 pub mod error;
 pub mod transport;
 
-pub use changes::{Change, ChangePosition, ChangesPage};
+pub use changes::{Change, ChangePosition, ChangesPage, ScanPage};
 pub use envelope::{
     Body, Control, Envelope, Freshness, GroupStatus, Query, QueryResult, Request, Response, Served,
 };

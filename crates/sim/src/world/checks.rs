@@ -74,6 +74,7 @@ impl World {
     /// of a group hold identical state, and each issuer's final state goes
     /// into the history.
     pub(super) fn finish(&mut self) {
+        self.check_projection();
         self.check_feed();
         for (shard, group) in &self.groups {
             let mut reference: Option<(NodeId, Vec<u8>)> = None;

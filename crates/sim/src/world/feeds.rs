@@ -12,7 +12,7 @@
 use std::collections::btree_map::Entry as MapEntry;
 use std::ops::Bound::{Excluded, Included, Unbounded};
 
-use harbor_gateway::changefeed::{Feed, FeedCursor, Sent};
+use harbor_cdc::feed::{Feed, FeedCursor, Sent};
 use harbor_types::Timestamp;
 use harbor_wire::{Change, ChangePosition};
 
@@ -57,6 +57,11 @@ impl SimFeed {
                 end: start,
             }],
         }
+    }
+
+    /// Every change any replica held, by group and position.
+    pub(super) fn truth(&self) -> &BTreeMap<ShardId, BTreeMap<ChangePosition, Change>> {
+        &self.truth
     }
 
     fn resume(&mut self, from: FeedCursor) {
@@ -173,7 +178,7 @@ impl World {
 
     /// What every replica holds past what the reference has: changes are
     /// evicted, so the reference is gathered as the run goes.
-    fn gather_truth(&mut self, sim: &mut SimFeed) {
+    pub(super) fn gather_truth(&mut self, sim: &mut SimFeed) {
         for (shard, group) in &self.groups {
             for member in &group.members {
                 let Some(driver) = self.nodes[member].replicas.get(shard) else {

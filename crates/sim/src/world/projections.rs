@@ -1,0 +1,190 @@
+//! A projection on every seed: `harbor_cdc`'s [`Projection`] scanning
+//! and tailing the groups from replicas picked at random (whatever their
+//! role, up to date or not), in small pages, through expired positions
+//! (a rescan) and crashes (a rebuild from nothing). At random polls and at
+//! the end it is checked against every change the replicas held (the
+//! change feed's reference):
+//!
+//! - every change at or before the projection's position in its group is
+//!   in (its row was written by it or by something later), and a row a
+//!   change wrote holds what that change carried;
+//! - every change with a time at or before the watermark is in;
+//! - a commit token the projection says it includes has every change of
+//!   its entry in.
+
+use harbor_cdc::projection::{Next, Projection};
+use harbor_reservation::Event as Change;
+use harbor_wire::ChangePosition;
+
+use super::*;
+
+/// How often the projection asks for more.
+const PROJECTION_POLL_MS: (u64, u64) = (10, 80);
+
+pub(super) struct SimProjection {
+    projection: Projection,
+}
+
+impl World {
+    pub(super) fn start_projection(&mut self) {
+        self.projection = Some(SimProjection {
+            projection: Projection::new(self.groups.keys().copied(), self.node_config.bugs),
+        });
+        let at = self.now + self.rng.range(PROJECTION_POLL_MS.0, PROJECTION_POLL_MS.1);
+        self.schedule(at, Event::ProjectionPoll);
+    }
+
+    /// One round: a page of every group from a replica picked at random.
+    pub(super) fn projection_poll(&mut self) {
+        let Some(mut sim) = self.projection.take() else {
+            return;
+        };
+        if self.safety && self.rng.chance(1) {
+            // The projection's process crashed: it is rebuilt from nothing.
+            self.stats.projection_rebuilds += 1;
+            self.trace(|| "projection rebuilt from nothing".to_string());
+            sim.projection = Projection::new(self.groups.keys().copied(), self.node_config.bugs);
+        }
+        for shard in sim.projection.shards() {
+            let members = self.groups[&shard].members.clone();
+            let node = self.rng.pick(&members).clone();
+            let Some(driver) = self.nodes[&node].replicas.get(&shard) else {
+                continue;
+            };
+            if !self.nodes[&node].up || self.nodes[&node].paused_until > self.now {
+                continue;
+            }
+            let max = self.rng.range(1, 8) as usize;
+            match sim.projection.next(shard) {
+                Next::Scan(after) => {
+                    let page = driver.group().scan(after.as_ref(), max);
+                    self.trace(|| format!("projection: {shard} scan page after {after:?} from {node} at {:?}, next {:?}", page.at, page.rows.next));
+                    if let Err(stale) = sim.projection.take_scan(shard, page) {
+                        self.stats.projection_stale_scan_pages += 1;
+                        self.trace(|| format!("projection: {stale:?} from {node}"));
+                    }
+                }
+                Next::Changes(after) => {
+                    let page = driver.group().changes(after, max);
+                    if let Err(expired) = sim.projection.take_changes(shard, page) {
+                        self.stats.projection_rescans += 1;
+                        self.trace(|| format!("projection: {expired:?} at {node}, rescanning"));
+                        sim.projection.rescan(expired);
+                    }
+                }
+            }
+        }
+        self.projection = Some(sim);
+        if self.rng.chance(10) {
+            self.check_projection();
+        }
+        let at = self.now + self.rng.range(PROJECTION_POLL_MS.0, PROJECTION_POLL_MS.1);
+        self.schedule(at, Event::ProjectionPoll);
+    }
+
+    /// The projection's promises, against every change the replicas held.
+    pub(super) fn check_projection(&mut self) {
+        let (Some(sim), Some(mut feed)) = (self.projection.take(), self.feed.take()) else {
+            return;
+        };
+        self.gather_truth(&mut feed);
+        let projection = &sim.projection;
+        let positions = projection.positions();
+        let watermark = projection.watermark();
+        let mut violations = Vec::new();
+        for (shard, stream) in feed.truth() {
+            let Some(position) = positions.get(shard) else {
+                continue;
+            };
+            for (at, change) in stream {
+                let within = at <= position;
+                let resolved = watermark.is_some_and(|w| change.event.at() <= w);
+                let included = projection.includes(&change.event.position());
+                if !(within || resolved || included) {
+                    continue;
+                }
+                if let Some(missing) = missing(projection, &change.event, *at, *position) {
+                    let why = if within {
+                        format!("it is at or before the projection's position {position:?}")
+                    } else if resolved {
+                        format!(
+                            "its time {:?} is at or before the watermark {watermark:?}",
+                            change.event.at()
+                        )
+                    } else {
+                        format!(
+                            "the projection says it includes {}",
+                            change.event.position()
+                        )
+                    };
+                    violations.push(format!(
+                        "projection: {shard}'s change at {at:?} is missing ({missing}), yet {why} (scanning: {})",
+                        projection.scanning(*shard)
+                    ));
+                    break;
+                }
+            }
+        }
+        // A row a change wrote holds what the change carried.
+        for row in projection.rows() {
+            if row.version.sub == u32::MAX {
+                continue; // written by a scan page
+            }
+            let Some(change) = feed.truth().get(&row.shard).and_then(|s| s.get(&row.version)) else {
+                continue;
+            };
+            let carried = match &change.event {
+                Change::ReservationCreated { reservation, .. }
+                | Change::ReservationConfirmed { reservation, .. }
+                | Change::ReservationReleased { reservation, .. }
+                | Change::ReservationExpired { reservation, .. } => Some(reservation),
+                _ => None,
+            };
+            if carried != Some(&row.reservation) {
+                violations.push(format!(
+                    "projection: {} holds {:?}, but the change at {:?} that wrote it carried {carried:?}",
+                    row.reservation.reservation_id, row.reservation, row.version
+                ));
+            }
+        }
+        self.violations.extend(violations.into_iter().take(3));
+        self.projection = Some(sim);
+        self.feed = Some(feed);
+    }
+}
+
+/// What of `change` (at `at` of a group the projection tails at
+/// `position`) the projection lacks, if anything.
+fn missing(
+    projection: &Projection,
+    change: &Change,
+    at: ChangePosition,
+    position: ChangePosition,
+) -> Option<String> {
+    let row_version = match change {
+        Change::ReservationCreated { reservation, .. }
+        | Change::ReservationConfirmed { reservation, .. }
+        | Change::ReservationReleased { reservation, .. }
+        | Change::ReservationExpired { reservation, .. } => {
+            let Some(row) = projection.row(&reservation.reservation_id) else {
+                return Some(format!("no row for {}", reservation.reservation_id));
+            };
+            if row.version < at {
+                return Some(format!(
+                    "{} stands at {:?}",
+                    reservation.reservation_id, row.version
+                ));
+            }
+            row.version
+        }
+        Change::IssuerRegistered { issuer_id, .. } | Change::LimitChanged { issuer_id, .. } => {
+            let Some(row) = projection.issuer(issuer_id) else {
+                return Some(format!("no row for issuer {issuer_id}"));
+            };
+            row.version
+        }
+        // Nothing in the view; only the position says it was taken.
+        Change::ReservationRejected { .. } | Change::TokenAbandoned { .. } => position,
+    };
+    (row_version < at).then(|| format!("the row stands at {row_version:?}"))
+}
