@@ -459,6 +459,7 @@ pub enum ErrorCode {
     InvalidGroup,
     InvalidCursor,
     CursorExpired,
+    NotYetVisible,
     IssuerRequired,
     NotFound,
     UnknownIssuer,
@@ -497,7 +498,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 45] = [
+    pub const ALL: [ErrorCode; 46] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidBody,
         ErrorCode::BodyTooLarge,
@@ -511,6 +512,7 @@ impl ErrorCode {
         ErrorCode::InvalidGroup,
         ErrorCode::InvalidCursor,
         ErrorCode::CursorExpired,
+        ErrorCode::NotYetVisible,
         ErrorCode::IssuerRequired,
         ErrorCode::NotFound,
         ErrorCode::UnknownIssuer,
@@ -560,6 +562,7 @@ impl ErrorCode {
             ErrorCode::InvalidGroup => "invalid_group",
             ErrorCode::InvalidCursor => "invalid_cursor",
             ErrorCode::CursorExpired => "cursor_expired",
+            ErrorCode::NotYetVisible => "not_yet_visible",
             ErrorCode::IssuerRequired => "issuer_required",
             ErrorCode::NotFound => "not_found",
             ErrorCode::UnknownIssuer => "unknown_issuer",
@@ -723,6 +726,62 @@ pub struct ChangeKey {
 pub struct ResolvedLine {
     pub cursor: String,
     pub resolved: HlcTime,
+}
+
+/// How complete a projection's answer is. Every answer of a projection
+/// (search, reports, the customer view) carries these fields.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectionServed {
+    /// `projection`.
+    pub served_by: String,
+    /// The region whose gateway built the projection from its local
+    /// replicas.
+    pub region: String,
+    /// Every change with a time at or before this is in the answer; `null`
+    /// while the projection is still being built.
+    pub watermark: Option<HlcTime>,
+    /// Now minus the watermark; `null` with it.
+    pub lag_ms: Option<u64>,
+    /// The lag is over `max_lag_ms` (or unknown).
+    pub stale: bool,
+    /// The endpoint's budget (or the request's own `max_lag_ms`).
+    pub max_lag_ms: u64,
+}
+
+/// `GET /v1/search/reservations`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchAnswer {
+    /// Newest first.
+    pub reservations: Vec<Reservation>,
+    /// More match: send it back as `cursor` for the next page.
+    pub next_cursor: Option<String>,
+    #[serde(flatten)]
+    pub served: ProjectionServed,
+}
+
+/// `GET /v1/reports/exposure`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposureReport {
+    pub group_by: String,
+    pub lines: Vec<ExposureLine>,
+    #[serde(flatten)]
+    pub served: ProjectionServed,
+}
+
+/// One line of the exposure report: held and confirmed reservations of
+/// one desk, home region or issuer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposureLine {
+    pub key: String,
+    /// Held plus confirmed.
+    pub reserved: u64,
+    pub held: u64,
+    pub confirmed: u64,
+    pub held_count: u64,
+    pub confirmed_count: u64,
+    /// The issuer's limit (`group_by=issuer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //!   end of its entry: every change of that entry is in.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use harbor_reservation::{Event, IssuerView, ReservationView, ScanKey, Status};
 use harbor_types::sim::{probe, Bugs};
@@ -373,19 +374,43 @@ impl Projection {
         self.rows.insert(id, row);
     }
 
-    /// Reservations that match `search`, newest first.
+    /// Reservations that match `search`, newest first. With an issuer,
+    /// only that issuer's rows are looked at; otherwise rows are walked
+    /// from the newest until a page is full.
     pub fn search(&self, search: &Search) -> SearchPage {
         let words: Vec<String> = search.text.as_deref().map(words).unwrap_or_default();
-        let mut page = SearchPage::default();
         let upper = match &search.before {
-            Some(before) => std::ops::Bound::Excluded((before.created_at, before.reservation_id.clone())),
-            None => std::ops::Bound::Unbounded,
+            Some(before) => Bound::Excluded((before.created_at, before.reservation_id.clone())),
+            None => Bound::Unbounded,
         };
-        for (_, id) in self
-            .by_created
-            .range((std::ops::Bound::Unbounded, upper))
-            .rev()
-        {
+        let issuer_rows: Vec<(Timestamp, &ReservationId)>;
+        let candidates: Box<dyn Iterator<Item = (Timestamp, &ReservationId)>> =
+            match &search.issuer_id {
+                Some(issuer) => {
+                    let first = ReservationId::new(issuer.clone(), 1);
+                    let last = ReservationId::new(issuer.clone(), u64::MAX);
+                    let mut rows: Vec<(Timestamp, &ReservationId)> = self
+                        .rows
+                        .range(first..=last)
+                        .map(|(id, row)| (row.reservation.created_at, id))
+                        .filter(|(at, id)| match &upper {
+                            Bound::Excluded((t, before)) => (*at, *id) < (*t, before),
+                            _ => true,
+                        })
+                        .collect();
+                    rows.sort_unstable();
+                    issuer_rows = rows;
+                    Box::new(issuer_rows.iter().rev().copied())
+                }
+                None => Box::new(
+                    self.by_created
+                        .range((Bound::Unbounded, upper.clone()))
+                        .rev()
+                        .map(|(at, id)| (*at, id)),
+                ),
+            };
+        let mut page = SearchPage::default();
+        for (_, id) in candidates {
             let r = &self.rows[id].reservation;
             if !search.matches(r, &words) {
                 continue;
@@ -854,6 +879,20 @@ mod tests {
         let second = projection.search(&search);
         let ids: Vec<String> = second.rows.iter().map(|r| r.reservation_id.to_string()).collect();
         assert_eq!(ids, ["acme:r3", "acme:r1"]);
+        assert_eq!(second.next, None);
+        // One issuer's rows, paged the same way.
+        let mut acme = Search {
+            issuer_id: Some(IssuerId::new("acme").unwrap()),
+            limit: 3,
+            ..Search::default()
+        };
+        let first = projection.search(&acme);
+        let ids: Vec<String> = first.rows.iter().map(|r| r.reservation_id.to_string()).collect();
+        assert_eq!(ids, ["acme:r5", "acme:r4", "acme:r3"]);
+        acme.before = first.next;
+        let second = projection.search(&acme);
+        let ids: Vec<String> = second.rows.iter().map(|r| r.reservation_id.to_string()).collect();
+        assert_eq!(ids, ["acme:r2", "acme:r1"]);
         assert_eq!(second.next, None);
         let held = projection.search(&Search {
             status: Some(Status::Confirmed),

@@ -316,7 +316,7 @@ impl Gateway {
     /// that has it: one in this region, then the leader, then the others.
     /// `None` when none answered (the feed waits; its resolved mark does
     /// not move past this group).
-    async fn changes_after(
+    pub(crate) async fn changes_after(
         &self,
         shard: ShardId,
         after: ChangePosition,

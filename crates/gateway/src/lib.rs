@@ -19,6 +19,8 @@ mod error;
 mod feed_http;
 pub mod local;
 mod metrics;
+mod projection_http;
+mod projections;
 pub mod reads;
 mod router;
 mod routes;

@@ -36,6 +36,16 @@ struct FollowerLabels {
     local: bool,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProjectionLabels {
+    projection: &'static str,
+}
+
+/// The gateway's one projection (search, reports) is named this in metrics.
+const PROJECTION: ProjectionLabels = ProjectionLabels {
+    projection: "reservations",
+};
+
 pub struct Metrics {
     registry: Registry,
     reads: Family<ReadLabels, Counter>,
@@ -48,6 +58,10 @@ pub struct Metrics {
     feeds_open: Gauge,
     feed_changes: Counter,
     feed_resolved_lag_ms: Gauge,
+    projection_lag_ms: Family<ProjectionLabels, Gauge>,
+    projection_changes: Family<ProjectionLabels, Counter>,
+    projection_scanned_rows: Family<ProjectionLabels, Counter>,
+    projection_rescans: Family<ProjectionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -115,8 +129,38 @@ impl Default for Metrics {
              when it was sent",
             feed_resolved_lag_ms.clone(),
         );
+        let projection_lag_ms = Family::default();
+        registry.register(
+            "projection_lag_ms",
+            "Now minus the projection's watermark (every change at or before the watermark is in)",
+            projection_lag_ms.clone(),
+        );
+        let projection_changes = Family::default();
+        registry.register(
+            "projection_changes",
+            "Changes the projection applied from the groups' change streams",
+            projection_changes.clone(),
+        );
+        let projection_scanned_rows = Family::default();
+        registry.register(
+            "projection_scanned_rows",
+            "Rows the projection read from scans of the groups' state (at start, a rebuild, or \
+             after a group's stream expired)",
+            projection_scanned_rows.clone(),
+        );
+        let projection_rescans = Family::default();
+        registry.register(
+            "projection_rescans",
+            "Groups scanned again because their change stream no longer reached back to the \
+             projection's position",
+            projection_rescans.clone(),
+        );
         Metrics {
             registry,
+            projection_lag_ms,
+            projection_changes,
+            projection_scanned_rows,
+            projection_rescans,
             changes_retained_bytes,
             feeds_open,
             feed_changes,
@@ -165,6 +209,28 @@ impl Metrics {
 
     pub(crate) fn feed_resolved(&self, lag_ms: i64) {
         self.feed_resolved_lag_ms.set(lag_ms);
+    }
+
+    pub(crate) fn projection_lag(&self, lag_ms: u64) {
+        self.projection_lag_ms
+            .get_or_create(&PROJECTION)
+            .set(lag_ms as i64);
+    }
+
+    pub(crate) fn projection_applied(&self, changes: u64) {
+        self.projection_changes
+            .get_or_create(&PROJECTION)
+            .inc_by(changes);
+    }
+
+    pub(crate) fn projection_scanned(&self, rows: u64) {
+        self.projection_scanned_rows
+            .get_or_create(&PROJECTION)
+            .inc_by(rows);
+    }
+
+    pub(crate) fn projection_rescanned(&self) {
+        self.projection_rescans.get_or_create(&PROJECTION).inc();
     }
 }
 

@@ -31,6 +31,12 @@ pub struct GatewayConfig {
     /// A local replica that did not answer a read is skipped this long, so
     /// a crashed one does not cost every read `local_read_timeout_ms`.
     pub silent_replica_skip_ms: u64,
+    /// How often the projection asks each group for more when its last
+    /// round brought nothing.
+    pub projection_poll_ms: u64,
+    /// Whether this gateway keeps a projection (search, reports); without
+    /// one those endpoints answer 503.
+    pub projections: bool,
 }
 
 impl Default for GatewayConfig {
@@ -42,6 +48,8 @@ impl Default for GatewayConfig {
             batch_body_bytes_max: limits::BATCH_BODY_BYTES_MAX,
             local_read_timeout_ms: limits::LOCAL_READ_TIMEOUT_MS,
             silent_replica_skip_ms: limits::SILENT_REPLICA_SKIP_MS,
+            projection_poll_ms: limits::PROJECTION_POLL_MS,
+            projections: true,
         }
     }
 }
@@ -63,6 +71,7 @@ impl GatewayConfig {
                 "local_read_timeout_ms < call.request_timeout_ms",
                 self.local_read_timeout_ms < self.call.request_timeout_ms,
             ),
+            ("projection_poll_ms > 0", self.projection_poll_ms > 0),
         ];
         match rules.iter().find(|(_, holds)| !holds) {
             Some((rule, _)) => Err(GatewayConfigError { rule }),
@@ -91,6 +100,8 @@ pub struct Gateway {
     pub(crate) local_replicas: Mutex<LocalReplicas<std::time::Instant>>,
     /// The origin of this gateway's monotonic clock.
     started: tokio::time::Instant,
+    /// This region's projection (fed once [`Gateway::run_projection`] ran).
+    pub(crate) projections: crate::projections::Projections,
 }
 
 impl Gateway {
@@ -108,13 +119,14 @@ impl Gateway {
         Ok(Arc::new(Gateway {
             me,
             region,
-            meta,
             config,
             endpoint,
             admin: OnceLock::new(),
             metrics: crate::metrics::Metrics::default(),
             local_replicas: Mutex::new(LocalReplicas::default()),
             started: tokio::time::Instant::now(),
+            projections: crate::projections::Projections::new(meta.map().groups.keys().copied()),
+            meta,
         }))
     }
 

@@ -14,6 +14,7 @@ use crate::api::{
 use crate::batch::reserve_batch;
 use crate::cluster::{cluster, fault, metrics, transfer_leader};
 use crate::feed_http::changefeed;
+use crate::projection_http::{exposure, rebuild, search};
 use crate::router::Gateway;
 
 /// The gateway's routes.
@@ -40,6 +41,9 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
             post(resolve_token),
         )
         .route("/v1/changefeed", get(changefeed))
+        .route("/v1/search/reservations", get(search))
+        .route("/v1/reports/exposure", get(exposure))
+        .route("/v1/admin/projections/{name}/rebuild", post(rebuild))
         .route("/v1/admin/cluster", get(cluster))
         .route(
             "/v1/admin/groups/{group}/transfer-leader",

@@ -636,6 +636,7 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         let http = tokio::net::TcpListener::bind(g.http)
             .await
             .with_context(|| format!("binding the {region} gateway to {}", g.http))?;
+        gateway.run_projection();
         let app = harbor_gateway::routes(gateway);
         let mut stopped = stop.clone();
         server = Some(tokio::spawn(async move {

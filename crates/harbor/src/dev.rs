@@ -264,6 +264,7 @@ impl DevCluster {
                     format!("binding the {region} gateway to {}:{port}", options.bind)
                 })?;
             let addr = listener.local_addr()?;
+            gateway.run_projection();
             let app = harbor_gateway::routes(gateway.clone());
             let mut stopped = stopped.clone();
             let server = tokio::spawn(async move {

@@ -235,6 +235,10 @@ enum Bench {
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Start the dev cluster's gateways without projections, to
+        /// measure what they cost (no search is probed).
+        #[arg(long)]
+        without_projections: bool,
     },
 }
 
@@ -412,6 +416,7 @@ fn main() -> anyhow::Result<()> {
                     batch,
                     seconds,
                     json,
+                    without_projections,
                 }),
             ..
         } => runtime.block_on(harbor::bench::cdc::cdc(harbor::bench::cdc::CdcOptions {
@@ -423,6 +428,7 @@ fn main() -> anyhow::Result<()> {
             batch,
             seconds,
             json,
+            without_projections,
         })),
         Command::Verify { what } => {
             drop(runtime);

@@ -137,6 +137,26 @@ pub const CHANGEFEED_RESOLVED_MS_DEFAULT: u64 = 1_000;
 pub const CHANGEFEED_RESOLVED_MS_MIN: u64 = 10;
 pub const CHANGEFEED_RESOLVED_MS_MAX: u64 = 60_000;
 
+// ----- Projections -------------------------------------------------------------------
+
+/// How often a gateway's projection asks each group for what is new when
+/// the last round brought nothing.
+pub const PROJECTION_POLL_MS: u64 = 50;
+/// The lag over which a search answer says `stale` (seed 004's cabin
+/// search: bounded staleness, 2 s), unless the request names its own.
+pub const SEARCH_MAX_LAG_MS_DEFAULT: u64 = 2_000;
+/// The same for reports (dashboards are refreshed, not raced).
+pub const REPORT_MAX_LAG_MS_DEFAULT: u64 = 5_000;
+/// How long a projection read waits for the commit tokens it names
+/// (`min_as_of`, `after`), unless the request names its own `wait_ms`.
+pub const PROJECTION_WAIT_MS_DEFAULT: u64 = 5_000;
+pub const PROJECTION_WAIT_MS_MAX: u64 = 30_000;
+/// Commit tokens one projection read may wait for.
+pub const PROJECTION_WAIT_TOKENS_MAX: usize = 64;
+/// Rows of a search page.
+pub const SEARCH_LIMIT_DEFAULT: usize = 50;
+pub const SEARCH_LIMIT_MAX: usize = 1_000;
+
 // ----- The control loop --------------------------------------------------------------
 
 /// How often the control loop looks at every group.

@@ -32,6 +32,9 @@ pub struct CdcOptions {
     pub batch: usize,
     pub seconds: u64,
     pub json: Option<PathBuf>,
+    /// Run the dev cluster's gateways without their projections (to
+    /// measure what the projections cost); no search is probed.
+    pub without_projections: bool,
 }
 
 #[derive(Default)]
@@ -51,7 +54,8 @@ pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
             w.trim_end_matches('/').to_string(),
         ),
         (None, None) => {
-            let started = BenchCluster::start(|_| {}).await?;
+            let without = options.without_projections;
+            let started = BenchCluster::start(|o| o.gateway.projections = !without).await?;
             let other = if options.home_region == "madrid" {
                 "newyork"
             } else {
@@ -127,9 +131,15 @@ pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
         "{} writers, batches of {}, {} s; the feed is read through {reader} ...",
         options.writers, options.batch, options.seconds
     );
-    let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let started = Instant::now();
     let until = started + Duration::from_secs(options.seconds);
+    let searching = tokio::spawn(probe_search(
+        http.clone(),
+        reader.clone(),
+        acked.clone(),
+        if options.without_projections { started } else { until },
+    ));
     let mut tasks = Vec::new();
     for w in 0..options.writers {
         let (http, writer, issuers, acked) =
@@ -167,10 +177,14 @@ pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
                 };
                 let mut acked = acked.lock().unwrap();
                 for (item, token) in body.results.iter().zip(tokens) {
-                    if item.ok {
-                        acked.push((token, now));
-                    } else {
-                        errors += 1;
+                    match &item.outcome {
+                        harbor_api::BatchOutcome::Reserved(r) if item.ok => acked.push(Acked {
+                            token,
+                            at: now,
+                            issuer: r.issuer_id.clone(),
+                            commit_token: r.created.map(|c| c.to_string()).unwrap_or_default(),
+                        }),
+                        _ => errors += 1,
                     }
                 }
             }
@@ -182,7 +196,12 @@ pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
         errors += task.await?;
     }
     let wrote_for = started.elapsed();
-    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    let acked: Vec<(String, Instant)> = std::mem::take(&mut *acked.lock().unwrap())
+        .into_iter()
+        .map(|a| (a.token, a.at))
+        .collect();
+    let search = searching.await??;
+    let search_latency = Latency::of(&search.visible);
     // Give the feed time to deliver the last writes.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -224,6 +243,16 @@ pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
         "acknowledged -> on the other region's feed: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {missing} missing, {} repeated",
         latency.p50_ms, latency.p90_ms, latency.p99_ms, latency.max_ms, seen.repeated
     );
+    println!(
+        "acknowledged -> found by the other region's search (min_as_of, {} probes): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} not found, {} refused",
+        search.visible.len(),
+        search_latency.p50_ms,
+        search_latency.p90_ms,
+        search_latency.p99_ms,
+        search_latency.max_ms,
+        search.not_found,
+        search.refused
+    );
     if let Some(path) = &options.json {
         let doc = json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -232,12 +261,21 @@ pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
             "seconds": secs, "reservations": acked.len(), "errors": errors,
             "feed_changes": seen.changes, "resolved_marks": seen.resolved,
             "missing": missing, "repeated": seen.repeated, "visible_latency": latency,
+            "search_probes": search.visible.len(), "search_not_found": search.not_found,
+            "search_refused": search.refused, "search_visible_latency": search_latency,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(dev) = dev {
         dev.stop().await;
+    }
+    if search.not_found > 0 || search.refused > 0 {
+        bail!(
+            "the search did not find {} acknowledged reservations it said it included, and refused {} probes",
+            search.not_found,
+            search.refused
+        );
     }
     if missing > 0 || seen.repeated > 0 {
         bail!(
@@ -246,4 +284,72 @@ pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// An acknowledged reservation.
+struct Acked {
+    token: String,
+    at: Instant,
+    issuer: String,
+    commit_token: String,
+}
+
+/// What the search prober saw.
+struct SearchProbes {
+    /// Acknowledgement to the search's answer that includes it.
+    visible: hdrhistogram::Histogram<u64>,
+    /// Answers that said they included the write but did not show it.
+    not_found: u64,
+    /// Probes answered with an error (`not_yet_visible` after 5 s, ...).
+    refused: u64,
+}
+
+/// Every 50 ms until `until`, asks the reader's search for the newest
+/// acknowledged reservation with `min_as_of` its commit token, and times
+/// its acknowledgement to the answer.
+async fn probe_search(
+    http: reqwest::Client,
+    reader: String,
+    acked: Arc<Mutex<Vec<Acked>>>,
+    until: Instant,
+) -> anyhow::Result<SearchProbes> {
+    let mut probes = Vec::new();
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let newest = acked
+            .lock()
+            .unwrap()
+            .last()
+            .map(|a| (a.token.clone(), a.at, a.issuer.clone(), a.commit_token.clone()));
+        let Some((token, at, issuer, commit_token)) = newest else {
+            continue;
+        };
+        let url = format!(
+            "{reader}/v1/search/reservations?issuer_id={issuer}&limit=1000&min_as_of={commit_token}&wait_ms=5000"
+        );
+        let http = http.clone();
+        probes.push(tokio::spawn(async move {
+            let answer = http.get(&url).send().await.ok()?;
+            let arrived = Instant::now();
+            if !answer.status().is_success() {
+                return Some(None);
+            }
+            let body: harbor_api::SearchAnswer = answer.json().await.ok()?;
+            let found = body.reservations.iter().any(|r| r.reservation_token == token);
+            Some(Some((found, arrived.saturating_duration_since(at))))
+        }));
+    }
+    let mut result = SearchProbes {
+        visible: histogram(),
+        not_found: 0,
+        refused: 0,
+    };
+    for probe in probes {
+        match probe.await? {
+            Some(Some((true, waited))) => result.visible.record(micros(waited))?,
+            Some(Some((false, _))) => result.not_found += 1,
+            _ => result.refused += 1,
+        }
+    }
+    Ok(result)
 }

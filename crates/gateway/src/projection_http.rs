@@ -1,0 +1,317 @@
+//! The projection's HTTP answers: `GET /v1/search/reservations` and
+//! `GET /v1/reports/exposure`, each saying how complete it is
+//! (`served_by: projection`, `region`, `watermark`, `lag_ms`, `stale`),
+//! and `POST /v1/admin/projections/{name}/rebuild`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query as QueryParams, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::Json;
+use harbor_api::{
+    ErrorCode, ExposureLine, ExposureReport, HlcTime, ProjectionServed, SearchAnswer,
+};
+use harbor_cdc::projection::{GroupBy, Search, SearchCursor};
+use harbor_reservation::Status;
+use harbor_types::limits::{
+    PROJECTION_WAIT_MS_DEFAULT, PROJECTION_WAIT_MS_MAX, PROJECTION_WAIT_TOKENS_MAX,
+    REPORT_MAX_LAG_MS_DEFAULT, SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX, SEARCH_MAX_LAG_MS_DEFAULT,
+};
+use harbor_types::{Amount, CommitToken, IssuerId, Timestamp};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api::reservation_answer;
+use crate::error::ApiError;
+use crate::projections::lag_ms;
+use crate::router::Gateway;
+
+/// The name `harbor projection rebuild` and the metrics give the one
+/// projection a gateway keeps (search and reports read it).
+pub const PROJECTION_NAME: &str = "reservations";
+
+type Params<T> = Result<QueryParams<T>, axum::extract::rejection::QueryRejection>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SearchParams {
+    issuer_id: Option<String>,
+    desk: Option<String>,
+    trader: Option<String>,
+    status: Option<String>,
+    q: Option<String>,
+    min_amount: Option<String>,
+    max_amount: Option<String>,
+    created_after_ms: Option<String>,
+    created_before_ms: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+    min_as_of: Option<String>,
+    wait_ms: Option<String>,
+    max_lag_ms: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReportParams {
+    group_by: Option<String>,
+    min_as_of: Option<String>,
+    wait_ms: Option<String>,
+    max_lag_ms: Option<String>,
+}
+
+pub(crate) async fn search(State(gw): State<Arc<Gateway>>, params: Params<SearchParams>) -> HttpResponse {
+    match run_search(&gw, params).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub(crate) async fn exposure(State(gw): State<Arc<Gateway>>, params: Params<ReportParams>) -> HttpResponse {
+    match run_exposure(&gw, params).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub(crate) async fn rebuild(State(gw): State<Arc<Gateway>>, Path(name): Path<String>) -> HttpResponse {
+    if name != PROJECTION_NAME {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            format!("no projection {name:?}; this gateway keeps {PROJECTION_NAME:?}"),
+        )
+        .with("projections", [PROJECTION_NAME])
+        .into_response();
+    }
+    if let Err(e) = running(&gw) {
+        return e.into_response();
+    }
+    gw.projections.rebuild();
+    Json(json!({
+        "projection": PROJECTION_NAME,
+        "region": gw.region.to_string(),
+        "rebuilding": true,
+        "groups": gw.projections.read(|p| p.shards().len()),
+    }))
+    .into_response()
+}
+
+async fn run_search(gw: &Gateway, params: Params<SearchParams>) -> Result<SearchAnswer, ApiError> {
+    let p = params
+        .map(|QueryParams(p)| p)
+        .map_err(|e| ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
+    let limit = number("limit", p.limit.as_deref(), 1, SEARCH_LIMIT_MAX as u64)?
+        .map_or(SEARCH_LIMIT_DEFAULT, |n| n as usize);
+    let status = match p.status.as_deref() {
+        None => None,
+        Some(text) => Some(parse_status(text)?),
+    };
+    let issuer_id = match p.issuer_id {
+        None => None,
+        Some(text) => Some(IssuerId::new(text).map_err(|e| {
+            ApiError::bad_request(ErrorCode::InvalidQuery, format!("issuer_id: {e}"))
+                .with("field", "issuer_id")
+        })?),
+    };
+    let before = match p.cursor.as_deref() {
+        None => None,
+        Some(text) => Some(SearchCursor::parse(text).ok_or_else(|| {
+            ApiError::bad_request(
+                ErrorCode::InvalidCursor,
+                format!("{text:?} is not a cursor of this search (send back a next_cursor)"),
+            )
+            .with("field", "cursor")
+        })?),
+    };
+    let search = Search {
+        issuer_id,
+        desk: p.desk,
+        trader: p.trader,
+        status,
+        text: p.q.filter(|q| !q.trim().is_empty()),
+        min_amount: number("min_amount", p.min_amount.as_deref(), 0, u64::MAX)?.map(Amount),
+        max_amount: number("max_amount", p.max_amount.as_deref(), 0, u64::MAX)?.map(Amount),
+        created_after_ms: number("created_after_ms", p.created_after_ms.as_deref(), 0, u64::MAX)?,
+        created_before_ms: number("created_before_ms", p.created_before_ms.as_deref(), 0, u64::MAX)?,
+        before,
+        limit,
+    };
+    let max_lag_ms = number("max_lag_ms", p.max_lag_ms.as_deref(), 0, u64::MAX)?
+        .unwrap_or(SEARCH_MAX_LAG_MS_DEFAULT);
+    let wait = wait_params(p.min_as_of.as_deref(), p.wait_ms.as_deref())?;
+    running(gw)?;
+    wait_for(gw, &wait).await?;
+    let (page, watermark) = gw.projections.read(|view| (view.search(&search), view.watermark()));
+    Ok(SearchAnswer {
+        reservations: page.rows.iter().map(|r| reservation_answer(r, None)).collect(),
+        next_cursor: page.next.map(|c| c.encode()),
+        served: served(gw, watermark, max_lag_ms),
+    })
+}
+
+async fn run_exposure(gw: &Gateway, params: Params<ReportParams>) -> Result<ExposureReport, ApiError> {
+    let p = params
+        .map(|QueryParams(p)| p)
+        .map_err(|e| ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
+    let text = p.group_by.as_deref().unwrap_or("desk");
+    let group_by = GroupBy::parse(text).ok_or_else(|| {
+        ApiError::bad_request(
+            ErrorCode::InvalidQuery,
+            format!("group_by must be desk, home_region or issuer, got {text:?}"),
+        )
+        .with("field", "group_by")
+    })?;
+    let max_lag_ms = number("max_lag_ms", p.max_lag_ms.as_deref(), 0, u64::MAX)?
+        .unwrap_or(REPORT_MAX_LAG_MS_DEFAULT);
+    let wait = wait_params(p.min_as_of.as_deref(), p.wait_ms.as_deref())?;
+    running(gw)?;
+    wait_for(gw, &wait).await?;
+    let (lines, watermark) = gw.projections.read(|view| (view.exposure(group_by), view.watermark()));
+    Ok(ExposureReport {
+        group_by: text.to_string(),
+        lines: lines
+            .into_iter()
+            .map(|l| ExposureLine {
+                key: l.key,
+                reserved: l.reserved,
+                held: l.held,
+                confirmed: l.confirmed,
+                held_count: l.held_count,
+                confirmed_count: l.confirmed_count,
+                limit: l.limit,
+            })
+            .collect(),
+        served: served(gw, watermark, max_lag_ms),
+    })
+}
+
+/// The commit tokens a read waits for, and for how long.
+struct Wait {
+    tokens: Vec<CommitToken>,
+    wait: Duration,
+}
+
+fn wait_params(min_as_of: Option<&str>, wait_ms: Option<&str>) -> Result<Wait, ApiError> {
+    let mut tokens = Vec::new();
+    for text in min_as_of.unwrap_or("").split(',').filter(|t| !t.trim().is_empty()) {
+        let token: CommitToken = text.trim().parse().map_err(|e| {
+            ApiError::bad_request(
+                ErrorCode::InvalidQuery,
+                format!("min_as_of: {text:?} is not a commit token ({e})"),
+            )
+            .with("field", "min_as_of")
+        })?;
+        tokens.push(token);
+    }
+    if tokens.len() > PROJECTION_WAIT_TOKENS_MAX {
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidQuery,
+            format!(
+                "min_as_of names {} commit tokens; at most {PROJECTION_WAIT_TOKENS_MAX}",
+                tokens.len()
+            ),
+        )
+        .with("field", "min_as_of"));
+    }
+    let wait_ms = number("wait_ms", wait_ms, 0, PROJECTION_WAIT_MS_MAX)?
+        .unwrap_or(PROJECTION_WAIT_MS_DEFAULT);
+    Ok(Wait {
+        tokens,
+        wait: Duration::from_millis(wait_ms),
+    })
+}
+
+/// Waits until the projection includes every token of `wait`; past its
+/// bound, `409 not_yet_visible` naming the ones still missing.
+async fn wait_for(gw: &Gateway, wait: &Wait) -> Result<(), ApiError> {
+    if wait.tokens.is_empty() {
+        return Ok(());
+    }
+    let shards = gw.projections.read(|p| p.shards());
+    if let Some(unknown) = wait.tokens.iter().find(|t| !shards.contains(&t.shard)) {
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidQuery,
+            format!("min_as_of: {unknown} names a group this cluster does not have"),
+        )
+        .with("field", "min_as_of"));
+    }
+    let missing = gw.projections.wait_for(&wait.tokens, wait.wait).await;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut e = ApiError::new(
+        StatusCode::CONFLICT,
+        ErrorCode::NotYetVisible,
+        format!(
+            "the {} projection did not include {} of the commit tokens within {} ms; try again",
+            gw.region,
+            missing.len(),
+            wait.wait.as_millis()
+        ),
+    )
+    .with(
+        "missing",
+        missing.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+    )
+    .with("region", gw.region.to_string());
+    e.retryable = true;
+    Err(e)
+}
+
+fn running(gw: &Gateway) -> Result<(), ApiError> {
+    if gw.projections.running() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable,
+        "this gateway does not run projections",
+    ))
+}
+
+fn served(gw: &Gateway, watermark: Option<Timestamp>, max_lag_ms: u64) -> ProjectionServed {
+    let lag_ms = watermark.map(lag_ms);
+    ProjectionServed {
+        served_by: "projection".to_string(),
+        region: gw.region.to_string(),
+        watermark: watermark.map(|w| HlcTime {
+            wall_ms: w.wall_ms,
+            logical: w.logical,
+        }),
+        lag_ms,
+        stale: lag_ms.is_none_or(|lag| lag > max_lag_ms),
+        max_lag_ms,
+    }
+}
+
+fn parse_status(text: &str) -> Result<Status, ApiError> {
+    match text {
+        "held" => Ok(Status::Held),
+        "confirmed" => Ok(Status::Confirmed),
+        "released" => Ok(Status::Released),
+        "expired" => Ok(Status::Expired),
+        other => Err(ApiError::bad_request(
+            ErrorCode::InvalidQuery,
+            format!("status must be held, confirmed, released or expired, got {other:?}"),
+        )
+        .with("field", "status")),
+    }
+}
+
+/// An optional whole number within `min..=max`.
+fn number(field: &'static str, text: Option<&str>, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    match text.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+        _ => Err(ApiError::bad_request(
+            ErrorCode::InvalidQuery,
+            format!("{field} must be a whole number within {min}..={max}, got {text:?}"),
+        )
+        .with("field", field)),
+    }
+}

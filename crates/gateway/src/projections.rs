@@ -1,0 +1,250 @@
+//! The gateway's projection: [`harbor_cdc::projection::Projection`] fed
+//! from the groups' change streams, read from the replicas of the
+//! gateway's own region where it can (no WAN hop for a reader), so every
+//! region has its own. The rules are the core's; this is its IO.
+//!
+//! It lives in memory and is built at start from a scan of every group
+//! (what `harbor projection rebuild` asks for again); a group whose stream
+//! expired is scanned again.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use harbor_cdc::projection::{Next, Projection};
+use harbor_reservation::ScanKey;
+use harbor_types::limits::{CHANGES_PAGE_MAX, LOCAL_READ_TIMEOUT_MS};
+use harbor_types::sim::Bugs;
+use harbor_types::{CommitToken, NodeId, ShardId, Timestamp};
+use harbor_wire::{ChangePosition, Freshness, Query, QueryResult, Request, Response, ScanPage};
+use tokio::sync::watch;
+
+use crate::local::Local;
+use crate::router::Gateway;
+
+/// Pages of one group a round takes at most: a busy group cannot hold
+/// the others up.
+const PAGES_PER_ROUND: usize = 4;
+
+/// How far apart quiet rounds get, in polls.
+const IDLE_POLLS_MAX: u32 = 4;
+
+/// What a round of the projection found.
+enum Round {
+    /// A group had more than a round takes: go again at once.
+    Busy,
+    /// Something moved: the next round after one poll.
+    Moved,
+    /// Nothing moved: back off.
+    Quiet,
+}
+
+/// The projection and what waits on it.
+pub(crate) struct Projections {
+    view: Mutex<Projection>,
+    /// Bumped whenever a round moved the projection: readers waiting for
+    /// commit tokens look again.
+    moved: watch::Sender<u64>,
+    running: std::sync::atomic::AtomicBool,
+}
+
+impl Projections {
+    pub(crate) fn new(shards: impl IntoIterator<Item = ShardId>) -> Projections {
+        Projections {
+            view: Mutex::new(Projection::new(shards, Bugs::none())),
+            moved: watch::channel(0).0,
+            running: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn running(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads the projection.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Projection) -> T) -> T {
+        f(&self.view.lock().expect("projection lock"))
+    }
+
+    /// Drops the projection and builds it again from a scan of every
+    /// group. Readers see an empty view (watermark `null`) meanwhile.
+    pub(crate) fn rebuild(&self) {
+        let mut view = self.view.lock().expect("projection lock");
+        *view = Projection::new(view.shards(), Bugs::none());
+        drop(view);
+        self.moved.send_modify(|n| *n += 1);
+    }
+
+    /// Waits up to `wait` until the projection includes every token;
+    /// answers the ones it still lacks.
+    pub(crate) async fn wait_for(&self, tokens: &[CommitToken], wait: Duration) -> Vec<CommitToken> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut moved = self.moved.subscribe();
+        loop {
+            let missing: Vec<CommitToken> =
+                self.read(|p| tokens.iter().filter(|t| !p.includes(t)).copied().collect());
+            if missing.is_empty() {
+                return missing;
+            }
+            match tokio::time::timeout_at(deadline, moved.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return missing,
+            }
+        }
+    }
+}
+
+impl Gateway {
+    /// Starts feeding this gateway's projection (once); it stops when the
+    /// gateway is dropped.
+    pub fn run_projection(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if !self.config.projections || self.projections.running.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let gw = Arc::downgrade(self);
+        let poll = Duration::from_millis(self.config.projection_poll_ms);
+        tokio::spawn(async move {
+            // Rounds that bring nothing back off, up to IDLE_POLLS_MAX
+            // polls apart: an idle cluster costs little, and the first
+            // write after a quiet spell waits at most that long.
+            let mut idle = poll;
+            loop {
+                let Some(gateway) = Weak::upgrade(&gw) else {
+                    return;
+                };
+                let round = gateway.projection_round().await;
+                drop(gateway);
+                match round {
+                    Round::Busy => continue,
+                    Round::Moved => idle = poll,
+                    Round::Quiet => idle = (idle * 2).min(poll * IDLE_POLLS_MAX),
+                }
+                tokio::time::sleep(idle).await;
+            }
+        });
+    }
+
+    /// One round over every group.
+    async fn projection_round(&self) -> Round {
+        let before = self.projections.read(|p| (p.positions(), p.watermark()));
+        let mut busy = false;
+        for shard in self.projections.read(|p| p.shards()) {
+            for page in 0..PAGES_PER_ROUND {
+                let more = match self.projections.read(|p| p.next(shard)) {
+                    Next::Scan(after) => self.projection_scan(shard, after).await,
+                    Next::Changes(after) => self.projection_changes(shard, after).await,
+                };
+                if !more {
+                    break;
+                }
+                busy |= page + 1 == PAGES_PER_ROUND;
+            }
+        }
+        let after = self.projections.read(|p| (p.positions(), p.watermark()));
+        if let Some(watermark) = after.1 {
+            self.metrics.projection_lag(lag_ms(watermark));
+        }
+        if after == before {
+            return Round::Quiet;
+        }
+        self.projections.moved.send_modify(|n| *n += 1);
+        if busy {
+            Round::Busy
+        } else {
+            Round::Moved
+        }
+    }
+
+    /// Takes a scan page of `shard`; whether to ask again at once.
+    async fn projection_scan(&self, shard: ShardId, after: Option<ScanKey>) -> bool {
+        let Some(page) = self.scan_page(shard, after).await else {
+            return false;
+        };
+        let rows = (page.rows.issuers.len() + page.rows.reservations.len()) as u64;
+        let taken = self
+            .projections
+            .view
+            .lock()
+            .expect("projection lock")
+            .take_scan(shard, page);
+        match taken {
+            Ok(()) => {
+                self.metrics.projection_scanned(rows);
+                true
+            }
+            Err(stale) => {
+                tracing::debug!("projection: {stale:?}; asking again");
+                false
+            }
+        }
+    }
+
+    /// Takes a page of `shard`'s changes; whether to ask again at once.
+    async fn projection_changes(&self, shard: ShardId, after: ChangePosition) -> bool {
+        let Some(page) = self.changes_after(shard, after, false).await else {
+            return false;
+        };
+        let count = page.changes.len();
+        let mut view = self.projections.view.lock().expect("projection lock");
+        if let Err(expired) = view.take_changes(shard, page) {
+            tracing::info!(
+                "projection: {shard} no longer keeps the changes after {after:?}; scanning it again"
+            );
+            view.rescan(expired);
+            drop(view);
+            self.metrics.projection_rescanned();
+            return true;
+        }
+        drop(view);
+        self.metrics.projection_applied(count as u64);
+        count >= CHANGES_PAGE_MAX
+    }
+
+    /// A page of `shard`'s state after `after`, from a replica in this
+    /// region, else the leader, else any other.
+    async fn scan_page(&self, shard: ShardId, after: Option<ScanKey>) -> Option<ScanPage> {
+        let map = self.meta.map();
+        let group = map.groups.get(&shard)?;
+        let mut order: Vec<NodeId> = Vec::new();
+        if let Local::Replica(node) = self.local_replica(shard) {
+            order.push(node);
+        }
+        order.push(group.leader.clone());
+        order.extend(group.members.iter().cloned());
+        let mut seen = BTreeSet::new();
+        for node in order {
+            if !seen.insert(node.clone()) {
+                continue;
+            }
+            let request = Request::LocalRead {
+                shard,
+                query: Query::Scan {
+                    after: after.clone(),
+                    max: CHANGES_PAGE_MAX as u32,
+                },
+                need: Freshness::default(),
+            };
+            let answer = self
+                .endpoint()
+                .call_node_within(&node, request, LOCAL_READ_TIMEOUT_MS)
+                .await;
+            if let Ok(Response::Read {
+                result: QueryResult::Scan(page),
+                ..
+            }) = answer
+            {
+                return Some(page);
+            }
+        }
+        None
+    }
+}
+
+/// Now minus `at`, in ms (0 for a time ahead of this clock).
+pub(crate) fn lag_ms(at: Timestamp) -> u64 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now_ms.saturating_sub(at.wall_ms)
+}

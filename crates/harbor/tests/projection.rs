@@ -1,0 +1,137 @@
+//! The projections end to end on the dev cluster: a reservation written
+//! through one region's gateway is found by the other region's search
+//! once it includes the write's commit token (`min_as_of`), the exposure
+//! report sums what is open, every answer says how fresh it is, and bad
+//! parameters are refused.
+
+mod common;
+
+use common::{start_dev, Api};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = start_dev(dir.path()).await;
+    let (madrid, newyork) = (cluster.url("madrid"), cluster.url("newyork"));
+    let api = Api::new();
+    assert_eq!(api.put_issuer(&madrid, "MUNI-77", "newyork", 1_000).await.status, 201);
+    assert_eq!(api.put_issuer(&madrid, "BONO-5", "madrid", 500).await.status, 201);
+    let first = api.reserve(&newyork, "tok-ny-1", "MUNI-77", 600, "newyork-rates").await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let second = api.reserve(&newyork, "tok-ny-2", "BONO-5", 70, "madrid-rates").await;
+    assert_eq!(second.status, 201, "{:?}", second.body);
+    let tokens = format!(
+        "{},{}",
+        first.body["commit_token"].as_str().unwrap(),
+        second.body["commit_token"].as_str().unwrap()
+    );
+
+    // Madrid's search, right after New York's acknowledgements.
+    let found = api
+        .get(format!("{madrid}/v1/search/reservations?q=rates&min_as_of={tokens}"))
+        .await;
+    assert_eq!(found.status, 200, "{:?}", found.body);
+    let body = &found.body;
+    assert_eq!(body["served_by"], "projection");
+    assert_eq!(body["region"], "madrid");
+    assert!(body["watermark"]["wall_ms"].as_u64().is_some(), "{body}");
+    assert!(body["lag_ms"].as_u64().is_some(), "{body}");
+    assert_eq!(body["max_lag_ms"], 2_000);
+    let ids: Vec<&str> = body["reservations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reservation_token"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["tok-ny-2", "tok-ny-1"], "newest first: {body}");
+
+    // Filters and paging.
+    let page = api
+        .get(format!("{madrid}/v1/search/reservations?limit=1&min_amount=100"))
+        .await;
+    assert_eq!(page.body["reservations"][0]["reservation_token"], "tok-ny-1");
+    assert_eq!(page.body["next_cursor"], serde_json::Value::Null);
+    let page = api
+        .get(format!("{newyork}/v1/search/reservations?limit=1&min_as_of={tokens}"))
+        .await;
+    assert_eq!(page.body["region"], "newyork");
+    let next = page.body["next_cursor"].as_str().unwrap().to_string();
+    let rest = api
+        .get(format!("{newyork}/v1/search/reservations?limit=1&cursor={next}"))
+        .await;
+    assert_eq!(rest.body["reservations"][0]["reservation_token"], "tok-ny-1");
+    let by_issuer = api
+        .get(format!("{madrid}/v1/search/reservations?issuer_id=BONO-5&status=confirmed"))
+        .await;
+    assert_eq!(by_issuer.body["reservations"].as_array().unwrap().len(), 1);
+
+    // The exposure report.
+    let report = api
+        .get(format!("{madrid}/v1/reports/exposure?group_by=home_region&min_as_of={tokens}"))
+        .await;
+    assert_eq!(report.status, 200, "{:?}", report.body);
+    assert_eq!(report.body["served_by"], "projection");
+    let lines = report.body["lines"].as_array().unwrap();
+    let line = |key: &str| lines.iter().find(|l| l["key"] == key).unwrap().clone();
+    assert_eq!(line("newyork")["reserved"], 600);
+    assert_eq!(line("madrid")["confirmed"], 70);
+    let by_issuer = api
+        .get(format!("{madrid}/v1/reports/exposure?group_by=issuer"))
+        .await;
+    let muni = by_issuer.body["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["key"] == "MUNI-77")
+        .unwrap()
+        .clone();
+    assert_eq!(muni["limit"], 1_000);
+
+    // A token the projection cannot include yet: 409, retryable, named.
+    let future = "shard0@g1:999999999";
+    let late = api
+        .get(format!("{madrid}/v1/search/reservations?min_as_of={future}&wait_ms=50"))
+        .await;
+    assert_eq!(late.status, 409, "{:?}", late.body);
+    assert_eq!(late.code(), "not_yet_visible");
+    assert_eq!(late.body["retryable"], true);
+    assert_eq!(late.body["missing"][0], future);
+
+    // Bad input changes nothing and says why.
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=100000", "limit"),
+        ("status=pending", "status"),
+        ("min_amount=-3", "min_amount"),
+        ("cursor=nope", "cursor"),
+        ("min_as_of=shard0", "min_as_of"),
+        ("min_as_of=shard999@g1:1", "min_as_of"),
+        ("wait_ms=999999", "wait_ms"),
+    ] {
+        let bad = api.get(format!("{madrid}/v1/search/reservations?{query}")).await;
+        assert_eq!(bad.status, 400, "{query}: {:?}", bad.body);
+        assert_eq!(bad.body["field"], field, "{query}: {:?}", bad.body);
+    }
+    let bad = api.get(format!("{madrid}/v1/search/reservations?colour=red")).await;
+    assert_eq!(bad.code(), "invalid_query");
+    let bad = api.get(format!("{madrid}/v1/reports/exposure?group_by=trader")).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.body["field"], "group_by");
+
+    // A rebuild: the projection starts over from a scan of every group,
+    // and finds the same rows.
+    let rebuilt = api
+        .post(format!("{madrid}/v1/admin/projections/reservations/rebuild"), serde_json::json!({}))
+        .await;
+    assert_eq!(rebuilt.status, 200, "{:?}", rebuilt.body);
+    let unknown = api
+        .post(format!("{madrid}/v1/admin/projections/nope/rebuild"), serde_json::json!({}))
+        .await;
+    assert_eq!(unknown.status, 404);
+    let again = api
+        .get(format!("{madrid}/v1/search/reservations?q=rates&min_as_of={tokens}"))
+        .await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.body["reservations"].as_array().unwrap().len(), 2);
+    drop(cluster);
+}
