@@ -748,6 +748,24 @@ pub struct ProjectionServed {
     pub max_lag_ms: u64,
 }
 
+/// `GET /v1/admin/projections`: where a gateway's projection stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectionStatus {
+    pub projection: String,
+    pub region: String,
+    pub watermark: Option<HlcTime>,
+    pub lag_ms: Option<u64>,
+    pub groups: u64,
+    /// Groups whose state is being scanned (at start, in a rebuild, or
+    /// after their change stream expired).
+    pub groups_scanning: u64,
+    pub reservations: u64,
+    pub issuers: u64,
+    pub changes_applied: u64,
+    pub rows_scanned: u64,
+    pub scans: u64,
+}
+
 /// `GET /v1/search/reservations`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SearchAnswer {

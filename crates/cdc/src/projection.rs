@@ -169,6 +169,16 @@ impl Projection {
         self.applied
     }
 
+    /// Reservations and issuers held.
+    pub fn size(&self) -> (usize, usize) {
+        (self.rows.len(), self.issuers.len())
+    }
+
+    /// Groups being scanned.
+    pub fn groups_scanning(&self) -> usize {
+        self.streams.values().filter(|s| s.scan.is_some()).count()
+    }
+
     pub fn row(&self, id: &ReservationId) -> Option<&Row> {
         self.rows.get(id)
     }

@@ -11,7 +11,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::Json;
 use harbor_api::{
-    ErrorCode, ExposureLine, ExposureReport, HlcTime, ProjectionServed, SearchAnswer,
+    ErrorCode, ExposureLine, ExposureReport, HlcTime, ProjectionServed, ProjectionStatus,
+    SearchAnswer,
 };
 use harbor_cdc::projection::{GroupBy, Search, SearchCursor};
 use harbor_reservation::Status;
@@ -76,6 +77,38 @@ pub(crate) async fn exposure(State(gw): State<Arc<Gateway>>, params: Params<Repo
     }
 }
 
+pub(crate) async fn projections(State(gw): State<Arc<Gateway>>) -> HttpResponse {
+    if let Err(e) = running(&gw) {
+        return e.into_response();
+    }
+    Json(json!({ "projections": [status(&gw)] })).into_response()
+}
+
+/// Where this gateway's projection stands.
+pub(crate) fn status(gw: &Gateway) -> ProjectionStatus {
+    gw.projections.read(|p| {
+        let (reservations, issuers) = p.size();
+        let applied = p.applied();
+        let watermark = p.watermark();
+        ProjectionStatus {
+            projection: PROJECTION_NAME.to_string(),
+            region: gw.region.to_string(),
+            watermark: watermark.map(|w| HlcTime {
+                wall_ms: w.wall_ms,
+                logical: w.logical,
+            }),
+            lag_ms: watermark.map(lag_ms),
+            groups: p.shards().len() as u64,
+            groups_scanning: p.groups_scanning() as u64,
+            reservations: reservations as u64,
+            issuers: issuers as u64,
+            changes_applied: applied.changes,
+            rows_scanned: applied.scanned_rows,
+            scans: applied.scans,
+        }
+    })
+}
+
 pub(crate) async fn rebuild(State(gw): State<Arc<Gateway>>, Path(name): Path<String>) -> HttpResponse {
     if name != PROJECTION_NAME {
         return ApiError::new(
@@ -90,13 +123,7 @@ pub(crate) async fn rebuild(State(gw): State<Arc<Gateway>>, Path(name): Path<Str
         return e.into_response();
     }
     gw.projections.rebuild();
-    Json(json!({
-        "projection": PROJECTION_NAME,
-        "region": gw.region.to_string(),
-        "rebuilding": true,
-        "groups": gw.projections.read(|p| p.shards().len()),
-    }))
-    .into_response()
+    Json(status(&gw)).into_response()
 }
 
 async fn run_search(gw: &Gateway, params: Params<SearchParams>) -> Result<SearchAnswer, ApiError> {

@@ -5,5 +5,6 @@ pub mod cluster;
 pub mod control;
 pub mod data_dir;
 pub mod dev;
+pub mod projection;
 pub mod sink;
 pub mod status;

@@ -58,6 +58,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage a gateway's projection (search and reports read it).
+    Projection {
+        #[command(subcommand)]
+        action: ProjectionAction,
+    },
     /// Run a change feed into NATS JetStream: one message per change (its
     /// position as Nats-Msg-Id), resolved marks on their own subject, a
     /// durable checkpoint it resumes from after a crash.
@@ -243,6 +248,23 @@ enum Bench {
 }
 
 #[derive(Subcommand)]
+enum ProjectionAction {
+    /// Drop the projection and rebuild it from the log (a scan of every
+    /// group's state, then its changes), printing progress until it is
+    /// complete again.
+    Rebuild {
+        /// The projection: `reservations` (search and reports).
+        name: String,
+        /// The gateway whose projection is rebuilt (each region has its own).
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        url: String,
+        /// Give up following after this long (the rebuild goes on).
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum Verify {
     /// Run the whole cluster in simulation, one seed at a time, with faults,
     /// and check every history. Exits non-zero on any violation.
@@ -278,7 +300,7 @@ fn main() -> anyhow::Result<()> {
         Command::Verify { .. } => "off",
         Command::Bench { .. } => "error",
         Command::Dev { .. } => "warn,harbor=info",
-        Command::Status { .. } => "warn",
+        Command::Status { .. } | Command::Projection { .. } => "warn",
         Command::Changefeed { .. } => "warn",
         Command::Meta { .. } | Command::Node { .. } => "warn,harbor=info",
     };
@@ -300,6 +322,18 @@ fn main() -> anyhow::Result<()> {
             wan_delay_ms,
         } => runtime.block_on(dev(data_dir, port, wan_delay_ms)),
         Command::Status { url, json } => runtime.block_on(harbor::status::status(&url, json)),
+        Command::Projection {
+            action:
+                ProjectionAction::Rebuild {
+                    name,
+                    url,
+                    timeout_s,
+                },
+        } => runtime.block_on(harbor::projection::rebuild(
+            &url,
+            &name,
+            std::time::Duration::from_secs(timeout_s),
+        )),
         Command::Changefeed {
             urls,
             sink,

@@ -28,6 +28,23 @@ pub async fn status(url: &str, json: bool) -> anyhow::Result<()> {
     let view: ClusterView = serde_json::from_str(&text)
         .with_context(|| format!("{endpoint} answered something that is not a cluster view"))?;
     print!("{}", render(&view));
+    let base = url.trim_end_matches('/');
+    match crate::projection::projection_status(&client, base, "reservations").await {
+        Ok(p) => println!(
+            "\nprojection {} ({}): {}, {} of {} groups scanning, {} reservations, {} changes applied",
+            p.projection,
+            p.region,
+            match p.lag_ms {
+                Some(lag) => format!("complete up to {lag} ms ago"),
+                None => "being built".to_string(),
+            },
+            p.groups_scanning,
+            p.groups,
+            p.reservations,
+            p.changes_applied
+        ),
+        Err(e) => println!("\nprojection: {e:#}"),
+    }
     Ok(())
 }
 
