@@ -102,6 +102,10 @@ pub struct Reserve {
     /// once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_ttl_ms: Option<u64>,
+    /// The customer the reservation is for (the customer view lists a
+    /// customer's reservations across issuers). Part of the token's payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
 }
 
 /// `POST /v1/reservations:batch`.
@@ -255,6 +259,8 @@ pub struct Reservation {
     /// The last entry that changed it.
     #[serde(default)]
     pub updated: Option<CommitToken>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
     /// Writes: an earlier attempt (or request) with this token or
     /// transition had already done it; this answer repeats its outcome.
     /// Reads say `false`.
@@ -777,6 +783,17 @@ pub struct SearchAnswer {
     pub served: ProjectionServed,
 }
 
+/// `GET /v1/customers/{customer_id}/reservations`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerAnswer {
+    pub customer_id: String,
+    /// Newest first, across issuers and groups.
+    pub reservations: Vec<Reservation>,
+    pub next_cursor: Option<String>,
+    #[serde(flatten)]
+    pub served: ProjectionServed,
+}
+
 /// `GET /v1/reports/exposure`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExposureReport {
@@ -869,9 +886,11 @@ mod tests {
             desk: "d".into(),
             trader: "t".into(),
             hold_ttl_ms: None,
+            customer_id: None,
         };
         let json = serde_json::to_value(&body).unwrap();
         assert!(json.get("hold_ttl_ms").is_none());
+        assert!(json.get("customer_id").is_none());
         assert_eq!(serde_json::from_value::<Reserve>(json).unwrap(), body);
         let misspelt = serde_json::json!({"home_region": "madrid", "limit": 1, "limt": 2});
         assert!(serde_json::from_value::<PutIssuer>(misspelt).is_err());
@@ -891,6 +910,7 @@ mod tests {
             created: None,
             created_at: None,
             updated: None,
+            customer_id: None,
             replayed: false,
             commit_token: None,
             remaining: None,

@@ -102,6 +102,8 @@ pub struct Projection {
     by_created: BTreeSet<(Timestamp, ReservationId)>,
     /// Held and confirmed reservations: the exposure report reads these.
     open: BTreeSet<ReservationId>,
+    /// Reservations by customer: the customer view reads these.
+    by_customer: BTreeMap<String, BTreeSet<ReservationId>>,
     issuers: BTreeMap<IssuerId, IssuerRow>,
     watermark: Option<Timestamp>,
     applied: Applied,
@@ -127,6 +129,7 @@ impl Projection {
             rows: BTreeMap::new(),
             by_created: BTreeSet::new(),
             open: BTreeSet::new(),
+            by_customer: BTreeMap::new(),
             issuers: BTreeMap::new(),
             watermark: None,
             applied: Applied::default(),
@@ -371,6 +374,12 @@ impl Projection {
         }
         self.by_created
             .insert((reservation.created_at, id.clone()));
+        if let Some(customer_id) = &reservation.customer_id {
+            self.by_customer
+                .entry(customer_id.clone())
+                .or_default()
+                .insert(id.clone());
+        }
         if reservation.status.is_open() {
             self.open.insert(id.clone());
         } else {
@@ -393,35 +402,43 @@ impl Projection {
             Some(before) => Bound::Excluded((before.created_at, before.reservation_id.clone())),
             None => Bound::Unbounded,
         };
-        let issuer_rows: Vec<(Timestamp, &ReservationId)>;
-        let candidates: Box<dyn Iterator<Item = (Timestamp, &ReservationId)>> =
-            match &search.issuer_id {
-                Some(issuer) => {
+        // An issuer's or a customer's rows, newest first, before `upper`.
+        let newest_first = |ids: &mut dyn Iterator<Item = &ReservationId>| {
+            let mut rows: Vec<(Timestamp, ReservationId)> = ids
+                .map(|id| (self.rows[id].reservation.created_at, id.clone()))
+                .filter(|key| match &upper {
+                    Bound::Excluded(before) => key < before,
+                    _ => true,
+                })
+                .collect();
+            rows.sort_unstable_by(|a, b| b.cmp(a));
+            rows
+        };
+        let narrowed: Option<Vec<(Timestamp, ReservationId)>> =
+            match (&search.issuer_id, &search.customer_id) {
+                (Some(issuer), _) => {
                     let first = ReservationId::new(issuer.clone(), 1);
                     let last = ReservationId::new(issuer.clone(), u64::MAX);
-                    let mut rows: Vec<(Timestamp, &ReservationId)> = self
-                        .rows
-                        .range(first..=last)
-                        .map(|(id, row)| (row.reservation.created_at, id))
-                        .filter(|(at, id)| match &upper {
-                            Bound::Excluded((t, before)) => (*at, *id) < (*t, before),
-                            _ => true,
-                        })
-                        .collect();
-                    rows.sort_unstable();
-                    issuer_rows = rows;
-                    Box::new(issuer_rows.iter().rev().copied())
+                    Some(newest_first(&mut self.rows.range(first..=last).map(|(id, _)| id)))
                 }
-                None => Box::new(
-                    self.by_created
-                        .range((Bound::Unbounded, upper.clone()))
-                        .rev()
-                        .map(|(at, id)| (*at, id)),
-                ),
+                (None, Some(customer)) => Some(match self.by_customer.get(customer) {
+                    Some(ids) => newest_first(&mut ids.iter()),
+                    None => Vec::new(),
+                }),
+                (None, None) => None,
             };
+        let candidates: Box<dyn Iterator<Item = (Timestamp, ReservationId)>> = match narrowed {
+            Some(rows) => Box::new(rows.into_iter()),
+            None => Box::new(
+                self.by_created
+                    .range((Bound::Unbounded, upper.clone()))
+                    .rev()
+                    .cloned(),
+            ),
+        };
         let mut page = SearchPage::default();
         for (_, id) in candidates {
-            let r = &self.rows[id].reservation;
+            let r = &self.rows[&id].reservation;
             if !search.matches(r, &words) {
                 continue;
             }
@@ -494,6 +511,7 @@ pub struct Search {
     pub desk: Option<String>,
     pub trader: Option<String>,
     pub status: Option<Status>,
+    pub customer_id: Option<String>,
     /// Every word must be a word of the desk, trader, issuer or token.
     pub text: Option<String>,
     pub min_amount: Option<Amount>,
@@ -512,6 +530,10 @@ impl Search {
             && self.desk.as_ref().is_none_or(|d| *d == r.desk)
             && self.trader.as_ref().is_none_or(|t| *t == r.trader)
             && self.status.is_none_or(|s| s == r.status)
+            && self
+                .customer_id
+                .as_ref()
+                .is_none_or(|c| r.customer_id.as_ref() == Some(c))
             && self.min_amount.is_none_or(|a| r.amount >= a)
             && self.max_amount.is_none_or(|a| r.amount <= a)
             && self.created_after_ms.is_none_or(|ms| wall >= ms)

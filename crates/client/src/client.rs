@@ -799,6 +799,9 @@ fn reserve_body(request: ReserveRequest) -> Result<(String, harbor_api::Reserve)
     check_amount("amount", request.amount, 1)?;
     check_label("desk", &request.desk)?;
     check_label("trader", &request.trader)?;
+    if let Some(customer_id) = &request.customer_id {
+        check_label("customer_id", customer_id)?;
+    }
     let token = match request.reservation_token {
         Some(token) => token,
         None => new_reservation_token(),
@@ -823,6 +826,7 @@ fn reserve_body(request: ReserveRequest) -> Result<(String, harbor_api::Reserve)
         desk: request.desk,
         trader: request.trader,
         hold_ttl_ms,
+        customer_id: request.customer_id,
     };
     Ok((token, body))
 }

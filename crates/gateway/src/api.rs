@@ -55,13 +55,24 @@ pub(crate) fn reserve_command(body: &api::Reserve) -> Result<(Command, IssuerId)
             .with("field", "hold_ttl_ms"));
         }
     }
-    let command = Command::Reserve {
-        token,
-        issuer_id: issuer.clone(),
-        amount,
-        desk,
-        trader,
-        hold_ttl_ms: body.hold_ttl_ms,
+    let command = match &body.customer_id {
+        None => Command::Reserve {
+            token,
+            issuer_id: issuer.clone(),
+            amount,
+            desk,
+            trader,
+            hold_ttl_ms: body.hold_ttl_ms,
+        },
+        Some(customer_id) => Command::ReserveForCustomer {
+            token,
+            issuer_id: issuer.clone(),
+            amount,
+            desk,
+            trader,
+            hold_ttl_ms: body.hold_ttl_ms,
+            customer_id: label("customer_id", customer_id)?,
+        },
     };
     Ok((command, issuer))
 }
@@ -354,6 +365,7 @@ pub(crate) fn reservation_answer(
             logical: reservation.created_at.logical,
         }),
         updated: Some(api::CommitToken::from(reservation.updated)),
+        customer_id: reservation.customer_id.clone(),
         replayed: false,
         commit_token: None,
         remaining: issuer.map(|i| i.remaining.0),

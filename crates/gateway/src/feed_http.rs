@@ -540,6 +540,7 @@ pub fn change_line(change: &Change, region: String, cursor: String) -> ChangeLin
                 "trader": row.trader,
                 "status": row.status,
                 "expires_at_ms": row.expires_at_ms,
+                "customer_id": row.customer_id,
             });
             (
                 op,

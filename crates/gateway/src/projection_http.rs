@@ -11,11 +11,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::Json;
 use harbor_api::{
-    ErrorCode, ExposureLine, ExposureReport, HlcTime, ProjectionServed, ProjectionStatus,
-    SearchAnswer,
+    CustomerAnswer, ErrorCode, ExposureLine, ExposureReport, HlcTime, ProjectionServed,
+    ProjectionStatus, SearchAnswer,
 };
 use harbor_cdc::projection::{GroupBy, Search, SearchCursor};
-use harbor_reservation::Status;
+use harbor_reservation::{Status, FIELD_LEN_MAX};
 use harbor_types::limits::{
     PROJECTION_WAIT_MS_DEFAULT, PROJECTION_WAIT_MS_MAX, PROJECTION_WAIT_TOKENS_MAX,
     REPORT_MAX_LAG_MS_DEFAULT, SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX, SEARCH_MAX_LAG_MS_DEFAULT,
@@ -42,6 +42,7 @@ pub(crate) struct SearchParams {
     desk: Option<String>,
     trader: Option<String>,
     status: Option<String>,
+    customer_id: Option<String>,
     q: Option<String>,
     min_amount: Option<String>,
     max_amount: Option<String>,
@@ -56,6 +57,16 @@ pub(crate) struct SearchParams {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub(crate) struct CustomerParams {
+    after: Option<String>,
+    wait_ms: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+    max_lag_ms: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct ReportParams {
     group_by: Option<String>,
     min_as_of: Option<String>,
@@ -65,6 +76,17 @@ pub(crate) struct ReportParams {
 
 pub(crate) async fn search(State(gw): State<Arc<Gateway>>, params: Params<SearchParams>) -> HttpResponse {
     match run_search(&gw, params).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub(crate) async fn customer(
+    State(gw): State<Arc<Gateway>>,
+    Path(customer_id): Path<String>,
+    params: Params<CustomerParams>,
+) -> HttpResponse {
+    match run_customer(&gw, customer_id, params).await {
         Ok(answer) => Json(answer).into_response(),
         Err(e) => e.into_response(),
     }
@@ -143,21 +165,13 @@ async fn run_search(gw: &Gateway, params: Params<SearchParams>) -> Result<Search
                 .with("field", "issuer_id")
         })?),
     };
-    let before = match p.cursor.as_deref() {
-        None => None,
-        Some(text) => Some(SearchCursor::parse(text).ok_or_else(|| {
-            ApiError::bad_request(
-                ErrorCode::InvalidCursor,
-                format!("{text:?} is not a cursor of this search (send back a next_cursor)"),
-            )
-            .with("field", "cursor")
-        })?),
-    };
+    let before = cursor(p.cursor.as_deref())?;
     let search = Search {
         issuer_id,
         desk: p.desk,
         trader: p.trader,
         status,
+        customer_id: p.customer_id,
         text: p.q.filter(|q| !q.trim().is_empty()),
         min_amount: number("min_amount", p.min_amount.as_deref(), 0, u64::MAX)?.map(Amount),
         max_amount: number("max_amount", p.max_amount.as_deref(), 0, u64::MAX)?.map(Amount),
@@ -168,7 +182,7 @@ async fn run_search(gw: &Gateway, params: Params<SearchParams>) -> Result<Search
     };
     let max_lag_ms = number("max_lag_ms", p.max_lag_ms.as_deref(), 0, u64::MAX)?
         .unwrap_or(SEARCH_MAX_LAG_MS_DEFAULT);
-    let wait = wait_params(p.min_as_of.as_deref(), p.wait_ms.as_deref())?;
+    let wait = wait_params("min_as_of", p.min_as_of.as_deref(), p.wait_ms.as_deref())?;
     running(gw)?;
     wait_for(gw, &wait).await?;
     let (page, watermark) = gw.projections.read(|view| (view.search(&search), view.watermark()));
@@ -176,6 +190,63 @@ async fn run_search(gw: &Gateway, params: Params<SearchParams>) -> Result<Search
         reservations: page.rows.iter().map(|r| reservation_answer(r, None)).collect(),
         next_cursor: page.next.map(|c| c.encode()),
         served: served(gw, watermark, max_lag_ms),
+    })
+}
+
+/// A customer's reservations across every issuer and group, once the
+/// projection holds every commit token the caller names in `after` (what
+/// it has seen: a customer never sees an effect without its cause).
+async fn run_customer(
+    gw: &Gateway,
+    customer_id: String,
+    params: Params<CustomerParams>,
+) -> Result<CustomerAnswer, ApiError> {
+    let p = params
+        .map(|QueryParams(p)| p)
+        .map_err(|e| ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
+    if customer_id.is_empty()
+        || customer_id.len() > FIELD_LEN_MAX
+        || customer_id.chars().any(char::is_control)
+    {
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidQuery,
+            format!("customer_id must be 1 to {FIELD_LEN_MAX} bytes without control characters"),
+        )
+        .with("field", "customer_id"));
+    }
+    let limit = number("limit", p.limit.as_deref(), 1, SEARCH_LIMIT_MAX as u64)?
+        .map_or(SEARCH_LIMIT_DEFAULT, |n| n as usize);
+    let before = cursor(p.cursor.as_deref())?;
+    let max_lag_ms = number("max_lag_ms", p.max_lag_ms.as_deref(), 0, u64::MAX)?
+        .unwrap_or(SEARCH_MAX_LAG_MS_DEFAULT);
+    let wait = wait_params("after", p.after.as_deref(), p.wait_ms.as_deref())?;
+    running(gw)?;
+    wait_for(gw, &wait).await?;
+    let search = Search {
+        customer_id: Some(customer_id.clone()),
+        before,
+        limit,
+        ..Search::default()
+    };
+    let (page, watermark) = gw.projections.read(|view| (view.search(&search), view.watermark()));
+    Ok(CustomerAnswer {
+        customer_id,
+        reservations: page.rows.iter().map(|r| reservation_answer(r, None)).collect(),
+        next_cursor: page.next.map(|c| c.encode()),
+        served: served(gw, watermark, max_lag_ms),
+    })
+}
+
+fn cursor(text: Option<&str>) -> Result<Option<SearchCursor>, ApiError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    SearchCursor::parse(text).map(Some).ok_or_else(|| {
+        ApiError::bad_request(
+            ErrorCode::InvalidCursor,
+            format!("{text:?} is not a cursor of this search (send back a next_cursor)"),
+        )
+        .with("field", "cursor")
     })
 }
 
@@ -193,7 +264,7 @@ async fn run_exposure(gw: &Gateway, params: Params<ReportParams>) -> Result<Expo
     })?;
     let max_lag_ms = number("max_lag_ms", p.max_lag_ms.as_deref(), 0, u64::MAX)?
         .unwrap_or(REPORT_MAX_LAG_MS_DEFAULT);
-    let wait = wait_params(p.min_as_of.as_deref(), p.wait_ms.as_deref())?;
+    let wait = wait_params("min_as_of", p.min_as_of.as_deref(), p.wait_ms.as_deref())?;
     running(gw)?;
     wait_for(gw, &wait).await?;
     let (lines, watermark) = gw.projections.read(|view| (view.exposure(group_by), view.watermark()));
@@ -217,19 +288,24 @@ async fn run_exposure(gw: &Gateway, params: Params<ReportParams>) -> Result<Expo
 
 /// The commit tokens a read waits for, and for how long.
 struct Wait {
+    field: &'static str,
     tokens: Vec<CommitToken>,
     wait: Duration,
 }
 
-fn wait_params(min_as_of: Option<&str>, wait_ms: Option<&str>) -> Result<Wait, ApiError> {
+fn wait_params(
+    field: &'static str,
+    tokens_text: Option<&str>,
+    wait_ms: Option<&str>,
+) -> Result<Wait, ApiError> {
     let mut tokens = Vec::new();
-    for text in min_as_of.unwrap_or("").split(',').filter(|t| !t.trim().is_empty()) {
+    for text in tokens_text.unwrap_or("").split(',').filter(|t| !t.trim().is_empty()) {
         let token: CommitToken = text.trim().parse().map_err(|e| {
             ApiError::bad_request(
                 ErrorCode::InvalidQuery,
-                format!("min_as_of: {text:?} is not a commit token ({e})"),
+                format!("{field}: {text:?} is not a commit token ({e})"),
             )
-            .with("field", "min_as_of")
+            .with("field", field)
         })?;
         tokens.push(token);
     }
@@ -237,15 +313,16 @@ fn wait_params(min_as_of: Option<&str>, wait_ms: Option<&str>) -> Result<Wait, A
         return Err(ApiError::bad_request(
             ErrorCode::InvalidQuery,
             format!(
-                "min_as_of names {} commit tokens; at most {PROJECTION_WAIT_TOKENS_MAX}",
+                "{field} names {} commit tokens; at most {PROJECTION_WAIT_TOKENS_MAX}",
                 tokens.len()
             ),
         )
-        .with("field", "min_as_of"));
+        .with("field", field));
     }
     let wait_ms = number("wait_ms", wait_ms, 0, PROJECTION_WAIT_MS_MAX)?
         .unwrap_or(PROJECTION_WAIT_MS_DEFAULT);
     Ok(Wait {
+        field,
         tokens,
         wait: Duration::from_millis(wait_ms),
     })
@@ -261,9 +338,9 @@ async fn wait_for(gw: &Gateway, wait: &Wait) -> Result<(), ApiError> {
     if let Some(unknown) = wait.tokens.iter().find(|t| !shards.contains(&t.shard)) {
         return Err(ApiError::bad_request(
             ErrorCode::InvalidQuery,
-            format!("min_as_of: {unknown} names a group this cluster does not have"),
+            format!("{}: {unknown} names a group this cluster does not have", wait.field),
         )
-        .with("field", "min_as_of"));
+        .with("field", wait.field));
     }
     let missing = gw.projections.wait_for(&wait.tokens, wait.wait).await;
     if missing.is_empty() {

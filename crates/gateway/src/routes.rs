@@ -14,7 +14,7 @@ use crate::api::{
 use crate::batch::reserve_batch;
 use crate::cluster::{cluster, fault, metrics, transfer_leader};
 use crate::feed_http::changefeed;
-use crate::projection_http::{exposure, projections, rebuild, search};
+use crate::projection_http::{customer, exposure, projections, rebuild, search};
 use crate::router::Gateway;
 
 /// The gateway's routes.
@@ -43,6 +43,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .route("/v1/changefeed", get(changefeed))
         .route("/v1/search/reservations", get(search))
         .route("/v1/reports/exposure", get(exposure))
+        .route("/v1/customers/{customer_id}/reservations", get(customer))
         .route("/v1/admin/projections", get(projections))
         .route("/v1/admin/projections/{name}/rebuild", post(rebuild))
         .route("/v1/admin/cluster", get(cluster))

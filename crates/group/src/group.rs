@@ -785,6 +785,7 @@ fn command_issuer(command: &Command) -> Option<&harbor_types::IssuerId> {
     match command {
         Command::UpsertIssuer { issuer_id, .. }
         | Command::Reserve { issuer_id, .. }
+        | Command::ReserveForCustomer { issuer_id, .. }
         | Command::ResolveToken { issuer_id, .. } => Some(issuer_id),
         Command::Confirm { reservation_id } | Command::Release { reservation_id } => {
             Some(reservation_id.issuer())

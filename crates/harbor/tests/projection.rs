@@ -118,6 +118,46 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
     assert_eq!(bad.status, 400);
     assert_eq!(bad.body["field"], "group_by");
 
+    // The customer view: a customer's reservations across issuers and
+    // regions, once the projection holds what the caller has seen.
+    let mut seen = Vec::new();
+    for (token, issuer) in [("tok-c-1", "MUNI-77"), ("tok-c-2", "BONO-5")] {
+        let body = serde_json::json!({"reservation_token": token, "issuer_id": issuer, "amount": 5,
+            "desk": "retail", "trader": "t-1", "customer_id": "cust-42"});
+        let made = api.post(format!("{madrid}/v1/reservations"), body).await;
+        assert_eq!(made.status, 201, "{:?}", made.body);
+        assert_eq!(made.body["customer_id"], "cust-42");
+        seen.push(made.body["commit_token"].as_str().unwrap().to_string());
+    }
+    let view = api
+        .get(format!("{newyork}/v1/customers/cust-42/reservations?after={}", seen.join(",")))
+        .await;
+    assert_eq!(view.status, 200, "{:?}", view.body);
+    assert_eq!(view.body["customer_id"], "cust-42");
+    assert_eq!(view.body["served_by"], "projection");
+    let shown: Vec<&str> = view.body["reservations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reservation_token"].as_str().unwrap())
+        .collect();
+    assert_eq!(shown, ["tok-c-2", "tok-c-1"]);
+    let none = api.get(format!("{newyork}/v1/customers/cust-0/reservations")).await;
+    assert_eq!(none.body["reservations"].as_array().unwrap().len(), 0);
+    let late = api
+        .get(format!("{newyork}/v1/customers/cust-42/reservations?after={future}&wait_ms=20"))
+        .await;
+    assert_eq!(late.code(), "not_yet_visible");
+    let bad = api
+        .get(format!("{newyork}/v1/customers/cust-42/reservations?after=yesterday"))
+        .await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.body["field"], "after");
+    let by_customer = api
+        .get(format!("{madrid}/v1/search/reservations?customer_id=cust-42&min_as_of={}", seen.join(",")))
+        .await;
+    assert_eq!(by_customer.body["reservations"].as_array().unwrap().len(), 2);
+
     // A rebuild: the projection starts over from a scan of every group,
     // and finds the same rows.
     let rebuilt = api
@@ -133,5 +173,9 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
         .await;
     assert_eq!(again.status, 200, "{:?}", again.body);
     assert_eq!(again.body["reservations"].as_array().unwrap().len(), 2);
+    let view = api
+        .get(format!("{madrid}/v1/customers/cust-42/reservations?after={}", seen.join(",")))
+        .await;
+    assert_eq!(view.body["reservations"].as_array().unwrap().len(), 2, "customer ids survive a scan");
     drop(cluster);
 }

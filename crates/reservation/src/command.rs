@@ -57,6 +57,18 @@ pub enum Command {
     /// with its own outcome: one rejection does not fail the others. Only
     /// reserve, confirm, release and resolve commands may be batched.
     Batch(Vec<Command>),
+    /// [`Command::Reserve`] for a customer (seed 004's customer view). A
+    /// variant of its own, after the others, so logs written before it
+    /// still decode.
+    ReserveForCustomer {
+        token: ReservationToken,
+        issuer_id: IssuerId,
+        amount: Amount,
+        desk: String,
+        trader: String,
+        hold_ttl_ms: Option<u64>,
+        customer_id: String,
+    },
 }
 
 impl Command {
@@ -65,6 +77,7 @@ impl Command {
         matches!(
             self,
             Command::Reserve { .. }
+                | Command::ReserveForCustomer { .. }
                 | Command::Confirm { .. }
                 | Command::Release { .. }
                 | Command::ResolveToken { .. }

@@ -11,9 +11,17 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The first byte of every snapshot. Bump it when the encoding changes.
-/// 2: the state, then the time of the last applied entry (1: the state
-/// alone, still read).
-pub const SNAPSHOT_FORMAT: u8 = 2;
+/// 3: the state, the time of the last applied entry, then the customer
+/// ids. Formats 1 (the state alone) and 2 (no customer ids) are still read.
+pub const SNAPSHOT_FORMAT: u8 = 3;
+
+/// Customer ids, encoded after the state in format 3 (formats 1 and 2 have
+/// none): a reservation's, and a rejected token's request's.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Customers {
+    reservations: Vec<(IssuerId, u64, String)>,
+    rejections: Vec<(IssuerId, ReservationToken, String)>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -37,6 +45,9 @@ pub(crate) struct ReserveRequest {
     desk: String,
     trader: String,
     hold_ttl_ms: Option<u64>,
+    /// Encoded after the state (see [`SNAPSHOT_FORMAT`]).
+    #[serde(skip)]
+    customer_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +64,9 @@ pub(crate) struct Reservation {
     created: CommitToken,
     created_at: Timestamp,
     updated: CommitToken,
+    /// Encoded after the state (see [`SNAPSHOT_FORMAT`]).
+    #[serde(skip)]
+    customer_id: Option<String>,
 }
 
 impl Reservation {
@@ -62,6 +76,7 @@ impl Reservation {
             desk: self.desk.clone(),
             trader: self.trader.clone(),
             hold_ttl_ms: self.hold_ttl_ms,
+            customer_id: self.customer_id.clone(),
         }
     }
 }
@@ -229,6 +244,7 @@ fn reservation_view(issuer_id: &IssuerId, seq: u64, r: &Reservation) -> Reservat
         created: r.created,
         created_at: r.created_at,
         updated: r.updated,
+        customer_id: r.customer_id.clone(),
     }
 }
 
@@ -379,6 +395,25 @@ impl StateMachine {
                     desk: desk.clone(),
                     trader: trader.clone(),
                     hold_ttl_ms: *hold_ttl_ms,
+                    customer_id: None,
+                };
+                self.reserve(ctx, events, issuer_id, token, request)
+            }
+            Command::ReserveForCustomer {
+                token,
+                issuer_id,
+                amount,
+                desk,
+                trader,
+                hold_ttl_ms,
+                customer_id,
+            } => {
+                let request = ReserveRequest {
+                    amount: *amount,
+                    desk: desk.clone(),
+                    trader: trader.clone(),
+                    hold_ttl_ms: *hold_ttl_ms,
+                    customer_id: Some(customer_id.clone()),
                 };
                 self.reserve(ctx, events, issuer_id, token, request)
             }
@@ -472,6 +507,9 @@ impl StateMachine {
         check_amount("amount", request.amount, Amount(1))?;
         check_text("desk", &request.desk)?;
         check_text("trader", &request.trader)?;
+        if let Some(customer_id) = &request.customer_id {
+            check_text("customer_id", customer_id)?;
+        }
         check_hold_ttl(request.hold_ttl_ms)?;
         let issuer = self
             .issuers
@@ -556,6 +594,7 @@ impl StateMachine {
             created: ctx.position,
             created_at: ctx.at,
             updated: ctx.position,
+            customer_id: request.customer_id,
         };
         let view = reservation_view(issuer_id, seq, &reservation);
         assert!(
@@ -858,14 +897,40 @@ impl StateMachine {
         bytes.extend_from_slice(&body);
         let at = postcard::to_stdvec(&self.applied_at).expect("a time encodes");
         bytes.extend_from_slice(&at);
+        let customers = postcard::to_stdvec(&self.customers()).expect("customer ids encode");
+        bytes.extend_from_slice(&customers);
         bytes
+    }
+
+    /// Every customer id the state holds, in order (format 3's trailer).
+    fn customers(&self) -> Customers {
+        let mut customers = Customers::default();
+        for (issuer_id, issuer) in &self.issuers {
+            for (seq, r) in &issuer.reservations {
+                if let Some(customer_id) = &r.customer_id {
+                    customers
+                        .reservations
+                        .push((issuer_id.clone(), *seq, customer_id.clone()));
+                }
+            }
+            for (token, record) in &issuer.tokens {
+                if let TokenRecord::Rejected { request, .. } = record {
+                    if let Some(customer_id) = &request.customer_id {
+                        customers
+                            .rejections
+                            .push((issuer_id.clone(), token.clone(), customer_id.clone()));
+                    }
+                }
+            }
+        }
+        customers
     }
 
     /// Decode a snapshot, rebuild the indexes and check every invariant, so
     /// corrupt bytes give an error rather than a replica that panics later.
     pub fn restore(bytes: &[u8]) -> Result<StateMachine, SnapshotError> {
         let (&format, body) = bytes.split_first().ok_or(SnapshotError::Empty)?;
-        if format != SNAPSHOT_FORMAT && format != 1 {
+        if !(1..=SNAPSHOT_FORMAT).contains(&format) {
             return Err(SnapshotError::UnsupportedFormat {
                 found: format,
                 expected: SNAPSHOT_FORMAT,
@@ -876,6 +941,32 @@ impl StateMachine {
             let (at, after): (Option<Timestamp>, _) = postcard::take_from_bytes(rest)?;
             machine.applied_at = at;
             rest = after;
+        }
+        if format >= 3 {
+            let (customers, after): (Customers, _) = postcard::take_from_bytes(rest)?;
+            rest = after;
+            for (issuer_id, seq, customer_id) in customers.reservations {
+                let r = machine
+                    .issuers
+                    .get_mut(&issuer_id)
+                    .and_then(|i| i.reservations.get_mut(&seq))
+                    .ok_or_else(|| SnapshotError::Inconsistent {
+                        reason: format!("customer of {issuer_id}:r{seq}, which is not there"),
+                    })?;
+                r.customer_id = Some(customer_id);
+            }
+            for (issuer_id, token, customer_id) in customers.rejections {
+                let record = machine
+                    .issuers
+                    .get_mut(&issuer_id)
+                    .and_then(|i| i.tokens.get_mut(&token));
+                let Some(TokenRecord::Rejected { request, .. }) = record else {
+                    return Err(SnapshotError::Inconsistent {
+                        reason: format!("customer of rejected token {token} of {issuer_id}, which is not there"),
+                    });
+                };
+                request.customer_id = Some(customer_id);
+            }
         }
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes { count: rest.len() });
@@ -951,6 +1042,10 @@ impl StateMachine {
                 let valid = check_amount("amount", request.amount, Amount(1))
                     .and_then(|()| check_text("desk", &request.desk))
                     .and_then(|()| check_text("trader", &request.trader))
+                    .and_then(|()| match &request.customer_id {
+                        Some(customer_id) => check_text("customer_id", customer_id),
+                        None => Ok(()),
+                    })
                     .and_then(|()| check_hold_ttl(request.hold_ttl_ms));
                 ensure!(valid.is_ok(), "{id}: invalid request: {valid:?}");
                 ensure!(

@@ -69,6 +69,8 @@ pub struct ReservationView {
     pub created_at: Timestamp,
     /// The last entry that changed the reservation.
     pub updated: CommitToken,
+    /// The customer it was made for, if the request named one.
+    pub customer_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -623,6 +623,45 @@ fn check_invariants_catches_a_token_pointing_elsewhere() {
 }
 
 #[test]
+fn customer_ids_are_kept_replayed_and_survive_a_snapshot() {
+    let mut log = Log::with_issuer();
+    let for_customer = |token: &str, amount: u64, customer: &str| Command::ReserveForCustomer {
+        token: ReservationToken::new(token).unwrap(),
+        issuer_id: issuer("A"),
+        amount: Amount(amount),
+        desk: "d".into(),
+        trader: "t".into(),
+        hold_ttl_ms: None,
+        customer_id: customer.into(),
+    };
+    let made = log.apply(for_customer("t1", 10, "cust-9"));
+    let Outcome::Reservation { reservation, .. } = &made.outcome else {
+        panic!("{made:?}")
+    };
+    assert_eq!(reservation.customer_id.as_deref(), Some("cust-9"));
+    // The customer is part of the token's payload.
+    let other = log.apply(for_customer("t1", 10, "cust-8"));
+    assert!(
+        matches!(other.outcome, Outcome::Rejected(Rejection::TokenPayloadMismatch { .. })),
+        "{other:?}"
+    );
+    let refused = log.apply(for_customer("t2", 1_000, "cust-7"));
+    assert!(matches!(refused.outcome, Outcome::Rejected(_)));
+    let empty = log.apply(for_customer("t3", 1, ""));
+    assert!(matches!(empty.outcome, Outcome::Rejected(Rejection::InvalidField { .. })), "{empty:?}");
+    let restored = StateMachine::restore(&log.sm.snapshot()).unwrap();
+    assert_eq!(restored, log.sm);
+    let replay = {
+        let mut log = Log { sm: restored, ..log };
+        log.apply(for_customer("t2", 1_000, "cust-6")).outcome
+    };
+    assert!(
+        matches!(replay, Outcome::Rejected(Rejection::TokenPayloadMismatch { .. })),
+        "the rejected token kept its customer: {replay:?}"
+    );
+}
+
+#[test]
 fn snapshot_round_trips_and_corrupt_snapshots_are_errors() {
     let mut log = Log::with_issuer();
     log.apply(reserve("t1", "A", 10, Some(500)));
@@ -633,9 +672,15 @@ fn snapshot_round_trips_and_corrupt_snapshots_are_errors() {
     assert_eq!(restored.next_hold_expiry_ms(), Some(1_500));
     assert!(restored.applied_at().is_some());
     assert_eq!(restored.applied_at(), log.sm.applied_at());
-    // Format 1 (the state alone) still reads, without the time.
+    // Formats 2 (no customer ids) and 1 (the state alone) still read.
+    let no_customers = postcard::to_stdvec(&(Vec::<()>::new(), Vec::<()>::new()))
+        .unwrap()
+        .len();
+    let mut format_2 = bytes[..bytes.len() - no_customers].to_vec();
+    format_2[0] = 2;
+    assert_eq!(StateMachine::restore(&format_2).unwrap(), log.sm);
     let at_len = postcard::to_stdvec(&log.sm.applied_at()).unwrap().len();
-    let mut format_1 = bytes[..bytes.len() - at_len].to_vec();
+    let mut format_1 = format_2[..format_2.len() - at_len].to_vec();
     format_1[0] = 1;
     let old = StateMachine::restore(&format_1).unwrap();
     assert_eq!((old.applied(), old.applied_at()), (log.sm.applied(), None));

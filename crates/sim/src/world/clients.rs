@@ -311,17 +311,7 @@ impl World {
             self.stats.ops += 1;
             items.push(BatchItem { op_id, used });
         }
-        let commands = items
-            .iter()
-            .map(|item| Command::Reserve {
-                token: item.used.token.clone(),
-                issuer_id: item.used.issuer.clone(),
-                amount: Amount(item.used.amount),
-                desk: "desk".into(),
-                trader: "trader".into(),
-                hold_ttl_ms: item.used.hold_ttl_ms,
-            })
-            .collect();
+        let commands = items.iter().map(|item| reserve_command(&item.used)).collect();
         let op_id = items[0].op_id;
         self.clients[i].inflight_shard = Some(shard);
         self.clients[i].inflight = Some(Inflight {
@@ -683,14 +673,7 @@ impl World {
     pub(super) fn reserve(&mut self, i: usize, used: TokenUse) {
         let shard = self.shard_of(&used.issuer);
         let call = reserve_call(&used);
-        let command = Command::Reserve {
-            token: used.token.clone(),
-            issuer_id: used.issuer.clone(),
-            amount: Amount(used.amount),
-            desk: "desk".into(),
-            trader: "trader".into(),
-            hold_ttl_ms: used.hold_ttl_ms,
-        };
+        let command = reserve_command(&used);
         let token = Some((used.token, used.issuer));
         self.client_send(
             i,
@@ -905,7 +888,8 @@ pub(super) fn looked_up_issuer(request: &Request) -> Option<&IssuerId> {
             ..
         } => Some(issuer),
         Request::Write {
-            command: Command::Reserve { issuer_id, .. },
+            command:
+                Command::Reserve { issuer_id, .. } | Command::ReserveForCustomer { issuer_id, .. },
             ..
         } => Some(issuer_id),
         _ => None,
@@ -988,4 +972,36 @@ fn reserve_call(used: &TokenUse) -> HistoryCall {
 /// An answer the operation cannot have: recorded as unknown.
 fn unexpected(outcome: &Outcome) -> OpResult {
     OpResult::Info(ErrorReply::new(format!("unexpected {outcome:?}")))
+}
+
+/// The command a token's use sends. A third of the tokens reserve for a
+/// customer (one of five), decided by the token so a retry sends the same.
+fn reserve_command(used: &TokenUse) -> Command {
+    let hash = used
+        .token
+        .as_str()
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let (token, issuer_id, amount) = (used.token.clone(), used.issuer.clone(), Amount(used.amount));
+    let (desk, trader, hold_ttl_ms) = ("desk".to_string(), "trader".to_string(), used.hold_ttl_ms);
+    if hash % 3 == 0 {
+        Command::ReserveForCustomer {
+            token,
+            issuer_id,
+            amount,
+            desk,
+            trader,
+            hold_ttl_ms,
+            customer_id: format!("cust-{}", hash % 5),
+        }
+    } else {
+        Command::Reserve {
+            token,
+            issuer_id,
+            amount,
+            desk,
+            trader,
+            hold_ttl_ms,
+        }
+    }
 }
