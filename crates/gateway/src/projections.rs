@@ -185,6 +185,7 @@ impl Gateway {
         let Some(page) = self.changes_after(shard, after, false).await else {
             return false;
         };
+
         let count = page.changes.len();
         let mut view = self.projections.view.lock().expect("projection lock");
         if let Err(expired) = view.take_changes(shard, page) {

@@ -179,3 +179,57 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
     assert_eq!(view.body["reservations"].as_array().unwrap().len(), 2, "customer ids survive a scan");
     drop(cluster);
 }
+
+/// With room for only a few changes per replica, the projection falls
+/// behind what the replicas keep: it scans those groups again and still
+/// holds every reservation, once, with its latest state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_changes_were_evicted_is_scanned_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = harbor::dev::DevOptions::new(dir.path().to_path_buf());
+    options.port = 0;
+    options.tune_node = |config| config.changes_retained_bytes = 4 << 10;
+    let cluster = harbor::dev::DevCluster::start(options).await.unwrap();
+    cluster
+        .wait_ready(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let madrid = cluster.url("madrid");
+    let api = Api::new();
+    assert_eq!(api.put_issuer(&madrid, "MUNI-1", "madrid", 1_000_000).await.status, 201);
+    let scans = |status: &serde_json::Value| status["projections"][0]["scans"].as_u64().unwrap();
+    let groups = api.get(format!("{madrid}/v1/admin/projections")).await.body["projections"][0]
+        ["groups"]
+        .as_u64()
+        .unwrap();
+    // Batches of 50 in a burst: each evicts the one before from the
+    // replicas' changes before the projection's next round.
+    let mut written = 0;
+    let mut last = String::new();
+    for round in 0..40 {
+        let items: Vec<serde_json::Value> = (0..50)
+            .map(|i| {
+                serde_json::json!({"reservation_token": format!("tok-{round}-{i}"), "issuer_id": "MUNI-1",
+                    "amount": 1, "desk": "d", "trader": "t"})
+            })
+            .collect();
+        let batch = api
+            .post(format!("{madrid}/v1/reservations:batch"), serde_json::json!({ "reservations": items }))
+            .await;
+        assert_eq!(batch.body["reserved"], 50, "{:?}", batch.body);
+        written += 50;
+        last = batch.body["results"][49]["commit_token"].as_str().unwrap().to_string();
+    }
+    let report = api
+        .get(format!(
+            "{madrid}/v1/reports/exposure?group_by=issuer&min_as_of={last}&wait_ms=10000"
+        ))
+        .await;
+    assert_eq!(report.status, 200, "{:?}", report.body);
+    let line = &report.body["lines"][0];
+    assert_eq!(line["key"], "MUNI-1");
+    assert_eq!((line["confirmed_count"].as_u64(), line["reserved"].as_u64()), (Some(written), Some(written)));
+    let status = api.get(format!("{madrid}/v1/admin/projections")).await.body;
+    assert!(scans(&status) > groups, "no group was scanned again: {status}");
+    assert_eq!(status["projections"][0]["reservations"], written);
+}
