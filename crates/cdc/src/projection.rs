@@ -26,16 +26,7 @@ use harbor_types::sim::{probe, Bugs};
 use harbor_types::{Amount, CommitToken, IssuerId, Region, ReservationId, ShardId, Timestamp};
 use harbor_wire::{ChangePosition, ChangesPage, ScanPage};
 
-use crate::feed::Expired;
-
-/// What the projection needs next from one group.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Next {
-    /// A page of the group's state after this key (`None`: from the start).
-    Scan(Option<ScanKey>),
-    /// A page of the group's changes after this position.
-    Changes(ChangePosition),
-}
+pub use crate::feed::{Expired, Next, StaleScanPage};
 
 /// Where the projection stands in one group.
 #[derive(Clone, Debug)]
@@ -74,15 +65,6 @@ pub struct IssuerRow {
     pub limit: Amount,
     pub shard: ShardId,
     pub version: ChangePosition,
-}
-
-/// A scan page that stands before the scan's first page: its rows may miss
-/// changes the tail will not bring. Ask again (another replica, or later).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StaleScanPage {
-    pub shard: ShardId,
-    pub at: ChangePosition,
-    pub start: ChangePosition,
 }
 
 /// Counts of what the projection applied, for metrics and the simulator.
@@ -719,6 +701,7 @@ mod tests {
             ScanPage {
                 rows: self.machine.scan(after.as_ref(), max),
                 at: ChangePosition::entry_end(LogIndex(self.index)),
+                at_time: None,
             }
         }
     }
@@ -841,6 +824,7 @@ mod tests {
                 ScanPage {
                     rows: Default::default(),
                     at: ChangePosition::START,
+                    at_time: None,
                 },
             )
             .unwrap();

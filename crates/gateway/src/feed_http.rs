@@ -34,7 +34,7 @@ use harbor_wire::{
 use serde::Deserialize;
 use serde_json::json;
 
-use harbor_cdc::feed::{Expired, Feed, FeedCursor, Sent};
+use harbor_cdc::feed::{Expired, Feed, FeedCursor, Next, Place, Sent, SnapshotRow};
 use crate::error::ApiError;
 use crate::local::Local;
 use crate::router::Gateway;
@@ -84,11 +84,11 @@ async fn start(gw: &Arc<Gateway>, params: FeedQuery) -> Result<HttpResponse, Api
     };
     let from = params.from.as_deref().unwrap_or("now");
     let cursor = match from {
-        "beginning" => FeedCursor(shards.iter().map(|s| (*s, ChangePosition::START)).collect()),
+        "beginning" => FeedCursor::at(shards.iter().copied(), ChangePosition::START),
         "now" => {
             let mut positions = BTreeMap::new();
             for shard in &shards {
-                positions.insert(*shard, gw.applied_position(*shard).await?);
+                positions.insert(*shard, Place::At(gw.applied_position(*shard).await?));
             }
             FeedCursor(positions)
         }
@@ -145,10 +145,14 @@ async fn start(gw: &Arc<Gateway>, params: FeedQuery) -> Result<HttpResponse, Api
             if tx.is_closed() {
                 return;
             }
+            // Done once every group's changes reached where its leader
+            // stood, and every group promised a mark for the last line (a
+            // group just scanned has not yet).
             let done = !follow
                 && until
                     .iter()
-                    .all(|(shard, end)| feed.position(*shard) >= *end);
+                    .all(|(shard, end)| feed.reached(*shard, *end))
+                && feed.promised().is_some();
             if done {
                 lines.extend(feed.resolved_now().map(|sent| gw.line(&sent)));
             } else if tokio::time::Instant::now() >= next_resolved {
@@ -266,14 +270,15 @@ fn parse_shards(text: &str, all: &BTreeSet<ShardId>) -> Result<BTreeSet<ShardId>
 
 fn expired_error(sent: &FeedCursor, expired: Expired) -> ApiError {
     let mut oldest = sent.clone();
-    oldest.0.insert(expired.shard, expired.oldest);
+    oldest.0.insert(expired.shard, Place::At(expired.oldest));
     ApiError::new(
         StatusCode::GONE,
         ErrorCode::CursorExpired,
         format!(
             "{} no longer keeps the changes at this cursor (a replica restarted, or the \
              retention budget evicted them); continue from oldest_cursor, knowing changes \
-             between were not delivered, or start again from=beginning or from=now",
+             between were not delivered, or start again from=beginning (which sends the \
+             group's current rows first) or from=now",
             expired.shard
         ),
     )
@@ -294,17 +299,38 @@ impl Gateway {
     ) -> Result<(), Expired> {
         for shard in feed.shards() {
             for _ in 0..pages_max {
-                let Some(page) = self
-                    .changes_after(shard, feed.position(shard), leader_first)
-                    .await
-                else {
-                    break;
+                let more = match feed.next(shard) {
+                    Next::Changes(after) => {
+                        let Some(page) = self.changes_after(shard, after, leader_first).await
+                        else {
+                            break;
+                        };
+                        let full = page.changes.len() >= CHANGES_PAGE_MAX;
+                        match feed.take(shard, page) {
+                            Ok(sent) => lines.extend(sent.iter().map(|s| self.line(s))),
+                            // From the beginning on a log that no longer
+                            // reaches back: the group's rows instead.
+                            Err(_) if feed.scan_from_the_beginning(shard) => continue,
+                            Err(expired) => return Err(expired),
+                        }
+                        full
+                    }
+                    Next::Scan(after) => {
+                        let Some(page) = self.scan_page(shard, after).await else {
+                            break;
+                        };
+                        let more = page.rows.next.is_some();
+                        let at_time = page.at_time;
+                        match feed.take_scan(shard, page) {
+                            Ok(sent) => {
+                                lines.extend(sent.iter().map(|s| self.snapshot_line(s, at_time)))
+                            }
+                            Err(_) => break, // a replica behind the scan: ask again later
+                        }
+                        more
+                    }
                 };
-                let full = page.changes.len() >= CHANGES_PAGE_MAX;
-                for sent in feed.take(shard, page)? {
-                    lines.push(self.line(&sent));
-                }
-                if !full {
+                if !more {
                     break;
                 }
             }
@@ -447,7 +473,65 @@ impl Gateway {
                 cursor: cursor.encode(),
                 resolved: hlc(*resolved),
             }),
+            Sent::Snapshot { .. } => self.snapshot_line(sent, None),
         }
+    }
+
+    /// A row of an initial scan: `op: "snapshot"`, at the position (and
+    /// time, `at_time`) of the state it shows.
+    fn snapshot_line(&self, sent: &Sent, at_time: Option<Timestamp>) -> FeedLine {
+        let Sent::Snapshot {
+            shard,
+            row,
+            at,
+            cursor,
+        } = sent
+        else {
+            return self.line(sent);
+        };
+        let region = self
+            .meta
+            .map()
+            .groups
+            .get(shard)
+            .map(|g| g.home_region.to_string())
+            .unwrap_or_default();
+        let (generation, issuer_id, reservation_id, token, after) = match row.as_ref() {
+            SnapshotRow::Issuer(i) => (
+                i.updated.map_or(0, |u| u.generation.0),
+                i.issuer_id.to_string(),
+                None,
+                None,
+                json!({"issuer_id": i.issuer_id.to_string(), "home_region": i.home_region.to_string(),
+                       "limit": i.limit.0, "reserved": i.reserved.0}),
+            ),
+            SnapshotRow::Reservation(r) => (
+                r.updated.generation.0,
+                r.issuer_id.to_string(),
+                Some(r.reservation_id.to_string()),
+                Some(r.reservation_token.to_string()),
+                reservation_after(r),
+            ),
+        };
+        FeedLine::Change(ChangeLine {
+            cursor: cursor.encode(),
+            op: "snapshot".to_string(),
+            source: ChangeSource {
+                shard: shard.0,
+                generation,
+                index: at.index.0,
+                sub: at.sub,
+                region,
+                hlc: hlc(at_time.unwrap_or(Timestamp::ZERO)),
+            },
+            key: ChangeKey {
+                issuer_id,
+                reservation_id,
+            },
+            reservation_token: token,
+            before: None,
+            after: Some(after),
+        })
     }
 }
 
@@ -456,6 +540,22 @@ fn hlc(at: Timestamp) -> HlcTime {
         wall_ms: at.wall_ms,
         logical: at.logical,
     }
+}
+
+/// A reservation as a feed line's `after` shows it.
+fn reservation_after(reservation: &harbor_reservation::ReservationView) -> serde_json::Value {
+    let row = crate::api::reservation_answer(reservation, None);
+    json!({
+        "reservation_id": row.reservation_id,
+        "issuer_id": row.issuer_id,
+        "reservation_token": row.reservation_token,
+        "amount": row.amount,
+        "desk": row.desk,
+        "trader": row.trader,
+        "status": row.status,
+        "expires_at_ms": row.expires_at_ms,
+        "customer_id": row.customer_id,
+    })
 }
 
 /// A change in the Debezium envelope's shape.
@@ -530,18 +630,7 @@ pub fn change_line(change: &Change, region: String, cursor: String) -> ChangeLin
                 Event::ReservationConfirmed { .. } => Some(json!({"status": "held"})),
                 _ => None,
             };
-            let row = crate::api::reservation_answer(reservation, None);
-            let after = json!({
-                "reservation_id": row.reservation_id,
-                "issuer_id": row.issuer_id,
-                "reservation_token": row.reservation_token,
-                "amount": row.amount,
-                "desk": row.desk,
-                "trader": row.trader,
-                "status": row.status,
-                "expires_at_ms": row.expires_at_ms,
-                "customer_id": row.customer_id,
-            });
+            let after = reservation_after(reservation);
             (
                 op,
                 reservation.issuer_id.to_string(),

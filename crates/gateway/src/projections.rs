@@ -204,7 +204,7 @@ impl Gateway {
 
     /// A page of `shard`'s state after `after`, from a replica in this
     /// region, else the leader, else any other.
-    async fn scan_page(&self, shard: ShardId, after: Option<ScanKey>) -> Option<ScanPage> {
+    pub(crate) async fn scan_page(&self, shard: ShardId, after: Option<ScanKey>) -> Option<ScanPage> {
         let map = self.meta.map();
         let group = map.groups.get(&shard)?;
         let mut order: Vec<NodeId> = Vec::new();

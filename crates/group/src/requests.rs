@@ -288,6 +288,7 @@ impl GroupCore {
         ScanPage {
             rows: self.machine.scan(after, max.clamp(1, CHANGES_PAGE_MAX)),
             at: ChangePosition::entry_end(self.applied),
+            at_time: self.machine.applied_at(),
         }
     }
 

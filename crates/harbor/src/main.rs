@@ -278,7 +278,8 @@ enum Verify {
         /// Switch on a protocol bug the checker must catch:
         /// commit-without-follower-ack, accept-old-generation, apply-token-twice,
         /// strong-read-without-lease, follower-ignores-session, lease-on-wall-clock,
-        /// directory-from-copy, resolved-from-lease, feed-skips-change.
+        /// directory-from-copy, resolved-from-lease, feed-skips-change,
+        /// projection-watermark-early, projection-includes-by-index.
         #[arg(long)]
         bug: Option<String>,
         /// Write the history of every failing seed here.

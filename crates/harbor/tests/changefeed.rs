@@ -247,9 +247,28 @@ async fn a_cursor_older_than_what_is_kept_is_refused_with_where_to_continue() {
         .first()
         .map(|c| c.source.shard);
     assert!(shard.is_none(), "nothing after now");
+    // From the beginning, the log no longer reaches back: the group's
+    // current rows come first (`op: snapshot`), then its changes.
+    let all = feed(&api, &madrid, "from=beginning&follow=false").await;
+    let rows: Vec<&ChangeLine> = changes(&all)
+        .into_iter()
+        .filter(|c| c.key.issuer_id == "MUNI-1")
+        .collect();
+    assert_eq!(rows[0].op, "snapshot", "{:?}", rows[0]);
+    assert_eq!(rows[0].key.reservation_id, None, "the issuer's row first");
+    let snapshot_tokens: BTreeSet<_> = rows
+        .iter()
+        .filter(|c| c.op == "snapshot")
+        .filter_map(|c| c.reservation_token.clone())
+        .collect();
+    assert_eq!(snapshot_tokens.len(), 40, "every reservation as it stands");
+    assert!(matches!(all.last(), Some(FeedLine::Resolved(_))), "{:?}", &all[all.len().saturating_sub(2)..]);
+    let shard = rows[0].source.shard;
+    // A cursor older than what is kept, past the beginning, is refused
+    // with where to continue.
     let reply = api
         .get(format!(
-            "{madrid}/v1/changefeed?from=beginning&follow=false"
+            "{madrid}/v1/changefeed?from=c1.{shard}-1-e&follow=false"
         ))
         .await;
     assert_eq!(

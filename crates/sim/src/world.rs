@@ -97,6 +97,9 @@ pub struct SimStats {
     pub feed_restarts: u64,
     /// Feed positions a replica no longer kept (a new feed session).
     pub feed_expired: u64,
+    /// Groups the feed scanned because their log no longer reached back
+    /// to the beginning.
+    pub feed_scans: u64,
     /// Resolved marks the feed sent.
     pub feed_resolved: u64,
     /// Projection crashes (it is rebuilt from a scan of every group).

@@ -92,7 +92,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 37] = [
+pub const PROBES: [&str; 38] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -130,6 +130,7 @@ pub const PROBES: [&str; 37] = [
     "gateway.call_refusal_after_an_attempt_in_doubt",
     "projection.rescanned_after_expiry",
     "projection.stale_scan_page_refused",
+    "feed.scanned_from_the_beginning",
 ];
 
 thread_local! {

@@ -96,4 +96,7 @@ pub struct ScanPage {
     pub rows: ScanRows,
     /// The end of the last entry the replica had applied.
     pub at: ChangePosition,
+    /// That entry's time (`None` from a state restored from a snapshot of
+    /// format 1 before an entry applied).
+    pub at_time: Option<Timestamp>,
 }

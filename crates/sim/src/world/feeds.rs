@@ -12,7 +12,7 @@
 use std::collections::btree_map::Entry as MapEntry;
 use std::ops::Bound::{Excluded, Included, Unbounded};
 
-use harbor_cdc::feed::{Feed, FeedCursor, Sent};
+use harbor_cdc::feed::{Feed, FeedCursor, Next, Place, Sent};
 use harbor_types::Timestamp;
 use harbor_wire::{Change, ChangePosition};
 
@@ -42,11 +42,13 @@ struct FeedSession {
 enum Received {
     Change(ShardId, ChangePosition, Box<Change>),
     Resolved(Timestamp, FeedCursor),
+    /// The group's initial scan ended; its changes follow from here.
+    ScanDone(ShardId, ChangePosition),
 }
 
 impl SimFeed {
     pub(super) fn new(shards: impl Iterator<Item = ShardId>) -> SimFeed {
-        let start = FeedCursor(shards.map(|s| (s, ChangePosition::START)).collect());
+        let start = FeedCursor::at(shards, ChangePosition::START);
         SimFeed {
             feed: Feed::new(start.clone()),
             truth: BTreeMap::new(),
@@ -88,9 +90,14 @@ impl World {
             return;
         };
         if self.safety && self.rng.chance(2) {
-            // The consumer crashed: it resumes from its checkpoint.
+            // The consumer crashed: it resumes from its checkpoint, or
+            // a new one starts from the beginning.
             self.stats.feed_restarts += 1;
-            let from = sim.checkpoint.clone();
+            let from = if self.rng.chance(30) {
+                FeedCursor::at(self.groups.keys().copied(), ChangePosition::START)
+            } else {
+                sim.checkpoint.clone()
+            };
             self.trace(|| format!("feed consumer restarts from {from:?}"));
             sim.resume(from);
         }
@@ -105,12 +112,25 @@ impl World {
                 continue;
             }
             let max = self.rng.range(1, 8) as usize;
-            let page = driver.group().changes(sim.feed.position(shard), max);
+            let after = match sim.feed.next(shard) {
+                Next::Changes(after) => after,
+                Next::Scan(key) => {
+                    let page = driver.group().scan(key.as_ref(), max);
+                    self.trace(|| format!("feed {shard} scan from {node} at {:?}", page.at));
+                    if sim.feed.take_scan(shard, page).is_ok() {
+                        if let Next::Changes(start) = sim.feed.next(shard) {
+                            let session = sim.sessions.last_mut().unwrap();
+                            session.received.push(Received::ScanDone(shard, start));
+                        }
+                    }
+                    continue;
+                }
+            };
+            let page = driver.group().changes(after, max);
             self.trace(|| {
                 format!(
-                    "feed {shard} from {node}: {} changes after {:?}, up to {:?}, resolved {:?}, expired {:?}",
+                    "feed {shard} from {node}: {} changes after {after:?}, up to {:?}, resolved {:?}, expired {:?}",
                     page.changes.len(),
-                    sim.feed.position(shard),
                     page.upto,
                     page.resolved,
                     page.expired
@@ -128,13 +148,18 @@ impl World {
                         }
                     }
                 }
+                Err(_) if sim.feed.scan_from_the_beginning(shard) => {
+                    // From the beginning on a log that no longer reaches
+                    // back: the group's rows, then its changes.
+                    self.stats.feed_scans += 1;
+                }
                 Err(expired) => {
                     // A real consumer gets `410 cursor_expired` and starts
                     // again where the replica can continue: a new session,
                     // whose gap is known.
                     self.stats.feed_expired += 1;
                     let mut from = sim.feed.cursor().clone();
-                    from.0.insert(shard, expired.oldest);
+                    from.0.insert(shard, Place::At(expired.oldest));
                     sim.sessions.last_mut().unwrap().end = sim.feed.cursor().clone();
                     sim.resume(from);
                 }
@@ -204,11 +229,28 @@ impl World {
         truth: &BTreeMap<ShardId, BTreeMap<ChangePosition, Change>>,
     ) {
         let empty = BTreeMap::new();
-        let mut at = session.start.clone();
+        // Where each group's changes stand (`None` inside a scan).
+        let mut at: BTreeMap<ShardId, Option<ChangePosition>> = session
+            .start
+            .0
+            .iter()
+            .map(|(shard, place)| match place {
+                Place::At(at) => (*shard, Some(*at)),
+                Place::Scan { .. } => (*shard, None),
+            })
+            .collect();
         for received in &session.received {
             match received {
+                Received::ScanDone(shard, start) => {
+                    at.insert(*shard, Some(*start));
+                }
                 Received::Change(shard, position, _) => {
-                    let before = at.0[shard];
+                    let Some(before) = at[shard] else {
+                        self.violations.push(format!(
+                            "feed session {n}: {shard} change at {position:?} during its scan"
+                        ));
+                        continue;
+                    };
                     if *position <= before {
                         self.violations.push(format!(
                             "feed session {n}: {shard} change at {position:?} after {before:?} (repeated or out of order)"
@@ -223,11 +265,11 @@ impl World {
                             "feed session {n}: {shard} skipped the change at {skipped:?} (delivered {position:?} after {before:?})"
                         ));
                     }
-                    at.0.insert(*shard, *position);
+                    at.insert(*shard, Some(*position));
                 }
                 Received::Resolved(resolved, cursor) => {
                     for (shard, stream) in truth {
-                        let Some(upto) = cursor.0.get(shard) else {
+                        let Some(Place::At(upto)) = cursor.0.get(shard) else {
                             continue;
                         };
                         if let Some((late, change)) = stream
@@ -247,7 +289,9 @@ impl World {
         // Nothing skipped between the last change and where the session
         // ended.
         for (shard, end) in &session.end.0 {
-            let last = at.0[shard];
+            let (Place::At(end), Some(last)) = (end, at[shard]) else {
+                continue;
+            };
             let stream = truth.get(shard).unwrap_or(&empty);
             if let Some((skipped, _)) = stream.range((Excluded(last), Included(*end))).next() {
                 self.violations.push(format!(
