@@ -253,6 +253,15 @@ impl Feed {
         &self.at
     }
 
+    /// Where a scan page of `shard` must stand at least: its scan's first
+    /// page (`None`: anywhere, or not scanning).
+    pub fn scan_floor(&self, shard: ShardId) -> Option<ChangePosition> {
+        match &self.at.0[&shard] {
+            Place::Scan { start, .. } => *start,
+            Place::At(_) => None,
+        }
+    }
+
     /// Scans `shard` instead of reading its changes: its log no longer
     /// reaches back to where the feed stood, which was the beginning.
     /// Refused (false) anywhere else: a gap there is the consumer's to know.

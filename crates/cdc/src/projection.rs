@@ -44,6 +44,9 @@ struct Stream {
 struct Scan {
     /// The first page's position: the tail starts here.
     start: Option<ChangePosition>,
+    /// A rescan's first page must stand here or later: the oldest
+    /// position the replicas keep, or the tail would expire again.
+    floor: Option<ChangePosition>,
     next: Option<ScanKey>,
 }
 
@@ -145,6 +148,13 @@ impl Projection {
         self.streams[&shard].scan.is_some()
     }
 
+    /// Where a scan page of `shard` must stand at least (`None`: anywhere,
+    /// or not scanning).
+    pub fn scan_floor(&self, shard: ShardId) -> Option<ChangePosition> {
+        let scan = self.streams[&shard].scan.as_ref()?;
+        scan.start.or(scan.floor)
+    }
+
     /// Every change with a time at or before this is in the projection.
     pub fn watermark(&self) -> Option<Timestamp> {
         self.watermark
@@ -196,7 +206,10 @@ impl Projection {
     pub fn rescan(&mut self, expired: Expired) {
         probe("projection.rescanned_after_expiry");
         let stream = self.streams.get_mut(&expired.shard).expect("a shard of the projection");
-        stream.scan = Some(Scan::default());
+        stream.scan = Some(Scan {
+            floor: Some(expired.oldest),
+            ..Scan::default()
+        });
         stream.resolved = None;
     }
 
@@ -205,6 +218,15 @@ impl Projection {
     pub fn take_scan(&mut self, shard: ShardId, page: ScanPage) -> Result<(), StaleScanPage> {
         let stream = self.streams.get_mut(&shard).expect("a shard of the projection");
         let scan = stream.scan.as_mut().expect("a scan page for a scanning shard");
+        let floor = scan.start.or(scan.floor).unwrap_or(ChangePosition::START);
+        if page.at < floor {
+            probe("projection.stale_scan_page_refused");
+            return Err(StaleScanPage {
+                shard,
+                at: page.at,
+                start: floor,
+            });
+        }
         let start = *scan.start.get_or_insert(page.at);
         if page.at < start {
             probe("projection.stale_scan_page_refused");
@@ -458,17 +480,19 @@ impl Projection {
                     .map_or_else(|| "unknown".to_string(), |region| region.to_string()),
             };
             let line = lines.entry(key).or_default();
+            // Sums saturate: thousands of issuers each near the largest
+            // amount could pass u64.
             match r.status {
                 Status::Held => {
-                    line.held += r.amount.0;
+                    line.held = line.held.saturating_add(r.amount.0);
                     line.held_count += 1;
                 }
                 _ => {
-                    line.confirmed += r.amount.0;
+                    line.confirmed = line.confirmed.saturating_add(r.amount.0);
                     line.confirmed_count += 1;
                 }
             }
-            line.reserved += r.amount.0;
+            line.reserved = line.reserved.saturating_add(r.amount.0);
         }
         lines
             .into_iter()
@@ -858,9 +882,16 @@ mod tests {
         let mut projection = Projection::new([SHARD], Bugs::none());
         catch_up(&mut projection, &group, 10);
         let tail = projection.positions()[&SHARD];
-        projection.rescan(Expired {
+        // A rescan's first page must stand at what the replicas keep.
+        let mut refused = projection.clone();
+        refused.rescan(Expired {
             shard: SHARD,
             oldest: ChangePosition::entry_end(LogIndex(3)),
+        });
+        assert!(refused.take_scan(SHARD, behind.clone()).is_err());
+        projection.rescan(Expired {
+            shard: SHARD,
+            oldest: ChangePosition::entry_end(LogIndex(1)),
         });
         projection.take_scan(SHARD, behind).unwrap();
         assert_eq!(projection.next(SHARD), Next::Changes(tail));

@@ -299,6 +299,15 @@ fn answer(gw: &Gateway, result: Result<Map<String, Value>, ApiError>) -> HttpRes
 
 pub(crate) async fn metrics(State(gw): Gw) -> HttpResponse {
     let view = gw.cluster_view().await;
+    // The projection's lag as of this scrape, so a stalled projection
+    // shows a growing lag (-1 while it has no watermark).
+    if gw.projections.running() {
+        let lag = gw
+            .projections
+            .read(|p| p.watermark())
+            .map_or(-1, |w| crate::projections::lag_ms(w) as i64);
+        gw.metrics.projection_lag(lag);
+    }
     gw.metrics.render(&view)
 }
 

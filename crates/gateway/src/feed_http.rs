@@ -316,7 +316,13 @@ impl Gateway {
                         full
                     }
                     Next::Scan(after) => {
-                        let Some(page) = self.scan_page(shard, after).await else {
+                        // The first page from the leader: later than any
+                        // replica's oldest kept change, so the changes after
+                        // it are still there.
+                        let floor = feed.scan_floor(shard);
+                        let leader_first = leader_first || floor.is_none();
+                        let Some(page) = self.scan_page(shard, after, floor, leader_first).await
+                        else {
                             break;
                         };
                         let more = page.rows.next.is_some();

@@ -132,7 +132,8 @@ impl Default for Metrics {
         let projection_lag_ms = Family::default();
         registry.register(
             "projection_lag_ms",
-            "Now minus the projection's watermark (every change at or before the watermark is in)",
+            "Now minus the projection's watermark (every change at or before the watermark is in), \
+             at scrape time; -1 while it has none (being built)",
             projection_lag_ms.clone(),
         );
         let projection_changes = Family::default();
@@ -211,10 +212,8 @@ impl Metrics {
         self.feed_resolved_lag_ms.set(lag_ms);
     }
 
-    pub(crate) fn projection_lag(&self, lag_ms: u64) {
-        self.projection_lag_ms
-            .get_or_create(&PROJECTION)
-            .set(lag_ms as i64);
+    pub(crate) fn projection_lag(&self, lag_ms: i64) {
+        self.projection_lag_ms.get_or_create(&PROJECTION).set(lag_ms);
     }
 
     pub(crate) fn projection_applied(&self, changes: u64) {

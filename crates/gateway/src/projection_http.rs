@@ -180,12 +180,33 @@ async fn run_search(gw: &Gateway, params: Params<SearchParams>) -> Result<Search
         before,
         limit,
     };
+    if let (Some(min), Some(max)) = (search.min_amount, search.max_amount) {
+        if min > max {
+            return Err(ApiError::bad_request(
+                ErrorCode::InvalidQuery,
+                format!("min_amount {min} is over max_amount {max}"),
+            )
+            .with("field", "min_amount"));
+        }
+    }
+    if let (Some(after), Some(before)) = (search.created_after_ms, search.created_before_ms) {
+        if after >= before {
+            return Err(ApiError::bad_request(
+                ErrorCode::InvalidQuery,
+                format!("created_after_ms {after} is not before created_before_ms {before}"),
+            )
+            .with("field", "created_after_ms"));
+        }
+    }
+    if let Some(customer_id) = &search.customer_id {
+        check_customer(customer_id)?;
+    }
     let max_lag_ms = number("max_lag_ms", p.max_lag_ms.as_deref(), 0, u64::MAX)?
         .unwrap_or(SEARCH_MAX_LAG_MS_DEFAULT);
     let wait = wait_params("min_as_of", p.min_as_of.as_deref(), p.wait_ms.as_deref())?;
     running(gw)?;
-    wait_for(gw, &wait).await?;
-    let (page, watermark) = gw.projections.read(|view| (view.search(&search), view.watermark()));
+    let (page, watermark) =
+        read_including(gw, &wait, |view| (view.search(&search), view.watermark())).await?;
     Ok(SearchAnswer {
         reservations: page.rows.iter().map(|r| reservation_answer(r, None)).collect(),
         next_cursor: page.next.map(|c| c.encode()),
@@ -204,6 +225,31 @@ async fn run_customer(
     let p = params
         .map(|QueryParams(p)| p)
         .map_err(|e| ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
+    check_customer(&customer_id)?;
+    let limit = number("limit", p.limit.as_deref(), 1, SEARCH_LIMIT_MAX as u64)?
+        .map_or(SEARCH_LIMIT_DEFAULT, |n| n as usize);
+    let before = cursor(p.cursor.as_deref())?;
+    let max_lag_ms = number("max_lag_ms", p.max_lag_ms.as_deref(), 0, u64::MAX)?
+        .unwrap_or(SEARCH_MAX_LAG_MS_DEFAULT);
+    let wait = wait_params("after", p.after.as_deref(), p.wait_ms.as_deref())?;
+    running(gw)?;
+    let search = Search {
+        customer_id: Some(customer_id.clone()),
+        before,
+        limit,
+        ..Search::default()
+    };
+    let (page, watermark) =
+        read_including(gw, &wait, |view| (view.search(&search), view.watermark())).await?;
+    Ok(CustomerAnswer {
+        customer_id,
+        reservations: page.rows.iter().map(|r| reservation_answer(r, None)).collect(),
+        next_cursor: page.next.map(|c| c.encode()),
+        served: served(gw, watermark, max_lag_ms),
+    })
+}
+
+fn check_customer(customer_id: &str) -> Result<(), ApiError> {
     if customer_id.is_empty()
         || customer_id.len() > FIELD_LEN_MAX
         || customer_id.chars().any(char::is_control)
@@ -214,27 +260,7 @@ async fn run_customer(
         )
         .with("field", "customer_id"));
     }
-    let limit = number("limit", p.limit.as_deref(), 1, SEARCH_LIMIT_MAX as u64)?
-        .map_or(SEARCH_LIMIT_DEFAULT, |n| n as usize);
-    let before = cursor(p.cursor.as_deref())?;
-    let max_lag_ms = number("max_lag_ms", p.max_lag_ms.as_deref(), 0, u64::MAX)?
-        .unwrap_or(SEARCH_MAX_LAG_MS_DEFAULT);
-    let wait = wait_params("after", p.after.as_deref(), p.wait_ms.as_deref())?;
-    running(gw)?;
-    wait_for(gw, &wait).await?;
-    let search = Search {
-        customer_id: Some(customer_id.clone()),
-        before,
-        limit,
-        ..Search::default()
-    };
-    let (page, watermark) = gw.projections.read(|view| (view.search(&search), view.watermark()));
-    Ok(CustomerAnswer {
-        customer_id,
-        reservations: page.rows.iter().map(|r| reservation_answer(r, None)).collect(),
-        next_cursor: page.next.map(|c| c.encode()),
-        served: served(gw, watermark, max_lag_ms),
-    })
+    Ok(())
 }
 
 fn cursor(text: Option<&str>) -> Result<Option<SearchCursor>, ApiError> {
@@ -266,8 +292,8 @@ async fn run_exposure(gw: &Gateway, params: Params<ReportParams>) -> Result<Expo
         .unwrap_or(REPORT_MAX_LAG_MS_DEFAULT);
     let wait = wait_params("min_as_of", p.min_as_of.as_deref(), p.wait_ms.as_deref())?;
     running(gw)?;
-    wait_for(gw, &wait).await?;
-    let (lines, watermark) = gw.projections.read(|view| (view.exposure(group_by), view.watermark()));
+    let (lines, watermark) =
+        read_including(gw, &wait, |view| (view.exposure(group_by), view.watermark())).await?;
     Ok(ExposureReport {
         group_by: text.to_string(),
         lines: lines
@@ -328,12 +354,13 @@ fn wait_params(
     })
 }
 
-/// Waits until the projection includes every token of `wait`; past its
-/// bound, `409 not_yet_visible` naming the ones still missing.
-async fn wait_for(gw: &Gateway, wait: &Wait) -> Result<(), ApiError> {
-    if wait.tokens.is_empty() {
-        return Ok(());
-    }
+/// Reads the projection with `f` once it includes every token of `wait`;
+/// past its bound, `409 not_yet_visible` naming the ones still missing.
+async fn read_including<T>(
+    gw: &Gateway,
+    wait: &Wait,
+    f: impl Fn(&harbor_cdc::projection::Projection) -> T,
+) -> Result<T, ApiError> {
     let shards = gw.projections.read(|p| p.shards());
     if let Some(unknown) = wait.tokens.iter().find(|t| !shards.contains(&t.shard)) {
         return Err(ApiError::bad_request(
@@ -342,10 +369,10 @@ async fn wait_for(gw: &Gateway, wait: &Wait) -> Result<(), ApiError> {
         )
         .with("field", wait.field));
     }
-    let missing = gw.projections.wait_for(&wait.tokens, wait.wait).await;
-    if missing.is_empty() {
-        return Ok(());
-    }
+    let missing = match gw.projections.read_including(&wait.tokens, wait.wait, f).await {
+        Ok(answer) => return Ok(answer),
+        Err(missing) => missing,
+    };
     let mut e = ApiError::new(
         StatusCode::CONFLICT,
         ErrorCode::NotYetVisible,

@@ -8,6 +8,7 @@
 //! expired is scanned again.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -41,11 +42,16 @@ enum Round {
 
 /// The projection and what waits on it.
 pub(crate) struct Projections {
+    /// Written only by the feeding task, between its requests: a page is
+    /// always taken by the projection that asked for it.
     view: Mutex<Projection>,
     /// Bumped whenever a round moved the projection: readers waiting for
     /// commit tokens look again.
     moved: watch::Sender<u64>,
-    running: std::sync::atomic::AtomicBool,
+    running: AtomicBool,
+    /// A rebuild was asked for; the feeding task does it before its next
+    /// round.
+    rebuild: AtomicBool,
 }
 
 impl Projections {
@@ -53,42 +59,60 @@ impl Projections {
         Projections {
             view: Mutex::new(Projection::new(shards, Bugs::none())),
             moved: watch::channel(0).0,
-            running: std::sync::atomic::AtomicBool::new(false),
+            running: AtomicBool::new(false),
+            rebuild: AtomicBool::new(false),
         }
     }
 
     pub(crate) fn running(&self) -> bool {
-        self.running.load(std::sync::atomic::Ordering::Relaxed)
+        self.running.load(Ordering::Relaxed)
     }
 
     /// Reads the projection.
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Projection) -> T) -> T {
-        f(&self.view.lock().expect("projection lock"))
+        // Nothing panics while holding the lock; a poisoned one still
+        // holds a whole projection.
+        f(&self.view.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Drops the projection and builds it again from a scan of every
-    /// group. Readers see an empty view (watermark `null`) meanwhile.
+    fn write<T>(&self, f: impl FnOnce(&mut Projection) -> T) -> T {
+        f(&mut self.view.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Asks for the projection to be dropped and built again from a scan
+    /// of every group (the feeding task does it before its next round).
+    /// Readers then see an empty view (watermark `null`) until it is.
     pub(crate) fn rebuild(&self) {
-        let mut view = self.view.lock().expect("projection lock");
-        *view = Projection::new(view.shards(), Bugs::none());
-        drop(view);
-        self.moved.send_modify(|n| *n += 1);
+        self.rebuild.store(true, Ordering::Relaxed);
     }
 
-    /// Waits up to `wait` until the projection includes every token;
-    /// answers the ones it still lacks.
-    pub(crate) async fn wait_for(&self, tokens: &[CommitToken], wait: Duration) -> Vec<CommitToken> {
+    /// Reads the projection with `f` once it includes every token, in the
+    /// same look (a rebuild in between cannot slip an answer without
+    /// them), waiting up to `wait`; the tokens it still lacks otherwise.
+    pub(crate) async fn read_including<T>(
+        &self,
+        tokens: &[CommitToken],
+        wait: Duration,
+        f: impl Fn(&Projection) -> T,
+    ) -> Result<T, Vec<CommitToken>> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut moved = self.moved.subscribe();
         loop {
-            let missing: Vec<CommitToken> =
-                self.read(|p| tokens.iter().filter(|t| !p.includes(t)).copied().collect());
-            if missing.is_empty() {
-                return missing;
-            }
-            match tokio::time::timeout_at(deadline, moved.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return missing,
+            let answer = self.read(|p| {
+                let missing: Vec<CommitToken> =
+                    tokens.iter().filter(|t| !p.includes(t)).copied().collect();
+                if missing.is_empty() {
+                    Ok(f(p))
+                } else {
+                    Err(missing)
+                }
+            });
+            match answer {
+                Ok(answer) => return Ok(answer),
+                Err(missing) => match tokio::time::timeout_at(deadline, moved.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => return Err(missing),
+                },
             }
         }
     }
@@ -98,7 +122,6 @@ impl Gateway {
     /// Starts feeding this gateway's projection (once); it stops when the
     /// gateway is dropped.
     pub fn run_projection(self: &Arc<Self>) {
-        use std::sync::atomic::Ordering;
         if !self.config.projections || self.projections.running.swap(true, Ordering::Relaxed) {
             return;
         }
@@ -127,6 +150,11 @@ impl Gateway {
 
     /// One round over every group.
     async fn projection_round(&self) -> Round {
+        if self.projections.rebuild.swap(false, Ordering::Relaxed) {
+            self.projections
+                .write(|p| *p = Projection::new(p.shards(), Bugs::none()));
+            self.projections.moved.send_modify(|n| *n += 1);
+        }
         let before = self.projections.read(|p| (p.positions(), p.watermark()));
         let mut busy = false;
         for shard in self.projections.read(|p| p.shards()) {
@@ -142,9 +170,6 @@ impl Gateway {
             }
         }
         let after = self.projections.read(|p| (p.positions(), p.watermark()));
-        if let Some(watermark) = after.1 {
-            self.metrics.projection_lag(lag_ms(watermark));
-        }
         if after == before {
             return Round::Quiet;
         }
@@ -158,16 +183,12 @@ impl Gateway {
 
     /// Takes a scan page of `shard`; whether to ask again at once.
     async fn projection_scan(&self, shard: ShardId, after: Option<ScanKey>) -> bool {
-        let Some(page) = self.scan_page(shard, after).await else {
+        let floor = self.projections.read(|p| p.scan_floor(shard));
+        let Some(page) = self.scan_page(shard, after, floor, false).await else {
             return false;
         };
         let rows = (page.rows.issuers.len() + page.rows.reservations.len()) as u64;
-        let taken = self
-            .projections
-            .view
-            .lock()
-            .expect("projection lock")
-            .take_scan(shard, page);
+        let taken = self.projections.write(|p| p.take_scan(shard, page));
         match taken {
             Ok(()) => {
                 self.metrics.projection_scanned(rows);
@@ -187,27 +208,43 @@ impl Gateway {
         };
 
         let count = page.changes.len();
-        let mut view = self.projections.view.lock().expect("projection lock");
-        if let Err(expired) = view.take_changes(shard, page) {
+        let taken = self.projections.write(|view| match view.take_changes(shard, page) {
+            Ok(()) => Ok(()),
+            Err(expired) => {
+                view.rescan(expired);
+                Err(expired)
+            }
+        });
+        if taken.is_err() {
             tracing::info!(
                 "projection: {shard} no longer keeps the changes after {after:?}; scanning it again"
             );
-            view.rescan(expired);
-            drop(view);
             self.metrics.projection_rescanned();
             return true;
         }
-        drop(view);
         self.metrics.projection_applied(count as u64);
         count >= CHANGES_PAGE_MAX
     }
 
-    /// A page of `shard`'s state after `after`, from a replica in this
-    /// region, else the leader, else any other.
-    pub(crate) async fn scan_page(&self, shard: ShardId, after: Option<ScanKey>) -> Option<ScanPage> {
+    /// A page of `shard`'s state after `after`, standing at `floor` or
+    /// later, from a replica in this region, else the leader, else any
+    /// other (`leader_first`: the leader before the local replica). A
+    /// replica behind the floor (the scan's first page, or what the
+    /// replicas still keep) is passed over, so a lagging local replica
+    /// cannot hold a scan up.
+    pub(crate) async fn scan_page(
+        &self,
+        shard: ShardId,
+        after: Option<ScanKey>,
+        floor: Option<ChangePosition>,
+        leader_first: bool,
+    ) -> Option<ScanPage> {
         let map = self.meta.map();
         let group = map.groups.get(&shard)?;
         let mut order: Vec<NodeId> = Vec::new();
+        if leader_first {
+            order.push(group.leader.clone());
+        }
         if let Local::Replica(node) = self.local_replica(shard) {
             order.push(node);
         }
@@ -235,7 +272,9 @@ impl Gateway {
                 ..
             }) = answer
             {
-                return Some(page);
+                if floor.is_none_or(|floor| page.at >= floor) {
+                    return Some(page);
+                }
             }
         }
         None

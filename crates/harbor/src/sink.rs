@@ -171,7 +171,7 @@ impl Sink {
                     let (subject, id, payload) = match line {
                         FeedLine::Change(c) => (
                             format!("{prefix}.changes.{}", c.source.shard),
-                            format!("{}-{}-{}", c.source.shard, c.source.index, c.source.sub),
+                            message_id(c),
                             serde_json::to_vec(c).expect("a change encodes"),
                         ),
                         FeedLine::Resolved(r) => (
@@ -419,4 +419,22 @@ pub async fn run_sink_command(
     let result = run_sink(options, stats, stop).await;
     progress.abort();
     result
+}
+
+/// A change line's `Nats-Msg-Id`: its position; a snapshot row's, its
+/// group, the position of the state it shows and its key (the rows of one
+/// scan page share a position).
+fn message_id(c: &harbor_api::ChangeLine) -> String {
+    let source = &c.source;
+    if c.op == "snapshot" {
+        format!(
+            "{}-s{}-{}-{}",
+            source.shard,
+            source.index,
+            c.key.issuer_id,
+            c.key.reservation_id.as_deref().unwrap_or("")
+        )
+    } else {
+        format!("{}-{}-{}", source.shard, source.index, source.sub)
+    }
 }

@@ -34,9 +34,12 @@ pub async fn status(url: &str, json: bool) -> anyhow::Result<()> {
             "\nprojection {} ({}): {}, {} of {} groups scanning, {} reservations, {} changes applied",
             p.projection,
             p.region,
-            match p.lag_ms {
-                Some(lag) => format!("complete up to {lag} ms ago"),
-                None => "being built".to_string(),
+            match (p.watermark, p.lag_ms) {
+                (Some(w), Some(lag)) => format!(
+                    "watermark {}.{} (complete up to {lag} ms ago)",
+                    w.wall_ms, w.logical
+                ),
+                _ => "being built (no watermark yet)".to_string(),
             },
             p.groups_scanning,
             p.groups,

@@ -107,6 +107,9 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
         ("min_as_of=shard0", "min_as_of"),
         ("min_as_of=shard999@g1:1", "min_as_of"),
         ("wait_ms=999999", "wait_ms"),
+        ("min_amount=10&max_amount=5", "min_amount"),
+        ("created_after_ms=10&created_before_ms=10", "created_after_ms"),
+        ("customer_id=", "customer_id"),
     ] {
         let bad = api.get(format!("{madrid}/v1/search/reservations?{query}")).await;
         assert_eq!(bad.status, 400, "{query}: {:?}", bad.body);

@@ -75,6 +75,7 @@ impl World {
     /// into the history.
     pub(super) fn finish(&mut self) {
         self.check_projection();
+        self.settle_projection();
         self.check_feed();
         for (shard, group) in &self.groups {
             let mut reference: Option<(NodeId, Vec<u8>)> = None;

@@ -153,6 +153,76 @@ impl World {
     }
 }
 
+impl World {
+    /// At the end, with the replicas settled: the projection catches up
+    /// with one replica of each group and must then hold exactly its
+    /// rows, scanned or changed (a check of every scanned row's content).
+    pub(super) fn settle_projection(&mut self) {
+        let Some(mut sim) = self.projection.take() else {
+            return;
+        };
+        let projection = &mut sim.projection;
+        for shard in projection.shards() {
+            let group = &self.groups[&shard];
+            let Some(driver) = group
+                .members
+                .iter()
+                .filter(|m| self.nodes[*m].up)
+                .find_map(|m| self.nodes[m].replicas.get(&shard))
+            else {
+                continue;
+            };
+            let core = driver.group();
+            let mut caught_up = false;
+            for _ in 0..10_000 {
+                match projection.next(shard) {
+                    Next::Scan(after) => {
+                        if projection.take_scan(shard, core.scan(after.as_ref(), 64)).is_err() {
+                            break;
+                        }
+                    }
+                    Next::Changes(after) => {
+                        let page = core.changes(after, 64);
+                        let empty = page.changes.is_empty();
+                        if let Err(expired) = projection.take_changes(shard, page) {
+                            projection.rescan(expired);
+                        } else if empty {
+                            caught_up = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            let applied = core.machine().applied().map(|a| a.index).unwrap_or_default();
+            let at = projection.positions()[&shard];
+            if !caught_up || at != ChangePosition::entry_end(applied) {
+                continue;
+            }
+            let state = core.machine().scan(None, usize::MAX);
+            let mut expected: BTreeMap<_, _> = state
+                .reservations
+                .into_iter()
+                .map(|r| (r.reservation_id.clone(), r))
+                .collect();
+            for row in projection.rows().filter(|r| r.shard == shard) {
+                match expected.remove(&row.reservation.reservation_id) {
+                    Some(r) if r == row.reservation => {}
+                    other => self.violations.push(format!(
+                        "projection: caught up with {shard} at {at:?}, it holds {:?} where the replica holds {other:?}",
+                        row.reservation
+                    )),
+                }
+            }
+            if let Some((id, _)) = expected.into_iter().next() {
+                self.violations.push(format!(
+                    "projection: caught up with {shard} at {at:?}, it lacks {id}"
+                ));
+            }
+        }
+        self.projection = Some(sim);
+    }
+}
+
 /// What of `change` (at `at` of a group the projection tails at
 /// `position`) the projection lacks, if anything.
 fn missing(
