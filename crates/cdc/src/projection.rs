@@ -441,7 +441,23 @@ impl Projection {
             ),
         };
         let mut page = SearchPage::default();
-        for (_, id) in candidates {
+        let mut examined: Option<(Timestamp, ReservationId)> = None;
+        let mut count = 0;
+        for (created_at, id) in candidates {
+            // A bounded look per request: a selective filter stops after
+            // `SEARCH_EXAMINE_MAX` rows, with a cursor to go on from (a
+            // page with fewer rows than asked and a cursor).
+            if count == SEARCH_EXAMINE_MAX {
+                if let Some((created_at, reservation_id)) = examined {
+                    page.next = Some(SearchCursor {
+                        created_at,
+                        reservation_id,
+                    });
+                }
+                break;
+            }
+            count += 1;
+            examined = Some((created_at, id.clone()));
             let r = &self.rows[&id].reservation;
             if !search.matches(r, &words) {
                 continue;
@@ -500,6 +516,10 @@ impl Projection {
             .collect()
     }
 }
+
+/// Rows one search looks at, at most, before it answers with what it
+/// found and a cursor to go on from.
+pub const SEARCH_EXAMINE_MAX: usize = 100_000;
 
 /// The words of a text, as search matches them: runs of letters and
 /// digits, lower-cased.
@@ -588,7 +608,8 @@ impl SearchCursor {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SearchPage {
     pub rows: Vec<ReservationView>,
-    /// More rows match: ask again with this.
+    /// More rows may match: ask again with this (also when the page has
+    /// fewer rows than asked, if the search stopped at its examine bound).
     pub next: Option<SearchCursor>,
 }
 
