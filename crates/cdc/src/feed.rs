@@ -89,8 +89,12 @@ impl FeedCursor {
                 Place::Scan { start, after } => {
                     let start = start.map_or("x".to_string(), |s| s.index.0.to_string());
                     let key = after.as_ref().map_or("x".to_string(), |k| {
-                        let hex: String =
-                            k.issuer_id.as_str().bytes().map(|b| format!("{b:02x}")).collect();
+                        let hex: String = k
+                            .issuer_id
+                            .as_str()
+                            .bytes()
+                            .map(|b| format!("{b:02x}"))
+                            .collect();
                         format!("{hex}_{}", k.seq)
                     });
                     text.push_str(&format!(".{}-s-{start}-{key}", shard.0));
@@ -311,7 +315,11 @@ impl Feed {
     /// Takes a scan page of `shard`, asked after what [`Feed::next`] said:
     /// its rows, each with the cursor after it. The last row of the scan's
     /// last page carries the cursor where its changes follow.
-    pub fn take_scan(&mut self, shard: ShardId, page: ScanPage) -> Result<Vec<Sent>, StaleScanPage> {
+    pub fn take_scan(
+        &mut self,
+        shard: ShardId,
+        page: ScanPage,
+    ) -> Result<Vec<Sent>, StaleScanPage> {
         let Place::Scan { start, .. } = &self.at.0[&shard] else {
             panic!("{shard}: a scan page taken while not scanning");
         };

@@ -205,7 +205,10 @@ impl Projection {
     /// position). Rows stay; the scan only brings newer ones.
     pub fn rescan(&mut self, expired: Expired) {
         probe("projection.rescanned_after_expiry");
-        let stream = self.streams.get_mut(&expired.shard).expect("a shard of the projection");
+        let stream = self
+            .streams
+            .get_mut(&expired.shard)
+            .expect("a shard of the projection");
         stream.scan = Some(Scan {
             floor: Some(expired.oldest),
             ..Scan::default()
@@ -216,8 +219,14 @@ impl Projection {
     /// Takes a page of `shard`'s state, asked after what
     /// [`Projection::next`] said.
     pub fn take_scan(&mut self, shard: ShardId, page: ScanPage) -> Result<(), StaleScanPage> {
-        let stream = self.streams.get_mut(&shard).expect("a shard of the projection");
-        let scan = stream.scan.as_mut().expect("a scan page for a scanning shard");
+        let stream = self
+            .streams
+            .get_mut(&shard)
+            .expect("a shard of the projection");
+        let scan = stream
+            .scan
+            .as_mut()
+            .expect("a scan page for a scanning shard");
         let floor = scan.start.or(scan.floor).unwrap_or(ChangePosition::START);
         if page.at < floor {
             probe("projection.stale_scan_page_refused");
@@ -264,8 +273,14 @@ impl Projection {
         if let Some(oldest) = page.expired {
             return Err(Expired { shard, oldest });
         }
-        let stream = self.streams.get_mut(&shard).expect("a shard of the projection");
-        assert!(stream.scan.is_none(), "{shard}: changes taken while scanning");
+        let stream = self
+            .streams
+            .get_mut(&shard)
+            .expect("a shard of the projection");
+        assert!(
+            stream.scan.is_none(),
+            "{shard}: changes taken while scanning"
+        );
         let mut position = stream.position;
         for change in &page.changes {
             assert!(
@@ -376,8 +391,7 @@ impl Projection {
                 return;
             }
         }
-        self.by_created
-            .insert((reservation.created_at, id.clone()));
+        self.by_created.insert((reservation.created_at, id.clone()));
         if let Some(customer_id) = &reservation.customer_id {
             self.by_customer
                 .entry(customer_id.clone())
@@ -423,7 +437,9 @@ impl Projection {
                 (Some(issuer), _) => {
                     let first = ReservationId::new(issuer.clone(), 1);
                     let last = ReservationId::new(issuer.clone(), u64::MAX);
-                    Some(newest_first(&mut self.rows.range(first..=last).map(|(id, _)| id)))
+                    Some(newest_first(
+                        &mut self.rows.range(first..=last).map(|(id, _)| id),
+                    ))
                 }
                 (None, Some(customer)) => Some(match self.by_customer.get(customer) {
                     Some(ids) => newest_first(&mut ids.iter()),
@@ -442,8 +458,7 @@ impl Projection {
         };
         let mut page = SearchPage::default();
         let mut examined: Option<(Timestamp, ReservationId)> = None;
-        let mut count = 0;
-        for (created_at, id) in candidates {
+        for (count, (created_at, id)) in candidates.enumerate() {
             // A bounded look per request: a selective filter stops after
             // `SEARCH_EXAMINE_MAX` rows, with a cursor to go on from (a
             // page with fewer rows than asked and a cursor).
@@ -456,7 +471,6 @@ impl Projection {
                 }
                 break;
             }
-            count += 1;
             examined = Some((created_at, id.clone()));
             let r = &self.rows[&id].reservation;
             if !search.matches(r, &words) {
@@ -769,7 +783,6 @@ mod tests {
         panic!("the projection never caught up");
     }
 
-
     #[test]
     fn a_scan_then_the_tail_apply_every_change_once_and_skip_what_the_scan_reflected() {
         let mut group = Group::new();
@@ -778,9 +791,7 @@ mod tests {
         group.reserve("acme", "tok-2", 200, "fx");
         let mut projection = Projection::new([SHARD], Bugs::none());
         // The first scan page stands at entry 3.
-        projection
-            .take_scan(SHARD, group.scan(None, 2))
-            .unwrap();
+        projection.take_scan(SHARD, group.scan(None, 2)).unwrap();
         assert!(projection.scanning(SHARD));
         // The group moves on before the second page: it stands at entry 5
         // and already shows the confirmation.
@@ -802,7 +813,10 @@ mod tests {
         for row in projection.rows() {
             assert_eq!(
                 Some(&row.reservation),
-                group.machine.reservation(&row.reservation.reservation_id).as_ref()
+                group
+                    .machine
+                    .reservation(&row.reservation.reservation_id)
+                    .as_ref()
             );
         }
         assert_eq!(projection.rows().count(), 3);
@@ -829,27 +843,29 @@ mod tests {
         catch_up(&mut projection, &group, 10);
         // An entry with two changes: a batch of two reservations.
         let token = group.apply(Command::Batch(vec![
-                Command::Reserve {
-                    token: ReservationToken::new("a").unwrap(),
-                    issuer_id: IssuerId::new("acme").unwrap(),
-                    amount: Amount(1),
-                    desk: "d".into(),
-                    trader: "t".into(),
-                    hold_ttl_ms: None,
-                },
-                Command::Reserve {
-                    token: ReservationToken::new("b").unwrap(),
-                    issuer_id: IssuerId::new("acme").unwrap(),
-                    amount: Amount(1),
-                    desk: "d".into(),
-                    trader: "t".into(),
-                    hold_ttl_ms: None,
-                },
-            ]));
+            Command::Reserve {
+                token: ReservationToken::new("a").unwrap(),
+                issuer_id: IssuerId::new("acme").unwrap(),
+                amount: Amount(1),
+                desk: "d".into(),
+                trader: "t".into(),
+                hold_ttl_ms: None,
+            },
+            Command::Reserve {
+                token: ReservationToken::new("b").unwrap(),
+                issuer_id: IssuerId::new("acme").unwrap(),
+                amount: Amount(1),
+                desk: "d".into(),
+                trader: "t".into(),
+                hold_ttl_ms: None,
+            },
+        ]));
         let Next::Changes(after) = projection.next(SHARD) else {
             panic!()
         };
-        projection.take_changes(SHARD, group.page(after, 1)).unwrap();
+        projection
+            .take_changes(SHARD, group.page(after, 1))
+            .unwrap();
         assert!(!projection.includes(&token), "half of the entry is in");
         catch_up(&mut projection, &group, 1);
         assert!(projection.includes(&token));
@@ -916,8 +932,14 @@ mod tests {
         });
         projection.take_scan(SHARD, behind).unwrap();
         assert_eq!(projection.next(SHARD), Next::Changes(tail));
-        let row = projection.row(&ReservationId::parse("acme:r1").unwrap()).unwrap();
-        assert_eq!(row.reservation.status, Status::Confirmed, "the older page did not replace it");
+        let row = projection
+            .row(&ReservationId::parse("acme:r1").unwrap())
+            .unwrap();
+        assert_eq!(
+            row.reservation.status,
+            Status::Confirmed,
+            "the older page did not replace it"
+        );
     }
 
     #[test]
@@ -939,13 +961,21 @@ mod tests {
             ..Search::default()
         };
         let first = projection.search(&search);
-        let ids: Vec<String> = first.rows.iter().map(|r| r.reservation_id.to_string()).collect();
+        let ids: Vec<String> = first
+            .rows
+            .iter()
+            .map(|r| r.reservation_id.to_string())
+            .collect();
         assert_eq!(ids, ["zeta:r1", "acme:r5"]);
         let cursor = first.next.expect("more rows match");
         assert_eq!(SearchCursor::parse(&cursor.encode()), Some(cursor.clone()));
         search.before = Some(cursor);
         let second = projection.search(&search);
-        let ids: Vec<String> = second.rows.iter().map(|r| r.reservation_id.to_string()).collect();
+        let ids: Vec<String> = second
+            .rows
+            .iter()
+            .map(|r| r.reservation_id.to_string())
+            .collect();
         assert_eq!(ids, ["acme:r3", "acme:r1"]);
         assert_eq!(second.next, None);
         // One issuer's rows, paged the same way.
@@ -955,11 +985,19 @@ mod tests {
             ..Search::default()
         };
         let first = projection.search(&acme);
-        let ids: Vec<String> = first.rows.iter().map(|r| r.reservation_id.to_string()).collect();
+        let ids: Vec<String> = first
+            .rows
+            .iter()
+            .map(|r| r.reservation_id.to_string())
+            .collect();
         assert_eq!(ids, ["acme:r5", "acme:r4", "acme:r3"]);
         acme.before = first.next;
         let second = projection.search(&acme);
-        let ids: Vec<String> = second.rows.iter().map(|r| r.reservation_id.to_string()).collect();
+        let ids: Vec<String> = second
+            .rows
+            .iter()
+            .map(|r| r.reservation_id.to_string())
+            .collect();
         assert_eq!(ids, ["acme:r2", "acme:r1"]);
         assert_eq!(second.next, None);
         let held = projection.search(&Search {

@@ -34,10 +34,10 @@ use harbor_wire::{
 use serde::Deserialize;
 use serde_json::json;
 
-use harbor_cdc::feed::{Expired, Feed, FeedCursor, Next, Place, Sent, SnapshotRow};
 use crate::error::ApiError;
 use crate::local::Local;
 use crate::router::Gateway;
+use harbor_cdc::feed::{Expired, Feed, FeedCursor, Next, Place, Sent, SnapshotRow};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -149,9 +149,7 @@ async fn start(gw: &Arc<Gateway>, params: FeedQuery) -> Result<HttpResponse, Api
             // stood, and every group promised a mark for the last line (a
             // group just scanned has not yet).
             let done = !follow
-                && until
-                    .iter()
-                    .all(|(shard, end)| feed.reached(*shard, *end))
+                && until.iter().all(|(shard, end)| feed.reached(*shard, *end))
                 && feed.promised().is_some();
             if done {
                 lines.extend(feed.resolved_now().map(|sent| gw.line(&sent)));

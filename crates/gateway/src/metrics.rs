@@ -213,7 +213,9 @@ impl Metrics {
     }
 
     pub(crate) fn projection_lag(&self, lag_ms: i64) {
-        self.projection_lag_ms.get_or_create(&PROJECTION).set(lag_ms);
+        self.projection_lag_ms
+            .get_or_create(&PROJECTION)
+            .set(lag_ms);
     }
 
     pub(crate) fn projection_applied(&self, changes: u64) {

@@ -74,7 +74,10 @@ pub(crate) struct ReportParams {
     max_lag_ms: Option<String>,
 }
 
-pub(crate) async fn search(State(gw): State<Arc<Gateway>>, params: Params<SearchParams>) -> HttpResponse {
+pub(crate) async fn search(
+    State(gw): State<Arc<Gateway>>,
+    params: Params<SearchParams>,
+) -> HttpResponse {
     match run_search(&gw, params).await {
         Ok(answer) => Json(answer).into_response(),
         Err(e) => e.into_response(),
@@ -92,7 +95,10 @@ pub(crate) async fn customer(
     }
 }
 
-pub(crate) async fn exposure(State(gw): State<Arc<Gateway>>, params: Params<ReportParams>) -> HttpResponse {
+pub(crate) async fn exposure(
+    State(gw): State<Arc<Gateway>>,
+    params: Params<ReportParams>,
+) -> HttpResponse {
     match run_exposure(&gw, params).await {
         Ok(answer) => Json(answer).into_response(),
         Err(e) => e.into_response(),
@@ -131,7 +137,10 @@ pub(crate) fn status(gw: &Gateway) -> ProjectionStatus {
     })
 }
 
-pub(crate) async fn rebuild(State(gw): State<Arc<Gateway>>, Path(name): Path<String>) -> HttpResponse {
+pub(crate) async fn rebuild(
+    State(gw): State<Arc<Gateway>>,
+    Path(name): Path<String>,
+) -> HttpResponse {
     if name != PROJECTION_NAME {
         return ApiError::new(
             StatusCode::NOT_FOUND,
@@ -175,8 +184,18 @@ async fn run_search(gw: &Gateway, params: Params<SearchParams>) -> Result<Search
         text: p.q.filter(|q| !q.trim().is_empty()),
         min_amount: number("min_amount", p.min_amount.as_deref(), 0, u64::MAX)?.map(Amount),
         max_amount: number("max_amount", p.max_amount.as_deref(), 0, u64::MAX)?.map(Amount),
-        created_after_ms: number("created_after_ms", p.created_after_ms.as_deref(), 0, u64::MAX)?,
-        created_before_ms: number("created_before_ms", p.created_before_ms.as_deref(), 0, u64::MAX)?,
+        created_after_ms: number(
+            "created_after_ms",
+            p.created_after_ms.as_deref(),
+            0,
+            u64::MAX,
+        )?,
+        created_before_ms: number(
+            "created_before_ms",
+            p.created_before_ms.as_deref(),
+            0,
+            u64::MAX,
+        )?,
         before,
         limit,
     };
@@ -208,7 +227,11 @@ async fn run_search(gw: &Gateway, params: Params<SearchParams>) -> Result<Search
     let (page, watermark) =
         read_including(gw, &wait, |view| (view.search(&search), view.watermark())).await?;
     Ok(SearchAnswer {
-        reservations: page.rows.iter().map(|r| reservation_answer(r, None)).collect(),
+        reservations: page
+            .rows
+            .iter()
+            .map(|r| reservation_answer(r, None))
+            .collect(),
         next_cursor: page.next.map(|c| c.encode()),
         served: served(gw, watermark, max_lag_ms),
     })
@@ -243,7 +266,11 @@ async fn run_customer(
         read_including(gw, &wait, |view| (view.search(&search), view.watermark())).await?;
     Ok(CustomerAnswer {
         customer_id,
-        reservations: page.rows.iter().map(|r| reservation_answer(r, None)).collect(),
+        reservations: page
+            .rows
+            .iter()
+            .map(|r| reservation_answer(r, None))
+            .collect(),
         next_cursor: page.next.map(|c| c.encode()),
         served: served(gw, watermark, max_lag_ms),
     })
@@ -276,7 +303,10 @@ fn cursor(text: Option<&str>) -> Result<Option<SearchCursor>, ApiError> {
     })
 }
 
-async fn run_exposure(gw: &Gateway, params: Params<ReportParams>) -> Result<ExposureReport, ApiError> {
+async fn run_exposure(
+    gw: &Gateway,
+    params: Params<ReportParams>,
+) -> Result<ExposureReport, ApiError> {
     let p = params
         .map(|QueryParams(p)| p)
         .map_err(|e| ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text()))?;
@@ -292,8 +322,10 @@ async fn run_exposure(gw: &Gateway, params: Params<ReportParams>) -> Result<Expo
         .unwrap_or(REPORT_MAX_LAG_MS_DEFAULT);
     let wait = wait_params("min_as_of", p.min_as_of.as_deref(), p.wait_ms.as_deref())?;
     running(gw)?;
-    let (lines, watermark) =
-        read_including(gw, &wait, |view| (view.exposure(group_by), view.watermark())).await?;
+    let (lines, watermark) = read_including(gw, &wait, |view| {
+        (view.exposure(group_by), view.watermark())
+    })
+    .await?;
     Ok(ExposureReport {
         group_by: text.to_string(),
         lines: lines
@@ -325,7 +357,11 @@ fn wait_params(
     wait_ms: Option<&str>,
 ) -> Result<Wait, ApiError> {
     let mut tokens = Vec::new();
-    for text in tokens_text.unwrap_or("").split(',').filter(|t| !t.trim().is_empty()) {
+    for text in tokens_text
+        .unwrap_or("")
+        .split(',')
+        .filter(|t| !t.trim().is_empty())
+    {
         let token: CommitToken = text.trim().parse().map_err(|e| {
             ApiError::bad_request(
                 ErrorCode::InvalidQuery,
@@ -365,11 +401,18 @@ async fn read_including<T>(
     if let Some(unknown) = wait.tokens.iter().find(|t| !shards.contains(&t.shard)) {
         return Err(ApiError::bad_request(
             ErrorCode::InvalidQuery,
-            format!("{}: {unknown} names a group this cluster does not have", wait.field),
+            format!(
+                "{}: {unknown} names a group this cluster does not have",
+                wait.field
+            ),
         )
         .with("field", wait.field));
     }
-    let missing = match gw.projections.read_including(&wait.tokens, wait.wait, f).await {
+    let missing = match gw
+        .projections
+        .read_including(&wait.tokens, wait.wait, f)
+        .await
+    {
         Ok(answer) => return Ok(answer),
         Err(missing) => missing,
     };
@@ -433,7 +476,12 @@ fn parse_status(text: &str) -> Result<Status, ApiError> {
 }
 
 /// An optional whole number within `min..=max`.
-fn number(field: &'static str, text: Option<&str>, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+fn number(
+    field: &'static str,
+    text: Option<&str>,
+    min: u64,
+    max: u64,
+) -> Result<Option<u64>, ApiError> {
     let Some(text) = text else {
         return Ok(None);
     };

@@ -208,13 +208,15 @@ impl Gateway {
         };
 
         let count = page.changes.len();
-        let taken = self.projections.write(|view| match view.take_changes(shard, page) {
-            Ok(()) => Ok(()),
-            Err(expired) => {
-                view.rescan(expired);
-                Err(expired)
-            }
-        });
+        let taken = self
+            .projections
+            .write(|view| match view.take_changes(shard, page) {
+                Ok(()) => Ok(()),
+                Err(expired) => {
+                    view.rescan(expired);
+                    Err(expired)
+                }
+            });
         if taken.is_err() {
             tracing::info!(
                 "projection: {shard} no longer keeps the changes after {after:?}; scanning it again"

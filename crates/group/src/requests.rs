@@ -15,8 +15,8 @@ use harbor_types::limits::CHANGES_PAGE_MAX;
 use harbor_types::sim::probe;
 use harbor_types::{Generation, NodeId, Now, ShardId};
 use harbor_wire::{
-    Change, ChangePosition, ChangesPage, ErrorKind, GroupStatus, NodeError, Query, QueryResult, ScanPage,
-    Request, Response,
+    Change, ChangePosition, ChangesPage, ErrorKind, GroupStatus, NodeError, Query, QueryResult,
+    Request, Response, ScanPage,
 };
 
 use crate::group::{GroupCore, LocalRead, Waiter};
@@ -259,7 +259,9 @@ impl GroupCore {
             Query::Changes { after, max } => {
                 QueryResult::Changes(self.changes(after, max as usize))
             }
-            Query::Scan { after, max } => QueryResult::Scan(self.scan(after.as_ref(), max as usize)),
+            Query::Scan { after, max } => {
+                QueryResult::Scan(self.scan(after.as_ref(), max as usize))
+            }
         }
     }
 }

@@ -73,8 +73,8 @@ pub async fn projection_status(
     if !code.is_success() {
         bail!("{endpoint} answered {code}: {text}");
     }
-    let answer: Answer = serde_json::from_str(&text)
-        .with_context(|| format!("{endpoint} answered {text}"))?;
+    let answer: Answer =
+        serde_json::from_str(&text).with_context(|| format!("{endpoint} answered {text}"))?;
     answer
         .projections
         .into_iter()

@@ -262,7 +262,11 @@ async fn a_cursor_older_than_what_is_kept_is_refused_with_where_to_continue() {
         .filter_map(|c| c.reservation_token.clone())
         .collect();
     assert_eq!(snapshot_tokens.len(), 40, "every reservation as it stands");
-    assert!(matches!(all.last(), Some(FeedLine::Resolved(_))), "{:?}", &all[all.len().saturating_sub(2)..]);
+    assert!(
+        matches!(all.last(), Some(FeedLine::Resolved(_))),
+        "{:?}",
+        &all[all.len().saturating_sub(2)..]
+    );
     let shard = rows[0].source.shard;
     // A cursor older than what is kept, past the beginning, is refused
     // with where to continue.

@@ -14,11 +14,25 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
     let cluster = start_dev(dir.path()).await;
     let (madrid, newyork) = (cluster.url("madrid"), cluster.url("newyork"));
     let api = Api::new();
-    assert_eq!(api.put_issuer(&madrid, "MUNI-77", "newyork", 1_000).await.status, 201);
-    assert_eq!(api.put_issuer(&madrid, "BONO-5", "madrid", 500).await.status, 201);
-    let first = api.reserve(&newyork, "tok-ny-1", "MUNI-77", 600, "newyork-rates").await;
+    assert_eq!(
+        api.put_issuer(&madrid, "MUNI-77", "newyork", 1_000)
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        api.put_issuer(&madrid, "BONO-5", "madrid", 500)
+            .await
+            .status,
+        201
+    );
+    let first = api
+        .reserve(&newyork, "tok-ny-1", "MUNI-77", 600, "newyork-rates")
+        .await;
     assert_eq!(first.status, 201, "{:?}", first.body);
-    let second = api.reserve(&newyork, "tok-ny-2", "BONO-5", 70, "madrid-rates").await;
+    let second = api
+        .reserve(&newyork, "tok-ny-2", "BONO-5", 70, "madrid-rates")
+        .await;
     assert_eq!(second.status, 201, "{:?}", second.body);
     let tokens = format!(
         "{},{}",
@@ -28,7 +42,9 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
 
     // Madrid's search, right after New York's acknowledgements.
     let found = api
-        .get(format!("{madrid}/v1/search/reservations?q=rates&min_as_of={tokens}"))
+        .get(format!(
+            "{madrid}/v1/search/reservations?q=rates&min_as_of={tokens}"
+        ))
         .await;
     assert_eq!(found.status, 200, "{:?}", found.body);
     let body = &found.body;
@@ -47,27 +63,43 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
 
     // Filters and paging.
     let page = api
-        .get(format!("{madrid}/v1/search/reservations?limit=1&min_amount=100"))
+        .get(format!(
+            "{madrid}/v1/search/reservations?limit=1&min_amount=100"
+        ))
         .await;
-    assert_eq!(page.body["reservations"][0]["reservation_token"], "tok-ny-1");
+    assert_eq!(
+        page.body["reservations"][0]["reservation_token"],
+        "tok-ny-1"
+    );
     assert_eq!(page.body["next_cursor"], serde_json::Value::Null);
     let page = api
-        .get(format!("{newyork}/v1/search/reservations?limit=1&min_as_of={tokens}"))
+        .get(format!(
+            "{newyork}/v1/search/reservations?limit=1&min_as_of={tokens}"
+        ))
         .await;
     assert_eq!(page.body["region"], "newyork");
     let next = page.body["next_cursor"].as_str().unwrap().to_string();
     let rest = api
-        .get(format!("{newyork}/v1/search/reservations?limit=1&cursor={next}"))
+        .get(format!(
+            "{newyork}/v1/search/reservations?limit=1&cursor={next}"
+        ))
         .await;
-    assert_eq!(rest.body["reservations"][0]["reservation_token"], "tok-ny-1");
+    assert_eq!(
+        rest.body["reservations"][0]["reservation_token"],
+        "tok-ny-1"
+    );
     let by_issuer = api
-        .get(format!("{madrid}/v1/search/reservations?issuer_id=BONO-5&status=confirmed"))
+        .get(format!(
+            "{madrid}/v1/search/reservations?issuer_id=BONO-5&status=confirmed"
+        ))
         .await;
     assert_eq!(by_issuer.body["reservations"].as_array().unwrap().len(), 1);
 
     // The exposure report.
     let report = api
-        .get(format!("{madrid}/v1/reports/exposure?group_by=home_region&min_as_of={tokens}"))
+        .get(format!(
+            "{madrid}/v1/reports/exposure?group_by=home_region&min_as_of={tokens}"
+        ))
         .await;
     assert_eq!(report.status, 200, "{:?}", report.body);
     assert_eq!(report.body["served_by"], "projection");
@@ -90,7 +122,9 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
     // A token the projection cannot include yet: 409, retryable, named.
     let future = "shard0@g1:999999999";
     let late = api
-        .get(format!("{madrid}/v1/search/reservations?min_as_of={future}&wait_ms=50"))
+        .get(format!(
+            "{madrid}/v1/search/reservations?min_as_of={future}&wait_ms=50"
+        ))
         .await;
     assert_eq!(late.status, 409, "{:?}", late.body);
     assert_eq!(late.code(), "not_yet_visible");
@@ -108,16 +142,25 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
         ("min_as_of=shard999@g1:1", "min_as_of"),
         ("wait_ms=999999", "wait_ms"),
         ("min_amount=10&max_amount=5", "min_amount"),
-        ("created_after_ms=10&created_before_ms=10", "created_after_ms"),
+        (
+            "created_after_ms=10&created_before_ms=10",
+            "created_after_ms",
+        ),
         ("customer_id=", "customer_id"),
     ] {
-        let bad = api.get(format!("{madrid}/v1/search/reservations?{query}")).await;
+        let bad = api
+            .get(format!("{madrid}/v1/search/reservations?{query}"))
+            .await;
         assert_eq!(bad.status, 400, "{query}: {:?}", bad.body);
         assert_eq!(bad.body["field"], field, "{query}: {:?}", bad.body);
     }
-    let bad = api.get(format!("{madrid}/v1/search/reservations?colour=red")).await;
+    let bad = api
+        .get(format!("{madrid}/v1/search/reservations?colour=red"))
+        .await;
     assert_eq!(bad.code(), "invalid_query");
-    let bad = api.get(format!("{madrid}/v1/reports/exposure?group_by=trader")).await;
+    let bad = api
+        .get(format!("{madrid}/v1/reports/exposure?group_by=trader"))
+        .await;
     assert_eq!(bad.status, 400);
     assert_eq!(bad.body["field"], "group_by");
 
@@ -133,7 +176,10 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
         seen.push(made.body["commit_token"].as_str().unwrap().to_string());
     }
     let view = api
-        .get(format!("{newyork}/v1/customers/cust-42/reservations?after={}", seen.join(",")))
+        .get(format!(
+            "{newyork}/v1/customers/cust-42/reservations?after={}",
+            seen.join(",")
+        ))
         .await;
     assert_eq!(view.status, 200, "{:?}", view.body);
     assert_eq!(view.body["customer_id"], "cust-42");
@@ -145,41 +191,68 @@ async fn search_and_reports_answer_from_the_projection_and_say_how_fresh() {
         .map(|r| r["reservation_token"].as_str().unwrap())
         .collect();
     assert_eq!(shown, ["tok-c-2", "tok-c-1"]);
-    let none = api.get(format!("{newyork}/v1/customers/cust-0/reservations")).await;
+    let none = api
+        .get(format!("{newyork}/v1/customers/cust-0/reservations"))
+        .await;
     assert_eq!(none.body["reservations"].as_array().unwrap().len(), 0);
     let late = api
-        .get(format!("{newyork}/v1/customers/cust-42/reservations?after={future}&wait_ms=20"))
+        .get(format!(
+            "{newyork}/v1/customers/cust-42/reservations?after={future}&wait_ms=20"
+        ))
         .await;
     assert_eq!(late.code(), "not_yet_visible");
     let bad = api
-        .get(format!("{newyork}/v1/customers/cust-42/reservations?after=yesterday"))
+        .get(format!(
+            "{newyork}/v1/customers/cust-42/reservations?after=yesterday"
+        ))
         .await;
     assert_eq!(bad.status, 400);
     assert_eq!(bad.body["field"], "after");
     let by_customer = api
-        .get(format!("{madrid}/v1/search/reservations?customer_id=cust-42&min_as_of={}", seen.join(",")))
+        .get(format!(
+            "{madrid}/v1/search/reservations?customer_id=cust-42&min_as_of={}",
+            seen.join(",")
+        ))
         .await;
-    assert_eq!(by_customer.body["reservations"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        by_customer.body["reservations"].as_array().unwrap().len(),
+        2
+    );
 
     // A rebuild: the projection starts over from a scan of every group,
     // and finds the same rows.
     let rebuilt = api
-        .post(format!("{madrid}/v1/admin/projections/reservations/rebuild"), serde_json::json!({}))
+        .post(
+            format!("{madrid}/v1/admin/projections/reservations/rebuild"),
+            serde_json::json!({}),
+        )
         .await;
     assert_eq!(rebuilt.status, 200, "{:?}", rebuilt.body);
     let unknown = api
-        .post(format!("{madrid}/v1/admin/projections/nope/rebuild"), serde_json::json!({}))
+        .post(
+            format!("{madrid}/v1/admin/projections/nope/rebuild"),
+            serde_json::json!({}),
+        )
         .await;
     assert_eq!(unknown.status, 404);
     let again = api
-        .get(format!("{madrid}/v1/search/reservations?q=rates&min_as_of={tokens}"))
+        .get(format!(
+            "{madrid}/v1/search/reservations?q=rates&min_as_of={tokens}"
+        ))
         .await;
     assert_eq!(again.status, 200, "{:?}", again.body);
     assert_eq!(again.body["reservations"].as_array().unwrap().len(), 2);
     let view = api
-        .get(format!("{madrid}/v1/customers/cust-42/reservations?after={}", seen.join(",")))
+        .get(format!(
+            "{madrid}/v1/customers/cust-42/reservations?after={}",
+            seen.join(",")
+        ))
         .await;
-    assert_eq!(view.body["reservations"].as_array().unwrap().len(), 2, "customer ids survive a scan");
+    assert_eq!(
+        view.body["reservations"].as_array().unwrap().len(),
+        2,
+        "customer ids survive a scan"
+    );
     drop(cluster);
 }
 
@@ -199,7 +272,12 @@ async fn a_group_whose_changes_were_evicted_is_scanned_again() {
         .unwrap();
     let madrid = cluster.url("madrid");
     let api = Api::new();
-    assert_eq!(api.put_issuer(&madrid, "MUNI-1", "madrid", 1_000_000).await.status, 201);
+    assert_eq!(
+        api.put_issuer(&madrid, "MUNI-1", "madrid", 1_000_000)
+            .await
+            .status,
+        201
+    );
     let scans = |status: &serde_json::Value| status["projections"][0]["scans"].as_u64().unwrap();
     let groups = api.get(format!("{madrid}/v1/admin/projections")).await.body["projections"][0]
         ["groups"]
@@ -217,11 +295,17 @@ async fn a_group_whose_changes_were_evicted_is_scanned_again() {
             })
             .collect();
         let batch = api
-            .post(format!("{madrid}/v1/reservations:batch"), serde_json::json!({ "reservations": items }))
+            .post(
+                format!("{madrid}/v1/reservations:batch"),
+                serde_json::json!({ "reservations": items }),
+            )
             .await;
         assert_eq!(batch.body["reserved"], 50, "{:?}", batch.body);
         written += 50;
-        last = batch.body["results"][49]["commit_token"].as_str().unwrap().to_string();
+        last = batch.body["results"][49]["commit_token"]
+            .as_str()
+            .unwrap()
+            .to_string();
     }
     let report = api
         .get(format!(
@@ -231,8 +315,14 @@ async fn a_group_whose_changes_were_evicted_is_scanned_again() {
     assert_eq!(report.status, 200, "{:?}", report.body);
     let line = &report.body["lines"][0];
     assert_eq!(line["key"], "MUNI-1");
-    assert_eq!((line["confirmed_count"].as_u64(), line["reserved"].as_u64()), (Some(written), Some(written)));
+    assert_eq!(
+        (line["confirmed_count"].as_u64(), line["reserved"].as_u64()),
+        (Some(written), Some(written))
+    );
     let status = api.get(format!("{madrid}/v1/admin/projections")).await.body;
-    assert!(scans(&status) > groups, "no group was scanned again: {status}");
+    assert!(
+        scans(&status) > groups,
+        "no group was scanned again: {status}"
+    );
     assert_eq!(status["projections"][0]["reservations"], written);
 }

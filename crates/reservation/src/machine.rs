@@ -853,9 +853,10 @@ impl StateMachine {
         let mut rows = ScanRows::default();
         let mut taken = 0;
         let issuers = match after {
-            Some(key) => self
-                .issuers
-                .range::<IssuerId, _>((std::ops::Bound::Included(&key.issuer_id), std::ops::Bound::Unbounded)),
+            Some(key) => self.issuers.range::<IssuerId, _>((
+                std::ops::Bound::Included(&key.issuer_id),
+                std::ops::Bound::Unbounded,
+            )),
             None => self.issuers.range::<IssuerId, _>(..),
         };
         for (issuer_id, issuer) in issuers {
@@ -916,9 +917,11 @@ impl StateMachine {
             for (token, record) in &issuer.tokens {
                 if let TokenRecord::Rejected { request, .. } = record {
                     if let Some(customer_id) = &request.customer_id {
-                        customers
-                            .rejections
-                            .push((issuer_id.clone(), token.clone(), customer_id.clone()));
+                        customers.rejections.push((
+                            issuer_id.clone(),
+                            token.clone(),
+                            customer_id.clone(),
+                        ));
                     }
                 }
             }
@@ -962,7 +965,9 @@ impl StateMachine {
                     .and_then(|i| i.tokens.get_mut(&token));
                 let Some(TokenRecord::Rejected { request, .. }) = record else {
                     return Err(SnapshotError::Inconsistent {
-                        reason: format!("customer of rejected token {token} of {issuer_id}, which is not there"),
+                        reason: format!(
+                            "customer of rejected token {token} of {issuer_id}, which is not there"
+                        ),
                     });
                 };
                 request.customer_id = Some(customer_id);

@@ -642,21 +642,36 @@ fn customer_ids_are_kept_replayed_and_survive_a_snapshot() {
     // The customer is part of the token's payload.
     let other = log.apply(for_customer("t1", 10, "cust-8"));
     assert!(
-        matches!(other.outcome, Outcome::Rejected(Rejection::TokenPayloadMismatch { .. })),
+        matches!(
+            other.outcome,
+            Outcome::Rejected(Rejection::TokenPayloadMismatch { .. })
+        ),
         "{other:?}"
     );
     let refused = log.apply(for_customer("t2", 1_000, "cust-7"));
     assert!(matches!(refused.outcome, Outcome::Rejected(_)));
     let empty = log.apply(for_customer("t3", 1, ""));
-    assert!(matches!(empty.outcome, Outcome::Rejected(Rejection::InvalidField { .. })), "{empty:?}");
+    assert!(
+        matches!(
+            empty.outcome,
+            Outcome::Rejected(Rejection::InvalidField { .. })
+        ),
+        "{empty:?}"
+    );
     let restored = StateMachine::restore(&log.sm.snapshot()).unwrap();
     assert_eq!(restored, log.sm);
     let replay = {
-        let mut log = Log { sm: restored, ..log };
+        let mut log = Log {
+            sm: restored,
+            ..log
+        };
         log.apply(for_customer("t2", 1_000, "cust-6")).outcome
     };
     assert!(
-        matches!(replay, Outcome::Rejected(Rejection::TokenPayloadMismatch { .. })),
+        matches!(
+            replay,
+            Outcome::Rejected(Rejection::TokenPayloadMismatch { .. })
+        ),
         "the rejected token kept its customer: {replay:?}"
     );
 }

@@ -38,8 +38,8 @@ mod clients;
 mod control;
 mod faults;
 mod feeds;
-mod projections;
 mod network;
+mod projections;
 
 use control::control_config;
 

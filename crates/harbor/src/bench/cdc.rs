@@ -138,7 +138,11 @@ pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
         http.clone(),
         reader.clone(),
         acked.clone(),
-        if options.without_projections { started } else { until },
+        if options.without_projections {
+            started
+        } else {
+            until
+        },
     ));
     let mut tasks = Vec::new();
     for w in 0..options.writers {
@@ -316,11 +320,14 @@ async fn probe_search(
     let mut probes = Vec::new();
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let newest = acked
-            .lock()
-            .unwrap()
-            .last()
-            .map(|a| (a.token.clone(), a.at, a.issuer.clone(), a.commit_token.clone()));
+        let newest = acked.lock().unwrap().last().map(|a| {
+            (
+                a.token.clone(),
+                a.at,
+                a.issuer.clone(),
+                a.commit_token.clone(),
+            )
+        });
         let Some((token, at, issuer, commit_token)) = newest else {
             continue;
         };
@@ -335,7 +342,10 @@ async fn probe_search(
                 return Some(None);
             }
             let body: harbor_api::SearchAnswer = answer.json().await.ok()?;
-            let found = body.reservations.iter().any(|r| r.reservation_token == token);
+            let found = body
+                .reservations
+                .iter()
+                .any(|r| r.reservation_token == token);
             Some(Some((found, arrived.saturating_duration_since(at))))
         }));
     }

@@ -311,7 +311,10 @@ impl World {
             self.stats.ops += 1;
             items.push(BatchItem { op_id, used });
         }
-        let commands = items.iter().map(|item| reserve_command(&item.used)).collect();
+        let commands = items
+            .iter()
+            .map(|item| reserve_command(&item.used))
+            .collect();
         let op_id = items[0].op_id;
         self.clients[i].inflight_shard = Some(shard);
         self.clients[i].inflight = Some(Inflight {

@@ -130,7 +130,11 @@ impl World {
             if row.version.sub == u32::MAX {
                 continue; // written by a scan page
             }
-            let Some(change) = feed.truth().get(&row.shard).and_then(|s| s.get(&row.version)) else {
+            let Some(change) = feed
+                .truth()
+                .get(&row.shard)
+                .and_then(|s| s.get(&row.version))
+            else {
                 continue;
             };
             let carried = match &change.event {
@@ -177,7 +181,10 @@ impl World {
             for _ in 0..10_000 {
                 match projection.next(shard) {
                     Next::Scan(after) => {
-                        if projection.take_scan(shard, core.scan(after.as_ref(), 64)).is_err() {
+                        if projection
+                            .take_scan(shard, core.scan(after.as_ref(), 64))
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -193,7 +200,11 @@ impl World {
                     }
                 }
             }
-            let applied = core.machine().applied().map(|a| a.index).unwrap_or_default();
+            let applied = core
+                .machine()
+                .applied()
+                .map(|a| a.index)
+                .unwrap_or_default();
             let at = projection.positions()[&shard];
             if !caught_up || at != ChangePosition::entry_end(applied) {
                 continue;
