@@ -85,8 +85,10 @@ pub struct Projection {
     rows: BTreeMap<ReservationId, Row>,
     /// `(created_at, id)` of every row: search answers newest first.
     by_created: BTreeSet<(Timestamp, ReservationId)>,
-    /// Held and confirmed reservations: the exposure report reads these.
-    open: BTreeSet<ReservationId>,
+    /// Held and confirmed sums by issuer and by desk, kept as rows change,
+    /// so a report costs its lines, not the rows.
+    open_by_issuer: BTreeMap<IssuerId, Sums>,
+    open_by_desk: BTreeMap<String, Sums>,
     /// Reservations by customer: the customer view reads these.
     by_customer: BTreeMap<String, BTreeSet<ReservationId>>,
     issuers: BTreeMap<IssuerId, IssuerRow>,
@@ -113,7 +115,8 @@ impl Projection {
             streams,
             rows: BTreeMap::new(),
             by_created: BTreeSet::new(),
-            open: BTreeSet::new(),
+            open_by_issuer: BTreeMap::new(),
+            open_by_desk: BTreeMap::new(),
             by_customer: BTreeMap::new(),
             issuers: BTreeMap::new(),
             watermark: None,
@@ -398,11 +401,23 @@ impl Projection {
                 .or_default()
                 .insert(id.clone());
         }
-        if reservation.status.is_open() {
-            self.open.insert(id.clone());
-        } else {
-            self.open.remove(&id);
+        if let Some(old) = self.rows.get(&id) {
+            let old = &old.reservation;
+            Sums::change(&mut self.open_by_issuer, old.issuer_id.clone(), old, -1);
+            Sums::change(&mut self.open_by_desk, old.desk.clone(), old, -1);
         }
+        Sums::change(
+            &mut self.open_by_issuer,
+            reservation.issuer_id.clone(),
+            &reservation,
+            1,
+        );
+        Sums::change(
+            &mut self.open_by_desk,
+            reservation.desk.clone(),
+            &reservation,
+            1,
+        );
         let row = Row {
             reservation,
             shard,
@@ -491,43 +506,112 @@ impl Projection {
 
     /// Held and confirmed sums and counts, by `group_by`, sorted by key.
     pub fn exposure(&self, group_by: GroupBy) -> Vec<Exposure> {
-        let mut lines: BTreeMap<String, Exposure> = BTreeMap::new();
-        if group_by == GroupBy::Issuer {
-            for (id, issuer) in &self.issuers {
-                let line = lines.entry(id.to_string()).or_default();
-                line.limit = Some(issuer.limit.0);
-            }
-        }
-        for id in &self.open {
-            let r = &self.rows[id].reservation;
-            let key = match group_by {
-                GroupBy::Desk => r.desk.clone(),
-                GroupBy::Issuer => r.issuer_id.to_string(),
-                GroupBy::HomeRegion => self
-                    .issuers
-                    .get(&r.issuer_id)
-                    .and_then(|i| i.home_region.as_ref())
-                    .map_or_else(|| "unknown".to_string(), |region| region.to_string()),
-            };
-            let line = lines.entry(key).or_default();
-            // Sums saturate: thousands of issuers each near the largest
-            // amount could pass u64.
-            match r.status {
-                Status::Held => {
-                    line.held = line.held.saturating_add(r.amount.0);
-                    line.held_count += 1;
+        let mut lines: BTreeMap<String, Sums> = BTreeMap::new();
+        let mut limits: BTreeMap<String, u64> = BTreeMap::new();
+        match group_by {
+            GroupBy::Desk => lines = self.open_by_desk.clone(),
+            GroupBy::Issuer => {
+                for (id, issuer) in &self.issuers {
+                    limits.insert(id.to_string(), issuer.limit.0);
+                    lines.entry(id.to_string()).or_default();
                 }
-                _ => {
-                    line.confirmed = line.confirmed.saturating_add(r.amount.0);
-                    line.confirmed_count += 1;
+                for (id, sums) in &self.open_by_issuer {
+                    lines.entry(id.to_string()).or_default().add(sums);
                 }
             }
-            line.reserved = line.reserved.saturating_add(r.amount.0);
+            GroupBy::HomeRegion => {
+                for (id, sums) in &self.open_by_issuer {
+                    let region = self
+                        .issuers
+                        .get(id)
+                        .and_then(|i| i.home_region.as_ref())
+                        .map_or_else(|| "unknown".to_string(), |r| r.to_string());
+                    lines.entry(region).or_default().add(sums);
+                }
+            }
         }
         lines
             .into_iter()
-            .map(|(key, line)| Exposure { key, ..line })
+            .map(|(key, sums)| {
+                // Sums are kept wide: thousands of issuers each near the
+                // largest amount could pass u64; a report saturates.
+                let clamp = |n: u128| u64::try_from(n).unwrap_or(u64::MAX);
+                Exposure {
+                    limit: limits.get(&key).copied(),
+                    key,
+                    reserved: clamp(sums.held + sums.confirmed),
+                    held: clamp(sums.held),
+                    confirmed: clamp(sums.confirmed),
+                    held_count: sums.held_count,
+                    confirmed_count: sums.confirmed_count,
+                }
+            })
             .collect()
+    }
+}
+
+impl Projection {
+    /// The exposure report computed from every row, the slow way: the
+    /// simulator checks the kept sums against it.
+    pub fn exposure_from_rows(&self, group_by: GroupBy) -> Vec<Exposure> {
+        let mut copy = self.clone();
+        copy.open_by_issuer.clear();
+        copy.open_by_desk.clear();
+        for row in self.rows.values() {
+            let r = &row.reservation;
+            Sums::change(&mut copy.open_by_issuer, r.issuer_id.clone(), r, 1);
+            Sums::change(&mut copy.open_by_desk, r.desk.clone(), r, 1);
+        }
+        copy.exposure(group_by)
+    }
+}
+
+/// Held and confirmed amounts and counts of some reservations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Sums {
+    held: u128,
+    confirmed: u128,
+    held_count: u64,
+    confirmed_count: u64,
+}
+
+impl Sums {
+    fn add(&mut self, other: &Sums) {
+        self.held += other.held;
+        self.confirmed += other.confirmed;
+        self.held_count += other.held_count;
+        self.confirmed_count += other.confirmed_count;
+    }
+
+    /// Adds (`sign` 1) or takes away (-1) `r` from `key`'s sums, if it is
+    /// open; a key left with nothing open goes.
+    fn change<K: Ord + Clone>(sums: &mut BTreeMap<K, Sums>, key: K, r: &ReservationView, sign: i8) {
+        if !r.status.is_open() {
+            return;
+        }
+        let amount = u128::from(r.amount.0);
+        let line = sums.entry(key.clone()).or_default();
+        match (r.status, sign > 0) {
+            (Status::Held, true) => {
+                line.held += amount;
+                line.held_count += 1;
+            }
+            (Status::Held, false) => {
+                line.held -= amount;
+                line.held_count -= 1;
+            }
+            (_, true) => {
+                line.confirmed += amount;
+                line.confirmed_count += 1;
+            }
+            (_, false) => {
+                line.confirmed -= amount;
+                line.confirmed_count -= 1;
+            }
+        }
+        if line.held_count == 0 && line.confirmed_count == 0 {
+            sums.remove(&key);
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 //! - a commit token the projection says it includes has every change of
 //!   its entry in.
 
-use harbor_cdc::projection::{Next, Projection};
+use harbor_cdc::projection::{GroupBy, Next, Projection};
 use harbor_reservation::Event as Change;
 use harbor_wire::ChangePosition;
 
@@ -148,6 +148,16 @@ impl World {
                 violations.push(format!(
                     "projection: {} holds {:?}, but the change at {:?} that wrote it carried {carried:?}",
                     row.reservation.reservation_id, row.reservation, row.version
+                ));
+            }
+        }
+        // The report's kept sums match the rows.
+        for group_by in [GroupBy::Desk, GroupBy::Issuer, GroupBy::HomeRegion] {
+            let kept = projection.exposure(group_by);
+            let counted = projection.exposure_from_rows(group_by);
+            if kept != counted {
+                violations.push(format!(
+                    "projection: the {group_by:?} exposure it keeps, {kept:?}, is not its rows', {counted:?}"
                 ));
             }
         }
