@@ -342,6 +342,28 @@ impl Gateway {
         Ok(())
     }
 
+    /// Where change streams and scans of `shard` are read, in order: a
+    /// replica in this region, then the leader, then the others
+    /// (`leader_first`: the leader before all), each once.
+    pub(crate) fn stream_replicas(&self, shard: ShardId, leader_first: bool) -> Vec<NodeId> {
+        let map = self.meta.map();
+        let Some(group) = map.groups.get(&shard) else {
+            return Vec::new();
+        };
+        let mut order: Vec<NodeId> = Vec::new();
+        if leader_first {
+            order.push(group.leader.clone());
+        }
+        if let Local::Replica(node) = self.local_replica(shard) {
+            order.push(node);
+        }
+        order.push(group.leader.clone());
+        order.extend(group.members.iter().cloned());
+        let mut seen = BTreeSet::new();
+        order.retain(|node| seen.insert(node.clone()));
+        order
+    }
+
     /// A page of `shard`'s changes after `after`, from the first replica
     /// that has it: one in this region, then the leader, then the others.
     /// `None` when none answered (the feed waits; its resolved mark does
@@ -354,26 +376,13 @@ impl Gateway {
     ) -> Option<ChangesPage> {
         let map = self.meta.map();
         let group = map.groups.get(&shard)?;
-        let mut order: Vec<NodeId> = Vec::new();
-        if leader_first {
-            order.push(group.leader.clone());
-        }
-        if let Local::Replica(node) = self.local_replica(shard) {
-            order.push(node);
-        }
-        order.push(group.leader.clone());
-        order.extend(group.members.iter().cloned());
-        let mut seen = BTreeSet::new();
         // Expired only if no replica that answered has it and the leader
         // (or every replica) answered: one restarted replica and a slow
         // leader do not end a feed.
         let mut expired: Option<ChangesPage> = None;
         let mut leader_answered = false;
         let mut silent = false;
-        for node in order {
-            if !seen.insert(node.clone()) {
-                continue;
-            }
+        for node in self.stream_replicas(shard, leader_first) {
             let request = Request::LocalRead {
                 shard,
                 query: Query::Changes {

@@ -7,7 +7,6 @@
 //! (what `harbor projection rebuild` asks for again); a group whose stream
 //! expired is scanned again.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -16,11 +15,10 @@ use harbor_cdc::projection::{Next, Projection};
 use harbor_reservation::ScanKey;
 use harbor_types::limits::{CHANGES_PAGE_MAX, LOCAL_READ_TIMEOUT_MS};
 use harbor_types::sim::Bugs;
-use harbor_types::{CommitToken, NodeId, ShardId, Timestamp};
+use harbor_types::{CommitToken, ShardId, Timestamp};
 use harbor_wire::{ChangePosition, Freshness, Query, QueryResult, Request, Response, ScanPage};
 use tokio::sync::watch;
 
-use crate::local::Local;
 use crate::router::Gateway;
 
 /// Pages of one group a round takes at most: a busy group cannot hold
@@ -241,22 +239,7 @@ impl Gateway {
         floor: Option<ChangePosition>,
         leader_first: bool,
     ) -> Option<ScanPage> {
-        let map = self.meta.map();
-        let group = map.groups.get(&shard)?;
-        let mut order: Vec<NodeId> = Vec::new();
-        if leader_first {
-            order.push(group.leader.clone());
-        }
-        if let Local::Replica(node) = self.local_replica(shard) {
-            order.push(node);
-        }
-        order.push(group.leader.clone());
-        order.extend(group.members.iter().cloned());
-        let mut seen = BTreeSet::new();
-        for node in order {
-            if !seen.insert(node.clone()) {
-                continue;
-            }
+        for node in self.stream_replicas(shard, leader_first) {
             let request = Request::LocalRead {
                 shard,
                 query: Query::Scan {
