@@ -20,6 +20,7 @@ mod feed_http;
 pub mod local;
 mod metrics;
 mod projection_http;
+mod projection_view;
 mod projections;
 pub mod reads;
 mod router;

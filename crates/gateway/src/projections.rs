@@ -5,19 +5,18 @@
 //!
 //! It lives in memory and is built at start from a scan of every group
 //! (what `harbor projection rebuild` asks for again); a group whose stream
-//! expired is scanned again.
+//! expired is scanned again. Its state is `projection_view`'s.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use harbor_cdc::projection::{Next, Projection};
 use harbor_reservation::ScanKey;
 use harbor_types::limits::{CHANGES_PAGE_MAX, LOCAL_READ_TIMEOUT_MS};
 use harbor_types::sim::Bugs;
-use harbor_types::{CommitToken, ShardId, Timestamp};
+use harbor_types::{ShardId, Timestamp};
 use harbor_wire::{ChangePosition, Freshness, Query, QueryResult, Request, Response, ScanPage};
-use tokio::sync::watch;
 
 use crate::router::Gateway;
 
@@ -36,84 +35,6 @@ enum Round {
     Moved,
     /// Nothing moved: back off.
     Quiet,
-}
-
-/// The projection and what waits on it.
-pub(crate) struct Projections {
-    /// Written only by the feeding task, between its requests: a page is
-    /// always taken by the projection that asked for it.
-    view: Mutex<Projection>,
-    /// Bumped whenever a round moved the projection: readers waiting for
-    /// commit tokens look again.
-    moved: watch::Sender<u64>,
-    running: AtomicBool,
-    /// A rebuild was asked for; the feeding task does it before its next
-    /// round.
-    rebuild: AtomicBool,
-}
-
-impl Projections {
-    pub(crate) fn new(shards: impl IntoIterator<Item = ShardId>) -> Projections {
-        Projections {
-            view: Mutex::new(Projection::new(shards, Bugs::none())),
-            moved: watch::channel(0).0,
-            running: AtomicBool::new(false),
-            rebuild: AtomicBool::new(false),
-        }
-    }
-
-    pub(crate) fn running(&self) -> bool {
-        self.running.load(Ordering::Relaxed)
-    }
-
-    /// Reads the projection.
-    pub(crate) fn read<T>(&self, f: impl FnOnce(&Projection) -> T) -> T {
-        // Nothing panics while holding the lock; a poisoned one still
-        // holds a whole projection.
-        f(&self.view.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    fn write<T>(&self, f: impl FnOnce(&mut Projection) -> T) -> T {
-        f(&mut self.view.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Asks for the projection to be dropped and built again from a scan
-    /// of every group (the feeding task does it before its next round).
-    /// Readers then see an empty view (watermark `null`) until it is.
-    pub(crate) fn rebuild(&self) {
-        self.rebuild.store(true, Ordering::Relaxed);
-    }
-
-    /// Reads the projection with `f` once it includes every token, in the
-    /// same look (a rebuild in between cannot slip an answer without
-    /// them), waiting up to `wait`; the tokens it still lacks otherwise.
-    pub(crate) async fn read_including<T>(
-        &self,
-        tokens: &[CommitToken],
-        wait: Duration,
-        f: impl Fn(&Projection) -> T,
-    ) -> Result<T, Vec<CommitToken>> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut moved = self.moved.subscribe();
-        loop {
-            let answer = self.read(|p| {
-                let missing: Vec<CommitToken> =
-                    tokens.iter().filter(|t| !p.includes(t)).copied().collect();
-                if missing.is_empty() {
-                    Ok(f(p))
-                } else {
-                    Err(missing)
-                }
-            });
-            match answer {
-                Ok(answer) => return Ok(answer),
-                Err(missing) => match tokio::time::timeout_at(deadline, moved.changed()).await {
-                    Ok(Ok(())) => continue,
-                    _ => return Err(missing),
-                },
-            }
-        }
-    }
 }
 
 impl Gateway {

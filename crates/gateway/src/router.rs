@@ -101,7 +101,7 @@ pub struct Gateway {
     /// The origin of this gateway's monotonic clock.
     started: tokio::time::Instant,
     /// This region's projection (fed once [`Gateway::run_projection`] ran).
-    pub(crate) projections: crate::projections::Projections,
+    pub(crate) projections: crate::projection_view::Projections,
 }
 
 impl Gateway {
@@ -125,7 +125,9 @@ impl Gateway {
             metrics: crate::metrics::Metrics::default(),
             local_replicas: Mutex::new(LocalReplicas::default()),
             started: tokio::time::Instant::now(),
-            projections: crate::projections::Projections::new(meta.map().groups.keys().copied()),
+            projections: crate::projection_view::Projections::new(
+                meta.map().groups.keys().copied(),
+            ),
             meta,
         }))
     }
