@@ -1,33 +1,120 @@
 //! The changes a replica keeps for change feeds: what its applied entries
-//! yielded, in log order, within a budget of estimated bytes. Kept in
-//! memory: a restart, or a snapshot installed from the leader, starts it
-//! again after the state it restored, and an asked position older than
-//! what it keeps is answered as expired, never with a gap.
+//! yielded, in log order, within a budget of estimated bytes and an age.
+//! Served from memory, and written with every snapshot the replica takes
+//! ([`ChangeLog::history`]), so a restart restores them from the snapshot
+//! and rebuilds the rest by applying the log after it. A snapshot installed
+//! from the leader starts them again after the state it brought, and an
+//! asked position older than what is kept is answered as expired, never
+//! with a gap.
 
 use std::collections::VecDeque;
 
 use harbor_reservation::Event;
 use harbor_types::sim::probe;
-use harbor_types::{LogIndex, Timestamp};
+use harbor_types::{LogIndex, Timestamp, WallMs};
 use harbor_wire::{Change, ChangePosition, ChangesPage};
+use serde::{Deserialize, Serialize};
+
+/// What a replica keeps, and for how long.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Budget {
+    pub(crate) bytes: usize,
+    /// A change whose entry's time is older than this (on the replica's
+    /// wall clock) goes.
+    pub(crate) age_ms: u64,
+}
 
 pub(crate) struct ChangeLog {
     changes: VecDeque<Change>,
     /// Everything after this position that has applied is in `changes`.
     kept_after: ChangePosition,
     bytes: usize,
-    budget_bytes: usize,
+    budget: Budget,
+}
+
+/// The first byte of [`ChangeLog::history`]: its format.
+const HISTORY_FORMAT: u8 = 1;
+
+#[derive(Serialize)]
+struct HistoryOut<'a> {
+    kept_after: ChangePosition,
+    changes: &'a VecDeque<Change>,
+}
+
+#[derive(Deserialize)]
+struct HistoryIn {
+    kept_after: ChangePosition,
+    changes: Vec<Change>,
 }
 
 impl ChangeLog {
     /// Starts after the entry at `applied`: the state was restored there.
-    pub(crate) fn new(applied: LogIndex, budget_bytes: usize) -> ChangeLog {
+    pub(crate) fn new(applied: LogIndex, budget: Budget) -> ChangeLog {
         ChangeLog {
             changes: VecDeque::new(),
             kept_after: ChangePosition::entry_end(applied),
             bytes: 0,
-            budget_bytes,
+            budget,
         }
+    }
+
+    /// What [`ChangeLog::history`] wrote with the snapshot at `applied`;
+    /// starts after `applied` when there is none, or it cannot be read
+    /// (written by another release), or it does not end there.
+    pub(crate) fn restore(applied: LogIndex, history: &[u8], budget: Budget) -> ChangeLog {
+        let mut log = ChangeLog::new(applied, budget);
+        let Some((&format, rest)) = history.split_first() else {
+            return log;
+        };
+        let decoded = match format {
+            HISTORY_FORMAT => postcard::from_bytes::<HistoryIn>(rest).map_err(|e| e.to_string()),
+            other => Err(format!("unknown format {other}")),
+        };
+        let history = match decoded {
+            Ok(history) => history,
+            Err(reason) => {
+                tracing::warn!(%applied, %reason, "the change history kept with the snapshot does not decode; change feeds restart after it");
+                return log;
+            }
+        };
+        let end = ChangePosition::entry_end(applied);
+        let in_order = history
+            .changes
+            .windows(2)
+            .all(|pair| pair[0].position() < pair[1].position());
+        let within = history.changes.first().is_none_or(|first| {
+            history.kept_after < first.position()
+                && history.changes.last().is_some_and(|l| l.cursor() <= end)
+        });
+        if !in_order || !within || history.kept_after > end {
+            tracing::warn!(%applied, "the change history kept with the snapshot is out of order; change feeds restart after it");
+            return log;
+        }
+        probe("changes.restored_from_snapshot");
+        log.kept_after = history.kept_after;
+        log.bytes = history.changes.iter().map(estimated_bytes).sum();
+        log.changes = history.changes.into();
+        log.evict_over_budget();
+        log
+    }
+
+    /// Everything kept, to write with a snapshot of the state at the
+    /// replica's applied index: read back by [`ChangeLog::restore`].
+    /// `drop_newest` is the simulator's bug switch
+    /// `changes-history-drops-newest`.
+    pub(crate) fn history(&self, drop_newest: bool) -> Vec<u8> {
+        let mut changes = &self.changes;
+        let mut fewer;
+        if drop_newest && !self.changes.is_empty() {
+            fewer = self.changes.clone();
+            fewer.pop_back();
+            changes = &fewer;
+        }
+        let history = HistoryOut {
+            kept_after: self.kept_after,
+            changes,
+        };
+        postcard::to_extend(&history, vec![HISTORY_FORMAT]).expect("a change history encodes")
     }
 
     /// The state was replaced by a snapshot at `applied`: the changes of the
@@ -50,14 +137,38 @@ impl ChangeLog {
             self.bytes += estimated_bytes(&change);
             self.changes.push_back(change);
         }
-        while self.bytes > self.budget_bytes {
-            let Some(oldest) = self.changes.pop_front() else {
-                break;
-            };
+        self.evict_over_budget();
+    }
+
+    fn evict_over_budget(&mut self) {
+        while self.bytes > self.budget.bytes {
             probe("changes.evicted_for_budget");
-            self.bytes -= estimated_bytes(&oldest);
-            self.kept_after = oldest.cursor();
+            self.evict_oldest();
         }
+    }
+
+    /// Lets go of the changes older than the age budget at `now`.
+    pub(crate) fn evict_older_than_budget(&mut self, now: WallMs) {
+        let Some(oldest_kept) = now.as_millis().checked_sub(self.budget.age_ms) else {
+            return;
+        };
+        while self
+            .changes
+            .front()
+            .is_some_and(|c| c.event.at().wall_ms < oldest_kept)
+        {
+            probe("changes.evicted_for_age");
+            self.evict_oldest();
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .changes
+            .pop_front()
+            .expect("evicting from a kept change");
+        self.bytes -= estimated_bytes(&oldest);
+        self.kept_after = oldest.cursor();
     }
 
     /// Changes after `after`, at most `max`. `applied` is the replica's
@@ -166,13 +277,20 @@ mod tests {
         }
     }
 
+    fn budget(bytes: usize) -> Budget {
+        Budget {
+            bytes,
+            age_ms: u64::MAX,
+        }
+    }
+
     fn positions(page: &ChangesPage) -> Vec<ChangePosition> {
         page.changes.iter().map(Change::position).collect()
     }
 
     #[test]
     fn pages_resume_inside_an_entry_and_cover_entries_without_changes() {
-        let mut log = ChangeLog::new(LogIndex(0), 1 << 20);
+        let mut log = ChangeLog::new(LogIndex(0), budget(1 << 20));
         log.push(vec![event(1), event(1), event(1)]);
         log.push(Vec::new());
         log.push(vec![event(3)]);
@@ -208,7 +326,13 @@ mod tests {
             last: true,
             event: event(1),
         });
-        let mut log = ChangeLog::new(LogIndex(0), budget);
+        let mut log = ChangeLog::new(
+            LogIndex(0),
+            super::Budget {
+                bytes: budget,
+                age_ms: u64::MAX,
+            },
+        );
         for index in 1..=5 {
             log.push(vec![event(index)]);
         }
@@ -232,5 +356,53 @@ mod tests {
             None,
         );
         assert_eq!(page.expired, Some(ChangePosition::entry_end(LogIndex(9))));
+    }
+
+    #[test]
+    fn a_history_written_with_a_snapshot_restores_what_was_kept() {
+        let mut log = ChangeLog::new(LogIndex(0), budget(1 << 20));
+        for index in 1..=4 {
+            log.push(vec![event(index), event(index)]);
+        }
+        let restored = ChangeLog::restore(LogIndex(4), &log.history(false), budget(1 << 20));
+        let all = |log: &ChangeLog| {
+            log.kept_after(ChangePosition::START)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all(&restored), all(&log));
+        assert_eq!(restored.kept_after, log.kept_after);
+        assert_eq!(restored.retained_bytes(), log.retained_bytes());
+        // A smaller budget now keeps the newest, and says where it starts.
+        let small = ChangeLog::restore(LogIndex(4), &log.history(false), budget(1));
+        assert_eq!(small.kept_after, ChangePosition::entry_end(LogIndex(4)));
+        // Nothing to read, another format, or a history that does not end
+        // at the snapshot: start after the snapshot.
+        for history in [Vec::new(), vec![9, 1, 2], log.history(false)] {
+            let fresh = ChangeLog::restore(LogIndex(3), &history, budget(1 << 20));
+            assert_eq!(fresh.kept_after, ChangePosition::entry_end(LogIndex(3)));
+            assert_eq!(fresh.changes.len(), 0);
+        }
+    }
+
+    #[test]
+    fn changes_older_than_the_age_budget_go() {
+        let mut log = ChangeLog::new(
+            LogIndex(0),
+            Budget {
+                bytes: 1 << 20,
+                age_ms: 10,
+            },
+        );
+        for index in 1..=5 {
+            log.push(vec![event(index * 10)]);
+        }
+        // Entry times 10..=50; at 35 what is older than 25 goes.
+        log.evict_older_than_budget(WallMs::from_millis(35));
+        assert_eq!(log.kept_after, ChangePosition::entry_end(LogIndex(20)));
+        assert_eq!(log.changes.len(), 3);
+        // A clock that steps back lets nothing go, and brings nothing back.
+        log.evict_older_than_budget(WallMs::from_millis(0));
+        assert_eq!(log.changes.len(), 3);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::changes::ChangeLog;
+use crate::changes::{Budget, ChangeLog};
 use harbor_replication::{
     Config as CoreConfig, ConfigError as CoreConfigError, Effect, Entry, Member, Message,
     Recovered, Replica, SnapshotMeta,
@@ -25,13 +25,25 @@ pub struct Settings {
     pub snapshot_interval_entries: u64,
     /// Local reads held at once while they wait to apply what they need.
     pub local_reads_waiting_max: usize,
-    /// Changes kept in memory for change feeds, by estimated size.
+    /// Changes kept for change feeds (in memory, and with each snapshot),
+    /// by estimated size.
     pub changes_retained_bytes: usize,
+    /// Changes whose entry is older than this go, whatever their size.
+    pub changes_retained_ms: u64,
     /// An idle leader proposes a no-op after this long, so its group's
     /// resolved time (what change feeds promise) keeps advancing.
     pub resolved_tick_ms: u64,
     /// Simulator-only protocol bugs; always off in a running node.
     pub bugs: Bugs,
+}
+
+impl Settings {
+    pub(crate) fn changes_budget(&self) -> Budget {
+        Budget {
+            bytes: self.changes_retained_bytes,
+            age_ms: self.changes_retained_ms,
+        }
+    }
 }
 
 /// One input, stepped with the time it was read.
@@ -282,7 +294,11 @@ impl GroupCore {
             now,
             applied: snapshot.last_index,
             snapshot_index: snapshot.last_index,
-            changes: ChangeLog::new(snapshot.last_index, settings.changes_retained_bytes),
+            changes: ChangeLog::restore(
+                snapshot.last_index,
+                found.snapshot.as_ref().map_or(&[][..], |s| &s.history),
+                settings.changes_budget(),
+            ),
             hard_state,
             waiters: BTreeMap::new(),
             barrier: None,
@@ -378,6 +394,7 @@ impl GroupCore {
             Input::Tick => {
                 if self.failed.is_none() {
                     self.core.tick(now);
+                    self.changes.evict_older_than_budget(now.wall);
                     self.propose_expiry(now);
                     self.propose_tick(now);
                 }
@@ -627,6 +644,7 @@ impl GroupCore {
                         last_index: meta.last_index,
                         last_generation: meta.last_generation,
                         data,
+                        history: Vec::new(),
                     },
                     replaces_log: true,
                 });
@@ -757,6 +775,9 @@ impl GroupCore {
                 last_index: self.applied,
                 last_generation: generation,
                 data: self.machine.snapshot(),
+                history: self
+                    .changes
+                    .history(self.settings.bugs.changes_history_drops_newest),
             },
             replaces_log: false,
         });

@@ -23,6 +23,7 @@ fn settings() -> crate::Settings {
         snapshot_interval_entries: 1_000,
         local_reads_waiting_max: 4,
         changes_retained_bytes: 1 << 20,
+        changes_retained_ms: 60_000,
         resolved_tick_ms: 500,
         bugs: Bugs::none(),
     }

@@ -117,9 +117,10 @@ pub struct LimitsSection {
     pub snapshot_interval_entries: u64,
     /// Entries a leader keeps in memory for lagging followers.
     pub retained_entries_max: u64,
-    /// Changes each replica keeps in memory for change feeds (estimated
-    /// bytes).
+    /// Changes each replica keeps for change feeds (estimated bytes).
     pub changes_retained_bytes: usize,
+    /// Changes older than this go, whatever their size.
+    pub changes_retained_ms: u64,
 }
 
 impl Default for LimitsSection {
@@ -132,6 +133,7 @@ impl Default for LimitsSection {
             snapshot_interval_entries: node.snapshot_interval_entries,
             retained_entries_max: node.retained_entries_max,
             changes_retained_bytes: node.changes_retained_bytes,
+            changes_retained_ms: node.changes_retained_ms,
         }
     }
 }
@@ -143,6 +145,7 @@ impl LimitsSection {
         config.snapshot_interval_entries = self.snapshot_interval_entries;
         config.retained_entries_max = self.retained_entries_max;
         config.changes_retained_bytes = self.changes_retained_bytes;
+        config.changes_retained_ms = self.changes_retained_ms;
     }
 }
 
@@ -235,6 +238,11 @@ fn read_cluster(config: &Path, cluster: &Path) -> anyhow::Result<ClusterFile> {
             limits.snapshot_interval_entries,
         ),
         ("retained_entries_max", limits.retained_entries_max),
+        (
+            "changes_retained_bytes",
+            limits.changes_retained_bytes as u64,
+        ),
+        ("changes_retained_ms", limits.changes_retained_ms),
     ] {
         if value == 0 {
             bail!(

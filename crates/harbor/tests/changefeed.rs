@@ -301,3 +301,68 @@ async fn a_cursor_older_than_what_is_kept_is_refused_with_where_to_continue() {
         "the oldest was evicted: {tokens:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_changes_survive_snapshots_and_a_restart_of_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || {
+        let mut options = harbor::dev::DevOptions::new(dir.path().to_path_buf());
+        options.port = 0;
+        // A snapshot every few entries: the log alone no longer reaches
+        // back to the first change, only the history kept with the
+        // snapshots does.
+        options.tune_node = |config| config.snapshot_interval_entries = 8;
+        options
+    };
+    let cluster = harbor::dev::DevCluster::start(options()).await.unwrap();
+    cluster.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let api = Api::new();
+    let madrid = cluster.url("madrid");
+    assert_eq!(
+        api.put_issuer(&madrid, "MUNI-9", "madrid", 1_000_000)
+            .await
+            .status,
+        201
+    );
+    for i in 0..40 {
+        let reply = api
+            .reserve(&madrid, &format!("tok-{i}"), "MUNI-9", 1, "madrid-rates")
+            .await;
+        assert_eq!(reply.status, 201);
+    }
+    let before = feed(&api, &madrid, "from=beginning&follow=false").await;
+    let before: Vec<ChangeLine> = changes(&before).into_iter().cloned().collect();
+    assert_eq!(
+        before.len(),
+        41,
+        "{:?}",
+        before.iter().map(|c| &c.op).collect::<Vec<_>>()
+    );
+    let cursor = before[10].cursor.clone();
+    cluster.shutdown().await;
+
+    let cluster = harbor::dev::DevCluster::start(options()).await.unwrap();
+    cluster.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let madrid = cluster.url("madrid");
+    // From the beginning: the same changes, not a scan of the rows.
+    let after = feed(&api, &madrid, "from=beginning&follow=false").await;
+    let after = changes(&after);
+    let ops: Vec<&str> = after.iter().map(|c| c.op.as_str()).collect();
+    assert!(
+        !ops.contains(&"snapshot"),
+        "a scan, not the kept changes: {ops:?}"
+    );
+    assert_eq!(
+        after.iter().map(|c| position(c)).collect::<Vec<_>>(),
+        before.iter().map(position).collect::<Vec<_>>()
+    );
+    assert_eq!(after[0].op, "issuer_registered");
+    // A cursor taken before the restart continues right after its line.
+    let rest = feed(&api, &madrid, &format!("from={cursor}&follow=false")).await;
+    let rest = changes(&rest);
+    assert_eq!(
+        rest.iter().map(|c| position(c)).collect::<Vec<_>>(),
+        before[11..].iter().map(position).collect::<Vec<_>>()
+    );
+    cluster.shutdown().await;
+}

@@ -52,9 +52,12 @@ pub struct NodeConfig {
     /// Local reads (session, bounded, causal) a replica holds at once while
     /// they wait to apply what they need; more are sent to the leader.
     pub local_reads_waiting_max: usize,
-    /// Changes each replica keeps in memory for change feeds (estimated
-    /// bytes); a feed cursor older than what is kept is refused as expired.
+    /// Changes each replica keeps for change feeds (estimated bytes), in
+    /// memory and with each snapshot; a feed cursor older than what is
+    /// kept is refused as expired.
     pub changes_retained_bytes: usize,
+    /// Changes older than this go, whatever their size.
+    pub changes_retained_ms: u64,
     /// An idle leader proposes a no-op after this long, so the resolved
     /// time change feeds promise keeps advancing.
     pub resolved_tick_ms: u64,
@@ -83,6 +86,7 @@ impl NodeConfig {
             uncommitted_entries_max: limits::UNCOMMITTED_ENTRIES_MAX,
             local_reads_waiting_max: limits::LOCAL_READS_WAITING_MAX,
             changes_retained_bytes: limits::CHANGES_RETAINED_BYTES,
+            changes_retained_ms: limits::CHANGES_RETAINED_MS,
             resolved_tick_ms: limits::RESOLVED_TICK_MS,
             wal: WalOptions::default(),
             bugs: Bugs::none(),
@@ -121,6 +125,7 @@ impl NodeConfig {
                 self.local_reads_waiting_max as u64,
             ),
             ("changes_retained_bytes", self.changes_retained_bytes as u64),
+            ("changes_retained_ms", self.changes_retained_ms),
             ("resolved_tick_ms", self.resolved_tick_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {

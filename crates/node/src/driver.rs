@@ -109,6 +109,7 @@ impl<S: Storage> Driver<S> {
             snapshot_interval_entries: config.snapshot_interval_entries,
             local_reads_waiting_max: config.local_reads_waiting_max,
             changes_retained_bytes: config.changes_retained_bytes,
+            changes_retained_ms: config.changes_retained_ms,
             resolved_tick_ms: config.resolved_tick_ms,
             bugs: config.bugs,
         };

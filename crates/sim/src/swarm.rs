@@ -31,6 +31,8 @@ pub struct Swarm {
     /// Changes each replica keeps for change feeds (small ones make the
     /// feed's positions expire).
     pub changes_retained_bytes: usize,
+    /// And for how long (short ones expire positions by age).
+    pub changes_retained_ms: u64,
     /// How long an idle leader waits before its no-op: longer than a
     /// remote replica takes to apply one, or the cluster is never quiet
     /// for the liveness check.
@@ -61,6 +63,7 @@ impl Swarm {
             wan_delay_ms: 35,
             resend_after_ms: 1_000,
             changes_retained_bytes: harbor_types::limits::CHANGES_RETAINED_BYTES,
+            changes_retained_ms: harbor_types::limits::CHANGES_RETAINED_MS,
             resolved_tick_ms: harbor_types::limits::RESOLVED_TICK_MS,
         }
     }
@@ -113,6 +116,11 @@ impl Swarm {
             // were for every seed.
             changes_retained_bytes: *rng.pick(&[4 << 10, 64 << 10, 16 << 20]),
             resolved_tick_ms: *rng.pick(&[300, 500, 1_000]),
+            changes_retained_ms: *rng.pick(&[
+                3_000,
+                30_000,
+                harbor_types::limits::CHANGES_RETAINED_MS,
+            ]),
             topology,
         }
     }

@@ -441,6 +441,7 @@ impl World {
         node_config.snapshot_interval_entries = swarm.snapshot_interval_entries;
         node_config.retained_entries_max = swarm.retained_entries_max;
         node_config.changes_retained_bytes = swarm.changes_retained_bytes;
+        node_config.changes_retained_ms = swarm.changes_retained_ms;
         node_config.resolved_tick_ms = swarm.resolved_tick_ms;
         // Small chunks, so every snapshot sent streams in several and the
         // network's losses meet resumption.

@@ -42,11 +42,14 @@ pub struct Bugs {
     /// A projection counts a commit token as included once its tail
     /// reached the token's entry, before every change of that entry.
     pub projection_includes_by_index: bool,
+    /// A replica leaves its newest kept change out of the change history
+    /// it writes with a snapshot, so a restart restores a gap.
+    pub changes_history_drops_newest: bool,
 }
 
 impl Bugs {
     /// The names `harbor verify sim --bug NAME` accepts.
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "commit-without-follower-ack",
         "accept-old-generation",
         "apply-token-twice",
@@ -58,6 +61,7 @@ impl Bugs {
         "feed-skips-change",
         "projection-watermark-early",
         "projection-includes-by-index",
+        "changes-history-drops-newest",
     ];
 
     pub fn none() -> Bugs {
@@ -79,6 +83,7 @@ impl Bugs {
             "feed-skips-change" => bugs.feed_skips_change = true,
             "projection-watermark-early" => bugs.projection_watermark_early = true,
             "projection-includes-by-index" => bugs.projection_includes_by_index = true,
+            "changes-history-drops-newest" => bugs.changes_history_drops_newest = true,
             other => {
                 return Err(format!(
                     "unknown bug {other:?}; known: {}",
@@ -92,7 +97,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 38] = [
+pub const PROBES: [&str; 40] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -115,6 +120,8 @@ pub const PROBES: [&str; 38] = [
     "node.idle_leader_ticked",
     "changes.position_expired",
     "changes.evicted_for_budget",
+    "changes.evicted_for_age",
+    "changes.restored_from_snapshot",
     "node.recovering_replica_refused_to_lead",
     "node.stale_control_order_ignored",
     "replication.recovering_replica_caught_up",

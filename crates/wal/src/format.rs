@@ -28,9 +28,14 @@ pub const RECORD_HEADER_BYTES: usize = 32;
 const RECORD_KIND_ENTRY: u8 = 1;
 const FORMAT_VERSION: u8 = 1;
 
-/// Bytes of a snapshot file before its data: crc, magic, index, generation, length.
-const SNAPSHOT_HEADER_BYTES: usize = 32;
-const SNAPSHOT_MAGIC: [u8; 4] = *b"HSNP";
+/// Bytes of the first snapshot format before its data: crc, magic, index,
+/// generation, length. Still read.
+const SNAPSHOT_V1_HEADER_BYTES: usize = 32;
+const SNAPSHOT_V1_MAGIC: [u8; 4] = *b"HSNP";
+/// Bytes of a snapshot file before its data: crc, magic, index, generation,
+/// data length, history length; the history follows the data.
+const SNAPSHOT_HEADER_BYTES: usize = 40;
+const SNAPSHOT_MAGIC: [u8; 4] = *b"HSN2";
 /// Bytes of the first hard-state format: crc, magic, generation. Still read.
 const HARD_STATE_V1_BYTES: usize = 16;
 const HARD_STATE_V1_MAGIC: [u8; 4] = *b"HHST";
@@ -198,26 +203,28 @@ pub fn find_valid_frame(buf: &[u8]) -> Option<usize> {
 }
 
 pub fn encode_snapshot(snapshot: &Snapshot) -> Vec<u8> {
-    let data_bytes = snapshot.data.len() as u64;
+    let data_bytes = (snapshot.data.len() + snapshot.history.len()) as u64;
     assert!(
         data_bytes <= SNAPSHOT_SIZE_BYTES_MAX,
         "snapshot of {data_bytes} bytes exceeds {SNAPSHOT_SIZE_BYTES_MAX}"
     );
-    let mut out = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + snapshot.data.len());
+    let mut out = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + data_bytes as usize);
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&SNAPSHOT_MAGIC);
     out.extend_from_slice(&snapshot.last_index.0.to_le_bytes());
     out.extend_from_slice(&snapshot.last_generation.0.to_le_bytes());
-    out.extend_from_slice(&data_bytes.to_le_bytes());
+    out.extend_from_slice(&(snapshot.data.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(snapshot.history.len() as u64).to_le_bytes());
     out.extend_from_slice(&snapshot.data);
+    out.extend_from_slice(&snapshot.history);
     let crc = crc32c::crc32c(&out[4..]);
     out[0..4].copy_from_slice(&crc.to_le_bytes());
-    assert_eq!(out.len(), SNAPSHOT_HEADER_BYTES + snapshot.data.len());
+    assert_eq!(out.len(), SNAPSHOT_HEADER_BYTES + data_bytes as usize);
     out
 }
 
 pub fn decode_snapshot(buf: &[u8]) -> Result<Snapshot, String> {
-    if buf.len() < SNAPSHOT_HEADER_BYTES {
+    if buf.len() < SNAPSHOT_V1_HEADER_BYTES {
         return Err(format!(
             "snapshot file of {} bytes has no header",
             buf.len()
@@ -230,20 +237,25 @@ pub fn decode_snapshot(buf: &[u8]) -> Result<Snapshot, String> {
             "snapshot checksum {crc_stored:#010x} != computed {crc_actual:#010x}"
         ));
     }
-    if buf[4..8] != SNAPSHOT_MAGIC {
-        return Err(format!("bad snapshot magic {:?}", &buf[4..8]));
-    }
-    let data_bytes = u64_at(buf, 24);
-    let data_bytes_actual = (buf.len() - SNAPSHOT_HEADER_BYTES) as u64;
-    if data_bytes != data_bytes_actual || data_bytes > SNAPSHOT_SIZE_BYTES_MAX {
+    let (header_bytes, data_bytes, history_bytes) = match buf[4..8].try_into().unwrap() {
+        SNAPSHOT_V1_MAGIC => (SNAPSHOT_V1_HEADER_BYTES, u64_at(buf, 24), 0),
+        SNAPSHOT_MAGIC if buf.len() >= SNAPSHOT_HEADER_BYTES => {
+            (SNAPSHOT_HEADER_BYTES, u64_at(buf, 24), u64_at(buf, 32))
+        }
+        magic => return Err(format!("bad snapshot magic {magic:?}")),
+    };
+    let held = (buf.len() - header_bytes) as u64;
+    if data_bytes.checked_add(history_bytes) != Some(held) || held > SNAPSHOT_SIZE_BYTES_MAX {
         return Err(format!(
-            "snapshot says {data_bytes} data bytes, file holds {data_bytes_actual}"
+            "snapshot says {data_bytes} data and {history_bytes} history bytes, file holds {held}"
         ));
     }
+    let history_at = header_bytes + data_bytes as usize;
     Ok(Snapshot {
         last_index: LogIndex(u64_at(buf, 8)),
         last_generation: Generation(u64_at(buf, 16)),
-        data: buf[SNAPSHOT_HEADER_BYTES..].to_vec(),
+        data: buf[header_bytes..history_at].to_vec(),
+        history: buf[history_at..].to_vec(),
     })
 }
 
@@ -433,6 +445,7 @@ mod tests {
             last_index: LogIndex(9),
             last_generation: Generation(2),
             data: b"state".to_vec(),
+            history: b"changes".to_vec(),
         };
         let buf = encode_snapshot(&snapshot);
         assert_eq!(decode_snapshot(&buf).unwrap(), snapshot);
@@ -445,6 +458,19 @@ mod tests {
             );
         }
         assert!(decode_snapshot(&buf[..buf.len() - 1]).is_err());
+
+        // The first format (no history) is still read.
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(&[0; 4]);
+        v1.extend_from_slice(b"HSNP");
+        v1.extend_from_slice(&9u64.to_le_bytes());
+        v1.extend_from_slice(&2u64.to_le_bytes());
+        v1.extend_from_slice(&5u64.to_le_bytes());
+        v1.extend_from_slice(b"state");
+        let crc = crc32c::crc32c(&v1[4..]);
+        v1[0..4].copy_from_slice(&crc.to_le_bytes());
+        let read = decode_snapshot(&v1).unwrap();
+        assert_eq!((read.data, read.history), (b"state".to_vec(), Vec::new()));
 
         for (led, recovering) in [(false, true), (true, false), (true, true)] {
             let hard_state = HardState {

@@ -122,6 +122,10 @@ pub struct Snapshot {
     /// Generation of the record at `last_index`.
     pub last_generation: Generation,
     pub data: Vec<u8>,
+    /// Opaque bytes the replica keeps with its own snapshot and never sends
+    /// to another (a group keeps there the change history its feeds still
+    /// need, so a restart does not lose it). Empty when there is none.
+    pub history: Vec<u8>,
 }
 
 /// Small durable state a replica must not forget: the newest generation it

@@ -579,7 +579,7 @@ impl<S: Storage> Wal<S> {
             snapshot.last_index,
             self.snapshot_index
         );
-        let size_bytes = snapshot.data.len() as u64;
+        let size_bytes = (snapshot.data.len() + snapshot.history.len()) as u64;
         if size_bytes > SNAPSHOT_SIZE_BYTES_MAX {
             return Err(WalError::SnapshotTooLarge {
                 size_bytes,

@@ -28,6 +28,7 @@ pub fn snapshot(last_index: u64, last_generation: u64) -> Snapshot {
         last_index: LogIndex(last_index),
         last_generation: Generation(last_generation),
         data: format!("state through {last_index}").into_bytes(),
+        history: format!("changes through {last_index}").into_bytes(),
     }
 }
 
