@@ -770,6 +770,15 @@ pub struct ProjectionStatus {
     pub changes_applied: u64,
     pub rows_scanned: u64,
     pub scans: u64,
+    /// It went on at start from the save in the gateway's data directory
+    /// (instead of scanning every group).
+    #[serde(default)]
+    pub loaded_from_save: bool,
+    /// The last save since start: its size and how long ago it was made.
+    #[serde(default)]
+    pub saved_bytes: Option<u64>,
+    #[serde(default)]
+    pub saved_ago_ms: Option<u64>,
 }
 
 /// `GET /v1/search/reservations`.

@@ -62,6 +62,7 @@ pub struct Metrics {
     projection_changes: Family<ProjectionLabels, Counter>,
     projection_scanned_rows: Family<ProjectionLabels, Counter>,
     projection_rescans: Family<ProjectionLabels, Counter>,
+    projection_saved_bytes: Family<ProjectionLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -156,8 +157,15 @@ impl Default for Metrics {
              projection's position",
             projection_rescans.clone(),
         );
+        let projection_saved_bytes = Family::default();
+        registry.register(
+            "projection_saved_bytes",
+            "Size of the projection's last save in the gateway's data directory",
+            projection_saved_bytes.clone(),
+        );
         Metrics {
             registry,
+            projection_saved_bytes,
             projection_lag_ms,
             projection_changes,
             projection_scanned_rows,
@@ -232,6 +240,12 @@ impl Metrics {
 
     pub(crate) fn projection_rescanned(&self) {
         self.projection_rescans.get_or_create(&PROJECTION).inc();
+    }
+
+    pub(crate) fn projection_saved(&self, bytes: u64) {
+        self.projection_saved_bytes
+            .get_or_create(&PROJECTION)
+            .set(bytes as i64);
     }
 }
 

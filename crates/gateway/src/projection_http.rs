@@ -114,6 +114,11 @@ pub(crate) async fn projections(State(gw): State<Arc<Gateway>>) -> HttpResponse 
 
 /// Where this gateway's projection stands.
 pub(crate) fn status(gw: &Gateway) -> ProjectionStatus {
+    let saved = *gw
+        .projections
+        .saved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     gw.projections.read(|p| {
         let (reservations, issuers) = p.size();
         let applied = p.applied();
@@ -133,6 +138,9 @@ pub(crate) fn status(gw: &Gateway) -> ProjectionStatus {
             changes_applied: applied.changes,
             rows_scanned: applied.scanned_rows,
             scans: applied.scans,
+            loaded_from_save: gw.projections.loaded,
+            saved_bytes: saved.map(|(_, bytes)| bytes),
+            saved_ago_ms: saved.map(|(at, _)| at.elapsed().as_millis() as u64),
         }
     })
 }

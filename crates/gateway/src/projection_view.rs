@@ -1,7 +1,9 @@
 //! A region's projection as the gateway holds it: the view, behind a
-//! lock only the feeding task (`projections`) writes, and what readers
-//! waiting for commit tokens are woken by.
+//! lock only the feeding task (`projections`) writes, what readers
+//! waiting for commit tokens are woken by, and the file it is saved to.
 
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,15 +25,35 @@ pub(crate) struct Projections {
     /// A rebuild was asked for; the feeding task does it before its next
     /// round.
     pub(crate) rebuild: AtomicBool,
+    /// The file the projection is saved to, if any.
+    pub(crate) file: Option<PathBuf>,
+    /// It was loaded from that file at start.
+    pub(crate) loaded: bool,
+    /// When the last save was made, and its size.
+    pub(crate) saved: Mutex<Option<(std::time::Instant, u64)>>,
 }
 
+/// The projection's file in its directory.
+const FILE_NAME: &str = "reservations.projection";
+
 impl Projections {
-    pub(crate) fn new(shards: impl IntoIterator<Item = ShardId>) -> Projections {
+    /// The projection saved in `dir` if there is one this build can go on
+    /// from, else an empty one (built by scanning every group).
+    pub(crate) fn new(
+        shards: impl IntoIterator<Item = ShardId>,
+        dir: Option<PathBuf>,
+    ) -> Projections {
+        let shards: Vec<ShardId> = shards.into_iter().collect();
+        let file = dir.map(|dir| dir.join(FILE_NAME));
+        let loaded = file.as_deref().and_then(|file| load(file, &shards));
         Projections {
-            view: Mutex::new(Projection::new(shards, Bugs::none())),
+            loaded: loaded.is_some(),
+            view: Mutex::new(loaded.unwrap_or_else(|| Projection::new(shards, Bugs::none()))),
             moved: watch::channel(0).0,
             running: AtomicBool::new(false),
             rebuild: AtomicBool::new(false),
+            file,
+            saved: Mutex::new(None),
         }
     }
 
@@ -86,5 +108,54 @@ impl Projections {
                 },
             }
         }
+    }
+}
+
+fn load(file: &Path, shards: &[ShardId]) -> Option<Projection> {
+    let bytes = match std::fs::read(file) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(file = %file.display(), error = %e, "cannot read the saved projection; building it anew");
+            return None;
+        }
+    };
+    match Projection::load(&bytes, shards.iter().copied(), Bugs::none()) {
+        Ok(projection) => {
+            tracing::info!(
+                file = %file.display(), bytes = bytes.len(), rows = projection.size().0,
+                "projection loaded from its last save; it goes on from there"
+            );
+            Some(projection)
+        }
+        Err(why) => {
+            tracing::warn!(file = %file.display(), %why, "the saved projection cannot be used; building it anew");
+            None
+        }
+    }
+}
+
+/// Writes `bytes` to `file` whole or not at all: a temp file, fsynced,
+/// renamed over it, and the directory fsynced.
+pub(crate) fn save(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = file
+        .parent()
+        .expect("the projection's file is in a directory");
+    std::fs::create_dir_all(dir)?;
+    let temp = file.with_extension("tmp");
+    let mut out = std::fs::File::create(&temp)?;
+    out.write_all(bytes)?;
+    out.sync_all()?;
+    drop(out);
+    std::fs::rename(&temp, file)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Drops the saved projection (a rebuild): a restart must not bring back
+/// what was dropped.
+pub(crate) fn remove(file: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }

@@ -3,10 +3,13 @@
 //! gateway's own region where it can (no WAN hop for a reader), so every
 //! region has its own. The rules are the core's; this is its IO.
 //!
-//! It lives in memory and is built at start from a scan of every group
-//! (what `harbor projection rebuild` asks for again); a group whose stream
-//! expired is scanned again. Its state is `projection_view`'s.
+//! It lives in memory and is saved to the gateway's data directory every
+//! `projection_save_ms` when it moved; at start it goes on from its last
+//! save, or, without one, is built from a scan of every group (what
+//! `harbor projection rebuild` asks for again, dropping the save). A group
+//! whose stream expired is scanned again. Its state is `projection_view`'s.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -19,6 +22,9 @@ use harbor_types::{ShardId, Timestamp};
 use harbor_wire::{ChangePosition, Freshness, Query, QueryResult, Request, Response, ScanPage};
 
 use crate::router::Gateway;
+
+/// Where a projection stands: every group's position and the watermark.
+type Positions = (BTreeMap<ShardId, ChangePosition>, Option<Timestamp>);
 
 /// Pages of one group a round takes at most: a busy group cannot hold
 /// the others up.
@@ -46,16 +52,24 @@ impl Gateway {
         }
         let gw = Arc::downgrade(self);
         let poll = Duration::from_millis(self.config.projection_poll_ms);
+        let save_every = Duration::from_millis(self.config.projection_save_ms);
         tokio::spawn(async move {
             // Rounds that bring nothing back off, up to IDLE_POLLS_MAX
             // polls apart: an idle cluster costs little, and the first
             // write after a quiet spell waits at most that long.
             let mut idle = poll;
+            let mut saved = (tokio::time::Instant::now(), None);
             loop {
                 let Some(gateway) = Weak::upgrade(&gw) else {
                     return;
                 };
                 let round = gateway.projection_round().await;
+                if saved.0.elapsed() >= save_every {
+                    saved = (
+                        tokio::time::Instant::now(),
+                        gateway.save_projection(saved.1).await,
+                    );
+                }
                 drop(gateway);
                 match round {
                     Round::Busy => continue,
@@ -67,9 +81,51 @@ impl Gateway {
         });
     }
 
+    /// Saves the projection if it moved since it stood at `last` (when it
+    /// was last saved); where it stands now.
+    async fn save_projection(&self, last: Option<Positions>) -> Option<Positions> {
+        let file = self.projections.file.clone()?;
+        let now = self.projections.read(|p| (p.positions(), p.watermark()));
+        if last.as_ref() == Some(&now) {
+            return last;
+        }
+        let started = std::time::Instant::now();
+        let bytes = self.projections.read(|p| p.save());
+        let size = bytes.len();
+        let written =
+            tokio::task::spawn_blocking(move || crate::projection_view::save(&file, &bytes)).await;
+        match written {
+            Ok(Ok(())) => {
+                tracing::debug!(
+                    bytes = size,
+                    ms = started.elapsed().as_millis() as u64,
+                    "projection saved"
+                );
+                self.metrics.projection_saved(size as u64);
+                *self
+                    .projections
+                    .saved
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) =
+                    Some((std::time::Instant::now(), size as u64));
+                Some(now)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot save the projection; a restart will scan every group");
+                last
+            }
+            Err(_) => last,
+        }
+    }
+
     /// One round over every group.
     async fn projection_round(&self) -> Round {
         if self.projections.rebuild.swap(false, Ordering::Relaxed) {
+            if let Some(file) = &self.projections.file {
+                if let Err(e) = crate::projection_view::remove(file) {
+                    tracing::warn!(error = %e, "cannot drop the saved projection");
+                }
+            }
             self.projections
                 .write(|p| *p = Projection::new(p.shards(), Bugs::none()));
             self.projections.moved.send_modify(|n| *n += 1);

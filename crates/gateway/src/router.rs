@@ -37,6 +37,11 @@ pub struct GatewayConfig {
     /// Whether this gateway keeps a projection (search, reports); without
     /// one those endpoints answer 503.
     pub projections: bool,
+    /// Where the projection is saved (and loaded from at start); `None`
+    /// keeps it in memory only, built by scanning every group at start.
+    pub projection_dir: Option<std::path::PathBuf>,
+    /// How often the projection is saved, when it moved.
+    pub projection_save_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -50,6 +55,8 @@ impl Default for GatewayConfig {
             silent_replica_skip_ms: limits::SILENT_REPLICA_SKIP_MS,
             projection_poll_ms: limits::PROJECTION_POLL_MS,
             projections: true,
+            projection_dir: None,
+            projection_save_ms: limits::PROJECTION_SAVE_MS,
         }
     }
 }
@@ -72,6 +79,7 @@ impl GatewayConfig {
                 self.local_read_timeout_ms < self.call.request_timeout_ms,
             ),
             ("projection_poll_ms > 0", self.projection_poll_ms > 0),
+            ("projection_save_ms > 0", self.projection_save_ms > 0),
         ];
         match rules.iter().find(|(_, holds)| !holds) {
             Some((rule, _)) => Err(GatewayConfigError { rule }),
@@ -116,6 +124,10 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, GatewayConfigError> {
         config.validate()?;
         let endpoint = Endpoint::new(me.clone(), transport, config.inflight_requests_max);
+        let projections = crate::projection_view::Projections::new(
+            meta.map().groups.keys().copied(),
+            config.projection_dir.clone(),
+        );
         Ok(Arc::new(Gateway {
             me,
             region,
@@ -125,9 +137,7 @@ impl Gateway {
             metrics: crate::metrics::Metrics::default(),
             local_replicas: Mutex::new(LocalReplicas::default()),
             started: tokio::time::Instant::now(),
-            projections: crate::projection_view::Projections::new(
-                meta.map().groups.keys().copied(),
-            ),
+            projections,
             meta,
         }))
     }

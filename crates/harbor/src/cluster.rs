@@ -71,6 +71,9 @@ pub struct TimingsSection {
     pub resolved_tick_ms: u64,
     /// How long a gateway waits for a group's leader.
     pub request_timeout_ms: u64,
+    /// How often a gateway saves its projection to its process's data
+    /// directory (when it moved).
+    pub projection_save_ms: u64,
 }
 
 impl Default for TimingsSection {
@@ -82,6 +85,7 @@ impl Default for TimingsSection {
             retransmit_timeout_ms: limits::RETRANSMIT_TIMEOUT_MS,
             resolved_tick_ms: limits::RESOLVED_TICK_MS,
             request_timeout_ms: limits::REQUEST_TIMEOUT_MS,
+            projection_save_ms: limits::PROJECTION_SAVE_MS,
         }
     }
 }
@@ -98,6 +102,7 @@ impl TimingsSection {
     fn gateway(&self) -> GatewayConfig {
         let mut config = GatewayConfig::default();
         config.call.request_timeout_ms = self.request_timeout_ms;
+        config.projection_save_ms = self.projection_save_ms;
         config
     }
 }
@@ -625,12 +630,14 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
             sink.sink(),
             cluster.limits.frame_bytes_max,
         );
+        let mut config = cluster.timings.gateway();
+        config.projection_dir = Some(file.data_dir.join("projection"));
         let gateway = Gateway::start(
             id,
             Region::new(region.as_str()).unwrap(),
             meta.clone(),
             transport,
-            cluster.timings.gateway(),
+            config,
         )?;
         sink.connect(gateway.sink());
         gateway.set_admin(Arc::new(RemoteAdmin {

@@ -244,12 +244,14 @@ impl DevCluster {
         let mut gateways = Vec::new();
         for (i, region) in map.regions().into_iter().enumerate() {
             let id = NodeId::new(format!("gateway-{region}")).unwrap();
+            let mut config = options.gateway.clone();
+            config.projection_dir = Some(options.data_dir.join("gateways").join(region.as_str()));
             let gateway = Gateway::start(
                 id.clone(),
                 region.clone(),
                 meta.clone(),
                 transport.clone(),
-                options.gateway.clone(),
+                config,
             )?;
             network.attach(id, region.clone(), gateway.sink());
             gateway.set_admin(admin.clone());

@@ -145,6 +145,10 @@ pub const CHANGEFEED_RESOLVED_MS_MAX: u64 = 60_000;
 /// How often a gateway's projection asks each group for what is new when
 /// the last round brought nothing.
 pub const PROJECTION_POLL_MS: u64 = 50;
+/// How often a gateway saves its projection to its data directory (when
+/// it moved): after a restart it goes on from its last save instead of
+/// scanning every group again. Each save writes the whole projection.
+pub const PROJECTION_SAVE_MS: u64 = 10_000;
 /// The lag over which a search answer says `stale` (seed 004's cabin
 /// search: bounded staleness, 2 s), unless the request names its own.
 pub const SEARCH_MAX_LAG_MS_DEFAULT: u64 = 2_000;

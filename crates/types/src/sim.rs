@@ -97,7 +97,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 40] = [
+pub const PROBES: [&str; 41] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -122,6 +122,7 @@ pub const PROBES: [&str; 40] = [
     "changes.evicted_for_budget",
     "changes.evicted_for_age",
     "changes.restored_from_snapshot",
+    "projection.loaded_from_a_save",
     "node.recovering_replica_refused_to_lead",
     "node.stale_control_order_ignored",
     "replication.recovering_replica_caught_up",

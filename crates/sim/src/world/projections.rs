@@ -1,7 +1,8 @@
 //! A projection on every seed: `harbor_cdc`'s [`Projection`] scanning
 //! and tailing the groups from replicas picked at random (whatever their
 //! role, up to date or not), in small pages, through expired positions
-//! (a rescan) and crashes (a rebuild from nothing). At random polls and at
+//! (a rescan), crashes (a rebuild from nothing) and restarts from an
+//! earlier save (what a gateway does at start). At random polls and at
 //! the end it is checked against every change the replicas held (the
 //! change feed's reference):
 //!
@@ -23,12 +24,15 @@ const PROJECTION_POLL_MS: (u64, u64) = (10, 80);
 
 pub(super) struct SimProjection {
     projection: Projection,
+    /// What the projection saved last, as a gateway does every few seconds.
+    saved: Option<Vec<u8>>,
 }
 
 impl World {
     pub(super) fn start_projection(&mut self) {
         self.projection = Some(SimProjection {
             projection: Projection::new(self.groups.keys().copied(), self.node_config.bugs),
+            saved: None,
         });
         let at = self.now + self.rng.range(PROJECTION_POLL_MS.0, PROJECTION_POLL_MS.1);
         self.schedule(at, Event::ProjectionPoll);
@@ -44,6 +48,24 @@ impl World {
             self.stats.projection_rebuilds += 1;
             self.trace(|| "projection rebuilt from nothing".to_string());
             sim.projection = Projection::new(self.groups.keys().copied(), self.node_config.bugs);
+            sim.saved = None;
+        } else if self.rng.chance(10) {
+            sim.saved = Some(sim.projection.save());
+        } else if self.safety && self.rng.chance(2) {
+            if let Some(saved) = &sim.saved {
+                // Its process restarted: it goes on from its last save.
+                self.stats.projection_reloads += 1;
+                self.trace(|| "projection restarted from its last save".to_string());
+                let shards = self.groups.keys().copied();
+                sim.projection = match Projection::load(saved, shards, self.node_config.bugs) {
+                    Ok(projection) => projection,
+                    Err(why) => {
+                        self.violations
+                            .push(format!("projection: its own save does not load: {why}"));
+                        Projection::new(self.groups.keys().copied(), self.node_config.bugs)
+                    }
+                };
+            }
         }
         for shard in sim.projection.shards() {
             let members = self.groups[&shard].members.clone();
