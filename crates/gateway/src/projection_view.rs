@@ -5,7 +5,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use harbor_cdc::projection::Projection;
@@ -16,8 +16,9 @@ use tokio::sync::watch;
 /// The projection and what waits on it.
 pub(crate) struct Projections {
     /// Written only by the feeding task, between its requests: a page is
-    /// always taken by the projection that asked for it.
-    pub(crate) view: Mutex<Projection>,
+    /// always taken by the projection that asked for it. Readers (and the
+    /// feeding task taking a save) share it.
+    pub(crate) view: RwLock<Projection>,
     /// Bumped whenever a round moved the projection: readers waiting for
     /// commit tokens look again.
     pub(crate) moved: watch::Sender<u64>,
@@ -31,6 +32,11 @@ pub(crate) struct Projections {
     pub(crate) loaded: bool,
     /// When the last save was made, and its size.
     pub(crate) saved: Mutex<Option<(std::time::Instant, u64)>>,
+    /// A save is being written.
+    pub(crate) saving: AtomicBool,
+    /// Rebuilds so far, held while the file is written or dropped: a save
+    /// taken before a rebuild is never written after it.
+    disk: Mutex<u64>,
 }
 
 /// The projection's file in its directory.
@@ -48,12 +54,46 @@ impl Projections {
         let loaded = file.as_deref().and_then(|file| load(file, &shards));
         Projections {
             loaded: loaded.is_some(),
-            view: Mutex::new(loaded.unwrap_or_else(|| Projection::new(shards, Bugs::none()))),
+            view: RwLock::new(loaded.unwrap_or_else(|| Projection::new(shards, Bugs::none()))),
             moved: watch::channel(0).0,
             running: AtomicBool::new(false),
             rebuild: AtomicBool::new(false),
             file,
             saved: Mutex::new(None),
+            saving: AtomicBool::new(false),
+            disk: Mutex::new(0),
+        }
+    }
+
+    /// What a save taken now must find when it is written.
+    pub(crate) fn disk_epoch(&self) -> u64 {
+        *self.disk.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes a save taken at `epoch`, unless a rebuild came since
+    /// (`Ok(false)`).
+    pub(crate) fn write_save(
+        &self,
+        file: &Path,
+        epoch: u64,
+        bytes: &[u8],
+    ) -> std::io::Result<bool> {
+        let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        if *disk != epoch {
+            return Ok(false);
+        }
+        save(file, bytes)?;
+        Ok(true)
+    }
+
+    /// Deletes the save (a rebuild): a restart must not bring back what
+    /// was dropped, and a save taken before cannot be written after.
+    pub(crate) fn drop_save(&self) -> std::io::Result<()> {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        *disk += 1;
+        match &self.file {
+            Some(file) => remove(file),
+            None => Ok(()),
         }
     }
 
@@ -65,11 +105,11 @@ impl Projections {
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Projection) -> T) -> T {
         // Nothing panics while holding the lock; a poisoned one still
         // holds a whole projection.
-        f(&self.view.lock().unwrap_or_else(|e| e.into_inner()))
+        f(&self.view.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub(crate) fn write<T>(&self, f: impl FnOnce(&mut Projection) -> T) -> T {
-        f(&mut self.view.lock().unwrap_or_else(|e| e.into_inner()))
+        f(&mut self.view.write().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Asks for the projection to be dropped and built again from a scan
@@ -137,7 +177,7 @@ fn load(file: &Path, shards: &[ShardId]) -> Option<Projection> {
 
 /// Writes `bytes` to `file` whole or not at all: a temp file, fsynced,
 /// renamed over it, and the directory fsynced.
-pub(crate) fn save(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+fn save(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = file
         .parent()
         .expect("the projection's file is in a directory");
@@ -151,9 +191,7 @@ pub(crate) fn save(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Drops the saved projection (a rebuild): a restart must not bring back
-/// what was dropped.
-pub(crate) fn remove(file: &Path) -> std::io::Result<()> {
+fn remove(file: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(file) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),

@@ -67,7 +67,7 @@ impl Gateway {
                 if saved.0.elapsed() >= save_every {
                     saved = (
                         tokio::time::Instant::now(),
-                        gateway.save_projection(saved.1).await,
+                        gateway.save_projection(saved.1),
                     );
                 }
                 drop(gateway);
@@ -82,49 +82,50 @@ impl Gateway {
     }
 
     /// Saves the projection if it moved since it stood at `last` (when it
-    /// was last saved); where it stands now.
-    async fn save_projection(&self, last: Option<Positions>) -> Option<Positions> {
+    /// was last saved) and no save is still being written; where it
+    /// stands now. The bytes are taken under the view's lock; the file is
+    /// written and synced by a task of its own, so the rounds go on.
+    fn save_projection(self: &Arc<Self>, last: Option<Positions>) -> Option<Positions> {
         let file = self.projections.file.clone()?;
         let now = self.projections.read(|p| (p.positions(), p.watermark()));
-        if last.as_ref() == Some(&now) {
+        if last.as_ref() == Some(&now) || self.projections.saving.swap(true, Ordering::AcqRel) {
             return last;
         }
         let started = std::time::Instant::now();
+        let epoch = self.projections.disk_epoch();
         let bytes = self.projections.read(|p| p.save());
-        let size = bytes.len();
-        let written =
-            tokio::task::spawn_blocking(move || crate::projection_view::save(&file, &bytes)).await;
-        match written {
-            Ok(Ok(())) => {
-                tracing::debug!(
-                    bytes = size,
-                    ms = started.elapsed().as_millis() as u64,
-                    "projection saved"
-                );
-                self.metrics.projection_saved(size as u64);
-                *self
-                    .projections
-                    .saved
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) =
-                    Some((std::time::Instant::now(), size as u64));
-                Some(now)
+        let taken_ms = started.elapsed().as_millis() as u64;
+        let gateway = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let size = bytes.len() as u64;
+            let projections = &gateway.projections;
+            match projections.write_save(&file, epoch, &bytes) {
+                Ok(true) => {
+                    tracing::debug!(
+                        bytes = size,
+                        taken_ms,
+                        written_ms = started.elapsed().as_millis() as u64 - taken_ms,
+                        "projection saved"
+                    );
+                    gateway.metrics.projection_saved(size);
+                    *projections.saved.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((std::time::Instant::now(), size));
+                }
+                Ok(false) => {} // a rebuild dropped what it would have saved
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot save the projection; a restart would go on from an older save or scan every group");
+                }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot save the projection; a restart will scan every group");
-                last
-            }
-            Err(_) => last,
-        }
+            projections.saving.store(false, Ordering::Release);
+        });
+        Some(now)
     }
 
     /// One round over every group.
     async fn projection_round(&self) -> Round {
         if self.projections.rebuild.swap(false, Ordering::Relaxed) {
-            if let Some(file) = &self.projections.file {
-                if let Err(e) = crate::projection_view::remove(file) {
-                    tracing::warn!(error = %e, "cannot drop the saved projection");
-                }
+            if let Err(e) = self.projections.drop_save() {
+                tracing::warn!(error = %e, "cannot drop the saved projection");
             }
             self.projections
                 .write(|p| *p = Projection::new(p.shards(), Bugs::none()));

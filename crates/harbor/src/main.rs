@@ -244,6 +244,10 @@ enum Bench {
         /// measure what they cost (no search is probed).
         #[arg(long)]
         without_projections: bool,
+        /// How often the dev cluster's gateways save their projections
+        /// (ms).
+        #[arg(long, default_value_t = harbor_types::limits::PROJECTION_SAVE_MS)]
+        projection_save_ms: u64,
     },
 }
 
@@ -452,6 +456,7 @@ fn main() -> anyhow::Result<()> {
                     seconds,
                     json,
                     without_projections,
+                    projection_save_ms,
                 }),
             ..
         } => runtime.block_on(harbor::bench::cdc::cdc(harbor::bench::cdc::CdcOptions {
@@ -464,6 +469,7 @@ fn main() -> anyhow::Result<()> {
             seconds,
             json,
             without_projections,
+            projection_save_ms,
         })),
         Command::Verify { what } => {
             drop(runtime);

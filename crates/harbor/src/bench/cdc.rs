@@ -35,6 +35,8 @@ pub struct CdcOptions {
     /// Run the dev cluster's gateways without their projections (to
     /// measure what the projections cost); no search is probed.
     pub without_projections: bool,
+    /// How often the dev cluster's gateways save their projections.
+    pub projection_save_ms: u64,
 }
 
 #[derive(Default)]
@@ -54,8 +56,12 @@ pub async fn cdc(options: CdcOptions) -> anyhow::Result<()> {
             w.trim_end_matches('/').to_string(),
         ),
         (None, None) => {
-            let without = options.without_projections;
-            let started = BenchCluster::start(|o| o.gateway.projections = !without).await?;
+            let (without, save_ms) = (options.without_projections, options.projection_save_ms);
+            let started = BenchCluster::start(|o| {
+                o.gateway.projections = !without;
+                o.gateway.projection_save_ms = save_ms;
+            })
+            .await?;
             let other = if options.home_region == "madrid" {
                 "newyork"
             } else {
