@@ -97,6 +97,12 @@ pub struct Projection {
     open_by_desk: BTreeMap<String, Sums>,
     /// Reservations by customer: the customer view reads these.
     by_customer: BTreeMap<String, BTreeSet<ReservationId>>,
+    /// Every reservation's id, in the order the projection first saw them:
+    /// the word index names rows by their place here.
+    slots: Vec<ReservationId>,
+    /// The rows whose desk, trader, issuer or token has each word: search's
+    /// text index.
+    by_word: BTreeMap<String, BTreeSet<u32>>,
     issuers: BTreeMap<IssuerId, IssuerRow>,
     watermark: Option<Timestamp>,
     applied: Applied,
@@ -193,6 +199,8 @@ impl Projection {
             open_by_issuer: BTreeMap::new(),
             open_by_desk: BTreeMap::new(),
             by_customer: BTreeMap::new(),
+            slots: Vec::new(),
+            by_word: BTreeMap::new(),
             issuers: BTreeMap::new(),
             watermark: None,
             applied: Applied::default(),
@@ -480,6 +488,13 @@ impl Projection {
             let old = &old.reservation;
             Sums::change(&mut self.open_by_issuer, old.issuer_id.clone(), old, -1);
             Sums::change(&mut self.open_by_desk, old.desk.clone(), old, -1);
+        } else {
+            // The words of a reservation never change: indexed once.
+            let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 reservations");
+            self.slots.push(id.clone());
+            for word in text_words(&reservation) {
+                self.by_word.entry(word).or_default().insert(slot);
+            }
         }
         Sums::change(
             &mut self.open_by_issuer,
@@ -502,9 +517,21 @@ impl Projection {
     }
 
     /// Reservations that match `search`, newest first. With an issuer,
-    /// only that issuer's rows are looked at; otherwise rows are walked
-    /// from the newest until a page is full.
+    /// only that issuer's rows are looked at; else with a customer, that
+    /// customer's; else with text, the rows that have its rarest word (if
+    /// they are not too many to sort); otherwise rows are walked from the
+    /// newest until a page is full.
     pub fn search(&self, search: &Search) -> SearchPage {
+        self.search_in(search, true)
+    }
+
+    /// [`Projection::search`] walking every row from the newest, with no
+    /// index: what the simulator checks the indexes against.
+    pub fn search_walking(&self, search: &Search) -> SearchPage {
+        self.search_in(search, false)
+    }
+
+    fn search_in(&self, search: &Search, indexes: bool) -> SearchPage {
         let words: Vec<String> = search.text.as_deref().map(words).unwrap_or_default();
         let upper = match &search.before {
             Some(before) => Bound::Excluded((before.created_at, before.reservation_id.clone())),
@@ -524,6 +551,7 @@ impl Projection {
         };
         let narrowed: Option<Vec<(Timestamp, ReservationId)>> =
             match (&search.issuer_id, &search.customer_id) {
+                _ if !indexes => None,
                 (Some(issuer), _) => {
                     let first = ReservationId::new(issuer.clone(), 1);
                     let last = ReservationId::new(issuer.clone(), u64::MAX);
@@ -535,6 +563,22 @@ impl Projection {
                     Some(ids) => newest_first(&mut ids.iter()),
                     None => Vec::new(),
                 }),
+                (None, None) if !words.is_empty() => {
+                    let rarest = words
+                        .iter()
+                        .map(|w| self.by_word.get(w).map_or(0, BTreeSet::len))
+                        .zip(&words)
+                        .min()
+                        .map(|(_, w)| self.by_word.get(w));
+                    match rarest.flatten() {
+                        // A word no row has: nothing matches.
+                        None => Some(Vec::new()),
+                        Some(slots) if slots.len() <= SEARCH_EXAMINE_MAX => Some(newest_first(
+                            &mut slots.iter().map(|slot| &self.slots[*slot as usize]),
+                        )),
+                        Some(_) => None,
+                    }
+                }
                 (None, None) => None,
             };
         let candidates: Box<dyn Iterator<Item = (Timestamp, ReservationId)>> = match narrowed {
@@ -703,6 +747,15 @@ pub fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The words search's text matches in a reservation, each once.
+fn text_words(r: &ReservationView) -> BTreeSet<String> {
+    let mut have: BTreeSet<String> = words(&r.desk).into_iter().collect();
+    have.extend(words(&r.trader));
+    have.extend(words(r.issuer_id.as_str()));
+    have.extend(words(r.reservation_token.as_str()));
+    have
+}
+
 /// A compliance search. Every filter given must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Search {
@@ -738,10 +791,7 @@ impl Search {
             && self.created_after_ms.is_none_or(|ms| wall >= ms)
             && self.created_before_ms.is_none_or(|ms| wall < ms)
             && (words_wanted.is_empty() || {
-                let mut have = words(&r.desk);
-                have.extend(words(&r.trader));
-                have.extend(words(r.issuer_id.as_str()));
-                have.extend(words(r.reservation_token.as_str()));
+                let have = text_words(r);
                 words_wanted.iter().all(|w| have.contains(w))
             })
     }

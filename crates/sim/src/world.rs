@@ -105,6 +105,7 @@ pub struct SimStats {
     /// Projection crashes (it is rebuilt from a scan of every group).
     pub projection_rebuilds: u64,
     pub projection_reloads: u64,
+    pub projection_searches_checked: u64,
     /// Groups the projection scanned again after its position expired.
     pub projection_rescans: u64,
     /// Scan pages refused for standing before their scan's first page.

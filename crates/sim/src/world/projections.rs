@@ -13,7 +13,7 @@
 //! - a commit token the projection says it includes has every change of
 //!   its entry in.
 
-use harbor_cdc::projection::{GroupBy, Next, Projection};
+use harbor_cdc::projection::{words, GroupBy, Next, Projection, Search};
 use harbor_reservation::Event as Change;
 use harbor_wire::ChangePosition;
 
@@ -181,6 +181,68 @@ impl World {
                 violations.push(format!(
                     "projection: the {group_by:?} exposure it keeps, {kept:?}, is not its rows', {counted:?}"
                 ));
+            }
+        }
+        // Search through its indexes finds what walking every row finds.
+        let rows = projection.rows().count();
+        if rows > 0 {
+            let row = projection
+                .rows()
+                .nth(self.rng.range(0, rows as u64 - 1) as usize)
+                .expect("in range");
+            let r = &row.reservation;
+            let mut text = words(&r.desk);
+            text.extend(words(&r.trader));
+            text.extend(words(r.reservation_token.as_str()));
+            text.push("nosuchword".into());
+            let word = self.rng.pick(&text).clone();
+            let limit = self.rng.range(1, 6) as usize;
+            let searches = [
+                Search {
+                    text: Some(word.clone()),
+                    limit,
+                    ..Search::default()
+                },
+                Search {
+                    text: Some(format!("{word} {}", self.rng.pick(&text))),
+                    status: self.rng.chance(50).then_some(r.status),
+                    limit,
+                    ..Search::default()
+                },
+                Search {
+                    issuer_id: Some(r.issuer_id.clone()),
+                    text: self.rng.chance(50).then(|| word.clone()),
+                    limit,
+                    ..Search::default()
+                },
+                Search {
+                    customer_id: r.customer_id.clone(),
+                    limit,
+                    ..Search::default()
+                },
+                Search {
+                    text: Some("nosuchword".into()),
+                    limit,
+                    ..Search::default()
+                },
+            ];
+            for mut search in searches {
+                // Two pages of each.
+                for _ in 0..2 {
+                    let indexed = projection.search(&search);
+                    let walked = projection.search_walking(&search);
+                    if indexed != walked {
+                        violations.push(format!(
+                            "projection: search {search:?} found {indexed:?} through its indexes, {walked:?} walking every row"
+                        ));
+                        break;
+                    }
+                    self.stats.projection_searches_checked += 1;
+                    match walked.next {
+                        Some(next) => search.before = Some(next),
+                        None => break,
+                    }
+                }
             }
         }
         self.violations.extend(violations.into_iter().take(3));
