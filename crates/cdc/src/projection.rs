@@ -101,8 +101,9 @@ pub struct Projection {
     /// the word index names rows by their place here.
     slots: Vec<ReservationId>,
     /// The rows whose desk, trader, issuer or token has each word: search's
-    /// text index.
-    by_word: BTreeMap<String, BTreeSet<u32>>,
+    /// text index. Slots only grow, so each list is sorted as it is built
+    /// (a token's words are mostly its own: a list of one costs little).
+    by_word: BTreeMap<Box<str>, Vec<u32>>,
     issuers: BTreeMap<IssuerId, IssuerRow>,
     watermark: Option<Timestamp>,
     applied: Applied,
@@ -493,7 +494,7 @@ impl Projection {
             let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 reservations");
             self.slots.push(id.clone());
             for word in text_words(&reservation) {
-                self.by_word.entry(word).or_default().insert(slot);
+                self.by_word.entry(word.into()).or_default().push(slot);
             }
         }
         Sums::change(
@@ -566,10 +567,10 @@ impl Projection {
                 (None, None) if !words.is_empty() => {
                     let rarest = words
                         .iter()
-                        .map(|w| self.by_word.get(w).map_or(0, BTreeSet::len))
+                        .map(|w| self.by_word.get(w.as_str()).map_or(0, Vec::len))
                         .zip(&words)
                         .min()
-                        .map(|(_, w)| self.by_word.get(w));
+                        .map(|(_, w)| self.by_word.get(w.as_str()));
                     match rarest.flatten() {
                         // A word no row has: nothing matches.
                         None => Some(Vec::new()),

@@ -138,7 +138,10 @@ pub(crate) fn status(gw: &Gateway) -> ProjectionStatus {
             changes_applied: applied.changes,
             rows_scanned: applied.scanned_rows,
             scans: applied.scans,
-            loaded_from_save: gw.projections.loaded,
+            loaded_from_save: gw
+                .projections
+                .loaded
+                .load(std::sync::atomic::Ordering::Relaxed),
             saved_bytes: saved.map(|(_, bytes)| bytes),
             saved_ago_ms: saved.map(|(at, _)| at.elapsed().as_millis() as u64),
         }

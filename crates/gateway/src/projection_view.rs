@@ -29,7 +29,7 @@ pub(crate) struct Projections {
     /// The file the projection is saved to, if any.
     pub(crate) file: Option<PathBuf>,
     /// It was loaded from that file at start.
-    pub(crate) loaded: bool,
+    pub(crate) loaded: AtomicBool,
     /// When the last save was made, and its size.
     pub(crate) saved: Mutex<Option<(std::time::Instant, u64)>>,
     /// A save is being written.
@@ -43,25 +43,39 @@ pub(crate) struct Projections {
 const FILE_NAME: &str = "reservations.projection";
 
 impl Projections {
-    /// The projection saved in `dir` if there is one this build can go on
-    /// from, else an empty one (built by scanning every group).
+    /// An empty projection, saved in `dir` if given: the feeding task
+    /// first loads the save there (`load_save`) if there is one.
     pub(crate) fn new(
         shards: impl IntoIterator<Item = ShardId>,
         dir: Option<PathBuf>,
     ) -> Projections {
-        let shards: Vec<ShardId> = shards.into_iter().collect();
-        let file = dir.map(|dir| dir.join(FILE_NAME));
-        let loaded = file.as_deref().and_then(|file| load(file, &shards));
         Projections {
-            loaded: loaded.is_some(),
-            view: RwLock::new(loaded.unwrap_or_else(|| Projection::new(shards, Bugs::none()))),
+            loaded: AtomicBool::new(false),
+            view: RwLock::new(Projection::new(shards, Bugs::none())),
             moved: watch::channel(0).0,
             running: AtomicBool::new(false),
             rebuild: AtomicBool::new(false),
-            file,
+            file: dir.map(|dir| dir.join(FILE_NAME)),
             saved: Mutex::new(None),
             saving: AtomicBool::new(false),
             disk: Mutex::new(0),
+        }
+    }
+
+    /// Replaces the (empty) projection with the saved one, if there is one
+    /// this build can go on from. Loading costs about the rows' count in
+    /// microseconds, so it runs off the async threads, while readers see
+    /// the empty projection (no watermark), as during a rebuild.
+    pub(crate) async fn load_save(&self) {
+        let Some(file) = self.file.clone() else {
+            return;
+        };
+        let shards = self.read(|p| p.shards());
+        let loaded = tokio::task::spawn_blocking(move || load(&file, &shards)).await;
+        if let Ok(Some(projection)) = loaded {
+            self.write(|p| *p = projection);
+            self.loaded.store(true, Ordering::Relaxed);
+            self.moved.send_modify(|n| *n += 1);
         }
     }
 

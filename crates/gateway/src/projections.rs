@@ -59,6 +59,9 @@ impl Gateway {
             // write after a quiet spell waits at most that long.
             let mut idle = poll;
             let mut saved = (tokio::time::Instant::now(), None);
+            if let Some(gateway) = Weak::upgrade(&gw) {
+                gateway.projections.load_save().await;
+            }
             loop {
                 let Some(gateway) = Weak::upgrade(&gw) else {
                     return;

@@ -379,10 +379,17 @@ async fn a_restarted_gateway_goes_on_from_its_saved_projection() {
     let cluster = harbor::dev::DevCluster::start(options()).await.unwrap();
     cluster.wait_ready(wait).await.unwrap();
     let madrid = cluster.url("madrid");
-    let status = api.get(format!("{madrid}/v1/admin/projections")).await.body;
-    let projection = &status["projections"][0];
-    assert_eq!(projection["loaded_from_save"], true, "{status}");
-    assert_eq!(projection["reservations"], 1, "{status}");
+    // The save is loaded in the background, at once.
+    let deadline = std::time::Instant::now() + wait;
+    let status = loop {
+        let status = api.get(format!("{madrid}/v1/admin/projections")).await.body;
+        if status["projections"][0]["loaded_from_save"] == true {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "never loaded: {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(status["projections"][0]["reservations"], 1, "{status}");
     // It goes on from there: a new write is found, and no group was
     // scanned to get there.
     let second = api.reserve(&madrid, "tok-b", "MUNI-3", 20, "rates").await;
