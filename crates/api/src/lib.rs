@@ -774,9 +774,12 @@ pub struct ProjectionStatus {
     /// (instead of scanning every group).
     #[serde(default)]
     pub loaded_from_save: bool,
-    /// The last save since start: its size and how long ago it was made.
+    /// The last save since start: its size, the reservations it holds
+    /// and how long ago it was written.
     #[serde(default)]
     pub saved_bytes: Option<u64>,
+    #[serde(default)]
+    pub saved_reservations: Option<u64>,
     #[serde(default)]
     pub saved_ago_ms: Option<u64>,
 }

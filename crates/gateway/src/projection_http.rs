@@ -142,8 +142,9 @@ pub(crate) fn status(gw: &Gateway) -> ProjectionStatus {
                 .projections
                 .loaded
                 .load(std::sync::atomic::Ordering::Relaxed),
-            saved_bytes: saved.map(|(_, bytes)| bytes),
-            saved_ago_ms: saved.map(|(at, _)| at.elapsed().as_millis() as u64),
+            saved_bytes: saved.map(|s| s.bytes),
+            saved_reservations: saved.map(|s| s.reservations),
+            saved_ago_ms: saved.map(|s| s.at.elapsed().as_millis() as u64),
         }
     })
 }

@@ -4,7 +4,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -30,13 +30,24 @@ pub(crate) struct Projections {
     pub(crate) file: Option<PathBuf>,
     /// It was loaded from that file at start.
     pub(crate) loaded: AtomicBool,
-    /// When the last save was made, and its size.
-    pub(crate) saved: Mutex<Option<(std::time::Instant, u64)>>,
+    /// The last save since start.
+    pub(crate) saved: Mutex<Option<Saved>>,
+    /// Bumped whenever rows or issuers may have changed (pages applied,
+    /// scans, a rebuild, a load): a save is made only when it moved.
+    pub(crate) edits: AtomicU64,
     /// A save is being written.
     pub(crate) saving: AtomicBool,
     /// Rebuilds so far, held while the file is written or dropped: a save
     /// taken before a rebuild is never written after it.
     disk: Mutex<u64>,
+}
+
+/// A save that was written.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Saved {
+    pub(crate) at: std::time::Instant,
+    pub(crate) bytes: u64,
+    pub(crate) reservations: u64,
 }
 
 /// The projection's file in its directory.
@@ -57,6 +68,7 @@ impl Projections {
             rebuild: AtomicBool::new(false),
             file: dir.map(|dir| dir.join(FILE_NAME)),
             saved: Mutex::new(None),
+            edits: AtomicU64::new(0),
             saving: AtomicBool::new(false),
             disk: Mutex::new(0),
         }
@@ -72,11 +84,23 @@ impl Projections {
         };
         let shards = self.read(|p| p.shards());
         let loaded = tokio::task::spawn_blocking(move || load(&file, &shards)).await;
-        if let Ok(Some(projection)) = loaded {
-            self.write(|p| *p = projection);
-            self.loaded.store(true, Ordering::Relaxed);
-            self.moved.send_modify(|n| *n += 1);
+        match loaded {
+            Ok(Some(projection)) => {
+                self.write(|p| *p = projection);
+                self.loaded.store(true, Ordering::Relaxed);
+                self.edited();
+                self.moved.send_modify(|n| *n += 1);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "loading the saved projection failed; building it anew")
+            }
         }
+    }
+
+    /// Rows or issuers may have changed: the next save is worth making.
+    pub(crate) fn edited(&self) {
+        self.edits.fetch_add(1, Ordering::Relaxed);
     }
 
     /// What a save taken now must find when it is written.
@@ -165,9 +189,22 @@ impl Projections {
     }
 }
 
+/// A save file: this magic, the crc32c of the rest, then
+/// [`Projection::save`]'s bytes. The checksum keeps damaged bytes that
+/// still decode (a position too far ahead would skip changes silently)
+/// from being loaded.
+const MAGIC: &[u8; 4] = b"HPJ1";
+
 fn load(file: &Path, shards: &[ShardId]) -> Option<Projection> {
+    remove_leftover_temps(file);
     let bytes = match std::fs::read(file) {
-        Ok(bytes) => bytes,
+        Ok(bytes) => match unframe(&bytes) {
+            Some(bytes) => bytes.to_vec(),
+            None => {
+                tracing::warn!(file = %file.display(), "the saved projection is damaged (checksum); building it anew");
+                return None;
+            }
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
             tracing::warn!(file = %file.display(), error = %e, "cannot read the saved projection; building it anew");
@@ -189,15 +226,46 @@ fn load(file: &Path, shards: &[ShardId]) -> Option<Projection> {
     }
 }
 
-/// Writes `bytes` to `file` whole or not at all: a temp file, fsynced,
-/// renamed over it, and the directory fsynced.
+fn unframe(bytes: &[u8]) -> Option<&[u8]> {
+    let rest = bytes.strip_prefix(MAGIC)?;
+    let (crc, payload) = rest.split_first_chunk::<4>()?;
+    (u32::from_le_bytes(*crc) == crc32c::crc32c(payload)).then_some(payload)
+}
+
+/// Temp files of saves a crash interrupted.
+fn remove_leftover_temps(file: &Path) {
+    let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let entry_name = entry.file_name().to_string_lossy().into_owned();
+        if entry_name.starts_with(&prefix) && entry_name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Writes `bytes` to `file` whole or not at all: a temp file of its own,
+/// fsynced, renamed over it, and the directory fsynced.
 fn save(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static TEMPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = file
         .parent()
         .expect("the projection's file is in a directory");
     std::fs::create_dir_all(dir)?;
-    let temp = file.with_extension("tmp");
+    let temp = dir.join(format!(
+        "{}.{}.{}.tmp",
+        file.file_name().expect("a file name").to_string_lossy(),
+        std::process::id(),
+        TEMPS.fetch_add(1, Ordering::Relaxed)
+    ));
     let mut out = std::fs::File::create(&temp)?;
+    out.write_all(MAGIC)?;
+    out.write_all(&crc32c::crc32c(bytes).to_le_bytes())?;
     out.write_all(bytes)?;
     out.sync_all()?;
     drop(out);
@@ -205,9 +273,14 @@ fn save(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Deletes the save, durably.
 fn remove(file: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(file) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(()) => match file.parent() {
+            Some(dir) => std::fs::File::open(dir)?.sync_all(),
+            None => Ok(()),
+        },
     }
 }

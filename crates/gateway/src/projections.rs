@@ -4,12 +4,11 @@
 //! region has its own. The rules are the core's; this is its IO.
 //!
 //! It lives in memory and is saved to the gateway's data directory every
-//! `projection_save_ms` when it moved; at start it goes on from its last
+//! `projection_save_ms` when rows changed; at start it goes on from its last
 //! save, or, without one, is built from a scan of every group (what
 //! `harbor projection rebuild` asks for again, dropping the save). A group
 //! whose stream expired is scanned again. Its state is `projection_view`'s.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -22,9 +21,6 @@ use harbor_types::{ShardId, Timestamp};
 use harbor_wire::{ChangePosition, Freshness, Query, QueryResult, Request, Response, ScanPage};
 
 use crate::router::Gateway;
-
-/// Where a projection stands: every group's position and the watermark.
-type Positions = (BTreeMap<ShardId, ChangePosition>, Option<Timestamp>);
 
 /// Pages of one group a round takes at most: a busy group cannot hold
 /// the others up.
@@ -84,24 +80,26 @@ impl Gateway {
         });
     }
 
-    /// Saves the projection if it moved since it stood at `last` (when it
-    /// was last saved) and no save is still being written; where it
-    /// stands now. The bytes are taken under the view's lock; the file is
-    /// written and synced by a task of its own, so the rounds go on.
-    fn save_projection(self: &Arc<Self>, last: Option<Positions>) -> Option<Positions> {
+    /// Saves the projection if rows changed since the save that stood at
+    /// `last` edits (a position moved by no-ops alone is not worth a save:
+    /// going on from an older one is as good) and no save is still being
+    /// written; the edits the save holds. The bytes are encoded off the
+    /// async threads, under the view's read lock (readers go on); the file
+    /// is written and synced by the same blocking task, so rounds go on.
+    fn save_projection(self: &Arc<Self>, last: Option<u64>) -> Option<u64> {
         let file = self.projections.file.clone()?;
-        let now = self.projections.read(|p| (p.positions(), p.watermark()));
-        if last.as_ref() == Some(&now) || self.projections.saving.swap(true, Ordering::AcqRel) {
+        let edits = self.projections.edits.load(Ordering::Relaxed);
+        if last == Some(edits) || self.projections.saving.swap(true, Ordering::AcqRel) {
             return last;
         }
-        let started = std::time::Instant::now();
         let epoch = self.projections.disk_epoch();
-        let bytes = self.projections.read(|p| p.save());
-        let taken_ms = started.elapsed().as_millis() as u64;
         let gateway = self.clone();
         tokio::task::spawn_blocking(move || {
-            let size = bytes.len() as u64;
             let projections = &gateway.projections;
+            let started = std::time::Instant::now();
+            let (bytes, rows) = projections.read(|p| (p.save(), p.size().0 as u64));
+            let taken_ms = started.elapsed().as_millis() as u64;
+            let size = bytes.len() as u64;
             match projections.write_save(&file, epoch, &bytes) {
                 Ok(true) => {
                     tracing::debug!(
@@ -112,7 +110,11 @@ impl Gateway {
                     );
                     gateway.metrics.projection_saved(size);
                     *projections.saved.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some((std::time::Instant::now(), size));
+                        Some(crate::projection_view::Saved {
+                            at: std::time::Instant::now(),
+                            bytes: size,
+                            reservations: rows,
+                        });
                 }
                 Ok(false) => {} // a rebuild dropped what it would have saved
                 Err(e) => {
@@ -121,17 +123,19 @@ impl Gateway {
             }
             projections.saving.store(false, Ordering::Release);
         });
-        Some(now)
+        Some(edits)
     }
 
     /// One round over every group.
     async fn projection_round(&self) -> Round {
         if self.projections.rebuild.swap(false, Ordering::Relaxed) {
             if let Err(e) = self.projections.drop_save() {
-                tracing::warn!(error = %e, "cannot drop the saved projection");
+                tracing::warn!(error = %e, "cannot drop the saved projection; a restart before the next save may load it");
             }
             self.projections
                 .write(|p| *p = Projection::new(p.shards(), Bugs::none()));
+            self.projections.loaded.store(false, Ordering::Relaxed);
+            self.projections.edited();
             self.projections.moved.send_modify(|n| *n += 1);
         }
         let before = self.projections.read(|p| (p.positions(), p.watermark()));
@@ -170,6 +174,7 @@ impl Gateway {
         let taken = self.projections.write(|p| p.take_scan(shard, page));
         match taken {
             Ok(()) => {
+                self.projections.edited();
                 self.metrics.projection_scanned(rows);
                 true
             }
@@ -202,6 +207,9 @@ impl Gateway {
             );
             self.metrics.projection_rescanned();
             return true;
+        }
+        if count > 0 {
+            self.projections.edited();
         }
         self.metrics.projection_applied(count as u64);
         count >= CHANGES_PAGE_MAX

@@ -40,7 +40,7 @@ pub struct GatewayConfig {
     /// Where the projection is saved (and loaded from at start); `None`
     /// keeps it in memory only, built by scanning every group at start.
     pub projection_dir: Option<std::path::PathBuf>,
-    /// How often the projection is saved, when it moved.
+    /// How often the projection is saved, when rows changed.
     pub projection_save_ms: u64,
 }
 

@@ -37,12 +37,15 @@ const HISTORY_FORMAT: u8 = 1;
 
 #[derive(Serialize)]
 struct HistoryOut<'a> {
+    /// The applied index it was written at: the snapshot's.
+    upto: LogIndex,
     kept_after: ChangePosition,
     changes: &'a VecDeque<Change>,
 }
 
 #[derive(Deserialize)]
 struct HistoryIn {
+    upto: LogIndex,
     kept_after: ChangePosition,
     changes: Vec<Change>,
 }
@@ -86,7 +89,7 @@ impl ChangeLog {
             history.kept_after < first.position()
                 && history.changes.last().is_some_and(|l| l.cursor() <= end)
         });
-        if !in_order || !within || history.kept_after > end {
+        if history.upto != applied || !in_order || !within || history.kept_after > end {
             tracing::warn!(%applied, "the change history kept with the snapshot is out of order; change feeds restart after it");
             return log;
         }
@@ -98,11 +101,11 @@ impl ChangeLog {
         log
     }
 
-    /// Everything kept, to write with a snapshot of the state at the
-    /// replica's applied index: read back by [`ChangeLog::restore`].
+    /// Everything kept, to write with a snapshot of the state at `applied`
+    /// (the replica's applied index): read back by [`ChangeLog::restore`].
     /// `drop_newest` is the simulator's bug switch
     /// `changes-history-drops-newest`.
-    pub(crate) fn history(&self, drop_newest: bool) -> Vec<u8> {
+    pub(crate) fn history(&self, applied: LogIndex, drop_newest: bool) -> Vec<u8> {
         let mut changes = &self.changes;
         let mut fewer;
         if drop_newest && !self.changes.is_empty() {
@@ -111,6 +114,7 @@ impl ChangeLog {
             changes = &fewer;
         }
         let history = HistoryOut {
+            upto: applied,
             kept_after: self.kept_after,
             changes,
         };
@@ -364,7 +368,11 @@ mod tests {
         for index in 1..=4 {
             log.push(vec![event(index), event(index)]);
         }
-        let restored = ChangeLog::restore(LogIndex(4), &log.history(false), budget(1 << 20));
+        let restored = ChangeLog::restore(
+            LogIndex(4),
+            &log.history(LogIndex(4), false),
+            budget(1 << 20),
+        );
         let all = |log: &ChangeLog| {
             log.kept_after(ChangePosition::START)
                 .cloned()
@@ -374,11 +382,19 @@ mod tests {
         assert_eq!(restored.kept_after, log.kept_after);
         assert_eq!(restored.retained_bytes(), log.retained_bytes());
         // A smaller budget now keeps the newest, and says where it starts.
-        let small = ChangeLog::restore(LogIndex(4), &log.history(false), budget(1));
+        let small = ChangeLog::restore(LogIndex(4), &log.history(LogIndex(4), false), budget(1));
         assert_eq!(small.kept_after, ChangePosition::entry_end(LogIndex(4)));
         // Nothing to read, another format, or a history that does not end
         // at the snapshot: start after the snapshot.
-        for history in [Vec::new(), vec![9, 1, 2], log.history(false)] {
+        let mut short = ChangeLog::new(LogIndex(0), budget(1 << 20));
+        short.push(vec![event(1)]);
+        for history in [
+            Vec::new(),
+            vec![9, 1, 2],
+            log.history(LogIndex(4), false),
+            // Written at 2, but its changes end at 1: not taken for 3.
+            short.history(LogIndex(2), false),
+        ] {
             let fresh = ChangeLog::restore(LogIndex(3), &history, budget(1 << 20));
             assert_eq!(fresh.kept_after, ChangePosition::entry_end(LogIndex(3)));
             assert_eq!(fresh.changes.len(), 0);

@@ -775,9 +775,10 @@ impl GroupCore {
                 last_index: self.applied,
                 last_generation: generation,
                 data: self.machine.snapshot(),
-                history: self
-                    .changes
-                    .history(self.settings.bugs.changes_history_drops_newest),
+                history: self.changes.history(
+                    self.applied,
+                    self.settings.bugs.changes_history_drops_newest,
+                ),
             },
             replaces_log: false,
         });

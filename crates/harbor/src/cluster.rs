@@ -72,7 +72,7 @@ pub struct TimingsSection {
     /// How long a gateway waits for a group's leader.
     pub request_timeout_ms: u64,
     /// How often a gateway saves its projection to its process's data
-    /// directory (when it moved).
+    /// directory (when rows changed).
     pub projection_save_ms: u64,
 }
 

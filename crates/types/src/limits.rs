@@ -146,7 +146,7 @@ pub const CHANGEFEED_RESOLVED_MS_MAX: u64 = 60_000;
 /// the last round brought nothing.
 pub const PROJECTION_POLL_MS: u64 = 50;
 /// How often a gateway saves its projection to its data directory (when
-/// it moved): after a restart it goes on from its last save instead of
+/// rows changed): after a restart it goes on from its last save instead of
 /// scanning every group again. Each save writes the whole projection.
 pub const PROJECTION_SAVE_MS: u64 = 10_000;
 /// The lag over which a search answer says `stale` (seed 004's cabin

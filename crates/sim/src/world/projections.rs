@@ -194,6 +194,7 @@ impl World {
             let mut text = words(&r.desk);
             text.extend(words(&r.trader));
             text.extend(words(r.reservation_token.as_str()));
+            text.extend(words(r.issuer_id.as_str()));
             text.push("nosuchword".into());
             let word = self.rng.pick(&text).clone();
             let limit = self.rng.range(1, 6) as usize;
