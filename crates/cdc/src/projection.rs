@@ -494,7 +494,13 @@ impl Projection {
             let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 reservations");
             self.slots.push(id.clone());
             for word in text_words(&reservation) {
-                self.by_word.entry(word.into()).or_default().push(slot);
+                // Most words are already keys: no key is built for them.
+                match self.by_word.get_mut(word.as_str()) {
+                    Some(slots) => slots.push(slot),
+                    None => {
+                        self.by_word.insert(word.into_boxed_str(), vec![slot]);
+                    }
+                }
             }
         }
         Sums::change(
@@ -567,11 +573,10 @@ impl Projection {
                 (None, None) if !words.is_empty() => {
                     let rarest = words
                         .iter()
-                        .map(|w| self.by_word.get(w.as_str()).map_or(0, Vec::len))
-                        .zip(&words)
-                        .min()
-                        .map(|(_, w)| self.by_word.get(w.as_str()));
-                    match rarest.flatten() {
+                        .map(|w| self.by_word.get(w.as_str()))
+                        .min_by_key(|slots| slots.map_or(0, Vec::len))
+                        .flatten();
+                    match rarest {
                         // A word no row has: nothing matches.
                         None => Some(Vec::new()),
                         Some(slots) if slots.len() <= SEARCH_EXAMINE_MAX => Some(newest_first(

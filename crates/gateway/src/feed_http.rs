@@ -473,13 +473,7 @@ impl Gateway {
                 change,
                 cursor,
             } => {
-                let region = self
-                    .meta
-                    .map()
-                    .groups
-                    .get(shard)
-                    .map(|g| g.home_region.to_string())
-                    .unwrap_or_default();
+                let region = self.home_region_of(*shard);
                 FeedLine::Change(change_line(change, region, cursor.encode()))
             }
             Sent::Resolved { resolved, cursor } => FeedLine::Resolved(ResolvedLine {
@@ -488,6 +482,17 @@ impl Gateway {
             }),
             Sent::Snapshot { .. } => self.snapshot_line(sent, None),
         }
+    }
+
+    /// The home region of `shard`'s group, as a feed line's `source.region`
+    /// (empty for a group the map does not name).
+    fn home_region_of(&self, shard: ShardId) -> String {
+        self.meta
+            .map()
+            .groups
+            .get(&shard)
+            .map(|g| g.home_region.to_string())
+            .unwrap_or_default()
     }
 
     /// A row of an initial scan: `op: "snapshot"`, at the position (and
@@ -502,13 +507,7 @@ impl Gateway {
         else {
             return self.line(sent);
         };
-        let region = self
-            .meta
-            .map()
-            .groups
-            .get(shard)
-            .map(|g| g.home_region.to_string())
-            .unwrap_or_default();
+        let region = self.home_region_of(*shard);
         let (generation, issuer_id, reservation_id, token, after) = match row.as_ref() {
             SnapshotRow::Issuer(i) => (
                 i.updated.map_or(0, |u| u.generation.0),

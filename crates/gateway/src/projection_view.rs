@@ -2,7 +2,6 @@
 //! lock only the feeding task (`projections`) writes, what readers
 //! waiting for commit tokens are woken by, and the file it is saved to.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -196,7 +195,6 @@ impl Projections {
 const MAGIC: &[u8; 4] = b"HPJ1";
 
 fn load(file: &Path, shards: &[ShardId]) -> Option<Projection> {
-    remove_leftover_temps(file);
     let bytes = match std::fs::read(file) {
         Ok(bytes) => match unframe(&bytes) {
             Some(bytes) => bytes.to_vec(),
@@ -232,45 +230,13 @@ fn unframe(bytes: &[u8]) -> Option<&[u8]> {
     (u32::from_le_bytes(*crc) == crc32c::crc32c(payload)).then_some(payload)
 }
 
-/// Temp files of saves a crash interrupted.
-fn remove_leftover_temps(file: &Path) {
-    let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
-        return;
-    };
-    let prefix = format!("{}.", name.to_string_lossy());
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.filter_map(Result::ok) {
-        let entry_name = entry.file_name().to_string_lossy().into_owned();
-        if entry_name.starts_with(&prefix) && entry_name.ends_with(".tmp") {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-}
-
-/// Writes `bytes` to `file` whole or not at all: a temp file of its own,
-/// fsynced, renamed over it, and the directory fsynced.
+/// Writes `bytes` framed (magic, checksum) to `file`, whole or not at all.
 fn save(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    static TEMPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let dir = file
-        .parent()
-        .expect("the projection's file is in a directory");
-    std::fs::create_dir_all(dir)?;
-    let temp = dir.join(format!(
-        "{}.{}.{}.tmp",
-        file.file_name().expect("a file name").to_string_lossy(),
-        std::process::id(),
-        TEMPS.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut out = std::fs::File::create(&temp)?;
-    out.write_all(MAGIC)?;
-    out.write_all(&crc32c::crc32c(bytes).to_le_bytes())?;
-    out.write_all(bytes)?;
-    out.sync_all()?;
-    drop(out);
-    std::fs::rename(&temp, file)?;
-    std::fs::File::open(dir)?.sync_all()
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let crc = crc32c::crc32c(bytes).to_le_bytes();
+    harbor_types::durable_file::replace(file, &[MAGIC, &crc, bytes])
 }
 
 /// Deletes the save, durably.

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 
 use harbor_reservation::Event;
 use harbor_types::sim::probe;
-use harbor_types::{LogIndex, Timestamp, WallMs};
+use harbor_types::{LogIndex, Timestamp};
 use harbor_wire::{Change, ChangePosition, ChangesPage};
 use serde::{Deserialize, Serialize};
 
@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Budget {
     pub(crate) bytes: usize,
-    /// A change whose entry's time is older than this (on the replica's
-    /// wall clock) goes.
+    /// A change whose entry is older than this, against the newest entry
+    /// applied, goes. Entry times rise along the log and an idle leader
+    /// orders a no-op every second, so every replica lets the same changes
+    /// go at the same entry, whatever its own clock says.
     pub(crate) age_ms: u64,
 }
 
@@ -129,8 +131,8 @@ impl ChangeLog {
         self.kept_after = ChangePosition::entry_end(applied);
     }
 
-    /// The events of one applied entry, in order.
-    pub(crate) fn push(&mut self, events: Vec<Event>) {
+    /// The events of one applied entry (at time `at`), in order.
+    pub(crate) fn push(&mut self, events: Vec<Event>, at: Timestamp) {
         let count = events.len();
         for (sub, event) in events.into_iter().enumerate() {
             let change = Change {
@@ -142,6 +144,7 @@ impl ChangeLog {
             self.changes.push_back(change);
         }
         self.evict_over_budget();
+        self.evict_older_than_budget(at);
     }
 
     fn evict_over_budget(&mut self) {
@@ -151,9 +154,9 @@ impl ChangeLog {
         }
     }
 
-    /// Lets go of the changes older than the age budget at `now`.
-    pub(crate) fn evict_older_than_budget(&mut self, now: WallMs) {
-        let Some(oldest_kept) = now.as_millis().checked_sub(self.budget.age_ms) else {
+    /// Lets go of the changes older than the age budget before `newest`.
+    fn evict_older_than_budget(&mut self, newest: Timestamp) {
+        let Some(oldest_kept) = newest.wall_ms.checked_sub(self.budget.age_ms) else {
             return;
         };
         while self
@@ -281,6 +284,10 @@ mod tests {
         }
     }
 
+    fn time(wall_ms: u64) -> Timestamp {
+        Timestamp::from_wall_ms(wall_ms)
+    }
+
     fn budget(bytes: usize) -> Budget {
         Budget {
             bytes,
@@ -295,9 +302,9 @@ mod tests {
     #[test]
     fn pages_resume_inside_an_entry_and_cover_entries_without_changes() {
         let mut log = ChangeLog::new(LogIndex(0), budget(1 << 20));
-        log.push(vec![event(1), event(1), event(1)]);
-        log.push(Vec::new());
-        log.push(vec![event(3)]);
+        log.push(vec![event(1), event(1), event(1)], time(1));
+        log.push(Vec::new(), time(2));
+        log.push(vec![event(3)], time(3));
         let resolved = Some(Timestamp::from_wall_ms(9));
         // Cut after two changes: no resolved mark, the cursor is inside
         // entry 1.
@@ -325,20 +332,14 @@ mod tests {
 
     #[test]
     fn an_evicted_or_restored_position_is_expired_never_a_gap() {
-        let budget = 3 * estimated_bytes(&Change {
+        let bytes = 3 * estimated_bytes(&Change {
             sub: 0,
             last: true,
             event: event(1),
         });
-        let mut log = ChangeLog::new(
-            LogIndex(0),
-            super::Budget {
-                bytes: budget,
-                age_ms: u64::MAX,
-            },
-        );
+        let mut log = ChangeLog::new(LogIndex(0), budget(bytes));
         for index in 1..=5 {
-            log.push(vec![event(index)]);
+            log.push(vec![event(index)], time(index));
         }
         let page = log.page(ChangePosition::START, 10, LogIndex(5), None);
         assert!(page.changes.is_empty());
@@ -350,7 +351,7 @@ mod tests {
             None,
         );
         assert_eq!(page.changes.len(), 3);
-        assert!(log.retained_bytes() <= budget);
+        assert!(log.retained_bytes() <= bytes);
         // A snapshot from the leader replaced the state at 9.
         log.restart(LogIndex(9));
         let page = log.page(
@@ -366,7 +367,7 @@ mod tests {
     fn a_history_written_with_a_snapshot_restores_what_was_kept() {
         let mut log = ChangeLog::new(LogIndex(0), budget(1 << 20));
         for index in 1..=4 {
-            log.push(vec![event(index), event(index)]);
+            log.push(vec![event(index), event(index)], time(index));
         }
         let restored = ChangeLog::restore(
             LogIndex(4),
@@ -387,7 +388,7 @@ mod tests {
         // Nothing to read, another format, or a history that does not end
         // at the snapshot: start after the snapshot.
         let mut short = ChangeLog::new(LogIndex(0), budget(1 << 20));
-        short.push(vec![event(1)]);
+        short.push(vec![event(1)], time(1));
         for history in [
             Vec::new(),
             vec![9, 1, 2],
@@ -402,23 +403,23 @@ mod tests {
     }
 
     #[test]
-    fn changes_older_than_the_age_budget_go() {
+    fn changes_older_than_the_age_budget_before_the_newest_entry_go() {
         let mut log = ChangeLog::new(
             LogIndex(0),
             Budget {
                 bytes: 1 << 20,
-                age_ms: 10,
+                age_ms: 30,
             },
         );
-        for index in 1..=5 {
-            log.push(vec![event(index * 10)]);
+        // Entry times 10..=40: none is older than 30 ms before the newest.
+        for index in 1..=4 {
+            log.push(vec![event(index * 10)], time(index * 10));
         }
-        // Entry times 10..=50; at 35 what is older than 25 goes.
-        log.evict_older_than_budget(WallMs::from_millis(35));
+        assert_eq!(log.changes.len(), 4);
+        // An entry at 60 without changes (an idle leader's no-op): what is
+        // older than 30 goes.
+        log.push(Vec::new(), time(60));
         assert_eq!(log.kept_after, ChangePosition::entry_end(LogIndex(20)));
-        assert_eq!(log.changes.len(), 3);
-        // A clock that steps back lets nothing go, and brings nothing back.
-        log.evict_older_than_budget(WallMs::from_millis(0));
-        assert_eq!(log.changes.len(), 3);
+        assert_eq!(log.changes.len(), 2);
     }
 }

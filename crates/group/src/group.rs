@@ -28,7 +28,8 @@ pub struct Settings {
     /// Changes kept for change feeds (in memory, and with each snapshot),
     /// by estimated size.
     pub changes_retained_bytes: usize,
-    /// Changes whose entry is older than this go, whatever their size.
+    /// Changes whose entry is older than this, against the newest entry
+    /// applied, go, whatever their size.
     pub changes_retained_ms: u64,
     /// An idle leader proposes a no-op after this long, so its group's
     /// resolved time (what change feeds promise) keeps advancing.
@@ -394,7 +395,6 @@ impl GroupCore {
             Input::Tick => {
                 if self.failed.is_none() {
                     self.core.tick(now);
-                    self.changes.evict_older_than_budget(now.wall);
                     self.propose_expiry(now);
                     self.propose_tick(now);
                 }
@@ -736,7 +736,8 @@ impl GroupCore {
             };
             let mut applied = self.machine.apply(&ctx, &command);
             self.applied = index;
-            self.changes.push(std::mem::take(&mut applied.events));
+            self.changes
+                .push(std::mem::take(&mut applied.events), entry.at);
             if self.expiry_pending == Some(index) {
                 self.expiry_pending = None;
             }

@@ -124,7 +124,8 @@ pub struct LimitsSection {
     pub retained_entries_max: u64,
     /// Changes each replica keeps for change feeds (estimated bytes).
     pub changes_retained_bytes: usize,
-    /// Changes older than this go, whatever their size.
+    /// Changes older than this (before the newest entry applied) go,
+    /// whatever their size.
     pub changes_retained_ms: u64,
 }
 

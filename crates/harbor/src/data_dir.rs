@@ -216,16 +216,11 @@ fn read_marker(path: &Path, kind: DataKind) -> Result<bool, DataDirError> {
 /// Written to a temp file, synced, renamed, and the directory synced: a
 /// crash leaves the marker whole or absent.
 fn write_marker(path: &Path, kind: DataKind) -> std::io::Result<()> {
-    let temp = path.join(format!("{FORMAT_FILE}.tmp"));
     let text = format!(
         "# A Harbor data directory. Written once; do not edit.\nformat = {DATA_FORMAT}\nkind = \"{}\"\n",
         kind.as_str()
     );
-    let mut file = File::create(&temp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    fs::rename(&temp, path.join(FORMAT_FILE))?;
-    File::open(path)?.sync_all()
+    harbor_types::durable_file::replace(&path.join(FORMAT_FILE), &[text.as_bytes()])
 }
 
 #[cfg(test)]

@@ -362,21 +362,8 @@ fn read_checkpoint(path: &Path) -> anyhow::Result<Option<String>> {
 /// then the directory synced. A failure is fatal: a sink that cannot keep
 /// its place must not go on.
 fn write_checkpoint(path: &Path, cursor: &str, stats: &SinkStats) -> anyhow::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let temp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(cursor.as_bytes())?;
-        file.write_all(b"\n")?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().with_context(|| format!("writing the checkpoint {}", path.display()))?;
+    harbor_types::durable_file::replace(path, &[cursor.as_bytes(), b"\n"])
+        .with_context(|| format!("writing the checkpoint {}", path.display()))?;
     stats.checkpoints.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

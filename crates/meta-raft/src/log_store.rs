@@ -139,12 +139,7 @@ pub(crate) fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> io:
 
 /// temp file, fsync, rename, fsync the directory.
 pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut file = File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, dir.join(name))?;
-    File::open(dir)?.sync_all()
+    harbor_types::durable_file::replace(&dir.join(name), &[bytes])
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {

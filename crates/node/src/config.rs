@@ -56,7 +56,8 @@ pub struct NodeConfig {
     /// memory and with each snapshot; a feed cursor older than what is
     /// kept is refused as expired.
     pub changes_retained_bytes: usize,
-    /// Changes older than this go, whatever their size.
+    /// Changes older than this (before the newest entry applied) go,
+    /// whatever their size.
     pub changes_retained_ms: u64,
     /// An idle leader proposes a no-op after this long, so the resolved
     /// time change feeds promise keeps advancing.

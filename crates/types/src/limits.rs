@@ -125,8 +125,9 @@ const _: () = assert!(BATCH_INPUTS_MAX <= REPLICA_INBOX_CAPACITY);
 /// size; the oldest go first, and a cursor older than what is kept is
 /// refused as expired (never a silent gap).
 pub const CHANGES_RETAINED_BYTES: usize = 16 << 20;
-/// Changes older than this (by their entry's time) go too, whatever their
-/// size: a day, so a consumer down overnight resumes where it stopped.
+/// Changes whose entry is older than this, counted back from the newest
+/// entry applied, go too, whatever their size: a day, so a consumer down
+/// overnight resumes where it stopped.
 pub const CHANGES_RETAINED_MS: u64 = 24 * 60 * 60 * 1_000;
 /// An idle leader proposes a no-op after this long, so the resolved time
 /// change feeds promise keeps advancing (each costs one small entry).
