@@ -494,6 +494,7 @@ pub enum ErrorCode {
     Unavailable,
     StaleRoute,
     ReplicaBehind,
+    Moved,
     // The cluster and its control plane.
     MetadataUnavailable,
     TransferRefused,
@@ -504,7 +505,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 46] = [
+    pub const ALL: [ErrorCode; 47] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidBody,
         ErrorCode::BodyTooLarge,
@@ -545,6 +546,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::StaleRoute,
         ErrorCode::ReplicaBehind,
+        ErrorCode::Moved,
         ErrorCode::MetadataUnavailable,
         ErrorCode::TransferRefused,
         ErrorCode::TransferAbandoned,
@@ -595,6 +597,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::StaleRoute => "stale_route",
             ErrorCode::ReplicaBehind => "replica_behind",
+            ErrorCode::Moved => "moved",
             ErrorCode::MetadataUnavailable => "metadata_unavailable",
             ErrorCode::TransferRefused => "transfer_refused",
             ErrorCode::TransferAbandoned => "transfer_abandoned",

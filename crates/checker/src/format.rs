@@ -6,8 +6,8 @@
 //! Unknown fields are ignored so a producer may add debugging context.
 
 use harbor_types::{
-    Amount, CommitToken, Generation, IssuerId, NodeId, Region, ReservationId, ReservationToken,
-    ShardId,
+    Amount, BucketId, CommitToken, Generation, IssuerId, NodeId, Region, ReservationId,
+    ReservationToken, ShardId,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -30,12 +30,14 @@ pub enum HistoryLine {
     Final(FinalLine),
     /// An acknowledged write reported lost by a regional failover.
     LostInFailover(LostLine),
+    /// A group stopped or started taking a bucket's writes.
+    Bucket(BucketLine),
     /// Free-form context for humans; the checker ignores it.
     Note(serde_json::Map<String, serde_json::Value>),
 }
 
 /// Every `type` a line may have, for error messages.
-pub const LINE_TYPES: [&str; 8] = [
+pub const LINE_TYPES: [&str; 9] = [
     "invoke",
     "ok",
     "fail",
@@ -43,6 +45,7 @@ pub const LINE_TYPES: [&str; 8] = [
     "leader",
     "final",
     "lost_in_failover",
+    "bucket",
     "note",
 ];
 
@@ -64,6 +67,7 @@ impl HistoryLine {
             HistoryLine::Fail(l) | HistoryLine::Info(l) => Some(l.time_ms),
             HistoryLine::Leader(l) => Some(l.time_ms),
             HistoryLine::Final(l) => Some(l.time_ms),
+            HistoryLine::Bucket(l) => Some(l.time_ms),
             HistoryLine::LostInFailover(_) | HistoryLine::Note(_) => None,
         }
     }
@@ -405,6 +409,29 @@ pub struct LostLine {
     pub token: ReservationToken,
     pub issuer_id: IssuerId,
     pub commit_token: CommitToken,
+}
+
+/// `{"type":"bucket","time_ms","bucket","shard","issuers","event","at"}`:
+/// the entry `at` of group `shard` sealed `bucket` (its writes are refused
+/// from there on) or opened it (its writes are taken from there on: an
+/// unseal, or the acquisition of a moved bucket). `issuers` are the
+/// bucket's issuers. A group with no line for a bucket takes its writes
+/// all along; one whose first line opens it took none before.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketLine {
+    pub time_ms: u64,
+    pub bucket: BucketId,
+    pub shard: ShardId,
+    pub issuers: Vec<IssuerId>,
+    pub event: BucketEvent,
+    pub at: CommitToken,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BucketEvent {
+    Sealed,
+    Opened,
 }
 
 #[cfg(test)]

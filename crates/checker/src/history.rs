@@ -2,7 +2,8 @@
 //! the non-client lines (leaders, final states, failover losses) beside them.
 
 use crate::format::{
-    Call, ErrorReply, FinalLine, Function, HistoryLine, LeaderLine, LostLine, Reply, LINE_TYPES,
+    BucketLine, Call, ErrorReply, FinalLine, Function, HistoryLine, LeaderLine, LostLine, Reply,
+    LINE_TYPES,
 };
 use harbor_types::{IssuerId, ReservationToken};
 use std::collections::{BTreeMap, HashMap};
@@ -173,6 +174,7 @@ pub struct History {
     leaders: Vec<AtLine<LeaderLine>>,
     finals: BTreeMap<IssuerId, AtLine<FinalLine>>,
     lost: Vec<AtLine<LostLine>>,
+    buckets: Vec<AtLine<BucketLine>>,
 }
 
 impl History {
@@ -234,6 +236,11 @@ impl History {
 
     pub fn lost_in_failover(&self) -> &[AtLine<LostLine>] {
         &self.lost
+    }
+
+    /// Bucket lines in file order.
+    pub fn buckets(&self) -> &[AtLine<BucketLine>] {
+        &self.buckets
     }
 
     /// Whether a failover reported this token's write lost.
@@ -337,6 +344,7 @@ impl Builder {
                     .insert(value.issuer_id.clone(), AtLine { line, value });
             }
             HistoryLine::LostInFailover(value) => h.lost.push(AtLine { line, value }),
+            HistoryLine::Bucket(value) => h.buckets.push(AtLine { line, value }),
             HistoryLine::Note(_) => {}
         }
         Ok(())

@@ -41,15 +41,15 @@ mod recorder;
 mod testkit;
 
 pub use format::{
-    Call, Consistency, ErrorLine, ErrorReply, FinalLine, FinalReservation, FinalToken, Function,
-    HistoryLine, InvokeLine, LeaderLine, LookupStatus, LostLine, OkLine, Reply, ReservationStatus,
-    ServedBy, TokenStatus, LINE_TYPES,
+    BucketEvent, BucketLine, Call, Consistency, ErrorLine, ErrorReply, FinalLine, FinalReservation,
+    FinalToken, Function, HistoryLine, InvokeLine, LeaderLine, LookupStatus, LostLine, OkLine,
+    Reply, ReservationStatus, ServedBy, TokenStatus, LINE_TYPES,
 };
 pub use history::{AtLine, Completion, History, HistoryError, Moment, Op, OpResult};
 pub use properties::{
     AcknowledgedWritesSurvive, BoundedReads, FailedMeansNotApplied, NeverOversold,
-    OneLeaderPerGeneration, SessionReads, StrongReadsNotStale, TokenSingleReservation,
-    BOUNDED_STALENESS_MS_DEFAULT,
+    OneLeaderPerGeneration, OneOwnerPerBucket, SessionReads, StrongReadsNotStale,
+    TokenSingleReservation, BOUNDED_STALENESS_MS_DEFAULT,
 };
 pub use recorder::HistoryRecorder;
 
@@ -123,6 +123,7 @@ pub fn all_properties() -> Vec<Box<dyn Property>> {
         Box::new(SessionReads),
         Box::new(BoundedReads),
         Box::new(OneLeaderPerGeneration),
+        Box::new(OneOwnerPerBucket),
     ]
 }
 

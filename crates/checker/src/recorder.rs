@@ -5,8 +5,8 @@
 //! the panic as a violation of its run).
 
 use crate::format::{
-    Call, ErrorLine, ErrorReply, FinalLine, Function, HistoryLine, InvokeLine, LeaderLine,
-    LostLine, OkLine, Reply,
+    BucketLine, Call, ErrorLine, ErrorReply, FinalLine, Function, HistoryLine, InvokeLine,
+    LeaderLine, LostLine, OkLine, Reply,
 };
 use crate::history::{History, HistoryError};
 use harbor_types::{Generation, NodeId, ShardId};
@@ -102,6 +102,10 @@ impl HistoryRecorder {
 
     pub fn lost_in_failover(&mut self, line: LostLine) {
         self.push(HistoryLine::LostInFailover(line));
+    }
+
+    pub fn bucket(&mut self, line: BucketLine) {
+        self.push(HistoryLine::Bucket(line));
     }
 
     /// A line for humans reading the history, e.g. "partition madrid|paris".

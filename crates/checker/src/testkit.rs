@@ -251,6 +251,11 @@ impl Script {
         });
     }
 
+    pub fn bucket(&mut self, mut line: crate::format::BucketLine) {
+        line.time_ms = self.tick();
+        self.rec.bucket(line);
+    }
+
     pub fn history(&self) -> History {
         self.rec.to_history().unwrap()
     }

@@ -1,7 +1,7 @@
 //! A realistic mixed history — four clients, two issuers on two shards, a
 //! leader change, a replay after a timeout, an outcome-unknown confirm, a
 //! replayed rejection, session, causal, bounded and strong reads, a client
-//! that crashed mid-operation — passes every property; small edits that break
+//! that crashed mid-operation, a bucket sealed and opened again — passes every property; small edits that break
 //! one promise are caught by that property.
 
 use harbor_checker::{all_properties, check, History, HistoryLine};
@@ -74,4 +74,11 @@ fn breaking_the_mixed_history_on_purpose_is_caught() {
         r#""consistency":"bounded","max_staleness_ms":500}"#,
     );
     assert_eq!(violated(&over_budget), ["bounded_reads"]);
+
+    // CABIN-12's group took a write while its bucket was sealed.
+    let after_seal = broken(
+        r#""event":"sealed","at":"shard5@g1:4""#,
+        r#""event":"sealed","at":"shard5@g1:2""#,
+    );
+    assert_eq!(violated(&after_seal), ["one_owner_per_bucket"]);
 }

@@ -18,8 +18,8 @@ use harbor_reservation::{
     HOLD_TTL_MS_MAX,
 };
 use harbor_types::{
-    Amount, IdError, IssuerId, Region, ReservationId, ReservationToken, ShardId, AMOUNT_MAX,
-    ID_LEN_MAX,
+    Amount, BucketId, IdError, IssuerId, Region, ReservationId, ReservationToken, ShardId,
+    AMOUNT_MAX, ID_LEN_MAX,
 };
 use harbor_wire::{Query, QueryResult, Request, Response, Served};
 use serde::de::DeserializeOwned;
@@ -159,18 +159,43 @@ fn label(field: &'static str, value: &str) -> Result<String, ApiError> {
 
 // ----- Routing helpers ----------------------------------------------------------
 
+/// Where a request goes: a group, and the bucket it is for when it is
+/// for one (the call follows the bucket if it moves).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Place {
+    pub shard: ShardId,
+    pub bucket: Option<BucketId>,
+}
+
+impl Place {
+    /// A request about a group as a whole (token lookups everywhere).
+    pub fn group(shard: ShardId) -> Place {
+        Place {
+            shard,
+            bucket: None,
+        }
+    }
+}
+
 impl Gateway {
     pub(crate) async fn directory(
         &self,
         issuer: &IssuerId,
-    ) -> Result<(DirectoryEntry, ShardId), ApiError> {
+    ) -> Result<(DirectoryEntry, Place), ApiError> {
         let entry = self.meta.find(issuer).await.map_err(metadata_unavailable)?;
         let entry = entry.ok_or_else(|| {
             ApiError::not_found(ErrorCode::UnknownIssuer, format!("unknown issuer {issuer}"))
                 .with("issuer_id", issuer)
         })?;
-        let shard = self.meta.map().shard_of_bucket(entry.bucket);
-        Ok((entry, shard))
+        Ok((entry.clone(), self.place(&entry)))
+    }
+
+    /// Where an issuer's requests go, by this gateway's map.
+    pub(crate) fn place(&self, entry: &DirectoryEntry) -> Place {
+        Place {
+            shard: self.meta.map().shard_of_bucket(entry.bucket),
+            bucket: Some(entry.bucket),
+        }
     }
 
     /// Fields every answer carries: who served it, from where, how fresh.
@@ -221,12 +246,12 @@ impl Gateway {
         e
     }
 
-    pub(crate) async fn write(
-        &self,
-        shard: ShardId,
-        command: Command,
-    ) -> Result<Applied, ApiError> {
-        match self.call(Request::Write { shard, command }).await {
+    pub(crate) async fn write(&self, place: Place, command: Command) -> Result<Applied, ApiError> {
+        let request = Request::Write {
+            shard: place.shard,
+            command,
+        };
+        match self.call_for(request, place.bucket).await {
             Ok(Response::Applied {
                 outcome,
                 issuer,
@@ -246,10 +271,14 @@ impl Gateway {
 
     pub(crate) async fn read(
         &self,
-        shard: ShardId,
+        place: Place,
         query: Query,
     ) -> Result<(QueryResult, Served), ApiError> {
-        match self.call(Request::Read { shard, query }).await {
+        let request = Request::Read {
+            shard: place.shard,
+            query,
+        };
+        match self.call_for(request, place.bucket).await {
             Ok(Response::Read { result, served }) => Ok((result, served)),
             Ok(Response::Error(e)) => Err(ApiError::node(&e)),
             Ok(other) => Err(unexpected(other)),
@@ -527,13 +556,13 @@ async fn put_issuer_inner(
         }
         Err(e) => return Err(metadata_unavailable(e)),
     };
-    let shard = gw.meta.map().shard_of_bucket(entry.bucket);
-    let command = Command::UpsertIssuer {
+    let command = Command::PlaceIssuer {
         issuer_id: issuer,
         home_region: region,
         limit,
+        bucket: entry.bucket,
     };
-    let applied = gw.write(shard, command).await?;
+    let applied = gw.write(gw.place(&entry), command).await?;
     match &applied.outcome {
         Outcome::Issuer {
             issuer,
@@ -581,8 +610,8 @@ async fn read_of_issuer(
     query: Query,
 ) -> Result<(ReadAnswer, DirectoryEntry), ApiError> {
     let plan = ReadPlan::new(query_params(params)?, headers)?;
-    let (entry, shard) = gw.directory(issuer).await?;
-    let answer = gw.read_as(shard, query, &plan).await?;
+    let (entry, place) = gw.directory(issuer).await?;
+    let answer = gw.read_as(place, query, &plan).await?;
     Ok((answer, entry))
 }
 
@@ -647,8 +676,8 @@ pub(crate) async fn reserve(
         let session = Session::from_headers(&headers)?;
         let JsonBody(body) = body?;
         let (command, issuer) = reserve_command(&body)?;
-        let (_, shard) = gw.directory(&issuer).await?;
-        let applied = gw.write(shard, command).await?;
+        let (_, place) = gw.directory(&issuer).await?;
+        let applied = gw.write(place, command).await?;
         reservation_reply(&gw, applied, StatusCode::CREATED, session)
             .map_err(|e| e.with("reservation_token", &body.reservation_token))
     };
@@ -737,13 +766,13 @@ async fn transition(
             // No fields are defined; an empty object is fine, anything else is refused.
             let _: api::Empty = parse_json(&body)?;
         }
-        let (_, shard) = gw.directory(reservation_id.issuer()).await?;
+        let (_, place) = gw.directory(reservation_id.issuer()).await?;
         let command = if confirm {
             Command::Confirm { reservation_id }
         } else {
             Command::Release { reservation_id }
         };
-        let applied = gw.write(shard, command).await?;
+        let applied = gw.write(place, command).await?;
         reservation_reply(&gw, applied, StatusCode::OK, session)
     };
     respond(&gw, run.await)
@@ -761,9 +790,9 @@ pub(crate) async fn get_token(
         match params.issuer_id {
             Some(issuer) => {
                 let issuer = issuer_id(&issuer)?;
-                let (_, shard) = gw.directory(&issuer).await?;
+                let (_, place) = gw.directory(&issuer).await?;
                 let (result, served) = gw
-                    .read(shard, Query::Token(issuer.clone(), token.clone()))
+                    .read(place, Query::Token(issuer.clone(), token.clone()))
                     .await?;
                 let QueryResult::Token(view) = result else {
                     return Err(ApiError::new(
@@ -791,7 +820,7 @@ async fn token_everywhere(gw: &Gateway, token: ReservationToken) -> ApiResult {
     let asks = map
         .groups
         .keys()
-        .map(|shard| gw.read(*shard, Query::TokenAnyIssuer(token.clone())));
+        .map(|shard| gw.read(Place::group(*shard), Query::TokenAnyIssuer(token.clone())));
     let mut found: Vec<(TokenView, Served)> = Vec::new();
     let mut last_served = None;
     for result in futures::future::join_all(asks).await {
@@ -867,10 +896,10 @@ pub(crate) async fn resolve_token(
                 ))
             }
         };
-        let (_, shard) = gw.directory(&issuer).await?;
+        let (_, place) = gw.directory(&issuer).await?;
         let applied = gw
             .write(
-                shard,
+                place,
                 Command::ResolveToken {
                     issuer_id: issuer.clone(),
                     token: token.clone(),

@@ -16,6 +16,14 @@
 //! idempotent. An old leader whose generation was sealed can no longer
 //! commit anything.
 //!
+//! A call for a bucket follows the bucket too: a `moved` refusal (the
+//! bucket is sealed in the group asked: it is moving) changed nothing, so
+//! the call refreshes the map and sends the same request to the group the
+//! map names for the bucket, or to the same one again after a growing
+//! wait if the map has not moved yet (a move's cutover, or one that
+//! aborted and unsealed). The client never sees `moved` unless the move
+//! outlasts the call.
+//!
 //! A write is in doubt once one of its attempts may have been taken (it
 //! went unanswered, was refused in doubt, or was sent twice, so that a
 //! refusal may answer the copy): from then on no refusal that ends the
@@ -25,8 +33,8 @@
 
 use harbor_types::limits;
 use harbor_types::sim::probe;
-use harbor_types::{Generation, MonoMs, NodeId, ShardId};
-use harbor_wire::{ErrorCode, ErrorKind, NodeError, Response};
+use harbor_types::{BucketId, Generation, MonoMs, NodeId, ShardId};
+use harbor_wire::{ErrorCode, ErrorKind, NodeError, Response, Route};
 
 /// The timings of a call. Defaults are in `harbor_types::limits`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,22 +81,27 @@ impl Default for CallLimits {
     }
 }
 
-/// The caller's shard-map entry for the call's group, as it holds it now.
+/// The caller's shard-map entry for the call's group (for a call for a
+/// bucket, the group the map names for the bucket), as it holds it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapEntry {
+    pub shard: ShardId,
     pub leader: NodeId,
     pub generation: Generation,
+    pub map_version: u64,
 }
 
 /// What the caller does next, in order.
 #[derive(Clone, Debug)]
 pub enum Step {
     /// Send the request to `to` as a new attempt, under a new request id
-    /// (answers to earlier ids are stale: drop them). `route` is the
-    /// generation the caller's map names for the group.
+    /// (answers to earlier ids are stale: drop them), for group `shard`
+    /// (a bucket's request may go to another group than it started for).
+    /// `route` is what the caller's map says of it.
     Send {
         to: NodeId,
-        route: Option<Generation>,
+        shard: ShardId,
+        route: Option<Route>,
     },
     /// Send the current attempt again, with the same id, to the same node.
     Resend,
@@ -124,7 +137,10 @@ enum Phase {
 /// One request on its way to its group's leader.
 #[derive(Clone, Debug)]
 pub struct Call {
+    /// The group of the current attempt.
     shard: ShardId,
+    /// The bucket the request is for, if one: the call follows it.
+    bucket: Option<BucketId>,
     is_write: bool,
     limits: CallLimits,
     deadline: MonoMs,
@@ -134,6 +150,8 @@ pub struct Call {
     route: Option<Generation>,
     attempts: u32,
     news_wait_ms: u64,
+    /// How long the next `moved` refusal waits for the map to move.
+    moved_wait_ms: u64,
     /// A write one of whose attempts may have been taken.
     in_doubt: bool,
     phase: Phase,
@@ -167,10 +185,12 @@ impl CallLimits {
 
 impl Call {
     /// Starts a call at `now`, to the leader `entry` names; refused when
-    /// the group is not in the map.
+    /// the group is not in the map. With a `bucket`, every entry the
+    /// caller passes is the one of the group its map names for it.
     pub fn start(
         now: MonoMs,
         shard: ShardId,
+        bucket: Option<BucketId>,
         is_write: bool,
         entry: Option<MapEntry>,
         limits: CallLimits,
@@ -184,6 +204,7 @@ impl Call {
         };
         let mut call = Call {
             shard,
+            bucket,
             is_write,
             limits,
             deadline: now.plus(limits.request_timeout_ms),
@@ -191,6 +212,7 @@ impl Call {
             route: None,
             attempts: 0,
             news_wait_ms: limits.news_wait_ms,
+            moved_wait_ms: limits.news_wait_ms,
             in_doubt: false,
             phase: Phase::Done,
         };
@@ -263,6 +285,18 @@ impl Call {
                     self.on_timer(now, entry)
                 }
             }
+            // Nothing changed: wait for the map to name the bucket's next
+            // group (or for the seal to lift), asking the map at once.
+            ErrorKind::Moved { .. } if self.bucket.is_some() => {
+                probe("gateway.call_waited_for_a_moved_bucket");
+                let wait_ms = self.moved_wait_ms;
+                self.moved_wait_ms = (wait_ms * 2).min(self.limits.leadership_wait_ms_max);
+                self.phase = Phase::Backoff {
+                    until: now.plus(wait_ms).min(self.deadline),
+                    refusal,
+                };
+                vec![Step::RefreshMap]
+            }
             _ => self.finish(Ok(Response::Error(refusal))),
         }
     }
@@ -295,7 +329,7 @@ impl Call {
                     }
                     return vec![Step::RefreshMap];
                 }
-                let moved = entry.is_some_and(|e| e.leader != self.leader);
+                let moved = entry.is_some_and(|e| e.leader != self.leader || e.shard != self.shard);
                 if moved {
                     probe("gateway.call_followed_the_map");
                 }
@@ -324,7 +358,7 @@ impl Call {
                 steps
             }
             Phase::Backoff { until, refusal } => {
-                let moved = entry.is_none_or(|e| e.leader != self.leader)
+                let moved = entry.is_none_or(|e| e.leader != self.leader || e.shard != self.shard)
                     || entry.map(|e| e.generation) != self.route;
                 if !moved && now < until {
                     return vec![Step::WakeAt(now.plus(self.limits.map_poll_ms).min(until))];
@@ -355,10 +389,21 @@ impl Call {
     /// Sends the request to `self.leader` as a new attempt.
     fn attempt(&mut self, now: MonoMs, entry: Option<&MapEntry>) -> Vec<Step> {
         if self.attempts == self.limits.route_attempts_max {
+            // Out of attempts while a bucket moves: its refusal is the
+            // answer (nothing is out, so nothing new is in doubt).
+            if let Phase::Backoff { refusal, .. } = &self.phase {
+                if refusal.code() == ErrorCode::Moved {
+                    let refusal = refusal.clone();
+                    return self.finish(Ok(Response::Error(refusal)));
+                }
+            }
             return self.time_out();
         }
         self.attempts += 1;
         self.route = entry.map(|e| e.generation);
+        if let Some(entry) = entry {
+            self.shard = entry.shard;
+        }
         self.phase = Phase::Waiting {
             sent_at: now,
             resend_at: now.plus(self.limits.resend_after_ms),
@@ -368,10 +413,16 @@ impl Call {
         let wake = now
             .plus(self.limits.route_check_interval_ms)
             .min(self.deadline);
+        let route = entry.map(|e| Route {
+            generation: e.generation,
+            map_version: e.map_version,
+            bucket: self.bucket,
+        });
         vec![
             Step::Send {
                 to: self.leader.clone(),
-                route: self.route,
+                shard: self.shard,
+                route,
             },
             Step::WakeAt(wake),
         ]
@@ -429,8 +480,10 @@ mod tests {
 
     fn entry(leader: &str, generation: u64) -> MapEntry {
         MapEntry {
+            shard: SHARD,
             leader: node(leader),
             generation: Generation(generation),
+            map_version: 1,
         }
     }
 
@@ -463,7 +516,7 @@ mod tests {
         steps
             .iter()
             .filter_map(|s| match s {
-                Step::Send { to, route } => Some((to.clone(), *route)),
+                Step::Send { to, route, .. } => Some((to.clone(), route.map(|r| r.generation))),
                 _ => None,
             })
             .collect()
@@ -484,7 +537,77 @@ mod tests {
     }
 
     fn start(is_write: bool, e: MapEntry) -> (Call, Vec<Step>) {
-        Call::start(at(1), SHARD, is_write, Some(e), CallLimits::default()).unwrap()
+        Call::start(at(1), SHARD, None, is_write, Some(e), CallLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn a_moved_bucket_is_followed_to_the_group_the_map_names_next() {
+        let bucket = BucketId(173);
+        let first = entry("ny-1", 4);
+        let (mut call, steps) = Call::start(
+            at(1),
+            SHARD,
+            Some(bucket),
+            true,
+            Some(first.clone()),
+            CallLimits::default(),
+        )
+        .unwrap();
+        let Some(Step::Send {
+            route: Some(route),
+            shard,
+            ..
+        }) = steps.first()
+        else {
+            panic!("{steps:?}");
+        };
+        assert_eq!(
+            (route.bucket, route.map_version, *shard),
+            (Some(bucket), 1, SHARD)
+        );
+        // Sealed: nothing changed, so the map is asked and, while it has
+        // not moved, the same group is asked again after a wait.
+        let steps = call.on_answer(at(5), refusal(ErrorKind::Moved { bucket }), Some(&first));
+        assert!(matches!(steps.as_slice(), [Step::RefreshMap]), "{steps:?}");
+        let steps = call.on_timer(at(6), Some(&first));
+        assert!(
+            sent_to(&steps).is_empty() && wake(&steps).is_some(),
+            "{steps:?}"
+        );
+        let steps = call.on_timer(at(16), Some(&first));
+        assert_eq!(sent_to(&steps), vec![(node("ny-1"), Some(Generation(4)))]);
+        let steps = call.on_answer(at(17), refusal(ErrorKind::Moved { bucket }), Some(&first));
+        assert!(matches!(steps.as_slice(), [Step::RefreshMap]));
+        // The map names the bucket's new group: the same request goes there.
+        let next = MapEntry {
+            shard: ShardId(5),
+            leader: node("ny-2"),
+            generation: Generation(2),
+            map_version: 2,
+        };
+        let steps = call.on_timer(at(18), Some(&next));
+        let Some(Step::Send {
+            to,
+            shard,
+            route: Some(route),
+        }) = steps.first()
+        else {
+            panic!("{steps:?}");
+        };
+        assert_eq!(
+            (to, *shard, route.map_version),
+            (&node("ny-2"), ShardId(5), 2)
+        );
+        let steps = call.on_answer(at(20), applied("ny-2"), Some(&next));
+        assert!(matches!(done(&steps), Some(Ok(Response::Applied { .. }))));
+
+        // A moved refusal is definite, and without a bucket it ends the call.
+        let (mut call, _) = start(true, entry("ny-1", 4));
+        let steps = call.on_answer(at(5), refusal(ErrorKind::Moved { bucket }), Some(&first));
+        let Some(Ok(Response::Error(e))) = done(&steps) else {
+            panic!("{steps:?}");
+        };
+        assert!(e.code() == ErrorCode::Moved && !e.outcome_unknown);
     }
 
     #[test]
@@ -501,7 +624,7 @@ mod tests {
 
     #[test]
     fn a_group_missing_from_the_map_is_refused_at_once() {
-        let e = Call::start(at(1), SHARD, true, None, CallLimits::default()).unwrap_err();
+        let e = Call::start(at(1), SHARD, None, true, None, CallLimits::default()).unwrap_err();
         assert_eq!(e.code(), ErrorCode::UnknownShard);
     }
 
@@ -637,7 +760,7 @@ mod tests {
             ..CallLimits::default()
         };
         let (mut call, _) =
-            Call::start(at(1), SHARD, true, Some(entry("ny-1", 4)), limits).unwrap();
+            Call::start(at(1), SHARD, None, true, Some(entry("ny-1", 4)), limits).unwrap();
         let mut sends = 1;
         for (i, next) in ["ny-2", "ny-3", "ny-1"].iter().enumerate() {
             let hint = ErrorKind::NotLeader {

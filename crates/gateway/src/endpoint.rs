@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use harbor_types::{Generation, NodeId, ShardId};
-use harbor_wire::{Body, Control, Envelope, ErrorKind, NodeError, Request, Response};
+use harbor_types::{NodeId, ShardId};
+use harbor_wire::{Body, Control, Envelope, ErrorKind, NodeError, Request, Response, Route};
 use harbor_wire::{Sink, Transport};
 use tokio::sync::oneshot;
 
@@ -63,7 +63,7 @@ impl Endpoint {
         &self,
         node: &NodeId,
         request: Request,
-        route: Option<Generation>,
+        route: Option<Route>,
     ) -> Result<(u64, oneshot::Receiver<Response>), NodeError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -84,13 +84,7 @@ impl Endpoint {
     }
 
     /// Sends request `id` (again) without registering a waiter.
-    pub(crate) fn transmit(
-        &self,
-        node: &NodeId,
-        id: u64,
-        request: Request,
-        route: Option<Generation>,
-    ) {
+    pub(crate) fn transmit(&self, node: &NodeId, id: u64, request: Request, route: Option<Route>) {
         self.transport.send(Envelope {
             from: self.me.clone(),
             to: node.clone(),

@@ -62,8 +62,12 @@ impl ApiError {
             Rejection::UnknownIssuer { .. } | Rejection::UnknownReservation { .. } => {
                 StatusCode::NOT_FOUND
             }
+            // Gateways follow a moved bucket; one that ends a call here
+            // waited out the move (retryable, nothing changed).
+            Rejection::Moved { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         let mut error = ApiError::new(status, rejection.error_code(), rejection.to_string());
+        error.retryable = matches!(rejection, Rejection::Moved { .. });
         // Externally tagged: {"insufficient_exposure": {...fields}}.
         if let Ok(Value::Object(tagged)) = serde_json::to_value(rejection) {
             if let Some(Value::Object(fields)) = tagged.into_iter().next().map(|(_, v)| v) {

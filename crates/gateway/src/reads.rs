@@ -19,6 +19,7 @@ use harbor_types::{CommitToken, NodeId, ShardId};
 use harbor_wire::{Freshness, Query, QueryResult, Request, Response, Served};
 use serde::Deserialize;
 
+use crate::api::Place;
 use crate::error::ApiError;
 use crate::local::Local;
 use crate::router::Gateway;
@@ -259,13 +260,14 @@ impl ReadAnswer {
 }
 
 impl Gateway {
-    /// Serves a read of `shard` per `plan`; see the module comment.
+    /// Serves a read of `place` per `plan`; see the module comment.
     pub(crate) async fn read_as(
         &self,
-        shard: ShardId,
+        place: Place,
         query: Query,
         plan: &ReadPlan,
     ) -> Result<ReadAnswer, ApiError> {
+        let shard = place.shard;
         let need = freshness(
             plan.consistency,
             plan.session.get(shard),
@@ -311,7 +313,7 @@ impl Gateway {
             }
             fallback = true;
         }
-        let (result, served) = self.read(shard, query).await?;
+        let (result, served) = self.read(place, query).await?;
         Ok(self.answered(plan, result, served, fallback, false))
     }
 

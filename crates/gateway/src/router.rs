@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use harbor_meta::Metadata;
 use harbor_types::limits;
-use harbor_types::{Generation, MonoMs, NodeId, Region, ShardId};
-use harbor_wire::{NodeError, Request, Response};
+use harbor_types::{BucketId, MonoMs, NodeId, Region, ShardId};
+use harbor_wire::{NodeError, Request, Response, Route};
 use harbor_wire::{Sink, Transport};
 use tokio::sync::oneshot;
 
@@ -172,23 +172,39 @@ impl Gateway {
     /// following the leader as [`crate::call`] decides (the simulator runs
     /// the same state machine): this only executes its steps.
     pub async fn call(&self, request: Request) -> Result<Response, NodeError> {
+        self.call_for(request, None).await
+    }
+
+    /// [`Gateway::call`] for a request about one bucket: it follows the
+    /// bucket if it moves to another group while the call lasts.
+    pub async fn call_for(
+        &self,
+        mut request: Request,
+        bucket: Option<BucketId>,
+    ) -> Result<Response, NodeError> {
         let shard = request.shard();
         let is_write = matches!(request, Request::Write { .. });
-        let entry = self.entry_of(shard);
-        let (mut call, mut steps) =
-            Call::start(self.clock(), shard, is_write, entry, self.config.call)?;
+        let entry = self.entry_for(shard, bucket);
+        let (mut call, mut steps) = Call::start(
+            self.clock(),
+            shard,
+            bucket,
+            is_write,
+            entry,
+            self.config.call,
+        )?;
         // The current attempt: its id, its answer, where it went.
-        let mut current: Option<(u64, oneshot::Receiver<Response>, NodeId, Option<Generation>)> =
-            None;
+        let mut current: Option<(u64, oneshot::Receiver<Response>, NodeId, Option<Route>)> = None;
         let mut wake = tokio::time::Instant::now();
         loop {
             let mut refreshed = false;
             for step in steps.drain(..) {
                 match step {
-                    Step::Send { to, route } => {
+                    Step::Send { to, shard, route } => {
                         if let Some((id, ..)) = current.take() {
                             self.endpoint.forget(id);
                         }
+                        request.set_shard(shard);
                         match self.endpoint.send(&to, request.clone(), route) {
                             Ok((id, rx)) => current = Some((id, rx, to, route)),
                             Err(refusal) => {
@@ -219,7 +235,7 @@ impl Gateway {
                 }
             }
             if refreshed {
-                steps = call.on_timer(self.clock(), self.entry_of(shard).as_ref());
+                steps = call.on_timer(self.clock(), self.entry_for(shard, bucket).as_ref());
                 continue;
             }
             // `Some(answer)`: the attempt's waiter fired (`None` inside:
@@ -236,7 +252,7 @@ impl Gateway {
                     None
                 }
             };
-            let entry = self.entry_of(shard);
+            let entry = self.entry_for(shard, bucket);
             steps = match answered {
                 Some(answer) => {
                     current = None; // its waiter is used up
@@ -250,11 +266,19 @@ impl Gateway {
         }
     }
 
-    /// The shard map's entry for `shard`, as this gateway's copy has it.
-    fn entry_of(&self, shard: ShardId) -> Option<MapEntry> {
-        self.meta.map().groups.get(&shard).map(|g| MapEntry {
+    /// The shard map's entry for `bucket`'s group if the call is for a
+    /// bucket, else for `shard`, as this gateway's copy has it.
+    fn entry_for(&self, shard: ShardId, bucket: Option<BucketId>) -> Option<MapEntry> {
+        let map = self.meta.map();
+        let shard = match bucket {
+            Some(bucket) => *map.buckets.get(bucket.0 as usize)?,
+            None => shard,
+        };
+        map.groups.get(&shard).map(|g| MapEntry {
+            shard,
             leader: g.leader.clone(),
             generation: g.generation,
+            map_version: map.map_version,
         })
     }
 

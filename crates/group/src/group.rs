@@ -9,12 +9,15 @@ use harbor_replication::{
     Config as CoreConfig, ConfigError as CoreConfigError, Effect, Entry, Member, Message,
     Recovered, Replica, SnapshotMeta,
 };
-use harbor_reservation::{ApplyContext, Command, StateMachine};
+use harbor_reservation::{ApplyContext, Command, Outcome, Rejection, StateMachine};
 use harbor_types::sim::{probe, Bugs};
-use harbor_types::{CommitToken, Generation, LogIndex, MonoMs, NodeId, Now, ShardId, Timestamp};
+use harbor_types::{
+    BucketId, CommitToken, Generation, LogIndex, MonoMs, NodeId, Now, ShardId, Timestamp,
+};
 use harbor_wal::{HardState, Record, Snapshot};
 use harbor_wire::{
-    Body, Control, Envelope, ErrorKind, Freshness, NodeError, Query, Request, Response, Served,
+    Body, Control, Envelope, ErrorKind, Freshness, NodeError, Query, Request, Response, Route,
+    Served,
 };
 use serde::{Deserialize, Serialize};
 
@@ -54,7 +57,7 @@ pub enum Input {
         from: NodeId,
         id: u64,
         request: Request,
-        route: Option<Generation>,
+        route: Option<Route>,
     },
     /// A replication message from another replica of the group.
     Peer { from: NodeId, message: Message },
@@ -750,12 +753,18 @@ impl GroupCore {
                     self.shard,
                     self.core.durable_index()
                 );
-                let issuer = command_issuer(&command).and_then(|id| self.machine.issuer(id));
-                let response = Response::Applied {
-                    outcome: applied.outcome,
-                    issuer,
-                    commit_token: position,
-                    served: self.served(),
+                let response = match applied.outcome {
+                    // Refused whole, nothing changed: the gateway follows
+                    // the bucket to its next owner.
+                    Outcome::Rejected(Rejection::Moved { bucket }) => {
+                        Response::Error(moved(self.shard, bucket))
+                    }
+                    outcome => Response::Applied {
+                        outcome,
+                        issuer: command.issuer().and_then(|id| self.machine.issuer(id)),
+                        commit_token: position,
+                        served: self.served(),
+                    },
                 };
                 self.reply(&waiter.reply_to, waiter.request_id, response);
             }
@@ -804,15 +813,10 @@ impl GroupCore {
 }
 
 /// The issuer a command is about, if any.
-fn command_issuer(command: &Command) -> Option<&harbor_types::IssuerId> {
-    match command {
-        Command::UpsertIssuer { issuer_id, .. }
-        | Command::Reserve { issuer_id, .. }
-        | Command::ReserveForCustomer { issuer_id, .. }
-        | Command::ResolveToken { issuer_id, .. } => Some(issuer_id),
-        Command::Confirm { reservation_id } | Command::Release { reservation_id } => {
-            Some(reservation_id.issuer())
-        }
-        Command::ExpireHolds | Command::Noop | Command::Batch(_) => None,
-    }
+/// The refusal of a request for a bucket sealed in `shard`.
+pub(crate) fn moved(shard: ShardId, bucket: BucketId) -> NodeError {
+    NodeError::new(
+        ErrorKind::Moved { bucket },
+        format!("{bucket} is sealed in {shard}: it is moving to another group"),
+    )
 }

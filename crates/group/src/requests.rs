@@ -16,7 +16,7 @@ use harbor_types::sim::probe;
 use harbor_types::{Generation, NodeId, Now, ShardId};
 use harbor_wire::{
     Change, ChangePosition, ChangesPage, ErrorKind, GroupStatus, NodeError, Query, QueryResult,
-    Request, Response, ScanPage,
+    Request, Response, Route, ScanPage,
 };
 
 use crate::group::{GroupCore, LocalRead, Waiter};
@@ -28,7 +28,7 @@ impl GroupCore {
         from: NodeId,
         id: u64,
         request: Request,
-        route: Option<Generation>,
+        route: Option<Route>,
     ) {
         if let Err(e) = self.running() {
             return self.reply_error(&from, id, e);
@@ -67,8 +67,19 @@ impl GroupCore {
             });
             return;
         }
-        if let Err(e) = self.admit(route) {
+        if let Err(e) = self.admit(route.map(|r| r.generation)) {
             return self.reply_error(&from, id, e);
+        }
+        // A write for a sealed bucket is refused before it costs an entry
+        // (the seal's entry refuses the ones already ordered). Reads of
+        // it are still served: the sealed state is the bucket's newest.
+        if let (Request::Write { .. }, Some(bucket)) = (&request, route.and_then(|r| r.bucket)) {
+            if self.machine.bucket(bucket).sealed_at.is_some()
+                && !self.settings.bugs.source_accepts_after_seal
+            {
+                probe("node.sealed_bucket_refused_at_admission");
+                return self.reply_error(&from, id, crate::group::moved(self.shard, bucket));
+            }
         }
         match request {
             Request::Write { command, .. } => {

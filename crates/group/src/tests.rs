@@ -88,7 +88,7 @@ fn request(id: u64, request: Request, route: Option<Generation>) -> Input {
         from: node("client"),
         id,
         request,
-        route,
+        route: route.map(harbor_wire::Route::at),
     }
 }
 
@@ -418,4 +418,70 @@ fn a_replica_that_lost_its_disk_never_leads_a_generation_that_has_a_leader() {
         Input::Control(Control::LeadNewGroup(Generation(4))),
     );
     assert!(c.replica().is_leader());
+}
+
+#[test]
+fn a_sealed_bucket_is_refused_as_moved_before_and_after_ordering() {
+    use harbor_types::BucketId;
+    let mut p = Pair::new();
+    let bucket = BucketId(9);
+    let place = |limit| Request::Write {
+        shard: SHARD,
+        command: Command::PlaceIssuer {
+            issuer_id: IssuerId::new("acme").unwrap(),
+            home_region: Region::new("madrid").unwrap(),
+            limit: Amount(limit),
+            bucket,
+        },
+    };
+    let routed = |generation| {
+        Some(harbor_wire::Route {
+            generation: Generation(generation),
+            map_version: 3,
+            bucket: Some(bucket),
+        })
+    };
+    let seal = Request::Write {
+        shard: SHARD,
+        command: Command::SealBucket {
+            bucket,
+            issuers: vec![],
+        },
+    };
+    let send = |p: &mut Pair, id, request, route| {
+        p.step_a(Input::Request {
+            from: node("client"),
+            id,
+            request,
+            route,
+        })
+    };
+    send(&mut p, 1, place(10), routed(1));
+    // Ordered before the seal is applied: refused by the entry's apply.
+    send(
+        &mut p,
+        2,
+        seal,
+        routed(1).map(|r| harbor_wire::Route { bucket: None, ..r }),
+    );
+    send(&mut p, 3, place(20), routed(1));
+    p.settle();
+    assert!(matches!(
+        p.replies.iter().find(|(i, _)| *i == 1),
+        Some((_, Response::Applied { .. }))
+    ));
+    assert_eq!(p.error_of(3), ErrorCode::Moved);
+    // Once applied, a routed write is refused before it costs an entry.
+    let applied = p.a.applied_index();
+    send(&mut p, 4, place(30), routed(1));
+    p.settle();
+    assert_eq!(p.error_of(4), ErrorCode::Moved);
+    assert_eq!(p.a.applied_index(), applied);
+    match p.replies.iter().find(|(i, _)| *i == 4) {
+        Some((_, Response::Error(e))) => {
+            assert_eq!(e.kind, ErrorKind::Moved { bucket });
+            assert!(!e.outcome_unknown);
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -11,7 +11,7 @@ use harbor_node::{Node, NodeConfig, TcpTransport};
 use harbor_replication::Member;
 use harbor_reservation::{Command, Outcome};
 use harbor_types::{Amount, Generation, IssuerId, NodeId, Region, ReservationToken, ShardId};
-use harbor_wire::{Body, Envelope, ErrorCode, Query, Request, Response};
+use harbor_wire::{Body, Envelope, ErrorCode, Query, Request, Response, Route};
 use harbor_wire::{Control, Transport};
 use tokio::net::TcpListener;
 
@@ -122,7 +122,7 @@ async fn a_group_replicates_and_answers_over_tcp() {
             body: Body::Request {
                 id: n as u64,
                 request: Request::Write { shard, command },
-                route: Some(Generation(1)),
+                route: Some(Route::at(Generation(1))),
             },
         });
         let envelope = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
@@ -168,7 +168,7 @@ async fn a_group_replicates_and_answers_over_tcp() {
                     shard,
                     query: Query::Issuer(issuer.clone()),
                 },
-                route: Some(route),
+                route: Some(Route::at(route)),
             },
         });
         let envelope = tokio::time::timeout(Duration::from_secs(10), inbox.recv())

@@ -1,5 +1,5 @@
 use harbor_types::{
-    Amount, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
+    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +69,32 @@ pub enum Command {
         hold_ttl_ms: Option<u64>,
         customer_id: String,
     },
+    /// [`Command::UpsertIssuer`] naming the bucket the metadata plane
+    /// placed the issuer in, so the group knows which of its issuers a
+    /// bucket's seal covers. What gateways send; an issuer registered by
+    /// an `UpsertIssuer` (before buckets were recorded) gets its bucket
+    /// from its next `PlaceIssuer` or from a seal that names it.
+    PlaceIssuer {
+        issuer_id: IssuerId,
+        home_region: Region,
+        limit: Amount,
+        bucket: BucketId,
+    },
+    /// From this entry on, every write to an issuer of `bucket` is refused
+    /// as [`crate::Rejection::Moved`] (and changes nothing), and its holds
+    /// do not expire here: the bucket is leaving this group (a move's
+    /// cutover). `issuers` are issuers of the bucket the group may not
+    /// know the bucket of (registered by `UpsertIssuer`); they are tagged
+    /// with it. Sealing a sealed bucket changes nothing.
+    SealBucket {
+        bucket: BucketId,
+        issuers: Vec<IssuerId>,
+    },
+    /// Takes writes for `bucket` again (a move that aborted before its
+    /// target took the bucket over).
+    UnsealBucket {
+        bucket: BucketId,
+    },
 }
 
 impl Command {
@@ -82,6 +108,25 @@ impl Command {
                 | Command::Release { .. }
                 | Command::ResolveToken { .. }
         )
+    }
+
+    /// The issuer the command writes to, if one.
+    pub fn issuer(&self) -> Option<&IssuerId> {
+        match self {
+            Command::UpsertIssuer { issuer_id, .. }
+            | Command::PlaceIssuer { issuer_id, .. }
+            | Command::Reserve { issuer_id, .. }
+            | Command::ReserveForCustomer { issuer_id, .. }
+            | Command::ResolveToken { issuer_id, .. } => Some(issuer_id),
+            Command::Confirm { reservation_id } | Command::Release { reservation_id } => {
+                Some(reservation_id.issuer())
+            }
+            Command::ExpireHolds
+            | Command::Noop
+            | Command::Batch(_)
+            | Command::SealBucket { .. }
+            | Command::UnsealBucket { .. } => None,
+        }
     }
 }
 

@@ -27,7 +27,7 @@ mod machine;
 mod outcome;
 
 pub use command::{ApplyContext, Command, BATCH_COMMANDS_MAX, FIELD_LEN_MAX, HOLD_TTL_MS_MAX};
-pub use machine::{ScanKey, ScanRows, SnapshotError, StateMachine, SNAPSHOT_FORMAT};
+pub use machine::{BucketRecord, ScanKey, ScanRows, SnapshotError, StateMachine, SNAPSHOT_FORMAT};
 pub use outcome::{
     Applied, Event, IssuerView, Outcome, Rejection, ReservationView, Status, TokenOutcome,
     TokenView,

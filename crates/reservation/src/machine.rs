@@ -5,15 +5,17 @@ use crate::outcome::{
 };
 use harbor_types::sim::{probe, Bugs};
 use harbor_types::{
-    Amount, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp, AMOUNT_MAX,
+    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
+    AMOUNT_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The first byte of every snapshot. Bump it when the encoding changes.
-/// 3: the state, the time of the last applied entry, then the customer
-/// ids. Formats 1 (the state alone) and 2 (no customer ids) are still read.
-pub const SNAPSHOT_FORMAT: u8 = 3;
+/// 4: the state, the time of the last applied entry, the customer ids,
+/// then the buckets. Formats 1 (the state alone), 2 (no customer ids) and
+/// 3 (no buckets) are still read.
+pub const SNAPSHOT_FORMAT: u8 = 4;
 
 /// Customer ids, encoded after the state in format 3 (formats 1 and 2 have
 /// none): a reservation's, and a rejected token's request's.
@@ -21,6 +23,27 @@ pub const SNAPSHOT_FORMAT: u8 = 3;
 struct Customers {
     reservations: Vec<(IssuerId, u64, String)>,
     rejections: Vec<(IssuerId, ReservationToken, String)>,
+}
+
+/// Buckets, encoded after the customer ids in format 4: each issuer's
+/// bucket (those that have one) and the buckets whose writes this group
+/// stopped or started taking.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Buckets {
+    issuers: Vec<(IssuerId, BucketId)>,
+    records: Vec<(BucketId, BucketRecord)>,
+}
+
+/// Where a group stands with a bucket whose writes it stopped or started
+/// taking (a bucket it never sealed has none: it takes its writes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketRecord {
+    /// The entry that sealed it: writes to it are refused from there on.
+    /// `None` while the group takes them.
+    pub sealed_at: Option<CommitToken>,
+    /// The entry from which the group last took its writes again (an
+    /// unseal); `None` if it took them all along.
+    pub opened_at: Option<CommitToken>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +145,12 @@ pub(crate) struct Issuer {
     /// Index: seqs of held and confirmed reservations. Rebuilt on restore.
     #[serde(skip)]
     open: BTreeSet<u64>,
+    /// The bucket the metadata plane placed the issuer in; `None` for an
+    /// issuer registered before buckets were recorded, until a
+    /// `PlaceIssuer` or a seal names it. Encoded after the state (see
+    /// [`SNAPSHOT_FORMAT`]).
+    #[serde(skip)]
+    bucket: Option<BucketId>,
 }
 
 impl Issuer {
@@ -173,6 +202,15 @@ pub struct StateMachine {
     /// expiry and each `ExpireHolds` cost O(log n) per hold. Rebuilt on restore.
     #[serde(skip)]
     holds_by_expiry: BTreeSet<(u64, ReservationId)>,
+    /// Buckets sealed here (writes to their issuers are refused as
+    /// moved) or unsealed since. Encoded after the state.
+    #[serde(skip)]
+    buckets: BTreeMap<BucketId, BucketRecord>,
+    /// The holds of sealed buckets' issuers, out of `holds_by_expiry`: a
+    /// sealed bucket's holds expire in its next owner, or here again once
+    /// it is unsealed. Rebuilt on restore.
+    #[serde(skip)]
+    sealed_holds: BTreeSet<(u64, ReservationId)>,
     /// Simulator-only protocol bugs; never set outside it.
     #[serde(skip)]
     bugs: Bugs,
@@ -349,6 +387,13 @@ impl StateMachine {
         self.applied = Some(ctx.position);
         self.applied_at = Some(ctx.at);
         let mut events = Vec::new();
+        if let Some(bucket) = self.moved(cmd) {
+            probe("reservation.write_refused_for_sealed_bucket");
+            return Applied {
+                outcome: Outcome::Rejected(Rejection::Moved { bucket }),
+                events,
+            };
+        }
         let outcome = match cmd {
             Command::Batch(commands) => Outcome::Batch(
                 commands
@@ -374,6 +419,23 @@ impl StateMachine {
         Applied { outcome, events }
     }
 
+    /// The sealed bucket a command (or any command of a batch) writes to:
+    /// the whole entry is refused and changes nothing, so the request can
+    /// go to the bucket's next owner as it is.
+    fn moved(&self, cmd: &Command) -> Option<BucketId> {
+        if self.buckets.is_empty() || self.bugs.source_accepts_after_seal {
+            return None;
+        }
+        let sealed = |bucket: Option<BucketId>| bucket.filter(|b| self.is_sealed(*b));
+        match cmd {
+            Command::Batch(commands) => commands.iter().find_map(|cmd| self.moved(cmd)),
+            Command::PlaceIssuer {
+                issuer_id, bucket, ..
+            } => sealed(Some(*bucket)).or_else(|| sealed(self.bucket_of(issuer_id))),
+            cmd => sealed(cmd.issuer().and_then(|id| self.bucket_of(id))),
+        }
+    }
+
     /// One command of an entry (a batch applies several, in order).
     fn apply_one(&mut self, ctx: &ApplyContext, events: &mut Vec<Event>, cmd: &Command) -> Outcome {
         let result = match cmd {
@@ -381,7 +443,15 @@ impl StateMachine {
                 issuer_id,
                 home_region,
                 limit,
-            } => self.upsert_issuer(ctx, events, issuer_id, home_region, *limit),
+            } => self.upsert_issuer(ctx, events, issuer_id, home_region, *limit, None),
+            Command::PlaceIssuer {
+                issuer_id,
+                home_region,
+                limit,
+                bucket,
+            } => self.upsert_issuer(ctx, events, issuer_id, home_region, *limit, Some(*bucket)),
+            Command::SealBucket { bucket, issuers } => Ok(self.seal_bucket(ctx, *bucket, issuers)),
+            Command::UnsealBucket { bucket } => Ok(self.unseal_bucket(ctx, *bucket)),
             Command::Reserve {
                 token,
                 issuer_id,
@@ -436,6 +506,7 @@ impl StateMachine {
         issuer_id: &IssuerId,
         home_region: &Region,
         limit: Amount,
+        bucket: Option<BucketId>,
     ) -> Result<Outcome, Rejection> {
         check_amount("limit", limit, Amount::ZERO)?;
         let Some(issuer) = self.issuers.get_mut(issuer_id) else {
@@ -448,6 +519,7 @@ impl StateMachine {
                 reservations: BTreeMap::new(),
                 tokens: BTreeMap::new(),
                 open: BTreeSet::new(),
+                bucket,
             };
             let view = issuer_view(issuer_id, &issuer);
             self.issuers.insert(issuer_id.clone(), issuer);
@@ -469,6 +541,12 @@ impl StateMachine {
                 issuer_id: issuer_id.clone(),
                 home_region: issuer.home_region.clone(),
             });
+        }
+        // An issuer registered before buckets were recorded learns its
+        // own; one the group already places keeps it (the directory
+        // never moves an issuer to another bucket behind its group).
+        if issuer.bucket.is_none() {
+            issuer.bucket = bucket;
         }
         let limit_before = issuer.limit;
         if limit != limit_before {
@@ -797,6 +875,88 @@ impl StateMachine {
         Ok(Outcome::Token(token_view(issuer_id, token, record)))
     }
 
+    fn seal_bucket(
+        &mut self,
+        ctx: &ApplyContext,
+        bucket: BucketId,
+        untagged: &[IssuerId],
+    ) -> Outcome {
+        for issuer_id in untagged {
+            if let Some(issuer) = self.issuers.get_mut(issuer_id) {
+                issuer.bucket.get_or_insert(bucket);
+            }
+        }
+        let record = self.buckets.entry(bucket).or_default();
+        record.sealed_at.get_or_insert(ctx.position);
+        // Its holds leave the expiry index (those of issuers it just named
+        // too, when it was sealed already): nothing of a sealed bucket
+        // changes here, not even by time.
+        let holds: Vec<_> = self
+            .holds_by_expiry
+            .iter()
+            .filter(|(_, id)| self.bucket_of(id.issuer()) == Some(bucket))
+            .cloned()
+            .collect();
+        for hold in holds {
+            self.holds_by_expiry.remove(&hold);
+            self.sealed_holds.insert(hold);
+        }
+        self.bucket_outcome(bucket)
+    }
+
+    fn unseal_bucket(&mut self, ctx: &ApplyContext, bucket: BucketId) -> Outcome {
+        if let Some(record) = self
+            .buckets
+            .get_mut(&bucket)
+            .filter(|r| r.sealed_at.is_some())
+        {
+            record.sealed_at = None;
+            record.opened_at = Some(ctx.position);
+            let holds: Vec<_> = self
+                .sealed_holds
+                .iter()
+                .filter(|(_, id)| self.bucket_of(id.issuer()) == Some(bucket))
+                .cloned()
+                .collect();
+            for hold in holds {
+                self.sealed_holds.remove(&hold);
+                self.holds_by_expiry.insert(hold);
+            }
+        }
+        self.bucket_outcome(bucket)
+    }
+
+    fn bucket_outcome(&self, bucket: BucketId) -> Outcome {
+        let issuers = self
+            .issuers
+            .values()
+            .filter(|i| i.bucket == Some(bucket))
+            .count();
+        let record = self.bucket(bucket);
+        Outcome::Bucket {
+            bucket,
+            sealed_at: record.sealed_at,
+            opened_at: record.opened_at,
+            issuers: issuers as u64,
+        }
+    }
+
+    /// Where this group stands with `bucket`.
+    pub fn bucket(&self, bucket: BucketId) -> BucketRecord {
+        self.buckets.get(&bucket).copied().unwrap_or_default()
+    }
+
+    fn is_sealed(&self, bucket: BucketId) -> bool {
+        self.buckets
+            .get(&bucket)
+            .is_some_and(|r| r.sealed_at.is_some())
+    }
+
+    /// The bucket an issuer is placed in, as this group knows it.
+    pub fn bucket_of(&self, issuer: &IssuerId) -> Option<BucketId> {
+        self.issuers.get(issuer).and_then(|i| i.bucket)
+    }
+
     /// The position of the last applied entry.
     pub fn applied(&self) -> Option<CommitToken> {
         self.applied
@@ -900,6 +1060,16 @@ impl StateMachine {
         bytes.extend_from_slice(&at);
         let customers = postcard::to_stdvec(&self.customers()).expect("customer ids encode");
         bytes.extend_from_slice(&customers);
+        let buckets = Buckets {
+            issuers: self
+                .issuers
+                .iter()
+                .filter_map(|(id, issuer)| Some((id.clone(), issuer.bucket?)))
+                .collect(),
+            records: self.buckets.iter().map(|(b, r)| (*b, *r)).collect(),
+        };
+        let buckets = postcard::to_stdvec(&buckets).expect("buckets encode");
+        bytes.extend_from_slice(&buckets);
         bytes
     }
 
@@ -973,6 +1143,19 @@ impl StateMachine {
                 request.customer_id = Some(customer_id);
             }
         }
+        if format >= 4 {
+            let (buckets, after): (Buckets, _) = postcard::take_from_bytes(rest)?;
+            rest = after;
+            for (issuer_id, bucket) in buckets.issuers {
+                let issuer = machine.issuers.get_mut(&issuer_id).ok_or_else(|| {
+                    SnapshotError::Inconsistent {
+                        reason: format!("{bucket} of issuer {issuer_id}, which is not there"),
+                    }
+                })?;
+                issuer.bucket = Some(bucket);
+            }
+            machine.buckets = buckets.records.into_iter().collect();
+        }
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes { count: rest.len() });
         }
@@ -984,7 +1167,14 @@ impl StateMachine {
                 // Seq 0 is corrupt: leave it to verify() rather than panic here.
                 if let Some(expires_at_ms) = r.expires_at_ms.filter(|_| *seq > 0) {
                     let id = ReservationId::new(issuer_id.clone(), *seq);
-                    machine.holds_by_expiry.insert((expires_at_ms, id));
+                    let sealed = issuer
+                        .bucket
+                        .and_then(|b| machine.buckets.get(&b))
+                        .is_some_and(|r| r.sealed_at.is_some());
+                    match sealed {
+                        true => machine.sealed_holds.insert((expires_at_ms, id)),
+                        false => machine.holds_by_expiry.insert((expires_at_ms, id)),
+                    };
                 }
             }
         }
@@ -1068,9 +1258,13 @@ impl StateMachine {
                             r.created_at
                         );
                         let key = (expires_at_ms, ReservationId::new(issuer_id.clone(), seq));
+                        let index = match issuer.bucket.filter(|b| self.is_sealed(*b)) {
+                            Some(_) => &self.sealed_holds,
+                            None => &self.holds_by_expiry,
+                        };
                         ensure!(
-                            self.holds_by_expiry.contains(&key),
-                            "{id}: hold missing from the expiry index"
+                            index.contains(&key),
+                            "{id}: hold missing from the expiry index of its bucket's state"
                         );
                         holds += 1;
                     }
@@ -1149,10 +1343,22 @@ impl StateMachine {
             }
         }
         ensure!(
-            holds == self.holds_by_expiry.len(),
-            "{holds} holds but the expiry index has {}",
-            self.holds_by_expiry.len()
+            holds == self.holds_by_expiry.len() + self.sealed_holds.len(),
+            "{holds} holds but the expiry indexes have {} and {} (sealed)",
+            self.holds_by_expiry.len(),
+            self.sealed_holds.len()
         );
+        for (bucket, record) in &self.buckets {
+            ensure!(
+                record
+                    .sealed_at
+                    .into_iter()
+                    .chain(record.opened_at)
+                    .all(at_or_before_applied),
+                "{bucket}: {record:?} after applied {:?}",
+                self.applied
+            );
+        }
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 use harbor_api::ErrorCode;
 use harbor_types::{
-    Amount, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
+    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -130,6 +130,15 @@ pub enum Outcome {
     Rejected(Rejection),
     /// A batch's outcomes, one per command, in order.
     Batch(Vec<Outcome>),
+    /// A bucket sealed or unsealed: `sealed_at` is the entry that sealed
+    /// it (`None` once unsealed), `opened_at` the one that last unsealed
+    /// it; `issuers` the group holds in it.
+    Bucket {
+        bucket: BucketId,
+        sealed_at: Option<CommitToken>,
+        opened_at: Option<CommitToken>,
+        issuers: u64,
+    },
 }
 
 /// An expected refusal. Only [`Rejection::InsufficientExposure`] is recorded
@@ -183,6 +192,12 @@ pub enum Rejection {
     },
     #[error("{field} is invalid: {reason}")]
     InvalidField { field: String, reason: String },
+    /// The issuer's bucket is sealed in this group (it is moving to
+    /// another): nothing changed and no token was decided, so the request
+    /// may be sent to the bucket's next owner as it is. A whole batch is
+    /// refused when one of its commands is.
+    #[error("{bucket} is sealed in this group: it is moving to another")]
+    Moved { bucket: BucketId },
 }
 
 impl Rejection {
@@ -204,6 +219,7 @@ impl Rejection {
             Rejection::LimitBelowReserved { .. } => ErrorCode::LimitBelowReserved,
             Rejection::InvalidAmount { .. } => ErrorCode::InvalidAmount,
             Rejection::InvalidField { .. } => ErrorCode::InvalidField,
+            Rejection::Moved { .. } => ErrorCode::Moved,
         }
     }
 

@@ -5,7 +5,8 @@
 use crate::tests::{issuer, position, token};
 use crate::*;
 use harbor_types::{
-    Amount, CommitToken, Generation, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
+    Amount, BucketId, CommitToken, Generation, IssuerId, Region, ReservationId, ReservationToken,
+    Timestamp,
 };
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -25,9 +26,35 @@ fn upsert(n: u8, limit: u64, moved: bool) -> Command {
     }
 }
 
+/// `i0` and `i2` are in bucket 0, `i1` in bucket 1.
+fn bucket_of(n: u8) -> BucketId {
+    BucketId(u32::from(n % 2))
+}
+
 fn command() -> impl Strategy<Value = Command> {
-    let upsert = (0..3u8, 0..60u64, prop::bool::weighted(0.2))
+    let upserts = (0..3u8, 0..60u64, prop::bool::weighted(0.2))
         .prop_map(|(n, limit, moved)| upsert(n, limit, moved));
+    let place = (0..3u8, 0..60u64).prop_map(|(n, limit)| match upsert(n, limit, false) {
+        Command::UpsertIssuer {
+            issuer_id,
+            home_region,
+            limit,
+        } => Command::PlaceIssuer {
+            issuer_id,
+            home_region,
+            limit,
+            bucket: bucket_of(n),
+        },
+        _ => unreachable!(),
+    });
+    // A seal names the bucket's issuers (or not: those placed know it).
+    let seal = (0..2u32, any::<bool>()).prop_map(|(b, named)| Command::SealBucket {
+        bucket: BucketId(b),
+        issuers: (0..3u8)
+            .filter(|n| named && bucket_of(*n) == BucketId(b))
+            .map(|n| issuer(&format!("i{n}")))
+            .collect(),
+    });
     let ttl = prop_oneof![
         6 => Just(None),
         1 => Just(Some(0)),
@@ -55,7 +82,7 @@ fn command() -> impl Strategy<Value = Command> {
     let reservation_id =
         || (issuer_ids(), 1..5u64).prop_map(|(issuer_id, seq)| ReservationId::new(issuer_id, seq));
     prop_oneof![
-        2 => upsert,
+        2 => upserts,
         8 => reserve,
         5 => reservation_id().prop_map(|reservation_id| Command::Confirm { reservation_id }),
         2 => reservation_id().prop_map(|reservation_id| Command::Release { reservation_id }),
@@ -65,6 +92,9 @@ fn command() -> impl Strategy<Value = Command> {
             token: token(&format!("t{t}")),
         }),
         1 => Just(Command::Noop),
+        1 => place,
+        1 => seal,
+        1 => (0..2u32).prop_map(|b| Command::UnsealBucket { bucket: BucketId(b) }),
     ]
 }
 
@@ -134,7 +164,9 @@ fn run(machine: &mut StateMachine, log: &[Entry]) -> Vec<Applied> {
 
 /// Replaying a reserve changes nothing and returns the original outcome.
 fn check_replay(before: &StateMachine, after: &StateMachine, original: &Applied, replay: &Applied) {
-    if let Outcome::Rejected(Rejection::UnknownIssuer { .. }) = original.outcome {
+    if let Outcome::Rejected(Rejection::UnknownIssuer { .. } | Rejection::Moved { .. }) =
+        original.outcome
+    {
         return; // the issuer may have been registered since: a fresh request
     }
     let mut unchanged = after.clone();
@@ -159,8 +191,23 @@ fn check_replay(before: &StateMachine, after: &StateMachine, original: &Applied,
             assert_eq!(first.reservation_id, now.reservation_id);
             assert_eq!(Some(now), after.reservation(&now.reservation_id).as_ref());
         }
+        // Its bucket was sealed since: refused whole, as checked above.
+        (_, Outcome::Rejected(Rejection::Moved { .. })) => {}
         (Outcome::Rejected(first), Outcome::Rejected(now)) => assert_eq!(first, now),
         (first, now) => panic!("original {first:?}, replay {now:?}"),
+    }
+}
+
+fn event_issuer(event: &Event) -> &IssuerId {
+    match event {
+        Event::IssuerRegistered { issuer_id, .. }
+        | Event::LimitChanged { issuer_id, .. }
+        | Event::ReservationRejected { issuer_id, .. }
+        | Event::TokenAbandoned { issuer_id, .. } => issuer_id,
+        Event::ReservationCreated { reservation, .. }
+        | Event::ReservationConfirmed { reservation, .. }
+        | Event::ReservationReleased { reservation, .. }
+        | Event::ReservationExpired { reservation, .. } => &reservation.issuer_id,
     }
 }
 
@@ -179,6 +226,21 @@ proptest! {
             machine.check_invariants();
             if let Some(k) = entry.replay_of {
                 check_replay(&before, &machine, &outcomes[k], &applied);
+            }
+            // Nothing of a sealed bucket changes, and what is refused as
+            // moved changes nothing.
+            for event in &applied.events {
+                let issuer = event_issuer(event);
+                let sealed = before
+                    .bucket_of(issuer)
+                    .is_some_and(|b| before.bucket(b).sealed_at.is_some());
+                prop_assert!(!sealed, "{:?} changed {} of a sealed bucket", entry.cmd, issuer);
+            }
+            if let Outcome::Rejected(Rejection::Moved { .. }) = applied.outcome {
+                let mut unchanged = machine.clone();
+                unchanged.applied = before.applied;
+                unchanged.applied_at = before.applied_at;
+                prop_assert_eq!(unchanged.snapshot(), before.snapshot());
             }
             for event in &applied.events {
                 if let Event::ReservationCreated { reservation: r, .. } = event {

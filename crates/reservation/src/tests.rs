@@ -687,11 +687,15 @@ fn snapshot_round_trips_and_corrupt_snapshots_are_errors() {
     assert_eq!(restored.next_hold_expiry_ms(), Some(1_500));
     assert!(restored.applied_at().is_some());
     assert_eq!(restored.applied_at(), log.sm.applied_at());
-    // Formats 2 (no customer ids) and 1 (the state alone) still read.
-    let no_customers = postcard::to_stdvec(&(Vec::<()>::new(), Vec::<()>::new()))
+    // Formats 3 (no buckets), 2 (no customer ids) and 1 (the state
+    // alone) still read.
+    let nothing = postcard::to_stdvec(&(Vec::<()>::new(), Vec::<()>::new()))
         .unwrap()
         .len();
-    let mut format_2 = bytes[..bytes.len() - no_customers].to_vec();
+    let mut format_3 = bytes[..bytes.len() - nothing].to_vec();
+    format_3[0] = 3;
+    assert_eq!(StateMachine::restore(&format_3).unwrap(), log.sm);
+    let mut format_2 = format_3[..format_3.len() - nothing].to_vec();
     format_2[0] = 2;
     assert_eq!(StateMachine::restore(&format_2).unwrap(), log.sm);
     let at_len = postcard::to_stdvec(&log.sm.applied_at()).unwrap().len();
@@ -863,4 +867,105 @@ fn the_largest_client_command_fits_command_bytes_max() {
             "{bytes} bytes: {command:?}"
         );
     }
+}
+
+fn place(id: &str, limit: u64, bucket: u32) -> Command {
+    Command::PlaceIssuer {
+        issuer_id: issuer(id),
+        home_region: Region::new("madrid").unwrap(),
+        limit: Amount(limit),
+        bucket: harbor_types::BucketId(bucket),
+    }
+}
+
+#[test]
+fn a_sealed_bucket_refuses_every_write_until_unsealed_and_its_holds_wait() {
+    use harbor_types::BucketId;
+    let mut log = Log::with_issuer(); // A: registered before buckets were recorded
+    log.apply(place("B", 100, 7));
+    log.apply(reserve("b1", "B", 10, Some(200)));
+    log.apply(reserve("a1", "A", 10, Some(200)));
+    // The seal names A (its group does not know A's bucket yet).
+    let sealed = log.apply(Command::SealBucket {
+        bucket: BucketId(7),
+        issuers: vec![issuer("A")],
+    });
+    let Outcome::Bucket {
+        sealed_at: Some(at),
+        opened_at: None,
+        issuers: 2,
+        ..
+    } = sealed.outcome
+    else {
+        panic!("{:?}", sealed.outcome)
+    };
+    assert_eq!(at, position(5));
+    assert_eq!(log.sm.bucket_of(&issuer("A")), Some(BucketId(7)));
+    let before = log.sm.snapshot();
+    log.now_ms += 1_000; // both holds are due
+    for cmd in [
+        reserve("b2", "B", 1, None),
+        reserve("b1", "B", 10, Some(200)), // even a replay
+        Command::Confirm {
+            reservation_id: rid("B:r1"),
+        },
+        Command::Release {
+            reservation_id: rid("A:r1"),
+        },
+        Command::ResolveToken {
+            issuer_id: issuer("A"),
+            token: token("zz"),
+        },
+        place("B", 50, 7),
+        upsert("A", "madrid", 50),
+        place("C", 10, 7), // a new issuer of the bucket
+        Command::Batch(vec![
+            reserve("x", "NOPE", 1, None),
+            reserve("b3", "B", 1, None),
+        ]),
+    ] {
+        let applied = log.apply(cmd.clone());
+        assert_eq!(
+            applied.outcome,
+            Outcome::Rejected(Rejection::Moved {
+                bucket: BucketId(7)
+            }),
+            "{cmd:?}"
+        );
+        assert_eq!(applied.events, []);
+    }
+    // Time does not expire a sealed bucket's holds either.
+    assert_eq!(log.sm.next_hold_expiry_ms(), None);
+    let expired = log.apply(Command::ExpireHolds);
+    assert_eq!(expired.outcome, Outcome::Expired { count: 0 });
+    let mut unchanged = log.sm.clone();
+    unchanged.applied = StateMachine::restore(&before).unwrap().applied;
+    unchanged.applied_at = StateMachine::restore(&before).unwrap().applied_at;
+    assert_eq!(unchanged.snapshot(), before);
+    // Sealing again changes nothing; a snapshot keeps the seal.
+    let again = log.apply(Command::SealBucket {
+        bucket: BucketId(7),
+        issuers: vec![],
+    });
+    assert!(matches!(again.outcome, Outcome::Bucket { sealed_at: Some(a), .. } if a == at));
+    let restored = StateMachine::restore(&log.sm.snapshot()).unwrap();
+    assert_eq!(restored, log.sm);
+    // Unsealed: writes are taken again and the due holds expire.
+    let opened = log.apply(Command::UnsealBucket {
+        bucket: BucketId(7),
+    });
+    let opened_at = position(log.index);
+    assert!(matches!(
+        opened.outcome,
+        Outcome::Bucket { sealed_at: None, opened_at: Some(o), .. } if o == opened_at
+    ));
+    assert_eq!(log.sm.bucket(BucketId(7)).opened_at, Some(opened_at));
+    assert_eq!(
+        log.apply(Command::ExpireHolds).outcome,
+        Outcome::Expired { count: 2 }
+    );
+    assert!(matches!(
+        log.apply(reserve("b2", "B", 1, None)).outcome,
+        Outcome::Reservation { .. }
+    ));
 }

@@ -33,6 +33,7 @@ use harbor_types::limits::{self, CONTROL_INTERVAL_MS};
 use crate::rng::Rng;
 use crate::swarm::Swarm;
 
+mod buckets;
 mod checks;
 mod clients;
 mod control;
@@ -119,6 +120,8 @@ pub struct SimStats {
     pub wall_steps: u64,
     /// Nodes whose disks were replaced (they restart empty).
     pub disks_replaced: u64,
+    /// Buckets the operator sealed (and later unsealed).
+    pub bucket_seals: u64,
     pub simulated_ms: u64,
 }
 
@@ -218,6 +221,10 @@ enum Event {
     /// The change-feed consumer asks for more.
     FeedPoll,
     ProjectionPoll,
+    /// The operator seals or unseals a bucket.
+    OperatorStep,
+    /// The operator's call asked to be woken.
+    OperatorWake(MonoMs),
     Liveness,
 }
 
@@ -295,7 +302,7 @@ struct GatewayCall {
     request: Request,
     /// Where the current attempt went (a resend goes there again).
     to: NodeId,
-    route: Option<Generation>,
+    route: Option<harbor_wire::Route>,
     /// The wake-up the call asked for last; older ones are stale.
     wake_at: Option<MonoMs>,
 }
@@ -407,6 +414,7 @@ struct World {
     feed: Option<feeds::SimFeed>,
     /// The projection (taken out while it runs).
     projection: Option<projections::SimProjection>,
+    operator: buckets::SimOperator,
 }
 
 const TICK_MS: u64 = 10;
@@ -564,6 +572,7 @@ impl World {
             tracing: std::env::var_os("HARBOR_SIM_TRACE").is_some(),
             feed: None,
             projection: None,
+            operator: buckets::SimOperator::new(map.regions()[0].clone()),
         };
         world.call_limits = CallLimits {
             request_timeout_ms: world.options.client_timeout_ms,
@@ -598,6 +607,9 @@ impl World {
     fn region_of(&self, endpoint: &NodeId) -> Region {
         if let Some(node) = self.nodes.get(endpoint) {
             return node.region.clone();
+        }
+        if *endpoint == self.operator.id {
+            return self.operator.region.clone();
         }
         self.clients
             .iter()
@@ -644,6 +656,7 @@ impl World {
         if self.options.faults {
             self.schedule(self.now + 200, Event::Fault);
         }
+        self.schedule(self.now + 100, Event::OperatorStep);
         let liveness_at = self.now + self.options.safety_ms;
         self.schedule(liveness_at, Event::Liveness);
         let deadline = liveness_at + self.options.liveness_ms_max;
@@ -709,6 +722,8 @@ impl World {
             Event::Control => self.control(),
             Event::FeedPoll => self.feed_poll(),
             Event::ProjectionPoll => self.projection_poll(),
+            Event::OperatorStep => self.operator_step(),
+            Event::OperatorWake(at) => self.operator_wake(at),
             Event::Liveness => self.start_liveness(),
         }
     }

@@ -172,6 +172,12 @@ impl fmt::Display for ReservationId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct BucketId(pub u32);
 
+impl fmt::Display for BucketId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "bucket {}", self.0)
+    }
+}
+
 /// An amount or limit in minor units (cents, seats, ...). Never a float;
 /// arithmetic is checked and bounded by [`AMOUNT_MAX`].
 #[derive(

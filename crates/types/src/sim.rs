@@ -45,11 +45,14 @@ pub struct Bugs {
     /// A replica leaves its newest kept change out of the change history
     /// it writes with a snapshot, so a restart restores a gap.
     pub changes_history_drops_newest: bool,
+    /// A group's state machine goes on applying writes to a bucket it
+    /// sealed (the source of a move keeps accepting after the seal).
+    pub source_accepts_after_seal: bool,
 }
 
 impl Bugs {
     /// The names `harbor verify sim --bug NAME` accepts.
-    pub const NAMES: [&'static str; 12] = [
+    pub const NAMES: [&'static str; 13] = [
         "commit-without-follower-ack",
         "accept-old-generation",
         "apply-token-twice",
@@ -62,6 +65,7 @@ impl Bugs {
         "projection-watermark-early",
         "projection-includes-by-index",
         "changes-history-drops-newest",
+        "source-accepts-after-seal",
     ];
 
     pub fn none() -> Bugs {
@@ -84,6 +88,7 @@ impl Bugs {
             "projection-watermark-early" => bugs.projection_watermark_early = true,
             "projection-includes-by-index" => bugs.projection_includes_by_index = true,
             "changes-history-drops-newest" => bugs.changes_history_drops_newest = true,
+            "source-accepts-after-seal" => bugs.source_accepts_after_seal = true,
             other => {
                 return Err(format!(
                     "unknown bug {other:?}; known: {}",
@@ -97,7 +102,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 41] = [
+pub const PROBES: [&str; 44] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -139,6 +144,9 @@ pub const PROBES: [&str; 41] = [
     "projection.rescanned_after_expiry",
     "projection.stale_scan_page_refused",
     "feed.scanned_from_the_beginning",
+    "reservation.write_refused_for_sealed_bucket",
+    "node.sealed_bucket_refused_at_admission",
+    "gateway.call_waited_for_a_moved_bucket",
 ];
 
 thread_local! {

@@ -8,7 +8,8 @@ use crate::changes::{ChangePosition, ChangesPage, ScanPage};
 use crate::error::NodeError;
 use harbor_reservation::{Command, IssuerView, Outcome, ReservationView, ScanKey, TokenView};
 use harbor_types::{
-    CommitToken, Generation, IssuerId, LogIndex, NodeId, ReservationId, ReservationToken, ShardId,
+    BucketId, CommitToken, Generation, IssuerId, LogIndex, NodeId, ReservationId, ReservationToken,
+    ShardId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -25,11 +26,9 @@ pub enum Body {
     Request {
         id: u64,
         request: Request,
-        /// The generation the sender's shard map names for the request's
-        /// group. A replica at a newer one refuses with `stale_route` (the
-        /// sender refreshes its map); one at an older one refuses as not
-        /// leader. `None` addresses one replica whatever its role (status).
-        route: Option<Generation>,
+        /// Where the sender's shard map sent the request. `None` addresses
+        /// one replica whatever its role (status).
+        route: Option<Route>,
     },
     /// Boxed: responses are large and rare next to replication traffic.
     Response {
@@ -42,6 +41,31 @@ pub enum Body {
         shard: ShardId,
         control: Control,
     },
+}
+
+/// What a routed request says of the sender's shard map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// The generation the map names for the request's group. A replica at
+    /// a newer one refuses with `stale_route` (the sender refreshes its
+    /// map); one at an older one refuses as not leader.
+    pub generation: Generation,
+    /// The version of the sender's map, named in `moved` answers.
+    pub map_version: u64,
+    /// The bucket the request is for, when it is for one: a group that
+    /// sealed it answers `moved` (the sender refreshes its map and sends
+    /// the request to the bucket's next owner).
+    pub bucket: Option<BucketId>,
+}
+
+impl Route {
+    pub fn at(generation: Generation) -> Route {
+        Route {
+            generation,
+            map_version: 0,
+            bucket: None,
+        }
+    }
 }
 
 /// Orders from the metadata plane (and the node) to one replica.
@@ -91,6 +115,15 @@ impl Request {
             Request::Write { shard, .. }
             | Request::Read { shard, .. }
             | Request::LocalRead { shard, .. } => *shard,
+        }
+    }
+
+    /// The same request for another group (its bucket moved there).
+    pub fn set_shard(&mut self, to: ShardId) {
+        match self {
+            Request::Write { shard, .. }
+            | Request::Read { shard, .. }
+            | Request::LocalRead { shard, .. } => *shard = to,
         }
     }
 }

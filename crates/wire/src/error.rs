@@ -8,7 +8,7 @@
 //! of the API's one list, the machine-readable `error` HTTP answers carry.
 
 pub use harbor_api::ErrorCode;
-use harbor_types::NodeId;
+use harbor_types::{BucketId, NodeId};
 use serde::{Deserialize, Serialize};
 
 /// A refusal: what happened, as data, and a message for humans.
@@ -50,6 +50,10 @@ pub enum ErrorKind {
     Unavailable,
     /// A local read the replica cannot serve fresh enough; ask the leader.
     ReplicaBehind,
+    /// The request's bucket is sealed in this group (it is moving): the
+    /// request changed nothing; send it to the bucket's owner once the
+    /// map names the next one.
+    Moved { bucket: BucketId },
 }
 
 impl NodeError {
@@ -113,6 +117,7 @@ impl ErrorKind {
             ErrorKind::Timeout => ErrorCode::Timeout,
             ErrorKind::Unavailable => ErrorCode::Unavailable,
             ErrorKind::ReplicaBehind => ErrorCode::ReplicaBehind,
+            ErrorKind::Moved { .. } => ErrorCode::Moved,
         }
     }
 }

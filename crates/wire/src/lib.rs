@@ -10,7 +10,8 @@ pub mod transport;
 
 pub use changes::{Change, ChangePosition, ChangesPage, ScanPage};
 pub use envelope::{
-    Body, Control, Envelope, Freshness, GroupStatus, Query, QueryResult, Request, Response, Served,
+    Body, Control, Envelope, Freshness, GroupStatus, Query, QueryResult, Request, Response, Route,
+    Served,
 };
 pub use error::{ErrorCode, ErrorKind, NodeError};
 pub use transport::{Sink, Transport};

@@ -6,9 +6,11 @@ use super::*;
 
 impl World {
     pub(super) fn quiet(&self) -> bool {
-        self.clients
-            .iter()
-            .all(|c| c.inflight.is_none() && c.unknown.is_empty())
+        self.operator.idle()
+            && self
+                .clients
+                .iter()
+                .all(|c| c.inflight.is_none() && c.unknown.is_empty())
     }
 
     /// What still differs between replicas, or None once every group's
@@ -74,6 +76,7 @@ impl World {
     /// of a group hold identical state, and each issuer's final state goes
     /// into the history.
     pub(super) fn finish(&mut self) {
+        self.record_buckets();
         self.check_projection();
         self.settle_projection();
         self.check_feed();

@@ -1,6 +1,8 @@
 //! Clients: each records its operations and sends them through its
 //! gateway's own `Call`, map copy and directory rule.
 
+use harbor_wire::Route;
+
 use super::*;
 
 impl World {
@@ -72,10 +74,18 @@ impl World {
             .flatten()
             .or_else(|| client.leaders.get(&shard))
             .cloned();
-        let entry = cached.map(|(leader, generation)| MapEntry { leader, generation });
+        let entry = cached.map(|(leader, generation)| MapEntry {
+            shard,
+            leader,
+            generation,
+            map_version: 1,
+        });
         let is_write = matches!(request, Request::Write { .. });
+        let bucket = request_issuer(&request)
+            .and_then(|issuer| self.directory.get(issuer))
+            .map(|entry| entry.bucket);
         let now = self.client_clock();
-        match Call::start(now, shard, is_write, entry, self.call_limits) {
+        match Call::start(now, shard, bucket, is_write, entry, self.call_limits) {
             Ok((call, steps)) => {
                 let to = call.leader().clone();
                 let inflight = self.clients[i]
@@ -104,9 +114,10 @@ impl World {
             let op_id = inflight.op_id;
             let call = inflight.call.as_mut().expect("a call in flight");
             match step {
-                Step::Send { to, route } => {
+                Step::Send { to, shard, route } => {
                     call.to = to.clone();
                     call.route = route;
+                    call.request.set_shard(shard);
                     let request = call.request.clone();
                     self.send_request(i, to, request, route);
                 }
@@ -178,7 +189,12 @@ impl World {
     pub(super) fn client_entry(&self, i: usize) -> Option<MapEntry> {
         let shard = self.clients[i].inflight_shard?;
         let (leader, generation) = self.clients[i].leaders.get(&shard)?.clone();
-        Some(MapEntry { leader, generation })
+        Some(MapEntry {
+            shard,
+            leader,
+            generation,
+            map_version: 1,
+        })
     }
 
     /// The client's gateway's directory lookup, by the shipped rule
@@ -252,7 +268,7 @@ impl World {
         i: usize,
         to: NodeId,
         request: Request,
-        route: Option<Generation>,
+        route: Option<Route>,
     ) {
         let request_id = self.next_request;
         self.next_request += 1;
@@ -633,10 +649,13 @@ impl World {
         self.directory.insert(issuer.clone(), entry);
         let shard = self.placement.shard_of_bucket(bucket);
         let limit = self.rng.range(8, 30);
-        let command = Command::UpsertIssuer {
+        // (The issuers registered at the start use `UpsertIssuer`, as
+        // before buckets were recorded: a seal names them.)
+        let command = Command::PlaceIssuer {
             issuer_id: issuer.clone(),
             home_region: region.clone(),
             limit: Amount(limit),
+            bucket,
         };
         let call = HistoryCall::RegisterIssuer {
             issuer_id: issuer,
@@ -875,6 +894,21 @@ impl World {
             },
         };
         self.complete(i, result);
+    }
+}
+
+/// The issuer a request is about, whose bucket a gateway routes it by
+/// (a batch goes without: it may span buckets).
+pub(super) fn request_issuer(request: &Request) -> Option<&IssuerId> {
+    match request {
+        Request::Write { command, .. } => command.issuer(),
+        Request::Read { query, .. } | Request::LocalRead { query, .. } => match query {
+            Query::Issuer(issuer) | Query::OpenReservations(issuer) | Query::Token(issuer, _) => {
+                Some(issuer)
+            }
+            Query::Reservation(id) => Some(id.issuer()),
+            _ => None,
+        },
     }
 }
 

@@ -149,6 +149,10 @@ impl World {
             self.stats.delivered += 1;
             return self.client_response(i, envelope);
         }
+        if envelope.to == self.operator.id {
+            self.stats.delivered += 1;
+            return self.operator_response(envelope);
+        }
         let name = envelope.to.clone();
         let node = &self.nodes[&name];
         if !node.up {
