@@ -418,6 +418,7 @@ mod tests {
 
     fn change(shard: u32, index: u64, sub: u32, last: bool) -> Change {
         Change {
+            epoch: 0,
             sub,
             last,
             event: Event::LimitChanged {

@@ -60,9 +60,14 @@ struct Scan {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Row {
     pub reservation: ReservationView,
+    /// The group whose change (or scan) wrote the row.
     pub shard: ShardId,
     /// The change (or the end of the scan page) that wrote the row.
     pub version: ChangePosition,
+    /// How many moves had brought the issuer's bucket to that group: rows
+    /// are ordered by (epoch, version), so a late change from the group a
+    /// bucket left never overwrites one from the group it went to.
+    pub epoch: u64,
 }
 
 /// An issuer as the projection holds it.
@@ -74,6 +79,8 @@ pub struct IssuerRow {
     pub limit: Amount,
     pub shard: ShardId,
     pub version: ChangePosition,
+    /// As in [`Row::epoch`].
+    pub epoch: u64,
 }
 
 /// Counts of what the projection applied, for metrics and the simulator.
@@ -111,7 +118,9 @@ pub struct Projection {
 }
 
 /// The first byte of [`Projection::save`]'s bytes: their format.
-const SAVED_FORMAT: u8 = 1;
+/// 2: rows and issuers carry their epoch (format 1 is refused: the
+/// projection is scanned again).
+const SAVED_FORMAT: u8 = 2;
 
 #[derive(Serialize)]
 struct SavedOut<'a> {
@@ -173,7 +182,7 @@ impl Projection {
         projection.issuers = saved.issuers;
         projection.watermark = saved.watermark;
         for row in saved.rows {
-            projection.upsert(row.shard, row.reservation, row.version);
+            projection.upsert(row.shard, row.reservation, row.version, row.epoch);
         }
         projection.applied = Applied::default();
         probe("projection.loaded_from_a_save");
@@ -343,12 +352,16 @@ impl Projection {
             stream.scan = None;
             stream.position = stream.position.max(start);
         }
+        let epochs: BTreeMap<IssuerId, u64> = page.rows.epochs.into_iter().collect();
+        let epoch_of = |id: &IssuerId| epochs.get(id).copied().unwrap_or(0);
         for issuer in page.rows.issuers {
-            self.scanned_issuer(shard, issuer, page.at);
+            let epoch = epoch_of(&issuer.issuer_id);
+            self.scanned_issuer(shard, issuer, page.at, epoch);
         }
         for reservation in page.rows.reservations {
             self.applied.scanned_rows += 1;
-            self.upsert(shard, reservation, page.at);
+            let epoch = epoch_of(&reservation.issuer_id);
+            self.upsert(shard, reservation, page.at, epoch);
         }
         Ok(())
     }
@@ -383,7 +396,7 @@ impl Projection {
         }
         for change in page.changes {
             let at = change.position();
-            self.apply(shard, change.event, at);
+            self.apply(shard, change.event, at, change.epoch);
         }
         self.advance_watermark();
         Ok(())
@@ -407,7 +420,7 @@ impl Projection {
         }
     }
 
-    fn apply(&mut self, shard: ShardId, event: Event, at: ChangePosition) {
+    fn apply(&mut self, shard: ShardId, event: Event, at: ChangePosition, epoch: u64) {
         self.applied.changes += 1;
         match event {
             Event::IssuerRegistered {
@@ -416,7 +429,7 @@ impl Projection {
                 limit,
                 ..
             } => {
-                self.put_issuer(shard, issuer_id, Some(home_region), limit, at);
+                self.put_issuer(shard, issuer_id, Some(home_region), limit, at, epoch);
             }
             Event::LimitChanged {
                 issuer_id, limit, ..
@@ -425,25 +438,37 @@ impl Projection {
                     .issuers
                     .get(&issuer_id)
                     .and_then(|i| i.home_region.clone());
-                self.put_issuer(shard, issuer_id, home_region, limit, at);
+                self.put_issuer(shard, issuer_id, home_region, limit, at, epoch);
             }
             Event::ReservationCreated { reservation, .. }
             | Event::ReservationConfirmed { reservation, .. }
             | Event::ReservationReleased { reservation, .. }
             | Event::ReservationExpired { reservation, .. } => {
-                self.upsert(shard, reservation, at);
+                self.upsert(shard, reservation, at, epoch);
             }
-            Event::ReservationRejected { .. } | Event::TokenAbandoned { .. } => {}
+            // A moved bucket's rows are the same rows: they keep what the
+            // group they left wrote until the new group changes them.
+            Event::ReservationRejected { .. }
+            | Event::TokenAbandoned { .. }
+            | Event::BucketAcquired { .. }
+            | Event::BucketReleased { .. } => {}
         }
     }
 
-    fn scanned_issuer(&mut self, shard: ShardId, issuer: IssuerView, at: ChangePosition) {
+    fn scanned_issuer(
+        &mut self,
+        shard: ShardId,
+        issuer: IssuerView,
+        at: ChangePosition,
+        epoch: u64,
+    ) {
         self.put_issuer(
             shard,
             issuer.issuer_id,
             Some(issuer.home_region),
             issuer.limit,
             at,
+            epoch,
         );
     }
 
@@ -454,9 +479,10 @@ impl Projection {
         home_region: Option<Region>,
         limit: Amount,
         version: ChangePosition,
+        epoch: u64,
     ) {
         if let Some(row) = self.issuers.get(&issuer_id) {
-            if row.version >= version {
+            if (row.epoch, row.version) >= (epoch, version) {
                 self.applied.skipped_as_scanned += 1;
                 return;
             }
@@ -466,14 +492,21 @@ impl Projection {
             limit,
             shard,
             version,
+            epoch,
         };
         self.issuers.insert(issuer_id, row);
     }
 
-    fn upsert(&mut self, shard: ShardId, reservation: ReservationView, version: ChangePosition) {
+    fn upsert(
+        &mut self,
+        shard: ShardId,
+        reservation: ReservationView,
+        version: ChangePosition,
+        epoch: u64,
+    ) {
         let id = reservation.reservation_id.clone();
         if let Some(row) = self.rows.get(&id) {
-            if row.version >= version {
+            if (row.epoch, row.version) >= (epoch, version) {
                 self.applied.skipped_as_scanned += 1;
                 return;
             }
@@ -519,6 +552,7 @@ impl Projection {
             reservation,
             shard,
             version,
+            epoch,
         };
         self.rows.insert(id, row);
     }
@@ -915,6 +949,7 @@ mod tests {
             let count = events.len();
             for (sub, event) in events.into_iter().enumerate() {
                 self.changes.push(Change {
+                    epoch: 0,
                     sub: sub as u32,
                     last: sub + 1 == count,
                     event,

@@ -628,6 +628,34 @@ pub fn change_line(change: &Change, region: String, cursor: String) -> ChangeLin
             None,
             Some(json!({"status": "abandoned"})),
         ),
+        // A bucket's move: its issuers' rows now change in the group that
+        // acquired it (the key names no single issuer).
+        Event::BucketAcquired {
+            bucket,
+            from,
+            epoch,
+            issuers,
+            ..
+        } => (
+            "bucket_acquired",
+            String::new(),
+            None,
+            None,
+            None,
+            Some(json!({"bucket": bucket.0, "from": from.0, "epoch": epoch,
+                "issuers": issuers.iter().map(|i| i.to_string()).collect::<Vec<_>>()})),
+        ),
+        Event::BucketReleased {
+            bucket, to, issuers, ..
+        } => (
+            "bucket_released",
+            String::new(),
+            None,
+            None,
+            None,
+            Some(json!({"bucket": bucket.0, "to": to.0,
+                "issuers": issuers.iter().map(|i| i.to_string()).collect::<Vec<_>>()})),
+        ),
         Event::ReservationCreated { reservation, .. }
         | Event::ReservationConfirmed { reservation, .. }
         | Event::ReservationReleased { reservation, .. }

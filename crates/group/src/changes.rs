@@ -34,8 +34,9 @@ pub(crate) struct ChangeLog {
     budget: Budget,
 }
 
-/// The first byte of [`ChangeLog::history`]: its format.
-const HISTORY_FORMAT: u8 = 1;
+/// The first byte of [`ChangeLog::history`]: its format. 2: each change
+/// with its bucket's epoch; format 1 (without) is still read, at epoch 0.
+const HISTORY_FORMAT: u8 = 2;
 
 #[derive(Serialize)]
 struct HistoryOut<'a> {
@@ -50,6 +51,21 @@ struct HistoryIn {
     upto: LogIndex,
     kept_after: ChangePosition,
     changes: Vec<Change>,
+}
+
+/// Format 1: changes before buckets moved.
+#[derive(Deserialize)]
+struct HistoryInV1 {
+    upto: LogIndex,
+    kept_after: ChangePosition,
+    changes: Vec<ChangeV1>,
+}
+
+#[derive(Deserialize)]
+struct ChangeV1 {
+    sub: u32,
+    last: bool,
+    event: Event,
 }
 
 impl ChangeLog {
@@ -73,6 +89,22 @@ impl ChangeLog {
         };
         let decoded = match format {
             HISTORY_FORMAT => postcard::from_bytes::<HistoryIn>(rest).map_err(|e| e.to_string()),
+            1 => postcard::from_bytes::<HistoryInV1>(rest)
+                .map(|v1| HistoryIn {
+                    upto: v1.upto,
+                    kept_after: v1.kept_after,
+                    changes: v1
+                        .changes
+                        .into_iter()
+                        .map(|c| Change {
+                            sub: c.sub,
+                            last: c.last,
+                            event: c.event,
+                            epoch: 0,
+                        })
+                        .collect(),
+                })
+                .map_err(|e| e.to_string()),
             other => Err(format!("unknown format {other}")),
         };
         let history = match decoded {
@@ -132,13 +164,16 @@ impl ChangeLog {
     }
 
     /// The events of one applied entry (at time `at`), in order.
-    pub(crate) fn push(&mut self, events: Vec<Event>, at: Timestamp) {
+    /// Keeps one applied entry's changes, each with its issuer's bucket
+    /// epoch.
+    pub(crate) fn push(&mut self, events: Vec<(Event, u64)>, at: Timestamp) {
         let count = events.len();
-        for (sub, event) in events.into_iter().enumerate() {
+        for (sub, (event, epoch)) in events.into_iter().enumerate() {
             let change = Change {
                 sub: sub as u32,
                 last: sub + 1 == count,
                 event,
+                epoch,
             };
             self.bytes += estimated_bytes(&change);
             self.changes.push_back(change);
@@ -253,6 +288,10 @@ fn estimated_bytes(change: &Change) -> usize {
                 + reservation.desk.len()
                 + reservation.trader.len()
         }
+        Event::BucketAcquired { issuers, .. } | Event::BucketReleased { issuers, .. } => issuers
+            .iter()
+            .map(|i| std::mem::size_of::<harbor_types::IssuerId>() + i.as_str().len())
+            .sum(),
     };
     std::mem::size_of::<Change>() + strings
 }
@@ -302,9 +341,9 @@ mod tests {
     #[test]
     fn pages_resume_inside_an_entry_and_cover_entries_without_changes() {
         let mut log = ChangeLog::new(LogIndex(0), budget(1 << 20));
-        log.push(vec![event(1), event(1), event(1)], time(1));
+        log.push(vec![(event(1), 0), (event(1), 0), (event(1), 0)], time(1));
         log.push(Vec::new(), time(2));
-        log.push(vec![event(3)], time(3));
+        log.push(vec![(event(3), 0)], time(3));
         let resolved = Some(Timestamp::from_wall_ms(9));
         // Cut after two changes: no resolved mark, the cursor is inside
         // entry 1.
@@ -333,13 +372,14 @@ mod tests {
     #[test]
     fn an_evicted_or_restored_position_is_expired_never_a_gap() {
         let bytes = 3 * estimated_bytes(&Change {
+            epoch: 0,
             sub: 0,
             last: true,
             event: event(1),
         });
         let mut log = ChangeLog::new(LogIndex(0), budget(bytes));
         for index in 1..=5 {
-            log.push(vec![event(index)], time(index));
+            log.push(vec![(event(index), 0)], time(index));
         }
         let page = log.page(ChangePosition::START, 10, LogIndex(5), None);
         assert!(page.changes.is_empty());
@@ -367,7 +407,7 @@ mod tests {
     fn a_history_written_with_a_snapshot_restores_what_was_kept() {
         let mut log = ChangeLog::new(LogIndex(0), budget(1 << 20));
         for index in 1..=4 {
-            log.push(vec![event(index), event(index)], time(index));
+            log.push(vec![(event(index), 0), (event(index), 0)], time(index));
         }
         let restored = ChangeLog::restore(
             LogIndex(4),
@@ -388,7 +428,7 @@ mod tests {
         // Nothing to read, another format, or a history that does not end
         // at the snapshot: start after the snapshot.
         let mut short = ChangeLog::new(LogIndex(0), budget(1 << 20));
-        short.push(vec![event(1)], time(1));
+        short.push(vec![(event(1), 0)], time(1));
         for history in [
             Vec::new(),
             vec![9, 1, 2],
@@ -413,7 +453,7 @@ mod tests {
         );
         // Entry times 10..=40: none is older than 30 ms before the newest.
         for index in 1..=4 {
-            log.push(vec![event(index * 10)], time(index * 10));
+            log.push(vec![(event(index * 10), 0)], time(index * 10));
         }
         assert_eq!(log.changes.len(), 4);
         // An entry at 60 without changes (an idle leader's no-op): what is

@@ -739,8 +739,14 @@ impl GroupCore {
             };
             let mut applied = self.machine.apply(&ctx, &command);
             self.applied = index;
-            self.changes
-                .push(std::mem::take(&mut applied.events), entry.at);
+            let events = std::mem::take(&mut applied.events)
+                .into_iter()
+                .map(|event| {
+                    let epoch = event_issuer(&event).map_or(0, |id| self.machine.epoch_of(id));
+                    (event, epoch)
+                })
+                .collect();
+            self.changes.push(events, entry.at);
             if self.expiry_pending == Some(index) {
                 self.expiry_pending = None;
             }
@@ -813,6 +819,22 @@ impl GroupCore {
 }
 
 /// The issuer a command is about, if any.
+/// The issuer a change is about (a bucket's moves name several).
+fn event_issuer(event: &harbor_reservation::Event) -> Option<&harbor_types::IssuerId> {
+    use harbor_reservation::Event;
+    match event {
+        Event::IssuerRegistered { issuer_id, .. }
+        | Event::LimitChanged { issuer_id, .. }
+        | Event::ReservationRejected { issuer_id, .. }
+        | Event::TokenAbandoned { issuer_id, .. } => Some(issuer_id),
+        Event::ReservationCreated { reservation, .. }
+        | Event::ReservationConfirmed { reservation, .. }
+        | Event::ReservationReleased { reservation, .. }
+        | Event::ReservationExpired { reservation, .. } => Some(&reservation.issuer_id),
+        Event::BucketAcquired { .. } | Event::BucketReleased { .. } => None,
+    }
+}
+
 /// The refusal of a request for a bucket sealed in `shard`.
 pub(crate) fn moved(shard: ShardId, bucket: BucketId) -> NodeError {
     NodeError::new(

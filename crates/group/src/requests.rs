@@ -70,13 +70,19 @@ impl GroupCore {
         if let Err(e) = self.admit(route.map(|r| r.generation)) {
             return self.reply_error(&from, id, e);
         }
-        // A write for a sealed bucket is refused before it costs an entry
-        // (the seal's entry refuses the ones already ordered). Reads of
-        // it are still served: the sealed state is the bucket's newest.
-        if let (Request::Write { .. }, Some(bucket)) = (&request, route.and_then(|r| r.bucket)) {
-            if self.machine.bucket(bucket).sealed_at.is_some()
-                && !self.settings.bugs.source_accepts_after_seal
-            {
+        // A write for a bucket this group does not take is refused before
+        // it costs an entry (the seal's entry refuses the ones already
+        // ordered). Reads of a sealed bucket are still served (its state
+        // is the bucket's newest) until its rows are released.
+        if let Some(bucket) = route.and_then(|r| r.bucket) {
+            let refused = match request {
+                Request::Write { .. } => {
+                    !self.machine.takes_writes(bucket)
+                        && !self.settings.bugs.source_accepts_after_seal
+                }
+                _ => !self.machine.serves_reads(bucket),
+            };
+            if refused {
                 probe("node.sealed_bucket_refused_at_admission");
                 return self.reply_error(&from, id, crate::group::moved(self.shard, bucket));
             }
@@ -273,6 +279,17 @@ impl GroupCore {
             Query::Scan { after, max } => {
                 QueryResult::Scan(self.scan(after.as_ref(), max as usize))
             }
+            Query::Export {
+                bucket,
+                since,
+                after,
+                max,
+            } => QueryResult::Export(self.machine.export(
+                bucket,
+                since,
+                after.as_ref(),
+                (max as usize).clamp(1, CHANGES_PAGE_MAX),
+            )),
         }
     }
 }

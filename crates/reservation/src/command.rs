@@ -1,5 +1,6 @@
 use harbor_types::{
-    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
+    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, ShardId,
+    Timestamp,
 };
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +96,28 @@ pub enum Command {
     UnsealBucket {
         bucket: BucketId,
     },
+    /// Stages rows of `bucket`, copied from group `from` by move
+    /// `move_id`, out of sight until acquired. Upserts: a row copied again
+    /// replaces the staged one.
+    ImportBucket {
+        bucket: BucketId,
+        move_id: u64,
+        from: ShardId,
+        rows: crate::BucketRows,
+    },
+    /// The rows move `move_id` staged become this group's, and so do the
+    /// bucket's writes from this entry on; `epoch` counts the bucket's
+    /// moves. Refused if the staged rows are not consistent.
+    AcquireBucket {
+        bucket: BucketId,
+        move_id: u64,
+        epoch: u64,
+    },
+    /// Drops what move `move_id` staged, unless it was acquired already.
+    AbortImport { bucket: BucketId, move_id: u64 },
+    /// The rows of sealed `bucket` leave this group: group `to` acquired
+    /// them.
+    ReleaseBucket { bucket: BucketId, to: ShardId },
 }
 
 impl Command {
@@ -125,7 +148,11 @@ impl Command {
             | Command::Noop
             | Command::Batch(_)
             | Command::SealBucket { .. }
-            | Command::UnsealBucket { .. } => None,
+            | Command::UnsealBucket { .. }
+            | Command::ImportBucket { .. }
+            | Command::AcquireBucket { .. }
+            | Command::AbortImport { .. }
+            | Command::ReleaseBucket { .. } => None,
         }
     }
 }

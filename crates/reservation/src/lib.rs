@@ -24,10 +24,15 @@
 
 mod command;
 mod machine;
+mod moves;
 mod outcome;
 
 pub use command::{ApplyContext, Command, BATCH_COMMANDS_MAX, FIELD_LEN_MAX, HOLD_TTL_MS_MAX};
 pub use machine::{BucketRecord, ScanKey, ScanRows, SnapshotError, StateMachine, SNAPSHOT_FORMAT};
+pub use moves::{
+    BucketRows, ExportKey, ExportPage, ExportPart, IssuerRow, ReservationRow, TokenRow,
+    TokenRowOutcome,
+};
 pub use outcome::{
     Applied, Event, IssuerView, Outcome, Rejection, ReservationView, Status, TokenOutcome,
     TokenView,

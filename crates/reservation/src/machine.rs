@@ -5,8 +5,8 @@ use crate::outcome::{
 };
 use harbor_types::sim::{probe, Bugs};
 use harbor_types::{
-    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
-    AMOUNT_MAX,
+    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, ShardId,
+    Timestamp, AMOUNT_MAX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,6 +32,7 @@ struct Customers {
 struct Buckets {
     issuers: Vec<(IssuerId, BucketId)>,
     records: Vec<(BucketId, BucketRecord)>,
+    staged: Vec<crate::moves::StagedOut>,
 }
 
 /// Where a group stands with a bucket whose writes it stopped or started
@@ -42,8 +43,15 @@ pub struct BucketRecord {
     /// `None` while the group takes them.
     pub sealed_at: Option<CommitToken>,
     /// The entry from which the group last took its writes again (an
-    /// unseal); `None` if it took them all along.
+    /// unseal, or the acquisition of the bucket from another group);
+    /// `None` if it took them all along.
     pub opened_at: Option<CommitToken>,
+    /// Its rows left for this group after the seal: the bucket is gone.
+    pub released_to: Option<ShardId>,
+    /// How many moves brought the bucket here (0: it never moved).
+    pub epoch: u64,
+    /// The move whose acquisition brought it here.
+    pub acquired_by: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,32 +72,32 @@ pub enum SnapshotError {
 /// hashed: a hash collision would turn a 409 into a silently wrong replay.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ReserveRequest {
-    amount: Amount,
-    desk: String,
-    trader: String,
-    hold_ttl_ms: Option<u64>,
+    pub(crate) amount: Amount,
+    pub(crate) desk: String,
+    pub(crate) trader: String,
+    pub(crate) hold_ttl_ms: Option<u64>,
     /// Encoded after the state (see [`SNAPSHOT_FORMAT`]).
     #[serde(skip)]
-    customer_id: Option<String>,
+    pub(crate) customer_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Reservation {
     pub(crate) token: ReservationToken,
     pub(crate) amount: Amount,
-    desk: String,
-    trader: String,
+    pub(crate) desk: String,
+    pub(crate) trader: String,
     /// As requested; also the committed token's payload fingerprint.
-    hold_ttl_ms: Option<u64>,
+    pub(crate) hold_ttl_ms: Option<u64>,
     pub(crate) status: Status,
     /// `Some` exactly while `status == Held`: `created_at.wall_ms + hold_ttl_ms`.
-    expires_at_ms: Option<u64>,
-    created: CommitToken,
-    created_at: Timestamp,
-    updated: CommitToken,
+    pub(crate) expires_at_ms: Option<u64>,
+    pub(crate) created: CommitToken,
+    pub(crate) created_at: Timestamp,
+    pub(crate) updated: CommitToken,
     /// Encoded after the state (see [`SNAPSHOT_FORMAT`]).
     #[serde(skip)]
-    customer_id: Option<String>,
+    pub(crate) customer_id: Option<String>,
 }
 
 impl Reservation {
@@ -124,19 +132,30 @@ pub(crate) enum TokenRecord {
     },
 }
 
+impl TokenRecord {
+    /// The entry that decided the token.
+    pub(crate) fn commit_token(&self) -> CommitToken {
+        match self {
+            TokenRecord::Committed { commit_token, .. }
+            | TokenRecord::Rejected { commit_token, .. }
+            | TokenRecord::Abandoned { commit_token } => *commit_token,
+        }
+    }
+}
+
 /// One issuer and every row that belongs to it. Tokens are scoped per issuer
 /// because the issuer is the unit of placement: the exposure decision and
 /// its token outcome must be written by the same entry in the same bucket,
 /// and a global token table would span shards.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Issuer {
-    home_region: Region,
-    limit: Amount,
+    pub(crate) home_region: Region,
+    pub(crate) limit: Amount,
     /// Sum of held and confirmed amounts; `<= limit`.
     pub(crate) reserved: Amount,
     /// The seq of the next reservation; reservation ids are `{issuer}:r{seq}`.
-    next_seq: u64,
-    updated: CommitToken,
+    pub(crate) next_seq: u64,
+    pub(crate) updated: CommitToken,
     /// Every reservation ever made, closed ones included, by seq.
     pub(crate) reservations: BTreeMap<u64, Reservation>,
     /// Every token ever decided. Kept forever for now; retention is a later
@@ -144,13 +163,13 @@ pub(crate) struct Issuer {
     pub(crate) tokens: BTreeMap<ReservationToken, TokenRecord>,
     /// Index: seqs of held and confirmed reservations. Rebuilt on restore.
     #[serde(skip)]
-    open: BTreeSet<u64>,
+    pub(crate) open: BTreeSet<u64>,
     /// The bucket the metadata plane placed the issuer in; `None` for an
     /// issuer registered before buckets were recorded, until a
     /// `PlaceIssuer` or a seal names it. Encoded after the state (see
     /// [`SNAPSHOT_FORMAT`]).
     #[serde(skip)]
-    bucket: Option<BucketId>,
+    pub(crate) bucket: Option<BucketId>,
 }
 
 impl Issuer {
@@ -182,6 +201,10 @@ pub struct ScanRows {
     pub issuers: Vec<IssuerView>,
     pub reservations: Vec<ReservationView>,
     pub next: Option<ScanKey>,
+    /// The epoch of each issuer in the page whose bucket moved here (see
+    /// [`StateMachine::epoch_of`]); the others' is 0.
+    #[serde(default)]
+    pub epochs: Vec<(IssuerId, u64)>,
 }
 
 /// The reservation state machine of one replica group. Every replica applies
@@ -201,16 +224,19 @@ pub struct StateMachine {
     /// Index: `(expires_at_ms, id)` of every held reservation, so the next
     /// expiry and each `ExpireHolds` cost O(log n) per hold. Rebuilt on restore.
     #[serde(skip)]
-    holds_by_expiry: BTreeSet<(u64, ReservationId)>,
+    pub(crate) holds_by_expiry: BTreeSet<(u64, ReservationId)>,
     /// Buckets sealed here (writes to their issuers are refused as
     /// moved) or unsealed since. Encoded after the state.
     #[serde(skip)]
-    buckets: BTreeMap<BucketId, BucketRecord>,
+    pub(crate) buckets: BTreeMap<BucketId, BucketRecord>,
+    /// Rows moves staged here, by bucket. Encoded after the state.
+    #[serde(skip)]
+    pub(crate) staged: BTreeMap<BucketId, crate::moves::Staged>,
     /// The holds of sealed buckets' issuers, out of `holds_by_expiry`: a
     /// sealed bucket's holds expire in its next owner, or here again once
     /// it is unsealed. Rebuilt on restore.
     #[serde(skip)]
-    sealed_holds: BTreeSet<(u64, ReservationId)>,
+    pub(crate) sealed_holds: BTreeSet<(u64, ReservationId)>,
     /// Simulator-only protocol bugs; never set outside it.
     #[serde(skip)]
     bugs: Bugs,
@@ -423,16 +449,26 @@ impl StateMachine {
     /// the whole entry is refused and changes nothing, so the request can
     /// go to the bucket's next owner as it is.
     fn moved(&self, cmd: &Command) -> Option<BucketId> {
-        if self.buckets.is_empty() || self.bugs.source_accepts_after_seal {
+        let nothing_moves = self.buckets.is_empty() && self.staged.is_empty();
+        if nothing_moves || self.bugs.source_accepts_after_seal {
             return None;
         }
-        let sealed = |bucket: Option<BucketId>| bucket.filter(|b| self.is_sealed(*b));
+        let sealed = |bucket: Option<BucketId>| bucket.filter(|b| !self.takes_writes(*b));
+        // An issuer only staged here is the bucket's that moves in.
+        let bucket_of = |id: &IssuerId| {
+            self.bucket_of(id).or_else(|| {
+                self.staged
+                    .iter()
+                    .find(|(_, s)| s.issuers.contains_key(id))
+                    .map(|(b, _)| *b)
+            })
+        };
         match cmd {
             Command::Batch(commands) => commands.iter().find_map(|cmd| self.moved(cmd)),
             Command::PlaceIssuer {
                 issuer_id, bucket, ..
-            } => sealed(Some(*bucket)).or_else(|| sealed(self.bucket_of(issuer_id))),
-            cmd => sealed(cmd.issuer().and_then(|id| self.bucket_of(id))),
+            } => sealed(Some(*bucket)).or_else(|| sealed(bucket_of(issuer_id))),
+            cmd => sealed(cmd.issuer().and_then(bucket_of)),
         }
     }
 
@@ -452,6 +488,19 @@ impl StateMachine {
             } => self.upsert_issuer(ctx, events, issuer_id, home_region, *limit, Some(*bucket)),
             Command::SealBucket { bucket, issuers } => Ok(self.seal_bucket(ctx, *bucket, issuers)),
             Command::UnsealBucket { bucket } => Ok(self.unseal_bucket(ctx, *bucket)),
+            Command::ImportBucket {
+                bucket,
+                move_id,
+                from,
+                rows,
+            } => self.import_bucket(*bucket, *move_id, *from, rows),
+            Command::AcquireBucket {
+                bucket,
+                move_id,
+                epoch,
+            } => self.acquire_bucket(ctx, events, *bucket, *move_id, *epoch),
+            Command::AbortImport { bucket, move_id } => Ok(self.abort_import(*bucket, *move_id)),
+            Command::ReleaseBucket { bucket, to } => self.release_bucket(ctx, events, *bucket, *to),
             Command::Reserve {
                 token,
                 issuer_id,
@@ -905,11 +954,9 @@ impl StateMachine {
     }
 
     fn unseal_bucket(&mut self, ctx: &ApplyContext, bucket: BucketId) -> Outcome {
-        if let Some(record) = self
-            .buckets
-            .get_mut(&bucket)
-            .filter(|r| r.sealed_at.is_some())
-        {
+        // A released bucket is gone: it cannot be unsealed.
+        let sealed = |r: &&mut BucketRecord| r.sealed_at.is_some() && r.released_to.is_none();
+        if let Some(record) = self.buckets.get_mut(&bucket).filter(sealed) {
             record.sealed_at = None;
             record.opened_at = Some(ctx.position);
             let holds: Vec<_> = self
@@ -926,7 +973,7 @@ impl StateMachine {
         self.bucket_outcome(bucket)
     }
 
-    fn bucket_outcome(&self, bucket: BucketId) -> Outcome {
+    pub(crate) fn bucket_outcome(&self, bucket: BucketId) -> Outcome {
         let issuers = self
             .issuers
             .values()
@@ -950,6 +997,18 @@ impl StateMachine {
         self.buckets
             .get(&bucket)
             .is_some_and(|r| r.sealed_at.is_some())
+    }
+
+    /// Whether this group takes writes to `bucket`: not sealed here (nor
+    /// released), and not a bucket moving in.
+    pub fn takes_writes(&self, bucket: BucketId) -> bool {
+        !self.is_sealed(bucket) && !self.staged.contains_key(&bucket)
+    }
+
+    /// Whether this group serves reads of `bucket`: its rows are here (a
+    /// sealed bucket's are, until they are released).
+    pub fn serves_reads(&self, bucket: BucketId) -> bool {
+        self.bucket(bucket).released_to.is_none() && !self.staged.contains_key(&bucket)
     }
 
     /// The bucket an issuer is placed in, as this group knows it.
@@ -1010,6 +1069,24 @@ impl StateMachine {
     /// its reservations by seq), after `after` and at most `max` rows: what
     /// a change feed's initial scan and a projection's rebuild read.
     pub fn scan(&self, after: Option<&ScanKey>, max: usize) -> ScanRows {
+        let mut rows = self.scan_rows(after, max);
+        if !self.buckets.is_empty() {
+            let ids: BTreeSet<&IssuerId> = rows
+                .issuers
+                .iter()
+                .map(|i| &i.issuer_id)
+                .chain(rows.reservations.iter().map(|r| &r.issuer_id))
+                .collect();
+            rows.epochs = ids
+                .into_iter()
+                .map(|id| (id.clone(), self.epoch_of(id)))
+                .filter(|(_, epoch)| *epoch > 0)
+                .collect();
+        }
+        rows
+    }
+
+    fn scan_rows(&self, after: Option<&ScanKey>, max: usize) -> ScanRows {
         let mut rows = ScanRows::default();
         let mut taken = 0;
         let issuers = match after {
@@ -1067,6 +1144,7 @@ impl StateMachine {
                 .filter_map(|(id, issuer)| Some((id.clone(), issuer.bucket?)))
                 .collect(),
             records: self.buckets.iter().map(|(b, r)| (*b, *r)).collect(),
+            staged: self.staged_out(),
         };
         let buckets = postcard::to_stdvec(&buckets).expect("buckets encode");
         bytes.extend_from_slice(&buckets);
@@ -1155,6 +1233,14 @@ impl StateMachine {
                 issuer.bucket = Some(bucket);
             }
             machine.buckets = buckets.records.into_iter().collect();
+            for staged in buckets.staged {
+                let rows = &staged.rows;
+                machine
+                    .import_bucket(staged.bucket, staged.move_id, staged.from, rows)
+                    .map_err(|e| SnapshotError::Inconsistent {
+                        reason: format!("staged rows of {}: {e}", staged.bucket),
+                    })?;
+            }
         }
         if !rest.is_empty() {
             return Err(SnapshotError::TrailingBytes { count: rest.len() });
@@ -1195,7 +1281,7 @@ impl StateMachine {
     /// Every invariant of the state, as an error naming the first broken one
     /// with its values. Must not panic, whatever the state: it also judges
     /// decoded snapshots.
-    fn verify(&self) -> Result<(), String> {
+    pub(crate) fn verify(&self) -> Result<(), String> {
         macro_rules! ensure {
             ($cond:expr, $($fmt:tt)+) => {
                 if !$cond {
@@ -1203,7 +1289,10 @@ impl StateMachine {
                 }
             };
         }
-        let at_or_before_applied = |p: CommitToken| self.applied.is_some_and(|a| p <= a);
+        // A position of another group came with a moved bucket's rows:
+        // it is before anything this group applied since.
+        let at_or_before_applied =
+            |p: CommitToken| self.applied.is_some_and(|a| p.shard != a.shard || p <= a);
         let mut holds: usize = 0;
         for (issuer_id, issuer) in &self.issuers {
             ensure!(
@@ -1244,7 +1333,8 @@ impl StateMachine {
                     .and_then(|()| check_hold_ttl(request.hold_ttl_ms));
                 ensure!(valid.is_ok(), "{id}: invalid request: {valid:?}");
                 ensure!(
-                    r.created <= r.updated && at_or_before_applied(r.updated),
+                    (r.created.shard != r.updated.shard || r.created <= r.updated)
+                        && at_or_before_applied(r.updated),
                     "{id}: created {} updated {} applied {:?}",
                     r.created,
                     r.updated,

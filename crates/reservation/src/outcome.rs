@@ -1,6 +1,7 @@
 use harbor_api::ErrorCode;
 use harbor_types::{
-    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, Timestamp,
+    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, ShardId,
+    Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -288,6 +289,24 @@ pub enum Event {
         issuer_id: IssuerId,
         token: ReservationToken,
     },
+    /// The group took a moved bucket over, with the rows of `issuers` as
+    /// group `from` left them; `epoch` counts the bucket's moves.
+    BucketAcquired {
+        position: CommitToken,
+        at: Timestamp,
+        bucket: BucketId,
+        from: ShardId,
+        epoch: u64,
+        issuers: Vec<IssuerId>,
+    },
+    /// The rows of `issuers` left the group: group `to` took the bucket.
+    BucketReleased {
+        position: CommitToken,
+        at: Timestamp,
+        bucket: BucketId,
+        to: ShardId,
+        issuers: Vec<IssuerId>,
+    },
 }
 
 impl Event {
@@ -301,7 +320,9 @@ impl Event {
             | Event::ReservationConfirmed { at, .. }
             | Event::ReservationReleased { at, .. }
             | Event::ReservationExpired { at, .. }
-            | Event::TokenAbandoned { at, .. } => *at,
+            | Event::TokenAbandoned { at, .. }
+            | Event::BucketAcquired { at, .. }
+            | Event::BucketReleased { at, .. } => *at,
         }
     }
 
@@ -314,7 +335,9 @@ impl Event {
             | Event::ReservationConfirmed { position, .. }
             | Event::ReservationReleased { position, .. }
             | Event::ReservationExpired { position, .. }
-            | Event::TokenAbandoned { position, .. } => *position,
+            | Event::TokenAbandoned { position, .. }
+            | Event::BucketAcquired { position, .. }
+            | Event::BucketReleased { position, .. } => *position,
         }
     }
 }

@@ -50,6 +50,7 @@ struct Log {
     sm: StateMachine,
     index: u64,
     now_ms: u64,
+    shard: ShardId,
 }
 
 impl Log {
@@ -59,6 +60,7 @@ impl Log {
             sm: StateMachine::new(),
             index: 0,
             now_ms: 1_000,
+            shard: ShardId(1),
         };
         log.apply(upsert("A", "madrid", 100));
         log
@@ -67,7 +69,10 @@ impl Log {
     fn apply(&mut self, cmd: Command) -> Applied {
         self.index += 1;
         let ctx = ApplyContext {
-            position: position(self.index),
+            position: CommitToken {
+                shard: self.shard,
+                ..position(self.index)
+            },
             at: Timestamp::from_wall_ms(self.now_ms),
         };
         let applied = self.sm.apply(&ctx, &cmd);
@@ -108,6 +113,8 @@ fn event_names(applied: &Applied) -> Vec<&'static str> {
         Event::ReservationReleased { .. } => "reservation_released",
         Event::ReservationExpired { .. } => "reservation_expired",
         Event::TokenAbandoned { .. } => "token_abandoned",
+        Event::BucketAcquired { .. } => "bucket_acquired",
+        Event::BucketReleased { .. } => "bucket_released",
     };
     applied.events.iter().map(name).collect()
 }
@@ -692,7 +699,8 @@ fn snapshot_round_trips_and_corrupt_snapshots_are_errors() {
     let nothing = postcard::to_stdvec(&(Vec::<()>::new(), Vec::<()>::new()))
         .unwrap()
         .len();
-    let mut format_3 = bytes[..bytes.len() - nothing].to_vec();
+    let no_buckets = nothing + 1; // three empty lists
+    let mut format_3 = bytes[..bytes.len() - no_buckets].to_vec();
     format_3[0] = 3;
     assert_eq!(StateMachine::restore(&format_3).unwrap(), log.sm);
     let mut format_2 = format_3[..format_3.len() - nothing].to_vec();
@@ -968,4 +976,167 @@ fn a_sealed_bucket_refuses_every_write_until_unsealed_and_its_holds_wait() {
         log.apply(reserve("b2", "B", 1, None)).outcome,
         Outcome::Reservation { .. }
     ));
+}
+
+/// Copies every page of `bucket` from `from` (rows written after `since`)
+/// into `to` as move 1's imports; returns the position of the first page.
+fn copy_bucket(
+    from: &StateMachine,
+    to: &mut Log,
+    bucket: harbor_types::BucketId,
+    since: Option<CommitToken>,
+) -> Option<CommitToken> {
+    let mut after = None;
+    let mut first = None;
+    loop {
+        let page = from.export(bucket, since, after.as_ref(), 2);
+        first = first.or(page.at);
+        let applied = to.apply(Command::ImportBucket {
+            bucket,
+            move_id: 1,
+            from: ShardId(1),
+            rows: page.rows,
+        });
+        assert!(matches!(applied.outcome, Outcome::Bucket { .. }), "{applied:?}");
+        after = page.next;
+        if after.is_none() {
+            return first;
+        }
+    }
+}
+
+#[test]
+fn a_bucket_moves_whole_and_is_written_only_where_it_is() {
+    use harbor_types::BucketId;
+    let b = BucketId(3);
+    let mut a = Log::with_issuer(); // A stays; B moves
+    a.apply(place("B", 100, 3));
+    a.apply(Command::ReserveForCustomer {
+        token: token("b1"),
+        issuer_id: issuer("B"),
+        amount: Amount(10),
+        desk: "rates".into(),
+        trader: "ana".into(),
+        hold_ttl_ms: Some(5_000),
+        customer_id: "cust-1".into(),
+    });
+    a.apply(reserve("b2", "B", 95, None)); // rejected: a token outcome
+    a.apply(reserve("b3", "B", 20, None));
+    // The target: another group, with positions of its own.
+    let mut b_log = Log {
+        sm: StateMachine::new(),
+        index: 100,
+        now_ms: 1_000,
+        shard: ShardId(2),
+    };
+    b_log.apply(Command::Noop);
+    let since = copy_bucket(&a.sm, &mut b_log, b, None);
+    // Staged rows are out of sight.
+    assert_eq!(b_log.sm.issuer(&issuer("B")), None);
+    assert!(!b_log.sm.takes_writes(b) && !b_log.sm.serves_reads(b));
+    // The source goes on: a confirm after the copy; then it seals.
+    a.apply(Command::Confirm {
+        reservation_id: rid("B:r1"),
+    });
+    a.apply(Command::SealBucket {
+        bucket: b,
+        issuers: vec![],
+    });
+    let delta = a.sm.export(b, since, None, 100);
+    assert_eq!(
+        (delta.rows.issuers.len(), delta.rows.reservations.len(), delta.rows.tokens.len()),
+        (0, 1, 0),
+        "only what changed since the copy (a confirm changes its reservation): {delta:?}"
+    );
+    assert!(delta.record.sealed_at.is_some());
+    copy_bucket(&a.sm, &mut b_log, b, since);
+    let acquired = b_log.apply(Command::AcquireBucket {
+        bucket: b,
+        move_id: 1,
+        epoch: 1,
+    });
+    assert!(
+        matches!(acquired.events.as_slice(), [Event::BucketAcquired { issuers, epoch: 1, .. }] if issuers == &[issuer("B")]),
+        "{acquired:?}"
+    );
+    // The target holds what the source held, token outcomes included.
+    assert_eq!(b_log.sm.issuer(&issuer("B")), a.sm.issuer(&issuer("B")));
+    for id in ["B:r1", "B:r2"] {
+        assert_eq!(b_log.sm.reservation(&rid(id)), a.sm.reservation(&rid(id)));
+    }
+    for t in ["b1", "b2", "b3"] {
+        assert_eq!(b_log.sm.token(&issuer("B"), &token(t)), a.sm.token(&issuer("B"), &token(t)));
+    }
+    assert_eq!(b_log.sm.epoch_of(&issuer("B")), 1);
+    // The same token is a replay in its new group; an abort after the
+    // acquisition changes nothing.
+    let replay = b_log.apply(reserve("b3", "B", 20, None));
+    assert!(matches!(replay.outcome, Outcome::Reservation { replayed: true, .. }));
+    b_log.apply(Command::AbortImport { bucket: b, move_id: 1 });
+    assert!(b_log.sm.takes_writes(b));
+    let restored = StateMachine::restore(&b_log.sm.snapshot()).unwrap();
+    assert_eq!(restored, b_log.sm);
+    // The source lets the rows go; the other issuer stays.
+    let released = a.apply(Command::ReleaseBucket {
+        bucket: b,
+        to: ShardId(2),
+    });
+    assert!(matches!(released.events.as_slice(), [Event::BucketReleased { .. }]));
+    assert_eq!(a.sm.issuer(&issuer("B")), None);
+    assert!(a.sm.issuer(&issuer("A")).is_some());
+    assert!(!a.sm.serves_reads(b) && !a.sm.takes_writes(b));
+    let unseal = a.apply(Command::UnsealBucket { bucket: b });
+    assert!(matches!(unseal.outcome, Outcome::Bucket { sealed_at: Some(_), .. }));
+}
+
+#[test]
+fn an_aborted_import_cannot_be_acquired_and_an_inconsistent_one_is_refused() {
+    use harbor_types::BucketId;
+    let b = BucketId(3);
+    let mut a = Log::with_issuer();
+    a.apply(place("B", 100, 3));
+    a.apply(reserve("b1", "B", 10, None));
+    let mut target = Log {
+        sm: StateMachine::new(),
+        index: 0,
+        now_ms: 1_000,
+        shard: ShardId(2),
+    };
+    target.apply(Command::Noop);
+    let page = a.sm.export(b, None, None, 100);
+    let import = |move_id| Command::ImportBucket {
+        bucket: b,
+        move_id,
+        from: ShardId(1),
+        rows: page.rows.clone(),
+    };
+    target.apply(import(1));
+    // Another move cannot stage over it.
+    assert!(matches!(target.apply(import(2)).outcome, Outcome::Rejected(_)));
+    target.apply(Command::AbortImport { bucket: b, move_id: 1 });
+    let late = target.apply(Command::AcquireBucket {
+        bucket: b,
+        move_id: 1,
+        epoch: 1,
+    });
+    assert!(matches!(late.outcome, Outcome::Rejected(_)), "{late:?}");
+    assert_eq!(target.sm.issuer(&issuer("B")), None);
+    // Rows that do not add up (a missed change) are refused.
+    let mut broken = page.rows.clone();
+    broken.issuers[0].reserved = Amount(11);
+    target.apply(Command::ImportBucket {
+        bucket: b,
+        move_id: 3,
+        from: ShardId(1),
+        rows: broken,
+    });
+    let refused = target.apply(Command::AcquireBucket {
+        bucket: b,
+        move_id: 3,
+        epoch: 1,
+    });
+    assert!(matches!(refused.outcome, Outcome::Rejected(_)), "{refused:?}");
+    assert_eq!(target.sm.issuer(&issuer("B")), None);
+    let restored = StateMachine::restore(&target.sm.snapshot()).unwrap();
+    assert_eq!(restored, target.sm);
 }

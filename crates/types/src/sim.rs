@@ -102,7 +102,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 44] = [
+pub const PROBES: [&str; 45] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -147,6 +147,7 @@ pub const PROBES: [&str; 44] = [
     "reservation.write_refused_for_sealed_bucket",
     "node.sealed_bucket_refused_at_admission",
     "gateway.call_waited_for_a_moved_bucket",
+    "reservation.inconsistent_import_refused",
 ];
 
 thread_local! {

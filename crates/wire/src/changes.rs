@@ -42,6 +42,11 @@ pub struct Change {
     pub last: bool,
     /// Carries the entry's position (shard, generation, index) and HLC time.
     pub event: Event,
+    /// How many moves brought the changed issuer's bucket to this group
+    /// (0: it never moved): a consumer orders an issuer's rows by (epoch,
+    /// position), so a late change from the group a bucket left never
+    /// overwrites a newer one from the group it went to.
+    pub epoch: u64,
 }
 
 impl Change {

@@ -6,7 +6,9 @@ use harbor_replication::{Message, ReplicaStatus, Role};
 
 use crate::changes::{ChangePosition, ChangesPage, ScanPage};
 use crate::error::NodeError;
-use harbor_reservation::{Command, IssuerView, Outcome, ReservationView, ScanKey, TokenView};
+use harbor_reservation::{
+    Command, ExportKey, ExportPage, IssuerView, Outcome, ReservationView, ScanKey, TokenView,
+};
 use harbor_types::{
     BucketId, CommitToken, Generation, IssuerId, LogIndex, NodeId, ReservationId, ReservationToken,
     ShardId,
@@ -162,6 +164,14 @@ pub enum Query {
         after: Option<ScanKey>,
         max: u32,
     },
+    /// A page of one bucket's rows (written after `since`, if named),
+    /// after `after`, at most `max`: what a move copies.
+    Export {
+        bucket: BucketId,
+        since: Option<CommitToken>,
+        after: Option<ExportKey>,
+        max: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -174,6 +184,7 @@ pub enum QueryResult {
     Status(GroupStatus),
     Changes(ChangesPage),
     Scan(ScanPage),
+    Export(ExportPage),
 }
 
 /// How and where an answer was produced.

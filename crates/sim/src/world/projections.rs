@@ -125,7 +125,7 @@ impl World {
                 if !(within || resolved || included) {
                     continue;
                 }
-                if let Some(missing) = missing(projection, &change.event, *at, *position) {
+                if let Some(missing) = missing(projection, change, *at, *position) {
                     let why = if within {
                         format!("it is at or before the projection's position {position:?}")
                     } else if resolved {
@@ -310,7 +310,13 @@ impl World {
                 .into_iter()
                 .map(|r| (r.reservation_id.clone(), r))
                 .collect();
-            for row in projection.rows().filter(|r| r.shard == shard) {
+            // The group's issuers now (a moved bucket's rows were last
+            // written by whichever group changed them last).
+            let issuers: BTreeSet<&IssuerId> = core.machine().issuers().collect();
+            for row in projection
+                .rows()
+                .filter(|r| issuers.contains(&r.reservation.issuer_id))
+            {
                 match expected.remove(&row.reservation.reservation_id) {
                     Some(r) if r == row.reservation => {}
                     other => self.violations.push(format!(
@@ -333,11 +339,14 @@ impl World {
 /// `position`) the projection lacks, if anything.
 fn missing(
     projection: &Projection,
-    change: &Change,
+    change: &harbor_wire::Change,
     at: ChangePosition,
     position: ChangePosition,
 ) -> Option<String> {
-    let row_version = match change {
+    // A row a later owner of the bucket wrote is newer than any change of
+    // an earlier one.
+    let newer = |epoch: u64| epoch > change.epoch;
+    let row_version = match &change.event {
         Change::ReservationCreated { reservation, .. }
         | Change::ReservationConfirmed { reservation, .. }
         | Change::ReservationReleased { reservation, .. }
@@ -345,6 +354,9 @@ fn missing(
             let Some(row) = projection.row(&reservation.reservation_id) else {
                 return Some(format!("no row for {}", reservation.reservation_id));
             };
+            if newer(row.epoch) {
+                return None;
+            }
             if row.version < at {
                 return Some(format!(
                     "{} stands at {:?}",
@@ -357,10 +369,16 @@ fn missing(
             let Some(row) = projection.issuer(issuer_id) else {
                 return Some(format!("no row for issuer {issuer_id}"));
             };
+            if newer(row.epoch) {
+                return None;
+            }
             row.version
         }
         // Nothing in the view; only the position says it was taken.
-        Change::ReservationRejected { .. } | Change::TokenAbandoned { .. } => position,
+        Change::ReservationRejected { .. }
+        | Change::TokenAbandoned { .. }
+        | Change::BucketAcquired { .. }
+        | Change::BucketReleased { .. } => position,
     };
     (row_version < at).then(|| format!("the row stands at {row_version:?}"))
 }

@@ -1,0 +1,575 @@
+//! A bucket's rows leaving one group and arriving in another (DESIGN.md
+//! §9). The source exports them in pages, a full pass and then only what
+//! changed since a position; the target stages them out of sight (no read,
+//! scan or write sees a staged row) and acquires them in one entry, once
+//! the source sealed the bucket and the target holds its rows as of the
+//! seal. The source then releases them. Every step is an entry of one
+//! group's log, so the outcome of a move is decided in the logs (an
+//! acquisition and an abort of the same import: whichever applies first
+//! wins) and never in a driver's memory.
+//!
+//! Each acquisition counts one more move of the bucket (its epoch): a
+//! change consumer orders a moved issuer's rows by (epoch, position), so a
+//! late change from the group the bucket left never overwrites a newer one
+//! from the group it went to.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use harbor_types::sim::probe;
+use harbor_types::{
+    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, ShardId,
+    Timestamp,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::command::ApplyContext;
+use crate::machine::{Issuer, Reservation, ReserveRequest, StateMachine, TokenRecord};
+use crate::outcome::{Event, Outcome, Rejection, Status};
+
+/// One issuer's own row, as a move copies it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuerRow {
+    pub issuer_id: IssuerId,
+    pub home_region: Region,
+    pub limit: Amount,
+    pub reserved: Amount,
+    pub next_seq: u64,
+    pub updated: CommitToken,
+}
+
+/// One reservation, whole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationRow {
+    pub issuer_id: IssuerId,
+    pub seq: u64,
+    pub token: ReservationToken,
+    pub amount: Amount,
+    pub desk: String,
+    pub trader: String,
+    pub hold_ttl_ms: Option<u64>,
+    pub status: Status,
+    pub expires_at_ms: Option<u64>,
+    pub created: CommitToken,
+    pub created_at: Timestamp,
+    pub updated: CommitToken,
+    pub customer_id: Option<String>,
+}
+
+/// One token's outcome, with the request a rejection kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRow {
+    pub issuer_id: IssuerId,
+    pub token: ReservationToken,
+    pub outcome: TokenRowOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenRowOutcome {
+    Committed {
+        seq: u64,
+        commit_token: CommitToken,
+    },
+    Rejected {
+        amount: Amount,
+        desk: String,
+        trader: String,
+        hold_ttl_ms: Option<u64>,
+        customer_id: Option<String>,
+        remaining: Amount,
+        commit_token: CommitToken,
+    },
+    Abandoned {
+        commit_token: CommitToken,
+    },
+}
+
+/// Rows of one bucket: a page of an export, one entry of an import.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketRows {
+    pub issuers: Vec<IssuerRow>,
+    pub reservations: Vec<ReservationRow>,
+    pub tokens: Vec<TokenRow>,
+}
+
+impl BucketRows {
+    pub fn len(&self) -> usize {
+        self.issuers.len() + self.reservations.len() + self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where an export stands: after an issuer's own row, one of its
+/// reservations, or one of its tokens (in that order, issuer by issuer).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ExportKey {
+    pub issuer_id: IssuerId,
+    pub part: ExportPart,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ExportPart {
+    Issuer,
+    Reservation(u64),
+    Token(ReservationToken),
+}
+
+/// A page of [`StateMachine::export`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportPage {
+    pub rows: BucketRows,
+    /// Where the next page starts; `None` once the bucket is read through.
+    pub next: Option<ExportKey>,
+    /// The position the page shows the state at.
+    pub at: Option<CommitToken>,
+    /// The bucket's record here when the page was read (`sealed_at` tells
+    /// whether nothing can change any more).
+    pub record: crate::BucketRecord,
+}
+
+/// Rows a move staged here, out of sight until the bucket is acquired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Staged {
+    pub(crate) move_id: u64,
+    pub(crate) from: ShardId,
+    pub(crate) issuers: BTreeMap<IssuerId, Issuer>,
+}
+
+/// A staged import, encoded after the state in snapshot format 4.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct StagedOut {
+    pub(crate) bucket: BucketId,
+    pub(crate) move_id: u64,
+    pub(crate) from: ShardId,
+    pub(crate) rows: BucketRows,
+}
+
+/// Rows an export page examines at most for each row it may return: a
+/// delta over a large bucket ends its page early rather than read it all.
+const EXAMINED_PER_ROW: usize = 64;
+
+impl StateMachine {
+    /// A page of `bucket`'s rows after `after`, at most `max` of them:
+    /// with `since`, only those written after it (a row written by another
+    /// group came with an acquisition, before any position `since` names).
+    pub fn export(
+        &self,
+        bucket: BucketId,
+        since: Option<CommitToken>,
+        after: Option<&ExportKey>,
+        max: usize,
+    ) -> ExportPage {
+        let max = max.max(1);
+        let changed = |p: CommitToken| {
+            since.is_none_or(|s| p.shard == s.shard && (p.generation, p.index) > (s.generation, s.index))
+        };
+        let mut page = ExportPage {
+            at: self.applied,
+            record: self.bucket(bucket),
+            ..ExportPage::default()
+        };
+        let mut examined = 0usize;
+        let budget = max.saturating_mul(EXAMINED_PER_ROW);
+        let from = match after {
+            Some(key) => std::ops::Bound::Included(&key.issuer_id),
+            None => std::ops::Bound::Unbounded,
+        };
+        let issuers = self
+            .issuers
+            .range::<IssuerId, _>((from, std::ops::Bound::Unbounded))
+            .filter(|(_, issuer)| issuer.bucket == Some(bucket));
+        for (issuer_id, issuer) in issuers {
+            let start = match after {
+                Some(key) if key.issuer_id == *issuer_id => Some(&key.part),
+                _ => None,
+            };
+            let mut parts: Vec<(ExportPart, bool)> = Vec::new();
+            if start.is_none() {
+                parts.push((ExportPart::Issuer, changed(issuer.updated)));
+            }
+            let seq_from = match start {
+                Some(ExportPart::Reservation(seq)) => seq + 1,
+                Some(ExportPart::Token(_)) => u64::MAX,
+                _ => 0,
+            };
+            let reservations = issuer
+                .reservations
+                .range(seq_from..)
+                .map(|(seq, r)| (ExportPart::Reservation(*seq), changed(r.updated)));
+            let tokens = issuer
+                .tokens
+                .iter()
+                .filter(|(token, _)| match start {
+                    Some(ExportPart::Token(after)) => *token > after,
+                    _ => true,
+                })
+                .map(|(token, record)| (ExportPart::Token(token.clone()), changed(record.commit_token())));
+            for (part, wanted) in parts.into_iter().chain(reservations).chain(tokens) {
+                if page.rows.len() == max || examined == budget {
+                    return page;
+                }
+                examined += 1;
+                if wanted {
+                    self.export_row(issuer_id, issuer, &part, &mut page.rows);
+                }
+                page.next = Some(ExportKey {
+                    issuer_id: issuer_id.clone(),
+                    part,
+                });
+            }
+        }
+        page.next = None;
+        page
+    }
+
+    fn export_row(&self, issuer_id: &IssuerId, issuer: &Issuer, part: &ExportPart, rows: &mut BucketRows) {
+        match part {
+            ExportPart::Issuer => rows.issuers.push(IssuerRow {
+                issuer_id: issuer_id.clone(),
+                home_region: issuer.home_region.clone(),
+                limit: issuer.limit,
+                reserved: issuer.reserved,
+                next_seq: issuer.next_seq,
+                updated: issuer.updated,
+            }),
+            ExportPart::Reservation(seq) => {
+                let r = &issuer.reservations[seq];
+                rows.reservations.push(reservation_row(issuer_id, *seq, r));
+            }
+            ExportPart::Token(token) => {
+                let record = &issuer.tokens[token];
+                rows.tokens.push(token_row(issuer_id, token, record));
+            }
+        }
+    }
+
+    /// The first entry of an import stages the rows; the next ones (of the
+    /// same move) add to them. Refused when the group takes the bucket's
+    /// writes, or stages it for another move.
+    pub(crate) fn import_bucket(
+        &mut self,
+        bucket: BucketId,
+        move_id: u64,
+        from: ShardId,
+        rows: &BucketRows,
+    ) -> Result<Outcome, Rejection> {
+        let staged = self.staged.get(&bucket).map(|s| s.move_id);
+        if staged.is_none() && self.holds_bucket(bucket) {
+            // A group that holds the bucket's rows cannot take them from
+            // elsewhere.
+            return Err(refused(format!("{bucket} is held by this group")));
+        }
+        if staged.is_some_and(|id| id != move_id) {
+            return Err(refused(format!(
+                "{bucket} is staged here for move {}, not {move_id}",
+                staged.unwrap()
+            )));
+        }
+        if self.bucket(bucket).acquired_by == Some(move_id) {
+            // A late copy of an entry of a move that finished: nothing to do.
+            return Ok(self.bucket_outcome(bucket));
+        }
+        let staged = self.staged.entry(bucket).or_insert_with(|| Staged {
+            move_id,
+            from,
+            issuers: BTreeMap::new(),
+        });
+        for row in &rows.issuers {
+            let issuer = staged
+                .issuers
+                .entry(row.issuer_id.clone())
+                .or_insert_with(|| empty_issuer(row.home_region.clone(), bucket));
+            issuer.home_region = row.home_region.clone();
+            issuer.limit = row.limit;
+            issuer.reserved = row.reserved;
+            issuer.next_seq = row.next_seq;
+            issuer.updated = row.updated;
+        }
+        for row in &rows.reservations {
+            let issuer = staged
+                .issuers
+                .entry(row.issuer_id.clone())
+                .or_insert_with(|| empty_issuer(Region::new("unknown").unwrap(), bucket));
+            issuer.reservations.insert(row.seq, reservation_of(row));
+        }
+        for row in &rows.tokens {
+            let issuer = staged
+                .issuers
+                .entry(row.issuer_id.clone())
+                .or_insert_with(|| empty_issuer(Region::new("unknown").unwrap(), bucket));
+            issuer
+                .tokens
+                .insert(row.token.clone(), token_record_of(&row.outcome));
+        }
+        Ok(self.bucket_outcome(bucket))
+    }
+
+    /// Whether any issuer of this group (not staged) is in `bucket`.
+    fn holds_bucket(&self, bucket: BucketId) -> bool {
+        self.issuers.values().any(|i| i.bucket == Some(bucket))
+    }
+
+    /// The staged rows become the group's, and the bucket's writes are
+    /// taken from this entry on. Refused, changing nothing, when the rows
+    /// are not consistent (a copy that missed a change) or collide with
+    /// issuers the group has.
+    pub(crate) fn acquire_bucket(
+        &mut self,
+        ctx: &ApplyContext,
+        events: &mut Vec<Event>,
+        bucket: BucketId,
+        move_id: u64,
+        epoch: u64,
+    ) -> Result<Outcome, Rejection> {
+        if self.bucket(bucket).acquired_by == Some(move_id) {
+            return Ok(self.bucket_outcome(bucket)); // a retry
+        }
+        let Some(staged) = self.staged.get(&bucket).filter(|s| s.move_id == move_id) else {
+            return Err(refused(format!(
+                "{bucket} has nothing staged for move {move_id} (aborted?)"
+            )));
+        };
+        if let Some(taken) = staged.issuers.keys().find(|id| self.issuers.contains_key(*id)) {
+            return Err(refused(format!("issuer {taken} of {bucket} is already here")));
+        }
+        let mut candidate = self.clone();
+        let staged = candidate.staged.remove(&bucket).expect("checked above");
+        let ids: Vec<IssuerId> = staged.issuers.keys().cloned().collect();
+        for (issuer_id, mut issuer) in staged.issuers {
+            issuer.bucket = Some(bucket);
+            for (seq, r) in &issuer.reservations {
+                if r.status.is_open() {
+                    issuer.open.insert(*seq);
+                }
+                if let Some(expires_at_ms) = r.expires_at_ms {
+                    let id = ReservationId::new(issuer_id.clone(), *seq);
+                    candidate.holds_by_expiry.insert((expires_at_ms, id));
+                }
+            }
+            candidate.issuers.insert(issuer_id, issuer);
+        }
+        let record = candidate.buckets.entry(bucket).or_default();
+        *record = crate::BucketRecord {
+            opened_at: Some(ctx.position),
+            epoch,
+            acquired_by: Some(move_id),
+            ..crate::BucketRecord::default()
+        };
+        if let Err(reason) = candidate.verify() {
+            // Nothing changes: the staging stays for an abort to clear.
+            probe("reservation.inconsistent_import_refused");
+            return Err(refused(format!(
+                "the rows staged for {bucket} are not consistent: {reason}"
+            )));
+        }
+        *self = candidate;
+        events.push(Event::BucketAcquired {
+            position: ctx.position,
+            at: ctx.at,
+            bucket,
+            from: staged.from,
+            epoch,
+            issuers: ids,
+        });
+        Ok(self.bucket_outcome(bucket))
+    }
+
+    /// Drops what a move staged, unless the bucket was acquired already
+    /// (the answer says which).
+    pub(crate) fn abort_import(&mut self, bucket: BucketId, move_id: u64) -> Outcome {
+        if self.staged.get(&bucket).is_some_and(|s| s.move_id == move_id) {
+            self.staged.remove(&bucket);
+        }
+        self.bucket_outcome(bucket)
+    }
+
+    /// A sealed bucket's rows leave the group (its next owner acquired
+    /// them). Refused unless the bucket is sealed here.
+    pub(crate) fn release_bucket(
+        &mut self,
+        ctx: &ApplyContext,
+        events: &mut Vec<Event>,
+        bucket: BucketId,
+        to: ShardId,
+    ) -> Result<Outcome, Rejection> {
+        let record = self.bucket(bucket);
+        if record.released_to.is_some() {
+            return Ok(self.bucket_outcome(bucket));
+        }
+        if record.sealed_at.is_none() {
+            return Err(refused(format!("{bucket} is not sealed here")));
+        }
+        let ids: Vec<IssuerId> = self
+            .issuers
+            .iter()
+            .filter(|(_, i)| i.bucket == Some(bucket))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            self.issuers.remove(id);
+        }
+        let gone: BTreeSet<&IssuerId> = ids.iter().collect();
+        self.sealed_holds.retain(|(_, id)| !gone.contains(id.issuer()));
+        self.buckets.get_mut(&bucket).expect("sealed").released_to = Some(to);
+        events.push(Event::BucketReleased {
+            position: ctx.position,
+            at: ctx.at,
+            bucket,
+            to,
+            issuers: ids,
+        });
+        Ok(self.bucket_outcome(bucket))
+    }
+
+    /// How many moves brought an issuer's bucket here (0: never moved).
+    pub fn epoch_of(&self, issuer: &IssuerId) -> u64 {
+        self.bucket_of(issuer)
+            .map_or(0, |bucket| self.bucket(bucket).epoch)
+    }
+
+    /// What snapshot format 4 writes of the staged imports.
+    pub(crate) fn staged_out(&self) -> Vec<StagedOut> {
+        self.staged
+            .iter()
+            .map(|(bucket, staged)| {
+                let mut rows = BucketRows::default();
+                for (issuer_id, issuer) in &staged.issuers {
+                    for part in std::iter::once(ExportPart::Issuer)
+                        .chain(issuer.reservations.keys().map(|s| ExportPart::Reservation(*s)))
+                        .chain(issuer.tokens.keys().map(|t| ExportPart::Token(t.clone())))
+                    {
+                        self.export_row(issuer_id, issuer, &part, &mut rows);
+                    }
+                }
+                StagedOut {
+                    bucket: *bucket,
+                    move_id: staged.move_id,
+                    from: staged.from,
+                    rows,
+                }
+            })
+            .collect()
+    }
+}
+
+fn refused(reason: String) -> Rejection {
+    Rejection::InvalidField {
+        field: "bucket".into(),
+        reason,
+    }
+}
+
+fn empty_issuer(home_region: Region, bucket: BucketId) -> Issuer {
+    Issuer {
+        home_region,
+        limit: Amount::ZERO,
+        reserved: Amount::ZERO,
+        next_seq: 1,
+        updated: CommitToken {
+            shard: ShardId(0),
+            generation: harbor_types::Generation::ZERO,
+            index: harbor_types::LogIndex(0),
+        },
+        reservations: BTreeMap::new(),
+        tokens: BTreeMap::new(),
+        open: BTreeSet::new(),
+        bucket: Some(bucket),
+    }
+}
+
+fn reservation_row(issuer_id: &IssuerId, seq: u64, r: &Reservation) -> ReservationRow {
+    ReservationRow {
+        issuer_id: issuer_id.clone(),
+        seq,
+        token: r.token.clone(),
+        amount: r.amount,
+        desk: r.desk.clone(),
+        trader: r.trader.clone(),
+        hold_ttl_ms: r.hold_ttl_ms,
+        status: r.status,
+        expires_at_ms: r.expires_at_ms,
+        created: r.created,
+        created_at: r.created_at,
+        updated: r.updated,
+        customer_id: r.customer_id.clone(),
+    }
+}
+
+fn reservation_of(row: &ReservationRow) -> Reservation {
+    Reservation {
+        token: row.token.clone(),
+        amount: row.amount,
+        desk: row.desk.clone(),
+        trader: row.trader.clone(),
+        hold_ttl_ms: row.hold_ttl_ms,
+        status: row.status,
+        expires_at_ms: row.expires_at_ms,
+        created: row.created,
+        created_at: row.created_at,
+        updated: row.updated,
+        customer_id: row.customer_id.clone(),
+    }
+}
+
+fn token_row(issuer_id: &IssuerId, token: &ReservationToken, record: &TokenRecord) -> TokenRow {
+    let outcome = match record {
+        TokenRecord::Committed { seq, commit_token } => TokenRowOutcome::Committed {
+            seq: *seq,
+            commit_token: *commit_token,
+        },
+        TokenRecord::Rejected {
+            request,
+            remaining,
+            commit_token,
+        } => TokenRowOutcome::Rejected {
+            amount: request.amount,
+            desk: request.desk.clone(),
+            trader: request.trader.clone(),
+            hold_ttl_ms: request.hold_ttl_ms,
+            customer_id: request.customer_id.clone(),
+            remaining: *remaining,
+            commit_token: *commit_token,
+        },
+        TokenRecord::Abandoned { commit_token } => TokenRowOutcome::Abandoned {
+            commit_token: *commit_token,
+        },
+    };
+    TokenRow {
+        issuer_id: issuer_id.clone(),
+        token: token.clone(),
+        outcome,
+    }
+}
+
+fn token_record_of(outcome: &TokenRowOutcome) -> TokenRecord {
+    match outcome {
+        TokenRowOutcome::Committed { seq, commit_token } => TokenRecord::Committed {
+            seq: *seq,
+            commit_token: *commit_token,
+        },
+        TokenRowOutcome::Rejected {
+            amount,
+            desk,
+            trader,
+            hold_ttl_ms,
+            customer_id,
+            remaining,
+            commit_token,
+        } => TokenRecord::Rejected {
+            request: ReserveRequest {
+                amount: *amount,
+                desk: desk.clone(),
+                trader: trader.clone(),
+                hold_ttl_ms: *hold_ttl_ms,
+                customer_id: customer_id.clone(),
+            },
+            remaining: *remaining,
+            commit_token: *commit_token,
+        },
+        TokenRowOutcome::Abandoned { commit_token } => TokenRecord::Abandoned {
+            commit_token: *commit_token,
+        },
+    }
+}
