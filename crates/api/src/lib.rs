@@ -499,13 +499,16 @@ pub enum ErrorCode {
     MetadataUnavailable,
     TransferRefused,
     TransferAbandoned,
+    MoveRefused,
+    MoveAborted,
+    UnknownBucket,
     FaultsDisabled,
     RestartFailed,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 47] = [
+    pub const ALL: [ErrorCode; 50] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidBody,
         ErrorCode::BodyTooLarge,
@@ -550,6 +553,9 @@ impl ErrorCode {
         ErrorCode::MetadataUnavailable,
         ErrorCode::TransferRefused,
         ErrorCode::TransferAbandoned,
+        ErrorCode::MoveRefused,
+        ErrorCode::MoveAborted,
+        ErrorCode::UnknownBucket,
         ErrorCode::FaultsDisabled,
         ErrorCode::RestartFailed,
         ErrorCode::Internal,
@@ -601,6 +607,9 @@ impl ErrorCode {
             ErrorCode::MetadataUnavailable => "metadata_unavailable",
             ErrorCode::TransferRefused => "transfer_refused",
             ErrorCode::TransferAbandoned => "transfer_abandoned",
+            ErrorCode::MoveRefused => "move_refused",
+            ErrorCode::MoveAborted => "move_aborted",
+            ErrorCode::UnknownBucket => "unknown_bucket",
             ErrorCode::FaultsDisabled => "faults_disabled",
             ErrorCode::RestartFailed => "restart_failed",
             ErrorCode::Internal => "internal",

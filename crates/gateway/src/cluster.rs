@@ -175,7 +175,7 @@ pub(crate) async fn cluster(State(gw): Gw) -> HttpResponse {
 }
 
 /// `{group}` is `3` or `shard3`.
-fn parse_group(gw: &Gateway, text: &str) -> Result<ShardId, ApiError> {
+pub(crate) fn parse_group(gw: &Gateway, text: &str) -> Result<ShardId, ApiError> {
     let digits = text.strip_prefix("shard").unwrap_or(text);
     let shard = digits
         .parse::<u32>()
@@ -286,7 +286,7 @@ fn no_control_plane() -> ApiError {
     )
 }
 
-fn answer(gw: &Gateway, result: Result<Map<String, Value>, ApiError>) -> HttpResponse {
+pub(crate) fn answer(gw: &Gateway, result: Result<Map<String, Value>, ApiError>) -> HttpResponse {
     match result {
         Ok(mut body) => {
             body.insert("node".into(), json!(gw.me));

@@ -646,7 +646,10 @@ pub fn change_line(change: &Change, region: String, cursor: String) -> ChangeLin
                 "issuers": issuers.iter().map(|i| i.to_string()).collect::<Vec<_>>()})),
         ),
         Event::BucketReleased {
-            bucket, to, issuers, ..
+            bucket,
+            to,
+            issuers,
+            ..
         } => (
             "bucket_released",
             String::new(),

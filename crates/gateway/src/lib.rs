@@ -19,6 +19,8 @@ mod error;
 mod feed_http;
 pub mod local;
 mod metrics;
+pub mod mover;
+mod moves_http;
 mod projection_http;
 mod projection_view;
 mod projections;

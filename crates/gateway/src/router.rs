@@ -110,6 +110,8 @@ pub struct Gateway {
     started: tokio::time::Instant,
     /// This region's projection (fed once [`Gateway::run_projection`] ran).
     pub(crate) projections: crate::projection_view::Projections,
+    /// The bucket moves this gateway drives now.
+    pub(crate) driving: crate::moves_http::Driving,
 }
 
 impl Gateway {
@@ -138,6 +140,7 @@ impl Gateway {
             local_replicas: Mutex::new(LocalReplicas::default()),
             started: tokio::time::Instant::now(),
             projections,
+            driving: crate::moves_http::Driving::default(),
             meta,
         }))
     }
@@ -283,12 +286,12 @@ impl Gateway {
     }
 
     /// This gateway's monotonic clock, as a [`Call`] reads it.
-    fn clock(&self) -> MonoMs {
+    pub(crate) fn clock(&self) -> MonoMs {
         let elapsed = self.started.elapsed().as_millis();
         MonoMs::from_millis(u64::try_from(elapsed).unwrap_or(u64::MAX - 1) + 1)
     }
 
-    fn instant_of(&self, at: MonoMs) -> tokio::time::Instant {
+    pub(crate) fn instant_of(&self, at: MonoMs) -> tokio::time::Instant {
         self.started + Duration::from_millis(at.as_millis() - 1)
     }
 

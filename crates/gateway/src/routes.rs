@@ -14,6 +14,7 @@ use crate::api::{
 use crate::batch::reserve_batch;
 use crate::cluster::{cluster, fault, metrics, transfer_leader};
 use crate::feed_http::changefeed;
+use crate::moves_http::{list_moves, move_bucket};
 use crate::projection_http::{customer, exposure, projections, rebuild, search};
 use crate::router::Gateway;
 
@@ -52,6 +53,8 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
             post(transfer_leader),
         )
         .route("/v1/admin/faults", post(fault))
+        .route("/v1/admin/buckets/{bucket}/move", post(move_bucket))
+        .route("/v1/admin/moves", get(list_moves))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -290,6 +290,10 @@ impl GroupCore {
                 after.as_ref(),
                 (max as usize).clamp(1, CHANGES_PAGE_MAX),
             )),
+            Query::UntaggedIssuers { max } => QueryResult::Issuers(
+                self.machine
+                    .untagged_issuers((max as usize).clamp(1, CHANGES_PAGE_MAX)),
+            ),
         }
     }
 }

@@ -653,6 +653,7 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
             .await
             .with_context(|| format!("binding the {region} gateway to {}", g.http))?;
         gateway.run_projection();
+        gateway.recover_moves();
         let app = harbor_gateway::routes(gateway);
         let mut stopped = stop.clone();
         server = Some(tokio::spawn(async move {

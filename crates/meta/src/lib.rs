@@ -22,6 +22,7 @@ pub use failover::{
 };
 pub use metadata::{MetaError, MetaFuture, Metadata};
 pub use placement::{
-    GenerationEnd, GroupInfo, NodeInfo, ShardMap, Topology, BUCKETS_DEFAULT, GENERATION_ENDS_KEPT,
+    BucketMove, GenerationEnd, GroupInfo, MovePhase, MoveProgress, NodeInfo, ShardMap, Topology,
+    BUCKETS_DEFAULT, GENERATION_ENDS_KEPT, RECENT_MOVES_KEPT,
 };
 pub use state::{DirectoryEntry, DirectoryError, MetaCommand, MetaReply, MetaState};

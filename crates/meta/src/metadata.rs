@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use harbor_types::{Generation, IssuerId, LogIndex, NodeId, Region, ShardId};
 
-use crate::placement::ShardMap;
+use crate::placement::{BucketMove, ShardMap};
 use crate::state::{DirectoryEntry, DirectoryError, MetaCommand, MetaReply};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -88,6 +88,17 @@ impl dyn Metadata {
             MetaReply::Assigned(result) => Ok(result),
             MetaReply::Refused(reason) => Err(MetaError::Refused(reason)),
             other => Err(MetaError::Unavailable(format!("assign answered {other:?}"))),
+        }
+    }
+
+    /// Commits a move command; its answer is the move as it stands.
+    pub async fn move_command(&self, command: MetaCommand) -> Result<BucketMove, MetaError> {
+        match self.write(command).await? {
+            MetaReply::Move(record) => Ok(record),
+            MetaReply::Refused(reason) => Err(MetaError::Refused(reason)),
+            other => Err(MetaError::Unavailable(format!(
+                "a move command answered {other:?}"
+            ))),
         }
     }
 

@@ -122,6 +122,79 @@ pub struct ShardMap {
     pub groups: BTreeMap<ShardId, GroupInfo>,
     /// Index = bucket id.
     pub buckets: Vec<ShardId>,
+    /// Buckets moving now, by bucket (DESIGN.md §9).
+    #[serde(default)]
+    pub moves: BTreeMap<BucketId, BucketMove>,
+    /// Moves that ended, newest last (at most `RECENT_MOVES_KEPT`).
+    #[serde(default)]
+    pub recent_moves: Vec<BucketMove>,
+    /// The id of the last move begun.
+    #[serde(default)]
+    pub last_move_id: u64,
+}
+
+/// Moves a map remembers after they end.
+pub const RECENT_MOVES_KEPT: usize = 32;
+
+/// A bucket on its way from one group to another. Its state lives here,
+/// not in the memory of whatever drives it: the groups' logs decide each
+/// step, and this record says how far it got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketMove {
+    pub id: u64,
+    pub bucket: BucketId,
+    pub from: ShardId,
+    pub to: ShardId,
+    /// When it began, on the clock of whoever began it (ms since the Unix
+    /// epoch).
+    pub started_ms: u64,
+    pub phase: MovePhase,
+    pub progress: MoveProgress,
+    /// Why it aborted.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MovePhase {
+    /// Copying the bucket's rows, then what changed since, to the target.
+    Copying,
+    /// The source sealed the bucket: its last changes are copied, then the
+    /// target acquires it.
+    Sealed,
+    /// The target acquired it and the map names the target.
+    Committed,
+    Done,
+    Aborted,
+}
+
+impl MovePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MovePhase::Copying => "copying",
+            MovePhase::Sealed => "sealed",
+            MovePhase::Committed => "committed",
+            MovePhase::Done => "done",
+            MovePhase::Aborted => "aborted",
+        }
+    }
+}
+
+/// What a move copied, and the write pause of its cutover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveProgress {
+    pub copied_rows: u64,
+    #[serde(default)]
+    pub copied_reservations: u64,
+    pub copied_bytes: u64,
+    /// Copy passes (a full one, then passes over what changed since).
+    pub passes: u32,
+    /// From the seal's answer to the map naming the target: the longest a
+    /// write to the bucket could wait on the move.
+    pub pause_ms: Option<u64>,
 }
 
 impl ShardMap {
@@ -132,6 +205,9 @@ impl ShardMap {
             nodes: Vec::new(),
             groups: BTreeMap::new(),
             buckets: Vec::new(),
+            moves: BTreeMap::new(),
+            recent_moves: Vec::new(),
+            last_move_id: 0,
         }
     }
 
@@ -189,6 +265,9 @@ impl ShardMap {
             nodes,
             groups,
             buckets,
+            moves: BTreeMap::new(),
+            recent_moves: Vec::new(),
+            last_move_id: 0,
         }
     }
 
@@ -230,6 +309,70 @@ impl ShardMap {
         }
         let slot = fnv1a64(issuer.as_str().as_bytes()) % candidates.len() as u64;
         Some(candidates[slot as usize])
+    }
+
+    /// Records a move of `bucket` to `to`, or says why it cannot begin.
+    pub fn begin_move(
+        &mut self,
+        bucket: BucketId,
+        to: ShardId,
+        at_ms: u64,
+    ) -> Result<BucketMove, String> {
+        let Some(&from) = self.buckets.get(bucket.0 as usize) else {
+            return Err(format!(
+                "{bucket} does not exist: this cluster has buckets 0 to {}",
+                self.buckets.len().saturating_sub(1)
+            ));
+        };
+        let Some(target) = self.groups.get(&to) else {
+            return Err(format!("{to} is not a group of this cluster"));
+        };
+        if from == to {
+            return Err(format!("{bucket} is in {to} already"));
+        }
+        let source = &self.groups[&from];
+        if source.home_region != target.home_region {
+            return Err(format!(
+                "{bucket} is homed in {} ({from}); {to} is homed in {}: a bucket moves within its home region",
+                source.home_region, target.home_region
+            ));
+        }
+        if let Some(other) = self.moves.get(&bucket) {
+            return Err(format!("{bucket} is in move {} already", other.id));
+        }
+        if let Some(busy) = self
+            .moves
+            .values()
+            .find(|m| [m.from, m.to].iter().any(|g| *g == from || *g == to))
+        {
+            return Err(format!(
+                "move {} of {} involves {} or {}: one move per group at a time",
+                busy.id, busy.bucket, from, to
+            ));
+        }
+        self.last_move_id += 1;
+        let record = BucketMove {
+            id: self.last_move_id,
+            bucket,
+            from,
+            to,
+            started_ms: at_ms,
+            phase: MovePhase::Copying,
+            progress: MoveProgress::default(),
+            reason: None,
+            ended_ms: None,
+        };
+        self.moves.insert(bucket, record.clone());
+        self.map_version += 1;
+        Ok(record)
+    }
+
+    /// The move with this id, under way or recently ended.
+    pub fn find_move(&self, id: u64) -> Option<&BucketMove> {
+        self.moves
+            .values()
+            .find(|m| m.id == id)
+            .or_else(|| self.recent_moves.iter().find(|m| m.id == id))
     }
 
     /// Groups a node hosts a replica of.

@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use harbor_types::{BucketId, Generation, IssuerId, LogIndex, NodeId, Region, ShardId};
 use serde::{Deserialize, Serialize};
 
-use crate::placement::{GenerationEnd, ShardMap, Topology, GENERATION_ENDS_KEPT};
+use crate::placement::{
+    BucketMove, GenerationEnd, MovePhase, MoveProgress, ShardMap, Topology, GENERATION_ENDS_KEPT,
+    RECENT_MOVES_KEPT,
+};
 
 /// Where an issuer lives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +66,29 @@ pub enum MetaCommand {
         issuer_id: IssuerId,
         home_region: Region,
     },
+    /// Begins moving `bucket` to group `to` (of the same home region).
+    /// Refused while the bucket, its group or `to` is in another move.
+    BeginMove {
+        bucket: BucketId,
+        to: ShardId,
+        at_ms: u64,
+    },
+    /// Records how far a move got.
+    UpdateMove {
+        id: u64,
+        phase: MovePhase,
+        progress: MoveProgress,
+    },
+    /// The target acquired the bucket: the map names it from now on.
+    CommitMove { id: u64 },
+    /// The move is over: done, or aborted with a reason (refused once
+    /// committed).
+    EndMove {
+        id: u64,
+        aborted: Option<String>,
+        progress: MoveProgress,
+        at_ms: u64,
+    },
 }
 
 /// What applying a command answered.
@@ -75,6 +101,8 @@ pub enum MetaReply {
     /// The command does not fit the state (an older generation, an unknown
     /// group or leader, no cluster yet). Nothing changed.
     Refused(String),
+    /// A move as it stands after the command.
+    Move(BucketMove),
 }
 
 /// Everything the metadata plane holds.
@@ -189,6 +217,67 @@ impl MetaState {
                 };
                 self.directory.insert(issuer_id.clone(), entry.clone());
                 return MetaReply::Assigned(Ok((entry, true)));
+            }
+            MetaCommand::BeginMove { bucket, to, at_ms } => {
+                return match map.begin_move(*bucket, *to, *at_ms) {
+                    Ok(record) => MetaReply::Move(record),
+                    Err(reason) => MetaReply::Refused(reason),
+                };
+            }
+            MetaCommand::UpdateMove {
+                id,
+                phase,
+                progress,
+            } => {
+                let Some(record) = map.moves.values_mut().find(|m| m.id == *id) else {
+                    return MetaReply::Refused(format!("no move {id} under way"));
+                };
+                record.phase = record.phase.max(*phase);
+                record.progress = *progress;
+                let record = record.clone();
+                map.map_version += 1;
+                return MetaReply::Move(record);
+            }
+            MetaCommand::CommitMove { id } => {
+                let Some(record) = map.moves.values_mut().find(|m| m.id == *id) else {
+                    return MetaReply::Refused(format!("no move {id} under way"));
+                };
+                record.phase = record.phase.max(MovePhase::Committed);
+                let record = record.clone();
+                map.buckets[record.bucket.0 as usize] = record.to;
+                map.map_version += 1;
+                return MetaReply::Move(record);
+            }
+            MetaCommand::EndMove {
+                id,
+                aborted,
+                progress,
+                at_ms,
+            } => {
+                let Some(bucket) = map.moves.values().find(|m| m.id == *id).map(|m| m.bucket)
+                else {
+                    return match map.recent_moves.iter().find(|m| m.id == *id) {
+                        Some(ended) => MetaReply::Move(ended.clone()),
+                        None => MetaReply::Refused(format!("no move {id}")),
+                    };
+                };
+                let mut record = map.moves.remove(&bucket).expect("found above");
+                if aborted.is_some() && record.phase >= MovePhase::Committed {
+                    map.moves.insert(bucket, record);
+                    return MetaReply::Refused(format!("move {id} is committed: it cannot abort"));
+                }
+                record.phase = match aborted {
+                    Some(_) => MovePhase::Aborted,
+                    None => MovePhase::Done,
+                };
+                record.reason = aborted.clone();
+                record.progress = *progress;
+                record.ended_ms = Some(*at_ms);
+                map.recent_moves.push(record.clone());
+                let excess = map.recent_moves.len().saturating_sub(RECENT_MOVES_KEPT);
+                map.recent_moves.drain(..excess);
+                map.map_version += 1;
+                return MetaReply::Move(record);
             }
         }
         self.map_reply()

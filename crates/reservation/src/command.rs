@@ -114,10 +114,22 @@ pub enum Command {
         epoch: u64,
     },
     /// Drops what move `move_id` staged, unless it was acquired already.
-    AbortImport { bucket: BucketId, move_id: u64 },
+    AbortImport {
+        bucket: BucketId,
+        move_id: u64,
+    },
     /// The rows of sealed `bucket` leave this group: group `to` acquired
     /// them.
-    ReleaseBucket { bucket: BucketId, to: ShardId },
+    ReleaseBucket {
+        bucket: BucketId,
+        to: ShardId,
+    },
+    /// Issuers registered before buckets were recorded learn theirs (from
+    /// the metadata directory), so a move of the bucket takes them along.
+    TagIssuers {
+        bucket: BucketId,
+        issuers: Vec<IssuerId>,
+    },
 }
 
 impl Command {
@@ -152,7 +164,8 @@ impl Command {
             | Command::ImportBucket { .. }
             | Command::AcquireBucket { .. }
             | Command::AbortImport { .. }
-            | Command::ReleaseBucket { .. } => None,
+            | Command::ReleaseBucket { .. }
+            | Command::TagIssuers { .. } => None,
         }
     }
 }

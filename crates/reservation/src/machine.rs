@@ -501,6 +501,7 @@ impl StateMachine {
             } => self.acquire_bucket(ctx, events, *bucket, *move_id, *epoch),
             Command::AbortImport { bucket, move_id } => Ok(self.abort_import(*bucket, *move_id)),
             Command::ReleaseBucket { bucket, to } => self.release_bucket(ctx, events, *bucket, *to),
+            Command::TagIssuers { bucket, issuers } => Ok(self.tag_issuers(*bucket, issuers)),
             Command::Reserve {
                 token,
                 issuer_id,
@@ -930,11 +931,7 @@ impl StateMachine {
         bucket: BucketId,
         untagged: &[IssuerId],
     ) -> Outcome {
-        for issuer_id in untagged {
-            if let Some(issuer) = self.issuers.get_mut(issuer_id) {
-                issuer.bucket.get_or_insert(bucket);
-            }
-        }
+        self.tag(bucket, untagged);
         let record = self.buckets.entry(bucket).or_default();
         record.sealed_at.get_or_insert(ctx.position);
         // Its holds leave the expiry index (those of issuers it just named
@@ -951,6 +948,44 @@ impl StateMachine {
             self.sealed_holds.insert(hold);
         }
         self.bucket_outcome(bucket)
+    }
+
+    fn tag(&mut self, bucket: BucketId, untagged: &[IssuerId]) {
+        for issuer_id in untagged {
+            if let Some(issuer) = self.issuers.get_mut(issuer_id) {
+                issuer.bucket.get_or_insert(bucket);
+            }
+        }
+    }
+
+    /// Tags issuers with their bucket; a sealed bucket's seal covers them
+    /// at once (as if they had been named by it).
+    fn tag_issuers(&mut self, bucket: BucketId, untagged: &[IssuerId]) -> Outcome {
+        self.tag(bucket, untagged);
+        if self.is_sealed(bucket) && self.bucket(bucket).released_to.is_none() {
+            let holds: Vec<_> = self
+                .holds_by_expiry
+                .iter()
+                .filter(|(_, id)| self.bucket_of(id.issuer()) == Some(bucket))
+                .cloned()
+                .collect();
+            for hold in holds {
+                self.holds_by_expiry.remove(&hold);
+                self.sealed_holds.insert(hold);
+            }
+        }
+        self.bucket_outcome(bucket)
+    }
+
+    /// Issuers that do not know their bucket (registered before buckets
+    /// were recorded), at most `max`.
+    pub fn untagged_issuers(&self, max: usize) -> Vec<IssuerId> {
+        self.issuers
+            .iter()
+            .filter(|(_, i)| i.bucket.is_none())
+            .map(|(id, _)| id.clone())
+            .take(max)
+            .collect()
     }
 
     fn unseal_bucket(&mut self, ctx: &ApplyContext, bucket: BucketId) -> Outcome {
@@ -974,17 +1009,16 @@ impl StateMachine {
     }
 
     pub(crate) fn bucket_outcome(&self, bucket: BucketId) -> Outcome {
-        let issuers = self
+        let held = self
             .issuers
             .values()
             .filter(|i| i.bucket == Some(bucket))
             .count();
-        let record = self.bucket(bucket);
+        let staged = self.staged.get(&bucket).map_or(0, |s| s.issuers.len());
         Outcome::Bucket {
             bucket,
-            sealed_at: record.sealed_at,
-            opened_at: record.opened_at,
-            issuers: issuers as u64,
+            record: self.bucket(bucket),
+            issuers: (held + staged) as u64,
         }
     }
 

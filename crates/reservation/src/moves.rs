@@ -99,6 +99,11 @@ impl BucketRows {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Their encoded size, as an import entry carries them.
+    pub fn encoded_bytes(&self) -> u64 {
+        postcard::to_allocvec(self).map_or(0, |b| b.len() as u64)
+    }
 }
 
 /// Where an export stands: after an issuer's own row, one of its
@@ -163,7 +168,9 @@ impl StateMachine {
     ) -> ExportPage {
         let max = max.max(1);
         let changed = |p: CommitToken| {
-            since.is_none_or(|s| p.shard == s.shard && (p.generation, p.index) > (s.generation, s.index))
+            since.is_none_or(|s| {
+                p.shard == s.shard && (p.generation, p.index) > (s.generation, s.index)
+            })
         };
         let mut page = ExportPage {
             at: self.applied,
@@ -205,7 +212,12 @@ impl StateMachine {
                     Some(ExportPart::Token(after)) => *token > after,
                     _ => true,
                 })
-                .map(|(token, record)| (ExportPart::Token(token.clone()), changed(record.commit_token())));
+                .map(|(token, record)| {
+                    (
+                        ExportPart::Token(token.clone()),
+                        changed(record.commit_token()),
+                    )
+                });
             for (part, wanted) in parts.into_iter().chain(reservations).chain(tokens) {
                 if page.rows.len() == max || examined == budget {
                     return page;
@@ -224,7 +236,13 @@ impl StateMachine {
         page
     }
 
-    fn export_row(&self, issuer_id: &IssuerId, issuer: &Issuer, part: &ExportPart, rows: &mut BucketRows) {
+    fn export_row(
+        &self,
+        issuer_id: &IssuerId,
+        issuer: &Issuer,
+        part: &ExportPart,
+        rows: &mut BucketRows,
+    ) {
         match part {
             ExportPart::Issuer => rows.issuers.push(IssuerRow {
                 issuer_id: issuer_id.clone(),
@@ -331,8 +349,14 @@ impl StateMachine {
                 "{bucket} has nothing staged for move {move_id} (aborted?)"
             )));
         };
-        if let Some(taken) = staged.issuers.keys().find(|id| self.issuers.contains_key(*id)) {
-            return Err(refused(format!("issuer {taken} of {bucket} is already here")));
+        if let Some(taken) = staged
+            .issuers
+            .keys()
+            .find(|id| self.issuers.contains_key(*id))
+        {
+            return Err(refused(format!(
+                "issuer {taken} of {bucket} is already here"
+            )));
         }
         let mut candidate = self.clone();
         let staged = candidate.staged.remove(&bucket).expect("checked above");
@@ -379,7 +403,11 @@ impl StateMachine {
     /// Drops what a move staged, unless the bucket was acquired already
     /// (the answer says which).
     pub(crate) fn abort_import(&mut self, bucket: BucketId, move_id: u64) -> Outcome {
-        if self.staged.get(&bucket).is_some_and(|s| s.move_id == move_id) {
+        if self
+            .staged
+            .get(&bucket)
+            .is_some_and(|s| s.move_id == move_id)
+        {
             self.staged.remove(&bucket);
         }
         self.bucket_outcome(bucket)
@@ -411,7 +439,8 @@ impl StateMachine {
             self.issuers.remove(id);
         }
         let gone: BTreeSet<&IssuerId> = ids.iter().collect();
-        self.sealed_holds.retain(|(_, id)| !gone.contains(id.issuer()));
+        self.sealed_holds
+            .retain(|(_, id)| !gone.contains(id.issuer()));
         self.buckets.get_mut(&bucket).expect("sealed").released_to = Some(to);
         events.push(Event::BucketReleased {
             position: ctx.position,
@@ -437,7 +466,12 @@ impl StateMachine {
                 let mut rows = BucketRows::default();
                 for (issuer_id, issuer) in &staged.issuers {
                     for part in std::iter::once(ExportPart::Issuer)
-                        .chain(issuer.reservations.keys().map(|s| ExportPart::Reservation(*s)))
+                        .chain(
+                            issuer
+                                .reservations
+                                .keys()
+                                .map(|s| ExportPart::Reservation(*s)),
+                        )
                         .chain(issuer.tokens.keys().map(|t| ExportPart::Token(t.clone())))
                     {
                         self.export_row(issuer_id, issuer, &part, &mut rows);

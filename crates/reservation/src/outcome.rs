@@ -131,13 +131,11 @@ pub enum Outcome {
     Rejected(Rejection),
     /// A batch's outcomes, one per command, in order.
     Batch(Vec<Outcome>),
-    /// A bucket sealed or unsealed: `sealed_at` is the entry that sealed
-    /// it (`None` once unsealed), `opened_at` the one that last unsealed
-    /// it; `issuers` the group holds in it.
+    /// A bucket command's answer: where the group stands with the bucket
+    /// after it, and the issuers it holds in it (staged ones included).
     Bucket {
         bucket: BucketId,
-        sealed_at: Option<CommitToken>,
-        opened_at: Option<CommitToken>,
+        record: crate::BucketRecord,
         issuers: u64,
     },
 }

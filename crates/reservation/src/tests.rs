@@ -899,8 +899,12 @@ fn a_sealed_bucket_refuses_every_write_until_unsealed_and_its_holds_wait() {
         issuers: vec![issuer("A")],
     });
     let Outcome::Bucket {
-        sealed_at: Some(at),
-        opened_at: None,
+        record:
+            BucketRecord {
+                sealed_at: Some(at),
+                opened_at: None,
+                ..
+            },
         issuers: 2,
         ..
     } = sealed.outcome
@@ -955,7 +959,9 @@ fn a_sealed_bucket_refuses_every_write_until_unsealed_and_its_holds_wait() {
         bucket: BucketId(7),
         issuers: vec![],
     });
-    assert!(matches!(again.outcome, Outcome::Bucket { sealed_at: Some(a), .. } if a == at));
+    assert!(
+        matches!(again.outcome, Outcome::Bucket { record, .. } if record.sealed_at == Some(at))
+    );
     let restored = StateMachine::restore(&log.sm.snapshot()).unwrap();
     assert_eq!(restored, log.sm);
     // Unsealed: writes are taken again and the due holds expire.
@@ -965,7 +971,8 @@ fn a_sealed_bucket_refuses_every_write_until_unsealed_and_its_holds_wait() {
     let opened_at = position(log.index);
     assert!(matches!(
         opened.outcome,
-        Outcome::Bucket { sealed_at: None, opened_at: Some(o), .. } if o == opened_at
+        Outcome::Bucket { record, .. }
+            if record.sealed_at.is_none() && record.opened_at == Some(opened_at)
     ));
     assert_eq!(log.sm.bucket(BucketId(7)).opened_at, Some(opened_at));
     assert_eq!(
@@ -997,7 +1004,10 @@ fn copy_bucket(
             from: ShardId(1),
             rows: page.rows,
         });
-        assert!(matches!(applied.outcome, Outcome::Bucket { .. }), "{applied:?}");
+        assert!(
+            matches!(applied.outcome, Outcome::Bucket { .. }),
+            "{applied:?}"
+        );
         after = page.next;
         if after.is_none() {
             return first;
@@ -1044,7 +1054,11 @@ fn a_bucket_moves_whole_and_is_written_only_where_it_is() {
     });
     let delta = a.sm.export(b, since, None, 100);
     assert_eq!(
-        (delta.rows.issuers.len(), delta.rows.reservations.len(), delta.rows.tokens.len()),
+        (
+            delta.rows.issuers.len(),
+            delta.rows.reservations.len(),
+            delta.rows.tokens.len()
+        ),
         (0, 1, 0),
         "only what changed since the copy (a confirm changes its reservation): {delta:?}"
     );
@@ -1065,14 +1079,23 @@ fn a_bucket_moves_whole_and_is_written_only_where_it_is() {
         assert_eq!(b_log.sm.reservation(&rid(id)), a.sm.reservation(&rid(id)));
     }
     for t in ["b1", "b2", "b3"] {
-        assert_eq!(b_log.sm.token(&issuer("B"), &token(t)), a.sm.token(&issuer("B"), &token(t)));
+        assert_eq!(
+            b_log.sm.token(&issuer("B"), &token(t)),
+            a.sm.token(&issuer("B"), &token(t))
+        );
     }
     assert_eq!(b_log.sm.epoch_of(&issuer("B")), 1);
     // The same token is a replay in its new group; an abort after the
     // acquisition changes nothing.
     let replay = b_log.apply(reserve("b3", "B", 20, None));
-    assert!(matches!(replay.outcome, Outcome::Reservation { replayed: true, .. }));
-    b_log.apply(Command::AbortImport { bucket: b, move_id: 1 });
+    assert!(matches!(
+        replay.outcome,
+        Outcome::Reservation { replayed: true, .. }
+    ));
+    b_log.apply(Command::AbortImport {
+        bucket: b,
+        move_id: 1,
+    });
     assert!(b_log.sm.takes_writes(b));
     let restored = StateMachine::restore(&b_log.sm.snapshot()).unwrap();
     assert_eq!(restored, b_log.sm);
@@ -1081,12 +1104,15 @@ fn a_bucket_moves_whole_and_is_written_only_where_it_is() {
         bucket: b,
         to: ShardId(2),
     });
-    assert!(matches!(released.events.as_slice(), [Event::BucketReleased { .. }]));
+    assert!(matches!(
+        released.events.as_slice(),
+        [Event::BucketReleased { .. }]
+    ));
     assert_eq!(a.sm.issuer(&issuer("B")), None);
     assert!(a.sm.issuer(&issuer("A")).is_some());
     assert!(!a.sm.serves_reads(b) && !a.sm.takes_writes(b));
     let unseal = a.apply(Command::UnsealBucket { bucket: b });
-    assert!(matches!(unseal.outcome, Outcome::Bucket { sealed_at: Some(_), .. }));
+    assert!(matches!(unseal.outcome, Outcome::Bucket { record, .. } if record.sealed_at.is_some()));
 }
 
 #[test]
@@ -1112,8 +1138,14 @@ fn an_aborted_import_cannot_be_acquired_and_an_inconsistent_one_is_refused() {
     };
     target.apply(import(1));
     // Another move cannot stage over it.
-    assert!(matches!(target.apply(import(2)).outcome, Outcome::Rejected(_)));
-    target.apply(Command::AbortImport { bucket: b, move_id: 1 });
+    assert!(matches!(
+        target.apply(import(2)).outcome,
+        Outcome::Rejected(_)
+    ));
+    target.apply(Command::AbortImport {
+        bucket: b,
+        move_id: 1,
+    });
     let late = target.apply(Command::AcquireBucket {
         bucket: b,
         move_id: 1,
@@ -1135,7 +1167,10 @@ fn an_aborted_import_cannot_be_acquired_and_an_inconsistent_one_is_refused() {
         move_id: 3,
         epoch: 1,
     });
-    assert!(matches!(refused.outcome, Outcome::Rejected(_)), "{refused:?}");
+    assert!(
+        matches!(refused.outcome, Outcome::Rejected(_)),
+        "{refused:?}"
+    );
     assert_eq!(target.sm.issuer(&issuer("B")), None);
     let restored = StateMachine::restore(&target.sm.snapshot()).unwrap();
     assert_eq!(restored, target.sm);

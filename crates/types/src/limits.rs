@@ -251,3 +251,25 @@ const _: () = assert!(SILENT_LEADER_MS < RESEND_AFTER_MS);
 const _: () = assert!(UNREACHABLE_AFTER_MS + LEASE_MS + LEASE_MARGIN_MS < REQUEST_TIMEOUT_MS);
 const _: () = assert!(BODY_BYTES_MAX <= BATCH_BODY_BYTES_MAX);
 const _: () = assert!(CAUSAL_WAIT_MS_DEFAULT <= CAUSAL_WAIT_MS_MAX);
+
+// ----- Bucket moves ------------------------------------------------------------
+
+/// Rows per page a move copies, and so per import entry (a row is smaller
+/// than a client command, so a page fits an entry twice over).
+pub const MOVE_CHUNK_ROWS: u32 = 512;
+/// A copy pass that moved at most this many rows is the last before the
+/// seal: the write pause is the time to copy what the final pass finds.
+pub const MOVE_FINAL_PASS_ROWS: u64 = 64;
+/// Copy passes before the seal, at most (a bucket written faster than it
+/// copies is sealed anyway after these).
+pub const MOVE_PASSES_MAX: u32 = 8;
+/// A move not sealed within this aborts.
+pub const MOVE_COPY_TIMEOUT_MS: u64 = 60_000;
+/// A sealed move not acquired within this aborts: the longest a bucket's
+/// writes can wait on a move.
+pub const MOVE_CUTOVER_TIMEOUT_MS: u64 = 3_000;
+/// A move's failed step is tried again after this.
+pub const MOVE_RETRY_MS: u64 = 50;
+
+const _: () = assert!(MOVE_CHUNK_ROWS as usize * COMMAND_BYTES_MAX * 2 <= ENTRY_BYTES_MAX);
+const _: () = assert!(MOVE_CUTOVER_TIMEOUT_MS < REQUEST_TIMEOUT_MS);

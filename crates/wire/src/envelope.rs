@@ -172,6 +172,10 @@ pub enum Query {
         after: Option<ExportKey>,
         max: u32,
     },
+    /// Issuers that do not know their bucket, at most `max`.
+    UntaggedIssuers {
+        max: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -185,6 +189,7 @@ pub enum QueryResult {
     Changes(ChangesPage),
     Scan(ScanPage),
     Export(ExportPage),
+    Issuers(Vec<IssuerId>),
 }
 
 /// How and where an answer was produced.

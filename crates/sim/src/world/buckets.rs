@@ -241,17 +241,13 @@ impl World {
     /// at the next step.
     fn operator_answered(&mut self, result: Result<Response, harbor_wire::NodeError>) {
         let Ok(Response::Applied {
-            outcome:
-                Outcome::Bucket {
-                    sealed_at,
-                    opened_at,
-                    ..
-                },
+            outcome: Outcome::Bucket { record, .. },
             ..
         }) = result
         else {
             return;
         };
+        let (sealed_at, opened_at) = (record.sealed_at, record.opened_at);
         let task = self.operator.task.as_mut().expect("a task");
         let (shard, bucket) = (task.shard, task.bucket);
         match (task.phase, sealed_at, opened_at) {
