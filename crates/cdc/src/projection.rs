@@ -381,6 +381,18 @@ impl Projection {
             stream.scan.is_none(),
             "{shard}: changes taken while scanning"
         );
+        let mut page = page;
+        // A bucket this group acquired brings rows no change carries (the
+        // group they came from may be scanned after it let them go): the
+        // group is scanned again from the acquisition on, and the rest of
+        // the page waits for that.
+        let acquired = page
+            .changes
+            .iter()
+            .position(|c| matches!(c.event, Event::BucketAcquired { .. }));
+        if let Some(k) = acquired {
+            page.changes.truncate(k + 1);
+        }
         let mut position = stream.position;
         for change in &page.changes {
             assert!(
@@ -390,13 +402,27 @@ impl Projection {
             );
             position = change.cursor();
         }
-        stream.position = position.max(page.upto);
-        if let Some(resolved) = page.resolved {
-            stream.resolved = Some(stream.resolved.map_or(resolved, |r| r.max(resolved)));
+        match acquired {
+            Some(_) => stream.position = position,
+            None => {
+                stream.position = position.max(page.upto);
+                if let Some(resolved) = page.resolved {
+                    stream.resolved = Some(stream.resolved.map_or(resolved, |r| r.max(resolved)));
+                }
+            }
         }
         for change in page.changes {
             let at = change.position();
             self.apply(shard, change.event, at, change.epoch);
+        }
+        if acquired.is_some() {
+            probe("projection.rescanned_after_a_move");
+            let stream = self.streams.get_mut(&shard).expect("a shard");
+            stream.scan = Some(Scan {
+                floor: Some(ChangePosition::entry_end(position.index)),
+                ..Scan::default()
+            });
+            stream.resolved = None;
         }
         self.advance_watermark();
         Ok(())

@@ -1,7 +1,7 @@
 //! `POST /v1/reservations:batch`: many reservations in one request, each
 //! with its own token and its own outcome. The gateway checks every item,
 //! groups the valid ones by group, and orders each group's share as
-//! [`Command::Batch`] entries (one log entry and one answer for up to
+//! [`Command::BucketBatch`] entries (one log entry and one answer for up to
 //! `ENTRY_COMMANDS_MAX` reservations); a rejected or invalid item never
 //! fails the others. An entry refused because one of its buckets is
 //! moving is placed again by the refreshed map and sent again.
@@ -108,9 +108,9 @@ async fn run(
             }
             chunks.push(commands);
             chunks.into_iter().map(move |chunk| async move {
-                let commands: Vec<Command> = chunk.iter().map(|(_, _, c)| c.clone()).collect();
+                let commands = chunk.iter().map(|(_, b, c)| (*b, c.clone())).collect();
                 let written = gw
-                    .write(Place::group(shard), Command::Batch(commands))
+                    .write(Place::group(shard), Command::BucketBatch(commands))
                     .await;
                 (chunk, written)
             })

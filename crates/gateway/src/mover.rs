@@ -87,6 +87,9 @@ pub struct MoveFailure {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Phase {
+    /// The source learns the bucket of issuers registered before buckets
+    /// were recorded, so the copy takes them along.
+    Tag,
     /// Reading a page of the current pass.
     Read,
     /// Importing the page just read.
@@ -141,10 +144,14 @@ impl Mover {
         untagged: Vec<IssuerId>,
         limits: MoveLimits,
     ) -> (Mover, MoveStep) {
+        let phase = match untagged.is_empty() {
+            true => Phase::Read,
+            false => Phase::Tag,
+        };
         let mover = Mover {
             limits,
             untagged,
-            phase: Phase::Read,
+            phase,
             retry_at: None,
             copy_deadline: now.plus(limits.copy_timeout_ms),
             cutover_deadline: None,
@@ -184,7 +191,7 @@ impl Mover {
     pub fn phase(&self) -> &'static str {
         match self.phase {
             Phase::Read | Phase::Import(_) if self.sealed_at.is_some() => "final copy",
-            Phase::Read | Phase::Import(_) => "copying",
+            Phase::Tag | Phase::Read | Phase::Import(_) => "copying",
             Phase::Seal | Phase::RecordSeal => "sealing",
             Phase::Acquire => "acquiring",
             Phase::Commit => "committing",
@@ -203,6 +210,13 @@ impl Mover {
         let (bucket, id) = (self.bucket(), self.record.id);
         let (from, to) = (self.record.from, self.record.to);
         match &self.phase {
+            Phase::Tag => MoveStep::Write {
+                shard: from,
+                command: Command::TagIssuers {
+                    bucket,
+                    issuers: self.untagged.clone(),
+                },
+            },
             Phase::Read => MoveStep::Read {
                 shard: from,
                 query: Query::Export {
@@ -285,6 +299,10 @@ impl Mover {
             Err(reason) => return self.failed(now, reason),
         };
         match (&self.phase, response) {
+            (Phase::Tag, Response::Applied { .. }) => {
+                self.phase = Phase::Read;
+                self.step()
+            }
             (
                 Phase::Read,
                 Response::Read {
@@ -454,7 +472,9 @@ impl Mover {
     fn failed(&mut self, now: MonoMs, reason: String) -> MoveStep {
         tracing::debug!(id = self.record.id, phase = self.phase(), %reason, "a move's step failed");
         let deadline = match self.phase {
-            Phase::Read | Phase::Import(_) | Phase::Seal if self.sealed_at.is_none() => {
+            Phase::Tag | Phase::Read | Phase::Import(_) | Phase::Seal
+                if self.sealed_at.is_none() =>
+            {
                 Some(self.copy_deadline)
             }
             Phase::Read | Phase::Import(_) | Phase::Seal | Phase::RecordSeal | Phase::Acquire => {

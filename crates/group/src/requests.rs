@@ -70,10 +70,10 @@ impl GroupCore {
         if let Err(e) = self.admit(route.map(|r| r.generation)) {
             return self.reply_error(&from, id, e);
         }
-        // A write for a bucket this group does not take is refused before
-        // it costs an entry (the seal's entry refuses the ones already
-        // ordered). Reads of a sealed bucket are still served (its state
-        // is the bucket's newest) until its rows are released.
+        // A request for a bucket this group does not take is refused: a
+        // write before it costs an entry (the seal's entry refuses the
+        // ones already ordered), a read because the bucket's newest state
+        // may be its next group's already.
         if let Some(bucket) = route.and_then(|r| r.bucket) {
             let refused = match request {
                 Request::Write { .. } => {
@@ -229,6 +229,18 @@ impl GroupCore {
     }
 
     fn answer_local_read(&mut self, now: Now, read: LocalRead) {
+        if let Some(issuer) = query_issuer(&read.query) {
+            if !self.machine.serves_issuer(issuer) {
+                let e = NodeError::new(
+                    ErrorKind::ReplicaBehind,
+                    format!(
+                        "{issuer}'s bucket is moving out of {}: ask its leader",
+                        self.shard
+                    ),
+                );
+                return self.reply_error(&read.reply_to, read.request_id, e);
+            }
+        }
         let staleness_ms = self.staleness_ms(now);
         if let Some(max) = read.need.max_staleness_ms {
             if staleness_ms.is_none_or(|s| s > max) {
@@ -266,9 +278,11 @@ impl GroupCore {
                 QueryResult::OpenReservations(self.machine.open_reservations(&issuer))
             }
             Query::Token(issuer, token) => QueryResult::Token(self.machine.token(&issuer, &token)),
+            // A moving bucket's tokens are answered by its next group.
             Query::TokenAnyIssuer(token) => QueryResult::Tokens(
                 self.machine
                     .issuers()
+                    .filter(|issuer| self.machine.serves_issuer(issuer))
                     .filter_map(|issuer| self.machine.token(issuer, &token))
                     .collect(),
             ),
@@ -330,6 +344,17 @@ impl GroupCore {
     /// the bug switches (the simulator's reference for its feeds).
     pub fn kept_changes_after(&self, after: ChangePosition) -> Vec<Change> {
         self.changes.kept_after(after).cloned().collect()
+    }
+}
+
+/// The issuer a read is about, if one.
+fn query_issuer(query: &Query) -> Option<&harbor_types::IssuerId> {
+    match query {
+        Query::Issuer(issuer) | Query::OpenReservations(issuer) | Query::Token(issuer, _) => {
+            Some(issuer)
+        }
+        Query::Reservation(id) => Some(id.issuer()),
+        _ => None,
     }
 }
 

@@ -58,6 +58,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move a bucket to another group of its home region, under live
+    /// traffic (a copy, then a short cutover); prints its progress.
+    Move {
+        #[command(subcommand)]
+        what: MoveWhat,
+    },
     /// Manage a gateway's projection (search and reports read it).
     Projection {
         #[command(subcommand)]
@@ -108,6 +114,20 @@ enum Command {
         what: Option<Bench>,
         #[command(flatten)]
         workload: Box<WorkloadArgs>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MoveWhat {
+    /// `harbor move bucket 173 --to shard5`
+    Bucket {
+        bucket: u32,
+        /// The group to move it to: `shard5` or `5`.
+        #[arg(long)]
+        to: String,
+        /// Any gateway of the cluster.
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        url: String,
     },
 }
 
@@ -305,7 +325,7 @@ fn main() -> anyhow::Result<()> {
         Command::Verify { .. } => "off",
         Command::Bench { .. } => "error",
         Command::Dev { .. } => "warn,harbor=info",
-        Command::Status { .. } | Command::Projection { .. } => "warn",
+        Command::Status { .. } | Command::Projection { .. } | Command::Move { .. } => "warn",
         Command::Changefeed { .. } => "warn",
         Command::Meta { .. } | Command::Node { .. } => "warn,harbor=info",
     };
@@ -327,6 +347,9 @@ fn main() -> anyhow::Result<()> {
             wan_delay_ms,
         } => runtime.block_on(dev(data_dir, port, wan_delay_ms)),
         Command::Status { url, json } => runtime.block_on(harbor::status::status(&url, json)),
+        Command::Move {
+            what: MoveWhat::Bucket { bucket, to, url },
+        } => runtime.block_on(harbor::moves::move_bucket(&url, bucket, &to)),
         Command::Projection {
             action:
                 ProjectionAction::Rebuild {

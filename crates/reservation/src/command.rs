@@ -130,6 +130,11 @@ pub enum Command {
         bucket: BucketId,
         issuers: Vec<IssuerId>,
     },
+    /// [`Command::Batch`] with each command's bucket, as the sender's
+    /// directory places it: a group that let the bucket go refuses the
+    /// whole entry as moved, even for an issuer it never held (one
+    /// registered in the bucket's next group).
+    BucketBatch(Vec<(BucketId, Command)>),
 }
 
 impl Command {
@@ -165,7 +170,8 @@ impl Command {
             | Command::AcquireBucket { .. }
             | Command::AbortImport { .. }
             | Command::ReleaseBucket { .. }
-            | Command::TagIssuers { .. } => None,
+            | Command::TagIssuers { .. }
+            | Command::BucketBatch(_) => None,
         }
     }
 }

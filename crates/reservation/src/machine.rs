@@ -421,9 +421,9 @@ impl StateMachine {
             };
         }
         let outcome = match cmd {
-            Command::Batch(commands) => Outcome::Batch(
-                commands
-                    .iter()
+            Command::Batch(_) | Command::BucketBatch(_) => Outcome::Batch(
+                batched(cmd)
+                    .into_iter()
                     .map(|cmd| match cmd.batchable() {
                         true => self.apply_one(ctx, &mut events, cmd),
                         false => Outcome::Rejected(Rejection::InvalidField {
@@ -465,6 +465,9 @@ impl StateMachine {
         };
         match cmd {
             Command::Batch(commands) => commands.iter().find_map(|cmd| self.moved(cmd)),
+            Command::BucketBatch(commands) => commands
+                .iter()
+                .find_map(|(bucket, cmd)| sealed(Some(*bucket)).or_else(|| self.moved(cmd))),
             Command::PlaceIssuer {
                 issuer_id, bucket, ..
             } => sealed(Some(*bucket)).or_else(|| sealed(bucket_of(issuer_id))),
@@ -544,7 +547,9 @@ impl StateMachine {
                 self.resolve_token(ctx, events, issuer_id, token)
             }
             Command::Noop => Ok(Outcome::Noop),
-            Command::Batch(_) => unreachable!("a batch is applied by apply"),
+            Command::Batch(_) | Command::BucketBatch(_) => {
+                unreachable!("a batch is applied by apply")
+            }
         };
         result.unwrap_or_else(Outcome::Rejected)
     }
@@ -1039,10 +1044,18 @@ impl StateMachine {
         !self.is_sealed(bucket) && !self.staged.contains_key(&bucket)
     }
 
-    /// Whether this group serves reads of `bucket`: its rows are here (a
-    /// sealed bucket's are, until they are released).
+    /// Whether this group serves reads of `bucket`: it takes its writes.
+    /// A sealed bucket's newest state may be another group's already (the
+    /// target acquires it before the source hears of it), so its reads
+    /// wait for the move like its writes.
     pub fn serves_reads(&self, bucket: BucketId) -> bool {
-        self.bucket(bucket).released_to.is_none() && !self.staged.contains_key(&bucket)
+        self.takes_writes(bucket)
+    }
+
+    /// Whether this group serves reads of an issuer's rows (see
+    /// [`StateMachine::serves_reads`]).
+    pub fn serves_issuer(&self, issuer: &IssuerId) -> bool {
+        self.bucket_of(issuer).is_none_or(|b| self.serves_reads(b))
     }
 
     /// The bucket an issuer is placed in, as this group knows it.
@@ -1484,6 +1497,15 @@ impl StateMachine {
             );
         }
         Ok(())
+    }
+}
+
+/// The commands of a batch, in order.
+fn batched(cmd: &Command) -> Vec<&Command> {
+    match cmd {
+        Command::Batch(commands) => commands.iter().collect(),
+        Command::BucketBatch(commands) => commands.iter().map(|(_, cmd)| cmd).collect(),
+        cmd => vec![cmd],
     }
 }
 

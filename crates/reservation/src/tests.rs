@@ -1099,7 +1099,8 @@ fn a_bucket_moves_whole_and_is_written_only_where_it_is() {
     assert!(b_log.sm.takes_writes(b));
     let restored = StateMachine::restore(&b_log.sm.snapshot()).unwrap();
     assert_eq!(restored, b_log.sm);
-    // The source lets the rows go; the other issuer stays.
+    // The source lets the bucket go: its rows stay, refused to everyone
+    // (for change consumers' scans); the other issuer is served as ever.
     let released = a.apply(Command::ReleaseBucket {
         bucket: b,
         to: ShardId(2),
@@ -1108,8 +1109,39 @@ fn a_bucket_moves_whole_and_is_written_only_where_it_is() {
         released.events.as_slice(),
         [Event::BucketReleased { .. }]
     ));
-    assert_eq!(a.sm.issuer(&issuer("B")), None);
-    assert!(a.sm.issuer(&issuer("A")).is_some());
+    assert!(!a.sm.serves_issuer(&issuer("B")));
+    assert!(a.sm.serves_issuer(&issuer("A")));
+    assert!(matches!(
+        a.apply(reserve("b9", "B", 1, None)).outcome,
+        Outcome::Rejected(Rejection::Moved { .. })
+    ));
+    // The bucket can come back: the acquisition replaces the kept rows.
+    let page = b_log.sm.export(b, None, None, 100);
+    a.apply(Command::ImportBucket {
+        bucket: b,
+        move_id: 2,
+        from: ShardId(2),
+        rows: page.rows,
+    });
+    let back = a.apply(Command::AcquireBucket {
+        bucket: b,
+        move_id: 2,
+        epoch: 2,
+    });
+    assert!(
+        matches!(back.outcome, Outcome::Bucket { record, .. } if record.acquired_by == Some(2)),
+        "{back:?}"
+    );
+    assert_eq!(a.sm.issuer(&issuer("B")), b_log.sm.issuer(&issuer("B")));
+    assert_eq!(a.sm.epoch_of(&issuer("B")), 2);
+    a.apply(Command::SealBucket {
+        bucket: b,
+        issuers: vec![],
+    });
+    a.apply(Command::ReleaseBucket {
+        bucket: b,
+        to: ShardId(2),
+    });
     assert!(!a.sm.serves_reads(b) && !a.sm.takes_writes(b));
     let unseal = a.apply(Command::UnsealBucket { bucket: b });
     assert!(matches!(unseal.outcome, Outcome::Bucket { record, .. } if record.sealed_at.is_some()));

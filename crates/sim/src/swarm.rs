@@ -69,7 +69,7 @@ impl Swarm {
     }
 
     /// A shape drawn from `rng`: 2–3 regions, 2–5 local replicas, 0–2
-    /// remote ones per other region, 1–2 groups per region, `sync_acks`
+    /// remote ones per other region, 1–2 groups per region (mostly 2), `sync_acks`
     /// from 1 to all local followers (at most 2), small and large batches,
     /// snapshot intervals and retained logs (so lagging followers get
     /// snapshots), and timings that keep the limits' rules; change budgets
@@ -79,11 +79,12 @@ impl Swarm {
         let local_replicas = rng.range(2, 5) as usize;
         let remote_replicas = rng.range(0, 2) as usize;
         let nodes_per_region = local_replicas.max(remote_replicas) + rng.range(0, 1) as usize;
-        // Bound the replicas per run: the sweep's cost grows with them.
+        // Bound the replicas per run: the sweep's cost grows with them. Two
+        // groups in a region let buckets move between them.
         let groups_per_region = if regions * (local_replicas + remote_replicas) > 8 {
-            1
+            1 + usize::from(rng.chance(30))
         } else {
-            rng.range(1, 2) as usize
+            1 + usize::from(rng.chance(75))
         };
         let topology = Topology {
             regions: REGIONS[..regions]

@@ -122,6 +122,9 @@ pub struct SimStats {
     pub disks_replaced: u64,
     /// Buckets the operator sealed (and later unsealed).
     pub bucket_seals: u64,
+    /// Bucket moves that ended done, and aborted.
+    pub moves_done: u64,
+    pub moves_aborted: u64,
     pub simulated_ms: u64,
 }
 
@@ -225,6 +228,8 @@ enum Event {
     OperatorStep,
     /// The operator's call asked to be woken.
     OperatorWake(MonoMs),
+    /// The operator's move asked to be woken.
+    OperatorTimer(MonoMs),
     Liveness,
 }
 
@@ -359,6 +364,11 @@ struct Client {
     /// The gateway's copy of the issuer directory, pulled with the map.
     directory: BTreeMap<IssuerId, DirectoryEntry>,
     inflight_shard: Option<ShardId>,
+    /// The bucket the request in flight is for: its call follows it.
+    inflight_bucket: Option<harbor_types::BucketId>,
+    /// The gateway's copy of the bucket table (bucket → group), which
+    /// trails the metadata plane's for a while after a move.
+    placement: Arc<ShardMap>,
     /// The newest commit token the client saw per shard: from its own
     /// writes and from what its reads showed (a gateway session).
     session: BTreeMap<ShardId, CommitToken>,
@@ -380,7 +390,8 @@ struct World {
     issuers: Vec<(IssuerId, ShardId, u64)>,
     /// The metadata plane's issuer directory (what it committed).
     directory: BTreeMap<IssuerId, DirectoryEntry>,
-    /// Buckets and groups (fixed: nothing moves yet).
+    /// Buckets and groups as the metadata plane holds them (moves change
+    /// which group holds a bucket).
     placement: Arc<ShardMap>,
     /// Issuers are being registered before the clients start.
     setting_up: bool,
@@ -537,6 +548,8 @@ impl World {
                 map_refresh_at: 0,
                 directory: BTreeMap::new(),
                 inflight_shard: None,
+                inflight_bucket: None,
+                placement: Arc::new(map.clone()),
                 session: BTreeMap::new(),
             })
             .collect();
@@ -724,6 +737,7 @@ impl World {
             Event::ProjectionPoll => self.projection_poll(),
             Event::OperatorStep => self.operator_step(),
             Event::OperatorWake(at) => self.operator_wake(at),
+            Event::OperatorTimer(at) => self.operator_timer(at),
             Event::Liveness => self.start_liveness(),
         }
     }

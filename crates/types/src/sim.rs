@@ -147,7 +147,7 @@ pub const PROBES: [&str; 45] = [
     "reservation.write_refused_for_sealed_bucket",
     "node.sealed_bucket_refused_at_admission",
     "gateway.call_waited_for_a_moved_bucket",
-    "reservation.inconsistent_import_refused",
+    "projection.rescanned_after_a_move",
 ];
 
 thread_local! {

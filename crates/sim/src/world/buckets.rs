@@ -1,11 +1,15 @@
-//! The operator: seals a bucket of a group for a while, then unseals it
-//! (a move's cutover that aborted), through the gateway's own `Call`.
+//! The operator: moves buckets between the groups of a region (the
+//! gateway's own `Mover`, its steps sent through the gateway's `Call`),
+//! or seals a bucket for a while and unseals it (a cutover that aborted).
 //! Clients writing to the bucket meanwhile get `moved`, wait and try
-//! again. Every seal and unseal the groups report is written as a
+//! again, through gateways whose bucket tables may trail the move. Every
+//! seal, unseal and acquisition the groups report is written as a
 //! `bucket` history line at the end, with every issuer of the bucket, for
 //! the checker's `one_owner_per_bucket`.
 
 use harbor_checker::{BucketEvent, BucketLine};
+use harbor_gateway::mover::{MoveLimits, MoveStep, Mover};
+use harbor_meta::MetaState;
 use harbor_types::BucketId;
 use harbor_wire::Route;
 
@@ -25,6 +29,10 @@ struct Task {
     shard: ShardId,
     bucket: BucketId,
     phase: Phase,
+    /// A move, driven by the gateway's core; `None`: a seal and unseal.
+    mover: Option<Mover>,
+    /// The source's seal was seen (an unseal answer then opens it again).
+    seal_seen: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -77,13 +85,29 @@ impl World {
             let entries: Vec<DirectoryEntry> = self.directory.values().cloned().collect();
             let entry = self.rng.pick(&entries).clone();
             let shard = self.placement.shard_of_bucket(entry.bucket);
-            self.operator.task = Some(Task {
-                shard,
-                bucket: entry.bucket,
-                phase: Phase::Sealing,
-            });
-            return self.operator_send();
+            let home = self.groups[&shard].home.clone();
+            let targets: Vec<ShardId> = self
+                .groups
+                .iter()
+                .filter(|(s, g)| **s != shard && g.home == home)
+                .map(|(s, _)| *s)
+                .collect();
+            if targets.is_empty() || self.rng.chance(25) {
+                self.operator.task = Some(Task {
+                    shard,
+                    bucket: entry.bucket,
+                    phase: Phase::Sealing,
+                    mover: None,
+                    seal_seen: false,
+                });
+                return self.operator_send();
+            }
+            let to = *self.rng.pick(&targets);
+            return self.begin_move(entry.bucket, shard, to);
         };
+        if task.mover.is_some() {
+            return; // the move drives itself
+        }
         match task.phase {
             // The last attempt failed: try again (both are idempotent).
             Phase::Sealing | Phase::Unsealing => self.operator_send(),
@@ -98,6 +122,9 @@ impl World {
     /// Sends the task's command to its group's leader, as published.
     fn operator_send(&mut self) {
         let task = self.operator.task.as_ref().expect("a task");
+        if task.mover.is_some() {
+            unreachable!("a move sends its own steps");
+        }
         let command = match task.phase {
             Phase::Sealing => Command::SealBucket {
                 bucket: task.bucket,
@@ -116,13 +143,19 @@ impl World {
             Phase::Sealed { .. } => unreachable!("nothing to send while sealed"),
         };
         let shard = task.shard;
-        let request = Request::Write { shard, command };
+        self.operator_request(Request::Write { shard, command });
+    }
+
+    /// Sends one request to its group's leader through a gateway call.
+    fn operator_request(&mut self, request: Request) {
+        let shard = request.shard();
         let entry = self.operator_entry(shard);
+        let is_write = matches!(request, Request::Write { .. });
         match Call::start(
             self.client_clock(),
             shard,
             None,
-            true,
+            is_write,
             Some(entry),
             self.call_limits,
         ) {
@@ -240,6 +273,14 @@ impl World {
     /// A definite answer moves the task on; anything else is tried again
     /// at the next step.
     fn operator_answered(&mut self, result: Result<Response, harbor_wire::NodeError>) {
+        if self
+            .operator
+            .task
+            .as_ref()
+            .is_some_and(|t| t.mover.is_some())
+        {
+            return self.move_answered(result);
+        }
         let Ok(Response::Applied {
             outcome: Outcome::Bucket { record, .. },
             ..
@@ -292,5 +333,194 @@ impl World {
                 at,
             });
         }
+    }
+}
+
+impl World {
+    /// Begins moving `bucket` from `from` to `to` in the metadata plane,
+    /// then drives it.
+    fn begin_move(&mut self, bucket: BucketId, from: ShardId, to: ShardId) {
+        let begin = MetaCommand::BeginMove {
+            bucket,
+            to,
+            at_ms: self.now,
+        };
+        let record = match self.meta_move(begin) {
+            Ok(record) => record,
+            Err(reason) => {
+                self.violations
+                    .push(format!("the operator could not begin a move: {reason}"));
+                return;
+            }
+        };
+        // Issuers registered by `UpsertIssuer` learn their bucket first.
+        let untagged = self
+            .directory
+            .values()
+            .filter(|e| e.bucket == bucket)
+            .map(|e| e.issuer_id.clone())
+            .collect();
+        let limits = move_limits();
+        let (mover, step) = Mover::start(self.client_clock(), record, untagged, limits);
+        self.trace(|| format!("operator moves {bucket} from {from} to {to}"));
+        self.operator.task = Some(Task {
+            shard: from,
+            bucket,
+            phase: Phase::Sealing,
+            mover: Some(mover),
+            seal_seen: false,
+        });
+        self.move_step(step);
+    }
+
+    /// Applies a move command to the metadata plane (the simulator's is
+    /// its map, committed at once).
+    fn meta_move(&mut self, command: MetaCommand) -> Result<harbor_meta::BucketMove, String> {
+        let mut state = MetaState {
+            map: Some((*self.placement).clone()),
+            ..MetaState::default()
+        };
+        let reply = state.apply(&command);
+        self.placement = Arc::new(state.map.expect("a map"));
+        match reply {
+            MetaReply::Move(record) => Ok(record),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    fn move_step(&mut self, mut step: MoveStep) {
+        loop {
+            step = match step {
+                MoveStep::Write { shard, command } => {
+                    return self.operator_request(Request::Write { shard, command })
+                }
+                MoveStep::Read { shard, query } => {
+                    return self.operator_request(Request::Read { shard, query })
+                }
+                MoveStep::Meta(command) => {
+                    let answer = self
+                        .meta_move(command)
+                        .map_err(harbor_meta::MetaError::Refused);
+                    let now = self.client_clock();
+                    let mover = self.mover();
+                    mover.on_meta(now, answer)
+                }
+                MoveStep::WakeAt(at) => {
+                    let delay = at.since(self.client_clock());
+                    return self.schedule(self.now + delay.max(1), Event::OperatorTimer(at));
+                }
+                MoveStep::Done(result) => return self.move_done(*result),
+            };
+        }
+    }
+
+    fn mover(&mut self) -> &mut Mover {
+        self.operator
+            .task
+            .as_mut()
+            .and_then(|t| t.mover.as_mut())
+            .expect("a move under way")
+    }
+
+    pub(super) fn operator_timer(&mut self, _at: MonoMs) {
+        if self
+            .operator
+            .task
+            .as_ref()
+            .is_some_and(|t| t.mover.is_some())
+            && self.operator.call.is_none()
+        {
+            let now = self.client_clock();
+            let step = self.mover().on_timer(now);
+            self.move_step(step);
+        }
+    }
+
+    /// A move's write or read answered: what the groups said of the bucket
+    /// goes to the history, then the mover goes on.
+    fn move_answered(&mut self, result: Result<Response, harbor_wire::NodeError>) {
+        let (bucket, from, to, id) = {
+            let record = self.mover().record();
+            (record.bucket, record.from, record.to, record.id)
+        };
+        if let Ok(Response::Applied {
+            outcome: Outcome::Bucket { record, .. },
+            commit_token,
+            ..
+        }) = &result
+        {
+            let task = self.operator.task.as_mut().expect("a task");
+            let mut events = Vec::new();
+            if commit_token.shard == from {
+                if let Some(at) = record.sealed_at {
+                    task.seal_seen = true;
+                    events.push((from, BucketEvent::Sealed, at));
+                } else if let (Some(at), true) = (record.opened_at, task.seal_seen) {
+                    events.push((from, BucketEvent::Opened, at));
+                }
+            }
+            if commit_token.shard == to && record.acquired_by == Some(id) {
+                if let Some(at) = record.opened_at {
+                    events.push((to, BucketEvent::Opened, at));
+                }
+            }
+            for (shard, event, at) in events {
+                let line = (shard, bucket, event, at);
+                if !self.operator.events.contains(&line) {
+                    self.operator.events.push(line);
+                }
+            }
+        }
+        let now = self.client_clock();
+        let answer = result.map_err(|e| e.to_string());
+        let step = self.mover().on_response(now, answer);
+        self.move_step(step);
+    }
+
+    fn move_done(
+        &mut self,
+        result: Result<harbor_meta::BucketMove, harbor_gateway::mover::MoveFailure>,
+    ) {
+        let task = self.operator.task.take().expect("a task");
+        let record = task.mover.as_ref().expect("a move").record().clone();
+        match result {
+            Ok(done) => {
+                self.stats.moves_done += 1;
+                self.trace(|| format!("move {} done: {:?}", done.id, done.progress));
+            }
+            Err(failure) if failure.aborted => {
+                self.stats.moves_aborted += 1;
+                self.trace(|| format!("move {} aborted: {}", record.id, failure.reason));
+            }
+            Err(failure) => {
+                // Stuck part-way: recover it (abort, or finish if acquired).
+                self.trace(|| format!("move {} stuck: {}", record.id, failure.reason));
+                let current = self
+                    .placement
+                    .moves
+                    .get(&record.bucket)
+                    .cloned()
+                    .unwrap_or(record);
+                let (mover, step) = Mover::recover(self.client_clock(), current, move_limits());
+                self.operator.task = Some(Task {
+                    mover: Some(mover),
+                    ..task
+                });
+                self.move_step(step);
+            }
+        }
+    }
+}
+
+/// Small pages and short budgets, so moves meet faults mid-copy and some
+/// time out and abort.
+fn move_limits() -> MoveLimits {
+    MoveLimits {
+        chunk_rows: 3,
+        final_pass_rows: 2,
+        passes_max: 4,
+        copy_timeout_ms: 3_000,
+        cutover_timeout_ms: 1_500,
+        retry_ms: 50,
     }
 }

@@ -84,6 +84,25 @@ impl World {
         let bucket = request_issuer(&request)
             .and_then(|issuer| self.directory.get(issuer))
             .map(|entry| entry.bucket);
+        self.clients[i].inflight_bucket = bucket;
+        // The group the gateway's copy names for the bucket.
+        let entry = match bucket {
+            Some(b) => {
+                let shard = self.clients[i].placement.shard_of_bucket(b);
+                self.clients[i]
+                    .leaders
+                    .get(&shard)
+                    .cloned()
+                    .map(|(leader, generation)| MapEntry {
+                        shard,
+                        leader,
+                        generation,
+                        map_version: 1,
+                    })
+                    .or(entry)
+            }
+            None => entry,
+        };
         let now = self.client_clock();
         match Call::start(now, shard, bucket, is_write, entry, self.call_limits) {
             Ok((call, steps)) => {
@@ -187,7 +206,11 @@ impl World {
 
     /// The client's gateway's map entry for the group in flight.
     pub(super) fn client_entry(&self, i: usize) -> Option<MapEntry> {
-        let shard = self.clients[i].inflight_shard?;
+        let client = &self.clients[i];
+        let shard = match client.inflight_bucket {
+            Some(bucket) => client.placement.shard_of_bucket(bucket),
+            None => client.inflight_shard?,
+        };
         let (leader, generation) = self.clients[i].leaders.get(&shard)?.clone();
         Some(MapEntry {
             shard,
@@ -219,7 +242,8 @@ impl World {
             unreachable!("the simulated metadata answers at once");
         };
         let entry = found.expect("the simulated metadata is always available")?;
-        Some(self.placement.shard_of_bucket(entry.bucket))
+        // By the gateway's copy of the bucket table (it may trail a move).
+        Some(self.clients[i].placement.shard_of_bucket(entry.bucket))
     }
 
     /// The client's gateway pulls the published shard map and directory.
@@ -252,7 +276,13 @@ impl World {
                 (*s, entry)
             })
             .collect();
+        // The bucket table trails too: now and then a refresh brings the
+        // copy the gateway had (a move it has not heard of yet).
+        let stale = lag > 0 && self.rng.chance(30);
         let client = &mut self.clients[i];
+        if !stale {
+            client.placement = self.placement.clone();
+        }
         client.directory = self.directory.clone();
         let before = std::mem::replace(&mut client.leaders, leaders);
         for (shard, old) in before {
@@ -292,11 +322,18 @@ impl World {
     /// Sends 2 to 4 reserves on one group as one `Command::Batch`, some of
     /// them replays of earlier tokens.
     pub(super) fn reserve_batch(&mut self, i: usize) {
-        let shard = self.rng.pick(&self.issuers).1;
+        // One group's issuers, by the gateway's copy of the bucket table.
+        let first = self.rng.pick(&self.issuers).0.clone();
+        let placed = |w: &World, issuer: &IssuerId| {
+            w.clients[i]
+                .placement
+                .shard_of_bucket(w.directory[issuer].bucket)
+        };
+        let shard = placed(self, &first);
         let on_shard: Vec<IssuerId> = self
             .issuers
             .iter()
-            .filter(|(_, s, _)| *s == shard)
+            .filter(|(issuer, _, _)| placed(self, issuer) == shard)
             .map(|(issuer, _, _)| issuer.clone())
             .collect();
         let count = self.rng.range(2, 4);
@@ -327,9 +364,15 @@ impl World {
             self.stats.ops += 1;
             items.push(BatchItem { op_id, used });
         }
-        let commands = items
+        // With each item's bucket, as the gateway sends a batch (a plain
+        // `Batch` cannot say which bucket an issuer that moved here after
+        // the sender's map was taken is in).
+        let commands: Vec<(harbor_types::BucketId, Command)> = items
             .iter()
-            .map(|item| reserve_command(&item.used))
+            .map(|item| {
+                let bucket = self.directory[&item.used.issuer].bucket;
+                (bucket, reserve_command(&item.used))
+            })
             .collect();
         let op_id = items[0].op_id;
         self.clients[i].inflight_shard = Some(shard);
@@ -342,7 +385,7 @@ impl World {
             batch: items,
             call: None,
         });
-        let command = Command::Batch(commands);
+        let command = Command::BucketBatch(commands);
         self.send_to_leader(i, shard, Request::Write { shard, command });
         let at = self.now + self.options.client_timeout_ms + CLIENT_GRACE_MS;
         self.schedule(at, Event::ClientTimeout(i, op_id));
@@ -526,7 +569,8 @@ impl World {
     /// to a replica in the client's region with what it needs to be fresh
     /// enough, as a gateway sends them.
     pub(super) fn read_issuer(&mut self, i: usize) {
-        let (issuer, shard, _) = self.rng.pick(&self.issuers).clone();
+        let issuer = self.rng.pick(&self.issuers).0.clone();
+        let shard = self.shard_of(&issuer);
         let strong = Request::Read {
             shard,
             query: Query::Issuer(issuer.clone()),
@@ -671,8 +715,9 @@ impl World {
             .shard_of_bucket(self.directory[issuer].bucket)
     }
 
+    /// The issuer's group now (its bucket may have moved).
     pub(super) fn shard_of(&self, issuer: &IssuerId) -> ShardId {
-        self.issuers.iter().find(|(i, _, _)| i == issuer).unwrap().1
+        self.shard_of_placed(issuer)
     }
 
     pub(super) fn new_reservation(&mut self, i: usize) {
