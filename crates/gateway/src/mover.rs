@@ -99,6 +99,8 @@ enum Phase {
     Acquire,
     Commit,
     Release,
+    /// The source was unsealed after the target acquired: seal it again.
+    Reseal,
     End,
     /// Abort: the target drops its staging (or says it acquired already).
     AbortImport,
@@ -195,7 +197,7 @@ impl Mover {
             Phase::Seal | Phase::RecordSeal => "sealing",
             Phase::Acquire => "acquiring",
             Phase::Commit => "committing",
-            Phase::Release | Phase::End => "releasing",
+            Phase::Release | Phase::Reseal | Phase::End => "releasing",
             Phase::AbortImport | Phase::Unseal | Phase::EndAborted => "aborting",
             Phase::Done => "done",
         }
@@ -259,6 +261,13 @@ impl Mover {
             Phase::Release => MoveStep::Write {
                 shard: from,
                 command: Command::ReleaseBucket { bucket, to },
+            },
+            Phase::Reseal => MoveStep::Write {
+                shard: from,
+                command: Command::SealBucket {
+                    bucket,
+                    issuers: Vec::new(),
+                },
             },
             Phase::End => MoveStep::Meta(MetaCommand::EndMove {
                 id,
@@ -355,8 +364,21 @@ impl Mover {
                 }
                 other => self.abort_now(now, format!("the target did not acquire: {other:?}")),
             },
-            (Phase::Release, Response::Applied { .. }) => {
-                self.phase = Phase::End;
+            (Phase::Release, Response::Applied { outcome, .. }) => match outcome {
+                Outcome::Bucket { record, .. } if record.released_to == Some(self.record.to) => {
+                    self.phase = Phase::End;
+                    self.step()
+                }
+                // Not sealed any more (unsealed by a driver that aborted
+                // it after the acquisition): seal it again, then release.
+                Outcome::Rejected(_) => {
+                    self.phase = Phase::Reseal;
+                    self.step()
+                }
+                other => self.failed(now, format!("the source did not release: {other:?}")),
+            },
+            (Phase::Reseal, Response::Applied { .. }) => {
+                self.phase = Phase::Release;
                 self.step()
             }
             (Phase::AbortImport, Response::Applied { outcome, .. }) => match outcome {
@@ -385,11 +407,16 @@ impl Mover {
         let record = match answer {
             Ok(record) => record,
             Err(MetaError::Refused(reason)) if self.phase == Phase::EndAborted => {
-                // Committed meanwhile (by a driver that recovered it): it
-                // cannot abort; it goes on.
-                tracing::warn!(%reason, "an aborted move's end was refused");
-                self.phase = Phase::Commit;
-                return self.step();
+                // Committed meanwhile by another driver, though this one
+                // unsealed the source: recovery seals and releases it again.
+                self.phase = Phase::Done;
+                return MoveStep::Done(Box::new(Err(MoveFailure {
+                    reason: format!(
+                        "{}; the metadata plane refused to end it aborted: {reason}",
+                        self.abort_reason.clone().unwrap_or_default()
+                    ),
+                    aborted: false,
+                })));
             }
             Err(e) => return self.failed(now, e.to_string()),
         };

@@ -66,9 +66,40 @@ pub(crate) async fn move_bucket(
                     other.to_string(),
                 ),
             })?;
-        let untagged = gw.untagged_issuers(record.from, bucket).await;
+        let untagged = match gw.untagged_issuers(record.from, bucket).await {
+            Ok(untagged) => untagged,
+            Err(reason) => {
+                let _ = gw
+                    .meta
+                    .move_command(MetaCommand::EndMove {
+                        id: record.id,
+                        aborted: Some(reason.clone()),
+                        progress: record.progress,
+                        at_ms: wall_ms(),
+                    })
+                    .await;
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::MoveAborted,
+                    format!("the move of {bucket} aborted before it began: {reason}"),
+                )
+                .with("bucket", bucket.0)
+                .with("aborted", true)
+                .with("reason", reason));
+            }
+        };
         let started = std::time::Instant::now();
-        let ended = gw.drive_move(record, untagged, false).await;
+        // Its own task: a client that hangs up does not stop a move half
+        // way (its bucket sealed).
+        let driver = gw.clone();
+        let ended = tokio::spawn(async move { driver.drive_move(record, untagged, false).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(MoveFailure {
+                    reason: format!("its driver failed: {e}"),
+                    aborted: false,
+                })
+            });
         let took_ms = started.elapsed().as_millis() as u64;
         match ended {
             Ok(record) => Ok(move_answer(&gw, &record, took_ms)),
@@ -186,27 +217,39 @@ impl Gateway {
     /// Issuers the source group holds without their bucket (registered
     /// before buckets were recorded) that the directory places in
     /// `bucket`: the seal names them so the move takes them along.
-    async fn untagged_issuers(&self, from: ShardId, bucket: BucketId) -> Vec<IssuerId> {
-        let query = Query::UntaggedIssuers {
-            max: harbor_types::limits::CHANGES_PAGE_MAX as u32,
-        };
-        let request = Request::Read { shard: from, query };
-        let Ok(Response::Read {
-            result: QueryResult::Issuers(ids),
-            ..
-        }) = self.call(request).await
-        else {
-            return Vec::new();
-        };
+    async fn untagged_issuers(
+        &self,
+        from: ShardId,
+        bucket: BucketId,
+    ) -> Result<Vec<IssuerId>, String> {
+        let max = harbor_types::limits::CHANGES_PAGE_MAX as u32;
         let mut found = Vec::new();
-        for id in ids {
-            if let Ok(Some(entry)) = self.meta.find(&id).await {
-                if entry.bucket == bucket {
-                    found.push(id);
+        let mut after = None;
+        loop {
+            let query = Query::UntaggedIssuers { after, max };
+            let request = Request::Read { shard: from, query };
+            let ids = match self.call(request).await {
+                Ok(Response::Read {
+                    result: QueryResult::Issuers(ids),
+                    ..
+                }) => ids,
+                other => return Err(format!("{from} did not list its issuers: {other:?}")),
+            };
+            for id in &ids {
+                let entry = self
+                    .meta
+                    .find(id)
+                    .await
+                    .map_err(|e| format!("the directory did not answer for {id}: {e}"))?;
+                if entry.is_some_and(|e| e.bucket == bucket) {
+                    found.push(id.clone());
                 }
             }
+            if ids.len() < max as usize {
+                return Ok(found);
+            }
+            after = ids.last().cloned();
         }
-        found
     }
 
     /// Runs a move to its end, one step at a time.

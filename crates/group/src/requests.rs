@@ -304,9 +304,9 @@ impl GroupCore {
                 after.as_ref(),
                 (max as usize).clamp(1, CHANGES_PAGE_MAX),
             )),
-            Query::UntaggedIssuers { max } => QueryResult::Issuers(
+            Query::UntaggedIssuers { after, max } => QueryResult::Issuers(
                 self.machine
-                    .untagged_issuers((max as usize).clamp(1, CHANGES_PAGE_MAX)),
+                    .untagged_issuers(after.as_ref(), (max as usize).clamp(1, CHANGES_PAGE_MAX)),
             ),
         }
     }

@@ -52,6 +52,10 @@ pub struct BucketRecord {
     pub epoch: u64,
     /// The move whose acquisition brought it here.
     pub acquired_by: Option<u64>,
+    /// The newest move whose import was aborted here: its rows (and any
+    /// older move's) are refused from then on, so a move cannot go on
+    /// after its abort (a driver that did not hear of it).
+    pub aborted_up_to: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -598,11 +602,10 @@ impl StateMachine {
             });
         }
         // An issuer registered before buckets were recorded learns its
-        // own; one the group already places keeps it (the directory
-        // never moves an issuer to another bucket behind its group).
-        if issuer.bucket.is_none() {
-            issuer.bucket = bucket;
-        }
+        // bucket only from a move's `TagIssuers` (or a seal naming it),
+        // before the move copies anything: tagged later, a move's passes
+        // over what changed would not see its rows.
+        let _ = bucket;
         let limit_before = issuer.limit;
         if limit != limit_before {
             if limit < issuer.reserved {
@@ -942,6 +945,12 @@ impl StateMachine {
         // Its holds leave the expiry index (those of issuers it just named
         // too, when it was sealed already): nothing of a sealed bucket
         // changes here, not even by time.
+        self.park_holds(bucket);
+        self.bucket_outcome(bucket)
+    }
+
+    /// Moves a bucket's holds out of the expiry index (it is sealed).
+    fn park_holds(&mut self, bucket: BucketId) {
         let holds: Vec<_> = self
             .holds_by_expiry
             .iter()
@@ -952,7 +961,20 @@ impl StateMachine {
             self.holds_by_expiry.remove(&hold);
             self.sealed_holds.insert(hold);
         }
-        self.bucket_outcome(bucket)
+    }
+
+    /// Puts a bucket's holds back in the expiry index (it is unsealed).
+    fn unpark_holds(&mut self, bucket: BucketId) {
+        let holds: Vec<_> = self
+            .sealed_holds
+            .iter()
+            .filter(|(_, id)| self.bucket_of(id.issuer()) == Some(bucket))
+            .cloned()
+            .collect();
+        for hold in holds {
+            self.sealed_holds.remove(&hold);
+            self.holds_by_expiry.insert(hold);
+        }
     }
 
     fn tag(&mut self, bucket: BucketId, untagged: &[IssuerId]) {
@@ -967,26 +989,21 @@ impl StateMachine {
     /// at once (as if they had been named by it).
     fn tag_issuers(&mut self, bucket: BucketId, untagged: &[IssuerId]) -> Outcome {
         self.tag(bucket, untagged);
-        if self.is_sealed(bucket) && self.bucket(bucket).released_to.is_none() {
-            let holds: Vec<_> = self
-                .holds_by_expiry
-                .iter()
-                .filter(|(_, id)| self.bucket_of(id.issuer()) == Some(bucket))
-                .cloned()
-                .collect();
-            for hold in holds {
-                self.holds_by_expiry.remove(&hold);
-                self.sealed_holds.insert(hold);
-            }
+        if self.is_sealed(bucket) {
+            self.park_holds(bucket);
         }
         self.bucket_outcome(bucket)
     }
 
     /// Issuers that do not know their bucket (registered before buckets
     /// were recorded), at most `max`.
-    pub fn untagged_issuers(&self, max: usize) -> Vec<IssuerId> {
+    pub fn untagged_issuers(&self, after: Option<&IssuerId>, max: usize) -> Vec<IssuerId> {
+        let from = match after {
+            Some(id) => std::ops::Bound::Excluded(id),
+            None => std::ops::Bound::Unbounded,
+        };
         self.issuers
-            .iter()
+            .range::<IssuerId, _>((from, std::ops::Bound::Unbounded))
             .filter(|(_, i)| i.bucket.is_none())
             .map(|(id, _)| id.clone())
             .take(max)
@@ -999,16 +1016,7 @@ impl StateMachine {
         if let Some(record) = self.buckets.get_mut(&bucket).filter(sealed) {
             record.sealed_at = None;
             record.opened_at = Some(ctx.position);
-            let holds: Vec<_> = self
-                .sealed_holds
-                .iter()
-                .filter(|(_, id)| self.bucket_of(id.issuer()) == Some(bucket))
-                .cloned()
-                .collect();
-            for hold in holds {
-                self.sealed_holds.remove(&hold);
-                self.holds_by_expiry.insert(hold);
-            }
+            self.unpark_holds(bucket);
         }
         self.bucket_outcome(bucket)
     }

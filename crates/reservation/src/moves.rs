@@ -196,7 +196,7 @@ impl StateMachine {
                 parts.push((ExportPart::Issuer, changed(issuer.updated)));
             }
             let seq_from = match start {
-                Some(ExportPart::Reservation(seq)) => seq + 1,
+                Some(ExportPart::Reservation(seq)) => seq.saturating_add(1),
                 Some(ExportPart::Token(_)) => u64::MAX,
                 _ => 0,
             };
@@ -272,6 +272,14 @@ impl StateMachine {
         from: ShardId,
         rows: &BucketRows,
     ) -> Result<Outcome, Rejection> {
+        if move_id <= self.bucket(bucket).aborted_up_to {
+            return Err(refused(format!(
+                "move {move_id} of {bucket} was aborted here"
+            )));
+        }
+        if let Some(row) = rows.reservations.iter().find(|r| r.seq == 0) {
+            return Err(refused(format!("a row of {} has seq 0", row.issuer_id)));
+        }
         let staged = self.staged.get(&bucket).map(|s| s.move_id);
         if staged.is_none() && self.holds_bucket(bucket) {
             // A group that holds the bucket's rows cannot take them from
@@ -393,6 +401,7 @@ impl StateMachine {
             opened_at: Some(ctx.position),
             epoch,
             acquired_by: Some(move_id),
+            aborted_up_to: record.aborted_up_to,
             ..crate::BucketRecord::default()
         };
         if let Err(reason) = candidate.verify() {
@@ -417,6 +426,9 @@ impl StateMachine {
     /// Drops what a move staged, unless the bucket was acquired already
     /// (the answer says which).
     pub(crate) fn abort_import(&mut self, bucket: BucketId, move_id: u64) -> Outcome {
+        if self.bucket(bucket).acquired_by == Some(move_id) {
+            return self.bucket_outcome(bucket);
+        }
         if self
             .staged
             .get(&bucket)
@@ -424,6 +436,8 @@ impl StateMachine {
         {
             self.staged.remove(&bucket);
         }
+        let record = self.buckets.entry(bucket).or_default();
+        record.aborted_up_to = record.aborted_up_to.max(move_id);
         self.bucket_outcome(bucket)
     }
 

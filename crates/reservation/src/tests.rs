@@ -1178,6 +1178,11 @@ fn an_aborted_import_cannot_be_acquired_and_an_inconsistent_one_is_refused() {
         bucket: b,
         move_id: 1,
     });
+    // After its abort, the move cannot stage again (a second driver).
+    assert!(matches!(
+        target.apply(import(1)).outcome,
+        Outcome::Rejected(_)
+    ));
     let late = target.apply(Command::AcquireBucket {
         bucket: b,
         move_id: 1,

@@ -52,7 +52,8 @@ pub struct Route {
     /// a newer one refuses with `stale_route` (the sender refreshes its
     /// map); one at an older one refuses as not leader.
     pub generation: Generation,
-    /// The version of the sender's map, named in `moved` answers.
+    /// The version of the sender's map. Carried for logs and traces: a
+    /// group decides by its own log whether it takes a bucket.
     pub map_version: u64,
     /// The bucket the request is for, when it is for one: a group that
     /// sealed it answers `moved` (the sender refreshes its map and sends
@@ -172,8 +173,10 @@ pub enum Query {
         after: Option<ExportKey>,
         max: u32,
     },
-    /// Issuers that do not know their bucket, at most `max`.
+    /// Issuers that do not know their bucket, after `after`, at most
+    /// `max`.
     UntaggedIssuers {
+        after: Option<IssuerId>,
         max: u32,
     },
 }
