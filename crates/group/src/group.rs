@@ -742,7 +742,7 @@ impl GroupCore {
             let events = std::mem::take(&mut applied.events)
                 .into_iter()
                 .map(|event| {
-                    let epoch = event_issuer(&event).map_or(0, |id| self.machine.epoch_of(id));
+                    let epoch = event.issuer().map_or(0, |id| self.machine.epoch_of(id));
                     (event, epoch)
                 })
                 .collect();
@@ -815,23 +815,6 @@ impl GroupCore {
 
     pub(crate) fn reply_error(&mut self, to: &NodeId, id: u64, e: NodeError) {
         self.reply(to, id, Response::Error(e));
-    }
-}
-
-/// The issuer a command is about, if any.
-/// The issuer a change is about (a bucket's moves name several).
-fn event_issuer(event: &harbor_reservation::Event) -> Option<&harbor_types::IssuerId> {
-    use harbor_reservation::Event;
-    match event {
-        Event::IssuerRegistered { issuer_id, .. }
-        | Event::LimitChanged { issuer_id, .. }
-        | Event::ReservationRejected { issuer_id, .. }
-        | Event::TokenAbandoned { issuer_id, .. } => Some(issuer_id),
-        Event::ReservationCreated { reservation, .. }
-        | Event::ReservationConfirmed { reservation, .. }
-        | Event::ReservationReleased { reservation, .. }
-        | Event::ReservationExpired { reservation, .. } => Some(&reservation.issuer_id),
-        Event::BucketAcquired { .. } | Event::BucketReleased { .. } => None,
     }
 }
 

@@ -26,17 +26,16 @@ mod command;
 mod machine;
 mod moves;
 mod outcome;
+mod rows;
 
 pub use command::{ApplyContext, Command, BATCH_COMMANDS_MAX, FIELD_LEN_MAX, HOLD_TTL_MS_MAX};
 pub use machine::{BucketRecord, ScanKey, ScanRows, SnapshotError, StateMachine, SNAPSHOT_FORMAT};
-pub use moves::{
-    BucketRows, ExportKey, ExportPage, ExportPart, IssuerRow, ReservationRow, TokenRow,
-    TokenRowOutcome,
-};
+pub use moves::{ExportKey, ExportPage, ExportPart};
 pub use outcome::{
     Applied, Event, IssuerView, Outcome, Rejection, ReservationView, Status, TokenOutcome,
     TokenView,
 };
+pub use rows::{BucketRows, IssuerRow, ReservationRow, TokenRow, TokenRowOutcome};
 
 #[cfg(test)]
 mod prop_tests;

@@ -3,6 +3,7 @@ use crate::outcome::{
     Applied, Event, IssuerView, Outcome, Rejection, ReservationView, Status, TokenOutcome,
     TokenView,
 };
+use crate::rows::{Issuer, Reservation, ReserveRequest, Staged, StagedOut, TokenRecord};
 use harbor_types::sim::{probe, Bugs};
 use harbor_types::{
     Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, ShardId,
@@ -10,6 +11,16 @@ use harbor_types::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// Returns an error made of the message unless the condition holds (the
+/// invariant checks must not panic: they also judge decoded snapshots).
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!($($fmt)+));
+        }
+    };
+}
 
 /// The first byte of every snapshot. Bump it when the encoding changes.
 /// 4: the state, the time of the last applied entry, the customer ids,
@@ -32,7 +43,7 @@ struct Customers {
 struct Buckets {
     issuers: Vec<(IssuerId, BucketId)>,
     records: Vec<(BucketId, BucketRecord)>,
-    staged: Vec<crate::moves::StagedOut>,
+    staged: Vec<StagedOut>,
 }
 
 /// Where a group stands with a bucket whose writes it stopped or started
@@ -70,118 +81,6 @@ pub enum SnapshotError {
     TrailingBytes { count: usize },
     #[error("snapshot decodes to an inconsistent state: {reason}")]
     Inconsistent { reason: String },
-}
-
-/// The request a token was first decided with. Kept verbatim rather than
-/// hashed: a hash collision would turn a 409 into a silently wrong replay.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct ReserveRequest {
-    pub(crate) amount: Amount,
-    pub(crate) desk: String,
-    pub(crate) trader: String,
-    pub(crate) hold_ttl_ms: Option<u64>,
-    /// Encoded after the state (see [`SNAPSHOT_FORMAT`]).
-    #[serde(skip)]
-    pub(crate) customer_id: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Reservation {
-    pub(crate) token: ReservationToken,
-    pub(crate) amount: Amount,
-    pub(crate) desk: String,
-    pub(crate) trader: String,
-    /// As requested; also the committed token's payload fingerprint.
-    pub(crate) hold_ttl_ms: Option<u64>,
-    pub(crate) status: Status,
-    /// `Some` exactly while `status == Held`: `created_at.wall_ms + hold_ttl_ms`.
-    pub(crate) expires_at_ms: Option<u64>,
-    pub(crate) created: CommitToken,
-    pub(crate) created_at: Timestamp,
-    pub(crate) updated: CommitToken,
-    /// Encoded after the state (see [`SNAPSHOT_FORMAT`]).
-    #[serde(skip)]
-    pub(crate) customer_id: Option<String>,
-}
-
-impl Reservation {
-    fn request(&self) -> ReserveRequest {
-        ReserveRequest {
-            amount: self.amount,
-            desk: self.desk.clone(),
-            trader: self.trader.clone(),
-            hold_ttl_ms: self.hold_ttl_ms,
-            customer_id: self.customer_id.clone(),
-        }
-    }
-}
-
-/// A token's durable outcome. A committed token's payload is its
-/// reservation's, so only rejections keep their request.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum TokenRecord {
-    Committed {
-        seq: u64,
-        commit_token: CommitToken,
-    },
-    /// Rejected for insufficient exposure; `remaining` as it was then.
-    Rejected {
-        request: ReserveRequest,
-        remaining: Amount,
-        commit_token: CommitToken,
-    },
-    /// Resolved before any request arrived, so it has no payload.
-    Abandoned {
-        commit_token: CommitToken,
-    },
-}
-
-impl TokenRecord {
-    /// The entry that decided the token.
-    pub(crate) fn commit_token(&self) -> CommitToken {
-        match self {
-            TokenRecord::Committed { commit_token, .. }
-            | TokenRecord::Rejected { commit_token, .. }
-            | TokenRecord::Abandoned { commit_token } => *commit_token,
-        }
-    }
-}
-
-/// One issuer and every row that belongs to it. Tokens are scoped per issuer
-/// because the issuer is the unit of placement: the exposure decision and
-/// its token outcome must be written by the same entry in the same bucket,
-/// and a global token table would span shards.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Issuer {
-    pub(crate) home_region: Region,
-    pub(crate) limit: Amount,
-    /// Sum of held and confirmed amounts; `<= limit`.
-    pub(crate) reserved: Amount,
-    /// The seq of the next reservation; reservation ids are `{issuer}:r{seq}`.
-    pub(crate) next_seq: u64,
-    pub(crate) updated: CommitToken,
-    /// Every reservation ever made, closed ones included, by seq.
-    pub(crate) reservations: BTreeMap<u64, Reservation>,
-    /// Every token ever decided. Kept forever for now; retention is a later
-    /// feature, and until then memory grows with the number of requests.
-    pub(crate) tokens: BTreeMap<ReservationToken, TokenRecord>,
-    /// Index: seqs of held and confirmed reservations. Rebuilt on restore.
-    #[serde(skip)]
-    pub(crate) open: BTreeSet<u64>,
-    /// The bucket the metadata plane placed the issuer in; `None` for an
-    /// issuer registered before buckets were recorded, until a
-    /// `PlaceIssuer` or a seal names it. Encoded after the state (see
-    /// [`SNAPSHOT_FORMAT`]).
-    #[serde(skip)]
-    pub(crate) bucket: Option<BucketId>,
-}
-
-impl Issuer {
-    fn remaining(&self) -> Amount {
-        self.limit
-            .checked_sub(self.reserved)
-            .unwrap_or_else(|| panic!("reserved {} exceeds limit {}", self.reserved, self.limit))
-    }
 }
 
 /// Where a scan of a group's state stands: after an issuer's row (`seq`
@@ -229,13 +128,16 @@ pub struct StateMachine {
     /// expiry and each `ExpireHolds` cost O(log n) per hold. Rebuilt on restore.
     #[serde(skip)]
     pub(crate) holds_by_expiry: BTreeSet<(u64, ReservationId)>,
+    /// Index: the issuers placed in each bucket. Rebuilt on restore.
+    #[serde(skip)]
+    pub(crate) by_bucket: BTreeMap<BucketId, BTreeSet<IssuerId>>,
     /// Buckets sealed here (writes to their issuers are refused as
     /// moved) or unsealed since. Encoded after the state.
     #[serde(skip)]
     pub(crate) buckets: BTreeMap<BucketId, BucketRecord>,
     /// Rows moves staged here, by bucket. Encoded after the state.
     #[serde(skip)]
-    pub(crate) staged: BTreeMap<BucketId, crate::moves::Staged>,
+    pub(crate) staged: BTreeMap<BucketId, Staged>,
     /// The holds of sealed buckets' issuers, out of `holds_by_expiry`: a
     /// sealed bucket's holds expire in its next owner, or here again once
     /// it is unsealed. Rebuilt on restore.
@@ -578,10 +480,13 @@ impl StateMachine {
                 reservations: BTreeMap::new(),
                 tokens: BTreeMap::new(),
                 open: BTreeSet::new(),
-                bucket,
+                bucket: None,
             };
             let view = issuer_view(issuer_id, &issuer);
             self.issuers.insert(issuer_id.clone(), issuer);
+            if let Some(bucket) = bucket {
+                self.place(issuer_id, bucket);
+            }
             events.push(Event::IssuerRegistered {
                 position: ctx.position,
                 at: ctx.at,
@@ -601,11 +506,11 @@ impl StateMachine {
                 home_region: issuer.home_region.clone(),
             });
         }
-        // An issuer registered before buckets were recorded learns its
-        // bucket only from a move's `TagIssuers` (or a seal naming it),
-        // before the move copies anything: tagged later, a move's passes
-        // over what changed would not see its rows.
-        let _ = bucket;
+        // `bucket` is not recorded for an issuer that exists: one
+        // registered before buckets were recorded learns its bucket only
+        // from a move's `TagIssuers` (or a seal naming it), before the move
+        // copies anything; tagged later, a move's passes over what changed
+        // would not see its rows.
         let limit_before = issuer.limit;
         if limit != limit_before {
             if limit < issuer.reserved {
@@ -979,10 +884,23 @@ impl StateMachine {
 
     fn tag(&mut self, bucket: BucketId, untagged: &[IssuerId]) {
         for issuer_id in untagged {
-            if let Some(issuer) = self.issuers.get_mut(issuer_id) {
-                issuer.bucket.get_or_insert(bucket);
-            }
+            self.place(issuer_id, bucket);
         }
+    }
+
+    /// Places an issuer that has no bucket yet in `bucket`.
+    pub(crate) fn place(&mut self, issuer_id: &IssuerId, bucket: BucketId) {
+        let unplaced = |i: &&mut Issuer| i.bucket.is_none();
+        if let Some(issuer) = self.issuers.get_mut(issuer_id).filter(unplaced) {
+            issuer.bucket = Some(bucket);
+            let ids = self.by_bucket.entry(bucket).or_default();
+            ids.insert(issuer_id.clone());
+        }
+    }
+
+    /// The issuers placed in `bucket`, by id.
+    pub(crate) fn bucket_issuers(&self, bucket: BucketId) -> impl Iterator<Item = &IssuerId> {
+        self.by_bucket.get(&bucket).into_iter().flatten()
     }
 
     /// Tags issuers with their bucket; a sealed bucket's seal covers them
@@ -1022,11 +940,7 @@ impl StateMachine {
     }
 
     pub(crate) fn bucket_outcome(&self, bucket: BucketId) -> Outcome {
-        let held = self
-            .issuers
-            .values()
-            .filter(|i| i.bucket == Some(bucket))
-            .count();
+        let held = self.bucket_issuers(bucket).count();
         let staged = self.staged.get(&bucket).map_or(0, |s| s.issuers.len());
         Outcome::Bucket {
             bucket,
@@ -1280,12 +1194,12 @@ impl StateMachine {
             let (buckets, after): (Buckets, _) = postcard::take_from_bytes(rest)?;
             rest = after;
             for (issuer_id, bucket) in buckets.issuers {
-                let issuer = machine.issuers.get_mut(&issuer_id).ok_or_else(|| {
-                    SnapshotError::Inconsistent {
+                if !machine.issuers.contains_key(&issuer_id) {
+                    return Err(SnapshotError::Inconsistent {
                         reason: format!("{bucket} of issuer {issuer_id}, which is not there"),
-                    }
-                })?;
-                issuer.bucket = Some(bucket);
+                    });
+                }
+                machine.place(&issuer_id, bucket);
             }
             machine.buckets = buckets.records.into_iter().collect();
             for staged in buckets.staged {
@@ -1337,156 +1251,25 @@ impl StateMachine {
     /// with its values. Must not panic, whatever the state: it also judges
     /// decoded snapshots.
     pub(crate) fn verify(&self) -> Result<(), String> {
-        macro_rules! ensure {
-            ($cond:expr, $($fmt:tt)+) => {
-                if !$cond {
-                    return Err(format!($($fmt)+));
-                }
-            };
-        }
-        // A position of another group came with a moved bucket's rows:
-        // it is before anything this group applied since.
-        let at_or_before_applied =
-            |p: CommitToken| self.applied.is_some_and(|a| p.shard != a.shard || p <= a);
         let mut holds: usize = 0;
+        let mut placed: usize = 0;
         for (issuer_id, issuer) in &self.issuers {
-            ensure!(
-                issuer.limit.0 <= AMOUNT_MAX,
-                "{issuer_id}: limit {} over AMOUNT_MAX",
-                issuer.limit
-            );
-            ensure!(
-                issuer.reserved <= issuer.limit,
-                "{issuer_id}: reserved {} over limit {}",
-                issuer.reserved,
-                issuer.limit
-            );
-            ensure!(issuer.next_seq >= 1, "{issuer_id}: next_seq is 0");
-            ensure!(
-                at_or_before_applied(issuer.updated),
-                "{issuer_id}: updated {} after applied {:?}",
-                issuer.updated,
-                self.applied
-            );
-            let mut open_sum = Amount::ZERO;
-            let mut open_count: usize = 0;
-            for (&seq, r) in &issuer.reservations {
-                let id = format!("{issuer_id}:r{seq}");
+            holds += self.verify_issuer(issuer_id, issuer, true)?;
+            if let Some(bucket) = issuer.bucket {
+                placed += 1;
                 ensure!(
-                    seq >= 1 && seq < issuer.next_seq,
-                    "{id}: seq outside 1..{}",
-                    issuer.next_seq
+                    self.by_bucket
+                        .get(&bucket)
+                        .is_some_and(|ids| ids.contains(issuer_id)),
+                    "{issuer_id}: placed in {bucket} but missing from its index"
                 );
-                let request = r.request();
-                let valid = check_amount("amount", request.amount, Amount(1))
-                    .and_then(|()| check_text("desk", &request.desk))
-                    .and_then(|()| check_text("trader", &request.trader))
-                    .and_then(|()| match &request.customer_id {
-                        Some(customer_id) => check_text("customer_id", customer_id),
-                        None => Ok(()),
-                    })
-                    .and_then(|()| check_hold_ttl(request.hold_ttl_ms));
-                ensure!(valid.is_ok(), "{id}: invalid request: {valid:?}");
-                ensure!(
-                    (r.created.shard != r.updated.shard || r.created <= r.updated)
-                        && at_or_before_applied(r.updated),
-                    "{id}: created {} updated {} applied {:?}",
-                    r.created,
-                    r.updated,
-                    self.applied
-                );
-                match (r.status, r.expires_at_ms, r.hold_ttl_ms) {
-                    (Status::Held, Some(expires_at_ms), Some(ttl)) => {
-                        ensure!(
-                            r.created_at.wall_ms.checked_add(ttl) == Some(expires_at_ms),
-                            "{id}: expires at {expires_at_ms}, created at {} with ttl {ttl}",
-                            r.created_at
-                        );
-                        let key = (expires_at_ms, ReservationId::new(issuer_id.clone(), seq));
-                        let index = match issuer.bucket.filter(|b| self.is_sealed(*b)) {
-                            Some(_) => &self.sealed_holds,
-                            None => &self.holds_by_expiry,
-                        };
-                        ensure!(
-                            index.contains(&key),
-                            "{id}: hold missing from the expiry index of its bucket's state"
-                        );
-                        holds += 1;
-                    }
-                    (Status::Held, expires_at_ms, ttl) => {
-                        return Err(format!(
-                            "{id}: held with expiry {expires_at_ms:?}, ttl {ttl:?}"
-                        ))
-                    }
-                    (status, Some(expires_at_ms), _) => {
-                        return Err(format!("{id}: {status} with expiry {expires_at_ms}"))
-                    }
-                    (_, None, _) => {}
-                }
-                ensure!(
-                    r.status.is_open() == issuer.open.contains(&seq),
-                    "{id}: {} but open index says {}",
-                    r.status,
-                    issuer.open.contains(&seq)
-                );
-                if r.status.is_open() {
-                    open_count += 1;
-                    open_sum = open_sum
-                        .checked_add(r.amount)
-                        .ok_or_else(|| format!("{issuer_id}: open amounts overflow at {id}"))?;
-                }
-                let expected = TokenRecord::Committed {
-                    seq,
-                    commit_token: r.created,
-                };
-                ensure!(
-                    issuer.tokens.get(&r.token) == Some(&expected),
-                    "{id}: token {} maps to {:?}",
-                    r.token,
-                    issuer.tokens.get(&r.token)
-                );
-            }
-            ensure!(
-                open_sum == issuer.reserved,
-                "{issuer_id}: reserved {} but held + confirmed sum to {open_sum}",
-                issuer.reserved
-            );
-            ensure!(
-                open_count == issuer.open.len(),
-                "{issuer_id}: {open_count} open reservations, open index has {}",
-                issuer.open.len()
-            );
-            for (token, record) in &issuer.tokens {
-                match record {
-                    TokenRecord::Committed { seq, commit_token } => {
-                        let owner = issuer.reservations.get(seq).map(|r| (&r.token, r.created));
-                        ensure!(
-                            owner == Some((token, *commit_token)),
-                            "{issuer_id}: token {token} committed as r{seq} at {commit_token}, \
-                             but r{seq} is {owner:?}"
-                        );
-                    }
-                    TokenRecord::Rejected {
-                        request,
-                        remaining,
-                        commit_token,
-                    } => {
-                        ensure!(
-                            request.amount > *remaining && at_or_before_applied(*commit_token),
-                            "{issuer_id}: token {token} rejected {} with {remaining} remaining at \
-                             {commit_token}",
-                            request.amount
-                        );
-                    }
-                    TokenRecord::Abandoned { commit_token } => {
-                        ensure!(
-                            at_or_before_applied(*commit_token),
-                            "{issuer_id}: token {token} abandoned at {commit_token} after applied"
-                        );
-                    }
-                }
             }
         }
+        let indexed: usize = self.by_bucket.values().map(BTreeSet::len).sum();
+        ensure!(
+            placed == indexed,
+            "{placed} issuers are placed in buckets but the index holds {indexed}"
+        );
         ensure!(
             holds == self.holds_by_expiry.len() + self.sealed_holds.len(),
             "{holds} holds but the expiry indexes have {} and {} (sealed)",
@@ -1499,12 +1282,169 @@ impl StateMachine {
                     .sealed_at
                     .into_iter()
                     .chain(record.opened_at)
-                    .all(at_or_before_applied),
+                    .all(|p| self.at_or_before_applied(p)),
                 "{bucket}: {record:?} after applied {:?}",
                 self.applied
             );
         }
         Ok(())
+    }
+
+    /// Whether a position is at or before the last applied entry. A
+    /// position of another group came with a moved bucket's rows: it is
+    /// before anything this group applied since.
+    fn at_or_before_applied(&self, p: CommitToken) -> bool {
+        self.applied.is_some_and(|a| p.shard != a.shard || p <= a)
+    }
+
+    /// The invariants of one issuer's rows; returns how many holds it has.
+    /// `indexed`: whether its holds must be in the expiry indexes already
+    /// (rows a move staged are checked before they join them).
+    pub(crate) fn verify_issuer(
+        &self,
+        issuer_id: &IssuerId,
+        issuer: &Issuer,
+        indexed: bool,
+    ) -> Result<usize, String> {
+        let at_or_before_applied = |p| self.at_or_before_applied(p);
+        let mut holds: usize = 0;
+        ensure!(
+            issuer.limit.0 <= AMOUNT_MAX,
+            "{issuer_id}: limit {} over AMOUNT_MAX",
+            issuer.limit
+        );
+        ensure!(
+            issuer.reserved <= issuer.limit,
+            "{issuer_id}: reserved {} over limit {}",
+            issuer.reserved,
+            issuer.limit
+        );
+        ensure!(issuer.next_seq >= 1, "{issuer_id}: next_seq is 0");
+        ensure!(
+            at_or_before_applied(issuer.updated),
+            "{issuer_id}: updated {} after applied {:?}",
+            issuer.updated,
+            self.applied
+        );
+        let mut open_sum = Amount::ZERO;
+        let mut open_count: usize = 0;
+        for (&seq, r) in &issuer.reservations {
+            let id = format!("{issuer_id}:r{seq}");
+            ensure!(
+                seq >= 1 && seq < issuer.next_seq,
+                "{id}: seq outside 1..{}",
+                issuer.next_seq
+            );
+            let request = r.request();
+            let valid = check_amount("amount", request.amount, Amount(1))
+                .and_then(|()| check_text("desk", &request.desk))
+                .and_then(|()| check_text("trader", &request.trader))
+                .and_then(|()| match &request.customer_id {
+                    Some(customer_id) => check_text("customer_id", customer_id),
+                    None => Ok(()),
+                })
+                .and_then(|()| check_hold_ttl(request.hold_ttl_ms));
+            ensure!(valid.is_ok(), "{id}: invalid request: {valid:?}");
+            ensure!(
+                (r.created.shard != r.updated.shard || r.created <= r.updated)
+                    && at_or_before_applied(r.updated),
+                "{id}: created {} updated {} applied {:?}",
+                r.created,
+                r.updated,
+                self.applied
+            );
+            match (r.status, r.expires_at_ms, r.hold_ttl_ms) {
+                (Status::Held, Some(expires_at_ms), Some(ttl)) => {
+                    ensure!(
+                        r.created_at.wall_ms.checked_add(ttl) == Some(expires_at_ms),
+                        "{id}: expires at {expires_at_ms}, created at {} with ttl {ttl}",
+                        r.created_at
+                    );
+                    let key = (expires_at_ms, ReservationId::new(issuer_id.clone(), seq));
+                    let index = match issuer.bucket.filter(|b| self.is_sealed(*b)) {
+                        Some(_) => &self.sealed_holds,
+                        None => &self.holds_by_expiry,
+                    };
+                    ensure!(
+                        !indexed || index.contains(&key),
+                        "{id}: hold missing from the expiry index of its bucket's state"
+                    );
+                    holds += 1;
+                }
+                (Status::Held, expires_at_ms, ttl) => {
+                    return Err(format!(
+                        "{id}: held with expiry {expires_at_ms:?}, ttl {ttl:?}"
+                    ))
+                }
+                (status, Some(expires_at_ms), _) => {
+                    return Err(format!("{id}: {status} with expiry {expires_at_ms}"))
+                }
+                (_, None, _) => {}
+            }
+            ensure!(
+                r.status.is_open() == issuer.open.contains(&seq),
+                "{id}: {} but open index says {}",
+                r.status,
+                issuer.open.contains(&seq)
+            );
+            if r.status.is_open() {
+                open_count += 1;
+                open_sum = open_sum
+                    .checked_add(r.amount)
+                    .ok_or_else(|| format!("{issuer_id}: open amounts overflow at {id}"))?;
+            }
+            let expected = TokenRecord::Committed {
+                seq,
+                commit_token: r.created,
+            };
+            ensure!(
+                issuer.tokens.get(&r.token) == Some(&expected),
+                "{id}: token {} maps to {:?}",
+                r.token,
+                issuer.tokens.get(&r.token)
+            );
+        }
+        ensure!(
+            open_sum == issuer.reserved,
+            "{issuer_id}: reserved {} but held + confirmed sum to {open_sum}",
+            issuer.reserved
+        );
+        ensure!(
+            open_count == issuer.open.len(),
+            "{issuer_id}: {open_count} open reservations, open index has {}",
+            issuer.open.len()
+        );
+        for (token, record) in &issuer.tokens {
+            match record {
+                TokenRecord::Committed { seq, commit_token } => {
+                    let owner = issuer.reservations.get(seq).map(|r| (&r.token, r.created));
+                    ensure!(
+                        owner == Some((token, *commit_token)),
+                        "{issuer_id}: token {token} committed as r{seq} at {commit_token}, \
+                         but r{seq} is {owner:?}"
+                    );
+                }
+                TokenRecord::Rejected {
+                    request,
+                    remaining,
+                    commit_token,
+                } => {
+                    ensure!(
+                        request.amount > *remaining && at_or_before_applied(*commit_token),
+                        "{issuer_id}: token {token} rejected {} with {remaining} remaining at \
+                         {commit_token}",
+                        request.amount
+                    );
+                }
+                TokenRecord::Abandoned { commit_token } => {
+                    ensure!(
+                        at_or_before_applied(*commit_token),
+                        "{issuer_id}: token {token} abandoned at {commit_token} after applied"
+                    );
+                }
+            }
+        }
+        Ok(holds)
     }
 }
 

@@ -17,93 +17,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use harbor_types::{
     Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, ShardId,
-    Timestamp,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::command::ApplyContext;
-use crate::machine::{Issuer, Reservation, ReserveRequest, StateMachine, TokenRecord};
-use crate::outcome::{Event, Outcome, Rejection, Status};
-
-/// One issuer's own row, as a move copies it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IssuerRow {
-    pub issuer_id: IssuerId,
-    pub home_region: Region,
-    pub limit: Amount,
-    pub reserved: Amount,
-    pub next_seq: u64,
-    pub updated: CommitToken,
-}
-
-/// One reservation, whole.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReservationRow {
-    pub issuer_id: IssuerId,
-    pub seq: u64,
-    pub token: ReservationToken,
-    pub amount: Amount,
-    pub desk: String,
-    pub trader: String,
-    pub hold_ttl_ms: Option<u64>,
-    pub status: Status,
-    pub expires_at_ms: Option<u64>,
-    pub created: CommitToken,
-    pub created_at: Timestamp,
-    pub updated: CommitToken,
-    pub customer_id: Option<String>,
-}
-
-/// One token's outcome, with the request a rejection kept.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenRow {
-    pub issuer_id: IssuerId,
-    pub token: ReservationToken,
-    pub outcome: TokenRowOutcome,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TokenRowOutcome {
-    Committed {
-        seq: u64,
-        commit_token: CommitToken,
-    },
-    Rejected {
-        amount: Amount,
-        desk: String,
-        trader: String,
-        hold_ttl_ms: Option<u64>,
-        customer_id: Option<String>,
-        remaining: Amount,
-        commit_token: CommitToken,
-    },
-    Abandoned {
-        commit_token: CommitToken,
-    },
-}
-
-/// Rows of one bucket: a page of an export, one entry of an import.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BucketRows {
-    pub issuers: Vec<IssuerRow>,
-    pub reservations: Vec<ReservationRow>,
-    pub tokens: Vec<TokenRow>,
-}
-
-impl BucketRows {
-    pub fn len(&self) -> usize {
-        self.issuers.len() + self.reservations.len() + self.tokens.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Their encoded size, as an import entry carries them.
-    pub fn encoded_bytes(&self) -> u64 {
-        postcard::to_allocvec(self).map_or(0, |b| b.len() as u64)
-    }
-}
+use crate::machine::StateMachine;
+use crate::outcome::{Event, Outcome, Rejection};
+use crate::rows::{
+    reservation_of, reservation_row, token_record_of, token_row, BucketRows, Issuer, IssuerRow,
+    Staged, StagedOut,
+};
 
 /// Where an export stands: after an issuer's own row, one of its
 /// reservations, or one of its tokens (in that order, issuer by issuer).
@@ -131,23 +54,6 @@ pub struct ExportPage {
     /// The bucket's record here when the page was read (`sealed_at` tells
     /// whether nothing can change any more).
     pub record: crate::BucketRecord,
-}
-
-/// Rows a move staged here, out of sight until the bucket is acquired.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Staged {
-    pub(crate) move_id: u64,
-    pub(crate) from: ShardId,
-    pub(crate) issuers: BTreeMap<IssuerId, Issuer>,
-}
-
-/// A staged import, encoded after the state in snapshot format 4.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct StagedOut {
-    pub(crate) bucket: BucketId,
-    pub(crate) move_id: u64,
-    pub(crate) from: ShardId,
-    pub(crate) rows: BucketRows,
 }
 
 /// Rows an export page examines at most for each row it may return: a
@@ -182,11 +88,13 @@ impl StateMachine {
             Some(key) => std::ops::Bound::Included(&key.issuer_id),
             None => std::ops::Bound::Unbounded,
         };
-        let issuers = self
-            .issuers
-            .range::<IssuerId, _>((from, std::ops::Bound::Unbounded))
-            .filter(|(_, issuer)| issuer.bucket == Some(bucket));
-        for (issuer_id, issuer) in issuers {
+        let ids = self
+            .by_bucket
+            .get(&bucket)
+            .into_iter()
+            .flat_map(|ids| ids.range::<IssuerId, _>((from, std::ops::Bound::Unbounded)));
+        for issuer_id in ids {
+            let issuer = &self.issuers[issuer_id];
             let start = match after {
                 Some(key) if key.issuer_id == *issuer_id => Some(&key.part),
                 _ => None,
@@ -318,6 +226,12 @@ impl StateMachine {
                 .entry(row.issuer_id.clone())
                 .or_insert_with(|| empty_issuer(Region::new("unknown").unwrap(), bucket));
             issuer.reservations.insert(row.seq, reservation_of(row));
+            // The open index is kept as the rows arrive (a later pass may
+            // close a reservation an earlier one copied open).
+            match row.status.is_open() {
+                true => issuer.open.insert(row.seq),
+                false => issuer.open.remove(&row.seq),
+            };
         }
         for row in &rows.tokens {
             let issuer = staged
@@ -334,8 +248,7 @@ impl StateMachine {
     /// Whether this group holds `bucket`'s rows as their owner (a released
     /// bucket's rows it keeps are no one's).
     fn holds_bucket(&self, bucket: BucketId) -> bool {
-        self.bucket(bucket).released_to.is_none()
-            && self.issuers.values().any(|i| i.bucket == Some(bucket))
+        self.bucket(bucket).released_to.is_none() && self.bucket_issuers(bucket).next().is_some()
     }
 
     /// The staged rows become the group's, and the bucket's writes are
@@ -358,45 +271,47 @@ impl StateMachine {
                 "{bucket} has nothing staged for move {move_id} (aborted?)"
             )));
         };
-        let mut candidate = self.clone();
         // The rows it kept when the bucket left it last give way.
-        if candidate.bucket(bucket).released_to.is_some() {
-            let kept: BTreeSet<IssuerId> = candidate
-                .issuers
-                .iter()
-                .filter(|(_, i)| i.bucket == Some(bucket))
-                .map(|(id, _)| id.clone())
-                .collect();
-            candidate.issuers.retain(|id, _| !kept.contains(id));
-            candidate
-                .sealed_holds
-                .retain(|(_, id)| !kept.contains(id.issuer()));
-        }
-        if let Some(taken) = staged
-            .issuers
-            .keys()
-            .find(|id| candidate.issuers.contains_key(*id))
-        {
+        let kept: BTreeSet<IssuerId> = match self.bucket(bucket).released_to {
+            Some(_) => self.bucket_issuers(bucket).cloned().collect(),
+            None => BTreeSet::new(),
+        };
+        let taken = |id: &&IssuerId| self.issuers.contains_key(*id) && !kept.contains(*id);
+        if let Some(taken) = staged.issuers.keys().find(taken) {
             return Err(refused(format!(
                 "issuer {taken} of {bucket} is already here"
             )));
         }
-        let staged = candidate.staged.remove(&bucket).expect("checked above");
+        // Every staged issuer is checked before anything changes; a failed
+        // check leaves the staging for an abort to clear. (A unit test
+        // reaches this; a correct copy never does.)
+        let staged = self.staged.remove(&bucket).expect("checked above");
+        for (issuer_id, issuer) in &staged.issuers {
+            if let Err(reason) = self.verify_issuer(issuer_id, issuer, false) {
+                self.staged.insert(bucket, staged);
+                return Err(refused(format!(
+                    "the rows staged for {bucket} are not consistent: {reason}"
+                )));
+            }
+        }
+        for issuer_id in &kept {
+            self.issuers.remove(issuer_id);
+        }
+        self.sealed_holds
+            .retain(|(_, id)| !kept.contains(id.issuer()));
+        self.by_bucket.remove(&bucket);
         let ids: Vec<IssuerId> = staged.issuers.keys().cloned().collect();
-        for (issuer_id, mut issuer) in staged.issuers {
-            issuer.bucket = Some(bucket);
+        for (issuer_id, issuer) in staged.issuers {
             for (seq, r) in &issuer.reservations {
-                if r.status.is_open() {
-                    issuer.open.insert(*seq);
-                }
                 if let Some(expires_at_ms) = r.expires_at_ms {
                     let id = ReservationId::new(issuer_id.clone(), *seq);
-                    candidate.holds_by_expiry.insert((expires_at_ms, id));
+                    self.holds_by_expiry.insert((expires_at_ms, id));
                 }
             }
-            candidate.issuers.insert(issuer_id, issuer);
+            self.issuers.insert(issuer_id, issuer);
         }
-        let record = candidate.buckets.entry(bucket).or_default();
+        self.by_bucket.insert(bucket, ids.iter().cloned().collect());
+        let record = self.buckets.entry(bucket).or_default();
         *record = crate::BucketRecord {
             opened_at: Some(ctx.position),
             epoch,
@@ -404,14 +319,6 @@ impl StateMachine {
             aborted_up_to: record.aborted_up_to,
             ..crate::BucketRecord::default()
         };
-        if let Err(reason) = candidate.verify() {
-            // Nothing changes: the staging stays for an abort to clear. (A
-            // unit test reaches this; a correct copy never does.)
-            return Err(refused(format!(
-                "the rows staged for {bucket} are not consistent: {reason}"
-            )));
-        }
-        *self = candidate;
         events.push(Event::BucketAcquired {
             position: ctx.position,
             at: ctx.at,
@@ -460,12 +367,7 @@ impl StateMachine {
         if record.sealed_at.is_none() {
             return Err(refused(format!("{bucket} is not sealed here")));
         }
-        let ids: Vec<IssuerId> = self
-            .issuers
-            .iter()
-            .filter(|(_, i)| i.bucket == Some(bucket))
-            .map(|(id, _)| id.clone())
-            .collect();
+        let ids: Vec<IssuerId> = self.bucket_issuers(bucket).cloned().collect();
         self.buckets.get_mut(&bucket).expect("sealed").released_to = Some(to);
         events.push(Event::BucketReleased {
             position: ctx.position,
@@ -535,100 +437,5 @@ fn empty_issuer(home_region: Region, bucket: BucketId) -> Issuer {
         tokens: BTreeMap::new(),
         open: BTreeSet::new(),
         bucket: Some(bucket),
-    }
-}
-
-fn reservation_row(issuer_id: &IssuerId, seq: u64, r: &Reservation) -> ReservationRow {
-    ReservationRow {
-        issuer_id: issuer_id.clone(),
-        seq,
-        token: r.token.clone(),
-        amount: r.amount,
-        desk: r.desk.clone(),
-        trader: r.trader.clone(),
-        hold_ttl_ms: r.hold_ttl_ms,
-        status: r.status,
-        expires_at_ms: r.expires_at_ms,
-        created: r.created,
-        created_at: r.created_at,
-        updated: r.updated,
-        customer_id: r.customer_id.clone(),
-    }
-}
-
-fn reservation_of(row: &ReservationRow) -> Reservation {
-    Reservation {
-        token: row.token.clone(),
-        amount: row.amount,
-        desk: row.desk.clone(),
-        trader: row.trader.clone(),
-        hold_ttl_ms: row.hold_ttl_ms,
-        status: row.status,
-        expires_at_ms: row.expires_at_ms,
-        created: row.created,
-        created_at: row.created_at,
-        updated: row.updated,
-        customer_id: row.customer_id.clone(),
-    }
-}
-
-fn token_row(issuer_id: &IssuerId, token: &ReservationToken, record: &TokenRecord) -> TokenRow {
-    let outcome = match record {
-        TokenRecord::Committed { seq, commit_token } => TokenRowOutcome::Committed {
-            seq: *seq,
-            commit_token: *commit_token,
-        },
-        TokenRecord::Rejected {
-            request,
-            remaining,
-            commit_token,
-        } => TokenRowOutcome::Rejected {
-            amount: request.amount,
-            desk: request.desk.clone(),
-            trader: request.trader.clone(),
-            hold_ttl_ms: request.hold_ttl_ms,
-            customer_id: request.customer_id.clone(),
-            remaining: *remaining,
-            commit_token: *commit_token,
-        },
-        TokenRecord::Abandoned { commit_token } => TokenRowOutcome::Abandoned {
-            commit_token: *commit_token,
-        },
-    };
-    TokenRow {
-        issuer_id: issuer_id.clone(),
-        token: token.clone(),
-        outcome,
-    }
-}
-
-fn token_record_of(outcome: &TokenRowOutcome) -> TokenRecord {
-    match outcome {
-        TokenRowOutcome::Committed { seq, commit_token } => TokenRecord::Committed {
-            seq: *seq,
-            commit_token: *commit_token,
-        },
-        TokenRowOutcome::Rejected {
-            amount,
-            desk,
-            trader,
-            hold_ttl_ms,
-            customer_id,
-            remaining,
-            commit_token,
-        } => TokenRecord::Rejected {
-            request: ReserveRequest {
-                amount: *amount,
-                desk: desk.clone(),
-                trader: trader.clone(),
-                hold_ttl_ms: *hold_ttl_ms,
-                customer_id: customer_id.clone(),
-            },
-            remaining: *remaining,
-            commit_token: *commit_token,
-        },
-        TokenRowOutcome::Abandoned { commit_token } => TokenRecord::Abandoned {
-            commit_token: *commit_token,
-        },
     }
 }

@@ -308,6 +308,22 @@ pub enum Event {
 }
 
 impl Event {
+    /// The issuer the change is about (`None` for a bucket's move, which
+    /// names several).
+    pub fn issuer(&self) -> Option<&IssuerId> {
+        match self {
+            Event::IssuerRegistered { issuer_id, .. }
+            | Event::LimitChanged { issuer_id, .. }
+            | Event::ReservationRejected { issuer_id, .. }
+            | Event::TokenAbandoned { issuer_id, .. } => Some(issuer_id),
+            Event::ReservationCreated { reservation, .. }
+            | Event::ReservationConfirmed { reservation, .. }
+            | Event::ReservationReleased { reservation, .. }
+            | Event::ReservationExpired { reservation, .. } => Some(&reservation.issuer_id),
+            Event::BucketAcquired { .. } | Event::BucketReleased { .. } => None,
+        }
+    }
+
     /// The time of the entry that made the change (the leader's HLC).
     pub fn at(&self) -> Timestamp {
         match self {

@@ -198,20 +198,6 @@ fn check_replay(before: &StateMachine, after: &StateMachine, original: &Applied,
     }
 }
 
-fn event_issuer(event: &Event) -> Option<&IssuerId> {
-    match event {
-        Event::IssuerRegistered { issuer_id, .. }
-        | Event::LimitChanged { issuer_id, .. }
-        | Event::ReservationRejected { issuer_id, .. }
-        | Event::TokenAbandoned { issuer_id, .. } => Some(issuer_id),
-        Event::ReservationCreated { reservation, .. }
-        | Event::ReservationConfirmed { reservation, .. }
-        | Event::ReservationReleased { reservation, .. }
-        | Event::ReservationExpired { reservation, .. } => Some(&reservation.issuer_id),
-        Event::BucketAcquired { .. } | Event::BucketReleased { .. } => None,
-    }
-}
-
 proptest! {
     /// Properties 1, 2 and 4: invariants after every apply (reserved within
     /// limit and equal to the open amounts), replays change nothing, and
@@ -231,7 +217,7 @@ proptest! {
             // Nothing of a sealed bucket changes, and what is refused as
             // moved changes nothing.
             for event in &applied.events {
-                let Some(issuer) = event_issuer(event) else { continue };
+                let Some(issuer) = event.issuer() else { continue };
                 let sealed = before
                     .bucket_of(issuer)
                     .is_some_and(|b| before.bucket(b).sealed_at.is_some());

@@ -175,7 +175,11 @@ impl World {
                 continue;
             };
             for (at, change) in stream {
-                if change_issuer(&change.event).is_some_and(|i| owed_elsewhere(*shard, *at, i)) {
+                if change
+                    .event
+                    .issuer()
+                    .is_some_and(|i| owed_elsewhere(*shard, *at, i))
+                {
                     continue;
                 }
                 let within = at <= position;
@@ -400,21 +404,6 @@ impl World {
             }
         }
         self.projection = Some(sim);
-    }
-}
-
-/// The issuer a change is about, if one.
-fn change_issuer(change: &Change) -> Option<&IssuerId> {
-    match change {
-        Change::IssuerRegistered { issuer_id, .. }
-        | Change::LimitChanged { issuer_id, .. }
-        | Change::ReservationRejected { issuer_id, .. }
-        | Change::TokenAbandoned { issuer_id, .. } => Some(issuer_id),
-        Change::ReservationCreated { reservation, .. }
-        | Change::ReservationConfirmed { reservation, .. }
-        | Change::ReservationReleased { reservation, .. }
-        | Change::ReservationExpired { reservation, .. } => Some(&reservation.issuer_id),
-        Change::BucketAcquired { .. } | Change::BucketReleased { .. } => None,
     }
 }
 
