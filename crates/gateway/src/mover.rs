@@ -203,6 +203,26 @@ impl Mover {
         }
     }
 
+    /// The step under way, finer than [`Mover::phase`] (for traces).
+    pub fn step_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Tag => "tag",
+            Phase::Read => "read",
+            Phase::Import(_) => "import",
+            Phase::Seal => "seal",
+            Phase::RecordSeal => "record seal",
+            Phase::Acquire => "acquire",
+            Phase::Commit => "commit",
+            Phase::Release => "release",
+            Phase::Reseal => "reseal",
+            Phase::End => "end",
+            Phase::AbortImport => "abort import",
+            Phase::Unseal => "unseal",
+            Phase::EndAborted => "end aborted",
+            Phase::Done => "done",
+        }
+    }
+
     fn bucket(&self) -> BucketId {
         self.record.bucket
     }

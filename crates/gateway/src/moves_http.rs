@@ -276,6 +276,8 @@ impl Gateway {
                 .lock()
                 .unwrap()
                 .insert(id, (mover.phase(), mover.progress()));
+            let step_started = tokio::time::Instant::now();
+            let (phase, what) = (mover.phase(), mover.step_name());
             step = match step {
                 MoveStep::Write { shard, command } => {
                     let answer = self.call(Request::Write { shard, command }).await;
@@ -323,6 +325,8 @@ impl Gateway {
                     return *result;
                 }
             };
+            let step_us = step_started.elapsed().as_micros() as u64;
+            tracing::debug!(id, phase, what, step_us, "move step");
         }
     }
 

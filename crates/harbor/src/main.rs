@@ -206,6 +206,13 @@ enum Bench {
     /// dev cluster it starts (a leader and one synchronous follower per
     /// group), measuring and restarting it after each step.
     Cost(harbor::bench::cost::CostOptions),
+    /// The write pause of bucket moves under a steady write load on the
+    /// bucket being moved: moves a hot issuer's bucket back and forth
+    /// between two groups of its home region while writers reserve against
+    /// it; reports each move's pause, the longest a write waited, the copy
+    /// throughput and every error a writer saw, then checks that every
+    /// acknowledged write is there.
+    Moves(harbor::bench::moves::MovesOptions),
     /// Bounded reads through a gateway outside the issuers' home region
     /// (share served by a local replica, latency) against strong reads that
     /// cross the WAN to the leader; at rest, then under write load.
@@ -440,6 +447,10 @@ fn main() -> anyhow::Result<()> {
             what: Some(Bench::Cost(options)),
             ..
         } => runtime.block_on(harbor::bench::cost::cost(options)),
+        Command::Bench {
+            what: Some(Bench::Moves(options)),
+            ..
+        } => runtime.block_on(harbor::bench::moves::moves(options)),
         Command::Bench {
             what:
                 Some(Bench::Reads {

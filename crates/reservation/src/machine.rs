@@ -1254,7 +1254,7 @@ impl StateMachine {
         let mut holds: usize = 0;
         let mut placed: usize = 0;
         for (issuer_id, issuer) in &self.issuers {
-            holds += self.verify_issuer(issuer_id, issuer, true)?;
+            holds += self.verify_issuer(issuer_id, issuer)?;
             if let Some(bucket) = issuer.bucket {
                 placed += 1;
                 ensure!(
@@ -1300,12 +1300,7 @@ impl StateMachine {
     /// The invariants of one issuer's rows; returns how many holds it has.
     /// `indexed`: whether its holds must be in the expiry indexes already
     /// (rows a move staged are checked before they join them).
-    pub(crate) fn verify_issuer(
-        &self,
-        issuer_id: &IssuerId,
-        issuer: &Issuer,
-        indexed: bool,
-    ) -> Result<usize, String> {
+    fn verify_issuer(&self, issuer_id: &IssuerId, issuer: &Issuer) -> Result<usize, String> {
         let at_or_before_applied = |p| self.at_or_before_applied(p);
         let mut holds: usize = 0;
         ensure!(
@@ -1329,57 +1324,32 @@ impl StateMachine {
         let mut open_sum = Amount::ZERO;
         let mut open_count: usize = 0;
         for (&seq, r) in &issuer.reservations {
-            let id = format!("{issuer_id}:r{seq}");
+            // Formatted only when a check fails: this loop runs over every
+            // row of a bucket a move acquires, inside the write pause.
+            let id = RowId(issuer_id, seq);
             ensure!(
                 seq >= 1 && seq < issuer.next_seq,
                 "{id}: seq outside 1..{}",
                 issuer.next_seq
             );
-            let request = r.request();
-            let valid = check_amount("amount", request.amount, Amount(1))
-                .and_then(|()| check_text("desk", &request.desk))
-                .and_then(|()| check_text("trader", &request.trader))
-                .and_then(|()| match &request.customer_id {
-                    Some(customer_id) => check_text("customer_id", customer_id),
-                    None => Ok(()),
-                })
-                .and_then(|()| check_hold_ttl(request.hold_ttl_ms));
-            ensure!(valid.is_ok(), "{id}: invalid request: {valid:?}");
+            check_row(&id, r)?;
             ensure!(
-                (r.created.shard != r.updated.shard || r.created <= r.updated)
-                    && at_or_before_applied(r.updated),
-                "{id}: created {} updated {} applied {:?}",
-                r.created,
+                at_or_before_applied(r.updated),
+                "{id}: updated {} after applied {:?}",
                 r.updated,
                 self.applied
             );
-            match (r.status, r.expires_at_ms, r.hold_ttl_ms) {
-                (Status::Held, Some(expires_at_ms), Some(ttl)) => {
-                    ensure!(
-                        r.created_at.wall_ms.checked_add(ttl) == Some(expires_at_ms),
-                        "{id}: expires at {expires_at_ms}, created at {} with ttl {ttl}",
-                        r.created_at
-                    );
-                    let key = (expires_at_ms, ReservationId::new(issuer_id.clone(), seq));
-                    let index = match issuer.bucket.filter(|b| self.is_sealed(*b)) {
-                        Some(_) => &self.sealed_holds,
-                        None => &self.holds_by_expiry,
-                    };
-                    ensure!(
-                        !indexed || index.contains(&key),
-                        "{id}: hold missing from the expiry index of its bucket's state"
-                    );
-                    holds += 1;
-                }
-                (Status::Held, expires_at_ms, ttl) => {
-                    return Err(format!(
-                        "{id}: held with expiry {expires_at_ms:?}, ttl {ttl:?}"
-                    ))
-                }
-                (status, Some(expires_at_ms), _) => {
-                    return Err(format!("{id}: {status} with expiry {expires_at_ms}"))
-                }
-                (_, None, _) => {}
+            if let Some(expires_at_ms) = r.expires_at_ms {
+                let key = (expires_at_ms, ReservationId::new(issuer_id.clone(), seq));
+                let index = match issuer.bucket.filter(|b| self.is_sealed(*b)) {
+                    Some(_) => &self.sealed_holds,
+                    None => &self.holds_by_expiry,
+                };
+                ensure!(
+                    index.contains(&key),
+                    "{id}: hold missing from the expiry index of its bucket's state"
+                );
+                holds += 1;
             }
             ensure!(
                 r.status.is_open() == issuer.open.contains(&seq),
@@ -1393,16 +1363,6 @@ impl StateMachine {
                     .checked_add(r.amount)
                     .ok_or_else(|| format!("{issuer_id}: open amounts overflow at {id}"))?;
             }
-            let expected = TokenRecord::Committed {
-                seq,
-                commit_token: r.created,
-            };
-            ensure!(
-                issuer.tokens.get(&r.token) == Some(&expected),
-                "{id}: token {} maps to {:?}",
-                r.token,
-                issuer.tokens.get(&r.token)
-            );
         }
         ensure!(
             open_sum == issuer.reserved,
@@ -1414,6 +1374,12 @@ impl StateMachine {
             "{issuer_id}: {open_count} open reservations, open index has {}",
             issuer.open.len()
         );
+        // Each committed token names a reservation that carries it, so
+        // distinct tokens name distinct reservations; as many committed
+        // tokens as reservations then means every reservation's token
+        // names it (without a lookup by token per reservation, which made
+        // this the cost of a move's acquisition).
+        let mut committed: usize = 0;
         for (token, record) in &issuer.tokens {
             match record {
                 TokenRecord::Committed { seq, commit_token } => {
@@ -1423,6 +1389,7 @@ impl StateMachine {
                         "{issuer_id}: token {token} committed as r{seq} at {commit_token}, \
                          but r{seq} is {owner:?}"
                     );
+                    committed += 1;
                 }
                 TokenRecord::Rejected {
                     request,
@@ -1444,7 +1411,59 @@ impl StateMachine {
                 }
             }
         }
+        ensure!(
+            committed == issuer.reservations.len(),
+            "{issuer_id}: {committed} committed tokens for {} reservations (a reservation's \
+             token does not name it)",
+            issuer.reservations.len()
+        );
         Ok(holds)
+    }
+}
+
+/// The checks of one reservation on its own: a valid request, positions
+/// in order, an expiry exactly while held.
+pub(crate) fn check_row(id: &RowId, r: &Reservation) -> Result<(), String> {
+    let valid = check_amount("amount", r.amount, Amount(1))
+        .and_then(|()| check_text("desk", &r.desk))
+        .and_then(|()| check_text("trader", &r.trader))
+        .and_then(|()| match &r.customer_id {
+            Some(customer_id) => check_text("customer_id", customer_id),
+            None => Ok(()),
+        })
+        .and_then(|()| check_hold_ttl(r.hold_ttl_ms));
+    ensure!(valid.is_ok(), "{id}: invalid request: {valid:?}");
+    ensure!(
+        r.created.shard != r.updated.shard || r.created <= r.updated,
+        "{id}: created {} after updated {}",
+        r.created,
+        r.updated
+    );
+    match (r.status, r.expires_at_ms, r.hold_ttl_ms) {
+        (Status::Held, Some(expires_at_ms), Some(ttl)) => ensure!(
+            r.created_at.wall_ms.checked_add(ttl) == Some(expires_at_ms),
+            "{id}: expires at {expires_at_ms}, created at {} with ttl {ttl}",
+            r.created_at
+        ),
+        (Status::Held, expires_at_ms, ttl) => {
+            return Err(format!(
+                "{id}: held with expiry {expires_at_ms:?}, ttl {ttl:?}"
+            ))
+        }
+        (status, Some(expires_at_ms), _) => {
+            return Err(format!("{id}: {status} with expiry {expires_at_ms}"))
+        }
+        (_, None, _) => {}
+    }
+    Ok(())
+}
+
+/// A reservation's id as a message names it.
+pub(crate) struct RowId<'a>(pub(crate) &'a IssuerId, pub(crate) u64);
+
+impl std::fmt::Display for RowId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:r{}", self.0, self.1)
     }
 }
 

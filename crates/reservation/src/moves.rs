@@ -17,15 +17,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use harbor_types::{
     Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, ShardId,
+    AMOUNT_MAX,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::command::ApplyContext;
-use crate::machine::StateMachine;
+use crate::machine::{check_row, RowId, StateMachine};
 use crate::outcome::{Event, Outcome, Rejection};
 use crate::rows::{
     reservation_of, reservation_row, token_record_of, token_row, BucketRows, Issuer, IssuerRow,
-    Staged, StagedOut,
+    Reservation, Staged, StagedOut, TokenRecord,
 };
 
 /// Where an export stands: after an issuer's own row, one of its
@@ -204,44 +205,15 @@ impl StateMachine {
             // A late copy of an entry of a move that finished: nothing to do.
             return Ok(self.bucket_outcome(bucket));
         }
+        let applied = self.applied;
         let staged = self.staged.entry(bucket).or_insert_with(|| Staged {
             move_id,
             from,
             issuers: BTreeMap::new(),
+            tallies: BTreeMap::new(),
+            holds: BTreeSet::new(),
         });
-        for row in &rows.issuers {
-            let issuer = staged
-                .issuers
-                .entry(row.issuer_id.clone())
-                .or_insert_with(|| empty_issuer(row.home_region.clone(), bucket));
-            issuer.home_region = row.home_region.clone();
-            issuer.limit = row.limit;
-            issuer.reserved = row.reserved;
-            issuer.next_seq = row.next_seq;
-            issuer.updated = row.updated;
-        }
-        for row in &rows.reservations {
-            let issuer = staged
-                .issuers
-                .entry(row.issuer_id.clone())
-                .or_insert_with(|| empty_issuer(Region::new("unknown").unwrap(), bucket));
-            issuer.reservations.insert(row.seq, reservation_of(row));
-            // The open index is kept as the rows arrive (a later pass may
-            // close a reservation an earlier one copied open).
-            match row.status.is_open() {
-                true => issuer.open.insert(row.seq),
-                false => issuer.open.remove(&row.seq),
-            };
-        }
-        for row in &rows.tokens {
-            let issuer = staged
-                .issuers
-                .entry(row.issuer_id.clone())
-                .or_insert_with(|| empty_issuer(Region::new("unknown").unwrap(), bucket));
-            issuer
-                .tokens
-                .insert(row.token.clone(), token_record_of(&row.outcome));
-        }
+        staged.add(bucket, rows, applied);
         Ok(self.bucket_outcome(bucket))
     }
 
@@ -287,7 +259,7 @@ impl StateMachine {
         // reaches this; a correct copy never does.)
         let staged = self.staged.remove(&bucket).expect("checked above");
         for (issuer_id, issuer) in &staged.issuers {
-            if let Err(reason) = self.verify_issuer(issuer_id, issuer, false) {
+            if let Err(reason) = staged.check(issuer_id, issuer) {
                 self.staged.insert(bucket, staged);
                 return Err(refused(format!(
                     "the rows staged for {bucket} are not consistent: {reason}"
@@ -301,15 +273,8 @@ impl StateMachine {
             .retain(|(_, id)| !kept.contains(id.issuer()));
         self.by_bucket.remove(&bucket);
         let ids: Vec<IssuerId> = staged.issuers.keys().cloned().collect();
-        for (issuer_id, issuer) in staged.issuers {
-            for (seq, r) in &issuer.reservations {
-                if let Some(expires_at_ms) = r.expires_at_ms {
-                    let id = ReservationId::new(issuer_id.clone(), *seq);
-                    self.holds_by_expiry.insert((expires_at_ms, id));
-                }
-            }
-            self.issuers.insert(issuer_id, issuer);
-        }
+        self.holds_by_expiry.extend(staged.holds);
+        self.issuers.extend(staged.issuers);
         self.by_bucket.insert(bucket, ids.iter().cloned().collect());
         let record = self.buckets.entry(bucket).or_default();
         *record = crate::BucketRecord {
@@ -413,6 +378,147 @@ impl StateMachine {
             })
             .collect()
     }
+}
+
+impl Staged {
+    /// Adds the rows of one import entry, keeping the tallies and the
+    /// holds as they change (a later pass may replace a row an earlier one
+    /// copied). `applied`: where the group stands before the entry.
+    fn add(&mut self, bucket: BucketId, rows: &BucketRows, applied: Option<CommitToken>) {
+        let unknown = || Region::new("unknown").expect("a valid region");
+        for row in &rows.issuers {
+            let issuer = (self.issuers.entry(row.issuer_id.clone()))
+                .or_insert_with(|| empty_issuer(row.home_region.clone(), bucket));
+            issuer.home_region = row.home_region.clone();
+            issuer.limit = row.limit;
+            issuer.reserved = row.reserved;
+            issuer.next_seq = row.next_seq;
+            issuer.updated = row.updated;
+        }
+        for row in &rows.reservations {
+            let issuer = (self.issuers.entry(row.issuer_id.clone()))
+                .or_insert_with(|| empty_issuer(unknown(), bucket));
+            let tally = self.tallies.entry(row.issuer_id.clone()).or_default();
+            let id = ReservationId::new(row.issuer_id.clone(), row.seq);
+            if let Some(old) = issuer.reservations.remove(&row.seq) {
+                if old.status.is_open() {
+                    tally.open_amount -= u128::from(old.amount.0);
+                }
+                if carries(issuer, row.seq, &old) {
+                    tally.matched -= 1;
+                }
+                if let Some(expires_at_ms) = old.expires_at_ms {
+                    self.holds.remove(&(expires_at_ms, id.clone()));
+                }
+            }
+            let new = reservation_of(row);
+            let check = check_row(&RowId(&row.issuer_id, row.seq), &new).and_then(|()| {
+                let foreign = |p: CommitToken| applied.is_none_or(|a| p.shard != a.shard);
+                match foreign(new.updated) || applied.is_some_and(|a| new.updated <= a) {
+                    true => Ok(()),
+                    false => Err(format!("{id}: updated {} after {applied:?}", new.updated)),
+                }
+            });
+            if let Err(reason) = check {
+                tally.broken.get_or_insert(reason);
+            }
+            match new.status.is_open() {
+                true => {
+                    tally.open_amount += u128::from(new.amount.0);
+                    issuer.open.insert(row.seq)
+                }
+                false => issuer.open.remove(&row.seq),
+            };
+            if let Some(expires_at_ms) = new.expires_at_ms {
+                self.holds.insert((expires_at_ms, id));
+            }
+            if carries(issuer, row.seq, &new) {
+                tally.matched += 1;
+            }
+            issuer.reservations.insert(row.seq, new);
+        }
+        for row in &rows.tokens {
+            let issuer = (self.issuers.entry(row.issuer_id.clone()))
+                .or_insert_with(|| empty_issuer(unknown(), bucket));
+            let tally = self.tallies.entry(row.issuer_id.clone()).or_default();
+            if let Some(TokenRecord::Committed { seq, commit_token }) =
+                issuer.tokens.get(&row.token)
+            {
+                tally.committed -= 1;
+                if carried(issuer, &row.token, *seq, *commit_token) {
+                    tally.matched -= 1;
+                }
+            }
+            let record = token_record_of(&row.outcome);
+            match &record {
+                TokenRecord::Committed { seq, commit_token } => {
+                    tally.committed += 1;
+                    if carried(issuer, &row.token, *seq, *commit_token) {
+                        tally.matched += 1;
+                    }
+                }
+                TokenRecord::Rejected {
+                    request, remaining, ..
+                } if request.amount <= *remaining => {
+                    tally.broken.get_or_insert(format!(
+                        "{}: token {} rejected {} with {remaining} remaining",
+                        row.issuer_id, row.token, request.amount
+                    ));
+                }
+                _ => {}
+            }
+            issuer.tokens.insert(row.token.clone(), record);
+        }
+    }
+
+    /// Whether a staged issuer's rows are consistent, from its tally.
+    fn check(&self, issuer_id: &IssuerId, issuer: &Issuer) -> Result<(), String> {
+        let tally = self.tallies.get(issuer_id).cloned().unwrap_or_default();
+        if let Some(reason) = tally.broken {
+            return Err(reason);
+        }
+        let (limit, reserved) = (issuer.limit, issuer.reserved);
+        if limit.0 > AMOUNT_MAX || reserved > limit {
+            return Err(format!("{issuer_id}: reserved {reserved} of limit {limit}"));
+        }
+        if tally.open_amount != u128::from(reserved.0) {
+            return Err(format!(
+                "{issuer_id}: reserved {reserved} but held + confirmed sum to {}",
+                tally.open_amount
+            ));
+        }
+        let last_seq = issuer.reservations.last_key_value().map_or(0, |(s, _)| *s);
+        if issuer.next_seq == 0 || last_seq >= issuer.next_seq {
+            return Err(format!(
+                "{issuer_id}: reservation r{last_seq} with next seq {}",
+                issuer.next_seq
+            ));
+        }
+        let rows = issuer.reservations.len();
+        if tally.committed != rows || tally.matched != rows {
+            return Err(format!(
+                "{issuer_id}: {rows} reservations, {} committed tokens, {} of them carried by \
+                 their reservation",
+                tally.committed, tally.matched
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether reservation `seq` is the one its token's committed outcome
+/// names.
+fn carries(issuer: &Issuer, seq: u64, r: &Reservation) -> bool {
+    let named = TokenRecord::Committed {
+        seq,
+        commit_token: r.created,
+    };
+    issuer.tokens.get(&r.token) == Some(&named)
+}
+
+/// Whether the reservation a committed token names carries it.
+fn carried(issuer: &Issuer, token: &ReservationToken, seq: u64, at: CommitToken) -> bool {
+    (issuer.reservations.get(&seq)).is_some_and(|r| r.token == *token && r.created == at)
 }
 
 fn refused(reason: String) -> Rejection {

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use harbor_types::{
-    Amount, BucketId, CommitToken, IssuerId, Region, ReservationToken, ShardId, Timestamp,
+    Amount, BucketId, CommitToken, IssuerId, Region, ReservationId, ReservationToken, ShardId,
+    Timestamp,
 };
 use serde::{Deserialize, Serialize};
 
@@ -209,6 +210,26 @@ pub(crate) struct Staged {
     pub(crate) move_id: u64,
     pub(crate) from: ShardId,
     pub(crate) issuers: BTreeMap<IssuerId, Issuer>,
+    /// What each issuer's staged rows add up to, kept as they arrive: the
+    /// acquisition (inside the write pause) checks these instead of
+    /// reading every row.
+    pub(crate) tallies: BTreeMap<IssuerId, Tally>,
+    /// The staged holds, for the expiry index once acquired.
+    pub(crate) holds: BTreeSet<(u64, ReservationId)>,
+}
+
+/// One staged issuer's rows, summed up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    /// The amounts of its held and confirmed reservations.
+    pub(crate) open_amount: u128,
+    /// Its committed tokens.
+    pub(crate) committed: usize,
+    /// Its committed tokens whose reservation carries them (token and
+    /// position): a consistent copy has as many as reservations.
+    pub(crate) matched: usize,
+    /// Why the first row that failed its checks failed.
+    pub(crate) broken: Option<String>,
 }
 
 /// A staged import, encoded after the state in snapshot format 4.

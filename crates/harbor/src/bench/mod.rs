@@ -3,6 +3,7 @@
 
 pub mod cdc;
 pub mod cost;
+pub mod moves;
 pub mod reads;
 pub mod workload;
 

@@ -488,6 +488,14 @@ impl World {
                 self.stats.moves_done += 1;
                 self.trace(|| format!("move {} done: {:?}", done.id, done.progress));
             }
+            Err(failure) if failure.reason.contains("not consistent") => {
+                // The target refused the rows it staged: the copy missed a
+                // change (or the tallies that check it are wrong).
+                self.violations.push(format!(
+                    "move {} of {}: {}",
+                    record.id, record.bucket, failure.reason
+                ));
+            }
             Err(failure) if failure.aborted => {
                 self.stats.moves_aborted += 1;
                 self.trace(|| format!("move {} aborted: {}", record.id, failure.reason));
