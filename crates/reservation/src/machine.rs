@@ -1265,7 +1265,22 @@ impl StateMachine {
                 );
             }
         }
+        // What a move staged sums up to what its rows say (the tallies an
+        // acquisition trusts are kept as rows arrive and are replaced).
+        for staged in self.staged_out() {
+            let mut again = Staged::new(staged.move_id, staged.from);
+            again.add(staged.bucket, &staged.rows);
+            ensure!(
+                self.staged.get(&staged.bucket) == Some(&again),
+                "the staging of {} does not sum up to its rows",
+                staged.bucket
+            );
+        }
         let indexed: usize = self.by_bucket.values().map(BTreeSet::len).sum();
+        ensure!(
+            self.by_bucket.values().all(|ids| !ids.is_empty()),
+            "a bucket's index holds no issuer"
+        );
         ensure!(
             placed == indexed,
             "{placed} issuers are placed in buckets but the index holds {indexed}"
@@ -1298,8 +1313,6 @@ impl StateMachine {
     }
 
     /// The invariants of one issuer's rows; returns how many holds it has.
-    /// `indexed`: whether its holds must be in the expiry indexes already
-    /// (rows a move staged are checked before they join them).
     fn verify_issuer(&self, issuer_id: &IssuerId, issuer: &Issuer) -> Result<usize, String> {
         let at_or_before_applied = |p| self.at_or_before_applied(p);
         let mut holds: usize = 0;

@@ -20,7 +20,7 @@ pub(crate) struct ReserveRequest {
     pub(crate) desk: String,
     pub(crate) trader: String,
     pub(crate) hold_ttl_ms: Option<u64>,
-    /// Encoded after the state (see [`SNAPSHOT_FORMAT`]).
+    /// Encoded after the state (see [`crate::SNAPSHOT_FORMAT`]).
     #[serde(skip)]
     pub(crate) customer_id: Option<String>,
 }
@@ -39,7 +39,7 @@ pub(crate) struct Reservation {
     pub(crate) created: CommitToken,
     pub(crate) created_at: Timestamp,
     pub(crate) updated: CommitToken,
-    /// Encoded after the state (see [`SNAPSHOT_FORMAT`]).
+    /// Encoded after the state (see [`crate::SNAPSHOT_FORMAT`]).
     #[serde(skip)]
     pub(crate) customer_id: Option<String>,
 }
@@ -111,7 +111,7 @@ pub(crate) struct Issuer {
     /// The bucket the metadata plane placed the issuer in; `None` for an
     /// issuer registered before buckets were recorded, until a
     /// `PlaceIssuer` or a seal names it. Encoded after the state (see
-    /// [`SNAPSHOT_FORMAT`]).
+    /// [`crate::SNAPSHOT_FORMAT`]).
     #[serde(skip)]
     pub(crate) bucket: Option<BucketId>,
 }
@@ -228,8 +228,11 @@ pub(crate) struct Tally {
     /// Its committed tokens whose reservation carries them (token and
     /// position): a consistent copy has as many as reservations.
     pub(crate) matched: usize,
-    /// Why the first row that failed its checks failed.
-    pub(crate) broken: Option<String>,
+    /// Why each row that fails its checks fails (a row a later pass
+    /// replaces is checked again).
+    pub(crate) broken: BTreeMap<crate::ExportPart, String>,
+    /// Its own row arrived (a copy always starts an issuer with it).
+    pub(crate) has_issuer_row: bool,
 }
 
 /// A staged import, encoded after the state in snapshot format 4.

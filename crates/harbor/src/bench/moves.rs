@@ -74,6 +74,10 @@ struct Move {
 /// an error of the run.
 const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long a writer waits before resending (the gateway already waited
+/// out what it could: a retryable refusal is rare).
+const RETRY_MS: u64 = 20;
+
 pub async fn moves(options: MovesOptions) -> anyhow::Result<()> {
     let mut dev = None;
     let base = match &options.url {
@@ -153,6 +157,7 @@ async fn run(options: &MovesOptions, base: &str) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(options.gap_ms.max(1000))).await;
     let mut moves = Vec::new();
     let mut failed = Vec::new();
+    let mut busy: Vec<(Instant, Instant)> = Vec::new();
     let (mut from, mut to) = (home, other);
     for i in 0..options.moves {
         let started = Instant::now();
@@ -160,20 +165,31 @@ async fn run(options: &MovesOptions, base: &str) -> anyhow::Result<()> {
             .post(format!("{base}/v1/admin/buckets/{bucket}/move"))
             .json(&json!({ "to": format!("shard{to}") }))
             .send()
-            .await
-            .context("asking for a move")?;
-        let status = answer.status();
-        let body: Value = answer.json().await.unwrap_or(Value::Null);
+            .await;
+        let (status, body) = match answer {
+            Ok(answer) => (
+                answer.status().to_string(),
+                answer.json().await.unwrap_or(Value::Null),
+            ),
+            Err(e) => (format!("no answer ({e})"), Value::Null),
+        };
         let ended = Instant::now();
-        if !status.is_success() {
+        let field = |name: &str| body[name].as_u64();
+        // A move that failed may have sealed the bucket for a while: the
+        // writes that overlapped it do not count as quiet.
+        busy.push((started, ended));
+        let Some(pause_ms) = field("pause_ms").filter(|_| status.starts_with("200")) else {
             eprintln!("move {} (shard{from} -> shard{to}): {status} {body}", i + 1);
             failed.push(format!("{status} {body}"));
-        } else {
-            let field = |name: &str| body[name].as_u64().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(options.gap_ms)).await;
+            continue;
+        };
+        {
+            let field = |name: &str| field(name).unwrap_or(0);
             let m = Move {
                 started,
                 ended,
-                pause_ms: field("pause_ms"),
+                pause_ms,
                 took_ms: field("took_ms"),
                 copied_rows: field("copied_rows"),
                 copied_bytes: field("copied_bytes"),
@@ -195,7 +211,7 @@ async fn run(options: &MovesOptions, base: &str) -> anyhow::Result<()> {
         writer.await?;
     }
     let writes = std::mem::take(&mut *writes.lock().unwrap());
-    let report = Report::of(&moves, &writes, preloaded);
+    let report = Report::of(&moves, &busy, &writes);
     report.print(options, bucket, &failed);
 
     eprintln!("checking every acknowledged token and the issuer's reserved amount ...");
@@ -254,7 +270,7 @@ async fn preload(
         if body.failed > 0 {
             bail!("{} reservations of a preload batch failed", body.failed);
         }
-        acked += body.results.len() as u64;
+        acked += body.reserved;
     }
     Ok(acked)
 }
@@ -267,8 +283,10 @@ async fn reserve(http: &reqwest::Client, base: &str, issuer: &str, token: String
                       "desk": "bench", "trader": "moves"});
     let mut errors = Vec::new();
     loop {
+        let left = WRITE_DEADLINE.saturating_sub(started.elapsed());
         let answer = http
             .post(format!("{base}/v1/reservations"))
+            .timeout(left.max(Duration::from_millis(1)))
             .json(&body)
             .send()
             .await;
@@ -308,7 +326,7 @@ async fn reserve(http: &reqwest::Client, base: &str, issuer: &str, token: String
                 acked: false,
             };
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(RETRY_MS)).await;
     }
 }
 
@@ -338,7 +356,8 @@ async fn check(
             }
         }
     }
-    let info = get_json(http, &format!("{base}/v1/issuers/{issuer}")).await?;
+    let url = format!("{base}/v1/issuers/{issuer}?consistency=strong");
+    let info = get_json(http, &url).await?;
     let reserved = info["reserved"].as_u64().context("no reserved amount")?;
     Ok((uncommitted, reserved))
 }
@@ -382,7 +401,8 @@ struct Report {
 }
 
 impl Report {
-    fn of(moves: &[Move], writes: &[Write], _preloaded: u64) -> Report {
+    /// `busy`: when every move, done or failed, was under way.
+    fn of(moves: &[Move], busy: &[(Instant, Instant)], writes: &[Write]) -> Report {
         let mut report = Report {
             pause: histogram(),
             longest_wait: histogram(),
@@ -412,9 +432,9 @@ impl Report {
         for w in writes {
             let waited = micros(w.ended - w.started);
             let _ = report.all.record(waited);
-            let quiet = !moves
+            let quiet = !busy
                 .iter()
-                .any(|m| w.started < m.ended && w.ended > m.started);
+                .any(|(started, ended)| w.started < *ended && w.ended > *started);
             if quiet {
                 let _ = report.quiet.record(waited);
             }

@@ -483,18 +483,20 @@ impl World {
     ) {
         let task = self.operator.task.take().expect("a task");
         let record = task.mover.as_ref().expect("a move").record().clone();
-        match result {
-            Ok(done) => {
-                self.stats.moves_done += 1;
-                self.trace(|| format!("move {} done: {:?}", done.id, done.progress));
-            }
-            Err(failure) if failure.reason.contains("not consistent") => {
+        if let Err(failure) = &result {
+            if failure.reason.contains("not consistent") {
                 // The target refused the rows it staged: the copy missed a
                 // change (or the tallies that check it are wrong).
                 self.violations.push(format!(
                     "move {} of {}: {}",
                     record.id, record.bucket, failure.reason
                 ));
+            }
+        }
+        match result {
+            Ok(done) => {
+                self.stats.moves_done += 1;
+                self.trace(|| format!("move {} done: {:?}", done.id, done.progress));
             }
             Err(failure) if failure.aborted => {
                 self.stats.moves_aborted += 1;
