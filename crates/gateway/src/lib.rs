@@ -17,6 +17,7 @@ mod cluster;
 pub mod endpoint;
 mod error;
 mod feed_http;
+mod hot;
 pub mod local;
 mod metrics;
 pub mod mover;
@@ -25,6 +26,7 @@ mod projection_http;
 mod projection_view;
 mod projections;
 pub mod reads;
+pub mod rebalancer;
 mod router;
 mod routes;
 

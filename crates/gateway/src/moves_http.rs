@@ -47,6 +47,22 @@ pub(crate) async fn move_bucket(
         let bucket = parse_bucket(&gw, &bucket)?;
         let body: MoveBody = parse_json(&body)?;
         let to = parse_group(&gw, &body.to)?;
+        gw.run_move(bucket, to).await
+    }
+    .await;
+    answer(&gw, result)
+}
+
+impl Gateway {
+    /// Begins a move of `bucket` to `to` in the metadata plane and drives
+    /// it to its end in a task of its own; the answer of
+    /// `POST /v1/admin/buckets/{bucket}/move`.
+    pub(crate) async fn run_move(
+        self: &Arc<Self>,
+        bucket: BucketId,
+        to: ShardId,
+    ) -> Result<Map<String, Value>, ApiError> {
+        let gw = self;
         let record = gw
             .meta
             .move_command(MetaCommand::BeginMove {
@@ -102,7 +118,7 @@ pub(crate) async fn move_bucket(
             });
         let took_ms = started.elapsed().as_millis() as u64;
         match ended {
-            Ok(record) => Ok(move_answer(&gw, &record, took_ms)),
+            Ok(record) => Ok(move_answer(gw, &record, took_ms)),
             Err(failure) => Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::MoveAborted,
@@ -113,8 +129,6 @@ pub(crate) async fn move_bucket(
             .with("reason", failure.reason)),
         }
     }
-    .await;
-    answer(&gw, result)
 }
 
 pub(crate) async fn list_moves(State(gw): Gw) -> HttpResponse {

@@ -42,6 +42,15 @@ pub struct GatewayConfig {
     pub projection_dir: Option<std::path::PathBuf>,
     /// How often the projection is saved, when rows changed.
     pub projection_save_ms: u64,
+    /// Whether this gateway moves hot buckets of its region's groups on
+    /// its own (see `crate::rebalancer`); off unless turned on.
+    pub rebalance: bool,
+    /// How often the rebalancer looks at the loads.
+    pub rebalance_interval_ms: u64,
+    /// How long a bucket the rebalancer moved stays where it went.
+    pub rebalance_cooldown_ms: u64,
+    /// When a bucket is hot enough to move.
+    pub rebalance_limits: crate::rebalancer::RebalanceLimits,
 }
 
 impl Default for GatewayConfig {
@@ -57,6 +66,10 @@ impl Default for GatewayConfig {
             projections: true,
             projection_dir: None,
             projection_save_ms: limits::PROJECTION_SAVE_MS,
+            rebalance: false,
+            rebalance_interval_ms: limits::REBALANCE_INTERVAL_MS,
+            rebalance_cooldown_ms: limits::REBALANCE_COOLDOWN_MS,
+            rebalance_limits: crate::rebalancer::RebalanceLimits::default(),
         }
     }
 }
@@ -80,6 +93,14 @@ impl GatewayConfig {
             ),
             ("projection_poll_ms > 0", self.projection_poll_ms > 0),
             ("projection_save_ms > 0", self.projection_save_ms > 0),
+            (
+                "rebalance_interval_ms >= LOAD_WINDOW_MS",
+                self.rebalance_interval_ms >= limits::LOAD_WINDOW_MS,
+            ),
+            (
+                "0 < rebalance_hot_share_percent <= 100",
+                (1..=100).contains(&self.rebalance_limits.hot_share_percent),
+            ),
         ];
         match rules.iter().find(|(_, holds)| !holds) {
             Some((rule, _)) => Err(GatewayConfigError { rule }),
@@ -112,6 +133,7 @@ pub struct Gateway {
     pub(crate) projections: crate::projection_view::Projections,
     /// The bucket moves this gateway drives now.
     pub(crate) driving: crate::moves_http::Driving,
+    pub(crate) rebalancer: crate::hot::Rebalancer,
 }
 
 impl Gateway {
@@ -141,6 +163,7 @@ impl Gateway {
             started: tokio::time::Instant::now(),
             projections,
             driving: crate::moves_http::Driving::default(),
+            rebalancer: crate::hot::Rebalancer::default(),
             meta,
         }))
     }

@@ -55,6 +55,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .route("/v1/admin/faults", post(fault))
         .route("/v1/admin/buckets/{bucket}/move", post(move_bucket))
         .route("/v1/admin/moves", get(list_moves))
+        .route("/v1/admin/buckets/hot", get(crate::hot::hot_buckets))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -171,6 +171,8 @@ pub struct GroupCore {
     snapshot_index: LogIndex,
     /// What applied entries yielded, for change feeds.
     pub(crate) changes: ChangeLog,
+    /// What each bucket cost this replica while it led (hot buckets).
+    pub(crate) load: crate::load::BucketLoad,
     /// The hard state as the writes handed out leave it.
     hard_state: HardState,
     pub(crate) waiters: BTreeMap<LogIndex, Waiter>,
@@ -298,6 +300,7 @@ impl GroupCore {
             now,
             applied: snapshot.last_index,
             snapshot_index: snapshot.last_index,
+            load: crate::load::BucketLoad::default(),
             changes: ChangeLog::restore(
                 snapshot.last_index,
                 found.snapshot.as_ref().map_or(&[][..], |s| &s.history),
@@ -323,6 +326,14 @@ impl GroupCore {
 
     pub fn machine(&self) -> &StateMachine {
         &self.machine
+    }
+
+    /// What this replica's buckets cost it while it led, with the `top`
+    /// hottest of those it still takes writes for (`Query::BucketLoad`).
+    pub fn load_report(&self, top: u32) -> harbor_wire::LoadReport {
+        let machine = &self.machine;
+        self.load
+            .report(self.now.mono, top, |b| machine.takes_writes(b))
     }
 
     /// The last entry applied to the state machine.

@@ -39,6 +39,7 @@
 
 mod changes;
 mod group;
+mod load;
 mod requests;
 #[cfg(test)]
 mod tests;

@@ -10,13 +10,13 @@
 //!   lease and the leader's first entry applied.
 
 use harbor_replication::ProposeError;
-use harbor_reservation::ScanKey;
+use harbor_reservation::{Command, ScanKey};
 use harbor_types::limits::CHANGES_PAGE_MAX;
 use harbor_types::sim::probe;
-use harbor_types::{Generation, NodeId, Now, ShardId};
+use harbor_types::{BucketId, Generation, NodeId, Now, ShardId};
 use harbor_wire::{
-    Change, ChangePosition, ChangesPage, ErrorKind, GroupStatus, NodeError, Query, QueryResult,
-    Request, Response, Route, ScanPage,
+    Change, ChangePosition, ChangesPage, ErrorKind, GroupStatus, LoadCounts, NodeError, Query,
+    QueryResult, Request, Response, Route, ScanPage,
 };
 
 use crate::group::{GroupCore, LocalRead, Waiter};
@@ -87,9 +87,11 @@ impl GroupCore {
                 return self.reply_error(&from, id, crate::group::moved(self.shard, bucket));
             }
         }
+        let bucket = route.and_then(|r| r.bucket);
         match request {
             Request::Write { command, .. } => {
                 let payload = postcard::to_allocvec(&command).expect("commands serialize");
+                self.count_write(now, bucket, &command, payload.len());
                 match self.core.propose(now, payload) {
                     Ok(index) => {
                         let previous = self.waiters.insert(
@@ -127,6 +129,23 @@ impl GroupCore {
                     );
                     return self.reply_error(&from, id, e);
                 }
+                // Clients' reads count; the feeds', the movers' and the
+                // load reports' own do not.
+                let client_read = matches!(
+                    query,
+                    Query::Issuer(_)
+                        | Query::Reservation(_)
+                        | Query::OpenReservations(_)
+                        | Query::Token(..)
+                        | Query::TokenAnyIssuer(_)
+                );
+                if client_read {
+                    let reads = LoadCounts {
+                        reads: 1,
+                        ..LoadCounts::default()
+                    };
+                    self.load.count(now.mono, bucket, reads);
+                }
                 let result = self.query(query);
                 let response = Response::Read {
                     result,
@@ -134,6 +153,25 @@ impl GroupCore {
                 };
                 self.reply(&from, id, response);
             }
+        }
+    }
+
+    /// Counts a write the leader admitted against its bucket (each of a
+    /// batch's buckets gets its share of the bytes).
+    fn count_write(&mut self, now: Now, bucket: Option<BucketId>, command: &Command, bytes: usize) {
+        let one = |bytes: usize| LoadCounts {
+            writes: 1,
+            bytes: bytes as u64,
+            reads: 0,
+        };
+        match command {
+            Command::BucketBatch(commands) if !commands.is_empty() => {
+                let share = bytes / commands.len();
+                for (bucket, _) in commands {
+                    self.load.count(now.mono, Some(*bucket), one(share));
+                }
+            }
+            _ => self.load.count(now.mono, bucket, one(bytes)),
         }
     }
 
@@ -304,6 +342,7 @@ impl GroupCore {
                 after.as_ref(),
                 (max as usize).clamp(1, CHANGES_PAGE_MAX),
             )),
+            Query::BucketLoad { top } => QueryResult::BucketLoad(self.load_report(top)),
             Query::UntaggedIssuers { after, max } => QueryResult::Issuers(
                 self.machine
                     .untagged_issuers(after.as_ref(), (max as usize).clamp(1, CHANGES_PAGE_MAX)),

@@ -74,6 +74,15 @@ pub struct TimingsSection {
     /// How often a gateway saves its projection to its process's data
     /// directory (when rows changed).
     pub projection_save_ms: u64,
+    /// How often a gateway's rebalancer (where `rebalance = true`) looks at
+    /// its region's loads.
+    pub rebalance_interval_ms: u64,
+    /// How long a bucket the rebalancer moved stays where it went.
+    pub rebalance_cooldown_ms: u64,
+    /// Groups below this many writes per second are not rebalanced.
+    pub rebalance_writes_per_s_min: u64,
+    /// A bucket is hot at this share (percent) of its group's writes.
+    pub rebalance_hot_share_percent: u64,
 }
 
 impl Default for TimingsSection {
@@ -86,6 +95,10 @@ impl Default for TimingsSection {
             resolved_tick_ms: limits::RESOLVED_TICK_MS,
             request_timeout_ms: limits::REQUEST_TIMEOUT_MS,
             projection_save_ms: limits::PROJECTION_SAVE_MS,
+            rebalance_interval_ms: limits::REBALANCE_INTERVAL_MS,
+            rebalance_cooldown_ms: limits::REBALANCE_COOLDOWN_MS,
+            rebalance_writes_per_s_min: limits::REBALANCE_WRITES_PER_S_MIN,
+            rebalance_hot_share_percent: limits::REBALANCE_HOT_SHARE_PERCENT,
         }
     }
 }
@@ -103,6 +116,10 @@ impl TimingsSection {
         let mut config = GatewayConfig::default();
         config.call.request_timeout_ms = self.request_timeout_ms;
         config.projection_save_ms = self.projection_save_ms;
+        config.rebalance_interval_ms = self.rebalance_interval_ms;
+        config.rebalance_cooldown_ms = self.rebalance_cooldown_ms;
+        config.rebalance_limits.writes_per_s_min = self.rebalance_writes_per_s_min;
+        config.rebalance_limits.hot_share_percent = self.rebalance_hot_share_percent;
         config
     }
 }
@@ -180,6 +197,10 @@ pub struct GatewaySection {
     pub host: String,
     pub http: SocketAddr,
     pub transport: SocketAddr,
+    /// Whether this gateway moves its region's hot buckets on its own (the
+    /// rebalancer).
+    #[serde(default)]
+    pub rebalance: bool,
 }
 
 /// `harbor meta --config FILE`.
@@ -633,6 +654,7 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         );
         let mut config = cluster.timings.gateway();
         config.projection_dir = Some(file.data_dir.join("projection"));
+        config.rebalance = g.rebalance;
         let gateway = Gateway::start(
             id,
             Region::new(region.as_str()).unwrap(),
@@ -654,6 +676,7 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
             .with_context(|| format!("binding the {region} gateway to {}", g.http))?;
         gateway.run_projection();
         gateway.recover_moves();
+        gateway.start_rebalancer();
         let app = harbor_gateway::routes(gateway);
         let mut stopped = stop.clone();
         server = Some(tokio::spawn(async move {

@@ -268,6 +268,7 @@ impl DevCluster {
             let addr = listener.local_addr()?;
             gateway.run_projection();
             gateway.recover_moves();
+            gateway.start_rebalancer();
             let app = harbor_gateway::routes(gateway.clone());
             let mut stopped = stopped.clone();
             let server = tokio::spawn(async move {

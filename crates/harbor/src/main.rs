@@ -35,6 +35,10 @@ enum Command {
         /// One-way delay between regions, in milliseconds.
         #[arg(long, default_value_t = 35)]
         wan_delay_ms: u64,
+        /// Let each region's gateway move hot buckets between its groups
+        /// on its own (the rebalancer; off by default).
+        #[arg(long)]
+        rebalance: bool,
     },
     /// Run one metadata voter of a deployment (and, while it leads, the
     /// control loop). See deploy/ for example configs.
@@ -352,7 +356,8 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             port,
             wan_delay_ms,
-        } => runtime.block_on(dev(data_dir, port, wan_delay_ms)),
+            rebalance,
+        } => runtime.block_on(dev(data_dir, port, wan_delay_ms, rebalance)),
         Command::Status { url, json } => runtime.block_on(harbor::status::status(&url, json)),
         Command::Move {
             what: MoveWhat::Bucket { bucket, to, url },
@@ -525,10 +530,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn dev(data_dir: PathBuf, port: u16, wan_delay_ms: u64) -> anyhow::Result<()> {
+async fn dev(
+    data_dir: PathBuf,
+    port: u16,
+    wan_delay_ms: u64,
+    rebalance: bool,
+) -> anyhow::Result<()> {
     let mut options = DevOptions::new(data_dir.clone());
     options.port = port;
     options.wan_delay_ms = wan_delay_ms;
+    options.gateway.rebalance = rebalance;
     eprintln!(
         "starting the Harbor dev cluster in {} ...",
         data_dir.display()

@@ -48,7 +48,83 @@ pub async fn status(url: &str, json: bool) -> anyhow::Result<()> {
         ),
         Err(e) => println!("\nprojection: {e:#}"),
     }
+    match hot_buckets(&client, base).await {
+        Ok(text) => print!("\n{text}"),
+        Err(e) => println!("\nhot buckets: {e:#}"),
+    }
     Ok(())
+}
+
+/// Each group's load and the hottest buckets, from
+/// `GET /v1/admin/buckets/hot?top=5`.
+async fn hot_buckets(client: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let endpoint = format!("{base}/v1/admin/buckets/hot?top=5");
+    let response = client.get(&endpoint).send().await?;
+    let code = response.status();
+    let body: serde_json::Value = response.json().await?;
+    if !code.is_success() {
+        bail!("{endpoint} answered {code}: {body}");
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<8} {:<10} {:>9} {:>11} {:>8}  HOTTEST BUCKETS (writes/s, share of the group's)",
+        "GROUP", "HOME", "WRITES/S", "BYTES/S", "READS/S"
+    );
+    for g in body["groups"].as_array().into_iter().flatten() {
+        let shard = g["shard"].as_str().unwrap_or("?");
+        if let Some(error) = g["error"].as_str() {
+            let _ = writeln!(out, "{shard:<8} no load report: {error}");
+            continue;
+        }
+        let hottest: Vec<String> = (g["buckets"].as_array().into_iter().flatten())
+            .take(3)
+            .map(|b| {
+                format!(
+                    "{} {}/s {}%",
+                    b["bucket"], b["writes_per_s"], b["share_of_group_writes_percent"]
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{shard:<8} {:<10} {:>9} {:>11} {:>8}  {}",
+            g["home_region"].as_str().unwrap_or("?"),
+            // (A `Value`'s `Display` ignores widths.)
+            g["writes_per_s"].to_string(),
+            g["bytes_per_s"].to_string(),
+            g["reads_per_s"].to_string(),
+            hottest.join(", ")
+        );
+    }
+    let rebalancer = &body["rebalancer"];
+    let _ = writeln!(
+        out,
+        "rebalancer {} (this gateway's region){}",
+        if rebalancer["enabled"] == true {
+            "on"
+        } else {
+            "off"
+        },
+        match rebalancer["last"].as_object() {
+            Some(last) => {
+                let outcome = &last["outcome"];
+                let outcome = match outcome["error"].as_str() {
+                    Some(error) => format!("failed: {error}"),
+                    None => format!("pause {} ms", outcome["pause_ms"]),
+                };
+                format!(
+                    "; last moved bucket {} from {} to {} ({outcome}): {}",
+                    last["bucket"],
+                    last["from"].as_str().unwrap_or("?"),
+                    last["to"].as_str().unwrap_or("?"),
+                    last["reason"].as_str().unwrap_or("")
+                )
+            }
+            None => String::new(),
+        }
+    );
+    Ok(out)
 }
 
 /// The view as two tables: nodes, then groups with their followers' lag.

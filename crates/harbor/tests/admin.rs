@@ -12,7 +12,7 @@ use harbor::dev::{DevCluster, DevOptions};
 use harbor_reservation::Command;
 use harbor_types::{Amount, IssuerId, NodeId, ReservationToken};
 use harbor_wire::{Query, Request, Response};
-use serde_json::json;
+use serde_json::{json, Value};
 
 async fn start() -> (tempfile::TempDir, DevCluster, Arc<Api>) {
     let dir = tempfile::tempdir().unwrap();
@@ -378,5 +378,143 @@ async fn partitions_and_delays_between_regions_are_applied_and_healed() {
     assert_eq!(healed.status, 200, "{}", healed.body);
     assert_eq!(healed.body["changed"], true);
     assert_eq!(api.issuer(&newyork, "PT-1").await.status, 200);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_moves_over_http_and_the_hot_bucket_list_follows_it() {
+    let (_dir, cluster, api) = start().await;
+    let url = cluster.url("madrid");
+    api.put_issuer(&url, "HOT-1", "madrid", 1_000_000).await;
+    for i in 0..30 {
+        let reply = api
+            .reserve(&url, &format!("hot-{i}"), "HOT-1", 1, "d")
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+    }
+    let issuer = api.issuer(&url, "HOT-1").await.body;
+    let (bucket, from) = (
+        issuer["bucket"].as_u64().unwrap(),
+        issuer["shard"].as_u64().unwrap(),
+    );
+
+    // The leader counted the writes against the issuer's bucket.
+    let hot = api.get(format!("{url}/v1/admin/buckets/hot?top=3")).await;
+    assert_eq!(hot.status, 200, "{}", hot.body);
+    let hottest = &hot.body["buckets"][0];
+    assert_eq!(hottest["bucket"], json!(bucket), "{}", hot.body);
+    assert_eq!(hottest["shard"], json!(format!("shard{from}")));
+    assert_eq!(hottest["share_of_group_writes_percent"], json!(100));
+    let hottest_rate = hottest["writes_per_s"].as_u64();
+    assert!(hottest_rate > Some(0), "{hottest}");
+    assert_eq!(hot.body["groups"].as_array().unwrap().len(), 16);
+    assert_eq!(hot.body["rebalancer"]["enabled"], json!(false));
+    for (query, code) in [
+        ("top=0", "invalid_field"),
+        ("top=101", "invalid_field"),
+        ("top=x", "invalid_field"),
+        ("hottest=3", "invalid_query"),
+    ] {
+        let reply = api.get(format!("{url}/v1/admin/buckets/hot?{query}")).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (400, code),
+            "{query}: {}",
+            reply.body
+        );
+    }
+
+    // Bad moves change nothing.
+    let view = api.get(format!("{url}/v1/admin/cluster")).await.body;
+    let group_in = |region: &str| {
+        (view["groups"].as_array().unwrap().iter())
+            .filter(|g| g["home_region"] == region)
+            .map(|g| g["shard"].as_u64().unwrap())
+            .find(|s| *s != from)
+            .unwrap()
+    };
+    let (to, elsewhere) = (group_in("madrid"), group_in("newyork"));
+    let move_to = |bucket: String, to: Value| {
+        let (api, url) = (api.clone(), url.clone());
+        async move {
+            api.post(
+                format!("{url}/v1/admin/buckets/{bucket}/move"),
+                json!({"to": to}),
+            )
+            .await
+        }
+    };
+    for (b, target, status, code) in [
+        (
+            bucket.to_string(),
+            json!(format!("shard{from}")),
+            409,
+            "move_refused",
+        ),
+        (
+            bucket.to_string(),
+            json!(format!("shard{elsewhere}")),
+            409,
+            "move_refused",
+        ),
+        (bucket.to_string(), json!("shard99"), 404, "unknown_group"),
+        (
+            "99999".to_string(),
+            json!(format!("shard{to}")),
+            404,
+            "unknown_bucket",
+        ),
+        (
+            "x".to_string(),
+            json!(format!("shard{to}")),
+            400,
+            "invalid_field",
+        ),
+    ] {
+        let reply = move_to(b.clone(), target.clone()).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (status, code),
+            "{b} {target}: {}",
+            reply.body
+        );
+    }
+
+    // The move, then the issuer answers from its new group, its tokens
+    // replay there, and the source no longer counts the bucket.
+    let moved = move_to(bucket.to_string(), json!(format!("shard{to}"))).await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    assert_eq!(moved.body["from"], json!(format!("shard{from}")));
+    assert_eq!(
+        moved.body["copied_reservations"],
+        json!(30),
+        "{}",
+        moved.body
+    );
+    let issuer = api.issuer(&url, "HOT-1").await.body;
+    assert_eq!(issuer["shard"], json!(to), "{issuer}");
+    assert_eq!(issuer["reserved"], json!(30), "{issuer}");
+    let again = api.reserve(&url, "hot-0", "HOT-1", 1, "d").await;
+    assert_eq!(again.status, 201, "{}", again.body);
+    assert_eq!(again.body["replayed"], json!(true), "{}", again.body);
+    let moves = api.get(format!("{url}/v1/admin/moves")).await;
+    assert!(
+        moves
+            .body
+            .to_string()
+            .contains(&format!("\"bucket\":{bucket}")),
+        "{}",
+        moves.body
+    );
+    let hot = api
+        .get(format!("{url}/v1/admin/buckets/hot?top=100"))
+        .await
+        .body;
+    let source = (hot["groups"].as_array().unwrap().iter())
+        .find(|g| g["shard"] == json!(format!("shard{from}")))
+        .unwrap();
+    // (The move's own seal and release count as the source's writes.)
+    assert_eq!(source["buckets"], json!([]), "{source}");
+    assert!(source["writes_per_s"].as_u64() < hottest_rate, "{source}");
     cluster.shutdown().await;
 }

@@ -273,3 +273,27 @@ pub const MOVE_RETRY_MS: u64 = 50;
 
 const _: () = assert!(MOVE_CHUNK_ROWS as usize * COMMAND_BYTES_MAX * 2 <= ENTRY_BYTES_MAX);
 const _: () = assert!(MOVE_CUTOVER_TIMEOUT_MS < REQUEST_TIMEOUT_MS);
+
+// ----- Hot buckets -------------------------------------------------------------
+
+/// A leader counts its buckets' load over windows this long (it reports the
+/// last complete window and the current one).
+pub const LOAD_WINDOW_MS: u64 = 10_000;
+/// Buckets a leader counts separately in a window, at most (a map has
+/// `BUCKETS_DEFAULT` of them; more could come only from a sender naming buckets
+/// that do not exist, and are counted in the group's total alone).
+pub const LOAD_BUCKETS_TRACKED_MAX: usize = 4_096;
+/// Buckets one load report names, at most.
+pub const LOAD_REPORT_BUCKETS_MAX: u32 = 100;
+/// The rebalancer looks at the loads this often.
+pub const REBALANCE_INTERVAL_MS: u64 = 15_000;
+/// A group is not rebalanced below this many writes per second.
+pub const REBALANCE_WRITES_PER_S_MIN: u64 = 50;
+/// A bucket is hot when it takes at least this share (percent) of its
+/// group's writes.
+pub const REBALANCE_HOT_SHARE_PERCENT: u64 = 50;
+/// A bucket the rebalancer moved is left where it is for this long.
+pub const REBALANCE_COOLDOWN_MS: u64 = 300_000;
+
+const _: () = assert!(REBALANCE_INTERVAL_MS >= LOAD_WINDOW_MS);
+const _: () = assert!(REBALANCE_HOT_SHARE_PERCENT > 0 && REBALANCE_HOT_SHARE_PERCENT <= 100);

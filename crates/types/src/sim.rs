@@ -102,7 +102,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 45] = [
+pub const PROBES: [&str; 46] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -148,6 +148,7 @@ pub const PROBES: [&str; 45] = [
     "node.sealed_bucket_refused_at_admission",
     "gateway.call_waited_for_a_moved_bucket",
     "projection.rescanned_after_a_move",
+    "rebalancer.moved_a_hot_bucket",
 ];
 
 thread_local! {

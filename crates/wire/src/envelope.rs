@@ -179,6 +179,11 @@ pub enum Query {
         after: Option<IssuerId>,
         max: u32,
     },
+    /// The leader's load and its `top` hottest buckets (hot-bucket
+    /// detection, the rebalancer).
+    BucketLoad {
+        top: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -193,6 +198,7 @@ pub enum QueryResult {
     Scan(ScanPage),
     Export(ExportPage),
     Issuers(Vec<IssuerId>),
+    BucketLoad(crate::LoadReport),
 }
 
 /// How and where an answer was produced.

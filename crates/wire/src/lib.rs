@@ -6,6 +6,7 @@
 pub mod changes;
 pub mod envelope;
 pub mod error;
+pub mod load;
 pub mod transport;
 
 pub use changes::{Change, ChangePosition, ChangesPage, ScanPage};
@@ -14,4 +15,5 @@ pub use envelope::{
     Served,
 };
 pub use error::{ErrorCode, ErrorKind, NodeError};
+pub use load::{LoadCounts, LoadReport};
 pub use transport::{Sink, Transport};

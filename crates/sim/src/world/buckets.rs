@@ -9,6 +9,7 @@
 
 use harbor_checker::{BucketEvent, BucketLine};
 use harbor_gateway::mover::{MoveLimits, MoveStep, Mover};
+use harbor_gateway::rebalancer::{self, GroupLoad};
 use harbor_meta::MetaState;
 use harbor_types::BucketId;
 use harbor_wire::Route;
@@ -101,6 +102,13 @@ impl World {
                     seal_seen: false,
                 });
                 return self.operator_send();
+            }
+            if self.rng.chance(40) {
+                if let Some(plan) = self.rebalancer_plan(&home) {
+                    harbor_types::sim::probe("rebalancer.moved_a_hot_bucket");
+                    self.trace(|| format!("the rebalancer plans: {}", plan.reason));
+                    return self.begin_move(plan.bucket, plan.from, plan.to);
+                }
             }
             let to = *self.rng.pick(&targets);
             return self.begin_move(entry.bucket, shard, to);
@@ -337,6 +345,36 @@ impl World {
 }
 
 impl World {
+    /// The move the gateway's rebalancer would make among `home`'s groups,
+    /// from the loads their leaders report now (the simulator's load is
+    /// light, so any load counts).
+    fn rebalancer_plan(&self, home: &Region) -> Option<rebalancer::Plan> {
+        let loads: Vec<GroupLoad> = (self.groups.iter())
+            .filter(|(_, g)| g.home == *home)
+            .filter_map(|(shard, _)| {
+                let leader = (self.nodes.values())
+                    .filter(|n| n.up)
+                    .filter_map(|n| n.replicas.get(shard))
+                    .map(|d| d.group())
+                    .filter(|g| g.replica().is_leader())
+                    .max_by_key(|g| g.replica().generation())?;
+                Some(GroupLoad {
+                    shard: *shard,
+                    home_region: home.clone(),
+                    report: leader.load_report(1),
+                })
+            })
+            .collect();
+        let limits = rebalancer::RebalanceLimits {
+            writes_per_s_min: 1,
+            ..rebalancer::RebalanceLimits::default()
+        };
+        let plan = rebalancer::plan(&loads, &BTreeSet::new(), &BTreeSet::new(), limits)?;
+        // A leader that has not heard of a move yet may report a bucket
+        // the map gave away: only what the map says it owns moves.
+        (self.placement.shard_of_bucket(plan.bucket) == plan.from).then_some(plan)
+    }
+
     /// Begins moving `bucket` from `from` to `to` in the metadata plane,
     /// then drives it.
     fn begin_move(&mut self, bucket: BucketId, from: ShardId, to: ShardId) {
