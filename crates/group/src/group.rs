@@ -171,6 +171,9 @@ pub struct GroupCore {
     snapshot_index: LogIndex,
     /// What applied entries yielded, for change feeds.
     pub(crate) changes: ChangeLog,
+    /// The epoch of the last `Control::Members` taken (0: the members the
+    /// replica was opened with).
+    members_epoch: u64,
     /// What each bucket cost this replica while it led (hot buckets).
     pub(crate) load: crate::load::BucketLoad,
     /// The hard state as the writes handed out leave it.
@@ -301,6 +304,7 @@ impl GroupCore {
             applied: snapshot.last_index,
             snapshot_index: snapshot.last_index,
             load: crate::load::BucketLoad::default(),
+            members_epoch: 0,
             changes: ChangeLog::restore(
                 snapshot.last_index,
                 found.snapshot.as_ref().map_or(&[][..], |s| &s.history),
@@ -476,6 +480,15 @@ impl GroupCore {
                     self.stale_order(Control::Seal(generation));
                 }
             }
+            Control::Members { epoch, members } if epoch <= self.members_epoch => {
+                self.stale_order(Control::Members { epoch, members })
+            }
+            Control::Members { epoch, members } => match self.core.set_members(now, members) {
+                Ok(()) => self.members_epoch = epoch,
+                Err(e) => tracing::warn!(
+                    shard = %self.shard, node = %self.me, epoch, "refused a membership: {e}"
+                ),
+            },
             // The runtime's own: it stops the loop; nothing to step.
             Control::Shutdown => {}
         }

@@ -40,10 +40,12 @@ fn start(me: &str, groups_are_new: bool, fence: (Generation, bool)) -> GroupCore
         Member {
             node: node("a"),
             local: true,
+            voter: true,
         },
         Member {
             node: node("b"),
             local: true,
+            voter: true,
         },
     ];
     let mut config = CoreConfig::new(SHARD, node(me));

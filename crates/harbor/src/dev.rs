@@ -16,7 +16,6 @@ use harbor_meta::{MetaCommand, MetaReply, Metadata, ShardMap, Topology};
 use crate::data_dir::{DataDir, DataKind};
 use harbor_meta_raft::{MetaConfig, MetaNode};
 use harbor_node::{InProcNetwork, Node, NodeConfig, ReplicaPlan};
-use harbor_replication::Member;
 use harbor_types::{NodeId, Region, ShardId};
 use harbor_wire::Control;
 use harbor_wire::{Query, QueryResult, Request, Response};
@@ -107,14 +106,7 @@ pub fn replica_plans(map: &ShardMap, node: &NodeId) -> Vec<ReplicaPlan> {
         .into_iter()
         .map(|g| ReplicaPlan {
             shard: g.shard,
-            members: g
-                .members
-                .iter()
-                .map(|m| Member {
-                    node: m.clone(),
-                    local: map.region_of(m) == Some(&g.home_region),
-                })
-                .collect(),
+            members: map.replica_members(g.shard),
             fence: g.fence(),
             fence_is_led: g.fence_is_led(),
         })

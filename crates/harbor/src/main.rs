@@ -314,7 +314,9 @@ enum Verify {
         /// commit-without-follower-ack, accept-old-generation, apply-token-twice,
         /// strong-read-without-lease, follower-ignores-session, lease-on-wall-clock,
         /// directory-from-copy, resolved-from-lease, feed-skips-change,
-        /// projection-watermark-early, projection-includes-by-index.
+        /// projection-watermark-early, projection-includes-by-index,
+        /// changes-history-drops-newest, source-accepts-after-seal,
+        /// learner-acks-count.
         #[arg(long)]
         bug: Option<String>,
         /// Write the history of every failing seed here.

@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod failover;
+pub mod membership;
 pub mod metadata;
 pub mod placement;
 pub mod state;
@@ -20,6 +21,7 @@ pub use control::{
 pub use failover::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, TransferError,
 };
+pub use membership::MemberChange;
 pub use metadata::{MetaError, MetaFuture, Metadata};
 pub use placement::{
     BucketMove, GenerationEnd, GroupInfo, MovePhase, MoveProgress, NodeInfo, ShardMap, Topology,

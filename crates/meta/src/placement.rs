@@ -86,6 +86,17 @@ pub struct GroupInfo {
     /// generation's end were never committed.
     #[serde(default)]
     pub ended: Vec<GenerationEnd>,
+    /// Replicas being added: sent the log, counted for nothing, not in
+    /// `members` (see `membership.rs`).
+    #[serde(default)]
+    pub learners: Vec<NodeId>,
+    /// Members on their way out: still in `members` and asked in failover,
+    /// but their acks count for nothing.
+    #[serde(default)]
+    pub leaving: Vec<NodeId>,
+    /// Bumped on every membership change; replicas ignore an older one.
+    #[serde(default)]
+    pub members_epoch: u64,
 }
 
 impl GroupInfo {
@@ -254,6 +265,9 @@ impl ShardMap {
                     generation: Generation::ZERO,
                     sealed: Generation::ZERO,
                     ended: Vec::new(),
+                    learners: Vec::new(),
+                    leaving: Vec::new(),
+                    members_epoch: 0,
                 },
             );
         }
@@ -376,10 +390,11 @@ impl ShardMap {
     }
 
     /// Groups a node hosts a replica of.
+    /// The groups `node` holds a replica of (as a member or a learner).
     pub fn groups_of(&self, node: &NodeId) -> Vec<&GroupInfo> {
         self.groups
             .values()
-            .filter(|g| g.members.contains(node))
+            .filter(|g| g.members.contains(node) || g.learners.contains(node))
             .collect()
     }
 }

@@ -81,6 +81,11 @@ pub enum MetaCommand {
     },
     /// The target acquired the bucket: the map names it from now on.
     CommitMove { id: u64 },
+    /// One step of a membership change of a group (`membership.rs`).
+    ChangeMembers {
+        shard: ShardId,
+        change: crate::membership::MemberChange,
+    },
     /// The move is over: done, or aborted with a reason (refused once
     /// committed).
     EndMove {
@@ -237,6 +242,11 @@ impl MetaState {
                 let record = record.clone();
                 map.map_version += 1;
                 return MetaReply::Move(record);
+            }
+            MetaCommand::ChangeMembers { shard, change } => {
+                if let Err(reason) = map.change_members(*shard, change) {
+                    return MetaReply::Refused(reason);
+                }
             }
             MetaCommand::CommitMove { id } => {
                 let Some(record) = map.moves.values_mut().find(|m| m.id == *id) else {

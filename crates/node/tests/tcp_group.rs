@@ -34,14 +34,17 @@ async fn a_group_replicates_and_answers_over_tcp() {
         Member {
             node: id("a1"),
             local: true,
+            voter: true,
         },
         Member {
             node: id("a2"),
             local: true,
+            voter: true,
         },
         Member {
             node: id("b1"),
             local: false,
+            voter: true,
         },
     ];
     let shard = ShardId(0);

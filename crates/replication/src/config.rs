@@ -10,6 +10,35 @@ pub struct Member {
     /// In the group's home region. Only local followers count towards a
     /// commit; remote ones are the asynchronous disaster-recovery copies.
     pub local: bool,
+    /// A voter counts: towards commits and leases when local, in the RPO
+    /// gate when remote, and it may lead. A learner is only sent the log: a
+    /// replica being added catches up as one (snapshot, then log) before
+    /// the metadata plane makes it a voter, and a replica being removed is
+    /// one until every entry committed with its acks is on the voters left.
+    #[serde(default = "yes")]
+    pub voter: bool,
+}
+
+pub(crate) fn yes() -> bool {
+    true
+}
+
+impl Member {
+    pub fn voter(node: NodeId, local: bool) -> Member {
+        Member {
+            node,
+            local,
+            voter: true,
+        }
+    }
+
+    pub fn learner(node: NodeId, local: bool) -> Member {
+        Member {
+            node,
+            local,
+            voter: false,
+        }
+    }
 }
 
 /// Limits and timings of one replica: every one the core takes from its
@@ -95,7 +124,10 @@ impl Config {
         if names.len() != members.len() {
             return Err(ConfigError::DuplicateMember);
         }
-        let local_followers = members.iter().filter(|m| m.local).count() - 1;
+        let local_followers = members
+            .iter()
+            .filter(|m| m.local && m.voter && m.node != self.me)
+            .count();
         if self.sync_acks > local_followers {
             return Err(ConfigError::NotEnoughLocalFollowers {
                 sync_acks: self.sync_acks,
@@ -154,11 +186,15 @@ pub enum ConfigError {
     NotAMember { node: String },
     #[error("a node appears twice in the group's members")]
     DuplicateMember,
-    #[error("sync_acks = {sync_acks} but the group has only {local_followers} local followers")]
+    #[error(
+        "sync_acks = {sync_acks} but the group has only {local_followers} local voting followers"
+    )]
     NotEnoughLocalFollowers {
         sync_acks: usize,
         local_followers: usize,
     },
+    #[error("the leader cannot be made a learner or removed: transfer its leadership first")]
+    LeaderNotVoter,
     #[error("{name} must be greater than zero")]
     Zero { name: &'static str },
     #[error("{why}")]

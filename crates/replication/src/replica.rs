@@ -5,7 +5,7 @@ use harbor_types::sim::probe;
 use harbor_types::{Generation, Hlc, LogIndex, MonoMs, NodeId, Now, Timestamp};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, Member};
+use crate::config::{yes, Config, ConfigError, Member};
 use crate::message::{
     AckEcho, Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotAck, SnapshotMeta,
 };
@@ -114,6 +114,8 @@ pub struct Recovered {
 #[derive(Clone, Debug)]
 struct Progress {
     local: bool,
+    /// See [`Member::voter`]: a learner's acks count for nothing.
+    voter: bool,
     /// Durable on the follower and matching the leader's log.
     match_index: LogIndex,
     /// Next entry to send. `next_index - 1 - match_index` entries are in flight.
@@ -141,6 +143,29 @@ struct Progress {
     outgoing: Option<OutgoingSnapshot>,
 }
 
+impl Progress {
+    /// A follower a new leader (or a membership change) starts sending to:
+    /// from the leader's next entry, backing off on its rejections.
+    fn new(member: &Member, last: LogIndex, now: Now) -> Progress {
+        Progress {
+            local: member.local,
+            voter: member.voter,
+            match_index: LogIndex::ZERO,
+            next_index: last.next(),
+            last_sent: now.mono,
+            last_ack: None,
+            last_progress: now.mono,
+            snapshot_pending: false,
+            sent_commit: LogIndex::ZERO,
+            lease_from: None,
+            ack_echo: None,
+            life: None,
+            retired_lives: Vec::new(),
+            outgoing: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct OutgoingSnapshot {
     meta: SnapshotMeta,
@@ -164,6 +189,9 @@ struct IncomingSnapshot {
 pub struct FollowerStatus {
     pub node: NodeId,
     pub local: bool,
+    /// A learner's acks count for nothing (see [`Member::voter`]).
+    #[serde(default = "yes")]
+    pub voter: bool,
     pub match_index: LogIndex,
     pub lag_entries: u64,
     pub lag_ms: u64,
@@ -342,6 +370,51 @@ impl Replica {
         &self.config
     }
 
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    // ----- Membership ------------------------------------------------------
+
+    /// Takes the membership the metadata plane committed: replicas added
+    /// as learners, learners made voters, voters made learners on their
+    /// way out, learners removed. A leader starts sending to a new member
+    /// at once (from its next entry, backing off to a snapshot) and counts
+    /// acks by the new voting rule from here on; the metadata plane orders
+    /// changes so that this is safe (a voter is counted only once it is
+    /// required in failover, and dropped from failover only once every
+    /// entry committed with its acks is on the voters left). Refused,
+    /// changing nothing, when the members break the config's rules or
+    /// would take away the leader's own vote.
+    pub fn set_members(&mut self, now: Now, members: Vec<Member>) -> Result<(), ConfigError> {
+        self.config.validate(&members)?;
+        if self.role == Role::Leader {
+            let me = &self.config.me;
+            if !members.iter().any(|m| &m.node == me && m.voter) {
+                return Err(ConfigError::LeaderNotVoter);
+            }
+            let last = self.last_index();
+            self.progress
+                .retain(|node, _| members.iter().any(|m| &m.node == node));
+            for m in members.iter().filter(|m| &m.node != me) {
+                match self.progress.get_mut(&m.node) {
+                    Some(p) => {
+                        p.local = m.local;
+                        p.voter = m.voter;
+                    }
+                    None => {
+                        probe("replication.leader_sends_to_a_new_member");
+                        self.progress
+                            .insert(m.node.clone(), Progress::new(m, last, now));
+                    }
+                }
+            }
+            self.maybe_commit();
+        }
+        self.members = members;
+        Ok(())
+    }
+
     pub fn role(&self) -> Role {
         self.role
     }
@@ -425,6 +498,7 @@ impl Replica {
             .map(|(node, p)| FollowerStatus {
                 node: node.clone(),
                 local: p.local,
+                voter: p.voter,
                 match_index: p.match_index,
                 lag_entries: p.match_index.distance_to(self.last_index()),
                 lag_ms: self.lag_ms(p, now),
@@ -524,24 +598,7 @@ impl Replica {
             .members
             .iter()
             .filter(|m| m.node != self.config.me)
-            .map(|m| {
-                let p = Progress {
-                    local: m.local,
-                    match_index: LogIndex::ZERO,
-                    next_index: last.next(),
-                    last_sent: now.mono,
-                    last_ack: None,
-                    last_progress: now.mono,
-                    snapshot_pending: false,
-                    sent_commit: LogIndex::ZERO,
-                    lease_from: None,
-                    ack_echo: None,
-                    life: None,
-                    retired_lives: Vec::new(),
-                    outgoing: None,
-                };
-                (m.node.clone(), p)
-            })
+            .map(|m| (m.node.clone(), Progress::new(m, last, now)))
             .collect();
         self.append_marks.clear();
         // The barrier commits everything earlier generations left behind.
@@ -579,7 +636,7 @@ impl Replica {
         let mut starts: Vec<MonoMs> = self
             .progress
             .values()
-            .filter(|p| p.local)
+            .filter(|p| p.local && p.voter)
             .filter_map(|p| p.lease_from)
             .collect();
         starts.sort_unstable_by(|a, b| b.cmp(a));
@@ -763,7 +820,9 @@ impl Replica {
             });
         }
         for (node, p) in &self.progress {
-            if p.local {
+            // Local followers are waited for at commit; a remote learner
+            // catching up must not stop the group's writes.
+            if p.local || !p.voter {
                 continue;
             }
             let lag_ms = self.lag_ms(p, now);
@@ -1041,7 +1100,7 @@ impl Replica {
         let mut acks: Vec<LogIndex> = self
             .progress
             .values()
-            .filter(|p| p.local)
+            .filter(|p| (p.local && p.voter) || (!p.voter && self.config.bugs.learner_acks_count))
             .map(|p| p.match_index)
             .collect();
         acks.sort_unstable_by(|a, b| b.cmp(a));

@@ -18,18 +18,22 @@ fn members() -> Vec<Member> {
         Member {
             node: node("l1"),
             local: true,
+            voter: true,
         },
         Member {
             node: node("l2"),
             local: true,
+            voter: true,
         },
         Member {
             node: node("l3"),
             local: true,
+            voter: true,
         },
         Member {
             node: node("r1"),
             local: false,
+            voter: true,
         },
     ]
 }
@@ -769,10 +773,12 @@ fn a_follower_with_a_replaced_disk_is_noticed_and_caught_up() {
         .map(|n| Member {
             node: node(n),
             local: true,
+            voter: true,
         })
         .chain([Member {
             node: node("r1"),
             local: false,
+            voter: true,
         }])
         .collect();
     g.tick(10);
@@ -957,4 +963,149 @@ fn a_late_chunk_of_an_earlier_snapshot_does_not_stall_the_newer_one() {
     let index = g.propose("after");
     g.settle();
     assert_eq!(g.committed("r1"), index);
+}
+
+/// Members as the metadata plane would publish them: `(name, local, voter)`.
+fn members_of(list: &[(&str, bool, bool)]) -> Vec<Member> {
+    list.iter()
+        .map(|(n, local, voter)| Member {
+            node: node(n),
+            local: *local,
+            voter: *voter,
+        })
+        .collect()
+}
+
+/// A replica added to a running group (l4, empty, as a learner) is sent
+/// the log, catches up by snapshot and log, and counts for nothing until
+/// it is made a voter; a voter made a learner (l2, on its way out) stops
+/// counting; the leader refuses a membership that takes its own vote or
+/// breaks the commit rule, and nothing changes then.
+#[test]
+fn learners_catch_up_without_counting_and_count_once_made_voters() {
+    let mut g = Group::with_config(|c| c.retained_entries_max = 2);
+    for i in 0..10 {
+        g.propose(&format!("before-{i}"));
+    }
+    g.settle();
+    let commit = g.get("l1").commit_index();
+    g.replica("l1").compact(commit);
+
+    // l4 starts empty and recovering, told of the generation and leader.
+    let with_learner = members_of(&[
+        ("l1", true, true),
+        ("l2", true, true),
+        ("l3", true, true),
+        ("l4", true, false),
+        ("r1", false, true),
+    ]);
+    let fresh = Replica::new(
+        Config::new(ShardId(7), node("l4")),
+        with_learner.clone(),
+        Recovered {
+            recovering: true,
+            ..Recovered::default()
+        },
+        g.clocks(),
+    );
+    g.replicas.insert(node("l4"), fresh);
+    g.replica("l4").become_follower(Generation(1), node("l1"));
+    let now = g.clocks();
+    for name in ["l1", "l2", "l3", "r1"] {
+        g.replica(name)
+            .set_members(now, with_learner.clone())
+            .unwrap();
+    }
+
+    // With l2 and l3 down, the learner's acks commit nothing.
+    g.down = vec![node("l2"), node("l3")];
+    let index = g.propose("while-l4-learns");
+    g.tick(600);
+    g.settle();
+    assert!(g.snapshots_needed.contains(&(node("l1"), node("l4"))));
+    let meta = g.get("l1").compacted();
+    let now = g.clocks();
+    g.replica("l1")
+        .send_snapshot(now, &node("l4"), meta, b"state".to_vec());
+    g.run_effects();
+    g.settle();
+    g.tick(600);
+    g.settle();
+    let status = g.get("l1").status(g.clocks());
+    let l4 = status
+        .followers
+        .iter()
+        .find(|f| f.node == node("l4"))
+        .unwrap();
+    assert!(!l4.voter);
+    assert_eq!(l4.match_index, index, "the learner holds the log");
+    assert!(
+        g.committed("l1") < index,
+        "a learner's ack committed an entry"
+    );
+    // l2's and l3's last acks run out; l4's keep coming and grant nothing.
+    for _ in 0..4 {
+        g.tick(600);
+        g.settle();
+    }
+    assert!(
+        !g.get("l1").has_lease(g.clocks()),
+        "a learner's acks grant a lease"
+    );
+
+    // Made a voter, l4 counts: the entry commits with l2 and l3 still down.
+    let with_voter: Vec<Member> = (with_learner.iter().cloned())
+        .map(|mut m| {
+            m.voter = true;
+            m
+        })
+        .collect();
+    let now = g.clocks();
+    g.replica("l1")
+        .set_members(now, with_voter.clone())
+        .unwrap();
+    g.tick(100);
+    g.settle();
+    assert_eq!(g.committed("l1"), index);
+    assert!(g.get("l1").has_lease(g.clocks()));
+
+    // l2 on its way out (a learner), then gone; with l3 down too, only
+    // l4 commits.
+    let l2_leaving: Vec<Member> = (with_voter.iter().cloned())
+        .map(|mut m| {
+            m.voter &= m.node != node("l2");
+            m
+        })
+        .collect();
+    let now = g.clocks();
+    g.replica("l1")
+        .set_members(now, l2_leaving.clone())
+        .unwrap();
+    let without_l2: Vec<Member> = (l2_leaving.iter())
+        .filter(|m| m.node != node("l2"))
+        .cloned()
+        .collect();
+    g.replica("l1")
+        .set_members(now, without_l2.clone())
+        .unwrap();
+    g.down = vec![node("l3")];
+    let after = g.propose("after-l2-left");
+    g.settle();
+    assert_eq!(g.committed("l1"), after);
+    let status = g.get("l1").status(g.clocks());
+    assert!(status.followers.iter().all(|f| f.node != node("l2")));
+
+    // The leader keeps its vote, and the commit rule holds.
+    let leader_learner: Vec<Member> = (without_l2.iter().cloned())
+        .map(|mut m| {
+            m.voter &= m.node != node("l1");
+            m
+        })
+        .collect();
+    let now = g.clocks();
+    assert!(g.replica("l1").set_members(now, leader_learner).is_err());
+    let no_local_voter =
+        members_of(&[("l1", true, true), ("l3", true, false), ("r1", false, true)]);
+    assert!(g.replica("l1").set_members(now, no_local_voter).is_err());
+    assert_eq!(g.get("l1").members(), &without_l2[..]);
 }

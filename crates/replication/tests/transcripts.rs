@@ -98,10 +98,12 @@ impl Script {
                         Some(n) => Member {
                             node: node(n),
                             local: false,
+                            voter: true,
                         },
                         None => Member {
                             node: node(n),
                             local: true,
+                            voter: true,
                         },
                     })
                     .collect();

@@ -39,6 +39,7 @@ mod clients;
 mod control;
 mod faults;
 mod feeds;
+mod learners;
 mod network;
 mod projections;
 
@@ -263,6 +264,9 @@ struct Group {
     /// Earlier publications with when they were made, newest last (a few):
     /// a gateway's copy of the map may trail the metadata leader's.
     history: Vec<(u64, NodeId, Generation)>,
+    /// Replicas being added (see `learners.rs`), with when each leaves:
+    /// sent the log, counted for nothing, unknown to the control loop.
+    learners: Vec<(NodeId, u64)>,
 }
 
 impl Group {
@@ -513,6 +517,7 @@ impl World {
                     published: (g.leader.clone(), g.generation),
                     sealed: g.generation,
                     history: Vec::new(),
+                    learners: Vec::new(),
                 },
             );
         }
@@ -612,7 +617,7 @@ impl World {
     fn shards_of(&self, node: &NodeId) -> Vec<ShardId> {
         self.groups
             .iter()
-            .filter(|(_, g)| g.members.contains(node))
+            .filter(|(_, g)| g.members.contains(node) || g.learners.iter().any(|(n, _)| n == node))
             .map(|(s, _)| *s)
             .collect()
     }

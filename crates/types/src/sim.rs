@@ -48,11 +48,14 @@ pub struct Bugs {
     /// A group's state machine goes on applying writes to a bucket it
     /// sealed (the source of a move keeps accepting after the seal).
     pub source_accepts_after_seal: bool,
+    /// A leader counts a learner's acks towards commits (as if the replica
+    /// being added were a local voter already).
+    pub learner_acks_count: bool,
 }
 
 impl Bugs {
     /// The names `harbor verify sim --bug NAME` accepts.
-    pub const NAMES: [&'static str; 13] = [
+    pub const NAMES: [&'static str; 14] = [
         "commit-without-follower-ack",
         "accept-old-generation",
         "apply-token-twice",
@@ -66,6 +69,7 @@ impl Bugs {
         "projection-includes-by-index",
         "changes-history-drops-newest",
         "source-accepts-after-seal",
+        "learner-acks-count",
     ];
 
     pub fn none() -> Bugs {
@@ -89,6 +93,7 @@ impl Bugs {
             "projection-includes-by-index" => bugs.projection_includes_by_index = true,
             "changes-history-drops-newest" => bugs.changes_history_drops_newest = true,
             "source-accepts-after-seal" => bugs.source_accepts_after_seal = true,
+            "learner-acks-count" => bugs.learner_acks_count = true,
             other => {
                 return Err(format!(
                     "unknown bug {other:?}; known: {}",
@@ -102,7 +107,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 46] = [
+pub const PROBES: [&str; 47] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -149,6 +154,7 @@ pub const PROBES: [&str; 46] = [
     "gateway.call_waited_for_a_moved_bucket",
     "projection.rescanned_after_a_move",
     "rebalancer.moved_a_hot_bucket",
+    "replication.leader_sends_to_a_new_member",
 ];
 
 thread_local! {

@@ -2,7 +2,7 @@
 //! replication traffic and client requests, so the simulated WAN delay and
 //! every fault apply to both alike.
 
-use harbor_replication::{Message, ReplicaStatus, Role};
+use harbor_replication::{Member, Message, ReplicaStatus, Role};
 
 use crate::changes::{ChangePosition, ChangesPage, ScanPage};
 use crate::error::NodeError;
@@ -90,6 +90,13 @@ pub enum Control {
     /// Stop accepting appends older than this generation; the leader is
     /// named later (failover).
     Seal(Generation),
+    /// The group's members as the metadata plane committed them, at
+    /// `epoch` (a learner added, made a voter, a voter on its way out, a
+    /// member removed); an epoch no newer than the replica's is ignored.
+    Members {
+        epoch: u64,
+        members: Vec<Member>,
+    },
     /// From the node itself only; refused from the network.
     Shutdown,
 }

@@ -76,6 +76,7 @@ impl World {
     pub(super) fn operator_step(&mut self) {
         let next = self.now + self.rng.range(50, 400);
         self.schedule(next, Event::OperatorStep);
+        self.learner_step();
         if self.operator.call.is_some() {
             return;
         }

@@ -17,45 +17,41 @@ impl World {
     }
 
     pub(super) fn open_replicas(&mut self, name: &NodeId) {
-        let shards = self.shards_of(name);
-        for shard in shards {
-            let group = &self.groups[&shard];
-            let members: Vec<Member> = group
-                .members
-                .iter()
-                .map(|m| Member {
-                    node: m.clone(),
-                    local: self.nodes[m].region == group.home,
-                })
-                .collect();
-            let disk = self.nodes[name].disks[&shard].clone();
-            let transport: Arc<dyn Transport> = self.outbox.clone();
-            // The simulator's metadata is linearizable by construction.
-            let plan = ReplicaPlan {
-                shard,
-                members,
-                fence: group.published.1.max(group.sealed),
-                fence_is_led: group.sealed <= group.published.1,
-            };
-            let driver = match Driver::open_on(
-                name.clone(),
-                plan,
-                self.node_config.clone(),
-                disk,
-                transport,
-                self.node_now(name),
-            ) {
-                Ok(driver) => driver,
-                Err(e) => {
-                    panic!("{name} cannot recover {shard} after a crash: {e}");
-                }
-            };
-            self.nodes
-                .get_mut(name)
-                .unwrap()
-                .replicas
-                .insert(shard, driver);
+        for shard in self.shards_of(name) {
+            self.open_replica(name, shard);
         }
+    }
+
+    /// The group's members as the metadata plane publishes them: its
+    /// voters, then the learners being added.
+    pub(super) fn members_of(&self, shard: ShardId) -> Vec<Member> {
+        self.placement.replica_members(shard)
+    }
+
+    pub(super) fn open_replica(&mut self, name: &NodeId, shard: ShardId) {
+        let group = &self.groups[&shard];
+        // The simulator's metadata is linearizable by construction.
+        let plan = ReplicaPlan {
+            shard,
+            members: self.members_of(shard),
+            fence: group.published.1.max(group.sealed),
+            fence_is_led: group.sealed <= group.published.1,
+        };
+        let disk = self.nodes[name].disks[&shard].clone();
+        let transport: Arc<dyn Transport> = self.outbox.clone();
+        let driver = match Driver::open_on(
+            name.clone(),
+            plan,
+            self.node_config.clone(),
+            disk,
+            transport,
+            self.node_now(name),
+        ) {
+            Ok(driver) => driver,
+            Err(e) => panic!("{name} cannot recover {shard} after a crash: {e}"),
+        };
+        let node = self.nodes.get_mut(name).unwrap();
+        node.replicas.insert(shard, driver);
     }
 
     /// Runs `f` on one replica at the node's clock, then sends what it sent.
