@@ -396,6 +396,16 @@ pub struct GroupView {
     pub leader: String,
     pub generation: u64,
     pub members: Vec<String>,
+    /// Replicas being added: sent the log, counted for nothing, not in
+    /// `members` until they caught up and were made voters.
+    #[serde(default)]
+    pub learners: Vec<String>,
+    /// Members on their way out: their acks no longer count.
+    #[serde(default)]
+    pub leaving: Vec<String>,
+    /// Bumped on every membership change.
+    #[serde(default)]
+    pub members_epoch: u64,
     /// Where recent generations' logs ended (newest last).
     pub generation_ends: Vec<GenerationEnd>,
     /// The named leader answered as leader of the published generation and
@@ -436,10 +446,17 @@ pub struct ReplicaView {
     pub changes_retained_bytes: u64,
 }
 
+fn yes() -> bool {
+    true
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FollowerView {
     pub node: String,
     pub local: bool,
+    /// Its acks count (false for a learner or a member leaving).
+    #[serde(default = "yes")]
+    pub voter: bool,
     pub lag_entries: u64,
     pub lag_ms: u64,
 }

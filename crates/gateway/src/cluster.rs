@@ -97,6 +97,9 @@ impl Gateway {
                     leader: g.leader.to_string(),
                     generation: g.generation.0,
                     members: g.members.iter().map(|m| m.to_string()).collect(),
+                    learners: g.learners.iter().map(|m| m.to_string()).collect(),
+                    leaving: g.leaving.iter().map(|m| m.to_string()).collect(),
+                    members_epoch: g.members_epoch,
                     generation_ends: g
                         .ended
                         .iter()
@@ -115,6 +118,7 @@ impl Gateway {
                                 .map(|f| FollowerView {
                                     node: f.node.to_string(),
                                     local: f.local,
+                                    voter: f.voter,
                                     lag_entries: f.lag_entries,
                                     lag_ms: f.lag_ms,
                                 })
