@@ -1,19 +1,20 @@
 //! Hot buckets: `GET /v1/admin/buckets/hot?top=N` asks every group's
 //! leader for its load (writes, their bytes and reads per bucket over the
-//! last 10 to 20 s) and answers the hottest buckets of the cluster and each
+//! last 10 to 30 s) and answers the hottest buckets of the cluster and each
 //! group's load. The rebalancer (off unless the gateway's config turns it
 //! on) looks at the loads of its region's groups every
 //! `rebalance_interval_ms` and moves the bucket the pure
 //! [`crate::rebalancer::plan`] picks, one move at a time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Query as QueryParams, State};
 use axum::response::Response as HttpResponse;
 use harbor_api::ErrorCode;
-use harbor_types::limits::LOAD_REPORT_BUCKETS_MAX;
+use harbor_meta::MovePhase;
+use harbor_types::limits::{LOAD_REPORT_BUCKETS_MAX, LOAD_WINDOW_MS};
 use harbor_types::{BucketId, ShardId};
 use harbor_wire::{LoadCounts, Query, QueryResult, Request, Response};
 use serde::Deserialize;
@@ -33,18 +34,12 @@ pub(crate) struct HotParams {
     top: Option<String>,
 }
 
-/// What the rebalancer did last, and which buckets cool down.
+/// What the rebalancer did last (which buckets and groups cool down is
+/// read from the map's recent moves, so it survives a restart and counts
+/// moves made by hand).
 #[derive(Default)]
 pub(crate) struct Rebalancer {
-    state: Mutex<RebalancerState>,
-}
-
-#[derive(Default)]
-struct RebalancerState {
-    /// Buckets it moved, and when (they stay where they are for
-    /// `REBALANCE_COOLDOWN_MS`).
-    moved_at: BTreeMap<BucketId, std::time::Instant>,
-    last: Option<Value>,
+    last: Mutex<Option<Value>>,
 }
 
 /// One bucket's load, as the answer shows it.
@@ -120,7 +115,7 @@ pub(crate) async fn hot_buckets(
         let hottest: Vec<Value> = hottest.into_iter().map(|(_, line)| line).collect();
         body.insert("buckets".into(), json!(hottest));
         body.insert("groups".into(), json!(groups));
-        let last = gw.rebalancer.state.lock().unwrap().last.clone();
+        let last = gw.rebalancer.last.lock().unwrap().clone();
         body.insert(
             "rebalancer".into(),
             json!({"enabled": gw.config.rebalance, "last": last}),
@@ -193,30 +188,42 @@ impl Gateway {
             .filter(|g| g.home_region == self.region)
             .map(|g| g.shard)
             .collect();
-        let busy: BTreeSet<ShardId> = (map.moves.values()).flat_map(|m| [m.from, m.to]).collect();
+        // Groups in a move are busy, and so are those a move ended in
+        // within two load windows (the target's counts start at the move,
+        // so it looks lighter than it is until then); a moved bucket stays
+        // where it went for the cool-down.
+        let now_ms = crate::moves_http::wall_ms();
+        let ago = |m: &harbor_meta::BucketMove| now_ms.saturating_sub(m.ended_ms.unwrap_or(now_ms));
+        let recent = map
+            .recent_moves
+            .iter()
+            .filter(|m| m.phase == MovePhase::Done);
+        let busy: BTreeSet<ShardId> = (map.moves.values())
+            .chain(recent.clone().filter(|m| ago(m) < 2 * LOAD_WINDOW_MS))
+            .flat_map(|m| [m.from, m.to])
+            .collect();
+        let cooling: BTreeSet<BucketId> = recent
+            .filter(|m| ago(m) < self.config.rebalance_cooldown_ms)
+            .map(|m| m.bucket)
+            .collect();
         let loads: Vec<GroupLoad> = (self.group_loads(&shards, 1).await.into_iter())
             .filter_map(|(_, load)| load.ok())
             .collect();
-        let cooling: BTreeSet<BucketId> = {
-            let mut state = self.rebalancer.state.lock().unwrap();
-            let cooldown = Duration::from_millis(self.config.rebalance_cooldown_ms);
-            state.moved_at.retain(|_, at| at.elapsed() < cooldown);
-            state.moved_at.keys().copied().collect()
-        };
         let Some(plan) = plan(&loads, &busy, &cooling, self.config.rebalance_limits) else {
             return;
         };
+        // A leader that has not heard of a move yet may report a bucket
+        // the map gave away: only what the map says it owns moves.
+        if self.meta.map().shard_of_bucket(plan.bucket) != plan.from {
+            return;
+        }
         tracing::info!(bucket = %plan.bucket, from = %plan.from, to = %plan.to,
             reason = %plan.reason, "the rebalancer moves a hot bucket");
         let outcome = match self.run_move(plan.bucket, plan.to).await {
             Ok(answer) => Value::Object(answer),
             Err(e) => json!({"error": e.code.as_str(), "message": e.message}),
         };
-        let mut state = self.rebalancer.state.lock().unwrap();
-        state
-            .moved_at
-            .insert(plan.bucket, std::time::Instant::now());
-        state.last = Some(json!({
+        *self.rebalancer.last.lock().unwrap() = Some(json!({
             "bucket": plan.bucket.0, "from": plan.from.to_string(), "to": plan.to.to_string(),
             "reason": plan.reason, "outcome": outcome,
         }));

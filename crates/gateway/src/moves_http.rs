@@ -221,7 +221,7 @@ fn parse_bucket(gw: &Gateway, text: &str) -> Result<BucketId, ApiError> {
     Ok(BucketId(bucket))
 }
 
-fn wall_ms() -> u64 {
+pub(crate) fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -171,8 +171,9 @@ pub struct GroupCore {
     snapshot_index: LogIndex,
     /// What applied entries yielded, for change feeds.
     pub(crate) changes: ChangeLog,
-    /// The epoch of the last `Control::Members` taken (0: the members the
-    /// replica was opened with).
+    /// The epoch of the members it holds: those it was opened with (see
+    /// [`GroupCore::opened_at_members_epoch`]), then the last
+    /// `Control::Members` it took.
     members_epoch: u64,
     /// What each bucket cost this replica while it led (hot buckets).
     pub(crate) load: crate::load::BucketLoad,
@@ -320,6 +321,12 @@ impl GroupCore {
             writes,
             outbox: Vec::new(),
         })
+    }
+
+    /// The metadata plane's epoch of the members this replica was opened
+    /// with: an order of that epoch or older is stale.
+    pub fn opened_at_members_epoch(&mut self, epoch: u64) {
+        self.members_epoch = epoch;
     }
 
     // ----- Reading the state -------------------------------------------
@@ -496,7 +503,8 @@ impl GroupCore {
 
     /// An order older than what this replica knows (it arrived late, or a
     /// deposed control loop sent it): it changes nothing. The control plane
-    /// sends the current one when the replica next reports its role.
+    /// sends the current role when the replica next reports a stale one
+    /// (membership orders are not sent again yet: see README, Status).
     fn stale_order(&mut self, control: Control) {
         probe("node.stale_control_order_ignored");
         tracing::warn!(

@@ -1,7 +1,7 @@
 //! What a leader's buckets cost it: writes, their bytes and clients' reads
-//! per bucket, counted at admission over a sliding window (the last
-//! complete window and the current one), for hot-bucket detection and the
-//! rebalancer. Memory is bounded: at most `LOAD_BUCKETS_TRACKED_MAX`
+//! per bucket, counted as the leader orders them over a sliding window (the
+//! last complete window and the current one: 10 to 30 s, longer windows
+//! after a quiet spell), for hot-bucket detection and the rebalancer. Memory is bounded: at most `LOAD_BUCKETS_TRACKED_MAX`
 //! buckets per window; others count in the group's total alone.
 
 use std::collections::BTreeMap;
@@ -12,7 +12,8 @@ use harbor_wire::{LoadCounts, LoadReport};
 
 #[derive(Clone, Debug, Default)]
 struct Window {
-    started: MonoMs,
+    /// `None` until the first count.
+    started: Option<MonoMs>,
     total: LoadCounts,
     buckets: BTreeMap<BucketId, LoadCounts>,
 }
@@ -50,14 +51,15 @@ impl BucketLoad {
         top: u32,
         owned: impl Fn(BucketId) -> bool,
     ) -> LoadReport {
-        let age = now
-            .as_millis()
-            .saturating_sub(self.current.started.as_millis());
-        let windows: Vec<&Window> = match age {
-            _ if self.current.started == MonoMs::ZERO => vec![],
-            age if age < LOAD_WINDOW_MS => self.previous.iter().chain([&self.current]).collect(),
-            age if age < 2 * LOAD_WINDOW_MS => vec![&self.current],
-            _ => vec![],
+        let windows: Vec<&Window> = match self.current.started {
+            None => vec![],
+            Some(started) => match now.as_millis().saturating_sub(started.as_millis()) {
+                age if age < LOAD_WINDOW_MS => {
+                    self.previous.iter().chain([&self.current]).collect()
+                }
+                age if age < 2 * LOAD_WINDOW_MS => vec![&self.current],
+                _ => vec![],
+            },
         };
         let mut total = LoadCounts::default();
         let mut buckets: BTreeMap<BucketId, LoadCounts> = BTreeMap::new();
@@ -70,7 +72,7 @@ impl BucketLoad {
                 }
             }
         }
-        let started = windows.first().map_or(now, |w| w.started);
+        let started = windows.first().and_then(|w| w.started).unwrap_or(now);
         let mut buckets: Vec<(BucketId, LoadCounts)> = buckets.into_iter().collect();
         buckets.sort_by(|(a, x), (b, y)| (y.writes, y.bytes, a).cmp(&(x.writes, x.bytes, b)));
         buckets.truncate(top.min(LOAD_REPORT_BUCKETS_MAX) as usize);
@@ -89,18 +91,16 @@ impl BucketLoad {
     /// Starts a new window once the current one is `LOAD_WINDOW_MS` old
     /// (or after a clock that went back, which a monotonic clock does not).
     fn roll(&mut self, now: MonoMs) {
-        let age = now
-            .as_millis()
-            .saturating_sub(self.current.started.as_millis());
-        if self.current.started == MonoMs::ZERO {
-            self.current.started = now;
+        let Some(started) = self.current.started else {
+            self.current.started = Some(now);
             return;
-        }
+        };
+        let age = now.as_millis().saturating_sub(started.as_millis());
         if age < LOAD_WINDOW_MS {
             return;
         }
         let fresh = Window {
-            started: now,
+            started: Some(now),
             ..Window::default()
         };
         let done = std::mem::replace(&mut self.current, fresh);

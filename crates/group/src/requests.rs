@@ -91,9 +91,10 @@ impl GroupCore {
         match request {
             Request::Write { command, .. } => {
                 let payload = postcard::to_allocvec(&command).expect("commands serialize");
-                self.count_write(now, bucket, &command, payload.len());
+                let bytes = payload.len();
                 match self.core.propose(now, payload) {
                     Ok(index) => {
+                        self.count_write(now, bucket, &command, bytes);
                         let previous = self.waiters.insert(
                             index,
                             Waiter {
@@ -156,9 +157,22 @@ impl GroupCore {
         }
     }
 
-    /// Counts a write the leader admitted against its bucket (each of a
-    /// batch's buckets gets its share of the bytes).
+    /// Counts a write the leader ordered against its bucket (each of a
+    /// batch's buckets gets its share of the bytes). A move's own commands
+    /// are not the bucket's load.
     fn count_write(&mut self, now: Now, bucket: Option<BucketId>, command: &Command, bytes: usize) {
+        if matches!(
+            command,
+            Command::SealBucket { .. }
+                | Command::UnsealBucket { .. }
+                | Command::ImportBucket { .. }
+                | Command::AcquireBucket { .. }
+                | Command::ReleaseBucket { .. }
+                | Command::AbortImport { .. }
+                | Command::TagIssuers { .. }
+        ) {
+            return;
+        }
         let one = |bytes: usize| LoadCounts {
             writes: 1,
             bytes: bytes as u64,

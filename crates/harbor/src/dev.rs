@@ -109,6 +109,7 @@ pub fn replica_plans(map: &ShardMap, node: &NodeId) -> Vec<ReplicaPlan> {
             members: map.replica_members(g.shard),
             fence: g.fence(),
             fence_is_led: g.fence_is_led(),
+            members_epoch: g.members_epoch,
         })
         .collect()
 }

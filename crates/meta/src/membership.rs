@@ -14,7 +14,18 @@
 //!
 //! The leader of a group cannot leave (transfer its leadership first), and
 //! a group keeps a leader and at least one voting follower in its home
-//! region (the commit rule).
+//! region (the commit rule, for `sync_acks = 1`, the default).
+//!
+//! Learners are never named leader: the failover planner chooses among
+//! `members` only. A leaving member may be (it can hold the only copy of
+//! an entry committed with its acks before it began leaving); its removal
+//! then waits for a transfer away from it.
+//!
+//! These are the rules the metadata plane can check alone. When a learner
+//! has caught up, and when a leaving member's acks are covered, depends on
+//! what the replicas report: the control loop's driver (not built yet)
+//! must check that before it commits `Promote` or `Remove`, and the
+//! failover planner must learn of each change.
 
 use harbor_replication::Member;
 use harbor_types::{NodeId, ShardId};
@@ -27,11 +38,12 @@ use crate::placement::{GroupInfo, ShardMap};
 pub enum MemberChange {
     /// A node joins the group as a learner.
     AddLearner(NodeId),
-    /// A learner that caught up becomes a voter.
+    /// A learner becomes a voter (the caller checked that it caught up).
     Promote(NodeId),
     /// A voter stops counting, on its way out.
     BeginLeave(NodeId),
-    /// A leaving member, or a learner, is gone.
+    /// A leaving member (once the caller checked that the voters that stay
+    /// hold every entry it acknowledged), or a learner, is gone.
     Remove(NodeId),
 }
 
@@ -136,6 +148,11 @@ impl ShardMap {
                 group.leaving.push(node);
             }
             MemberChange::Remove(_) => {
+                if group.leader == node {
+                    return Err(format!(
+                        "{node} leads {shard}: transfer its leadership first"
+                    ));
+                }
                 if group.learners.contains(&node) {
                     group.learners.retain(|n| *n != node);
                 } else if group.leaving.contains(&node) {

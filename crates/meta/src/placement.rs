@@ -389,7 +389,6 @@ impl ShardMap {
             .or_else(|| self.recent_moves.iter().find(|m| m.id == id))
     }
 
-    /// Groups a node hosts a replica of.
     /// The groups `node` holds a replica of (as a member or a learner).
     pub fn groups_of(&self, node: &NodeId) -> Vec<&GroupInfo> {
         self.groups

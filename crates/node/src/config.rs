@@ -217,4 +217,7 @@ pub struct ReplicaPlan {
     /// The fence generation has a published leader
     /// (`GroupInfo::fence_is_led`): such a replica refuses to lead it.
     pub fence_is_led: bool,
+    /// The epoch of `members` (`GroupInfo::members_epoch`): a membership
+    /// order of this epoch or older is one the replica started past.
+    pub members_epoch: u64,
 }

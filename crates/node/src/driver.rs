@@ -96,6 +96,7 @@ impl<S: Storage> Driver<S> {
             members,
             fence,
             fence_is_led,
+            members_epoch,
         } = plan;
         let (wal, found) = Wal::open(storage, config.wal.clone())
             .map_err(|source| DriverStartError::Wal { shard, source })?;
@@ -113,7 +114,7 @@ impl<S: Storage> Driver<S> {
             resolved_tick_ms: config.resolved_tick_ms,
             bugs: config.bugs,
         };
-        let group = GroupCore::recover(
+        let mut group = GroupCore::recover(
             me.clone(),
             members,
             config.core_config(shard, me.clone()),
@@ -128,6 +129,7 @@ impl<S: Storage> Driver<S> {
             shard,
             what: e.to_string(),
         })?;
+        group.opened_at_members_epoch(members_epoch);
         let core = group.replica();
         tracing::info!(
             %shard, node = %me,

@@ -75,6 +75,7 @@ async fn a_group_replicates_and_answers_over_tcp() {
                 members,
                 fence: Generation::ZERO,
                 fence_is_led: false,
+                members_epoch: 0,
             };
             move || Node::start(id(name), region, vec![plan], config, transport)
         })

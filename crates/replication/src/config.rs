@@ -11,16 +11,11 @@ pub struct Member {
     /// commit; remote ones are the asynchronous disaster-recovery copies.
     pub local: bool,
     /// A voter counts: towards commits and leases when local, in the RPO
-    /// gate when remote, and it may lead. A learner is only sent the log: a
+    /// gate when remote. A learner is only sent the log: a
     /// replica being added catches up as one (snapshot, then log) before
     /// the metadata plane makes it a voter, and a replica being removed is
     /// one until every entry committed with its acks is on the voters left.
-    #[serde(default = "yes")]
     pub voter: bool,
-}
-
-pub(crate) fn yes() -> bool {
-    true
 }
 
 impl Member {
@@ -124,10 +119,10 @@ impl Config {
         if names.len() != members.len() {
             return Err(ConfigError::DuplicateMember);
         }
-        let local_followers = members
-            .iter()
-            .filter(|m| m.local && m.voter && m.node != self.me)
-            .count();
+        // The same rule on every replica, whichever it is: a leader and
+        // `sync_acks` voting followers in the home region.
+        let local_followers =
+            (members.iter().filter(|m| m.local && m.voter).count()).saturating_sub(1);
         if self.sync_acks > local_followers {
             return Err(ConfigError::NotEnoughLocalFollowers {
                 sync_acks: self.sync_acks,

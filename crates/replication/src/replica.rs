@@ -5,7 +5,7 @@ use harbor_types::sim::probe;
 use harbor_types::{Generation, Hlc, LogIndex, MonoMs, NodeId, Now, Timestamp};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{yes, Config, ConfigError, Member};
+use crate::config::{Config, ConfigError, Member};
 use crate::message::{
     AckEcho, Append, AppendAck, Entry, InstallSnapshot, Message, SnapshotAck, SnapshotMeta,
 };
@@ -190,7 +190,6 @@ pub struct FollowerStatus {
     pub node: NodeId,
     pub local: bool,
     /// A learner's acks count for nothing (see [`Member::voter`]).
-    #[serde(default = "yes")]
     pub voter: bool,
     pub match_index: LogIndex,
     pub lag_entries: u64,

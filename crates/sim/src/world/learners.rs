@@ -1,7 +1,8 @@
 //! Replicas added to a running group and removed again, as learners: a
 //! node that holds no copy of a group gets an empty replica of it, every
-//! replica of the group is told the new membership (`Control::Members`, a
-//! newer epoch each time), the leader sends the learner its log (a
+//! replica of the group it can reach is told the new membership
+//! (`Control::Members`, a newer epoch each time; one that misses it is not
+//! told again, as the control loop does not yet), the leader sends the learner its log (a
 //! snapshot in chunks, then entries) and counts its acks for nothing; a
 //! while later the learner is removed and its replica and disk dropped.
 //! The control loop does not know of learners, so the learner is told the

@@ -36,6 +36,7 @@ impl World {
             members: self.members_of(shard),
             fence: group.published.1.max(group.sealed),
             fence_is_led: group.sealed <= group.published.1,
+            members_epoch: self.placement.groups[&shard].members_epoch,
         };
         let disk = self.nodes[name].disks[&shard].clone();
         let transport: Arc<dyn Transport> = self.outbox.clone();
