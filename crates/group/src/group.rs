@@ -323,6 +323,10 @@ impl GroupCore {
         })
     }
 
+    pub fn members_epoch(&self) -> u64 {
+        self.members_epoch
+    }
+
     /// The metadata plane's epoch of the members this replica was opened
     /// with: an order of that epoch or older is stale.
     pub fn opened_at_members_epoch(&mut self, epoch: u64) {
@@ -487,10 +491,10 @@ impl GroupCore {
                     self.stale_order(Control::Seal(generation));
                 }
             }
-            Control::Members { epoch, members } if epoch <= self.members_epoch => {
-                self.stale_order(Control::Members { epoch, members })
+            Control::Members { epoch, .. } if epoch <= self.members_epoch => {
+                self.stale_order(control)
             }
-            Control::Members { epoch, members } => match self.core.set_members(now, members) {
+            Control::Members { epoch, members, .. } => match self.core.set_members(now, members) {
                 Ok(()) => self.members_epoch = epoch,
                 Err(e) => tracing::warn!(
                     shard = %self.shard, node = %self.me, epoch, "refused a membership: {e}"

@@ -213,6 +213,7 @@ impl GroupCore {
             staleness_ms: self.staleness_ms(now),
             issuers: self.machine.issuers().count() as u64,
             changes_retained_bytes: self.changes.retained_bytes() as u64,
+            members_epoch: self.members_epoch(),
         })
     }
 

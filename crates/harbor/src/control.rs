@@ -181,6 +181,16 @@ impl ControlLoop {
                         let _ = reply.send(result);
                     }
                 }
+                // Membership changes are driven in the simulator only so
+                // far: nothing here asks for one, and a change found under
+                // way in the map is refused until the runtime commits them.
+                Order::ChangeMembers { shard, change } => {
+                    let why = "this runtime does not commit membership changes yet".to_string();
+                    tracing::error!(%shard, ?change, "{why}");
+                    let now = self.now_ms();
+                    queue.extend(self.core.members_changed(now, shard, &change, Err(why)));
+                }
+                Order::MembersEnded { .. } => {}
             }
         }
     }

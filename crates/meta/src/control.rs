@@ -40,6 +40,11 @@ pub struct ControlConfig {
     pub status_timeout_ms: u64,
     /// ... for one on a node that did not answer the previous round.
     pub suspect_timeout_ms: u64,
+    /// How long a replica being added may take to catch up.
+    pub member_catch_up_ms: u64,
+    /// The replicas' commit rule (local voting followers a commit needs):
+    /// a membership change never leaves fewer.
+    pub sync_acks: usize,
 }
 
 impl ControlConfig {
@@ -61,6 +66,8 @@ impl ControlConfig {
             transfer_interval_ms: TRANSFER_INTERVAL_MS,
             status_timeout_ms: STATUS_TIMEOUT_MS,
             suspect_timeout_ms: SUSPECT_TIMEOUT_MS,
+            member_catch_up_ms: harbor_types::limits::MEMBER_CATCH_UP_MS,
+            sync_acks: harbor_types::limits::SYNC_ACKS,
         }
     }
 }
@@ -102,6 +109,18 @@ pub enum Order {
     TransferEnded {
         ticket: u64,
         result: Result<TransferDone, TransferFailed>,
+    },
+    /// Commit one step of a membership change in the metadata plane;
+    /// report the result (and the map after it) with
+    /// [`ControlCore::members_changed`].
+    ChangeMembers {
+        shard: ShardId,
+        change: crate::membership::MemberChange,
+    },
+    /// A membership change ended: answer its caller.
+    MembersEnded {
+        ticket: u64,
+        result: Result<crate::members_driver::MembersDone, String>,
     },
 }
 
@@ -155,6 +174,9 @@ pub struct ControlCore {
     /// Replicas seen recovering lost state, so each is logged once as it
     /// starts and once as it is done.
     recovering: BTreeSet<(ShardId, NodeId)>,
+    /// Membership changes under way, and each group's membership as the
+    /// map last said (learners are asked for their status too).
+    pub(crate) members: crate::members_driver::MemberChanges,
     stats: ControlStats,
 }
 
@@ -185,6 +207,7 @@ impl ControlCore {
             publishing: BTreeMap::new(),
             unpublished: BTreeMap::new(),
             recovering: BTreeSet::new(),
+            members: crate::members_driver::MemberChanges::from_map(map),
             stats: ControlStats::default(),
         }
     }
@@ -212,7 +235,9 @@ impl ControlCore {
         self.plans
             .iter()
             .flat_map(|(shard, plan)| {
-                plan.members.iter().map(move |(node, _)| Ask {
+                let learners = self.members.learners(*shard);
+                let nodes = plan.members.iter().map(|(node, _)| node).chain(learners);
+                nodes.map(move |node| Ask {
                     shard: *shard,
                     node: node.clone(),
                     timeout_ms: if self.suspects.contains(node) {
@@ -359,7 +384,13 @@ impl ControlCore {
         if self.unpublished.contains_key(&shard) || self.publishing.contains_key(&shard) {
             return;
         }
-        let observations: Vec<Observation> = statuses.iter().map(observation).collect();
+        // Learners are asked (to drive their catching up) but count for
+        // nothing in the planner's decisions.
+        let plan_members = &self.plans[&shard].members;
+        let observations: Vec<Observation> = (statuses.iter())
+            .filter(|s| plan_members.iter().any(|(n, _)| *n == s.node))
+            .map(observation)
+            .collect();
         for o in &observations {
             let key = (shard, o.node.clone());
             if o.recovering && self.recovering.insert(key.clone()) {
@@ -430,6 +461,21 @@ impl ControlCore {
                 control,
             });
         }
+        self.drive_members(now_ms, shard, &statuses, orders);
+    }
+
+    pub(crate) fn config(&self) -> &ControlConfig {
+        &self.config
+    }
+
+    pub(crate) fn plans_mut(&mut self) -> &mut BTreeMap<ShardId, GroupLeadership> {
+        &mut self.plans
+    }
+
+    pub(crate) fn transferring(&self, shard: ShardId) -> bool {
+        self.transfers.contains_key(&shard)
+            || self.publishing.contains_key(&shard)
+            || self.unpublished.contains_key(&shard)
     }
 
     /// Answers the caller of a transfer that just ended.
@@ -569,6 +615,8 @@ mod tests {
             transfer_interval_ms: 5,
             status_timeout_ms: 250,
             suspect_timeout_ms: 40,
+            member_catch_up_ms: 10_000,
+            sync_acks: 1,
         };
         (ControlCore::new(&map, config), members)
     }
@@ -597,6 +645,7 @@ mod tests {
                 recovering: false,
             },
             ready: leading,
+            members_epoch: 0,
             applied: None,
             staleness_ms: None,
             issuers: 0,
@@ -669,9 +718,10 @@ mod tests {
                         matches!(control, Control::Seal(_)),
                         "told {control:?} before the new leader was published"
                     ),
-                    Order::RecordSeal { .. } | Order::TransferEnded { .. } => {
-                        unreachable!("{order:?}")
-                    }
+                    Order::RecordSeal { .. }
+                    | Order::TransferEnded { .. }
+                    | Order::ChangeMembers { .. }
+                    | Order::MembersEnded { .. } => unreachable!("{order:?}"),
                 }
             }
         }

@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod failover;
+pub mod members_driver;
 pub mod membership;
 pub mod metadata;
 pub mod placement;
@@ -21,6 +22,7 @@ pub use control::{
 pub use failover::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, TransferError,
 };
+pub use members_driver::{MembersDone, MembersGoal};
 pub use membership::MemberChange;
 pub use metadata::{MetaError, MetaFuture, Metadata};
 pub use placement::{

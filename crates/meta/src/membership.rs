@@ -42,6 +42,8 @@ pub enum MemberChange {
     Promote(NodeId),
     /// A voter stops counting, on its way out.
     BeginLeave(NodeId),
+    /// A leaving member votes again (its removal was given up).
+    Stay(NodeId),
     /// A leaving member (once the caller checked that the voters that stay
     /// hold every entry it acknowledged), or a learner, is gone.
     Remove(NodeId),
@@ -53,6 +55,7 @@ impl MemberChange {
             MemberChange::AddLearner(n)
             | MemberChange::Promote(n)
             | MemberChange::BeginLeave(n)
+            | MemberChange::Stay(n)
             | MemberChange::Remove(n) => n,
         }
     }
@@ -146,6 +149,12 @@ impl ShardMap {
                     ));
                 }
                 group.leaving.push(node);
+            }
+            MemberChange::Stay(_) => {
+                if !group.leaving.contains(&node) {
+                    return Err(format!("{node} is not leaving {shard}"));
+                }
+                group.leaving.retain(|n| *n != node);
             }
             MemberChange::Remove(_) => {
                 if group.leader == node {

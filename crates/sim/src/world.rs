@@ -126,6 +126,10 @@ pub struct SimStats {
     /// Bucket moves that ended done, and aborted.
     pub moves_done: u64,
     pub moves_aborted: u64,
+    /// Membership changes the operator asked for, and those that ended
+    /// done.
+    pub member_changes: u64,
+    pub member_changes_done: u64,
     pub simulated_ms: u64,
 }
 
@@ -264,9 +268,9 @@ struct Group {
     /// Earlier publications with when they were made, newest last (a few):
     /// a gateway's copy of the map may trail the metadata leader's.
     history: Vec<(u64, NodeId, Generation)>,
-    /// Replicas being added (see `learners.rs`), with when each leaves:
-    /// sent the log, counted for nothing, unknown to the control loop.
-    learners: Vec<(NodeId, u64)>,
+    /// Replicas being added (see `learners.rs`): sent the log, counted
+    /// for nothing, not asked in failover.
+    learners: Vec<NodeId>,
 }
 
 impl Group {
@@ -430,6 +434,9 @@ struct World {
     /// The projection (taken out while it runs).
     projection: Option<projections::SimProjection>,
     operator: buckets::SimOperator,
+    /// Each group's number of members as created (membership changes
+    /// grow a group past it and shrink it back).
+    created_members: BTreeMap<ShardId, usize>,
 }
 
 const TICK_MS: u64 = 10;
@@ -591,6 +598,9 @@ impl World {
             feed: None,
             projection: None,
             operator: buckets::SimOperator::new(map.regions()[0].clone()),
+            created_members: (map.groups.values())
+                .map(|g| (g.shard, g.members.len()))
+                .collect(),
         };
         world.call_limits = CallLimits {
             request_timeout_ms: world.options.client_timeout_ms,
@@ -617,7 +627,7 @@ impl World {
     fn shards_of(&self, node: &NodeId) -> Vec<ShardId> {
         self.groups
             .iter()
-            .filter(|(_, g)| g.members.contains(node) || g.learners.iter().any(|(n, _)| n == node))
+            .filter(|(_, g)| g.members.contains(node) || g.learners.contains(node))
             .map(|(s, _)| *s)
             .collect()
     }

@@ -274,6 +274,12 @@ pub const MOVE_RETRY_MS: u64 = 50;
 const _: () = assert!(MOVE_CHUNK_ROWS as usize * COMMAND_BYTES_MAX * 2 <= ENTRY_BYTES_MAX);
 const _: () = assert!(MOVE_CUTOVER_TIMEOUT_MS < REQUEST_TIMEOUT_MS);
 
+// ----- Membership changes -----------------------------------------------------
+
+/// How long a replica being added may take to catch up before the change
+/// is given up (and how long a leaving member that leads is waited for).
+pub const MEMBER_CATCH_UP_MS: u64 = 120_000;
+
 // ----- Hot buckets -------------------------------------------------------------
 
 /// A leader counts its buckets' load over windows this long (it reports the

@@ -93,9 +93,14 @@ pub enum Control {
     /// The group's members as the metadata plane committed them, at
     /// `epoch` (a learner added, made a voter, a voter on its way out, a
     /// member removed); an epoch no newer than the replica's is ignored.
+    /// A node that holds no replica of the group and is named opens an
+    /// empty one at the group's fence (`GroupInfo::fence`); one that holds
+    /// a replica and is not named closes it.
     Members {
         epoch: u64,
         members: Vec<Member>,
+        fence: Generation,
+        fence_is_led: bool,
     },
     /// From the node itself only; refused from the network.
     Shutdown,
@@ -254,4 +259,6 @@ pub struct GroupStatus {
     /// Estimated bytes of changes kept for change feeds.
     #[serde(default)]
     pub changes_retained_bytes: u64,
+    /// The epoch of the membership the replica holds.
+    pub members_epoch: u64,
 }

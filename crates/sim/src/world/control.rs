@@ -36,6 +36,7 @@ impl World {
         if self.recent_orders.len() > RECENT_ORDERS_MAX {
             self.recent_orders.remove(0);
         }
+        self.host_members(member, shard, &control);
         self.drive(member, shard, |d, now| {
             d.handle(now, ReplicaInput::Control(control))
         });
@@ -138,6 +139,13 @@ impl World {
                 Order::TransferEnded { result, .. } => {
                     self.trace(|| format!("transfer ended: {result:?}"));
                 }
+                Order::ChangeMembers { shard, change } => {
+                    queue.extend(self.commit_members(shard, change));
+                }
+                Order::MembersEnded { result, .. } => {
+                    self.trace(|| format!("membership change ended: {result:?}"));
+                    self.stats.member_changes_done += u64::from(result.is_ok());
+                }
             }
         }
         let stats = self.control.stats();
@@ -154,5 +162,8 @@ pub(super) fn control_config(swarm: &Swarm) -> ControlConfig {
     config.failover.unreachable_after_ms = swarm.unreachable_after_ms;
     config.failover.lease_margin_ms = LEASE_MARGIN_MS;
     config.failover.drain_ms = DRAIN_MS;
+    config.sync_acks = swarm.sync_acks;
+    // Short, so some additions under faults time out and are undone.
+    config.member_catch_up_ms = 3_000;
     config
 }

@@ -38,7 +38,9 @@ impl World {
             fence_is_led: group.sealed <= group.published.1,
             members_epoch: self.placement.groups[&shard].members_epoch,
         };
-        let disk = self.nodes[name].disks[&shard].clone();
+        // A replica added while its node was down finds no disk: empty.
+        let host = self.nodes.get_mut(name).unwrap();
+        let disk = host.disks.entry(shard).or_default().clone();
         let transport: Arc<dyn Transport> = self.outbox.clone();
         let driver = match Driver::open_on(
             name.clone(),

@@ -1,0 +1,690 @@
+//! The control loop's driver of membership changes (the steps and rules
+//! are in `membership.rs`): it commits each step in the metadata plane,
+//! tells every replica of the group the membership the map then holds,
+//! and decides from the replicas' statuses when the next step is safe.
+//!
+//! - Add N: commit N as a learner; the node opens an empty replica when
+//!   told, which catches up from the leader (snapshot, then log). Once N
+//!   holds the new membership, is no longer recovering and the leader
+//!   (holding the same membership) reports N matching its commit index,
+//!   commit N as a voter: the failover planner asks N from then on, and
+//!   only after that is the leader told to count it. A learner that does
+//!   not catch up within `member_catch_up_ms` is removed again.
+//! - Remove N: a learner is removed at once. A voter first leaves: the
+//!   planner still asks it, the leader (told) stops counting its acks.
+//!   Once the leader holds that membership, its commit index C then is
+//!   held by as many voting home-region followers that stay as a commit
+//!   needs (`sync_acks`), and a lease has
+//!   passed since (no lease rests on N's acks any more), N is removed.
+//!   While N leads, it is not removed: after `member_catch_up_ms` it votes
+//!   again and the change fails (transfer its leadership first).
+//!
+//! A control loop that starts (a new metadata leader) takes over the
+//! changes the map shows under way: a learner is driven to promotion, a
+//! leaving member to removal, without a caller to answer.
+
+use std::collections::BTreeMap;
+
+use harbor_replication::{Member, Role};
+use harbor_types::{Generation, LogIndex, NodeId, ShardId};
+use harbor_wire::{Control, GroupStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::control::{ControlCore, Order};
+use crate::failover::Phase;
+use crate::membership::MemberChange;
+use crate::placement::ShardMap;
+
+/// What a caller asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MembersGoal {
+    Add(NodeId),
+    Remove(NodeId),
+}
+
+impl MembersGoal {
+    pub fn node(&self) -> &NodeId {
+        match self {
+            MembersGoal::Add(n) | MembersGoal::Remove(n) => n,
+        }
+    }
+}
+
+/// A finished membership change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersDone {
+    pub shard: ShardId,
+    pub goal: MembersGoal,
+    /// The group's voters afterwards.
+    pub members: Vec<NodeId>,
+    pub members_epoch: u64,
+    pub took_ms: u64,
+}
+
+/// Each group's membership as the map last said, and the changes under way.
+#[derive(Debug, Default)]
+pub(crate) struct MemberChanges {
+    groups: BTreeMap<ShardId, Known>,
+    pending: BTreeMap<ShardId, Pending>,
+}
+
+#[derive(Debug, Clone)]
+struct Known {
+    epoch: u64,
+    members: Vec<Member>,
+    learners: Vec<NodeId>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    goal: MembersGoal,
+    /// `None`: taken over from the map, nobody waits for it.
+    ticket: Option<u64>,
+    started_ms: u64,
+    step: Step,
+    /// Why it failed, once it is being undone.
+    failed: Option<String>,
+    /// A step of it committed: a refused step is retried, not the end.
+    committed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// This change is with the metadata plane.
+    Committing(MemberChange),
+    /// The metadata plane refused or did not answer it: sent again next
+    /// round.
+    Retry(MemberChange),
+    CatchingUp,
+    /// The leader's commit index once it held the leaving membership, in
+    /// its generation, and when that was seen.
+    Leaving {
+        covered: Option<(Generation, LogIndex, u64)>,
+    },
+}
+
+impl MemberChanges {
+    pub(crate) fn from_map(map: &ShardMap) -> MemberChanges {
+        let mut changes = MemberChanges::default();
+        for g in map.groups.values() {
+            changes.groups.insert(g.shard, known(map, g.shard));
+            let goal = match (g.learners.first(), g.leaving.first()) {
+                (Some(n), _) => MembersGoal::Add(n.clone()),
+                (None, Some(n)) => MembersGoal::Remove(n.clone()),
+                (None, None) => continue,
+            };
+            let step = match goal {
+                MembersGoal::Add(_) => Step::CatchingUp,
+                MembersGoal::Remove(_) => Step::Leaving { covered: None },
+            };
+            let pending = Pending {
+                goal,
+                ticket: None,
+                started_ms: 0,
+                step,
+                failed: None,
+                committed: true,
+            };
+            changes.pending.insert(g.shard, pending);
+        }
+        changes
+    }
+
+    pub(crate) fn learners(&self, shard: ShardId) -> impl Iterator<Item = &NodeId> {
+        self.groups
+            .get(&shard)
+            .into_iter()
+            .flat_map(|k| &k.learners)
+    }
+}
+
+fn known(map: &ShardMap, shard: ShardId) -> Known {
+    let g = &map.groups[&shard];
+    Known {
+        epoch: g.members_epoch,
+        members: map.replica_members(shard),
+        learners: g.learners.clone(),
+    }
+}
+
+impl ControlCore {
+    /// Starts a membership change of `shard`, asked for with `ticket`
+    /// (which its `MembersEnded` carries).
+    pub fn change_members(
+        &mut self,
+        now_ms: u64,
+        shard: ShardId,
+        goal: MembersGoal,
+        ticket: u64,
+    ) -> Vec<Order> {
+        let refused = |why: String| {
+            vec![Order::MembersEnded {
+                ticket,
+                result: Err(why),
+            }]
+        };
+        let Some(plan) = self.plan(shard) else {
+            return refused(format!("no group {shard}"));
+        };
+        if self.members.pending.contains_key(&shard) {
+            return refused(format!("{shard} is in another membership change"));
+        }
+        if plan.phase != Phase::Active || self.transferring(shard) {
+            return refused(format!(
+                "{shard} is changing leaders; ask again when it is done"
+            ));
+        }
+        let node = goal.node().clone();
+        let first = match &goal {
+            MembersGoal::Add(_) => MemberChange::AddLearner(node),
+            MembersGoal::Remove(_) if node == plan.leader => {
+                return refused(format!(
+                    "{node} leads {shard}: transfer its leadership first"
+                ))
+            }
+            MembersGoal::Remove(_) if self.members.learners(shard).any(|n| *n == node) => {
+                MemberChange::Remove(node)
+            }
+            MembersGoal::Remove(_)
+                if plan.members.iter().any(|(n, local)| *n == node && *local) =>
+            {
+                let left = (plan.members.iter())
+                    .filter(|(n, local)| *local && *n != node)
+                    .count();
+                if left < self.config().sync_acks + 1 {
+                    return refused(format!(
+                        "{shard} would keep {left} voter(s) in its home region: a commit needs \
+                         the leader and {} follower(s) there; add a replica first",
+                        self.config().sync_acks
+                    ));
+                }
+                MemberChange::BeginLeave(node)
+            }
+            MembersGoal::Remove(_) => MemberChange::BeginLeave(node),
+        };
+        tracing::info!(%shard, ?goal, "membership change");
+        let pending = Pending {
+            goal,
+            ticket: Some(ticket),
+            started_ms: now_ms,
+            step: Step::Committing(first.clone()),
+            failed: None,
+            committed: false,
+        };
+        self.members.pending.insert(shard, pending);
+        vec![Order::ChangeMembers {
+            shard,
+            change: first,
+        }]
+    }
+
+    /// How a membership step went in the metadata plane (with the map
+    /// after it): on success every replica of the group is told the new
+    /// membership and the planner learns of it.
+    pub fn members_changed(
+        &mut self,
+        now_ms: u64,
+        shard: ShardId,
+        change: &MemberChange,
+        result: Result<&ShardMap, String>,
+    ) -> Vec<Order> {
+        let mut orders = Vec::new();
+        let Some(pending) = self.members.pending.get_mut(&shard) else {
+            return orders;
+        };
+        if pending.step != Step::Committing(change.clone()) {
+            return orders;
+        }
+        let map = match result {
+            Ok(map) => map,
+            Err(why) => {
+                tracing::warn!(%shard, ?change, %why, "the metadata plane did not take a membership step");
+                if !pending.committed {
+                    // Nothing changed: the change is refused.
+                    return self.end_members(now_ms, shard, Err(why));
+                }
+                pending.step = Step::Retry(change.clone());
+                return orders;
+            }
+        };
+        // The planner asks what the map names members from now on.
+        let group = &map.groups[&shard];
+        let voters: Vec<(NodeId, bool)> = (group.members.iter())
+            .map(|n| (n.clone(), map.region_of(n) == Some(&group.home_region)))
+            .collect();
+        if let Some(plan) = self.plans_mut().get_mut(&shard) {
+            plan.members = voters;
+        }
+        let before = self.members.groups.insert(shard, known(map, shard));
+        let known = &self.members.groups[&shard];
+        // Everyone who held or holds a replica hears it (a removed node's
+        // runtime closes its replica).
+        let mut told: Vec<NodeId> = known.members.iter().map(|m| m.node.clone()).collect();
+        told.extend(before.into_iter().flat_map(|b| b.members).map(|m| m.node));
+        told.sort();
+        told.dedup();
+        for node in told {
+            orders.push(tell_members(
+                shard,
+                &node,
+                known,
+                group.fence(),
+                group.fence_is_led(),
+            ));
+        }
+        let pending = self.members.pending.get_mut(&shard).unwrap();
+        pending.committed = true;
+        pending.step = match change {
+            MemberChange::AddLearner(_) => Step::CatchingUp,
+            MemberChange::BeginLeave(_) => Step::Leaving { covered: None },
+            MemberChange::Promote(_) | MemberChange::Remove(_) | MemberChange::Stay(_) => {
+                let result = match pending.failed.take() {
+                    Some(why) => Err(why),
+                    None => Ok(()),
+                };
+                orders.extend(self.end_members(now_ms, shard, result));
+                return orders;
+            }
+        };
+        orders
+    }
+
+    /// One round's look at a group's membership change.
+    pub(crate) fn drive_members(
+        &mut self,
+        now_ms: u64,
+        shard: ShardId,
+        statuses: &[GroupStatus],
+        orders: &mut Vec<Order>,
+    ) {
+        let pending = self.members.pending.contains_key(&shard);
+        // Replicas that answer with an older membership are told it again
+        // (a new leader that missed it would not send to a new member);
+        // while a change is under way, so are those that do not answer
+        // (a node that missed the order never opened its replica). A
+        // replica opened by it starts at the group's generation now, and
+        // never leads it.
+        let Some(known) = self.members.groups.get(&shard).cloned() else {
+            return;
+        };
+        let fence = self.plan(shard).expect("a planned group").generation;
+        let missed =
+            (known.members.iter()).filter(|m| match statuses.iter().find(|s| s.node == m.node) {
+                Some(s) => s.members_epoch < known.epoch,
+                None => pending,
+            });
+        for m in missed {
+            orders.push(tell_members(shard, &m.node, &known, fence, true));
+        }
+        let Some(pending) = self.members.pending.get_mut(&shard) else {
+            return;
+        };
+        if pending.started_ms == 0 {
+            pending.started_ms = now_ms; // taken over from the map
+        }
+        let plan = self.plan(shard).expect("a planned group").clone();
+        let lease_wait = self.config().failover.lease_ms + self.config().failover.lease_margin_ms;
+        let node = self.members.pending[&shard].goal.node().clone();
+        let catch_up_ms = self.config().member_catch_up_ms;
+        let sync_acks = self.config().sync_acks;
+        let pending = self.members.pending.get_mut(&shard).unwrap();
+        let timed_out = now_ms.saturating_sub(pending.started_ms) > catch_up_ms;
+        let leader = statuses.iter().find(|s| {
+            s.node == plan.leader
+                && s.replica.role == Role::Leader
+                && s.replica.generation == plan.generation
+                && s.members_epoch >= known.epoch
+        });
+        let next = match pending.step.clone() {
+            Step::Committing(_) => None,
+            Step::Retry(change) => Some(change),
+            Step::CatchingUp if timed_out => {
+                pending.failed = Some(format!(
+                    "{node} did not catch up with {shard} within {catch_up_ms} ms; removed again"
+                ));
+                Some(MemberChange::Remove(node.clone()))
+            }
+            Step::CatchingUp => {
+                let learner_ready = statuses.iter().any(|s| {
+                    s.node == node && !s.replica.recovering && s.members_epoch >= known.epoch
+                });
+                let caught_up = leader.is_some_and(|l| {
+                    (l.replica.followers.iter())
+                        .any(|f| f.node == node && f.match_index >= l.replica.commit_index)
+                });
+                (learner_ready && caught_up).then(|| MemberChange::Promote(node.clone()))
+            }
+            Step::Leaving { covered }
+                if timed_out && (plan.leader == node || covered.is_none()) =>
+            {
+                pending.failed = Some(match plan.leader == node {
+                    true => format!("{node} leads {shard}: it votes again; transfer its leadership first"),
+                    false => format!("{shard}'s leader did not take the membership within {catch_up_ms} ms; {node} votes again"),
+                });
+                Some(MemberChange::Stay(node.clone()))
+            }
+            Step::Leaving { .. } if plan.leader == node => None,
+            Step::Leaving { covered } => {
+                let Some(l) = leader else { return };
+                match covered {
+                    Some((generation, commit, at)) if generation == plan.generation => {
+                        // As many voting followers that stay as a commit
+                        // needs hold it.
+                        let holders = (l.replica.followers.iter())
+                            .filter(|f| f.node != node && f.local && f.voter)
+                            .filter(|f| f.match_index >= commit)
+                            .count();
+                        let held = holders >= sync_acks;
+                        (held && now_ms >= at + lease_wait)
+                            .then(|| MemberChange::Remove(node.clone()))
+                    }
+                    _ => {
+                        pending.step = Step::Leaving {
+                            covered: Some((plan.generation, l.replica.commit_index, now_ms)),
+                        };
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(change) = next {
+            pending.step = Step::Committing(change.clone());
+            orders.push(Order::ChangeMembers { shard, change });
+        }
+    }
+
+    fn end_members(
+        &mut self,
+        now_ms: u64,
+        shard: ShardId,
+        result: Result<(), String>,
+    ) -> Vec<Order> {
+        let Some(pending) = self.members.pending.remove(&shard) else {
+            return Vec::new();
+        };
+        let known = &self.members.groups[&shard];
+        let result = result.map(|()| MembersDone {
+            shard,
+            goal: pending.goal.clone(),
+            members: (known.members.iter())
+                .filter(|m| m.voter)
+                .map(|m| m.node.clone())
+                .collect(),
+            members_epoch: known.epoch,
+            took_ms: now_ms.saturating_sub(pending.started_ms),
+        });
+        tracing::info!(%shard, goal = ?pending.goal, ?result, "membership change ended");
+        match pending.ticket {
+            Some(ticket) => vec![Order::MembersEnded { ticket, result }],
+            None => Vec::new(),
+        }
+    }
+}
+
+fn tell_members(
+    shard: ShardId,
+    node: &NodeId,
+    known: &Known,
+    fence: Generation,
+    fence_is_led: bool,
+) -> Order {
+    Order::Tell {
+        node: node.clone(),
+        shard,
+        control: Control::Members {
+            epoch: known.epoch,
+            members: known.members.clone(),
+            fence,
+            fence_is_led,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use harbor_replication::{FollowerStatus, ReplicaStatus};
+    use harbor_types::Region;
+
+    use super::*;
+    use crate::control::{Ask, ControlConfig};
+    use crate::failover::FailoverConfig;
+    use crate::placement::Topology;
+    use crate::state::{MetaCommand, MetaReply, MetaState};
+
+    const SHARD: ShardId = ShardId(0);
+
+    fn config() -> ControlConfig {
+        ControlConfig {
+            failover: FailoverConfig {
+                unreachable_after_ms: 500,
+                lease_ms: 2_000,
+                lease_margin_ms: 250,
+                drain_ms: 1_000,
+            },
+            interval_ms: 100,
+            transfer_interval_ms: 5,
+            status_timeout_ms: 250,
+            suspect_timeout_ms: 40,
+            member_catch_up_ms: 10_000,
+            sync_acks: 1,
+        }
+    }
+
+    /// One region of four nodes; group 0 has three of them, at generation 1.
+    fn start() -> (ControlCore, MetaState) {
+        let mut map = ShardMap::from_topology(&Topology {
+            regions: vec![Region::new("madrid").unwrap()],
+            nodes_per_region: 4,
+            groups_per_region: 1,
+            local_replicas: 3,
+            remote_replicas: 0,
+            buckets: 4,
+        });
+        map.groups.get_mut(&SHARD).unwrap().generation = Generation(1);
+        let core = ControlCore::new(&map, config());
+        let meta = MetaState {
+            map: Some(map),
+            ..MetaState::default()
+        };
+        (core, meta)
+    }
+
+    /// Carries out orders: commits membership steps in `meta`; returns the
+    /// rest.
+    fn run(
+        core: &mut ControlCore,
+        meta: &mut MetaState,
+        now: u64,
+        orders: Vec<Order>,
+    ) -> Vec<Order> {
+        let mut rest = Vec::new();
+        let mut queue = std::collections::VecDeque::from(orders);
+        while let Some(order) = queue.pop_front() {
+            match order {
+                Order::ChangeMembers { shard, change } => {
+                    let reply = meta.apply(&MetaCommand::ChangeMembers {
+                        shard,
+                        change: change.clone(),
+                    });
+                    let result = match reply {
+                        MetaReply::Map { .. } => Ok(meta.map.as_ref().unwrap()),
+                        other => Err(format!("{other:?}")),
+                    };
+                    queue.extend(core.members_changed(now, shard, &change, result));
+                }
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    fn n(name: &str) -> NodeId {
+        NodeId::new(name).unwrap()
+    }
+
+    /// Every replica answers at `epoch`; the leader (madrid-1) sees each
+    /// follower at `matched` and has committed `commit`.
+    fn round(
+        core: &mut ControlCore,
+        meta: &mut MetaState,
+        now: u64,
+        epoch: u64,
+        matched: &[(&str, u64, bool)],
+        commit: u64,
+    ) -> Vec<Order> {
+        let asks: Vec<Ask> = core.asks();
+        let answers = asks
+            .into_iter()
+            .map(|ask| {
+                let leading = ask.node == n("madrid-1");
+                let followers = match leading {
+                    true => (matched.iter())
+                        .map(|(node, at, voter)| FollowerStatus {
+                            node: n(node),
+                            local: true,
+                            voter: *voter,
+                            match_index: LogIndex(*at),
+                            lag_entries: 0,
+                            lag_ms: 0,
+                            last_ack_ms_ago: Some(0),
+                        })
+                        .collect(),
+                    false => Vec::new(),
+                };
+                let status = GroupStatus {
+                    shard: SHARD,
+                    node: ask.node.clone(),
+                    replica: ReplicaStatus {
+                        role: if leading {
+                            Role::Leader
+                        } else {
+                            Role::Follower
+                        },
+                        generation: Generation(1),
+                        leader: Some(n("madrid-1")),
+                        last_index: LogIndex(commit),
+                        last_generation: Generation(1),
+                        durable_index: LogIndex(commit),
+                        commit_index: LogIndex(commit),
+                        followers,
+                        closed: None,
+                        acked_ms_ago: 10_000,
+                        recovering: false,
+                    },
+                    ready: leading,
+                    applied: None,
+                    staleness_ms: Some(0),
+                    issuers: 0,
+                    changes_retained_bytes: 0,
+                    members_epoch: epoch,
+                };
+                (ask, Some(status))
+            })
+            .collect();
+        let orders = core.round(now, answers);
+        run(core, meta, now, orders)
+    }
+
+    fn ended(orders: &[Order]) -> Option<&Result<MembersDone, String>> {
+        orders.iter().find_map(|o| match o {
+            Order::MembersEnded { result, .. } => Some(result),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_replica_is_added_as_a_learner_and_promoted_once_it_holds_the_log() {
+        let (mut core, mut meta) = start();
+        let orders = core.change_members(0, SHARD, MembersGoal::Add(n("madrid-4")), 7);
+        let told = run(&mut core, &mut meta, 0, orders);
+        // Every replica, the new one too, hears epoch 1 with a learner.
+        let heard: Vec<&NodeId> = (told.iter())
+            .filter_map(|o| match o {
+                Order::Tell {
+                    node,
+                    control:
+                        Control::Members {
+                            epoch: 1, members, ..
+                        },
+                    ..
+                } if members.iter().any(|m| m.node == n("madrid-4") && !m.voter) => Some(node),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(heard.len(), 4, "{told:?}");
+        assert!(core.asks().iter().any(|a| a.node == n("madrid-4")));
+        assert!(!core
+            .plan(SHARD)
+            .unwrap()
+            .members
+            .iter()
+            .any(|(m, _)| *m == n("madrid-4")));
+        // Behind the leader's commit index: not promoted.
+        let behind = [
+            ("madrid-2", 9, true),
+            ("madrid-3", 9, true),
+            ("madrid-4", 5, false),
+        ];
+        let orders = round(&mut core, &mut meta, 100, 1, &behind, 9);
+        assert!(ended(&orders).is_none(), "{orders:?}");
+        // Holding it: promoted, planner first, then everyone told.
+        let holding = [
+            ("madrid-2", 9, true),
+            ("madrid-3", 9, true),
+            ("madrid-4", 9, false),
+        ];
+        let orders = round(&mut core, &mut meta, 200, 1, &holding, 9);
+        let done = ended(&orders).expect("ended").clone().unwrap();
+        assert_eq!(done.members.len(), 4);
+        assert_eq!(done.members_epoch, 2);
+        assert!(core
+            .plan(SHARD)
+            .unwrap()
+            .members
+            .iter()
+            .any(|(m, _)| *m == n("madrid-4")));
+    }
+
+    #[test]
+    fn a_voter_leaves_once_the_voters_that_stay_hold_what_it_acknowledged() {
+        let (mut core, mut meta) = start();
+        let refused = core.change_members(0, SHARD, MembersGoal::Remove(n("madrid-1")), 1);
+        assert!(matches!(ended(&refused), Some(Err(why)) if why.contains("leads")));
+        let orders = core.change_members(0, SHARD, MembersGoal::Remove(n("madrid-2")), 2);
+        run(&mut core, &mut meta, 0, orders);
+        // Still asked in failover while it leaves.
+        assert!(core
+            .plan(SHARD)
+            .unwrap()
+            .members
+            .iter()
+            .any(|(m, _)| *m == n("madrid-2")));
+        // The leader took epoch 1 with commit index 20; madrid-3 lacks it.
+        let lacking = [("madrid-2", 20, false), ("madrid-3", 10, true)];
+        let orders = round(&mut core, &mut meta, 100, 1, &lacking, 20);
+        assert!(ended(&orders).is_none());
+        let orders = round(&mut core, &mut meta, 1_000, 1, &lacking, 20);
+        assert!(
+            ended(&orders).is_none(),
+            "removed before the voters that stay held its acks"
+        );
+        // madrid-3 holds it, but no lease has run out since the leader
+        // stopped counting madrid-2 (seen at 100).
+        let held = [("madrid-2", 20, false), ("madrid-3", 20, true)];
+        let orders = round(&mut core, &mut meta, 2_000, 1, &held, 20);
+        assert!(ended(&orders).is_none(), "removed within a lease");
+        let orders = round(&mut core, &mut meta, 2_400, 1, &held, 20);
+        let done = ended(&orders).expect("removed").clone().unwrap();
+        assert_eq!(done.members, vec![n("madrid-1"), n("madrid-3")]);
+        assert!(!core
+            .plan(SHARD)
+            .unwrap()
+            .members
+            .iter()
+            .any(|(m, _)| *m == n("madrid-2")));
+        // Now a leader and one follower: neither may leave.
+        let refused = core.change_members(6_000, SHARD, MembersGoal::Remove(n("madrid-3")), 3);
+        assert!(matches!(ended(&refused), Some(Err(why)) if why.contains("add a replica first")));
+    }
+}
