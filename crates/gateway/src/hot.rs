@@ -86,12 +86,12 @@ pub(crate) async fn hot_buckets(
         for (shard, load) in loads {
             match load {
                 Ok(group) => {
-                    let buckets: Vec<Value> = (group.report.buckets.iter())
-                        .map(|(bucket, counts)| bucket_line(*bucket, *counts, &group))
-                        .collect();
+                    let mut buckets = Vec::new();
                     for (bucket, counts) in &group.report.buckets {
+                        let line = bucket_line(*bucket, *counts, &group);
                         let rate = per_s(counts.writes, group.report.window_ms);
-                        hottest.push((rate, bucket_line(*bucket, *counts, &group)));
+                        hottest.push((rate, line.clone()));
+                        buckets.push(line);
                     }
                     let total = group.report.total;
                     let window_ms = group.report.window_ms;

@@ -494,7 +494,7 @@ impl GroupCore {
             Control::Members { epoch, .. } if epoch <= self.members_epoch => {
                 self.stale_order(control)
             }
-            Control::Members { epoch, members, .. } => match self.core.set_members(now, members) {
+            Control::Members { epoch, members } => match self.core.set_members(now, members) {
                 Ok(()) => self.members_epoch = epoch,
                 Err(e) => tracing::warn!(
                     shard = %self.shard, node = %self.me, epoch, "refused a membership: {e}"
@@ -507,8 +507,8 @@ impl GroupCore {
 
     /// An order older than what this replica knows (it arrived late, or a
     /// deposed control loop sent it): it changes nothing. The control plane
-    /// sends the current role when the replica next reports a stale one
-    /// (membership orders are not sent again yet: see README, Status).
+    /// sends the current role (or membership) when the replica next reports
+    /// a stale one.
     fn stale_order(&mut self, control: Control) {
         probe("node.stale_control_order_ignored");
         tracing::warn!(

@@ -161,16 +161,7 @@ impl GroupCore {
     /// batch's buckets gets its share of the bytes). A move's own commands
     /// are not the bucket's load.
     fn count_write(&mut self, now: Now, bucket: Option<BucketId>, command: &Command, bytes: usize) {
-        if matches!(
-            command,
-            Command::SealBucket { .. }
-                | Command::UnsealBucket { .. }
-                | Command::ImportBucket { .. }
-                | Command::AcquireBucket { .. }
-                | Command::ReleaseBucket { .. }
-                | Command::AbortImport { .. }
-                | Command::TagIssuers { .. }
-        ) {
+        if command.moves_a_bucket() {
             return;
         }
         let one = |bytes: usize| LoadCounts {

@@ -48,6 +48,25 @@ pub struct ControlConfig {
 }
 
 impl ControlConfig {
+    /// Short timings for the control core's unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> ControlConfig {
+        ControlConfig {
+            failover: FailoverConfig {
+                unreachable_after_ms: 500,
+                lease_ms: 2_000,
+                lease_margin_ms: 250,
+                drain_ms: 1_000,
+            },
+            interval_ms: 100,
+            transfer_interval_ms: 5,
+            status_timeout_ms: 250,
+            suspect_timeout_ms: 40,
+            member_catch_up_ms: 10_000,
+            sync_acks: 1,
+        }
+    }
+
     /// The defaults of `harbor_types::limits`, for replicas whose leases
     /// last `lease_ms`.
     pub fn new(lease_ms: u64) -> ControlConfig {
@@ -604,20 +623,7 @@ mod tests {
         let group = map.groups.get_mut(&SHARD).unwrap();
         group.generation = Generation(1);
         let members = group.members.clone();
-        let config = ControlConfig {
-            failover: FailoverConfig {
-                unreachable_after_ms: 500,
-                lease_ms: 2_000,
-                lease_margin_ms: 250,
-                drain_ms: 1_000,
-            },
-            interval_ms: 100,
-            transfer_interval_ms: 5,
-            status_timeout_ms: 250,
-            suspect_timeout_ms: 40,
-            member_catch_up_ms: 10_000,
-            sync_acks: 1,
-        };
+        let config = ControlConfig::for_tests();
         (ControlCore::new(&map, config), members)
     }
 

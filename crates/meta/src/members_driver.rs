@@ -264,15 +264,7 @@ impl ControlCore {
         told.extend(before.into_iter().flat_map(|b| b.members).map(|m| m.node));
         told.sort();
         told.dedup();
-        for node in told {
-            orders.push(tell_members(
-                shard,
-                &node,
-                known,
-                group.fence(),
-                group.fence_is_led(),
-            ));
-        }
+        orders.extend(told.iter().map(|node| tell_members(shard, node, known)));
         let pending = self.members.pending.get_mut(&shard).unwrap();
         pending.committed = true;
         pending.step = match change {
@@ -302,21 +294,17 @@ impl ControlCore {
         // Replicas that answer with an older membership are told it again
         // (a new leader that missed it would not send to a new member);
         // while a change is under way, so are those that do not answer
-        // (a node that missed the order never opened its replica). A
-        // replica opened by it starts at the group's generation now, and
-        // never leads it.
-        let Some(known) = self.members.groups.get(&shard).cloned() else {
+        // (a node that missed the order never opened its replica).
+        let Some(known) = self.members.groups.get(&shard) else {
             return;
         };
-        let fence = self.plan(shard).expect("a planned group").generation;
+        let epoch = known.epoch;
         let missed =
             (known.members.iter()).filter(|m| match statuses.iter().find(|s| s.node == m.node) {
-                Some(s) => s.members_epoch < known.epoch,
+                Some(s) => s.members_epoch < epoch,
                 None => pending,
             });
-        for m in missed {
-            orders.push(tell_members(shard, &m.node, &known, fence, true));
-        }
+        orders.extend(missed.map(|m| tell_members(shard, &m.node, known)));
         let Some(pending) = self.members.pending.get_mut(&shard) else {
             return;
         };
@@ -334,7 +322,7 @@ impl ControlCore {
             s.node == plan.leader
                 && s.replica.role == Role::Leader
                 && s.replica.generation == plan.generation
-                && s.members_epoch >= known.epoch
+                && s.members_epoch >= epoch
         });
         let next = match pending.step.clone() {
             Step::Committing(_) => None,
@@ -346,9 +334,9 @@ impl ControlCore {
                 Some(MemberChange::Remove(node.clone()))
             }
             Step::CatchingUp => {
-                let learner_ready = statuses.iter().any(|s| {
-                    s.node == node && !s.replica.recovering && s.members_epoch >= known.epoch
-                });
+                let learner_ready = statuses
+                    .iter()
+                    .any(|s| s.node == node && !s.replica.recovering && s.members_epoch >= epoch);
                 let caught_up = leader.is_some_and(|l| {
                     (l.replica.followers.iter())
                         .any(|f| f.node == node && f.match_index >= l.replica.commit_index)
@@ -422,21 +410,13 @@ impl ControlCore {
     }
 }
 
-fn tell_members(
-    shard: ShardId,
-    node: &NodeId,
-    known: &Known,
-    fence: Generation,
-    fence_is_led: bool,
-) -> Order {
+fn tell_members(shard: ShardId, node: &NodeId, known: &Known) -> Order {
     Order::Tell {
         node: node.clone(),
         shard,
         control: Control::Members {
             epoch: known.epoch,
             members: known.members.clone(),
-            fence,
-            fence_is_led,
         },
     }
 }
@@ -448,28 +428,10 @@ mod tests {
 
     use super::*;
     use crate::control::{Ask, ControlConfig};
-    use crate::failover::FailoverConfig;
     use crate::placement::Topology;
     use crate::state::{MetaCommand, MetaReply, MetaState};
 
     const SHARD: ShardId = ShardId(0);
-
-    fn config() -> ControlConfig {
-        ControlConfig {
-            failover: FailoverConfig {
-                unreachable_after_ms: 500,
-                lease_ms: 2_000,
-                lease_margin_ms: 250,
-                drain_ms: 1_000,
-            },
-            interval_ms: 100,
-            transfer_interval_ms: 5,
-            status_timeout_ms: 250,
-            suspect_timeout_ms: 40,
-            member_catch_up_ms: 10_000,
-            sync_acks: 1,
-        }
-    }
 
     /// One region of four nodes; group 0 has three of them, at generation 1.
     fn start() -> (ControlCore, MetaState) {
@@ -482,7 +444,7 @@ mod tests {
             buckets: 4,
         });
         map.groups.get_mut(&SHARD).unwrap().generation = Generation(1);
-        let core = ControlCore::new(&map, config());
+        let core = ControlCore::new(&map, ControlConfig::for_tests());
         let meta = MetaState {
             map: Some(map),
             ..MetaState::default()

@@ -81,11 +81,6 @@ pub enum MetaCommand {
     },
     /// The target acquired the bucket: the map names it from now on.
     CommitMove { id: u64 },
-    /// One step of a membership change of a group (`membership.rs`).
-    ChangeMembers {
-        shard: ShardId,
-        change: crate::membership::MemberChange,
-    },
     /// The move is over: done, or aborted with a reason (refused once
     /// committed).
     EndMove {
@@ -93,6 +88,11 @@ pub enum MetaCommand {
         aborted: Option<String>,
         progress: MoveProgress,
         at_ms: u64,
+    },
+    /// One step of a membership change of a group (`membership.rs`).
+    ChangeMembers {
+        shard: ShardId,
+        change: crate::membership::MemberChange,
     },
 }
 

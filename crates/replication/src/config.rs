@@ -18,24 +18,6 @@ pub struct Member {
     pub voter: bool,
 }
 
-impl Member {
-    pub fn voter(node: NodeId, local: bool) -> Member {
-        Member {
-            node,
-            local,
-            voter: true,
-        }
-    }
-
-    pub fn learner(node: NodeId, local: bool) -> Member {
-        Member {
-            node,
-            local,
-            voter: false,
-        }
-    }
-}
-
 /// Limits and timings of one replica: every one the core takes from its
 /// runtime (the bounds of its own bookkeeping and every default are in
 /// `harbor_types::limits`).

@@ -379,10 +379,10 @@ impl Replica {
     /// as learners, learners made voters, voters made learners on their
     /// way out, learners removed. A leader starts sending to a new member
     /// at once (from its next entry, backing off to a snapshot) and counts
-    /// acks by the new voting rule from here on; the metadata plane orders
-    /// changes so that this is safe (a voter is counted only once it is
-    /// required in failover, and dropped from failover only once every
-    /// entry committed with its acks is on the voters left). Refused,
+    /// acks by the new voting rule from here on; the control plane orders
+    /// changes so that this is safe (`harbor_meta::members_driver`: a
+    /// voter is counted only once failover asks it, and dropped from
+    /// failover only once the voters left hold what it acknowledged). Refused,
     /// changing nothing, when the members break the config's rules or
     /// would take away the leader's own vote.
     pub fn set_members(&mut self, now: Now, members: Vec<Member>) -> Result<(), ConfigError> {

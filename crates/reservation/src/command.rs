@@ -138,6 +138,21 @@ pub enum Command {
 }
 
 impl Command {
+    /// Whether this is one of a bucket move's own steps (not a client's
+    /// write to the bucket).
+    pub fn moves_a_bucket(&self) -> bool {
+        matches!(
+            self,
+            Command::SealBucket { .. }
+                | Command::UnsealBucket { .. }
+                | Command::ImportBucket { .. }
+                | Command::AcquireBucket { .. }
+                | Command::ReleaseBucket { .. }
+                | Command::AbortImport { .. }
+                | Command::TagIssuers { .. }
+        )
+    }
+
     /// Whether a client may put this command in a [`Command::Batch`].
     pub fn batchable(&self) -> bool {
         matches!(

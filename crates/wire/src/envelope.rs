@@ -93,14 +93,12 @@ pub enum Control {
     /// The group's members as the metadata plane committed them, at
     /// `epoch` (a learner added, made a voter, a voter on its way out, a
     /// member removed); an epoch no newer than the replica's is ignored.
-    /// A node that holds no replica of the group and is named opens an
-    /// empty one at the group's fence (`GroupInfo::fence`); one that holds
-    /// a replica and is not named closes it.
+    /// A node's runtime is to open an empty replica of a group that names
+    /// it and close one that no longer does: the simulator's does,
+    /// `harbor node` does not yet (README, Status).
     Members {
         epoch: u64,
         members: Vec<Member>,
-        fence: Generation,
-        fence_is_led: bool,
     },
     /// From the node itself only; refused from the network.
     Shutdown,
