@@ -132,6 +132,19 @@ pub struct TransferLeader {
     pub to: String,
 }
 
+/// `POST /v1/admin/groups/{group}/members`: exactly one of the two.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeMembers {
+    /// A node to give a replica of the group (a learner until it holds
+    /// the log, then a voter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub add: Option<String>,
+    /// A node whose replica leaves the group (not its leader).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove: Option<String>,
+}
+
 /// Confirm and release take no fields: an empty object (or no body).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -316,6 +329,20 @@ pub struct Transfer {
     pub generation: u64,
     /// How long the group took no writes.
     pub pause_ms: u64,
+}
+
+/// A finished membership change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersChanged {
+    pub group: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<String>,
+    /// The group's voters afterwards.
+    pub members: Vec<String>,
+    pub members_epoch: u64,
+    pub took_ms: u64,
 }
 
 /// A fault injected on demand (`harbor dev` only): the fault as understood,
@@ -518,6 +545,8 @@ pub enum ErrorCode {
     TransferAbandoned,
     MoveRefused,
     MoveAborted,
+    MembersRefused,
+    MembersAbandoned,
     UnknownBucket,
     FaultsDisabled,
     RestartFailed,
@@ -525,7 +554,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 50] = [
+    pub const ALL: [ErrorCode; 52] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidBody,
         ErrorCode::BodyTooLarge,
@@ -572,6 +601,8 @@ impl ErrorCode {
         ErrorCode::TransferAbandoned,
         ErrorCode::MoveRefused,
         ErrorCode::MoveAborted,
+        ErrorCode::MembersRefused,
+        ErrorCode::MembersAbandoned,
         ErrorCode::UnknownBucket,
         ErrorCode::FaultsDisabled,
         ErrorCode::RestartFailed,
@@ -626,6 +657,8 @@ impl ErrorCode {
             ErrorCode::TransferAbandoned => "transfer_abandoned",
             ErrorCode::MoveRefused => "move_refused",
             ErrorCode::MoveAborted => "move_aborted",
+            ErrorCode::MembersRefused => "members_refused",
+            ErrorCode::MembersAbandoned => "members_abandoned",
             ErrorCode::UnknownBucket => "unknown_bucket",
             ErrorCode::FaultsDisabled => "faults_disabled",
             ErrorCode::RestartFailed => "restart_failed",

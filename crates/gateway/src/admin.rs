@@ -20,11 +20,25 @@ pub trait Admin: Send + Sync {
         shard: ShardId,
         to: NodeId,
     ) -> BoxFuture<'_, Result<harbor_api::Transfer, AdminError>>;
+    /// Adds a replica of `shard` on a node, or removes one; answers when
+    /// it is done.
+    fn change_members(
+        &self,
+        shard: ShardId,
+        change: MembersAsk,
+    ) -> BoxFuture<'_, Result<harbor_api::MembersChanged, AdminError>>;
     /// Injects a fault. Only `harbor dev` implements it.
     fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<harbor_api::FaultDone, AdminError>> {
         let _ = fault;
         Box::pin(async { Err(AdminError::FaultsDisabled) })
     }
+}
+
+/// A membership change as asked over the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembersAsk {
+    Add(NodeId),
+    Remove(NodeId),
 }
 
 /// Why the control plane did not do what it was asked: domain errors, which

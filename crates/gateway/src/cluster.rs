@@ -15,7 +15,7 @@ use harbor_wire::{GroupStatus, Query, QueryResult, Request, Response};
 use serde_json::{json, Map, Value};
 
 use crate::admin::{
-    AdminError, ClusterView, Fault, FollowerView, GroupView, NodeView, ReplicaView,
+    AdminError, ClusterView, Fault, FollowerView, GroupView, MembersAsk, NodeView, ReplicaView,
 };
 use crate::api::object;
 use crate::body::parse_json;
@@ -221,6 +221,48 @@ pub(crate) async fn transfer_leader(
         let admin = gw.admin().ok_or_else(no_control_plane)?;
         admin
             .transfer_leader(shard, to)
+            .await
+            .map(object)
+            .map_err(|e| admin_error(&e))
+    }
+    .await;
+    answer(&gw, result)
+}
+
+pub(crate) async fn change_members(
+    State(gw): Gw,
+    Path(group): Path<String>,
+    body: Bytes,
+) -> HttpResponse {
+    let result = async {
+        let shard = parse_group(&gw, &group)?;
+        let body: harbor_api::ChangeMembers = parse_json(&body)?;
+        let node = |field: &'static str, text: &str| -> Result<NodeId, ApiError> {
+            let node = NodeId::new(text).map_err(|e| {
+                ApiError::unprocessable(ErrorCode::InvalidField, format!("{field}: {e}"))
+                    .with("field", field)
+            })?;
+            if gw.meta.map().region_of(&node).is_none() {
+                return Err(
+                    ApiError::not_found(ErrorCode::UnknownNode, format!("no node {node}"))
+                        .with("node", &node),
+                );
+            }
+            Ok(node)
+        };
+        let ask = match (&body.add, &body.remove) {
+            (Some(n), None) => MembersAsk::Add(node("add", n)?),
+            (None, Some(n)) => MembersAsk::Remove(node("remove", n)?),
+            _ => {
+                return Err(ApiError::unprocessable(
+                    ErrorCode::InvalidRequest,
+                    "give exactly one of \"add\" and \"remove\", a node's name".to_string(),
+                ))
+            }
+        };
+        let admin = gw.admin().ok_or_else(no_control_plane)?;
+        admin
+            .change_members(shard, ask)
             .await
             .map(object)
             .map_err(|e| admin_error(&e))

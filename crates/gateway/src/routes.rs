@@ -12,7 +12,7 @@ use crate::api::{
     put_issuer, release, reserve, resolve_token,
 };
 use crate::batch::reserve_batch;
-use crate::cluster::{cluster, fault, metrics, transfer_leader};
+use crate::cluster::{change_members, cluster, fault, metrics, transfer_leader};
 use crate::feed_http::changefeed;
 use crate::moves_http::{list_moves, move_bucket};
 use crate::projection_http::{customer, exposure, projections, rebuild, search};
@@ -52,6 +52,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
             "/v1/admin/groups/{group}/transfer-leader",
             post(transfer_leader),
         )
+        .route("/v1/admin/groups/{group}/members", post(change_members))
         .route("/v1/admin/faults", post(fault))
         .route("/v1/admin/buckets/{bucket}/move", post(move_bucket))
         .route("/v1/admin/moves", get(list_moves))

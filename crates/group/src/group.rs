@@ -175,6 +175,9 @@ pub struct GroupCore {
     /// [`GroupCore::opened_at_members_epoch`]), then the last
     /// `Control::Members` it took.
     members_epoch: u64,
+    /// A membership newer than ours left this replica out: the group no
+    /// longer counts it, and its runtime closes it and deletes its data.
+    removed: bool,
     /// What each bucket cost this replica while it led (hot buckets).
     pub(crate) load: crate::load::BucketLoad,
     /// The hard state as the writes handed out leave it.
@@ -306,6 +309,7 @@ impl GroupCore {
             snapshot_index: snapshot.last_index,
             load: crate::load::BucketLoad::default(),
             members_epoch: 0,
+            removed: false,
             changes: ChangeLog::restore(
                 snapshot.last_index,
                 found.snapshot.as_ref().map_or(&[][..], |s| &s.history),
@@ -357,6 +361,12 @@ impl GroupCore {
     }
 
     /// Why the replica stopped, if it did.
+    /// See [`GroupCore::removed`]'s field: the runtime should close this
+    /// replica and delete its data.
+    pub fn removed(&self) -> bool {
+        self.removed
+    }
+
     pub fn failure(&self) -> Option<&str> {
         self.failed.as_deref()
     }
@@ -493,6 +503,14 @@ impl GroupCore {
             }
             Control::Members { epoch, .. } if epoch <= self.members_epoch => {
                 self.stale_order(control)
+            }
+            // A leader is never removed (the metadata plane refuses it), so
+            // this is a follower or a learner the group no longer sends to.
+            Control::Members { epoch, members } if !members.iter().any(|m| m.node == self.me) => {
+                probe("group.replica_removed_from_its_group");
+                tracing::info!(shard = %self.shard, node = %self.me, epoch, "removed from the group");
+                self.members_epoch = epoch;
+                self.removed = true;
             }
             Control::Members { epoch, members } => match self.core.set_members(now, members) {
                 Ok(()) => self.members_epoch = epoch,

@@ -22,14 +22,15 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::control::{
-    transfer_answer, ControlLoop, OverTheWire, TransferDone, TransferFailed, TransferRequest,
+    members_answer, transfer_answer, ControlLoop, ControlRequest, MembersDone, MembersFailed,
+    MembersGoal, MembersRequest, OverTheWire, TransferDone, TransferFailed, TransferRequest,
 };
 use crate::data_dir::{DataDir, DataKind};
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use futures::future::BoxFuture;
-use harbor_gateway::{Admin, AdminError};
+use harbor_gateway::{Admin, AdminError, MembersAsk};
 use harbor_types::ShardId;
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -354,13 +355,15 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
     let node = MetaNode::start(&MetaConfig::new(file.id, file.data_dir.clone()))
         .await
         .with_context(|| format!("opening the metadata in {}", file.data_dir.display()))?;
-    // Planned transfers reach the control loop through `/admin/transfer`.
-    let (transfers, mut requests) = mpsc::channel(64);
+    // Planned transfers and membership changes reach the control loop
+    // through `/admin/transfer` and `/admin/members`.
+    let (to_control, mut requests) = mpsc::channel(64);
     let admin = Router::new()
         .route("/admin/transfer", post(transfer))
-        .with_state(TransferState {
+        .route("/admin/members", post(members))
+        .with_state(VoterState {
             node: node.clone(),
-            transfers,
+            requests: to_control,
         });
     let app = node.router().merge(admin);
     let server = tokio::spawn(async move {
@@ -486,9 +489,9 @@ pub async fn run_meta(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
 }
 
 #[derive(Clone)]
-struct TransferState {
+struct VoterState {
     node: Arc<MetaNode>,
-    transfers: mpsc::Sender<TransferRequest>,
+    requests: mpsc::Sender<ControlRequest>,
 }
 
 /// `POST /admin/transfer` on a voter: `{"shard", "to"}`.
@@ -498,42 +501,114 @@ struct TransferAsk {
     to: NodeId,
 }
 
+/// `POST /admin/members` on a voter: `{"shard", "goal"}`.
+#[derive(Serialize, Deserialize)]
+struct MembersAskBody {
+    shard: ShardId,
+    goal: MembersGoal,
+}
+
+/// A voter's answer to an admin request.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum TransferAnswer {
-    Finished(Result<TransferDone, TransferFailed>),
+enum VoterAnswer<T> {
+    Finished(T),
     /// This voter does not lead the metadata plane: ask another.
     NotLeader,
 }
 
-async fn transfer(
-    State(state): State<TransferState>,
-    Json(ask): Json<TransferAsk>,
-) -> Json<TransferAnswer> {
-    if state.node.leader() != Some(state.node.id) {
-        return Json(TransferAnswer::NotLeader);
+impl VoterState {
+    /// Hands a request to this voter's control loop (if it leads the
+    /// metadata plane) and waits for its answer.
+    async fn ask<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<T>) -> ControlRequest,
+    ) -> Json<VoterAnswer<T>> {
+        if self.node.leader() != Some(self.node.id) {
+            return Json(VoterAnswer::NotLeader);
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.requests.send(request(reply)).await.is_err() {
+            return Json(VoterAnswer::NotLeader);
+        }
+        Json(match answer.await {
+            Ok(result) => VoterAnswer::Finished(result),
+            // The control loop stopped (leadership lost) before answering.
+            Err(_) => VoterAnswer::NotLeader,
+        })
     }
-    let (reply, answer) = oneshot::channel();
-    let request = TransferRequest {
-        shard: ask.shard,
-        to: ask.to,
-        reply,
-    };
-    if state.transfers.send(request).await.is_err() {
-        return Json(TransferAnswer::NotLeader);
-    }
-    Json(match answer.await {
-        Ok(result) => TransferAnswer::Finished(result),
-        // The control loop stopped (leadership lost) before answering.
-        Err(_) => TransferAnswer::NotLeader,
-    })
 }
 
-/// The admin hooks of a node's gateway: transfers go to the metadata
-/// leader's control loop; faults exist only in `harbor dev`.
+async fn transfer(
+    State(state): State<VoterState>,
+    Json(ask): Json<TransferAsk>,
+) -> Json<VoterAnswer<Result<TransferDone, TransferFailed>>> {
+    state
+        .ask(|reply| {
+            ControlRequest::Transfer(TransferRequest {
+                shard: ask.shard,
+                to: ask.to,
+                reply,
+            })
+        })
+        .await
+}
+
+async fn members(
+    State(state): State<VoterState>,
+    Json(ask): Json<MembersAskBody>,
+) -> Json<VoterAnswer<Result<MembersDone, MembersFailed>>> {
+    state
+        .ask(|reply| {
+            ControlRequest::Members(MembersRequest {
+                shard: ask.shard,
+                goal: ask.goal,
+                reply,
+            })
+        })
+        .await
+}
+
+/// The admin hooks of a node's gateway: transfers and membership changes
+/// go to the metadata leader's control loop; faults exist only in
+/// `harbor dev`.
 struct RemoteAdmin {
     voters: Vec<String>,
     client: reqwest::Client,
+}
+
+impl RemoteAdmin {
+    /// Asks each voter in turn until the metadata leader answers: a voter
+    /// that leads gets `takes` to finish; the others are asked for about
+    /// 10 s.
+    async fn ask<A: Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        ask: &A,
+        takes: Duration,
+    ) -> Result<T, AdminError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            for voter in &self.voters {
+                let url = format!("http://{voter}{path}");
+                let request = self.client.post(&url).json(ask).timeout(takes);
+                let Ok(response) = request.send().await else {
+                    continue;
+                };
+                match response.json::<VoterAnswer<T>>().await {
+                    Ok(VoterAnswer::Finished(result)) => return Ok(result),
+                    Ok(VoterAnswer::NotLeader) | Err(_) => {}
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AdminError::Unavailable {
+                    code: harbor_api::ErrorCode::Unavailable,
+                    message: "no metadata leader took the request".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Admin for RemoteAdmin {
@@ -544,26 +619,29 @@ impl Admin for RemoteAdmin {
     ) -> BoxFuture<'_, Result<harbor_api::Transfer, AdminError>> {
         Box::pin(async move {
             let ask = TransferAsk { shard, to };
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                for voter in &self.voters {
-                    let url = format!("http://{voter}/admin/transfer");
-                    let Ok(response) = self.client.post(&url).json(&ask).send().await else {
-                        continue;
-                    };
-                    match response.json::<TransferAnswer>().await {
-                        Ok(TransferAnswer::Finished(result)) => return transfer_answer(result),
-                        Ok(TransferAnswer::NotLeader) | Err(_) => {}
-                    }
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(AdminError::Unavailable {
-                        code: harbor_api::ErrorCode::Unavailable,
-                        message: "no metadata leader took the transfer".into(),
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            // It answers when it is done (at most ~1 s of drain).
+            let result = self
+                .ask("/admin/transfer", &ask, Duration::from_secs(15))
+                .await?;
+            transfer_answer(result)
+        })
+    }
+
+    fn change_members(
+        &self,
+        shard: ShardId,
+        change: MembersAsk,
+    ) -> BoxFuture<'_, Result<harbor_api::MembersChanged, AdminError>> {
+        Box::pin(async move {
+            let goal = match change {
+                MembersAsk::Add(n) => MembersGoal::Add(n),
+                MembersAsk::Remove(n) => MembersGoal::Remove(n),
+            };
+            let ask = MembersAskBody { shard, goal };
+            // An addition waits for the new replica to catch up.
+            let takes = Duration::from_millis(limits::MEMBER_CATCH_UP_MS + 30_000);
+            let result = self.ask("/admin/members", &ask, takes).await?;
+            members_answer(result)
         })
     }
 }
@@ -603,7 +681,7 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         .region_of(&name)
         .with_context(|| format!("node {name} is not in the shard map"))?
         .clone();
-    let groups = crate::dev::replica_plans(&map, &name);
+    let groups = crate::hosting::replica_plans(&map, &name);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding node {name} to {addr}"))?;
@@ -627,6 +705,11 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         tokio::task::spawn_blocking(move || Node::start(name, region, groups, config, transport))
             .await??
     };
+    node.on_membership(crate::hosting::open_when_named(
+        name.clone(),
+        meta.clone(),
+        node.hosting(),
+    ));
     sink.connect(node.sink());
     eprintln!(
         "node {name} ({region}) serving on {addr} with {} replicas; data in {}",
@@ -666,8 +749,7 @@ pub async fn run_node(config_path: &Path, mut stop: watch::Receiver<bool>) -> an
         gateway.set_admin(Arc::new(RemoteAdmin {
             voters: cluster.voter_addrs(),
             client: reqwest::Client::builder()
-                // A transfer answers when it is done (at most ~1 s of drain).
-                .timeout(Duration::from_secs(15))
+                .connect_timeout(Duration::from_secs(2))
                 .build()
                 .expect("an HTTP client"),
         }));

@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 
 use harbor_gateway::endpoint::Endpoint;
 use harbor_gateway::AdminError;
-use harbor_meta::{Ask, ControlConfig, ControlCore, Metadata, Order};
-pub use harbor_meta::{TransferDone, TransferFailed};
+use harbor_meta::{
+    Ask, ControlConfig, ControlCore, MemberChange, MetaCommand, MetaError, MetaReply, Metadata,
+    Order, ShardMap,
+};
+pub use harbor_meta::{MembersDone, MembersFailed, MembersGoal, TransferDone, TransferFailed};
 use harbor_types::{NodeId, ShardId};
 use harbor_wire::Control;
 use harbor_wire::{GroupStatus, Query, QueryResult, Request, Response};
@@ -42,6 +45,49 @@ pub struct TransferRequest {
     pub reply: oneshot::Sender<Result<TransferDone, TransferFailed>>,
 }
 
+/// A membership change asked for over the admin API.
+pub struct MembersRequest {
+    pub shard: ShardId,
+    pub goal: MembersGoal,
+    pub reply: oneshot::Sender<Result<MembersDone, MembersFailed>>,
+}
+
+/// What the admin API asks of the control loop.
+pub enum ControlRequest {
+    Transfer(TransferRequest),
+    Members(MembersRequest),
+}
+
+/// A membership change's outcome as the admin API answers it.
+pub fn members_answer(
+    result: Result<MembersDone, MembersFailed>,
+) -> Result<harbor_api::MembersChanged, AdminError> {
+    match result {
+        Ok(done) => Ok(harbor_api::MembersChanged {
+            group: done.shard.to_string(),
+            added: match &done.goal {
+                MembersGoal::Add(n) => Some(n.to_string()),
+                MembersGoal::Remove(_) => None,
+            },
+            removed: match &done.goal {
+                MembersGoal::Remove(n) => Some(n.to_string()),
+                MembersGoal::Add(_) => None,
+            },
+            members: done.members.iter().map(|n| n.to_string()).collect(),
+            members_epoch: done.members_epoch,
+            took_ms: done.took_ms,
+        }),
+        Err(MembersFailed::Refused(message)) => Err(AdminError::Refused {
+            code: harbor_api::ErrorCode::MembersRefused,
+            message,
+        }),
+        Err(MembersFailed::Abandoned(message)) => Err(AdminError::Unavailable {
+            code: harbor_api::ErrorCode::MembersAbandoned,
+            message,
+        }),
+    }
+}
+
 /// A transfer's outcome as the admin API answers it.
 pub fn transfer_answer(
     result: Result<TransferDone, TransferFailed>,
@@ -65,15 +111,22 @@ pub fn transfer_answer(
     }
 }
 
+/// Linearizable reads of the map after a membership step, and the pause
+/// between them: about 5 s of a metadata plane electing a leader.
+const MAP_READ_BACK_ATTEMPTS: u32 = 10;
+const MAP_READ_BACK_PAUSE_MS: u64 = 500;
+
 pub struct ControlLoop {
     core: ControlCore,
     endpoint: Arc<Endpoint>,
     meta: Arc<dyn Metadata>,
     nodes: Arc<dyn Replicas>,
     started: Instant,
-    requests: mpsc::Receiver<TransferRequest>,
+    requests: mpsc::Receiver<ControlRequest>,
     /// Callers of transfers under way, by ticket.
     waiting: BTreeMap<u64, oneshot::Sender<Result<TransferDone, TransferFailed>>>,
+    /// Callers of membership changes under way, by ticket.
+    members_waiting: BTreeMap<u64, oneshot::Sender<Result<MembersDone, MembersFailed>>>,
     next_ticket: u64,
 }
 
@@ -88,7 +141,7 @@ impl ControlLoop {
         map: &harbor_meta::ShardMap,
         nodes: Arc<dyn Replicas>,
         lease_ms: u64,
-        requests: mpsc::Receiver<TransferRequest>,
+        requests: mpsc::Receiver<ControlRequest>,
     ) -> ControlLoop {
         ControlLoop {
             core: ControlCore::new(map, ControlConfig::new(lease_ms)),
@@ -98,13 +151,14 @@ impl ControlLoop {
             started: Instant::now(),
             requests,
             waiting: BTreeMap::new(),
+            members_waiting: BTreeMap::new(),
             next_ticket: 0,
         }
     }
 
-    /// Runs until `stop`; hands back the transfer requests' receiver (a
+    /// Runs until `stop`; hands back the admin requests' receiver (a
     /// metadata process gives it to its next term's loop).
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> mpsc::Receiver<TransferRequest> {
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> mpsc::Receiver<ControlRequest> {
         let mut round_started = Instant::now();
         loop {
             // A fixed cadence: a slow round shortens the next wait.
@@ -117,10 +171,17 @@ impl ControlLoop {
             if let Some(request) = request {
                 self.next_ticket += 1;
                 let ticket = self.next_ticket;
-                self.waiting.insert(ticket, request.reply);
-                let orders = self
-                    .core
-                    .transfer(self.now_ms(), request.shard, &request.to, ticket);
+                let now = self.now_ms();
+                let orders = match request {
+                    ControlRequest::Transfer(r) => {
+                        self.waiting.insert(ticket, r.reply);
+                        self.core.transfer(now, r.shard, &r.to, ticket)
+                    }
+                    ControlRequest::Members(r) => {
+                        self.members_waiting.insert(ticket, r.reply);
+                        self.core.change_members(now, r.shard, r.goal, ticket)
+                    }
+                };
                 self.execute(orders).await;
                 continue;
             }
@@ -181,18 +242,56 @@ impl ControlLoop {
                         let _ = reply.send(result);
                     }
                 }
-                // Membership changes are driven in the simulator only so
-                // far: nothing here asks for one, and a change found under
-                // way in the map is refused until the runtime commits them.
                 Order::ChangeMembers { shard, change } => {
-                    let why = "this runtime does not commit membership changes yet".to_string();
-                    tracing::error!(%shard, ?change, "{why}");
+                    let result = self.commit_members(shard, &change).await;
                     let now = self.now_ms();
-                    queue.extend(self.core.members_changed(now, shard, &change, Err(why)));
+                    let result = result.as_deref().map_err(|why| why.clone());
+                    queue.extend(self.core.members_changed(now, shard, &change, result));
                 }
-                Order::MembersEnded { .. } => {}
+                Order::MembersEnded { ticket, result } => {
+                    if let Some(reply) = self.members_waiting.remove(&ticket) {
+                        let _ = reply.send(result);
+                    }
+                }
             }
         }
+    }
+
+    /// Commits one membership step and reads the map back (the core
+    /// needs it). A commit that went unanswered may have happened all the
+    /// same: the map, read linearizably, says whether it did.
+    async fn commit_members(
+        &self,
+        shard: ShardId,
+        change: &MemberChange,
+    ) -> Result<Arc<ShardMap>, String> {
+        let command = MetaCommand::ChangeMembers {
+            shard,
+            change: change.clone(),
+        };
+        let unanswered = match self.meta.write(command).await {
+            Ok(MetaReply::Refused(why)) | Err(MetaError::Refused(why)) => return Err(why),
+            Ok(_) => None,
+            Err(e @ MetaError::Unavailable(_)) => Some(e.to_string()),
+        };
+        for attempt in 0..MAP_READ_BACK_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(MAP_READ_BACK_PAUSE_MS)).await;
+            }
+            match self.meta.map_linearizable().await {
+                Ok(map) if unanswered.is_none() || change.shows_in(&map, shard) => return Ok(map),
+                Ok(_) => return Err(unanswered.unwrap_or_default()),
+                Err(e) => {
+                    tracing::warn!(%shard, ?change, error = %e, "reading the map back after a membership step")
+                }
+            }
+        }
+        // Not known whether it committed. A first step is taken as refused
+        // (the map may show it: the next metadata leader's loop takes it
+        // over); a later one is sent again next round.
+        let why = "the metadata plane did not answer, and the map could not be read back";
+        tracing::error!(%shard, ?change, "{why}");
+        Err(why.to_string())
     }
 
     async fn status(&self, ask: &Ask) -> Option<GroupStatus> {

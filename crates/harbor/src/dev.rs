@@ -15,14 +15,17 @@ use harbor_meta::{MetaCommand, MetaReply, Metadata, ShardMap, Topology};
 
 use crate::data_dir::{DataDir, DataKind};
 use harbor_meta_raft::{MetaConfig, MetaNode};
-use harbor_node::{InProcNetwork, Node, NodeConfig, ReplicaPlan};
+use harbor_node::{InProcNetwork, Node, NodeConfig};
 use harbor_types::{NodeId, Region, ShardId};
 use harbor_wire::Control;
 use harbor_wire::{Query, QueryResult, Request, Response};
 
-use crate::control::{transfer_answer, ControlLoop, Replicas, TransferRequest};
+use crate::control::{
+    members_answer, transfer_answer, ControlLoop, ControlRequest, MembersGoal, MembersRequest,
+    Replicas, TransferRequest,
+};
 use futures::future::BoxFuture;
-use harbor_gateway::{Admin, AdminError, Fault};
+use harbor_gateway::{Admin, AdminError, Fault, MembersAsk};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -100,20 +103,6 @@ pub struct NodeSet {
     groups_are_new: std::sync::atomic::AtomicBool,
 }
 
-/// The replicas `node` runs, as `map` describes their groups.
-pub fn replica_plans(map: &ShardMap, node: &NodeId) -> Vec<ReplicaPlan> {
-    map.groups_of(node)
-        .into_iter()
-        .map(|g| ReplicaPlan {
-            shard: g.shard,
-            members: map.replica_members(g.shard),
-            fence: g.fence(),
-            fence_is_led: g.fence_is_led(),
-            members_epoch: g.members_epoch,
-        })
-        .collect()
-}
-
 impl NodeSet {
     /// Starts `node` on its data directory (recovering its replicas).
     pub async fn start(&self, node: &NodeId) -> anyhow::Result<()> {
@@ -132,7 +121,7 @@ impl NodeSet {
             .map_linearizable()
             .await
             .context("reading the shard map")?;
-        let groups = replica_plans(&map, node);
+        let groups = crate::hosting::replica_plans(&map, node);
         let mut config = NodeConfig::new(self.data_dir.join("nodes").join(node.as_str()));
         config.groups_are_new = self
             .groups_are_new
@@ -142,6 +131,11 @@ impl NodeSet {
         let started =
             tokio::task::spawn_blocking(move || Node::start(id, at, groups, config, transport))
                 .await??;
+        started.on_membership(crate::hosting::open_when_named(
+            node.clone(),
+            self.meta.clone(),
+            started.hosting(),
+        ));
         self.network.attach(node.clone(), region, started.sink());
         self.running.lock().unwrap().insert(node.clone(), started);
         Ok(())
@@ -228,9 +222,9 @@ impl DevCluster {
         }
 
         let (stop, stopped) = watch::channel(false);
-        let (transfers, transfer_requests) = mpsc::channel(64);
+        let (requests, control_requests) = mpsc::channel(64);
         let admin: Arc<dyn Admin> = Arc::new(DevAdmin {
-            transfers,
+            requests,
             nodes: nodes.clone(),
             network: network.clone(),
         });
@@ -306,7 +300,7 @@ impl DevCluster {
             &control_map,
             nodes.clone(),
             lease_ms,
-            transfer_requests,
+            control_requests,
         );
         let stop_control = stopped.clone();
         let control = tokio::spawn(async move {
@@ -437,10 +431,17 @@ async fn start_meta_voter(options: &DevOptions) -> anyhow::Result<(Arc<MetaNode>
     Ok((node, server))
 }
 
-/// The admin hooks of `harbor dev`: transfers go to the control loop,
-/// faults act on the in-process nodes and network.
+fn gone() -> AdminError {
+    AdminError::Unavailable {
+        code: harbor_api::ErrorCode::Unavailable,
+        message: "the control loop is shutting down".into(),
+    }
+}
+
+/// The admin hooks of `harbor dev`: transfers and membership changes go to
+/// the control loop, faults act on the in-process nodes and network.
 struct DevAdmin {
-    transfers: mpsc::Sender<TransferRequest>,
+    requests: mpsc::Sender<ControlRequest>,
     nodes: Arc<NodeSet>,
     network: InProcNetwork,
 }
@@ -453,13 +454,26 @@ impl Admin for DevAdmin {
     ) -> BoxFuture<'_, Result<harbor_api::Transfer, AdminError>> {
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
-            let request = TransferRequest { shard, to, reply };
-            let gone = || AdminError::Unavailable {
-                code: harbor_api::ErrorCode::Unavailable,
-                message: "the control loop is shutting down".into(),
-            };
-            self.transfers.send(request).await.map_err(|_| gone())?;
+            let request = ControlRequest::Transfer(TransferRequest { shard, to, reply });
+            self.requests.send(request).await.map_err(|_| gone())?;
             transfer_answer(answer.await.map_err(|_| gone())?)
+        })
+    }
+
+    fn change_members(
+        &self,
+        shard: ShardId,
+        change: MembersAsk,
+    ) -> BoxFuture<'_, Result<harbor_api::MembersChanged, AdminError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            let goal = match change {
+                MembersAsk::Add(n) => MembersGoal::Add(n),
+                MembersAsk::Remove(n) => MembersGoal::Remove(n),
+            };
+            let request = ControlRequest::Members(MembersRequest { shard, goal, reply });
+            self.requests.send(request).await.map_err(|_| gone())?;
+            members_answer(answer.await.map_err(|_| gone())?)
         })
     }
 

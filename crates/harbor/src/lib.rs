@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod control;
 pub mod data_dir;
 pub mod dev;
+pub mod hosting;
 pub mod moves;
 pub mod projection;
 pub mod sink;

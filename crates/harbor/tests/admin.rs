@@ -518,3 +518,136 @@ async fn a_bucket_moves_over_http_and_the_hot_bucket_list_follows_it() {
     assert!(source["writes_per_s"].as_u64() < hottest_rate, "{source}");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_loses_a_replica_and_gains_one_over_http_under_load() {
+    let (dir, cluster, api) = start().await;
+    let url = cluster.url("madrid");
+    api.put_issuer(&url, "MEM-1", "madrid", 1_000_000).await;
+    let shard = cluster
+        .meta
+        .shard_of(&IssuerId::new("MEM-1").unwrap())
+        .unwrap();
+    let map = cluster.meta.map();
+    let group = map.groups[&shard].clone();
+    let home = |n: &NodeId| map.region_of(n) == Some(&group.home_region);
+    let followers: Vec<NodeId> = (group.members.iter())
+        .filter(|n| **n != group.leader && home(n))
+        .cloned()
+        .collect();
+    let spare_remote = (map.nodes.iter())
+        .find(|i| !home(&i.node) && !group.members.contains(&i.node))
+        .unwrap()
+        .node
+        .clone();
+    let members_url = format!("{url}/v1/admin/groups/{}/members", shard.0);
+    let ask = |body: Value| {
+        let (api, members_url) = (api.clone(), members_url.clone());
+        async move { api.post(members_url, body).await }
+    };
+
+    // Bad asks change nothing.
+    for (body, status, code) in [
+        (json!({}), 422, "invalid_request"),
+        (
+            json!({"add": followers[0], "remove": followers[1]}),
+            422,
+            "invalid_request",
+        ),
+        (json!({"add": 7}), 422, "invalid_request"),
+        (
+            json!({"add": "madrid-1", "to": "x"}),
+            422,
+            "invalid_request",
+        ),
+        (json!({"add": "nobody-9"}), 404, "unknown_node"),
+        (json!({"add": followers[0]}), 409, "members_refused"),
+        (json!({"remove": group.leader}), 409, "members_refused"),
+        (json!({"remove": spare_remote}), 409, "members_refused"),
+    ] {
+        let reply = ask(body.clone()).await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (status, code),
+            "{body}: {}",
+            reply.body
+        );
+    }
+    assert_eq!(cluster.meta.map().groups[&shard].members, group.members);
+
+    let load = Load::start(
+        &api,
+        &[url.clone(), cluster.url("newyork")],
+        "MEM-1",
+        "mem",
+        Duration::from_secs(10),
+    );
+    // A follower leaves; its data goes.
+    let gone = &followers[0];
+    let removed = ask(json!({"remove": gone})).await;
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    assert_eq!(removed.body["removed"], json!(gone));
+    assert_eq!(removed.body["members"].as_array().unwrap().len(), 3);
+    let data = dir
+        .path()
+        .join("nodes")
+        .join(gone.as_str())
+        .join(format!("shard-{}", shard.0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while data.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} is still there",
+            data.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The leader and one follower remain at home: neither may leave.
+    let refused = ask(json!({"remove": followers[1]})).await;
+    assert_eq!(refused.code(), "members_refused", "{}", refused.body);
+
+    // It comes back empty, catches up, and votes.
+    let added = ask(json!({"add": gone})).await;
+    assert_eq!(added.status, 200, "{}", added.body);
+    assert_eq!(added.body["added"], json!(gone));
+    assert_eq!(added.body["members"].as_array().unwrap().len(), 4);
+    assert!(data.exists());
+    // A second remote copy, then removed again.
+    let added = ask(json!({"add": spare_remote})).await;
+    assert_eq!(added.status, 200, "{}", added.body);
+    assert_eq!(added.body["members"].as_array().unwrap().len(), 5);
+    let removed = ask(json!({"remove": spare_remote})).await;
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    let writes = load.finish().await;
+    println!(
+        "{shard}: membership changes under {} writes; longest single write {:?}",
+        writes.len(),
+        writes.iter().map(|w| w.answered - w.sent).max().unwrap()
+    );
+    assert!(
+        writes.iter().all(|w| w.status == 201),
+        "a write failed during the membership changes: {:?}",
+        writes.iter().find(|w| w.status != 201)
+    );
+
+    // The replica that came back counts: with the other follower down,
+    // a write commits on the leader and it.
+    let view = api.get(format!("{url}/v1/admin/cluster")).await.body;
+    let g = (view["groups"].as_array().unwrap().iter())
+        .find(|g| g["shard"] == json!(shard.0))
+        .unwrap()
+        .clone();
+    assert_eq!(g["members"].as_array().unwrap().len(), 4, "{g}");
+    let crash = api
+        .post(
+            format!("{url}/v1/admin/faults"),
+            json!({"kind": "crash", "node": followers[1]}),
+        )
+        .await;
+    assert_eq!(crash.status, 200, "{}", crash.body);
+    let reply = api.reserve(&url, "mem-after", "MEM-1", 1, "desk").await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let open = check_acknowledged(&api, &url, "MEM-1", &writes).await;
+    assert_eq!(open, writes.len() + 1);
+    cluster.shutdown().await;
+}

@@ -139,7 +139,7 @@ pub enum Order {
     /// A membership change ended: answer its caller.
     MembersEnded {
         ticket: u64,
-        result: Result<crate::members_driver::MembersDone, String>,
+        result: Result<crate::members_driver::MembersDone, crate::members_driver::MembersFailed>,
     },
 }
 

@@ -22,7 +22,7 @@ pub use control::{
 pub use failover::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, TransferError,
 };
-pub use members_driver::{MembersDone, MembersGoal};
+pub use members_driver::{MembersDone, MembersFailed, MembersGoal};
 pub use membership::MemberChange;
 pub use metadata::{MetaError, MetaFuture, Metadata};
 pub use placement::{

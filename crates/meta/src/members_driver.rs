@@ -6,8 +6,9 @@
 //! - Add N: commit N as a learner; the node opens an empty replica when
 //!   told, which catches up from the leader (snapshot, then log). Once N
 //!   holds the new membership, is no longer recovering and the leader
-//!   (holding the same membership) reports N matching its commit index,
-//!   commit N as a voter: the failover planner asks N from then on, and
+//!   (holding the same membership) reports N holding the commit index it
+//!   reported a round before (a learner never holds the commit index of
+//!   the moment under a steady load), commit N as a voter: the failover planner asks N from then on, and
 //!   only after that is the leader told to count it. A learner that does
 //!   not catch up within `member_catch_up_ms` is removed again.
 //! - Remove N: a learner is removed at once. A voter first leaves: the
@@ -62,6 +63,17 @@ pub struct MembersDone {
     pub took_ms: u64,
 }
 
+/// Why a membership change did not happen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MembersFailed {
+    /// Nothing was committed: it does not fit the group as it is.
+    Refused(String),
+    /// Steps were committed, then it was undone (a learner that did not
+    /// catch up, a leaving member that leads): the group is as before.
+    Abandoned(String),
+}
+
 /// Each group's membership as the map last said, and the changes under way.
 #[derive(Debug, Default)]
 pub(crate) struct MemberChanges {
@@ -96,7 +108,11 @@ enum Step {
     /// The metadata plane refused or did not answer it: sent again next
     /// round.
     Retry(MemberChange),
-    CatchingUp,
+    /// The learner is catching up; the leader's commit index as a round
+    /// saw it, in its generation, for the next round to check against.
+    CatchingUp {
+        target: Option<(Generation, LogIndex)>,
+    },
     /// The leader's commit index once it held the leaving membership, in
     /// its generation, and when that was seen.
     Leaving {
@@ -115,7 +131,7 @@ impl MemberChanges {
                 (None, None) => continue,
             };
             let step = match goal {
-                MembersGoal::Add(_) => Step::CatchingUp,
+                MembersGoal::Add(_) => Step::CatchingUp { target: None },
                 MembersGoal::Remove(_) => Step::Leaving { covered: None },
             };
             let pending = Pending {
@@ -161,7 +177,7 @@ impl ControlCore {
         let refused = |why: String| {
             vec![Order::MembersEnded {
                 ticket,
-                result: Err(why),
+                result: Err(MembersFailed::Refused(why)),
             }]
         };
         let Some(plan) = self.plan(shard) else {
@@ -268,7 +284,7 @@ impl ControlCore {
         let pending = self.members.pending.get_mut(&shard).unwrap();
         pending.committed = true;
         pending.step = match change {
-            MemberChange::AddLearner(_) => Step::CatchingUp,
+            MemberChange::AddLearner(_) => Step::CatchingUp { target: None },
             MemberChange::BeginLeave(_) => Step::Leaving { covered: None },
             MemberChange::Promote(_) | MemberChange::Remove(_) | MemberChange::Stay(_) => {
                 let result = match pending.failed.take() {
@@ -327,21 +343,38 @@ impl ControlCore {
         let next = match pending.step.clone() {
             Step::Committing(_) => None,
             Step::Retry(change) => Some(change),
-            Step::CatchingUp if timed_out => {
+            Step::CatchingUp { .. } if timed_out => {
                 pending.failed = Some(format!(
                     "{node} did not catch up with {shard} within {catch_up_ms} ms; removed again"
                 ));
                 Some(MemberChange::Remove(node.clone()))
             }
-            Step::CatchingUp => {
+            Step::CatchingUp { target } => {
+                // Holding what the leader had committed a round ago is
+                // caught up: under a steady load a learner (a remote one
+                // most of all) never holds the commit index of the moment.
                 let learner_ready = statuses
                     .iter()
                     .any(|s| s.node == node && !s.replica.recovering && s.members_epoch >= epoch);
-                let caught_up = leader.is_some_and(|l| {
-                    (l.replica.followers.iter())
-                        .any(|f| f.node == node && f.match_index >= l.replica.commit_index)
-                });
-                (learner_ready && caught_up).then(|| MemberChange::Promote(node.clone()))
+                let Some(l) = leader.filter(|_| learner_ready) else {
+                    pending.step = Step::CatchingUp { target: None };
+                    return;
+                };
+                let matched = (l.replica.followers.iter())
+                    .find(|f| f.node == node)
+                    .map(|f| f.match_index);
+                let caught_up = match target {
+                    Some((generation, commit)) => {
+                        generation == l.replica.generation && matched >= Some(commit)
+                    }
+                    None => false,
+                };
+                if !caught_up {
+                    pending.step = Step::CatchingUp {
+                        target: Some((l.replica.generation, l.replica.commit_index)),
+                    };
+                }
+                caught_up.then(|| MemberChange::Promote(node.clone()))
             }
             Step::Leaving { covered }
                 if timed_out && (plan.leader == node || covered.is_none()) =>
@@ -392,6 +425,11 @@ impl ControlCore {
             return Vec::new();
         };
         let known = &self.members.groups[&shard];
+        let committed = pending.committed;
+        let result = result.map_err(|why| match committed {
+            false => MembersFailed::Refused(why),
+            true => MembersFailed::Abandoned(why),
+        });
         let result = result.map(|()| MembersDone {
             shard,
             goal: pending.goal.clone(),
@@ -548,7 +586,7 @@ mod tests {
         run(core, meta, now, orders)
     }
 
-    fn ended(orders: &[Order]) -> Option<&Result<MembersDone, String>> {
+    fn ended(orders: &[Order]) -> Option<&Result<MembersDone, MembersFailed>> {
         orders.iter().find_map(|o| match o {
             Order::MembersEnded { result, .. } => Some(result),
             _ => None,
@@ -590,13 +628,15 @@ mod tests {
         ];
         let orders = round(&mut core, &mut meta, 100, 1, &behind, 9);
         assert!(ended(&orders).is_none(), "{orders:?}");
-        // Holding it: promoted, planner first, then everyone told.
-        let holding = [
-            ("madrid-2", 9, true),
-            ("madrid-3", 9, true),
-            ("madrid-4", 9, false),
+        // Holding what the leader had committed at the last round (9),
+        // though the leader has moved on: promoted, planner first, then
+        // everyone told.
+        let trailing = [
+            ("madrid-2", 12, true),
+            ("madrid-3", 12, true),
+            ("madrid-4", 10, false),
         ];
-        let orders = round(&mut core, &mut meta, 200, 1, &holding, 9);
+        let orders = round(&mut core, &mut meta, 200, 1, &trailing, 12);
         let done = ended(&orders).expect("ended").clone().unwrap();
         assert_eq!(done.members.len(), 4);
         assert_eq!(done.members_epoch, 2);
@@ -612,7 +652,9 @@ mod tests {
     fn a_voter_leaves_once_the_voters_that_stay_hold_what_it_acknowledged() {
         let (mut core, mut meta) = start();
         let refused = core.change_members(0, SHARD, MembersGoal::Remove(n("madrid-1")), 1);
-        assert!(matches!(ended(&refused), Some(Err(why)) if why.contains("leads")));
+        assert!(
+            matches!(ended(&refused), Some(Err(MembersFailed::Refused(why))) if why.contains("leads"))
+        );
         let orders = core.change_members(0, SHARD, MembersGoal::Remove(n("madrid-2")), 2);
         run(&mut core, &mut meta, 0, orders);
         // Still asked in failover while it leaves.
@@ -647,6 +689,9 @@ mod tests {
             .any(|(m, _)| *m == n("madrid-2")));
         // Now a leader and one follower: neither may leave.
         let refused = core.change_members(6_000, SHARD, MembersGoal::Remove(n("madrid-3")), 3);
-        assert!(matches!(ended(&refused), Some(Err(why)) if why.contains("add a replica first")));
+        assert!(matches!(
+            ended(&refused),
+            Some(Err(MembersFailed::Refused(why))) if why.contains("add a replica first")
+        ));
     }
 }

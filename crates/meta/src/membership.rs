@@ -61,6 +61,30 @@ impl MemberChange {
     }
 }
 
+impl MemberChange {
+    /// Whether `map` shows this change made to `shard`: what a caller
+    /// whose commit went unanswered (it may have committed all the same)
+    /// reads back, linearizably, to know.
+    pub fn shows_in(&self, map: &ShardMap, shard: ShardId) -> bool {
+        let Some(group) = map.groups.get(&shard) else {
+            return false;
+        };
+        let node = self.node();
+        let (member, learner, leaving) = (
+            group.members.contains(node),
+            group.learners.contains(node),
+            group.leaving.contains(node),
+        );
+        match self {
+            MemberChange::AddLearner(_) => learner,
+            MemberChange::Promote(_) => member && !learner,
+            MemberChange::BeginLeave(_) => leaving,
+            MemberChange::Stay(_) => member && !leaving,
+            MemberChange::Remove(_) => !member && !learner,
+        }
+    }
+}
+
 impl GroupInfo {
     /// A membership change is under way: a learner or a leaving member.
     pub fn changing_members(&self) -> bool {
@@ -219,8 +243,10 @@ mod tests {
             .node
             .clone();
         let version = map.map_version;
-        map.change_members(shard, &MemberChange::AddLearner(spare.clone()))
-            .unwrap();
+        let add = MemberChange::AddLearner(spare.clone());
+        assert!(!add.shows_in(&map, shard));
+        map.change_members(shard, &add).unwrap();
+        assert!(add.shows_in(&map, shard), "read back after no answer");
         let members = map.replica_members(shard);
         let learner = members.iter().find(|m| m.node == spare).unwrap();
         assert!(learner.local && !learner.voter);
@@ -234,8 +260,10 @@ mod tests {
         assert!(map
             .change_members(shard, &MemberChange::BeginLeave(other.clone()))
             .is_err());
-        map.change_members(shard, &MemberChange::Promote(spare.clone()))
-            .unwrap();
+        let promote = MemberChange::Promote(spare.clone());
+        assert!(!promote.shows_in(&map, shard));
+        map.change_members(shard, &promote).unwrap();
+        assert!(promote.shows_in(&map, shard));
         let g = &map.groups[&shard];
         assert_eq!(g.members.len(), 5);
         assert_eq!(g.members[3], spare, "home-region replicas first");

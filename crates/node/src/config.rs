@@ -94,6 +94,11 @@ impl NodeConfig {
         }
     }
 
+    /// Where the replica of `shard` keeps its WAL.
+    pub fn replica_dir(&self, shard: ShardId) -> PathBuf {
+        self.data_dir.join(format!("shard-{}", shard.0))
+    }
+
     /// The replication core's config for one replica of `shard` here: the
     /// core's own defaults, with every field this config sets.
     pub fn core_config(&self, shard: ShardId, me: NodeId) -> CoreConfig {

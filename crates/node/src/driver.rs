@@ -57,6 +57,15 @@ pub enum DriverStartError {
     Recovery { shard: ShardId, what: String },
 }
 
+/// Why a replica's loop returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Asked to (the node stops): its data stays.
+    Shutdown,
+    /// Its group removed it: its data may go.
+    Removed,
+}
+
 impl Driver<FileStorage> {
     /// Opens (or creates) the replica's WAL in `data_dir/shard-{id}` and
     /// rebuilds its state.
@@ -67,7 +76,7 @@ impl Driver<FileStorage> {
         transport: Arc<dyn Transport>,
     ) -> Result<Driver, DriverStartError> {
         let shard = plan.shard;
-        let dir = config.data_dir.join(format!("shard-{}", shard.0));
+        let dir = config.replica_dir(shard);
         let storage = FileStorage::new(&dir).map_err(|source| DriverStartError::Wal {
             shard,
             source: WalError::Io {
@@ -161,9 +170,9 @@ impl<S: Storage> Driver<S> {
         Ok(driver)
     }
 
-    /// The replica's loop; returns on `Control::Shutdown` or when every
-    /// sender is gone.
-    pub fn run(mut self, inbox: crate::queue::Receiver<ReplicaInput>) {
+    /// The replica's loop; returns on `Control::Shutdown`, when every
+    /// sender is gone, or once the group no longer counts this replica.
+    pub fn run(mut self, inbox: crate::queue::Receiver<ReplicaInput>) -> Stopped {
         let tick = Duration::from_millis(self.config.tick_interval_ms);
         // Followers have no timers of their own: they wake for messages, and
         // rarely otherwise, which keeps an idle process idle.
@@ -178,7 +187,7 @@ impl<S: Storage> Driver<S> {
             let first = match inbox.recv_timeout(wait) {
                 Ok(input) => Some(input),
                 Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => return Stopped::Shutdown,
             };
             let now = read_clocks();
             let mut batch = 0;
@@ -186,7 +195,7 @@ impl<S: Storage> Driver<S> {
             while let Some(input) = next {
                 if let ReplicaInput::Control(Control::Shutdown) = input {
                     self.finish_batch(now);
-                    return;
+                    return Stopped::Shutdown;
                 }
                 self.handle(now, input);
                 batch += 1;
@@ -201,6 +210,9 @@ impl<S: Storage> Driver<S> {
                 self.tick(now);
             }
             self.finish_batch(now);
+            if self.group.removed() {
+                return Stopped::Removed;
+            }
         }
     }
 

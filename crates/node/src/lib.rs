@@ -15,7 +15,7 @@ pub mod queue;
 pub mod transport;
 
 pub use config::{NodeConfig, NodeConfigError, ReplicaPlan};
-pub use node::{Node, NodeStartError};
+pub use node::{Hosting, Node, NodeStartError, OnMembership};
 pub use transport::{
     inbox, InProcNetwork, Inbox, LateSink, LinkFaults, Sink, TcpTransport, Transport,
 };

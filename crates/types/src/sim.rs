@@ -107,7 +107,7 @@ impl Bugs {
 
 /// Every coverage probe in the code base, so a sweep can report the ones it
 /// never hit.
-pub const PROBES: [&str; 47] = [
+pub const PROBES: [&str; 48] = [
     "node.follower_served_read",
     "node.local_read_behind_session",
     "node.local_read_too_stale",
@@ -155,6 +155,7 @@ pub const PROBES: [&str; 47] = [
     "projection.rescanned_after_a_move",
     "rebalancer.moved_a_hot_bucket",
     "replication.leader_sends_to_a_new_member",
+    "group.replica_removed_from_its_group",
 ];
 
 thread_local! {

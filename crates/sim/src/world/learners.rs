@@ -3,8 +3,8 @@
 //! that holds none of a group, or to remove one, and the core drives it:
 //! each step committed in the metadata plane (the simulator's map), the
 //! group's replicas told the membership (`Control::Members`), a node named
-//! opening an empty replica and a node no longer named closing its own, as
-//! a node's runtime does. With the bug switch `learner-acks-count` a
+//! opening an empty replica and a replica its group removed closing and
+//! dropping its data, as a node's runtime does. With the bug switch `learner-acks-count` a
 //! leader counts a learner's acks towards commits, and a failover that
 //! asks only the voters loses an acknowledged write.
 
@@ -69,25 +69,30 @@ impl World {
             .members_changed(self.now, shard, &change, result)
     }
 
-    /// A node's runtime on a membership order: opens an empty replica of
-    /// a group that names it, closes the replica of one that does not.
+    /// A node's runtime on a membership order for a group it hosts no
+    /// replica of: when the order names it and the metadata plane agrees
+    /// (the runtime reads the map linearizably), it opens an empty one.
+    /// Closing is the replica's own call (`drive`: `GroupCore::removed`).
     pub(super) fn host_members(&mut self, node: &NodeId, shard: ShardId, control: &Control) {
         let Control::Members { members, .. } = control else {
             return;
         };
-        let named = members.iter().any(|m| m.node == *node);
-        let hosts = self.nodes[node].replicas.contains_key(&shard);
-        if named && !hosts {
+        let named = members.iter().any(|m| m.node == *node)
+            && self.members_of(shard).iter().any(|m| m.node == *node);
+        if named && !self.nodes[node].replicas.contains_key(&shard) {
             self.trace(|| format!("{node} opens an empty replica of {shard}"));
             let host = self.nodes.get_mut(node).unwrap();
             host.disks.insert(shard, MemStorage::new());
             // Empty, and not a new group: it starts recovering at the fence.
             self.open_replica(node, shard);
-        } else if !named && hosts {
-            self.trace(|| format!("{node} closes its replica of {shard}"));
-            let host = self.nodes.get_mut(node).unwrap();
-            host.replicas.remove(&shard);
-            host.disks.remove(&shard);
         }
+    }
+
+    /// A replica its group removed closes, and its data goes.
+    pub(super) fn close_removed(&mut self, node: &NodeId, shard: ShardId) {
+        self.trace(|| format!("{node} closes its replica of {shard}: removed"));
+        let host = self.nodes.get_mut(node).unwrap();
+        host.replicas.remove(&shard);
+        host.disks.remove(&shard);
     }
 }

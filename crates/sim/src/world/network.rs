@@ -70,6 +70,11 @@ impl World {
         };
         f(driver, now);
         driver.finish_batch(now);
+        if driver.group().removed() {
+            self.pump();
+            self.close_removed(name, shard);
+            return;
+        }
         let leading = driver
             .group()
             .replica()
