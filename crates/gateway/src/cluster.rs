@@ -312,7 +312,7 @@ pub(crate) async fn fault(State(gw): Gw, body: Bytes) -> HttpResponse {
 }
 
 /// The control plane's refusal of an admin request, as an HTTP answer.
-fn admin_error(e: &AdminError) -> ApiError {
+pub(crate) fn admin_error(e: &AdminError) -> ApiError {
     let (status, code) = match e {
         AdminError::Refused { code, .. } => (StatusCode::CONFLICT, *code),
         AdminError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, *code),
@@ -324,7 +324,7 @@ fn admin_error(e: &AdminError) -> ApiError {
     error
 }
 
-fn no_control_plane() -> ApiError {
+pub(crate) fn no_control_plane() -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Unavailable,

@@ -14,6 +14,7 @@ mod batch;
 mod body;
 pub mod call;
 mod cluster;
+mod drain;
 pub mod endpoint;
 mod error;
 mod feed_http;

@@ -53,6 +53,10 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
             post(transfer_leader),
         )
         .route("/v1/admin/groups/{group}/members", post(change_members))
+        .route(
+            "/v1/admin/nodes/{node}/drain",
+            post(crate::drain::drain_node),
+        )
         .route("/v1/admin/faults", post(fault))
         .route("/v1/admin/buckets/{bucket}/move", post(move_bucket))
         .route("/v1/admin/moves", get(list_moves))

@@ -360,13 +360,13 @@ impl GroupCore {
         self.applied
     }
 
-    /// Why the replica stopped, if it did.
-    /// See [`GroupCore::removed`]'s field: the runtime should close this
-    /// replica and delete its data.
+    /// A newer membership left this replica out: the runtime should close
+    /// it and delete its data.
     pub fn removed(&self) -> bool {
         self.removed
     }
 
+    /// Why the replica stopped, if it did.
     pub fn failure(&self) -> Option<&str> {
         self.failed.as_deref()
     }
@@ -504,16 +504,28 @@ impl GroupCore {
             Control::Members { epoch, .. } if epoch <= self.members_epoch => {
                 self.stale_order(control)
             }
-            // A leader is never removed (the metadata plane refuses it), so
-            // this is a follower or a learner the group no longer sends to.
+            // The metadata plane never removes the leader it names, so this
+            // is a follower, a learner, or a deposed leader cut off from
+            // its group: the group no longer sends to it. Reads waiting
+            // here go to the leader.
             Control::Members { epoch, members } if !members.iter().any(|m| m.node == self.me) => {
                 probe("group.replica_removed_from_its_group");
                 tracing::info!(shard = %self.shard, node = %self.me, epoch, "removed from the group");
                 self.members_epoch = epoch;
                 self.removed = true;
+                for read in std::mem::take(&mut self.local_reads) {
+                    let e = NodeError::new(
+                        ErrorKind::ReplicaBehind,
+                        format!("{} left {}: ask its leader", self.me, self.shard),
+                    );
+                    self.reply_error(&read.reply_to, read.request_id, e);
+                }
             }
             Control::Members { epoch, members } => match self.core.set_members(now, members) {
-                Ok(()) => self.members_epoch = epoch,
+                Ok(()) => {
+                    self.members_epoch = epoch;
+                    self.removed = false;
+                }
                 Err(e) => tracing::warn!(
                     shard = %self.shard, node = %self.me, epoch, "refused a membership: {e}"
                 ),

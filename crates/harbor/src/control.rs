@@ -2,7 +2,8 @@
 //! every decision. Each round it asks every replica for its status (all at
 //! once, each within its timeout), hands the answers to the core, and
 //! executes its orders: publish a leader through the metadata plane, tell
-//! replicas, answer transfers. `harbor dev` runs one in process; in a
+//! replicas, commit membership steps, answer transfers and membership
+//! changes. `harbor dev` runs one in process; in a
 //! deployment it runs on whichever voter leads the metadata plane. The
 //! simulator runs the same core.
 
@@ -14,7 +15,7 @@ use harbor_gateway::endpoint::Endpoint;
 use harbor_gateway::AdminError;
 use harbor_meta::{
     Ask, ControlConfig, ControlCore, MemberChange, MetaCommand, MetaError, MetaReply, Metadata,
-    Order, ShardMap,
+    Order, ShardMap, StepFailed,
 };
 pub use harbor_meta::{MembersDone, MembersFailed, MembersGoal, TransferDone, TransferFailed};
 use harbor_types::{NodeId, ShardId};
@@ -112,7 +113,8 @@ pub fn transfer_answer(
 }
 
 /// Linearizable reads of the map after a membership step, and the pause
-/// between them: about 5 s of a metadata plane electing a leader.
+/// between them: about 5 s of a metadata plane electing a leader (past
+/// that, the step is sent again next round).
 const MAP_READ_BACK_ATTEMPTS: u32 = 10;
 const MAP_READ_BACK_PAUSE_MS: u64 = 500;
 
@@ -245,7 +247,7 @@ impl ControlLoop {
                 Order::ChangeMembers { shard, change } => {
                     let result = self.commit_members(shard, &change).await;
                     let now = self.now_ms();
-                    let result = result.as_deref().map_err(|why| why.clone());
+                    let result = result.as_deref().map_err(Clone::clone);
                     queue.extend(self.core.members_changed(now, shard, &change, result));
                 }
                 Order::MembersEnded { ticket, result } => {
@@ -258,40 +260,42 @@ impl ControlLoop {
     }
 
     /// Commits one membership step and reads the map back (the core
-    /// needs it). A commit that went unanswered may have happened all the
-    /// same: the map, read linearizably, says whether it did.
+    /// needs it). Whatever the metadata plane answered, the map, read
+    /// linearizably, says whether the step is in: a commit that went
+    /// unanswered may have happened, and a step sent again after one is
+    /// refused though it is in.
     async fn commit_members(
         &self,
         shard: ShardId,
         change: &MemberChange,
-    ) -> Result<Arc<ShardMap>, String> {
+    ) -> Result<Arc<ShardMap>, StepFailed> {
         let command = MetaCommand::ChangeMembers {
             shard,
             change: change.clone(),
         };
-        let unanswered = match self.meta.write(command).await {
-            Ok(MetaReply::Refused(why)) | Err(MetaError::Refused(why)) => return Err(why),
+        let failed = match self.meta.write(command).await {
+            Ok(MetaReply::Refused(why)) | Err(MetaError::Refused(why)) => {
+                Some(StepFailed::Refused(why))
+            }
             Ok(_) => None,
-            Err(e @ MetaError::Unavailable(_)) => Some(e.to_string()),
+            Err(e @ MetaError::Unavailable(_)) => Some(StepFailed::Unanswered(e.to_string())),
         };
         for attempt in 0..MAP_READ_BACK_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(MAP_READ_BACK_PAUSE_MS)).await;
             }
             match self.meta.map_linearizable().await {
-                Ok(map) if unanswered.is_none() || change.shows_in(&map, shard) => return Ok(map),
-                Ok(_) => return Err(unanswered.unwrap_or_default()),
+                Ok(map) if failed.is_none() || change.shows_in(&map, shard) => return Ok(map),
+                Ok(_) => return Err(failed.expect("a failure")),
                 Err(e) => {
                     tracing::warn!(%shard, ?change, error = %e, "reading the map back after a membership step")
                 }
             }
         }
-        // Not known whether it committed. A first step is taken as refused
-        // (the map may show it: the next metadata leader's loop takes it
-        // over); a later one is sent again next round.
-        let why = "the metadata plane did not answer, and the map could not be read back";
+        // Sent again next round.
+        let why = "the map could not be read back after a membership step";
         tracing::error!(%shard, ?change, "{why}");
-        Err(why.to_string())
+        Err(StepFailed::Unanswered(why.to_string()))
     }
 
     async fn status(&self, ask: &Ask) -> Option<GroupStatus> {

@@ -6,6 +6,7 @@ pub mod control;
 pub mod data_dir;
 pub mod dev;
 pub mod hosting;
+pub mod members;
 pub mod moves;
 pub mod projection;
 pub mod sink;

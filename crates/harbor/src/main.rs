@@ -68,6 +68,22 @@ enum Command {
         #[command(subcommand)]
         what: MoveWhat,
     },
+    /// Add a replica of a group on a node, or remove one, under live
+    /// traffic; prints progress and the group's voters afterwards.
+    Members {
+        #[command(subcommand)]
+        action: MembersAction,
+    },
+    /// Take every replica off a node (`harbor drain madrid-1`): a group it
+    /// leads hands its leadership over, a node of its region that holds
+    /// none of the group takes its replica (when there is one), and its
+    /// own is removed; prints progress and every step.
+    Drain {
+        node: String,
+        /// Any gateway of the cluster.
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        url: String,
+    },
     /// Manage a gateway's projection (search and reports read it).
     Projection {
         #[command(subcommand)]
@@ -118,6 +134,26 @@ enum Command {
         what: Option<Bench>,
         #[command(flatten)]
         workload: Box<WorkloadArgs>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MembersAction {
+    /// `harbor members add shard3 madrid-4`
+    Add {
+        /// The group: `shard3` or `3`.
+        group: String,
+        node: String,
+        /// Any gateway of the cluster.
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        url: String,
+    },
+    /// `harbor members remove shard3 madrid-2`
+    Remove {
+        group: String,
+        node: String,
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        url: String,
     },
 }
 
@@ -338,7 +374,11 @@ fn main() -> anyhow::Result<()> {
         Command::Verify { .. } => "off",
         Command::Bench { .. } => "error",
         Command::Dev { .. } => "warn,harbor=info",
-        Command::Status { .. } | Command::Projection { .. } | Command::Move { .. } => "warn",
+        Command::Status { .. }
+        | Command::Projection { .. }
+        | Command::Move { .. }
+        | Command::Members { .. }
+        | Command::Drain { .. } => "warn",
         Command::Changefeed { .. } => "warn",
         Command::Meta { .. } | Command::Node { .. } => "warn,harbor=info",
     };
@@ -364,6 +404,14 @@ fn main() -> anyhow::Result<()> {
         Command::Move {
             what: MoveWhat::Bucket { bucket, to, url },
         } => runtime.block_on(harbor::moves::move_bucket(&url, bucket, &to)),
+        Command::Members { action } => {
+            let (group, node, url, add) = match action {
+                MembersAction::Add { group, node, url } => (group, node, url, true),
+                MembersAction::Remove { group, node, url } => (group, node, url, false),
+            };
+            runtime.block_on(harbor::members::change(&url, &group, &node, add))
+        }
+        Command::Drain { node, url } => runtime.block_on(harbor::members::drain(&url, &node)),
         Command::Projection {
             action:
                 ProjectionAction::Rebuild {

@@ -651,3 +651,95 @@ async fn a_group_loses_a_replica_and_gains_one_over_http_under_load() {
     assert_eq!(open, writes.len() + 1);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_holds_no_replica_and_nothing_is_lost() {
+    let (dir, cluster, api) = start().await;
+    let url = cluster.url("madrid");
+    let node = NodeId::new("madrid-1").unwrap();
+    for (path, body, status, code) in [
+        ("nobody-1", json!({}), 404, "unknown_node"),
+        (
+            "madrid-1",
+            json!({"to": "madrid-2"}),
+            422,
+            "invalid_request",
+        ),
+    ] {
+        let reply = api
+            .post(format!("{url}/v1/admin/nodes/{path}/drain"), body)
+            .await;
+        assert_eq!(
+            (reply.status, reply.code()),
+            (status, code),
+            "{}",
+            reply.body
+        );
+    }
+    api.put_issuer(&url, "DR-1", "madrid", 1_000_000).await;
+    let held = cluster.meta.map().groups_of(&node).len();
+    let led = (cluster.meta.map().groups.values())
+        .filter(|g| g.leader == node)
+        .count();
+    let load = Load::start(
+        &api,
+        &[url.clone(), cluster.url("newyork")],
+        "DR-1",
+        "dr",
+        Duration::from_secs(4),
+    );
+    // A drain answers when every step is done: longer than a write.
+    let drained = api
+        .post_within(
+            format!("{url}/v1/admin/nodes/madrid-1/drain"),
+            json!({}),
+            Duration::from_secs(300),
+        )
+        .await;
+    assert_eq!(drained.status, 200, "{}", drained.body);
+    let steps = drained.body["steps"].as_array().unwrap();
+    let count = |action: &str| steps.iter().filter(|s| s["action"] == action).count();
+    assert_eq!(
+        (count("transfer"), count("remove")),
+        (led, held),
+        "{}",
+        drained.body
+    );
+    let writes = load.finish().await;
+    assert!(
+        writes.iter().all(|w| w.status == 201),
+        "a write failed during the drain: {:?}",
+        writes.iter().find(|w| w.status != 201)
+    );
+    println!(
+        "drained {node} in {} ms ({} steps) under {} writes",
+        drained.body["took_ms"],
+        steps.len(),
+        writes.len()
+    );
+    assert!(cluster.meta.map().groups_of(&node).is_empty());
+    // Its replicas' data is gone.
+    let data = dir.path().join("nodes").join(node.as_str());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("shard-"))
+            .map(|e| e.file_name())
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left on {node}: {left:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Draining it again has nothing to do.
+    let again = api
+        .post(format!("{url}/v1/admin/nodes/madrid-1/drain"), json!({}))
+        .await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.body["steps"], json!([]));
+    check_acknowledged(&api, &url, "DR-1", &writes).await;
+    cluster.shutdown().await;
+}

@@ -9,6 +9,7 @@
 //! and the control plane reach whichever metadata plane runs.
 
 pub mod control;
+pub mod drain;
 pub mod failover;
 pub mod members_driver;
 pub mod membership;
@@ -19,10 +20,11 @@ pub mod state;
 pub use control::{
     Ask, ControlConfig, ControlCore, ControlStats, Order, TransferDone, TransferFailed,
 };
+pub use drain::{next_drain_step, DrainStep};
 pub use failover::{
     Action, CatchUp, FailoverConfig, GroupLeadership, Observation, Phase, TransferError,
 };
-pub use members_driver::{MembersDone, MembersFailed, MembersGoal};
+pub use members_driver::{MembersDone, MembersFailed, MembersGoal, StepFailed};
 pub use membership::MemberChange;
 pub use metadata::{MetaError, MetaFuture, Metadata};
 pub use placement::{

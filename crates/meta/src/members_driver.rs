@@ -7,8 +7,8 @@
 //!   told, which catches up from the leader (snapshot, then log). Once N
 //!   holds the new membership, is no longer recovering and the leader
 //!   (holding the same membership) reports N holding the commit index it
-//!   reported a round before (a learner never holds the commit index of
-//!   the moment under a steady load), commit N as a voter: the failover planner asks N from then on, and
+//!   reported at an earlier round (a learner never holds the commit index
+//!   of the moment under a steady load), commit N as a voter: the failover planner asks N from then on, and
 //!   only after that is the leader told to count it. A learner that does
 //!   not catch up within `member_catch_up_ms` is removed again.
 //! - Remove N: a learner is removed at once. A voter first leaves: the
@@ -74,6 +74,17 @@ pub enum MembersFailed {
     Abandoned(String),
 }
 
+/// Why a membership step is not known to have committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepFailed {
+    /// The metadata plane refused it, and the map does not show it.
+    Refused(String),
+    /// No answer, and no map to tell: it may have committed, or may yet.
+    /// The step is sent again (a copy of a step that did commit is
+    /// refused, and the map read then shows it).
+    Unanswered(String),
+}
+
 /// Each group's membership as the map last said, and the changes under way.
 #[derive(Debug, Default)]
 pub(crate) struct MemberChanges {
@@ -109,7 +120,8 @@ enum Step {
     /// round.
     Retry(MemberChange),
     /// The learner is catching up; the leader's commit index as a round
-    /// saw it, in its generation, for the next round to check against.
+    /// saw it, in its generation: the learner is caught up once it holds
+    /// it.
     CatchingUp {
         target: Option<(Generation, LogIndex)>,
     },
@@ -243,7 +255,7 @@ impl ControlCore {
         now_ms: u64,
         shard: ShardId,
         change: &MemberChange,
-        result: Result<&ShardMap, String>,
+        result: Result<&ShardMap, StepFailed>,
     ) -> Vec<Order> {
         let mut orders = Vec::new();
         let Some(pending) = self.members.pending.get_mut(&shard) else {
@@ -254,12 +266,13 @@ impl ControlCore {
         }
         let map = match result {
             Ok(map) => map,
-            Err(why) => {
-                tracing::warn!(%shard, ?change, %why, "the metadata plane did not take a membership step");
-                if !pending.committed {
-                    // Nothing changed: the change is refused.
-                    return self.end_members(now_ms, shard, Err(why));
-                }
+            Err(StepFailed::Refused(why)) if !pending.committed => {
+                // Nothing changed: the change is refused.
+                tracing::warn!(%shard, ?change, %why, "the metadata plane refused a membership change");
+                return self.end_members(now_ms, shard, Err(why));
+            }
+            Err(StepFailed::Refused(why) | StepFailed::Unanswered(why)) => {
+                tracing::warn!(%shard, ?change, %why, "the metadata plane did not take a membership step; sending it again");
                 pending.step = Step::Retry(change.clone());
                 return orders;
             }
@@ -342,6 +355,15 @@ impl ControlCore {
         });
         let next = match pending.step.clone() {
             Step::Committing(_) => None,
+            Step::Retry(_) if timed_out && !pending.committed => {
+                // Not known to have started: given up (a copy that
+                // commits late leaves a change the next metadata leader's
+                // loop takes over from the map).
+                let why =
+                    format!("the metadata plane did not take the change within {catch_up_ms} ms");
+                orders.extend(self.end_members(now_ms, shard, Err(why)));
+                return;
+            }
             Step::Retry(change) => Some(change),
             Step::CatchingUp { .. } if timed_out => {
                 pending.failed = Some(format!(
@@ -363,18 +385,20 @@ impl ControlCore {
                 let matched = (l.replica.followers.iter())
                     .find(|f| f.node == node)
                     .map(|f| f.match_index);
-                let caught_up = match target {
-                    Some((generation, commit)) => {
-                        generation == l.replica.generation && matched >= Some(commit)
+                // The target stays until reached (a learner further behind
+                // than a round, a remote one on a slow link, gets there),
+                // or until the generation changes.
+                match target {
+                    Some((generation, commit)) if generation == l.replica.generation => {
+                        (matched >= Some(commit)).then(|| MemberChange::Promote(node.clone()))
                     }
-                    None => false,
-                };
-                if !caught_up {
-                    pending.step = Step::CatchingUp {
-                        target: Some((l.replica.generation, l.replica.commit_index)),
-                    };
+                    _ => {
+                        pending.step = Step::CatchingUp {
+                            target: Some((l.replica.generation, l.replica.commit_index)),
+                        };
+                        None
+                    }
                 }
-                caught_up.then(|| MemberChange::Promote(node.clone()))
             }
             Step::Leaving { covered }
                 if timed_out && (plan.leader == node || covered.is_none()) =>
@@ -509,7 +533,7 @@ mod tests {
                     });
                     let result = match reply {
                         MetaReply::Map { .. } => Ok(meta.map.as_ref().unwrap()),
-                        other => Err(format!("{other:?}")),
+                        other => Err(StepFailed::Refused(format!("{other:?}"))),
                     };
                     queue.extend(core.members_changed(now, shard, &change, result));
                 }

@@ -172,7 +172,7 @@ impl<S: Storage> Driver<S> {
 
     /// The replica's loop; returns on `Control::Shutdown`, when every
     /// sender is gone, or once the group no longer counts this replica.
-    pub fn run(mut self, inbox: crate::queue::Receiver<ReplicaInput>) -> Stopped {
+    pub fn run(mut self, inbox: &crate::queue::Receiver<ReplicaInput>) -> Stopped {
         let tick = Duration::from_millis(self.config.tick_interval_ms);
         // Followers have no timers of their own: they wake for messages, and
         // rarely otherwise, which keeps an idle process idle.

@@ -1,4 +1,6 @@
 use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 
@@ -59,6 +61,11 @@ struct Host {
     /// Held while a replica opens: two orders naming the node must not
     /// open one WAL twice.
     opening: Mutex<()>,
+    /// Set (under `opening`) when the node stops: nothing opens after.
+    stopping: AtomicBool,
+    /// Per group, the newest membership epoch seen that leaves this node
+    /// out: a plan no newer (read before the removal) does not open.
+    removed_at: Mutex<HashMap<ShardId, u64>>,
     on_membership: RwLock<Option<OnMembership>>,
 }
 
@@ -68,11 +75,18 @@ pub struct Hosting(Weak<Host>);
 
 impl Hosting {
     /// Opens `plan`'s replica (its WAL as it finds it: empty, for a
-    /// replica new here) unless the node hosts it already. Blocks on IO.
+    /// replica new here) unless the node hosts it already, or has heard
+    /// of a membership newer than the plan's that leaves it out. Blocks
+    /// on IO.
     pub fn open(&self, plan: ReplicaPlan) -> Result<(), NodeStartError> {
         let Some(host) = self.0.upgrade() else {
             return Err(NodeStartError::Stopped);
         };
+        let removed_at = host.removed_at.lock().unwrap().get(&plan.shard).copied();
+        if removed_at.is_some_and(|epoch| plan.members_epoch <= epoch) {
+            tracing::info!(shard = %plan.shard, node = %host.id, "not opening: a newer membership left this node out");
+            return Ok(());
+        }
         let config = host.config.clone();
         host.open(plan, config)
     }
@@ -114,6 +128,8 @@ impl Node {
             replicas: RwLock::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
             opening: Mutex::new(()),
+            stopping: AtomicBool::new(false),
+            removed_at: Mutex::new(HashMap::new()),
             on_membership: RwLock::new(None),
         });
         let named: BTreeSet<ShardId> = groups.iter().map(|p| p.shard).collect();
@@ -171,6 +187,10 @@ impl Node {
     /// first: what it delivers afterwards is refused or dropped.
     pub fn shutdown(self) {
         *self.host.on_membership.write().unwrap() = None;
+        {
+            let _opening = self.host.opening.lock().unwrap();
+            self.host.stopping.store(true, Ordering::SeqCst);
+        }
         let senders: Vec<_> = self
             .host
             .replicas
@@ -192,6 +212,9 @@ impl Node {
 impl Host {
     fn open(self: &Arc<Self>, plan: ReplicaPlan, config: NodeConfig) -> Result<(), NodeStartError> {
         let _opening = self.opening.lock().unwrap();
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(NodeStartError::Stopped);
+        }
         let shard = plan.shard;
         if self.replicas.read().unwrap().contains_key(&shard) {
             return Ok(());
@@ -208,21 +231,31 @@ impl Host {
             })?;
         let (tx, rx) = queue::bounded(capacity);
         let host = Arc::downgrade(self);
+        let transport = self.transport.clone();
         let thread = std::thread::Builder::new()
             .name(format!("{id}/shard{}", shard.0))
             .spawn(move || {
-                if driver.run(rx) != Stopped::Removed {
+                if driver.run(&rx) != Stopped::Removed {
                     return;
                 }
-                // Its data first, then its place: the replica of a group
-                // that adds this node again opens only once the place is
-                // free, so never on a directory being deleted.
-                match std::fs::remove_dir_all(&dir) {
-                    Ok(()) => tracing::info!(%shard, node = %id, "removed from its group: data deleted"),
-                    Err(e) => tracing::error!(%shard, node = %id, error = %e, dir = %dir.display(), "removed from its group, but its data could not be deleted"),
+                // Its data out of the way first (a rename: a crash leaves
+                // it whole or gone), then its place: the replica of a
+                // group that adds this node again opens only once the
+                // place is free, on a new directory.
+                let tombstone = tombstone(&dir);
+                if let Err(e) = std::fs::rename(&dir, &tombstone).and_then(|()| sync_parent(&dir)) {
+                    tracing::error!(%shard, node = %id, error = %e, dir = %dir.display(), "removed from its group, but its data could not be moved aside");
                 }
                 if let Some(host) = host.upgrade() {
                     host.replicas.write().unwrap().remove(&shard);
+                }
+                // What was queued for it is refused, not left to time out.
+                while let Some(input) = rx.try_recv() {
+                    refuse_if_request(&id, shard, transport.as_ref(), input);
+                }
+                match std::fs::remove_dir_all(&tombstone) {
+                    Ok(()) => tracing::info!(%shard, node = %id, "removed from its group: data deleted"),
+                    Err(e) => tracing::error!(%shard, node = %id, error = %e, dir = %tombstone.display(), "removed from its group, but its data could not be deleted"),
                 }
             })
             .map_err(|source| NodeStartError::Thread {
@@ -243,6 +276,13 @@ impl Host {
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
+            if name.to_str().is_some_and(|n| n.contains(TOMBSTONE)) {
+                // A removal that a crash cut short.
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::error!(node = %self.id, error = %e, dir = %entry.path().display(), "cannot delete a removed replica's data");
+                }
+                continue;
+            }
             let Some(shard) = (name.to_str())
                 .and_then(|n| n.strip_prefix("shard-"))
                 .and_then(|n| n.parse::<u32>().ok())
@@ -266,6 +306,13 @@ impl Host {
 
     /// Queues a control order; returns false when it went nowhere.
     fn control(&self, shard: ShardId, control: Control) -> bool {
+        if let Control::Members { epoch, members } = &control {
+            if !members.iter().any(|m| m.node == self.id) {
+                let mut removed_at = self.removed_at.lock().unwrap();
+                let at = removed_at.entry(shard).or_default();
+                *at = (*at).max(*epoch);
+            }
+        }
         let tx = self.replicas.read().unwrap().get(&shard).cloned();
         match (control, tx) {
             (control, Some(tx)) => tx.force_send(ReplicaInput::Control(control)).is_ok(),
@@ -340,4 +387,48 @@ impl Host {
         }
         false
     }
+}
+
+/// Marks a removed replica's directory while its data is deleted.
+const TOMBSTONE: &str = ".removed.";
+
+fn tombstone(dir: &Path) -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("{TOMBSTONE}{nanos}"));
+    dir.with_file_name(name)
+}
+
+/// Makes a rename in `path`'s directory durable.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Answers a request queued for a replica that is gone.
+fn refuse_if_request(me: &NodeId, shard: ShardId, transport: &dyn Transport, input: ReplicaInput) {
+    let ReplicaInput::Envelope(Envelope {
+        from,
+        body: Body::Request { id, .. },
+        ..
+    }) = input
+    else {
+        return;
+    };
+    let e = NodeError::new(
+        ErrorKind::UnknownShard,
+        format!("{me} no longer hosts a replica of {shard}"),
+    );
+    transport.send(Envelope {
+        from: me.clone(),
+        to: from,
+        body: Body::Response {
+            id,
+            response: Box::new(Response::Error(e)),
+        },
+    });
 }

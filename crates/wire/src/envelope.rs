@@ -93,9 +93,9 @@ pub enum Control {
     /// The group's members as the metadata plane committed them, at
     /// `epoch` (a learner added, made a voter, a voter on its way out, a
     /// member removed); an epoch no newer than the replica's is ignored.
-    /// A node's runtime is to open an empty replica of a group that names
-    /// it and close one that no longer does: the simulator's does,
-    /// `harbor node` does not yet (README, Status).
+    /// A node opens an empty replica of a group that names it (once the
+    /// map agrees); a replica a newer membership leaves out stops, and its
+    /// node deletes its data.
     Members {
         epoch: u64,
         members: Vec<Member>,

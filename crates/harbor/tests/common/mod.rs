@@ -24,15 +24,29 @@ impl Reply {
 impl Api {
     pub fn new() -> Api {
         Api {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap(),
+            client: reqwest::Client::new(),
         }
     }
 
     pub async fn send(&self, method: reqwest::Method, url: String, body: Option<Value>) -> Reply {
-        let mut request = self.client.request(method, &url);
+        self.send_within(method, url, body, Duration::from_secs(20))
+            .await
+    }
+
+    /// A POST answered within `timeout` (admin calls that take long).
+    pub async fn post_within(&self, url: String, body: Value, timeout: Duration) -> Reply {
+        self.send_within(reqwest::Method::POST, url, Some(body), timeout)
+            .await
+    }
+
+    async fn send_within(
+        &self,
+        method: reqwest::Method,
+        url: String,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Reply {
+        let mut request = self.client.request(method, &url).timeout(timeout);
         if let Some(body) = body {
             request = request.json(&body);
         }

@@ -8,7 +8,7 @@
 //! leader counts a learner's acks towards commits, and a failover that
 //! asks only the voters loses an acknowledged write.
 
-use harbor_meta::{MemberChange, MembersGoal, MetaState};
+use harbor_meta::{MemberChange, MembersGoal, MetaState, StepFailed};
 
 use super::*;
 
@@ -43,27 +43,45 @@ impl World {
     }
 
     /// The metadata plane commits a membership step (the simulator's is
-    /// its map, committed at once), and the core hears how it went.
+    /// its map, committed at once), and the core hears how it went as the
+    /// control loop tells it: a refused step that the map shows (a copy of
+    /// one that committed unanswered) is taken as done; with faults, a
+    /// step may go unanswered, whether it committed or not.
     pub(super) fn commit_members(&mut self, shard: ShardId, change: MemberChange) -> Vec<Order> {
-        let mut state = MetaState {
-            map: Some((*self.placement).clone()),
-            ..MetaState::default()
-        };
-        let reply = state.apply(&MetaCommand::ChangeMembers {
-            shard,
-            change: change.clone(),
-        });
-        self.placement = Arc::new(state.map.expect("a map"));
-        let result = match reply {
-            MetaReply::Map { .. } => {
-                let g = &self.placement.groups[&shard];
-                let group = self.groups.get_mut(&shard).unwrap();
-                group.members = g.members.clone();
-                group.learners = g.learners.clone();
-                self.trace(|| format!("{shard} membership: {change:?}"));
-                Ok(&*self.placement)
+        let unanswered = self.options.faults && self.rng.chance(5);
+        let applies = !unanswered || self.rng.chance(50);
+        let reply = match applies {
+            true => {
+                let mut state = MetaState {
+                    map: Some((*self.placement).clone()),
+                    ..MetaState::default()
+                };
+                let reply = state.apply(&MetaCommand::ChangeMembers {
+                    shard,
+                    change: change.clone(),
+                });
+                self.placement = Arc::new(state.map.expect("a map"));
+                Some(reply)
             }
-            other => Err(format!("{other:?}")),
+            false => None,
+        };
+        if let Some(MetaReply::Map { .. }) = reply {
+            let g = &self.placement.groups[&shard];
+            let group = self.groups.get_mut(&shard).unwrap();
+            group.members = g.members.clone();
+            group.learners = g.learners.clone();
+            self.trace(|| format!("{shard} membership: {change:?}"));
+        }
+        let result = match reply {
+            _ if unanswered => {
+                self.trace(|| format!("{shard} membership step unanswered: {change:?}"));
+                Err(StepFailed::Unanswered(
+                    "the metadata plane did not answer".into(),
+                ))
+            }
+            Some(MetaReply::Map { .. }) => Ok(&*self.placement),
+            _ if change.shows_in(&self.placement, shard) => Ok(&*self.placement),
+            other => Err(StepFailed::Refused(format!("{other:?}"))),
         };
         self.control
             .members_changed(self.now, shard, &change, result)
