@@ -385,6 +385,10 @@ struct Client {
 struct World {
     options: SimOptions,
     rng: Rng,
+    /// The metadata plane's own faults (a membership step unanswered):
+    /// a stream of their own, so they leave every other draw of a seed
+    /// as it was.
+    meta_rng: Rng,
     now: u64,
     seq: u64,
     queue: BTreeMap<(u64, u64), Event>,
@@ -565,9 +569,11 @@ impl World {
                 session: BTreeMap::new(),
             })
             .collect();
+        let meta_rng = Rng::new(options.seed ^ 0x6d65_7461);
         let mut world = World {
             options,
             rng,
+            meta_rng,
             now: 0,
             seq: 0,
             queue: BTreeMap::new(),

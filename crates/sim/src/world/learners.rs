@@ -48,8 +48,8 @@ impl World {
     /// one that committed unanswered) is taken as done; with faults, a
     /// step may go unanswered, whether it committed or not.
     pub(super) fn commit_members(&mut self, shard: ShardId, change: MemberChange) -> Vec<Order> {
-        let unanswered = self.options.faults && self.rng.chance(5);
-        let applies = !unanswered || self.rng.chance(50);
+        let unanswered = self.options.faults && self.meta_rng.chance(5);
+        let applies = !unanswered || self.meta_rng.chance(50);
         let reply = match applies {
             true => {
                 let mut state = MetaState {
