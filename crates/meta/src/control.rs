@@ -451,9 +451,13 @@ impl ControlCore {
             Action::TransferAbandoned { .. } => self.stats.transfers_abandoned += 1,
             _ => {}
         }
-        self.transfer_ended(now_ms, shard, &action, orders);
         if !matches!(action, Action::None) {
-            return self.apply(shard, action, orders);
+            // The new leader's publication first: a caller answered after
+            // it finds the map naming the new leader (a drain plans its
+            // next step from the map).
+            let ended = action.clone();
+            self.apply(shard, action, orders);
+            return self.transfer_ended(now_ms, shard, &ended, orders);
         }
         for status in &statuses {
             let replica = &status.replica;
