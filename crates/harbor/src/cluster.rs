@@ -579,25 +579,34 @@ struct RemoteAdmin {
 
 impl RemoteAdmin {
     /// Asks each voter in turn until the metadata leader answers: a voter
-    /// that leads gets `takes` to finish; the others are asked for about
-    /// 10 s.
+    /// that leads gets `takes` to finish; the others are asked for 10 s
+    /// (from when a leader that held the request let go of it).
     async fn ask<A: Serialize, T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         ask: &A,
         takes: Duration,
     ) -> Result<T, AdminError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             for voter in &self.voters {
                 let url = format!("http://{voter}{path}");
                 let request = self.client.post(&url).json(ask).timeout(takes);
+                let asked = tokio::time::Instant::now();
                 let Ok(response) = request.send().await else {
                     continue;
                 };
                 match response.json::<VoterAnswer<T>>().await {
                     Ok(VoterAnswer::Finished(result)) => return Ok(result),
-                    Ok(VoterAnswer::NotLeader) | Err(_) => {}
+                    // A voter that held the request a while lost its
+                    // leadership: the next leader's loop takes the change
+                    // over, and a membership change asked again waits for
+                    // it, so the others get 10 s more.
+                    Ok(VoterAnswer::NotLeader) if asked.elapsed() > Duration::from_secs(1) => {
+                        deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    }
+                    Ok(VoterAnswer::NotLeader) => {}
+                    Err(_) => {}
                 }
             }
             if tokio::time::Instant::now() >= deadline {

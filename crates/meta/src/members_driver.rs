@@ -192,12 +192,19 @@ impl ControlCore {
                 result: Err(MembersFailed::Refused(why)),
             }]
         };
+        if let Some(pending) = self.members.pending.get_mut(&shard) {
+            // A change taken over from the map has nobody to answer: the
+            // caller whose answer was lost with the last metadata leader,
+            // asking again, waits for it.
+            if pending.ticket.is_none() && pending.goal == goal {
+                pending.ticket = Some(ticket);
+                return Vec::new();
+            }
+            return refused(format!("{shard} is in another membership change"));
+        }
         let Some(plan) = self.plan(shard) else {
             return refused(format!("no group {shard}"));
         };
-        if self.members.pending.contains_key(&shard) {
-            return refused(format!("{shard} is in another membership change"));
-        }
         if plan.phase != Phase::Active || self.transferring(shard) {
             return refused(format!(
                 "{shard} is changing leaders; ask again when it is done"
@@ -670,6 +677,38 @@ mod tests {
             .members
             .iter()
             .any(|(m, _)| *m == n("madrid-4")));
+    }
+
+    #[test]
+    fn a_caller_asking_again_waits_for_the_change_a_new_leader_took_over() {
+        let (mut core, mut meta) = start();
+        let orders = core.change_members(0, SHARD, MembersGoal::Add(n("madrid-4")), 1);
+        run(&mut core, &mut meta, 0, orders);
+        // The metadata leader changes: a new core takes over from the map.
+        let map = meta.map.clone().unwrap();
+        let mut core = ControlCore::new(&map, ControlConfig::for_tests());
+        let other = core.change_members(10, SHARD, MembersGoal::Add(n("madrid-1")), 2);
+        assert!(matches!(
+            ended(&other),
+            Some(Err(MembersFailed::Refused(_)))
+        ));
+        let again = core.change_members(10, SHARD, MembersGoal::Add(n("madrid-4")), 3);
+        assert!(again.is_empty(), "{again:?}");
+        let holding = [
+            ("madrid-2", 9, true),
+            ("madrid-3", 9, true),
+            ("madrid-4", 9, false),
+        ];
+        round(&mut core, &mut meta, 100, 1, &holding, 9);
+        let orders = round(&mut core, &mut meta, 200, 1, &holding, 9);
+        let Some(Order::MembersEnded { ticket, result }) = orders
+            .iter()
+            .find(|o| matches!(o, Order::MembersEnded { .. }))
+        else {
+            panic!("not ended: {orders:?}");
+        };
+        assert_eq!(*ticket, 3);
+        assert!(result.is_ok(), "{result:?}");
     }
 
     #[test]
