@@ -5,6 +5,7 @@
 
 use futures::future::BoxFuture;
 use harbor_api::ErrorCode;
+use harbor_meta::MembersGoal;
 
 use harbor_types::{NodeId, Region, ShardId};
 use serde::Deserialize;
@@ -25,20 +26,13 @@ pub trait Admin: Send + Sync {
     fn change_members(
         &self,
         shard: ShardId,
-        change: MembersAsk,
+        goal: MembersGoal,
     ) -> BoxFuture<'_, Result<harbor_api::MembersChanged, AdminError>>;
     /// Injects a fault. Only `harbor dev` implements it.
     fn fault(&self, fault: Fault) -> BoxFuture<'_, Result<harbor_api::FaultDone, AdminError>> {
         let _ = fault;
         Box::pin(async { Err(AdminError::FaultsDisabled) })
     }
-}
-
-/// A membership change as asked over the API.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MembersAsk {
-    Add(NodeId),
-    Remove(NodeId),
 }
 
 /// Why the control plane did not do what it was asked: domain errors, which

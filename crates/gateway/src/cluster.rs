@@ -9,13 +9,14 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
+use harbor_meta::MembersGoal;
 use harbor_replication::Role;
 use harbor_types::{NodeId, ShardId};
 use harbor_wire::{GroupStatus, Query, QueryResult, Request, Response};
 use serde_json::{json, Map, Value};
 
 use crate::admin::{
-    AdminError, ClusterView, Fault, FollowerView, GroupView, MembersAsk, NodeView, ReplicaView,
+    AdminError, ClusterView, Fault, FollowerView, GroupView, NodeView, ReplicaView,
 };
 use crate::api::object;
 use crate::body::parse_json;
@@ -209,15 +210,7 @@ pub(crate) async fn transfer_leader(
     let result = async {
         let shard = parse_group(&gw, &group)?;
         let body: harbor_api::TransferLeader = parse_json(&body)?;
-        let to = NodeId::new(&body.to).map_err(|e| {
-            ApiError::unprocessable(ErrorCode::InvalidField, format!("to: {e}")).with("field", "to")
-        })?;
-        if gw.meta.map().region_of(&to).is_none() {
-            return Err(
-                ApiError::not_found(ErrorCode::UnknownNode, format!("no node {to}"))
-                    .with("node", &to),
-            );
-        }
+        let to = known_node(&gw, "to", &body.to)?;
         let admin = gw.admin().ok_or_else(no_control_plane)?;
         admin
             .transfer_leader(shard, to)
@@ -229,6 +222,22 @@ pub(crate) async fn transfer_leader(
     answer(&gw, result)
 }
 
+/// A node named in a body's `field`: 422 if not a name, 404 if not in the
+/// map.
+fn known_node(gw: &Gateway, field: &'static str, text: &str) -> Result<NodeId, ApiError> {
+    let node = NodeId::new(text).map_err(|e| {
+        ApiError::unprocessable(ErrorCode::InvalidField, format!("{field}: {e}"))
+            .with("field", field)
+    })?;
+    if gw.meta.map().region_of(&node).is_none() {
+        return Err(
+            ApiError::not_found(ErrorCode::UnknownNode, format!("no node {node}"))
+                .with("node", &node),
+        );
+    }
+    Ok(node)
+}
+
 pub(crate) async fn change_members(
     State(gw): Gw,
     Path(group): Path<String>,
@@ -237,22 +246,9 @@ pub(crate) async fn change_members(
     let result = async {
         let shard = parse_group(&gw, &group)?;
         let body: harbor_api::ChangeMembers = parse_json(&body)?;
-        let node = |field: &'static str, text: &str| -> Result<NodeId, ApiError> {
-            let node = NodeId::new(text).map_err(|e| {
-                ApiError::unprocessable(ErrorCode::InvalidField, format!("{field}: {e}"))
-                    .with("field", field)
-            })?;
-            if gw.meta.map().region_of(&node).is_none() {
-                return Err(
-                    ApiError::not_found(ErrorCode::UnknownNode, format!("no node {node}"))
-                        .with("node", &node),
-                );
-            }
-            Ok(node)
-        };
-        let ask = match (&body.add, &body.remove) {
-            (Some(n), None) => MembersAsk::Add(node("add", n)?),
-            (None, Some(n)) => MembersAsk::Remove(node("remove", n)?),
+        let goal = match (&body.add, &body.remove) {
+            (Some(n), None) => MembersGoal::Add(known_node(&gw, "add", n)?),
+            (None, Some(n)) => MembersGoal::Remove(known_node(&gw, "remove", n)?),
             _ => {
                 return Err(ApiError::unprocessable(
                     ErrorCode::InvalidRequest,
@@ -262,7 +258,7 @@ pub(crate) async fn change_members(
         };
         let admin = gw.admin().ok_or_else(no_control_plane)?;
         admin
-            .change_members(shard, ask)
+            .change_members(shard, goal)
             .await
             .map(object)
             .map_err(|e| admin_error(&e))

@@ -15,11 +15,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response as HttpResponse;
 use harbor_api::ErrorCode;
-use harbor_meta::{next_drain_step, DrainStep};
+use harbor_meta::{next_drain_step, DrainStep, MembersGoal};
 use harbor_types::NodeId;
 use serde_json::{json, Map, Value};
 
-use crate::admin::MembersAsk;
 use crate::cluster::{admin_error, answer, no_control_plane};
 use crate::error::ApiError;
 use crate::router::Gateway;
@@ -108,14 +107,14 @@ async fn drain(gw: &Gateway, node: &str, body: &Bytes) -> Result<Map<String, Val
                 if let Some(with) = with {
                     tracing::info!(%node, %shard, %with, "drain: adding a replica in its place");
                     let added = admin
-                        .change_members(shard, MembersAsk::Add(with.clone()))
+                        .change_members(shard, MembersGoal::Add(with.clone()))
                         .await;
                     let added = added.map_err(|e| failed(&steps, admin_error(&e)))?;
                     steps.push(json!({"shard": shard, "action": "add", "node": with, "took_ms": added.took_ms}));
                 }
                 tracing::info!(%node, %shard, "drain: removing its replica");
                 let removed = admin
-                    .change_members(shard, MembersAsk::Remove(node.clone()))
+                    .change_members(shard, MembersGoal::Remove(node.clone()))
                     .await;
                 let removed = removed.map_err(|e| failed(&steps, admin_error(&e)))?;
                 steps.push(json!({"shard": shard, "action": "remove", "node": node, "took_ms": removed.took_ms}));

@@ -31,7 +31,7 @@ pub mod rebalancer;
 mod router;
 mod routes;
 
-pub use admin::{Admin, AdminError, ClusterView, Fault, MembersAsk};
+pub use admin::{Admin, AdminError, ClusterView, Fault};
 pub use error::ApiError;
 pub use reads::{Consistency, Session, SESSION_HEADER};
 pub use router::{Gateway, GatewayConfig, GatewayConfigError};

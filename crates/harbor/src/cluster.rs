@@ -30,7 +30,7 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use futures::future::BoxFuture;
-use harbor_gateway::{Admin, AdminError, MembersAsk};
+use harbor_gateway::{Admin, AdminError};
 use harbor_types::ShardId;
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -580,7 +580,8 @@ struct RemoteAdmin {
 impl RemoteAdmin {
     /// Asks each voter in turn until the metadata leader answers: a voter
     /// that leads gets `takes` to finish; the others are asked for 10 s
-    /// (from when a leader that held the request let go of it).
+    /// (from when a leader that held the request let go of it, at most
+    /// three times).
     async fn ask<A: Serialize, T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
@@ -588,6 +589,7 @@ impl RemoteAdmin {
         takes: Duration,
     ) -> Result<T, AdminError> {
         let mut deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut extended = 0;
         loop {
             for voter in &self.voters {
                 let url = format!("http://{voter}{path}");
@@ -602,7 +604,10 @@ impl RemoteAdmin {
                     // leadership: the next leader's loop takes the change
                     // over, and a membership change asked again waits for
                     // it, so the others get 10 s more.
-                    Ok(VoterAnswer::NotLeader) if asked.elapsed() > Duration::from_secs(1) => {
+                    Ok(VoterAnswer::NotLeader)
+                        if asked.elapsed() > Duration::from_secs(1) && extended < 3 =>
+                    {
+                        extended += 1;
                         deadline = tokio::time::Instant::now() + Duration::from_secs(10);
                     }
                     Ok(VoterAnswer::NotLeader) => {}
@@ -639,13 +644,9 @@ impl Admin for RemoteAdmin {
     fn change_members(
         &self,
         shard: ShardId,
-        change: MembersAsk,
+        goal: MembersGoal,
     ) -> BoxFuture<'_, Result<harbor_api::MembersChanged, AdminError>> {
         Box::pin(async move {
-            let goal = match change {
-                MembersAsk::Add(n) => MembersGoal::Add(n),
-                MembersAsk::Remove(n) => MembersGoal::Remove(n),
-            };
             let ask = MembersAskBody { shard, goal };
             // An addition waits for the new replica to catch up.
             let takes = Duration::from_millis(limits::MEMBER_CATCH_UP_MS + 30_000);

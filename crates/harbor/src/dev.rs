@@ -25,7 +25,7 @@ use crate::control::{
     Replicas, TransferRequest,
 };
 use futures::future::BoxFuture;
-use harbor_gateway::{Admin, AdminError, Fault, MembersAsk};
+use harbor_gateway::{Admin, AdminError, Fault};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -463,14 +463,10 @@ impl Admin for DevAdmin {
     fn change_members(
         &self,
         shard: ShardId,
-        change: MembersAsk,
+        goal: MembersGoal,
     ) -> BoxFuture<'_, Result<harbor_api::MembersChanged, AdminError>> {
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
-            let goal = match change {
-                MembersAsk::Add(n) => MembersGoal::Add(n),
-                MembersAsk::Remove(n) => MembersGoal::Remove(n),
-            };
             let request = ControlRequest::Members(MembersRequest { shard, goal, reply });
             self.requests.send(request).await.map_err(|_| gone())?;
             members_answer(answer.await.map_err(|_| gone())?)

@@ -37,8 +37,8 @@ pub async fn drain(url: &str, node: &str) -> anyhow::Result<()> {
     let answer = post_with_progress(&endpoint, &json!({}), base, node).await?;
     for step in answer["steps"].as_array().into_iter().flatten() {
         println!(
-            "  shard{:<3} {:<8} {:<14} {} ms",
-            step["shard"],
+            "  {:<8} {:<8} {:<14} {} ms",
+            format!("shard{}", step["shard"]),
             step["action"].as_str().unwrap_or("?"),
             step["to"].as_str().or(step["node"].as_str()).unwrap_or("?"),
             step["took_ms"],

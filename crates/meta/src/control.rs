@@ -190,6 +190,9 @@ pub struct ControlCore {
     /// Leaders the metadata plane did not take: published again every
     /// round, and nobody is told before.
     unpublished: BTreeMap<ShardId, Action>,
+    /// A finished transfer's answer, held until its new leader is
+    /// published: a caller answered finds the map naming it.
+    transfer_answers: BTreeMap<ShardId, Order>,
     /// Replicas seen recovering lost state, so each is logged once as it
     /// starts and once as it is done.
     recovering: BTreeSet<(ShardId, NodeId)>,
@@ -225,6 +228,7 @@ impl ControlCore {
             suspects: BTreeSet::new(),
             publishing: BTreeMap::new(),
             unpublished: BTreeMap::new(),
+            transfer_answers: BTreeMap::new(),
             recovering: BTreeSet::new(),
             members: crate::members_driver::MemberChanges::from_map(map),
             stats: ControlStats::default(),
@@ -376,9 +380,7 @@ impl ControlCore {
             }
             other => unreachable!("published {other:?}"),
         };
-        self.plans[&shard]
-            .members
-            .iter()
+        let mut orders: Vec<Order> = (self.plans[&shard].members.iter())
             .map(|(member, _)| Order::Tell {
                 node: member.clone(),
                 shard,
@@ -388,7 +390,9 @@ impl ControlCore {
                     Control::Follow(generation, leader.clone())
                 },
             })
-            .collect()
+            .collect();
+        orders.extend(self.transfer_answers.remove(&shard));
+        orders
     }
 
     /// One group's round: the planner's decision, then news for replicas
@@ -451,13 +455,9 @@ impl ControlCore {
             Action::TransferAbandoned { .. } => self.stats.transfers_abandoned += 1,
             _ => {}
         }
+        self.transfer_ended(now_ms, shard, &action, orders);
         if !matches!(action, Action::None) {
-            // The new leader's publication first: a caller answered after
-            // it finds the map naming the new leader (a drain plans its
-            // next step from the map).
-            let ended = action.clone();
-            self.apply(shard, action, orders);
-            return self.transfer_ended(now_ms, shard, &ended, orders);
+            return self.apply(shard, action, orders);
         }
         for status in &statuses {
             let replica = &status.replica;
@@ -537,10 +537,17 @@ impl ControlCore {
             ))),
             _ => unreachable!(),
         };
-        orders.push(Order::TransferEnded {
+        let answer = Order::TransferEnded {
             ticket: pending.ticket,
             result,
-        });
+        };
+        match action {
+            // Answered once the new leader is published (`published`).
+            Action::Lead { .. } => {
+                self.transfer_answers.insert(shard, answer);
+            }
+            _ => orders.push(answer),
+        }
     }
 
     fn apply(&mut self, shard: ShardId, action: Action, orders: &mut Vec<Order>) {
@@ -759,6 +766,54 @@ mod tests {
             ]
         );
         assert_eq!(core.stats().failovers, 1);
+    }
+
+    #[test]
+    fn a_transfer_is_answered_once_its_new_leader_is_published() {
+        let (mut core, m) = core();
+        let (old, to) = (&m[0], &m[1]);
+        let orders = core.transfer(0, SHARD, to, 7);
+        assert!(
+            !orders
+                .iter()
+                .any(|o| matches!(o, Order::TransferEnded { .. })),
+            "{orders:?}"
+        );
+        let mut now = 0;
+        let publish = loop {
+            now += 100;
+            assert!(now < 10_000, "the transfer never finished");
+            let gen = core.plan(SHARD).unwrap().generation.0;
+            let follows = (gen == 1).then_some(old);
+            let round = answers(&core, |n| Some(status(n, gen, follows, 10)));
+            let mut orders = core.round(now, round);
+            if let [Order::RecordSeal { .. }] = &orders[..] {
+                orders = core.published(SHARD, Ok(()));
+            }
+            assert!(
+                !orders
+                    .iter()
+                    .any(|o| matches!(o, Order::TransferEnded { .. })),
+                "answered before the new leader was published: {orders:?}"
+            );
+            if let Some(p) = orders.iter().find(|o| matches!(o, Order::Publish { .. })) {
+                break p.clone();
+            }
+        };
+        assert!(matches!(&publish, Order::Publish { leader, .. } if leader == to));
+        // The metadata plane does not take it: still no answer.
+        assert!(core.published(SHARD, Err("no leader".into())).is_empty());
+        let again = core.republish();
+        assert!(matches!(&again[..], [Order::Publish { .. }]), "{again:?}");
+        let orders = core.published(SHARD, Ok(()));
+        let answer = orders.iter().find_map(|o| match o {
+            Order::TransferEnded { ticket: 7, result } => Some(result.clone()),
+            _ => None,
+        });
+        assert!(
+            matches!(&answer, Some(Ok(done)) if done.to == *to),
+            "{orders:?}"
+        );
     }
 
     #[test]

@@ -54,8 +54,9 @@ pub fn next_drain_step(
             )),
         };
     }
-    // A learner being added there is only removed.
-    let with = match group.learners.contains(node) {
+    // A learner being added there is only removed, and so is a replica
+    // already leaving (a drain asked again after it stopped half way).
+    let with = match group.learners.contains(node) || group.leaving.contains(node) {
         true => None,
         false => (map.nodes.iter())
             .map(|i| &i.node)
@@ -162,6 +163,27 @@ mod tests {
                 g.leader = other;
             }
         }
+        let step = next_drain_step(&map, &follower, |_| true).unwrap().unwrap();
+        assert!(
+            matches!(step, DrainStep::Replace { with: None, .. }),
+            "{step:?}"
+        );
+        // With a spare node, a replica already leaving (a drain asked again
+        // after it stopped) is only removed; one that is not gets a
+        // replacement.
+        let mut map = ShardMap::from_topology(&Topology {
+            nodes_per_region: 4,
+            ..Topology::dev()
+        });
+        let g = map.groups.values().next().unwrap().clone();
+        let follower = g.members[1].clone();
+        let step = next_drain_step(&map, &follower, |_| true).unwrap().unwrap();
+        assert!(
+            matches!(step, DrainStep::Replace { with: Some(_), .. }),
+            "{step:?}"
+        );
+        map.change_members(g.shard, &MemberChange::BeginLeave(follower.clone()))
+            .unwrap();
         let step = next_drain_step(&map, &follower, |_| true).unwrap().unwrap();
         assert!(
             matches!(step, DrainStep::Replace { with: None, .. }),

@@ -278,9 +278,22 @@ impl ControlCore {
                 tracing::warn!(%shard, ?change, %why, "the metadata plane refused a membership change");
                 return self.end_members(now_ms, shard, Err(why));
             }
-            Err(StepFailed::Refused(why) | StepFailed::Unanswered(why)) => {
-                tracing::warn!(%shard, ?change, %why, "the metadata plane did not take a membership step; sending it again");
+            Err(StepFailed::Unanswered(why)) => {
+                tracing::warn!(%shard, ?change, %why, "the metadata plane did not answer a membership step; sending it again");
                 pending.step = Step::Retry(change.clone());
+                return orders;
+            }
+            Err(StepFailed::Refused(why)) => {
+                // A later step the map does not take (a leaving member that
+                // became leader cannot be removed): back to the step it
+                // came from, whose checks and time limit decide again.
+                tracing::warn!(%shard, ?change, %why, "the metadata plane refused a membership step; deciding again");
+                let learner = self.members.learners(shard).any(|n| n == change.node());
+                let pending = self.members.pending.get_mut(&shard).unwrap();
+                pending.step = match learner {
+                    true => Step::CatchingUp { target: None },
+                    false => Step::Leaving { covered: None },
+                };
                 return orders;
             }
         };
@@ -368,6 +381,9 @@ impl ControlCore {
                 // loop takes over from the map).
                 let why =
                     format!("the metadata plane did not take the change within {catch_up_ms} ms");
+                // It may have: answered as abandoned (retryable), not as
+                // refused.
+                pending.committed = true;
                 orders.extend(self.end_members(now_ms, shard, Err(why)));
                 return;
             }
@@ -564,6 +580,18 @@ mod tests {
         matched: &[(&str, u64, bool)],
         commit: u64,
     ) -> Vec<Order> {
+        let answers = statuses(core, epoch, matched, commit);
+        let orders = core.round(now, answers);
+        run(core, meta, now, orders)
+    }
+
+    /// Every replica's answer, as `round` describes them.
+    fn statuses(
+        core: &ControlCore,
+        epoch: u64,
+        matched: &[(&str, u64, bool)],
+        commit: u64,
+    ) -> Vec<(Ask, Option<GroupStatus>)> {
         let asks: Vec<Ask> = core.asks();
         let answers = asks
             .into_iter()
@@ -613,8 +641,7 @@ mod tests {
                 (ask, Some(status))
             })
             .collect();
-        let orders = core.round(now, answers);
-        run(core, meta, now, orders)
+        answers
     }
 
     fn ended(orders: &[Order]) -> Option<&Result<MembersDone, MembersFailed>> {
@@ -677,6 +704,65 @@ mod tests {
             .members
             .iter()
             .any(|(m, _)| *m == n("madrid-4")));
+    }
+
+    /// The membership steps among `orders`.
+    fn steps(orders: &[Order]) -> Vec<MemberChange> {
+        orders
+            .iter()
+            .filter_map(|o| match o {
+                Order::ChangeMembers { change, .. } => Some(change.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_unanswered_step_is_sent_again_and_a_first_one_never_answered_is_abandoned() {
+        let (mut core, mut meta) = start();
+        let add = MemberChange::AddLearner(n("madrid-4"));
+        let orders = core.change_members(0, SHARD, MembersGoal::Add(n("madrid-4")), 1);
+        assert_eq!(steps(&orders), vec![add.clone()]);
+        let unanswered = || Err(StepFailed::Unanswered("no leader".into()));
+        assert!(core
+            .members_changed(0, SHARD, &add, unanswered())
+            .is_empty());
+        // Sent again next round (`round` commits it), and it goes through.
+        let holding = [("madrid-2", 9, true), ("madrid-3", 9, true)];
+        round(&mut core, &mut meta, 100, 0, &holding, 9);
+        assert!(meta.map.as_ref().unwrap().groups[&SHARD]
+            .learners
+            .contains(&n("madrid-4")));
+
+        // Another group's first step is never answered: abandoned (it may
+        // have committed), not refused.
+        let (mut core, mut meta) = start();
+        core.change_members(0, SHARD, MembersGoal::Add(n("madrid-4")), 2);
+        assert!(core
+            .members_changed(0, SHARD, &add, unanswered())
+            .is_empty());
+        let mut now = 0;
+        let ended = loop {
+            now += 1_000;
+            let holding = [("madrid-2", 9, true), ("madrid-3", 9, true)];
+            let orders = core.round(now, statuses(&core, 0, &holding, 9));
+            if let Some(result) = ended(&orders) {
+                break result.clone();
+            }
+            for change in steps(&orders) {
+                assert!(core
+                    .members_changed(now, SHARD, &change, unanswered())
+                    .is_empty());
+            }
+            assert!(now < 30_000, "never given up");
+        };
+        assert!(
+            matches!(ended, Err(MembersFailed::Abandoned(_))),
+            "{ended:?}"
+        );
+        assert!(meta.map.as_mut().unwrap().groups[&SHARD]
+            .learners
+            .is_empty());
     }
 
     #[test]

@@ -199,6 +199,10 @@ impl<S: Storage> Driver<S> {
                 }
                 self.handle(now, input);
                 batch += 1;
+                if self.group.removed() {
+                    // What is queued behind it is refused by the node.
+                    break;
+                }
                 next = if batch < self.config.batch_inputs_max {
                     inbox.try_recv()
                 } else {

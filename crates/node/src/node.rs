@@ -219,6 +219,7 @@ impl Host {
         if self.replicas.read().unwrap().contains_key(&shard) {
             return Ok(());
         }
+        let epoch = plan.members_epoch;
         let id = self.id.clone();
         let dir = config.replica_dir(shard);
         let capacity = config.replica_inbox_capacity;
@@ -244,7 +245,13 @@ impl Host {
                 // place is free, on a new directory.
                 let tombstone = tombstone(&dir);
                 if let Err(e) = std::fs::rename(&dir, &tombstone).and_then(|()| sync_parent(&dir)) {
-                    tracing::error!(%shard, node = %id, error = %e, dir = %dir.display(), "removed from its group, but its data could not be moved aside");
+                    tracing::error!(%shard, node = %id, error = %e, dir = %dir.display(), "removed from its group, but its data could not be moved aside; deleting it in place");
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        // Its place stays taken: a replica added again
+                        // must not open this data as its own.
+                        tracing::error!(%shard, node = %id, error = %e, "cannot delete a removed replica's data; the group cannot be given this node again until it restarts");
+                        return;
+                    }
                 }
                 if let Some(host) = host.upgrade() {
                     host.replicas.write().unwrap().remove(&shard);
@@ -262,7 +269,19 @@ impl Host {
                 node: self.id.clone(),
                 source,
             })?;
+        // A removal that arrived while it opened had no queue to go to:
+        // it is told now. (`control` records a removal and looks for the
+        // queue under the same lock, so none falls between the two.)
+        let removed_at = self.removed_at.lock().unwrap();
+        if let Some(&removed) = removed_at.get(&shard).filter(|r| **r >= epoch) {
+            let removal = Control::Members {
+                epoch: removed,
+                members: Vec::new(),
+            };
+            let _ = tx.force_send(ReplicaInput::Control(removal));
+        }
         self.replicas.write().unwrap().insert(shard, tx);
+        drop(removed_at);
         let mut threads = self.threads.lock().unwrap();
         threads.retain(|t| !t.is_finished());
         threads.push(thread);
@@ -306,14 +325,17 @@ impl Host {
 
     /// Queues a control order; returns false when it went nowhere.
     fn control(&self, shard: ShardId, control: Control) -> bool {
+        let mut removal = None;
         if let Control::Members { epoch, members } = &control {
             if !members.iter().any(|m| m.node == self.id) {
                 let mut removed_at = self.removed_at.lock().unwrap();
                 let at = removed_at.entry(shard).or_default();
                 *at = (*at).max(*epoch);
+                removal = Some(removed_at);
             }
         }
         let tx = self.replicas.read().unwrap().get(&shard).cloned();
+        drop(removal);
         match (control, tx) {
             (control, Some(tx)) => tx.force_send(ReplicaInput::Control(control)).is_ok(),
             (Control::Members { members, .. }, None)
