@@ -90,6 +90,10 @@ pub enum StepFailed {
 pub(crate) struct MemberChanges {
     groups: BTreeMap<ShardId, Known>,
     pending: BTreeMap<ShardId, Pending>,
+    /// Nodes a group removed, told of it again every round until the time
+    /// given (one that missed the order would keep its replica running
+    /// until it restarts).
+    removed: BTreeMap<(ShardId, NodeId), u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -307,10 +311,19 @@ impl ControlCore {
         }
         let before = self.members.groups.insert(shard, known(map, shard));
         let known = &self.members.groups[&shard];
-        // Everyone who held or holds a replica hears it (a removed node's
-        // runtime closes its replica).
+        // Everyone who held or holds a replica hears it (a removed one
+        // stops, and its node deletes its data).
         let mut told: Vec<NodeId> = known.members.iter().map(|m| m.node.clone()).collect();
-        told.extend(before.into_iter().flat_map(|b| b.members).map(|m| m.node));
+        let gone = (before.into_iter().flat_map(|b| b.members))
+            .map(|m| m.node)
+            .filter(|n| !known.members.iter().any(|m| m.node == *n));
+        let until = now_ms + self.config().member_catch_up_ms;
+        for node in gone {
+            self.members.removed.insert((shard, node.clone()), until);
+            told.push(node);
+        }
+        (self.members.removed)
+            .retain(|(s, n), _| *s != shard || !known.members.iter().any(|m| m.node == *n));
         told.sort();
         told.dedup();
         orders.extend(told.iter().map(|node| tell_members(shard, node, known)));
@@ -354,6 +367,9 @@ impl ControlCore {
                 None => pending,
             });
         orders.extend(missed.map(|m| tell_members(shard, &m.node, known)));
+        (self.members.removed).retain(|_, until| *until > now_ms);
+        let removed = (self.members.removed.keys()).filter(|(s, _)| *s == shard);
+        orders.extend(removed.map(|(_, node)| tell_members(shard, node, known)));
         let Some(pending) = self.members.pending.get_mut(&shard) else {
             return;
         };
@@ -830,6 +846,21 @@ mod tests {
         let orders = round(&mut core, &mut meta, 2_400, 1, &held, 20);
         let done = ended(&orders).expect("removed").clone().unwrap();
         assert_eq!(done.members, vec![n("madrid-1"), n("madrid-3")]);
+        // The removed node hears it again each round for a while, in case
+        // it missed it (its replica would run on until a restart).
+        let told_removed = |orders: &[Order]| {
+            orders.iter().any(|o| {
+                matches!(o, Order::Tell { node, control: Control::Members { members, .. }, .. }
+                    if *node == n("madrid-2") && !members.iter().any(|m| m.node == n("madrid-2")))
+            })
+        };
+        let after = [("madrid-3", 20, true)];
+        assert!(told_removed(&round(
+            &mut core, &mut meta, 2_500, 3, &after, 20
+        )));
+        assert!(!told_removed(&round(
+            &mut core, &mut meta, 20_000, 3, &after, 20
+        )));
         assert!(!core
             .plan(SHARD)
             .unwrap()
