@@ -145,7 +145,8 @@ pub struct ChangeMembers {
     pub remove: Option<String>,
 }
 
-/// Confirm and release take no fields: an empty object (or no body).
+/// Confirm, release and a drain take no fields: an empty object (or no
+/// body).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
